@@ -1,0 +1,336 @@
+//! Switching `current`: `before_activate`, the atomic swap, `after_activate`, the health
+//! check, and the automatic rollback when the new release is unhealthy.
+//!
+//! The journal brackets every switch: a `trial` record before the swap and an
+//! `activated`/`failed`/`rolled_back` verdict after it. A crash in between leaves an open
+//! trial, which the next start resolves (see `resume_trial`): the trial is resumed, i.e.
+//! the health check runs again against the release `current` points at, and the verdict
+//! is recorded as usual (rolling back if it fails). Never left undecided.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::events;
+use crate::fsops;
+use crate::hooks::{self, HookEnv, HookFailure};
+use crate::release::store::{Journal, Op};
+use crate::site::Site;
+
+/// Options of an activation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Allow activating a release that failed before.
+    pub force: bool,
+}
+
+fn hook_env(site: &Site, id: &str, previous: Option<&str>) -> HookEnv {
+    HookEnv {
+        release_id: id.to_string(),
+        release_path: hooks::absolute(&site.release(id)),
+        previous: previous.map(str::to_string),
+        site_name: site.name().to_string(),
+        site_root: hooks::absolute(site.root()),
+    }
+}
+
+fn log_hook_failure(site: &Site, id: &str, f: &HookFailure) {
+    tracing::warn!(
+        event = events::HOOK_FAILED,
+        site = site.name(),
+        release = id,
+        hook = %f.hook,
+        status = %f.status,
+        stderr = %f.stderr_tail.trim_end(),
+        reason = %f,
+        "hook failed"
+    );
+}
+
+/// Points `current` at release `id` atomically and makes sure the configured links exist.
+pub fn swap_current(site: &Site, id: &str) -> Result<()> {
+    fsops::swap_symlink(&site.current(), &Site::current_target_for(id))?;
+    ensure_links(site)?;
+    Ok(())
+}
+
+/// Creates or corrects each configured link (`ROOT/<link>` -> target). Returns what it
+/// changed. A real file or directory in the way is left alone and reported.
+pub fn ensure_links(site: &Site) -> Result<Vec<String>> {
+    let mut changed = Vec::new();
+    for (link, target) in &site.cfg.links {
+        let path = site.root().join(link);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if std::fs::read_link(&path).ok().as_deref() == Some(target.as_path()) {
+                    continue;
+                }
+            }
+            Ok(_) => {
+                return Err(Error::Failed(format!(
+                    "{} exists and is not a symlink; not replacing it with a link to {}",
+                    path.display(),
+                    target.display()
+                )))
+            }
+            Err(_) => {
+                if let Some(parent) = path.parent() {
+                    fsops::ensure_dir(parent, 0o755)?;
+                }
+            }
+        }
+        fsops::swap_symlink(&path, target)?;
+        changed.push(format!("{} -> {}", link.display(), target.display()));
+    }
+    Ok(changed)
+}
+
+/// Activates release `id`: hooks, swap, health check, rollback on failure. Returns once
+/// `current` has its final value.
+pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> Result<()> {
+    let state = journal.state();
+    let info = state
+        .get(id)
+        .ok_or_else(|| Error::Failed(format!("no release {id:?} in site {}", site.name())))?;
+    if !site.release(id).is_dir() {
+        return Err(Error::Failed(format!(
+            "release {id} is missing from {}",
+            site.releases().display()
+        )));
+    }
+    if let Some((reason, _)) = &info.failed {
+        if !opts.force {
+            return Err(Error::Failed(format!(
+                "release {id} failed before ({reason}); use --force to activate it anyway"
+            )));
+        }
+    }
+    let previous = site.current_id();
+    if previous.as_deref() == Some(id) {
+        ensure_links(site)?;
+        tracing::info!(
+            site = site.name(),
+            release = id,
+            "release is already current"
+        );
+        return Ok(());
+    }
+    let started = Instant::now();
+    let env = hook_env(site, id, previous.as_deref());
+    if let Some(argv) = &site.cfg.before_activate {
+        if let Err(f) = hooks::run("before_activate", argv, &env, site.cfg.hook_timeout) {
+            log_hook_failure(site, id, &f);
+            journal.append(Op::Failed {
+                release: id.to_string(),
+                reason: f.to_string(),
+            })?;
+            return Err(Error::Failed(format!("release {id} not activated: {f}")));
+        }
+    }
+    journal.append(Op::Trial {
+        release: id.to_string(),
+        previous: previous.clone(),
+    })?;
+    swap_current(site, id)?;
+    trial(site, journal, id, previous.as_deref(), started)
+}
+
+/// Runs `after_activate` and the health check for the release `current` now points at,
+/// and records the verdict (rolling back when configured).
+fn trial(
+    site: &Site,
+    journal: &mut Journal,
+    id: &str,
+    previous: Option<&str>,
+    started: Instant,
+) -> Result<()> {
+    let env = hook_env(site, id, previous);
+    let failure = check(site, &env);
+    let Some(f) = failure else {
+        journal.append(Op::Activated {
+            release: id.to_string(),
+            previous: previous.map(str::to_string),
+        })?;
+        tracing::info!(
+            event = events::RELEASE_ACTIVATED,
+            site = site.name(),
+            release = id,
+            previous,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "release activated"
+        );
+        return Ok(());
+    };
+    let reason = f.to_string();
+    journal.append(Op::Failed {
+        release: id.to_string(),
+        reason: reason.clone(),
+    })?;
+    let state = journal.state();
+    let back_to = previous
+        .filter(|p| state.is_good(p) && site.release(p).is_dir())
+        .map(str::to_string)
+        .or_else(|| state.previous_good(Some(id), |r| site.release(r).is_dir()));
+    match back_to {
+        Some(to) if site.cfg.auto_rollback => {
+            swap_current(site, &to)?;
+            journal.append(Op::RolledBack {
+                release: id.to_string(),
+                to: to.clone(),
+                reason: reason.clone(),
+            })?;
+            tracing::warn!(
+                event = events::RELEASE_ROLLED_BACK,
+                site = site.name(),
+                release = id,
+                previous = %to,
+                reason = %reason,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "release failed its checks; rolled back"
+            );
+            Err(Error::Failed(format!(
+                "release {id} failed its checks ({reason}); rolled back to {to}"
+            )))
+        }
+        _ => {
+            tracing::warn!(
+                event = events::HEALTH_FAILED,
+                site = site.name(),
+                release = id,
+                reason = %reason,
+                auto_rollback = site.cfg.auto_rollback,
+                "release failed its checks and stays current"
+            );
+            Err(Error::Failed(format!(
+                "release {id} failed its checks ({reason}) and stays current (no rollback)"
+            )))
+        }
+    }
+}
+
+/// `after_activate`, then the health check with retries. `None` when all passed.
+fn check(site: &Site, env: &HookEnv) -> Option<HookFailure> {
+    let cfg = &site.cfg;
+    if let Some(argv) = &cfg.after_activate {
+        if let Err(f) = hooks::run("after_activate", argv, env, cfg.hook_timeout) {
+            log_hook_failure(site, &env.release_id, &f);
+            return Some(f);
+        }
+    }
+    let argv = cfg.health_check.as_ref()?;
+    let attempts = cfg.health_retries.max(1);
+    let mut last = None;
+    for attempt in 1..=attempts {
+        match hooks::run("health_check", argv, env, cfg.hook_timeout) {
+            Ok(()) => return None,
+            Err(f) => {
+                tracing::info!(site = site.name(), release = %env.release_id, attempt,
+                    attempts, status = %f.status, "health check attempt failed");
+                last = Some(f);
+            }
+        }
+        if attempt < attempts {
+            std::thread::sleep(cfg.health_interval);
+        }
+    }
+    if let Some(f) = &last {
+        tracing::warn!(
+            event = events::HEALTH_FAILED,
+            site = site.name(),
+            release = %env.release_id,
+            status = %f.status,
+            stderr = %f.stderr_tail.trim_end(),
+            attempts,
+            reason = %f,
+            "health check failed"
+        );
+    }
+    last
+}
+
+/// Rolls `current` back to the previous good release (or `to`). Runs `after_activate` and
+/// the health check on the target; a failing target is reported but not rolled further.
+pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<String> {
+    let state = journal.state();
+    let current = site.current_id();
+    let target = match to {
+        Some(t) => t.to_string(),
+        None => state
+            .previous_good(current.as_deref(), |r| site.release(r).is_dir())
+            .ok_or_else(|| {
+                Error::Failed(format!(
+                    "site {}: no previous good release to roll back to",
+                    site.name()
+                ))
+            })?,
+    };
+    let info = state
+        .get(&target)
+        .ok_or_else(|| Error::Failed(format!("no release {target:?} in site {}", site.name())))?;
+    if let Some((reason, _)) = &info.failed {
+        return Err(Error::Failed(format!(
+            "release {target} failed ({reason}); it is not a rollback target"
+        )));
+    }
+    if !site.release(&target).is_dir() {
+        return Err(Error::Failed(format!(
+            "release {target} is missing on disk"
+        )));
+    }
+    if current.as_deref() == Some(target.as_str()) {
+        return Err(Error::Failed(format!(
+            "release {target} is already current"
+        )));
+    }
+    let started = Instant::now();
+    swap_current(site, &target)?;
+    let from = current.clone().unwrap_or_default();
+    journal.append(Op::RolledBack {
+        release: from.clone(),
+        to: target.clone(),
+        reason: "rollback requested".into(),
+    })?;
+    tracing::info!(
+        event = events::RELEASE_ROLLED_BACK,
+        site = site.name(),
+        release = %from,
+        previous = %target,
+        reason = "rollback requested",
+        duration_ms = started.elapsed().as_millis() as u64,
+        "rolled back"
+    );
+    let env = hook_env(site, &target, current.as_deref());
+    if let Some(f) = check(site, &env) {
+        return Err(Error::Failed(format!(
+            "rolled back to {target}, but its checks failed: {f}"
+        )));
+    }
+    Ok(target)
+}
+
+/// Resolves a trial interrupted by a crash: resumed (checks re-run) when `current` points
+/// at the release under trial; closed as not activated when the swap never happened.
+pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>> {
+    let Some((id, previous)) = journal.state().open_trial else {
+        return Ok(None);
+    };
+    if site.current_id().as_deref() == Some(id.as_str()) {
+        tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
+            reason = "interrupted activation trial: checks re-run", "resuming trial");
+        let _ = trial(site, journal, &id, previous.as_deref(), Instant::now());
+    } else {
+        journal.append(Op::RolledBack {
+            release: id.clone(),
+            to: site.current_id().unwrap_or_default(),
+            reason: "interrupted before the switch".into(),
+        })?;
+        tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
+            reason = "interrupted before the switch; not activated", "trial closed");
+    }
+    Ok(Some(id))
+}
+
+/// True when `p` is a directory (helper for closures).
+pub fn is_dir(p: &Path) -> bool {
+    p.is_dir()
+}

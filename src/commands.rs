@@ -1,0 +1,538 @@
+//! The commands other than `run`: each loads what it needs, takes the site's operation
+//! lock when it changes anything, and prints human output (or one JSON document) on stdout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::activate;
+use crate::config::{self, Config, SiteConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::fsops::{self, Lock};
+use crate::heal;
+use crate::pipeline::{self, Outcome};
+use crate::release::retention;
+use crate::release::store::{Journal, Op, State};
+use crate::site::Site;
+use crate::upload::manifest;
+use crate::upload::marker::{self, MarkerSpec};
+use crate::verify;
+
+/// Loads the config named by `--config`, the environment or the default path.
+pub fn load_config(flag: Option<&Path>) -> Result<Config> {
+    Ok(config::load(&config::resolve_path(flag))?)
+}
+
+/// The configured site `name`.
+pub fn site(cfg: &Config, name: &str) -> Result<Site> {
+    cfg.sites.get(name).cloned().map(Site::new).ok_or_else(|| {
+        let known: Vec<&str> = cfg.sites.keys().map(String::as_str).collect();
+        Error::Usage(format!(
+            "unknown site {name:?} in {} (configured: {})",
+            cfg.path.display(),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
+}
+
+/// Parses `--wait [DURATION]`: absent = do not wait, "forever" = no limit.
+pub fn wait_limit(wait: &Option<String>) -> Result<Option<Duration>> {
+    match wait.as_deref() {
+        None => Ok(Some(Duration::ZERO)),
+        Some("forever") => Ok(None),
+        Some(s) => config::parse_duration(s)
+            .map(Some)
+            .map_err(|e| Error::Usage(format!("--wait {s:?}: {e}"))),
+    }
+}
+
+fn require_root(site: &Site) -> Result<()> {
+    if site.root_exists() {
+        Ok(())
+    } else {
+        Err(Error::Failed(format!(
+            "site {}: root {} does not exist (run `release-keeper init {}`)",
+            site.name(),
+            site.root().display(),
+            site.name()
+        )))
+    }
+}
+
+/// Takes the site's operation lock, waiting as `--wait` says; busy is exit 75.
+pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
+    require_root(site)?;
+    site.ensure_layout()?;
+    let limit = wait_limit(wait)?;
+    fsops::lock(&site.op_lock(), limit)?.ok_or_else(|| Error::Busy {
+        site: site.name().to_string(),
+        lock: site.op_lock(),
+    })
+}
+
+fn out(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").at(Path::new("<stdout>"))
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    out(&serde_json::to_string_pretty(v).unwrap_or_default())
+}
+
+/// The state word of SPEC.md for release `id`.
+fn state_word(
+    state: &State,
+    id: &str,
+    current: Option<&str>,
+    previous: Option<&str>,
+) -> &'static str {
+    let Some(r) = state.get(id) else {
+        return "good";
+    };
+    if Some(id) == current {
+        "current"
+    } else if r.failed.is_some() {
+        "failed"
+    } else if Some(id) == previous {
+        "previous"
+    } else if !r.activated {
+        "staged"
+    } else {
+        "good"
+    }
+}
+
+/// The `list --json` document of a site.
+pub fn list_doc(site: &Site, journal: &Journal) -> Value {
+    let state = journal.state();
+    let current = site.current_id();
+    let previous = state.previous_good(current.as_deref(), |r| site.release(r).is_dir());
+    let releases: Vec<Value> = state
+        .live_newest_first()
+        .filter(|r| site.release(&r.id).is_dir())
+        .map(|r| {
+            let mut v = json!({
+                "id": r.id,
+                "state": state_word(&state, &r.id, current.as_deref(), previous.as_deref()),
+                "pinned": r.pinned,
+                "created": r.created,
+                "files": r.files,
+                "bytes": r.bytes,
+            });
+            if let Some((reason, at)) = &r.failed {
+                v["reason"] = json!(reason);
+                v["failed_at"] = json!(at);
+            }
+            if let Some(m) = &r.message {
+                v["message"] = json!(m);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "site": site.name(),
+        "current": current,
+        "previous": previous,
+        "releases": releases,
+    })
+}
+
+/// `list SITE [--json]`.
+pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
+    let site = site(cfg, name)?;
+    require_root(&site)?;
+    let doc = list_doc(&site, &Journal::load(&site)?);
+    if as_json {
+        return print_json(&doc);
+    }
+    let rows = doc["releases"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        return out(&format!("{}: no releases", site.name()));
+    }
+    out(&format!(
+        "{:<28} {:<9} {:<20} {:>8} {:>12}  NOTE",
+        "ID", "STATE", "CREATED", "FILES", "BYTES"
+    ))?;
+    for r in rows {
+        let mut note = String::new();
+        if r["pinned"] == json!(true) {
+            note.push_str("pinned ");
+        }
+        if let Some(reason) = r["reason"].as_str() {
+            note.push_str(reason);
+        }
+        out(&format!(
+            "{:<28} {:<9} {:<20} {:>8} {:>12}  {}",
+            r["id"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["created"].as_str().unwrap_or(""),
+            r["files"],
+            r["bytes"],
+            note.trim_end()
+        ))?;
+    }
+    Ok(())
+}
+
+/// `status [SITE] [--json]`.
+pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
+    let names: Vec<String> = match only {
+        Some(n) => vec![site(cfg, n)?.name().to_string()],
+        None => cfg.sites.keys().cloned().collect(),
+    };
+    let mut docs = Vec::new();
+    for name in &names {
+        let site = site(cfg, name)?;
+        if !site.root_exists() {
+            docs.push(json!({"site": name, "root_missing": true, "current": null,
+                "previous": null, "releases": [], "drift": null, "last_event": null}));
+            continue;
+        }
+        let journal = Journal::load(&site)?;
+        let mut doc = list_doc(&site, &journal);
+        let state = journal.state();
+        doc["pinned"] = json!(state
+            .live_newest_first()
+            .filter(|r| r.pinned)
+            .map(|r| r.id.clone())
+            .collect::<Vec<_>>());
+        doc["failed"] = json!(state
+            .live_newest_first()
+            .filter(|r| r.failed.is_some())
+            .map(|r| r.id.clone())
+            .collect::<Vec<_>>());
+        doc["drift"] = match verify::last(&site) {
+            Some(r) => json!({"release": r.release, "checked": r.checked, "paths": r.drift}),
+            None => Value::Null,
+        };
+        doc["last_event"] = match &state.last {
+            Some(rec) => serde_json::to_value(rec).unwrap_or(Value::Null),
+            None => Value::Null,
+        };
+        docs.push(doc);
+    }
+    if as_json {
+        return print_json(&json!({ "sites": docs }));
+    }
+    for d in docs {
+        let list = |k: &str| {
+            d[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        let drift = match &d["drift"] {
+            Value::Null => "not checked yet".to_string(),
+            v => {
+                let n = v["paths"].as_array().map_or(0, Vec::len);
+                if n == 0 {
+                    format!("none (checked {})", v["checked"].as_str().unwrap_or(""))
+                } else {
+                    format!("{n} paths in {}", v["release"].as_str().unwrap_or(""))
+                }
+            }
+        };
+        let last = match &d["last_event"] {
+            Value::Null => "none".to_string(),
+            v => format!(
+                "{} {} {}",
+                v["at"].as_str().unwrap_or(""),
+                v["op"].as_str().unwrap_or(""),
+                v["release"].as_str().unwrap_or("")
+            ),
+        };
+        out(&format!(
+            "site {}\n  current:  {}\n  previous: {}\n  releases: {}\n  pinned:   {}\n  failed:   {}\n  drift:    {}\n  last:     {}",
+            d["site"].as_str().unwrap_or(""),
+            d["current"].as_str().unwrap_or("(none)"),
+            d["previous"].as_str().unwrap_or("(none)"),
+            d["releases"].as_array().map_or(0, Vec::len),
+            list("pinned"),
+            list("failed"),
+            drift,
+            last.trim_end(),
+        ))?;
+    }
+    Ok(())
+}
+
+/// `activate SITE ID [--force]`.
+pub fn activate(
+    cfg: &Config,
+    name: &str,
+    id: &str,
+    force: bool,
+    wait: &Option<String>,
+) -> Result<()> {
+    let site = site(cfg, name)?;
+    let _lock = op_lock(&site, wait)?;
+    let mut journal = Journal::load(&site)?;
+    activate::activate(&site, &mut journal, id, activate::Options { force })?;
+    out(&format!("{}: current -> {id}", site.name()))
+}
+
+/// `rollback SITE [--to ID]`.
+pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String>) -> Result<()> {
+    let site = site(cfg, name)?;
+    let _lock = op_lock(&site, wait)?;
+    let mut journal = Journal::load(&site)?;
+    let target = activate::rollback(&site, &mut journal, to)?;
+    out(&format!(
+        "{}: rolled back, current -> {target}",
+        site.name()
+    ))
+}
+
+/// `verify SITE [ID] [--all]`.
+pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bool) -> Result<()> {
+    let site = site(cfg, name)?;
+    require_root(&site)?;
+    let journal = Journal::load(&site)?;
+    let current = site.current_id();
+    let ids: Vec<String> = if all {
+        journal
+            .state()
+            .live_newest_first()
+            .filter(|r| site.release(&r.id).is_dir())
+            .map(|r| r.id.clone())
+            .collect()
+    } else {
+        match id.map(str::to_string).or(current.clone()) {
+            Some(i) => vec![i],
+            None => {
+                return Err(Error::Failed(format!(
+                    "site {}: no current release to verify",
+                    site.name()
+                )))
+            }
+        }
+    };
+    let mut reports = Vec::new();
+    for i in &ids {
+        let report = verify::verify_release(&site, i)?;
+        if current.as_deref() == Some(i.as_str()) {
+            verify::record(&site, &report)?;
+        } else if !report.drift.is_empty() {
+            tracing::warn!(event = crate::events::DRIFT_DETECTED, site = site.name(), release = %i,
+                paths = %report.drift.join("; "), count = report.drift.len(), "release differs from its manifest");
+        }
+        reports.push(report);
+    }
+    let drifted = reports.iter().any(|r| !r.drift.is_empty());
+    if as_json {
+        print_json(
+            &json!({"site": site.name(), "releases": reports.iter().map(|r| json!({
+            "id": r.release, "ok": r.drift.is_empty(), "drift": r.drift})).collect::<Vec<_>>()}),
+        )?;
+    } else {
+        for r in &reports {
+            if r.drift.is_empty() {
+                out(&format!("{} {}: OK", site.name(), r.release))?;
+            } else {
+                out(&format!(
+                    "{} {}: DRIFT ({} paths)",
+                    site.name(),
+                    r.release,
+                    r.drift.len()
+                ))?;
+                for d in &r.drift {
+                    out(&format!("  {d}"))?;
+                }
+            }
+        }
+    }
+    if drifted {
+        return Err(Error::Failed("drift detected".into()));
+    }
+    Ok(())
+}
+
+/// `prune SITE [--dry-run]`.
+pub fn prune(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> Result<()> {
+    let site = site(cfg, name)?;
+    let _lock = op_lock(&site, wait)?;
+    let mut journal = Journal::load(&site)?;
+    let doomed = if dry_run {
+        retention::plan_site(&site, &journal)?
+    } else {
+        retention::prune(&site, &mut journal)?
+    };
+    if doomed.is_empty() {
+        return out(&format!("{}: nothing to prune", site.name()));
+    }
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    for d in doomed {
+        out(&format!("{verb} {} ({})", d.id, d.why))?;
+    }
+    Ok(())
+}
+
+/// `heal SITE [--dry-run]`.
+pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> Result<()> {
+    let site = site(cfg, name)?;
+    let _lock = op_lock(&site, wait)?;
+    let mut journal = Journal::load(&site)?;
+    let outcome = heal::heal(&site, &mut journal, dry_run)?;
+    let prefix = if dry_run { "would " } else { "" };
+    for r in &outcome.repairs {
+        out(&format!("{prefix}{} ({})", r.what, r.why))?;
+    }
+    for r in &outcome.reports {
+        out(&format!("note: {r}"))?;
+    }
+    if !dry_run {
+        report_outcomes(
+            &site,
+            &pipeline::run_pending(&site, &AtomicBool::new(false))?,
+        )?;
+    }
+    if outcome.repairs.is_empty() && outcome.reports.is_empty() {
+        out(&format!("{}: nothing to heal", site.name()))?;
+    }
+    Ok(())
+}
+
+/// `pin` / `unpin`.
+pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<String>) -> Result<()> {
+    let site = site(cfg, name)?;
+    let _lock = op_lock(&site, wait)?;
+    let mut journal = Journal::load(&site)?;
+    if journal.state().get(id).is_none() || !site.release(id).is_dir() {
+        return Err(Error::Failed(format!(
+            "no release {id:?} in site {}",
+            site.name()
+        )));
+    }
+    let release = id.to_string();
+    journal.append(if pinned {
+        Op::Pinned { release }
+    } else {
+        Op::Unpinned { release }
+    })?;
+    out(&format!(
+        "{}: {id} {}",
+        site.name(),
+        if pinned { "pinned" } else { "unpinned" }
+    ))
+}
+
+fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<bool> {
+    let mut ok = true;
+    for o in outcomes {
+        match o {
+            Outcome::Released(id) => out(&format!("{}: release {id} finalized", site.name()))?,
+            Outcome::Unchanged(id) => out(&format!(
+                "{}: release {id} unchanged (identical upload)",
+                site.name()
+            ))?,
+            Outcome::Rejected(r) => {
+                ok = false;
+                out(&format!("{}: upload rejected: {r}", site.name()))?
+            }
+            Outcome::ActivationFailed(id, r) => {
+                ok = false;
+                out(&format!(
+                    "{}: release {id} finalized but not activated: {r}",
+                    site.name()
+                ))?
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// `finalize SITE [--id ID] [--no-activate]`.
+pub fn finalize(
+    cfg: &Config,
+    name: &str,
+    id: Option<&str>,
+    no_activate: bool,
+    wait: &Option<String>,
+) -> Result<()> {
+    let site = site(cfg, name)?;
+    if let Some(i) = id {
+        marker::check_id(i).map_err(Error::Usage)?;
+    }
+    let _lock = op_lock(&site, wait)?;
+    marker::claim_synthetic(
+        &site,
+        &MarkerSpec {
+            id: id.map(str::to_string),
+            activate: !no_activate,
+            message: Some("finalize command".into()),
+        },
+    )?;
+    let outcomes = pipeline::run_pending(&site, &AtomicBool::new(false))?;
+    if !report_outcomes(&site, &outcomes)? {
+        return Err(Error::Failed("finalize did not complete".into()));
+    }
+    Ok(())
+}
+
+/// `manifest DIR [-o FILE]`.
+pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
+    let defaults = SiteConfig::with_defaults("manifest", PathBuf::from("/"));
+    let names = [
+        std::ffi::OsStr::new(&defaults.manifest),
+        std::ffi::OsStr::new(&defaults.marker),
+    ];
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut buf = Vec::new();
+    let n = manifest::write_for_dir(dir, &names, &mut buf, threads)
+        .map_err(|e| Error::Failed(e.to_string()))?;
+    match output {
+        Some(p) if p == Path::new("-") => {
+            std::io::stdout()
+                .write_all(&buf)
+                .at(Path::new("<stdout>"))?;
+        }
+        other => {
+            let path = other.map_or_else(|| dir.join(&defaults.manifest), Path::to_path_buf);
+            fsops::write_atomic(&path, &buf)?;
+            eprintln!("wrote {} ({n} files)", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `init SITE`.
+pub fn init(cfg: &Config, name: &str) -> Result<()> {
+    let site = site(cfg, name)?;
+    fsops::ensure_dir(site.root(), 0o755)?;
+    site.ensure_layout()?;
+    out(&format!(
+        "{}: layout ready at {} (uploaders write to {})",
+        site.name(),
+        site.root().display(),
+        site.deploy_cache().display()
+    ))
+}
+
+/// `check-config`.
+pub fn check_config(flag: Option<&Path>) -> Result<()> {
+    let cfg = load_config(flag)?;
+    for s in cfg.sites.values() {
+        if !s.root.is_dir() {
+            tracing::warn!(site = %s.name, root = %s.root.display(),
+                "root does not exist yet; the service will wait for it");
+        }
+    }
+    out(&format!(
+        "{}: OK ({} site{}: {})",
+        cfg.path.display(),
+        cfg.sites.len(),
+        if cfg.sites.len() == 1 { "" } else { "s" },
+        cfg.sites.keys().cloned().collect::<Vec<_>>().join(", ")
+    ))
+}

@@ -1,0 +1,85 @@
+//! The library's error type. Every variant that touches the filesystem carries the path,
+//! and every variant maps to one of the exit codes of SPEC.md.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, grouped by the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A filesystem call failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path the call was about.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The command line or its arguments are wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// The site's operation lock is held by someone else.
+    #[error("site {site} is busy: another release-keeper operation holds {}", lock.display())]
+    Busy {
+        /// Site name.
+        site: String,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// An upload was rejected; the reason is logged and shown.
+    #[error("upload rejected: {0}")]
+    Rejected(String),
+    /// An operation failed or found a problem (hook, health check, drift, refusal).
+    #[error("{0}")]
+    Failed(String),
+    /// The service was asked to stop while working; the work was undone.
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+impl Error {
+    /// The process exit code for this error (SPEC.md: 1 failure, 2 usage/config, 75 busy).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) | Error::Usage(_) => 2,
+            Error::Busy { .. } => 75,
+            _ => 1,
+        }
+    }
+
+    /// True when the error is ENOSPC/EDQUOT somewhere in a filesystem step.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
+/// Attaches a path to an `io::Result`.
+pub trait IoContext<T> {
+    /// Wraps the error as `Error::Io` naming `path`.
+    fn at(self, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &Path) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+impl<T> IoContext<T> for nix::Result<T> {
+    fn at(self, path: &Path) -> Result<T> {
+        self.map_err(|errno| Error::Io {
+            path: path.to_path_buf(),
+            source: io::Error::from(errno),
+        })
+    }
+}

@@ -1,0 +1,89 @@
+//! The stable event names of SPEC.md and the tracing setup. Monitoring matches on these
+//! names, so they are constants used everywhere instead of string literals.
+//!
+//! Output: under systemd (`JOURNAL_STREAM` set and no `--log-format`) events go to the
+//! journal with their fields as journal fields (no prefix: `EVENT=release.rejected`);
+//! otherwise `--log-format json` (one object per line, fields at the top level) or `text`.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// The service finished its first healing pass for every site.
+pub const DAEMON_STARTED: &str = "daemon.started";
+/// The service is stopping.
+pub const DAEMON_STOPPING: &str = "daemon.stopping";
+/// A new config was loaded on SIGHUP.
+pub const CONFIG_RELOADED: &str = "config.reloaded";
+/// A new config was rejected; the old one stays.
+pub const CONFIG_REJECTED: &str = "config.rejected";
+/// A marker was claimed.
+pub const UPLOAD_DETECTED: &str = "upload.detected";
+/// Files of the upload still look in flight.
+pub const UPLOAD_WAITING: &str = "upload.waiting";
+/// A release was built, verified and renamed into place.
+pub const RELEASE_FINALIZED: &str = "release.finalized";
+/// An upload was rejected.
+pub const RELEASE_REJECTED: &str = "release.rejected";
+/// `current` now points at the release and its checks passed.
+pub const RELEASE_ACTIVATED: &str = "release.activated";
+/// `current` went back to an earlier release.
+pub const RELEASE_ROLLED_BACK: &str = "release.rolled_back";
+/// A release was deleted by retention.
+pub const RELEASE_PRUNED: &str = "release.pruned";
+/// A hook exited non-zero or timed out.
+pub const HOOK_FAILED: &str = "hook.failed";
+/// The health check failed.
+pub const HEALTH_FAILED: &str = "health.failed";
+/// Healing repaired something.
+pub const HEAL_REPAIRED: &str = "heal.repaired";
+/// A release differs from its stored manifest.
+pub const DRIFT_DETECTED: &str = "drift.detected";
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Installs the global subscriber. Logs go to stderr (or the journal); stdout is for
+/// command output only.
+pub fn init(format: Option<LogFormat>) {
+    let filter =
+        EnvFilter::try_from_env("RELEASE_KEEPER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let journald = format.is_none() && std::env::var_os("JOURNAL_STREAM").is_some();
+    if journald {
+        if let Ok(layer) = tracing_journald::layer() {
+            let layer = layer
+                .with_field_prefix(None)
+                .with_syslog_identifier("release-keeper".into());
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .try_init();
+            return;
+        }
+    }
+    match format.unwrap_or(LogFormat::Text) {
+        LogFormat::Json => {
+            let _ = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+        LogFormat::Text => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_target(false)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! THE filesystem protocol. Every step whose atomicity or durability the keeper relies on
+//! is here; everything else calls these functions.
+//!
+//! Names encode the lifecycle (as OSTree and systemd-sysupdate do):
+//! - `releases/.partial.<id>`: a release being built. Never looked at as a release; removed
+//!   by healing. It becomes `releases/<id>` by one `rename(2)` with `RENAME_NOREPLACE`,
+//!   only after its content is verified and flushed (`syncfs`), so a crash leaves either no
+//!   release or a complete one.
+//! - `.rk-tmp.<name>.<pid>.<n>`: a temporary file or symlink beside its final name; it
+//!   replaces the final name by `rename(2)` (atomic: there is never a moment without
+//!   `current`), then the parent directory is fsynced so the rename survives a power loss.
+//! - `.release-keeper/trash/<id>.<n>`: a release being deleted. It leaves `releases/` by
+//!   one rename first, so a half-deleted tree never looks like a release.
+//!
+//! Order of durability for anything the next step depends on: file data (fsync, or one
+//! `syncfs` for a whole tree), then the rename, then an fsync of the parent directory.
+//! The journal is appended with `O_APPEND` and fdatasync per record; a torn last line from
+//! a crash is cut off before the next append, so the journal always parses.
+//!
+//! Locks are `flock(2)` on files under `.release-keeper/` (via std's `File::lock`): the
+//! kernel drops them when the holder dies, so there are no stale lock files to clean.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Prefix of a release under construction in `releases/`.
+pub const PARTIAL_PREFIX: &str = ".partial.";
+/// Prefix of temporary files and symlinks that are renamed over their final name.
+pub const TMP_PREFIX: &str = ".rk-tmp.";
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh temporary name beside `path` (same directory, so rename is atomic).
+pub fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    let mut tmp = OsString::from(TMP_PREFIX);
+    tmp.push(name);
+    tmp.push(format!(
+        ".{}.{}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    path.with_file_name(tmp)
+}
+
+/// The parent directory of `path`, or `.`.
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Flushes a directory's entries (makes a rename or create in it durable).
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).at(dir)?;
+    f.sync_all().at(dir)
+}
+
+/// Flushes every dirty page of the filesystem holding `path`: one call instead of an
+/// fsync per file of a release.
+pub fn syncfs(path: &Path) -> Result<()> {
+    let f = File::open(path).at(path)?;
+    nix::unistd::syncfs(&f).at(path)
+}
+
+/// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, fsync dir).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_sibling(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .at(&tmp)?;
+        f.write_all(bytes).at(&tmp)?;
+        f.sync_all().at(&tmp)?;
+        fs::rename(&tmp, path).at(path)?;
+        fsync_dir(parent_of(path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Points the symlink `link` at `target` atomically: a new symlink under a temporary name
+/// is renamed over `link`, then the directory is fsynced. `link` never disappears.
+pub fn swap_symlink(link: &Path, target: &Path) -> Result<()> {
+    let tmp = tmp_sibling(link);
+    let result = (|| {
+        std::os::unix::fs::symlink(target, &tmp).at(&tmp)?;
+        fs::rename(&tmp, link).at(link)?;
+        fsync_dir(parent_of(link))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Renames `from` to `to`, failing with EEXIST instead of replacing `to`.
+pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        from,
+        nix::fcntl::AT_FDCWD,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .at(to)
+}
+
+/// Creates `dir` (and parents) if missing, with `mode` for the ones created.
+pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Failed(format!(
+            "{} exists but is not a directory",
+            dir.display()
+        ))),
+        Err(_) => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)
+                .at(dir)?;
+            fsync_dir(parent_of(dir))
+        }
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// An exclusive `flock` held until dropped.
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Lock {
+    /// The lock file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Takes the exclusive lock on `path` (creating the file). `None` waits forever,
+/// `Some(d)` waits up to `d` (zero: do not wait). Returns `Ok(None)` when still busy.
+pub fn lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .at(path)?;
+    let Some(limit) = wait else {
+        file.lock().at(path)?;
+        return Ok(Some(Lock {
+            _file: file,
+            path: path.to_path_buf(),
+        }));
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                return Ok(Some(Lock {
+                    _file: file,
+                    path: path.to_path_buf(),
+                }))
+            }
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(e)) => return Err(e).at(path),
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        // flock has no timed wait; a short poll only while a caller asked to wait.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Appends one line (a `\n` is added) to the journal at `path` durably. A torn tail left
+/// by a crash mid-append is cut off first so every complete line stays parseable.
+pub fn append_line(path: &Path, line: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .open(path)
+        .at(path)?;
+    let len = f.metadata().at(path)?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::Start(len - 1)).at(path)?;
+        f.read_exact(&mut last).at(path)?;
+        if last[0] != b'\n' {
+            let keep = last_newline_end(path)?;
+            f.set_len(keep).at(path)?;
+        }
+    }
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line);
+    buf.push(b'\n');
+    f.write_all(&buf).at(path)?;
+    f.sync_data().at(path)
+}
+
+/// Length of `path` up to and including its last newline.
+fn last_newline_end(path: &Path) -> Result<u64> {
+    let data = fs::read(path).at(path)?;
+    Ok(data
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i as u64 + 1))
+}
+
+/// Removes a tree the keeper made read-only: directories get their write bit back first
+/// (a non-root service user could not unlink inside a 0555 directory otherwise).
+pub fn remove_tree(path: &Path) -> Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).at(path),
+    };
+    if meta.is_dir() {
+        make_dirs_writable(path)?;
+        fs::remove_dir_all(path).at(path)
+    } else {
+        fs::remove_file(path).at(path)
+    }
+}
+
+/// Gives every directory under `dir` (not following symlinks) owner rwx.
+fn make_dirs_writable(dir: &Path) -> Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let meta = fs::symlink_metadata(&d).at(&d)?;
+        if !meta.is_dir() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o700 != 0o700 {
+            fs::set_permissions(&d, fs::Permissions::from_mode((mode | 0o700) & 0o7777)).at(&d)?;
+        }
+        for entry in fs::read_dir(&d).at(&d)? {
+            let entry = entry.at(&d)?;
+            if entry.file_type().at(&entry.path())?.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `path` the safe way: one rename into `trash_dir` (so it stops being visible
+/// where it was at once), fsync of both directories, then the slow removal.
+pub fn trash_and_remove(path: &Path, trash_dir: &Path) -> Result<()> {
+    ensure_dir(trash_dir, 0o700)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    let mut dest;
+    let mut n = 0u32;
+    loop {
+        let mut candidate = name.clone();
+        candidate.push(format!(".{}.{n}", std::process::id()));
+        dest = trash_dir.join(candidate);
+        if fs::symlink_metadata(&dest).is_err() {
+            break;
+        }
+        n += 1;
+    }
+    fs::rename(path, &dest).at(path)?;
+    fsync_dir(parent_of(path))?;
+    remove_tree(&dest)
+}
+
+/// Empties the trash directory (leftovers of interrupted deletions).
+pub fn empty_trash(trash_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(trash_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e).at(trash_dir),
+    };
+    for entry in entries {
+        let entry = entry.at(trash_dir)?;
+        remove_tree(&entry.path())?;
+        removed.push(entry.path());
+    }
+    Ok(removed)
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).at(path)?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Reads a small file, refusing symlinks and anything larger than `limit` bytes.
+pub fn read_small_nofollow(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::Rejected(format!("{} is a symlink", path.display())),
+            _ => Error::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+    let meta = f.metadata().at(path)?;
+    if !meta.is_file() {
+        return Err(Error::Rejected(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > limit {
+        return Err(Error::Rejected(format!(
+            "{} is larger than {limit} bytes",
+            path.display()
+        )));
+    }
+    let mut buf = Vec::new();
+    f.take(limit + 1).read_to_end(&mut buf).at(path)?;
+    Ok(buf)
+}
+
+/// Bytes of a path, for names that must round-trip exactly.
+pub fn path_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+/// A path from raw bytes.
+pub fn path_from_bytes(b: Vec<u8>) -> PathBuf {
+    PathBuf::from(OsString::from_vec(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swap_symlink_replaces_without_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("current");
+        swap_symlink(&link, Path::new("releases/a")).unwrap();
+        swap_symlink(&link, Path::new("releases/b")).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap(), Path::new("releases/b"));
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary symlink left behind");
+    }
+
+    #[test]
+    fn append_line_cuts_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = dir.path().join("journal");
+        append_line(&j, b"{\"a\":1}").unwrap();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&j)
+            .unwrap()
+            .write_all(b"{\"tor")
+            .unwrap();
+        append_line(&j, b"{\"b\":2}").unwrap();
+        assert_eq!(fs::read_to_string(&j).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+    }
+
+    #[test]
+    fn rename_noreplace_refuses_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        assert!(rename_noreplace(&a, &b).is_err());
+        assert!(a.exists());
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_reports_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let held = lock(&p, Some(Duration::ZERO)).unwrap();
+        assert!(held.is_some());
+        assert!(lock(&p, Some(Duration::from_millis(100)))
+            .unwrap()
+            .is_none());
+        drop(held);
+        assert!(lock(&p, Some(Duration::ZERO)).unwrap().is_some());
+    }
+
+    #[test]
+    fn remove_tree_handles_read_only_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("t/a/b");
+        fs::create_dir_all(&t).unwrap();
+        fs::write(t.join("f"), b"x").unwrap();
+        for d in [
+            dir.path().join("t/a/b"),
+            dir.path().join("t/a"),
+            dir.path().join("t"),
+        ] {
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        remove_tree(&dir.path().join("t")).unwrap();
+        assert!(!dir.path().join("t").exists());
+    }
+}

@@ -1,0 +1,230 @@
+//! Running the site's hooks: argv arrays (no shell), cwd = the release, a clean
+//! environment plus the documented variables, bounded by `hook_timeout`. The hook runs in
+//! its own process group so that at the limit the whole group is killed, not just the
+//! first process (a `sh -c` wrapper would otherwise leave its children running).
+
+use std::io::Read;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+/// Bytes of stderr/stdout kept for the log.
+const TAIL_BYTES: usize = 2048;
+
+/// The variables a hook sees (besides a fixed PATH).
+#[derive(Debug, Clone)]
+pub struct HookEnv {
+    /// `RELEASE_ID`.
+    pub release_id: String,
+    /// `RELEASE_PATH`: absolute path of `releases/<id>`.
+    pub release_path: PathBuf,
+    /// `PREVIOUS_RELEASE_ID` (empty when none).
+    pub previous: Option<String>,
+    /// `SITE_NAME`.
+    pub site_name: String,
+    /// `SITE_ROOT`.
+    pub site_root: PathBuf,
+}
+
+/// How a hook ended when it did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookFailure {
+    /// Which hook (`before_activate`, `after_activate`, `health_check`).
+    pub hook: String,
+    /// Exit status text (`exit status 3`, `killed by signal 9`, `timed out after 5s`, `cannot start: ...`).
+    pub status: String,
+    /// The end of its stderr (or stdout when stderr is empty).
+    pub stderr_tail: String,
+}
+
+impl std::fmt::Display for HookFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} failed: {}", self.hook, self.status)?;
+        if !self.stderr_tail.is_empty() {
+            write!(f, ": {}", self.stderr_tail.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+fn tail_reader(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut tail: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buf[..n]);
+            if tail.len() > TAIL_BYTES * 2 {
+                tail.drain(..tail.len() - TAIL_BYTES);
+            }
+        }
+        if tail.len() > TAIL_BYTES {
+            tail.drain(..tail.len() - TAIL_BYTES);
+        }
+        tail
+    })
+}
+
+fn status_text(st: ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+/// Runs `argv` for hook `name`; `Ok(())` on exit status 0.
+pub fn run(
+    name: &str,
+    argv: &[String],
+    env: &HookEnv,
+    timeout: Duration,
+) -> Result<(), HookFailure> {
+    let fail = |status: String, tail: String| HookFailure {
+        hook: name.to_string(),
+        status,
+        stderr_tail: tail,
+    };
+    let Some((program, args)) = argv.split_first() else {
+        return Err(fail("empty command".into(), String::new()));
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir(&env.release_path)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("LANG", "C.UTF-8")
+        .env("RELEASE_ID", &env.release_id)
+        .env("RELEASE_PATH", &env.release_path)
+        .env("PREVIOUS_RELEASE_ID", env.previous.as_deref().unwrap_or(""))
+        .env("SITE_NAME", &env.site_name)
+        .env("SITE_ROOT", &env.site_root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child: Child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {program:?}: {e}"), String::new()))?;
+    let out = child.stdout.take().map(tail_reader);
+    let err = child.stderr.take().map(tail_reader);
+    let pgid = Pid::from_raw(child.id() as i32);
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = killpg(pgid, Signal::SIGKILL);
+                let _ = child.wait();
+                break Err(format!(
+                    "timed out after {}",
+                    crate::clock::format_duration(timeout)
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => break Err(format!("cannot wait: {e}")),
+        }
+    };
+    // Whatever the leader did, stray members of its group must not outlive the hook.
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let collect = |h: Option<JoinHandle<Vec<u8>>>| {
+        h.and_then(|h| h.join().ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default()
+    };
+    let stdout = collect(out);
+    let stderr = collect(err);
+    let tail = if stderr.trim().is_empty() {
+        stdout.clone()
+    } else {
+        stderr.clone()
+    };
+    match status {
+        Ok(st) if st.success() => {
+            tracing::debug!(hook = name, release = %env.release_id, stdout = %stdout.trim_end(),
+                stderr = %stderr.trim_end(), "hook succeeded");
+            Ok(())
+        }
+        Ok(st) => Err(fail(status_text(st), tail)),
+        Err(s) => Err(fail(s, tail)),
+    }
+}
+
+/// Absolute form of a release path for `RELEASE_PATH`.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(dir: &Path) -> HookEnv {
+        HookEnv {
+            release_id: "r1".into(),
+            release_path: dir.to_path_buf(),
+            previous: Some("r0".into()),
+            site_name: "s".into(),
+            site_root: dir.to_path_buf(),
+        }
+    }
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["/bin/sh".into(), "-c".into(), script.into()]
+    }
+
+    #[test]
+    fn env_and_cwd_reach_the_hook() {
+        let d = tempfile::tempdir().unwrap();
+        run(
+            "t",
+            &sh("test \"$RELEASE_ID\" = r1 && test \"$PREVIOUS_RELEASE_ID\" = r0 && test \"$(pwd)\" = \"$RELEASE_PATH\" && test -z \"$HOME\""),
+            &env(d.path()),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn failure_carries_status_and_stderr_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let f = run(
+            "health_check",
+            &sh("echo boom >&2; exit 3"),
+            &env(d.path()),
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert_eq!(f.status, "exit status 3");
+        assert_eq!(f.stderr_tail.trim(), "boom");
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_group() {
+        let d = tempfile::tempdir().unwrap();
+        let marker = d.path().join("survived");
+        let script = format!("(sleep 1; touch {}) & sleep 30", marker.display());
+        let t0 = Instant::now();
+        let f = run(
+            "t",
+            &sh(&script),
+            &env(d.path()),
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(f.status.starts_with("timed out"), "{}", f.status);
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(!marker.exists(), "a child of the hook outlived the timeout");
+    }
+}

@@ -1,0 +1,75 @@
+//! Entry point: parse the command line, set up logging, dispatch, map errors to the exit
+//! codes of SPEC.md (0 ok, 1 failed, 2 usage/config, 75 busy).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use release_keeper::cli::{Cli, Command};
+use release_keeper::{commands, events, service, Error};
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_deref();
+    let result = match &cli.command {
+        Command::Run { root } => service::run(config, root.as_deref()),
+        Command::Manifest { dir, output } => commands::manifest(dir, output.as_deref()),
+        Command::CheckConfig => commands::check_config(config),
+        other => {
+            let cfg = commands::load_config(config)?;
+            match other {
+                Command::Status { site, json } => commands::status(&cfg, site.as_deref(), *json),
+                Command::List { site, json } => commands::list(&cfg, site, *json),
+                Command::Activate {
+                    site,
+                    id,
+                    force,
+                    wait,
+                } => commands::activate(&cfg, site, id, *force, &wait.wait),
+                Command::Rollback { site, to, wait } => {
+                    commands::rollback(&cfg, site, to.as_deref(), &wait.wait)
+                }
+                Command::Verify {
+                    site,
+                    id,
+                    all,
+                    json,
+                } => commands::verify(&cfg, site, id.as_deref(), *all, *json),
+                Command::Prune {
+                    site,
+                    dry_run,
+                    wait,
+                } => commands::prune(&cfg, site, *dry_run, &wait.wait),
+                Command::Heal {
+                    site,
+                    dry_run,
+                    wait,
+                } => commands::heal(&cfg, site, *dry_run, &wait.wait),
+                Command::Pin { site, id, wait } => commands::pin(&cfg, site, id, true, &wait.wait),
+                Command::Unpin { site, id, wait } => {
+                    commands::pin(&cfg, site, id, false, &wait.wait)
+                }
+                Command::Finalize {
+                    site,
+                    id,
+                    no_activate,
+                    wait,
+                } => commands::finalize(&cfg, site, id.as_deref(), *no_activate, &wait.wait),
+                Command::Init { site } => commands::init(&cfg, site),
+                Command::Run { .. } | Command::Manifest { .. } | Command::CheckConfig => Ok(()),
+            }
+        }
+    };
+    Ok(result?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    events::init(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("release-keeper: {e:#}");
+            let code = e.downcast_ref::<Error>().map_or(1, Error::exit_code);
+            ExitCode::from(code as u8)
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The flow for one site: claim the marker, resolve the claim, read the manifest, wait for
+//! in-flight files, build the release, rename it into place, activate, prune. The caller
+//! holds the site's operation lock; claims are processed one at a time in arrival order.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::activate;
+use crate::clock;
+use crate::error::{Error, Result};
+use crate::events;
+use crate::fsops;
+use crate::release::finalize::{self, LinkSource};
+use crate::release::hashcache::HashCache;
+use crate::release::retention;
+use crate::release::store::{self, Journal, Op};
+use crate::site::Site;
+use crate::upload::inflight;
+use crate::upload::manifest::{self, Entries};
+use crate::upload::marker::{self, Claim, Pending};
+use crate::upload::walk::{self, Node, Open};
+
+/// How one claim ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Finalized (and activated, when asked and healthy).
+    Released(String),
+    /// Identical to an existing release with the same id: nothing to do.
+    Unchanged(String),
+    /// Rejected, with the reason.
+    Rejected(String),
+    /// Finalized but activation failed (hook or health check); the reason.
+    ActivationFailed(String, String),
+}
+
+/// Claims the marker if present and processes every pending claim. Stops early (leaving
+/// the claim for the next start) when `cancel` is set.
+pub fn run_pending(site: &Site, cancel: &AtomicBool) -> Result<Vec<Outcome>> {
+    let mut outcomes = Vec::new();
+    loop {
+        marker::claim_marker(site)?;
+        let pending = marker::pending(site)?;
+        if pending.is_empty() {
+            return Ok(outcomes);
+        }
+        for p in pending {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
+            }
+            outcomes.push(process(site, p, cancel)?);
+        }
+    }
+}
+
+fn reject(site: &Site, journal: &mut Journal, id: Option<&str>, reason: &str) -> Result<Outcome> {
+    tracing::warn!(
+        event = events::RELEASE_REJECTED,
+        site = site.name(),
+        release = id.unwrap_or(""),
+        reason = %reason,
+        "upload rejected"
+    );
+    journal.append(Op::Rejected {
+        release: id.map(str::to_string),
+        reason: reason.to_string(),
+    })?;
+    Ok(Outcome::Rejected(reason.to_string()))
+}
+
+/// A fresh timestamp id, suffixed `-2`, `-3` when taken.
+fn generated_id(site: &Site, journal: &Journal) -> String {
+    let base = clock::Utc::now().release_id();
+    let state = journal.state();
+    let taken = |id: &str| {
+        state.releases.iter().any(|r| r.id == id)
+            || std::fs::symlink_metadata(site.release(id)).is_ok()
+            || std::fs::symlink_metadata(site.partial(id)).is_ok()
+    };
+    if !taken(&base) {
+        return base;
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|id| !taken(id))
+        .unwrap_or(base)
+}
+
+fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome> {
+    let mut journal = Journal::load(site)?;
+    let (path, claim) = match pending {
+        Pending::Resolved(path, claim) => (path, claim),
+        Pending::Raw(raw) => match marker::read_raw(&raw) {
+            Ok(spec) => {
+                let (id, explicit) = match spec.id {
+                    Some(id) => (id, true),
+                    None => (generated_id(site, &journal), false),
+                };
+                let claim = Claim {
+                    id,
+                    explicit,
+                    activate: spec.activate,
+                    message: spec.message,
+                    finalized: false,
+                };
+                (marker::resolve(&raw, &claim)?, claim)
+            }
+            Err(Error::Rejected(reason)) => {
+                tracing::info!(
+                    event = events::UPLOAD_DETECTED,
+                    site = site.name(),
+                    "upload detected"
+                );
+                marker::remove(&raw)?;
+                return reject(site, &mut journal, None, &reason);
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let outcome = process_claim(site, &mut journal, &path, &claim, cancel);
+    match outcome {
+        Err(Error::Interrupted) => {
+            // The claim stays: the upload is redone at the next start.
+            let _ = fsops::remove_tree(&site.partial(&claim.id));
+            Err(Error::Interrupted)
+        }
+        Err(Error::Rejected(reason)) => {
+            marker::remove(&path)?;
+            reject(site, &mut journal, Some(&claim.id), &reason)
+        }
+        Err(e) => {
+            // Not the upload's fault (I/O, disk full): reported as a rejection so the
+            // uploader sees it; the claim is dropped so a broken disk does not loop.
+            marker::remove(&path)?;
+            let _ = fsops::remove_tree(&site.partial(&claim.id));
+            reject(site, &mut journal, Some(&claim.id), &e.to_string())
+        }
+        Ok(o) => {
+            marker::remove(&path)?;
+            Ok(o)
+        }
+    }
+}
+
+fn process_claim(
+    site: &Site,
+    journal: &mut Journal,
+    claim_path: &Path,
+    claim: &Claim,
+    cancel: &AtomicBool,
+) -> Result<Outcome> {
+    let id = claim.id.as_str();
+    let started = Instant::now();
+    if claim.finalized && journal.state().get(id).is_some() {
+        return activate_and_prune(site, journal, claim);
+    }
+    tracing::info!(
+        event = events::UPLOAD_DETECTED,
+        site = site.name(),
+        release = id,
+        note = claim.message.as_deref(),
+        activate = claim.activate,
+        "upload detected"
+    );
+    if !site.cfg.settle_time.is_zero() {
+        sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
+    }
+    let manifest = read_manifest(site)?;
+    wait_for_uploads(site, manifest.as_ref(), cancel)?;
+
+    let existing = journal.state().get(id).cloned();
+    let on_disk = std::fs::symlink_metadata(site.release(id)).is_ok();
+    if on_disk && existing.is_none() {
+        if store::has_manifest(site, id) {
+            // Renamed into place but not journaled before a crash: ours, redo it.
+            fsops::trash_and_remove(&site.release(id), &site.trash())?;
+        } else {
+            return Err(Error::Rejected(format!(
+                "releases/{id} already exists and was not made by release-keeper"
+            )));
+        }
+    }
+
+    let cache = HashCache::load(&site.hash_cache());
+    let link_from = link_source(site, journal);
+    let built = finalize::build(&finalize::Input {
+        site,
+        id,
+        manifest: manifest.as_ref(),
+        cache: &cache,
+        link_from: link_from.as_ref(),
+        cancel,
+    })?;
+
+    if existing.is_some() && on_disk {
+        let stored = store::read_release_manifest(site, id)?;
+        fsops::remove_tree(&site.partial(id))?;
+        if store::same_content(&stored, &built.entries) {
+            tracing::info!(
+                event = events::RELEASE_FINALIZED,
+                site = site.name(),
+                release = id,
+                unchanged = true,
+                files = built.files,
+                bytes = built.bytes,
+                "upload identical to the existing release; nothing to do"
+            );
+            return Ok(Outcome::Unchanged(id.to_string()));
+        }
+        return Err(Error::Rejected(format!(
+            "release id {id} already exists with different content"
+        )));
+    }
+
+    store::write_release_manifest(site, id, &built.entries)?;
+    fsops::rename_noreplace(&site.partial(id), &site.release(id))?;
+    fsops::fsync_dir(&site.releases())?;
+    journal.append(Op::Finalized {
+        release: id.to_string(),
+        files: built.files,
+        bytes: built.bytes,
+        activate: claim.activate,
+        message: claim.message.clone(),
+    })?;
+    let mut done = claim.clone();
+    done.finalized = true;
+    marker::save(claim_path, &done)?;
+    if let Err(e) = HashCache::save(
+        &site.hash_cache(),
+        built.cache.iter().map(|(p, k, d)| (p.as_path(), *k, *d)),
+    ) {
+        tracing::warn!(site = site.name(), error = %e, "cannot save the hash cache");
+    }
+    tracing::info!(
+        event = events::RELEASE_FINALIZED,
+        site = site.name(),
+        release = id,
+        files = built.files,
+        bytes = built.bytes,
+        linked = built.linked,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "release finalized"
+    );
+    activate_and_prune(site, journal, &done)
+}
+
+fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Result<Outcome> {
+    let id = claim.id.as_str();
+    let mut outcome = Outcome::Released(id.to_string());
+    if claim.activate {
+        let state = journal.state();
+        let decided = state
+            .get(id)
+            .is_some_and(|r| r.activated || r.failed.is_some());
+        if !decided {
+            match activate::activate(site, journal, id, activate::Options::default()) {
+                Ok(()) => {}
+                Err(Error::Failed(reason)) => {
+                    outcome = Outcome::ActivationFailed(id.to_string(), reason);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    // Pruning never decides the outcome of a deploy.
+    if let Err(e) = retention::prune(site, journal) {
+        tracing::warn!(site = site.name(), error = %e, "pruning failed; will retry after the next release");
+    }
+    Ok(outcome)
+}
+
+/// The newest live release with a stored manifest, as a source of hard links.
+fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
+    let state = journal.state();
+    let current = site.current_id();
+    let candidates = current
+        .into_iter()
+        .chain(state.live_newest_first().map(|r| r.id.clone()));
+    for id in candidates {
+        if let Ok(entries) = store::read_release_manifest(site, &id) {
+            return Some(LinkSource::new(site.release(&id), &entries));
+        }
+    }
+    None
+}
+
+/// Reads and parses `deploy-cache/<manifest>`. `None` when absent and not required.
+fn read_manifest(site: &Site) -> Result<Option<Entries>> {
+    let path = site.deploy_cache().join(&site.cfg.manifest);
+    let bytes = match fsops::read_small_nofollow(&path, manifest::MAX_MANIFEST_BYTES) {
+        Ok(b) => b,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            if site.cfg.require_manifest {
+                return Err(Error::Rejected(format!(
+                    "{} is missing from the upload (require_manifest = true)",
+                    site.cfg.manifest
+                )));
+            }
+            tracing::warn!(site = site.name(), manifest = %site.cfg.manifest,
+                "no manifest in the upload; recording the hashes as uploaded (require_manifest = false)");
+            return Ok(None);
+        }
+        Err(Error::Rejected(r)) => {
+            return Err(Error::Rejected(format!("{}: {r}", site.cfg.manifest)))
+        }
+        Err(e) => return Err(e),
+    };
+    let mut entries = manifest::parse(&bytes)
+        .map_err(|e| Error::Rejected(format!("{}: {e}", site.cfg.manifest)))?;
+    // A manifest made with `find . -type f | xargs sha256sum > SHA256SUMS` lists itself
+    // (as it was while being written); the marker never belongs to the upload either.
+    entries.remove(Path::new(&site.cfg.manifest));
+    entries.remove(Path::new(&site.cfg.marker));
+    Ok(Some(entries))
+}
+
+/// Waits while files of the upload still look in flight, up to `upload_timeout`.
+fn wait_for_uploads(site: &Site, manifest: Option<&Entries>, cancel: &AtomicBool) -> Result<()> {
+    let deadline = Instant::now() + site.cfg.upload_timeout;
+    let mut logged = false;
+    loop {
+        let busy = in_flight(site, manifest)?;
+        if busy.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Rejected(format!(
+                "files still in flight after upload_timeout = {}: {}",
+                clock::format_duration(site.cfg.upload_timeout),
+                busy.join(", ")
+            )));
+        }
+        if !logged {
+            tracing::info!(event = events::UPLOAD_WAITING, site = site.name(),
+                files = %busy.join(", "), "waiting for files still being uploaded");
+            logged = true;
+        }
+        sleep_unless_cancelled(Duration::from_millis(250), cancel)?;
+    }
+}
+
+/// Names under `deploy-cache/` that look like temporary upload files and are not listed
+/// in the manifest (a listed `.env.backup` is a real file, not rsync's temp name).
+fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
+    let mut busy = Vec::new();
+    let marker = std::ffi::OsString::from(&site.cfg.marker);
+    walk::walk(
+        &site.deploy_cache(),
+        &[marker.as_os_str()],
+        Open::NamesOnly,
+        &mut |f| {
+            let name = f.rel.file_name().unwrap_or_default();
+            let listed = manifest.is_some_and(|m| m.contains_key(&f.rel));
+            if !listed && inflight::looks_in_flight(name) && busy.len() < 10 {
+                busy.push(f.rel.display().to_string());
+            }
+            Ok(matches!(f.node, Node::Dir))
+        },
+    )
+    .or_else(|e| match e {
+        // Names vanishing mid-scan are exactly what in-flight uploads do.
+        Error::Rejected(r) => {
+            busy.push(r);
+            Ok(())
+        }
+        other => Err(other),
+    })?;
+    Ok(busy)
+}
+
+fn sleep_unless_cancelled(d: Duration, cancel: &AtomicBool) -> Result<()> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
+    }
+    Ok(())
+}

@@ -1,0 +1,544 @@
+//! Building a release from `deploy-cache/` under `releases/.partial.<id>`.
+//!
+//! One pass per file: each byte is read once, hashed and written together. A file whose
+//! stat key is unchanged since the hash cache saw it is not read at all: it becomes a hard
+//! link to the identical (same digest, same mode) file of the previous release, which was
+//! verified when that release was made. Nothing is ever linked to `deploy-cache/` itself,
+//! so an uploader rewriting a file in place cannot alter a release.
+//!
+//! The walk runs on the calling thread; reading, hashing and writing run on a small
+//! bounded worker pool (a full queue blocks the walk: memory stays bounded).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nix::sys::stat::{fstat, FileStat};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsops;
+use crate::release::hashcache::{HashCache, StatKey};
+use crate::release::store::{Entry, Kind};
+use crate::release::symlinks;
+use crate::site::Site;
+use crate::upload::manifest::{to_hex, Digest, Entries};
+use crate::upload::walk::{self, Node, Open};
+
+/// Identical files of an earlier release, by (digest, mode, size).
+pub type LinkIndex = HashMap<(Digest, u32, u64), PathBuf>;
+
+/// Where unchanged files can be hard-linked from.
+#[derive(Debug)]
+pub struct LinkSource {
+    /// `releases/<id>` of the earlier release.
+    pub dir: PathBuf,
+    /// Its files.
+    pub index: LinkIndex,
+}
+
+impl LinkSource {
+    /// Builds the index from a release's stored manifest.
+    pub fn new(dir: PathBuf, entries: &[Entry]) -> LinkSource {
+        let index = entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .filter_map(|e| Some(((e.hash?, e.mode, e.size), e.path.clone())))
+            .collect();
+        LinkSource { dir, index }
+    }
+}
+
+/// What `build` needs.
+pub struct Input<'a> {
+    /// The site.
+    pub site: &'a Site,
+    /// The release id being built.
+    pub id: &'a str,
+    /// The upload's SHA256SUMS, if any.
+    pub manifest: Option<&'a Entries>,
+    /// Digests of `deploy-cache/` files seen before.
+    pub cache: &'a HashCache,
+    /// An earlier release to hard-link unchanged files from.
+    pub link_from: Option<&'a LinkSource>,
+    /// Set on shutdown: stop and undo.
+    pub cancel: &'a AtomicBool,
+}
+
+/// A built (not yet renamed) release.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Its full manifest.
+    pub entries: Vec<Entry>,
+    /// Regular files.
+    pub files: u64,
+    /// Bytes of regular files.
+    pub bytes: u64,
+    /// Files hard-linked from the earlier release.
+    pub linked: u64,
+    /// New hash-cache entries for `deploy-cache/`.
+    pub cache: Vec<(PathBuf, StatKey, Digest)>,
+}
+
+/// The permission bits a release keeps: read and execute only.
+pub fn release_mode(st_mode: u32) -> u32 {
+    st_mode & 0o555
+}
+
+struct Job {
+    rel: PathBuf,
+    file: File,
+    stat: FileStat,
+    expected: Option<Digest>,
+}
+
+struct Done {
+    entry: Entry,
+    key: StatKey,
+    linked: bool,
+}
+
+/// Most problems listed in one rejection reason.
+const MAX_LISTED: usize = 10;
+
+/// Builds `releases/.partial.<id>` from `deploy-cache/`. On any error the partial tree is
+/// removed; `Error::Rejected` means the upload itself is at fault.
+pub fn build(input: &Input<'_>) -> Result<Output> {
+    let partial = input.site.partial(input.id);
+    fsops::remove_tree(&partial)?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&partial)
+        .at(&partial)?;
+    let result = build_into(input, &partial);
+    if result.is_err() {
+        if let Err(e) = fsops::remove_tree(&partial) {
+            tracing::warn!(site = input.site.name(), path = %partial.display(), error = %e,
+                "cannot remove partial release; healing will retry");
+        }
+    }
+    result
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+fn build_into(input: &Input<'_>, partial: &Path) -> Result<Output> {
+    let started = Instant::now();
+    let site = input.site;
+    let cfg = &site.cfg;
+    let source = site.deploy_cache();
+    let marker = OsStr::new(&cfg.marker);
+    let manifest_name = Path::new(&cfg.manifest);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+
+    let (tx, rx) = sync_channel::<Job>(threads * 32);
+    let rx = Arc::new(Mutex::new(rx));
+    let abort = AtomicBool::new(false);
+
+    let mut out = Output::default();
+    let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
+    let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    let mut seen_listed: u64 = 0;
+
+    let worker_results: Vec<Result<(Vec<Done>, Vec<String>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let rx = Arc::clone(&rx);
+                let abort = &abort;
+                s.spawn(move || worker(input, partial, &rx, abort))
+            })
+            .collect();
+
+        let walked = walk::walk(&source, &[marker], Open::Files, &mut |found| {
+            if input.cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
+            }
+            let dest = partial.join(&found.rel);
+            match found.node {
+                Node::Dir => {
+                    fs::DirBuilder::new().mode(0o700).create(&dest).at(&dest)?;
+                    dirs.push((found.rel, release_mode(found.stat.st_mode)));
+                    Ok(true)
+                }
+                Node::File(file) => {
+                    out.files += 1;
+                    out.bytes += found.stat.st_size as u64;
+                    check_limits(cfg.max_files, cfg.max_bytes, out.files, out.bytes)?;
+                    let expected = match input.manifest {
+                        Some(m) if found.rel != manifest_name => match m.get(&found.rel) {
+                            Some(d) => {
+                                seen_listed += 1;
+                                Some(*d)
+                            }
+                            None => {
+                                problems.push(format!(
+                                    "{} is not listed in {}",
+                                    found.rel.display(),
+                                    cfg.manifest
+                                ));
+                                return Ok(false);
+                            }
+                        },
+                        _ => None,
+                    };
+                    let job = Job {
+                        rel: found.rel,
+                        file,
+                        stat: found.stat,
+                        expected,
+                    };
+                    // A closed channel means every worker stopped on an error.
+                    tx.send(job).map_err(|_| Error::Interrupted).map(|()| false)
+                }
+                Node::Symlink(target) => {
+                    let target = PathBuf::from(target);
+                    std::os::unix::fs::symlink(&target, &dest).at(&dest)?;
+                    links.push((found.rel, target));
+                    Ok(false)
+                }
+                Node::Special(kind) => Err(Error::Rejected(format!(
+                    "{} is a {kind}; only files, directories and in-tree symlinks are allowed",
+                    found.rel.display()
+                ))),
+            }
+        });
+        drop(tx);
+        if walked.is_err() {
+            abort.store(true, Ordering::Relaxed);
+        }
+        let mut results: Vec<Result<(Vec<Done>, Vec<String>)>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Failed("a finalize worker panicked".into())))
+            })
+            .collect();
+        if let Err(e) = walked {
+            results.insert(0, Err(e));
+        }
+        results
+    });
+
+    for r in worker_results {
+        let (done, rejected) = r?;
+        problems.extend(rejected);
+        for d in done {
+            if d.linked {
+                out.linked += 1;
+            }
+            if let Some(h) = d.entry.hash {
+                out.cache.push((d.entry.path.clone(), d.key, h));
+            }
+            out.entries.push(d.entry);
+        }
+    }
+
+    if let Some(m) = input.manifest {
+        if seen_listed < m.len() as u64 {
+            let present: std::collections::HashSet<&Path> =
+                out.entries.iter().map(|e| e.path.as_path()).collect();
+            for p in m.keys().filter(|p| !present.contains(p.as_path())) {
+                problems.push(format!(
+                    "{} is listed in {} but missing from the upload",
+                    p.display(),
+                    cfg.manifest
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        problems.sort();
+        let more = problems.len().saturating_sub(MAX_LISTED);
+        let mut reason = problems[..problems.len().min(MAX_LISTED)].join("; ");
+        if more > 0 {
+            reason.push_str(&format!("; and {more} more"));
+        }
+        return Err(Error::Rejected(reason));
+    }
+
+    for (rel, target) in &links {
+        symlinks::check_inside(partial, rel, target).map_err(Error::Rejected)?;
+        out.entries.push(Entry {
+            path: rel.clone(),
+            kind: Kind::Symlink,
+            mode: 0o777,
+            size: 0,
+            hash: None,
+            target: Some(target.clone()),
+        });
+    }
+
+    link_shared(input, partial, &mut out, &mut dirs)?;
+
+    // Deepest first, so a parent loses its write bit only after its children are done.
+    dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
+    for (rel, mode) in &dirs {
+        let p = partial.join(rel);
+        fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).at(&p)?;
+        out.entries.push(Entry {
+            path: rel.clone(),
+            kind: Kind::Dir,
+            mode: *mode,
+            size: 0,
+            hash: None,
+            target: None,
+        });
+    }
+    let root_mode = fs::symlink_metadata(&source)
+        .map(|m| release_mode(m.permissions().mode()))
+        .unwrap_or(0o555)
+        | 0o500;
+    fs::set_permissions(partial, fs::Permissions::from_mode(root_mode)).at(partial)?;
+    fsops::syncfs(partial)?;
+    tracing::debug!(
+        site = site.name(),
+        release = input.id,
+        files = out.files,
+        linked = out.linked,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "release built"
+    );
+    Ok(out)
+}
+
+fn check_limits(
+    max_files: Option<u64>,
+    max_bytes: Option<u64>,
+    files: u64,
+    bytes: u64,
+) -> Result<()> {
+    if let Some(m) = max_files.filter(|&m| files > m) {
+        return Err(Error::Rejected(format!(
+            "upload has more than max_files = {m} files"
+        )));
+    }
+    if let Some(m) = max_bytes.filter(|&m| bytes > m) {
+        return Err(Error::Rejected(format!(
+            "upload has more than max_bytes = {m} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn worker(
+    input: &Input<'_>,
+    partial: &Path,
+    rx: &Mutex<Receiver<Job>>,
+    abort: &AtomicBool,
+) -> Result<(Vec<Done>, Vec<String>)> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut done = Vec::new();
+    let mut rejected = Vec::new();
+    loop {
+        let job = {
+            let guard = rx
+                .lock()
+                .map_err(|_| Error::Failed("finalize queue poisoned".into()))?;
+            guard.recv()
+        };
+        let Ok(mut job) = job else {
+            return Ok((done, rejected));
+        };
+        if input.cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
+            abort.store(true, Ordering::Relaxed);
+            return Err(Error::Interrupted);
+        }
+        match process_file(input, partial, &mut job, &mut buf) {
+            Ok(d) => done.push(d),
+            Err(Error::Rejected(r)) => rejected.push(r),
+            Err(e) => {
+                abort.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn process_file(input: &Input<'_>, partial: &Path, job: &mut Job, buf: &mut [u8]) -> Result<Done> {
+    let dest = partial.join(&job.rel);
+    let mode = release_mode(job.stat.st_mode);
+    let size = job.stat.st_size as u64;
+    let key = StatKey::of(&job.stat);
+    if let (Some(cached), Some(src)) = (input.cache.lookup(&job.rel, &key), input.link_from) {
+        // A cache/manifest disagreement falls through to reading the file: the read is
+        // the truth, the cache only saves work.
+        if job.expected.is_none_or(|e| e == cached) {
+            if let Some(src_rel) = src.index.get(&(cached, mode, size)) {
+                if fs::hard_link(src.dir.join(src_rel), &dest).is_ok() {
+                    return Ok(Done {
+                        entry: file_entry(&job.rel, mode, size, cached),
+                        key,
+                        linked: true,
+                    });
+                }
+            }
+        }
+    }
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&dest)
+        .at(&dest)?;
+    let mut hasher = Sha256::new();
+    let mut copied: u64 = 0;
+    loop {
+        let n = match job.file.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).at(&input.site.deploy_cache().join(&job.rel)),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).at(&dest)?;
+        copied += n as u64;
+    }
+    let after = fstat(&job.file).at(&input.site.deploy_cache().join(&job.rel))?;
+    if copied != size || StatKey::of(&after) != key {
+        return Err(Error::Rejected(format!(
+            "{} changed while it was being copied",
+            job.rel.display()
+        )));
+    }
+    let digest: Digest = hasher.finalize().into();
+    if let Some(expected) = job.expected {
+        if expected != digest {
+            return Err(Error::Rejected(format!(
+                "checksum mismatch for {}: {} says {}, upload has {}",
+                job.rel.display(),
+                input.site.cfg.manifest,
+                to_hex(&expected),
+                to_hex(&digest)
+            )));
+        }
+    }
+    out.set_permissions(fs::Permissions::from_mode(mode))
+        .at(&dest)?;
+    let times = fs::FileTimes::new().set_modified(system_time(after.st_mtime, after.st_mtime_nsec));
+    out.set_times(times).at(&dest)?;
+    Ok(Done {
+        entry: file_entry(&job.rel, mode, size, digest),
+        key,
+        linked: false,
+    })
+}
+
+fn system_time(secs: i64, nsec: i64) -> std::time::SystemTime {
+    let base = std::time::UNIX_EPOCH;
+    if secs >= 0 {
+        base + std::time::Duration::new(secs as u64, nsec.clamp(0, 999_999_999) as u32)
+    } else {
+        base - std::time::Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+fn file_entry(rel: &Path, mode: u32, size: u64, hash: Digest) -> Entry {
+    Entry {
+        path: rel.to_path_buf(),
+        kind: Kind::File,
+        mode,
+        size,
+        hash: Some(hash),
+        target: None,
+    }
+}
+
+/// Replaces each configured `shared` entry in the release by a symlink to
+/// `ROOT/shared/<entry>`, creating the shared entry when missing (seeded from the upload's
+/// file of that name, if any, else an empty directory).
+fn link_shared(
+    input: &Input<'_>,
+    partial: &Path,
+    out: &mut Output,
+    dirs: &mut Vec<(PathBuf, u32)>,
+) -> Result<()> {
+    let site = input.site;
+    for entry in &site.cfg.shared {
+        let in_release = partial.join(entry);
+        let in_shared = site.shared().join(entry);
+        let uploaded = fs::symlink_metadata(&in_release).ok();
+        if fs::symlink_metadata(&in_shared).is_err() {
+            if let Some(parent) = in_shared.parent() {
+                fsops::ensure_dir(parent, 0o755)?;
+            }
+            match &uploaded {
+                Some(m) if m.is_file() => {
+                    fs::copy(&in_release, &in_shared).at(&in_shared)?;
+                    fs::set_permissions(&in_shared, fs::Permissions::from_mode(0o644))
+                        .at(&in_shared)?;
+                }
+                _ => fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&in_shared)
+                    .at(&in_shared)?,
+            }
+            tracing::info!(site = site.name(), release = input.id, path = %entry.display(),
+                "created missing shared entry");
+        }
+        if uploaded.is_some() {
+            fsops::remove_tree(&in_release)?;
+            let removed: Vec<&Entry> = out
+                .entries
+                .iter()
+                .filter(|e| e.path.starts_with(entry) && e.kind == Kind::File)
+                .collect();
+            out.files -= removed.len() as u64;
+            out.bytes -= removed.iter().map(|e| e.size).sum::<u64>();
+            out.entries.retain(|e| !e.path.starts_with(entry));
+            dirs.retain(|(d, _)| !d.starts_with(entry));
+            out.cache.retain(|(p, _, _)| !p.starts_with(entry));
+            tracing::info!(site = site.name(), release = input.id, path = %entry.display(),
+                "uploaded path replaced by the shared link");
+        }
+        // Missing parents of a nested shared entry become directories of the release.
+        let mut parent = PathBuf::new();
+        let comps: Vec<_> = entry.components().collect();
+        for c in &comps[..comps.len().saturating_sub(1)] {
+            parent.push(c);
+            let p = partial.join(&parent);
+            if fs::symlink_metadata(&p).is_err() {
+                fs::DirBuilder::new().mode(0o700).create(&p).at(&p)?;
+                dirs.push((parent.clone(), 0o555));
+            }
+        }
+        let mut target = PathBuf::new();
+        for _ in 0..comps.len() + 1 {
+            target.push("..");
+        }
+        target.push("shared");
+        target.push(entry);
+        std::os::unix::fs::symlink(&target, &in_release).at(&in_release)?;
+        out.entries.push(Entry {
+            path: entry.clone(),
+            kind: Kind::Symlink,
+            mode: 0o777,
+            size: 0,
+            hash: None,
+            target: Some(target),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_lose_write_and_special_bits() {
+        assert_eq!(release_mode(0o100755), 0o555);
+        assert_eq!(release_mode(0o100644), 0o444);
+        assert_eq!(release_mode(0o104755), 0o555);
+        assert_eq!(release_mode(0o042775), 0o555);
+        assert_eq!(release_mode(0o100600), 0o400);
+    }
+}

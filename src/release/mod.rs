@@ -1,0 +1,8 @@
+//! Releases: building one from an upload (`finalize`), the keeper's record of them
+//! (`store`: journal and per-release manifests), and which ones to keep (`retention`).
+
+pub mod finalize;
+pub mod hashcache;
+pub mod retention;
+pub mod store;
+pub mod symlinks;

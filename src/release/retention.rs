@@ -1,0 +1,207 @@
+//! Which releases to keep. The policy is a pure function of the journal's state, so it is
+//! tested on its own: the newest `keep` good releases by journal order (never by mtime or
+//! name), plus `current`, the previous good release and pinned ones; failed releases do
+//! not count toward `keep`, the newest `keep_failed` of them are kept for inspection.
+//! Directories the keeper did not make are never touched.
+
+use std::collections::BTreeSet;
+
+use crate::error::Result;
+use crate::events;
+use crate::fsops;
+use crate::release::store::{self, Journal, Op, State};
+use crate::site::Site;
+
+/// A release the policy would delete, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doomed {
+    /// Release id.
+    pub id: String,
+    /// Why it goes.
+    pub why: String,
+}
+
+/// The deletions the policy asks for. `on_disk` are the ids present in `releases/`.
+pub fn plan(
+    state: &State,
+    current: Option<&str>,
+    previous: Option<&str>,
+    keep: usize,
+    keep_failed: usize,
+    on_disk: &BTreeSet<String>,
+) -> Vec<Doomed> {
+    let mut good = 0usize;
+    let mut failed = 0usize;
+    let mut out = Vec::new();
+    for r in state.live_newest_first() {
+        if !on_disk.contains(&r.id) {
+            continue;
+        }
+        let protected =
+            Some(r.id.as_str()) == current || Some(r.id.as_str()) == previous || r.pinned;
+        if r.failed.is_some() {
+            failed += 1;
+            if failed > keep_failed && !protected {
+                out.push(Doomed {
+                    id: r.id.clone(),
+                    why: format!("failed release beyond keep_failed = {keep_failed}"),
+                });
+            }
+        } else {
+            good += 1;
+            if good > keep && !protected {
+                out.push(Doomed {
+                    id: r.id.clone(),
+                    why: format!("older than the newest keep = {keep} good releases"),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The plan for `site` now.
+pub fn plan_site(site: &Site, journal: &Journal) -> Result<Vec<Doomed>> {
+    let state = journal.state();
+    let current = site.current_id();
+    let previous = state.previous_good(current.as_deref(), |r| site.release(r).is_dir());
+    let on_disk = store::release_dirs_on_disk(site)?;
+    Ok(plan(
+        &state,
+        current.as_deref(),
+        previous.as_deref(),
+        site.cfg.keep,
+        site.cfg.keep_failed,
+        &on_disk,
+    ))
+}
+
+/// Applies the policy: each doomed release leaves `releases/` by one rename, is journaled,
+/// then removed. Returns what was deleted.
+pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
+    let doomed = plan_site(site, journal)?;
+    for d in &doomed {
+        fsops::trash_and_remove(&site.release(&d.id), &site.trash())?;
+        journal.append(Op::Pruned {
+            release: d.id.clone(),
+        })?;
+        let _ = std::fs::remove_file(site.manifest_of(&d.id));
+        tracing::info!(
+            event = events::RELEASE_PRUNED,
+            site = site.name(),
+            release = %d.id,
+            reason = %d.why,
+            "release pruned"
+        );
+    }
+    Ok(doomed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::store::{Record, State};
+
+    fn state(spec: &[(&str, bool)]) -> State {
+        let mut recs = Vec::new();
+        let mut seq = 0;
+        for (id, failed) in spec {
+            seq += 1;
+            recs.push(Record {
+                seq,
+                at: String::new(),
+                op: Op::Finalized {
+                    release: id.to_string(),
+                    files: 0,
+                    bytes: 0,
+                    activate: true,
+                    message: None,
+                },
+            });
+            if *failed {
+                seq += 1;
+                recs.push(Record {
+                    seq,
+                    at: String::new(),
+                    op: Op::Failed {
+                        release: id.to_string(),
+                        reason: "x".into(),
+                    },
+                });
+            }
+        }
+        State::from_records(&recs)
+    }
+
+    fn ids(d: &[Doomed]) -> Vec<&str> {
+        d.iter().map(|d| d.id.as_str()).collect()
+    }
+
+    fn all(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn keeps_newest_by_journal_order_not_name() {
+        // Journal order differs from name order on purpose.
+        let st = state(&[
+            ("zeta", false),
+            ("alpha", false),
+            ("mid", false),
+            ("beta", false),
+        ]);
+        let d = plan(
+            &st,
+            Some("beta"),
+            Some("mid"),
+            2,
+            2,
+            &all(&["zeta", "alpha", "mid", "beta"]),
+        );
+        assert_eq!(ids(&d), vec!["alpha", "zeta"]);
+    }
+
+    #[test]
+    fn failed_do_not_count_toward_keep() {
+        let st = state(&[
+            ("a", false),
+            ("b", false),
+            ("f1", true),
+            ("f2", true),
+            ("f3", true),
+        ]);
+        let d = plan(
+            &st,
+            Some("b"),
+            Some("a"),
+            2,
+            1,
+            &all(&["a", "b", "f1", "f2", "f3"]),
+        );
+        assert_eq!(ids(&d), vec!["f2", "f1"]);
+    }
+
+    #[test]
+    fn never_current_previous_pinned_or_foreign() {
+        let mut st = state(&[("a", false), ("b", false), ("c", false), ("d", false)]);
+        st.releases[1].pinned = true;
+        let d = plan(
+            &st,
+            Some("a"),
+            Some("c"),
+            1,
+            0,
+            &all(&["a", "b", "c", "d", "foreign"]),
+        );
+        assert!(d.is_empty(), "{d:?}");
+        let d = plan(
+            &st,
+            Some("d"),
+            Some("c"),
+            1,
+            0,
+            &all(&["a", "b", "c", "d", "foreign"]),
+        );
+        assert_eq!(ids(&d), vec!["a"]);
+    }
+}

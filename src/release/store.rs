@@ -1,0 +1,597 @@
+//! The keeper's memory: an append-only journal of what it did, and the full manifest of
+//! every release it made. Release order, "previous", failures and pins are derived from the
+//! journal alone, never from mtimes or name sorting, because hand copies and clock jumps
+//! make those lie.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock;
+use crate::error::{Error, IoContext, Result};
+use crate::fsops;
+use crate::site::Site;
+use crate::upload::manifest::{from_hex, to_hex, Digest};
+
+/// One step the keeper took, as written to the journal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// A release was built, verified and renamed into place.
+    Finalized {
+        /// Release id.
+        release: String,
+        /// Number of regular files.
+        files: u64,
+        /// Total bytes of regular files.
+        bytes: u64,
+        /// Whether the upload asked to be activated.
+        activate: bool,
+        /// The marker's message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    /// `current` is about to be switched to `release`; the verdict is pending.
+    Trial {
+        /// Release id.
+        release: String,
+        /// What `current` pointed at before.
+        previous: Option<String>,
+    },
+    /// `release` is current and passed its checks.
+    Activated {
+        /// Release id.
+        release: String,
+        /// What `current` pointed at before.
+        previous: Option<String>,
+    },
+    /// `release` failed a hook or the health check; it is never chosen again automatically.
+    Failed {
+        /// Release id.
+        release: String,
+        /// Why, naming the hook and its exit status.
+        reason: String,
+    },
+    /// `current` went back from `release` to `to`.
+    RolledBack {
+        /// The release moved away from.
+        release: String,
+        /// The release now current.
+        to: String,
+        /// Why.
+        reason: String,
+    },
+    /// Protected from pruning.
+    Pinned {
+        /// Release id.
+        release: String,
+    },
+    /// No longer protected.
+    Unpinned {
+        /// Release id.
+        release: String,
+    },
+    /// Deleted by retention.
+    Pruned {
+        /// Release id.
+        release: String,
+    },
+    /// An upload was rejected.
+    Rejected {
+        /// The release id it would have had, if known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<String>,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A journal line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    /// Sequence number, 1-based, strictly increasing.
+    pub seq: u64,
+    /// RFC 3339 UTC time of the step.
+    pub at: String,
+    /// The step.
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// What the journal says about one release.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReleaseInfo {
+    /// Release id.
+    pub id: String,
+    /// Sequence number of its `Finalized` record: the keeper's order of releases.
+    pub seq: u64,
+    /// RFC 3339 creation time.
+    pub created: String,
+    /// Number of regular files.
+    pub files: u64,
+    /// Total bytes.
+    pub bytes: u64,
+    /// The marker's message.
+    pub message: Option<String>,
+    /// Ever activated successfully.
+    pub activated: bool,
+    /// Failure reason and time, if failed.
+    pub failed: Option<(String, String)>,
+    /// Protected from pruning.
+    pub pinned: bool,
+    /// Deleted by retention.
+    pub pruned: bool,
+    /// Left by a rollback and not activated since: not a rollback target any more.
+    pub rolled_back: bool,
+}
+
+/// The state derived from the journal.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    /// Releases in the order they were finalized (oldest first), pruned ones included.
+    pub releases: Vec<ReleaseInfo>,
+    /// Every switch of `current` in order (activations and rollbacks' targets).
+    pub history: Vec<String>,
+    /// A trial (swap done, verdict pending) that never got a verdict.
+    pub open_trial: Option<(String, Option<String>)>,
+    /// The last record.
+    pub last: Option<Record>,
+}
+
+impl State {
+    /// Replays records into a state.
+    pub fn from_records(records: &[Record]) -> State {
+        let mut st = State::default();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for rec in records {
+            match &rec.op {
+                Op::Finalized {
+                    release,
+                    files,
+                    bytes,
+                    message,
+                    ..
+                } => {
+                    index.insert(release.clone(), st.releases.len());
+                    st.releases.push(ReleaseInfo {
+                        id: release.clone(),
+                        seq: rec.seq,
+                        created: rec.at.clone(),
+                        files: *files,
+                        bytes: *bytes,
+                        message: message.clone(),
+                        ..ReleaseInfo::default()
+                    });
+                }
+                Op::Trial { release, previous } => {
+                    st.open_trial = Some((release.clone(), previous.clone()));
+                }
+                Op::Activated { release, .. } => {
+                    if let Some(&i) = index.get(release) {
+                        let r = &mut st.releases[i];
+                        r.activated = true;
+                        r.rolled_back = false;
+                        r.failed = None;
+                    }
+                    st.history.push(release.clone());
+                    st.open_trial = None;
+                }
+                Op::Failed { release, reason } => {
+                    if let Some(&i) = index.get(release) {
+                        st.releases[i].failed = Some((reason.clone(), rec.at.clone()));
+                    }
+                    if st.open_trial.as_ref().is_some_and(|(t, _)| t == release) {
+                        st.open_trial = None;
+                    }
+                }
+                Op::RolledBack { release, to, .. } => {
+                    if let Some(&i) = index.get(release) {
+                        st.releases[i].rolled_back = true;
+                    }
+                    st.history.push(to.clone());
+                    st.open_trial = None;
+                }
+                Op::Pinned { release } | Op::Unpinned { release } => {
+                    if let Some(&i) = index.get(release) {
+                        st.releases[i].pinned = matches!(rec.op, Op::Pinned { .. });
+                    }
+                }
+                Op::Pruned { release } => {
+                    if let Some(&i) = index.get(release) {
+                        st.releases[i].pruned = true;
+                    }
+                }
+                Op::Rejected { .. } => {}
+            }
+            st.last = Some(rec.clone());
+        }
+        st
+    }
+
+    /// The live (not pruned) record of release `id`.
+    pub fn get(&self, id: &str) -> Option<&ReleaseInfo> {
+        self.releases.iter().rev().find(|r| r.id == id && !r.pruned)
+    }
+
+    /// Live releases, newest first.
+    pub fn live_newest_first(&self) -> impl Iterator<Item = &ReleaseInfo> {
+        self.releases.iter().rev().filter(|r| !r.pruned)
+    }
+
+    /// True when `id` is a live release that has not failed.
+    pub fn is_good(&self, id: &str) -> bool {
+        self.get(id).is_some_and(|r| r.failed.is_none())
+    }
+
+    /// The release that was live before `current`: walking the activation history back,
+    /// skipping `current`, failed, pruned and rolled-back-from releases, and those for
+    /// which `exists` says no.
+    pub fn previous_good(
+        &self,
+        current: Option<&str>,
+        exists: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        self.history
+            .iter()
+            .rev()
+            .filter(|id| Some(id.as_str()) != current)
+            .find(|id| {
+                self.get(id)
+                    .is_some_and(|r| r.failed.is_none() && !r.rolled_back)
+                    && exists(id)
+            })
+            .cloned()
+    }
+
+    /// The last release `current` was switched to that is still good and exists.
+    pub fn last_good_activated(&self, exists: impl Fn(&str) -> bool) -> Option<String> {
+        self.history
+            .iter()
+            .rev()
+            .find(|id| self.is_good(id) && exists(id))
+            .cloned()
+    }
+}
+
+/// The journal of one site, loaded.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    records: Vec<Record>,
+}
+
+impl Journal {
+    /// Loads the journal (a missing one is empty; unparsable lines are skipped and logged).
+    pub fn load(site: &Site) -> Result<Journal> {
+        let path = site.journal();
+        let mut records = Vec::new();
+        match fs::File::open(&path) {
+            Ok(f) => {
+                for (n, line) in BufReader::new(f).split(b'\n').enumerate() {
+                    let line = line.at(&path)?;
+                    if line.is_empty() {
+                        continue;
+                    }
+                    match serde_json::from_slice::<Record>(&line) {
+                        Ok(r) => records.push(r),
+                        Err(e) => tracing::warn!(
+                            site = site.name(),
+                            path = %path.display(),
+                            line = n + 1,
+                            error = %e,
+                            "skipping unreadable journal line"
+                        ),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).at(&path),
+        }
+        Ok(Journal { path, records })
+    }
+
+    /// All records, oldest first.
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    /// The derived state.
+    pub fn state(&self) -> State {
+        State::from_records(&self.records)
+    }
+
+    /// Appends a record durably.
+    pub fn append(&mut self, op: Op) -> Result<()> {
+        let seq = self.records.last().map_or(1, |r| r.seq + 1);
+        let rec = Record {
+            seq,
+            at: clock::now_rfc3339(),
+            op,
+        };
+        let line = serde_json::to_vec(&rec)
+            .map_err(|e| Error::Failed(format!("cannot encode journal record: {e}")))?;
+        fsops::append_line(&self.path, &line)?;
+        self.records.push(rec);
+        Ok(())
+    }
+}
+
+/// Kind of a release entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+}
+
+/// One entry of a release's full manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Path relative to the release root.
+    pub path: PathBuf,
+    /// File, directory or symlink.
+    pub kind: Kind,
+    /// Permission bits (07777).
+    pub mode: u32,
+    /// Size in bytes (files only; 0 otherwise).
+    pub size: u64,
+    /// SHA-256 (files only).
+    pub hash: Option<Digest>,
+    /// Link target (symlinks only).
+    pub target: Option<PathBuf>,
+}
+
+/// Escapes a path for one field of a manifest line (`\\`, `\n`, `\t`, `\r`).
+fn escape(p: &Path, out: &mut Vec<u8>) {
+    for &b in fsops::path_bytes(p) {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// Reverses `escape`.
+fn unescape(field: &[u8]) -> Option<PathBuf> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut it = field.iter();
+    while let Some(&b) = it.next() {
+        if b == b'\\' {
+            out.push(match it.next()? {
+                b'\\' => b'\\',
+                b'n' => b'\n',
+                b't' => b'\t',
+                b'r' => b'\r',
+                _ => return None,
+            });
+        } else {
+            out.push(b);
+        }
+    }
+    Some(fsops::path_from_bytes(out))
+}
+
+impl Entry {
+    /// One line: `<f|d|l> <mode octal> <size> <hex|-> <path>[\t<target>]\n`.
+    pub fn to_line(&self, out: &mut Vec<u8>) {
+        let kind = match self.kind {
+            Kind::File => 'f',
+            Kind::Dir => 'd',
+            Kind::Symlink => 'l',
+        };
+        let hash = self.hash.as_ref().map_or_else(|| "-".to_string(), to_hex);
+        let _ = write!(out, "{kind} {:04o} {} {hash} ", self.mode, self.size);
+        escape(&self.path, out);
+        if let Some(t) = &self.target {
+            out.push(b'\t');
+            escape(t, out);
+        }
+        out.push(b'\n');
+    }
+
+    /// Parses a line written by `to_line`.
+    pub fn from_line(line: &[u8]) -> Option<Entry> {
+        let mut parts = line.splitn(5, |&b| b == b' ');
+        let kind = match parts.next()? {
+            b"f" => Kind::File,
+            b"d" => Kind::Dir,
+            b"l" => Kind::Symlink,
+            _ => return None,
+        };
+        let mode = u32::from_str_radix(std::str::from_utf8(parts.next()?).ok()?, 8).ok()?;
+        let size = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+        let hash = match parts.next()? {
+            b"-" => None,
+            h => Some(from_hex(h)?),
+        };
+        let rest = parts.next()?;
+        let (path, target) = match rest.iter().position(|&b| b == b'\t') {
+            Some(i) => (unescape(&rest[..i])?, Some(unescape(&rest[i + 1..])?)),
+            None => (unescape(rest)?, None),
+        };
+        Some(Entry {
+            path,
+            kind,
+            mode,
+            size,
+            hash,
+            target,
+        })
+    }
+}
+
+/// Writes release `id`'s full manifest atomically.
+pub fn write_release_manifest(site: &Site, id: &str, entries: &[Entry]) -> Result<()> {
+    let mut buf = Vec::with_capacity(entries.len() * 100);
+    for e in entries {
+        e.to_line(&mut buf);
+    }
+    fsops::write_atomic(&site.manifest_of(id), &buf)
+}
+
+/// Reads release `id`'s full manifest.
+pub fn read_release_manifest(site: &Site, id: &str) -> Result<Vec<Entry>> {
+    let path = site.manifest_of(id);
+    let data = fs::read(&path).at(&path)?;
+    data.split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(n, l)| {
+            Entry::from_line(l).ok_or_else(|| {
+                Error::Failed(format!(
+                    "{}:{}: unreadable manifest line",
+                    path.display(),
+                    n + 1
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Ids of the directories in `releases/` (no hidden names).
+pub fn release_dirs_on_disk(site: &Site) -> Result<BTreeSet<String>> {
+    let dir = site.releases();
+    let mut out = BTreeSet::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).at(&dir),
+    };
+    for entry in entries {
+        let entry = entry.at(&dir)?;
+        if let Some(name) = entry.file_name().to_str() {
+            if !name.starts_with('.') {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// True when `a` and `b` describe the same content (order-insensitive).
+pub fn same_content(a: &[Entry], b: &[Entry]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut a: Vec<&Entry> = a.iter().collect();
+    let mut b: Vec<&Entry> = b.iter().collect();
+    a.sort_by(|x, y| x.path.cmp(&y.path));
+    b.sort_by(|x, y| x.path.cmp(&y.path));
+    a == b
+}
+
+/// The manifest path helper for callers that only need to know whether it exists.
+pub fn has_manifest(site: &Site, id: &str) -> bool {
+    Path::new(&site.manifest_of(id)).is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(seq: u64, op: Op) -> Record {
+        Record {
+            seq,
+            at: "2026-01-01T00:00:00Z".into(),
+            op,
+        }
+    }
+
+    fn fin(id: &str) -> Op {
+        Op::Finalized {
+            release: id.into(),
+            files: 1,
+            bytes: 1,
+            activate: true,
+            message: None,
+        }
+    }
+
+    fn act(id: &str, prev: Option<&str>) -> Op {
+        Op::Activated {
+            release: id.into(),
+            previous: prev.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn previous_skips_failed_and_rolled_back_releases() {
+        let recs = vec![
+            rec(1, fin("a")),
+            rec(2, act("a", None)),
+            rec(3, fin("b")),
+            rec(4, act("b", Some("a"))),
+            rec(5, fin("c")),
+            rec(
+                6,
+                Op::Failed {
+                    release: "c".into(),
+                    reason: "health".into(),
+                },
+            ),
+        ];
+        let st = State::from_records(&recs);
+        assert_eq!(st.previous_good(Some("b"), |_| true), Some("a".into()));
+        let mut recs2 = recs.clone();
+        recs2.push(rec(
+            7,
+            Op::RolledBack {
+                release: "b".into(),
+                to: "a".into(),
+                reason: "manual".into(),
+            },
+        ));
+        let st = State::from_records(&recs2);
+        // After rolling back from b to a, rolling back again must not bounce to b.
+        assert_eq!(st.previous_good(Some("a"), |_| true), None);
+        assert_eq!(st.last_good_activated(|_| true), Some("a".into()));
+    }
+
+    #[test]
+    fn open_trial_is_detected_and_closed_by_verdict() {
+        let trial = Op::Trial {
+            release: "b".into(),
+            previous: Some("a".into()),
+        };
+        let st = State::from_records(&[rec(1, fin("b")), rec(2, trial.clone())]);
+        assert_eq!(st.open_trial, Some(("b".into(), Some("a".into()))));
+        let st = State::from_records(&[rec(1, fin("b")), rec(2, trial), rec(3, act("b", None))]);
+        assert_eq!(st.open_trial, None);
+    }
+
+    #[test]
+    fn manifest_lines_round_trip_awkward_names() {
+        let e = Entry {
+            path: fsops::path_from_bytes(b"a b/\\x\n\t\xff.txt".to_vec()),
+            kind: Kind::Symlink,
+            mode: 0o777,
+            size: 0,
+            hash: None,
+            target: Some(PathBuf::from("../c d")),
+        };
+        let mut buf = Vec::new();
+        e.to_line(&mut buf);
+        assert_eq!(buf.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(Entry::from_line(&buf[..buf.len() - 1]), Some(e));
+        let f = Entry {
+            path: PathBuf::from("x"),
+            kind: Kind::File,
+            mode: 0o444,
+            size: 3,
+            hash: Some([7u8; 32]),
+            target: None,
+        };
+        let mut buf = Vec::new();
+        f.to_line(&mut buf);
+        assert_eq!(Entry::from_line(&buf[..buf.len() - 1]), Some(f));
+    }
+}

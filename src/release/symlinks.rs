@@ -1,0 +1,117 @@
+//! Whether a symlink of an upload stays inside its release. A lexical check is not
+//! enough: `a -> b/..` where `b -> .` climbs out, so the target is resolved component by
+//! component against the release tree, following in-tree symlinks (never reading through
+//! them: only `lstat`/`readlink` on paths whose components are known directories).
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+
+/// Most symlinks followed while resolving one target (as the kernel's ELOOP limit).
+const MAX_HOPS: usize = 40;
+
+/// Checks that the symlink at `link_rel` (relative to `release`) with `target` resolves
+/// inside `release`. Dangling targets are fine as long as they stay inside.
+pub fn check_inside(release: &Path, link_rel: &Path, target: &Path) -> Result<(), String> {
+    if target.is_absolute() {
+        return Err(format!(
+            "symlink {} -> {} is absolute",
+            link_rel.display(),
+            target.display()
+        ));
+    }
+    if target.as_os_str().is_empty() {
+        return Err(format!(
+            "symlink {} has an empty target",
+            link_rel.display()
+        ));
+    }
+    let escape = || {
+        format!(
+            "symlink {} -> {} points outside the release",
+            link_rel.display(),
+            target.display()
+        )
+    };
+    // The resolved directory so far, as components known to be real directories (or
+    // missing: then the rest is lexical).
+    let mut stack: Vec<OsString> = link_rel
+        .parent()
+        .map(|p| p.iter().map(|c| c.to_os_string()).collect())
+        .unwrap_or_default();
+    let mut pending: Vec<OsString> = components(target).into_iter().rev().collect();
+    let mut hops = 0;
+    let mut missing = false;
+    while let Some(c) = pending.pop() {
+        if c == ".." {
+            if stack.pop().is_none() {
+                return Err(escape());
+            }
+            continue;
+        }
+        if c == "." {
+            continue;
+        }
+        stack.push(c);
+        if missing {
+            continue;
+        }
+        let here: PathBuf = stack.iter().collect();
+        match fs::symlink_metadata(release.join(&here)) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > MAX_HOPS {
+                    return Err(format!("symlink {} loops", link_rel.display()));
+                }
+                let next = fs::read_link(release.join(&here)).map_err(|e| e.to_string())?;
+                if next.is_absolute() {
+                    return Err(escape());
+                }
+                stack.pop();
+                pending.extend(components(&next).into_iter().rev());
+            }
+            Ok(_) => {}
+            Err(_) => missing = true,
+        }
+    }
+    Ok(())
+}
+
+fn components(p: &Path) -> Vec<OsString> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::CurDir => Some(OsString::from(".")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn inside_and_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("a/b")).unwrap();
+        fs::write(r.join("a/f"), b"").unwrap();
+        assert!(check_inside(r, Path::new("a/b/l"), Path::new("../f")).is_ok());
+        assert!(check_inside(r, Path::new("l"), Path::new("a/b/../f")).is_ok());
+        assert!(check_inside(r, Path::new("l"), Path::new("missing/x")).is_ok());
+        assert!(check_inside(r, Path::new("l"), Path::new("../x")).is_err());
+        assert!(check_inside(r, Path::new("a/l"), Path::new("../../x")).is_err());
+        assert!(check_inside(r, Path::new("l"), Path::new("/etc/passwd")).is_err());
+        // b2 -> . at top, then b2/.. climbs out although it looks inside lexically.
+        symlink(".", r.join("dot")).unwrap();
+        assert!(check_inside(r, Path::new("x"), Path::new("dot/..")).is_err());
+        symlink("a/b", r.join("deep")).unwrap();
+        assert!(check_inside(r, Path::new("y"), Path::new("deep/../f")).is_ok());
+        symlink("loop2", r.join("loop1")).unwrap();
+        symlink("loop1", r.join("loop2")).unwrap();
+        assert!(check_inside(r, Path::new("z"), Path::new("loop1")).is_err());
+    }
+}

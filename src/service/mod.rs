@@ -1,0 +1,222 @@
+//! The service (`run`): one worker per site, the shared inotify watcher, signals
+//! (SIGTERM/SIGINT stop, SIGHUP reloads and heals), and systemd notification.
+
+pub mod systemd;
+pub mod watcher;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::config::{self, SiteConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::events;
+use crate::fsops;
+use crate::site::Site;
+use watcher::Watcher;
+
+/// Name of the site served by `run --root`.
+pub const DEFAULT_SITE: &str = "default";
+
+/// Where the sites come from.
+enum Source {
+    /// A config file (reloadable).
+    Config(PathBuf),
+    /// `run --root DIR`: one site, built-in defaults.
+    Root(PathBuf),
+}
+
+impl Source {
+    fn load(&self) -> Result<BTreeMap<String, Site>> {
+        match self {
+            Source::Config(path) => {
+                let cfg = config::load(path)?;
+                Ok(cfg
+                    .sites
+                    .into_iter()
+                    .map(|(n, c)| (n, Site::new(c)))
+                    .collect())
+            }
+            Source::Root(root) => {
+                let cfg = SiteConfig::with_defaults(DEFAULT_SITE, root.clone());
+                Ok(BTreeMap::from([(DEFAULT_SITE.to_string(), Site::new(cfg))]))
+            }
+        }
+    }
+}
+
+static STATUS: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
+
+/// Updates this site's part of the systemd `STATUS=` line.
+pub fn set_status(site: &Site) {
+    let line = match site.current_id() {
+        Some(id) => format!("{}: current {id}", site.name()),
+        None => format!("{}: no release yet", site.name()),
+    };
+    let map = STATUS.get_or_init(|| Mutex::new(BTreeMap::new()));
+    if let Ok(mut m) = map.lock() {
+        m.insert(site.name().to_string(), line);
+        systemd::status(&m.values().cloned().collect::<Vec<_>>().join("; "));
+    }
+}
+
+/// Runs the service until SIGTERM/SIGINT.
+pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
+    let source = match root {
+        Some(r) => {
+            let abs = std::path::absolute(r).at(r)?;
+            fsops::ensure_dir(&abs, 0o755)?;
+            Source::Root(abs)
+        }
+        None => Source::Config(config::resolve_path(config_flag)),
+    };
+    let sites = source.load()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .at(Path::new("tokio runtime"))?;
+    rt.block_on(supervise(source, sites))
+}
+
+async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> {
+    let watcher = Watcher::new()?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut term = signal(SignalKind::terminate()).at(Path::new("SIGTERM"))?;
+    let mut int = signal(SignalKind::interrupt()).at(Path::new("SIGINT"))?;
+    let mut hup = signal(SignalKind::hangup()).at(Path::new("SIGHUP"))?;
+
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let mut workers: BTreeMap<String, worker::Handle> = BTreeMap::new();
+    for (name, site) in sites {
+        workers.insert(
+            name,
+            worker::spawn(
+                site,
+                Arc::clone(&watcher),
+                Arc::clone(&cancel),
+                ready_tx.clone(),
+            ),
+        );
+    }
+    let mut waiting = workers.len();
+    while waiting > 0 {
+        tokio::select! {
+            msg = ready_rx.recv() => {
+                let Some((name, res)) = msg else { break };
+                waiting -= 1;
+                if let Err(e) = res {
+                    tracing::error!(site = %name, error = %e, "site failed to start");
+                    cancel.store(true, Ordering::Relaxed);
+                    stop_all(&mut workers).await;
+                    return Err(e);
+                }
+            }
+            _ = term.recv() => return shutdown(&cancel, &mut workers).await,
+            _ = int.recv() => return shutdown(&cancel, &mut workers).await,
+        }
+    }
+    for h in workers.values() {
+        set_status(&h.site);
+    }
+    tracing::info!(
+        event = events::DAEMON_STARTED,
+        sites = workers.len(),
+        "release-keeper started"
+    );
+    systemd::ready(&format!("serving {} site(s)", workers.len()));
+
+    let mut watchdog = systemd::watchdog_period().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                systemd::reloading();
+                reload(&source, &mut workers, &watcher, &cancel, &ready_tx).await;
+                systemd::ready("reloaded");
+            }
+            _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
+                systemd::watchdog();
+            }
+            // Site failures after start are logged by their workers.
+            _ = ready_rx.recv() => {}
+        }
+    }
+    shutdown(&cancel, &mut workers).await
+}
+
+async fn reload(
+    source: &Source,
+    workers: &mut BTreeMap<String, worker::Handle>,
+    watcher: &Arc<Watcher>,
+    cancel: &Arc<AtomicBool>,
+    ready: &worker::Ready,
+) {
+    let new = match source.load() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(event = events::CONFIG_REJECTED, reason = %e,
+                "new config rejected; keeping the running one");
+            for h in workers.values() {
+                h.heal.notify_one();
+            }
+            return;
+        }
+    };
+    let stale: Vec<String> = workers
+        .iter()
+        .filter(|(n, h)| new.get(*n).is_none_or(|s| s.cfg != h.site.cfg))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in &stale {
+        if let Some(h) = workers.remove(name) {
+            h.stop.notify_one();
+            let _ = h.join.await;
+        }
+    }
+    for (name, site) in new {
+        if let std::collections::btree_map::Entry::Vacant(slot) = workers.entry(name) {
+            slot.insert(worker::spawn(
+                site,
+                Arc::clone(watcher),
+                Arc::clone(cancel),
+                ready.clone(),
+            ));
+        }
+    }
+    for h in workers.values() {
+        h.heal.notify_one();
+    }
+    tracing::info!(
+        event = events::CONFIG_RELOADED,
+        sites = workers.len(),
+        "config reloaded"
+    );
+}
+
+async fn stop_all(workers: &mut BTreeMap<String, worker::Handle>) {
+    for (_, h) in std::mem::take(workers) {
+        h.stop.notify_one();
+        let _ = h.join.await;
+    }
+}
+
+async fn shutdown(
+    cancel: &AtomicBool,
+    workers: &mut BTreeMap<String, worker::Handle>,
+) -> Result<()> {
+    tracing::info!(
+        event = events::DAEMON_STOPPING,
+        "stopping: finishing or undoing in-flight work"
+    );
+    systemd::stopping();
+    cancel.store(true, Ordering::Relaxed);
+    stop_all(workers).await;
+    Ok::<(), Error>(())
+}

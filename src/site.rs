@@ -1,0 +1,171 @@
+//! A site's paths and layout. Every path the keeper touches in a site is derived here, so
+//! the whole tool can be pointed at a temporary root in tests.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::SiteConfig;
+use crate::error::Result;
+use crate::fsops;
+
+/// Name of the keeper's own state directory under the root.
+pub const STATE_DIR: &str = ".release-keeper";
+
+/// One configured site and the paths of its layout.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// The site's configuration.
+    pub cfg: SiteConfig,
+}
+
+impl Site {
+    /// Wraps a site configuration.
+    pub fn new(cfg: SiteConfig) -> Site {
+        Site { cfg }
+    }
+
+    /// The site's name.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// `ROOT`.
+    pub fn root(&self) -> &Path {
+        &self.cfg.root
+    }
+
+    /// `ROOT/deploy-cache`, where uploaders write.
+    pub fn deploy_cache(&self) -> PathBuf {
+        self.root().join("deploy-cache")
+    }
+
+    /// `ROOT/releases`.
+    pub fn releases(&self) -> PathBuf {
+        self.root().join("releases")
+    }
+
+    /// `ROOT/releases/<id>`.
+    pub fn release(&self, id: &str) -> PathBuf {
+        self.releases().join(id)
+    }
+
+    /// `ROOT/releases/.partial.<id>`, a release under construction.
+    pub fn partial(&self, id: &str) -> PathBuf {
+        self.releases()
+            .join(format!("{}{id}", fsops::PARTIAL_PREFIX))
+    }
+
+    /// `ROOT/shared`.
+    pub fn shared(&self) -> PathBuf {
+        self.root().join("shared")
+    }
+
+    /// `ROOT/current`.
+    pub fn current(&self) -> PathBuf {
+        self.root().join("current")
+    }
+
+    /// `ROOT/.release-keeper`.
+    pub fn state(&self) -> PathBuf {
+        self.root().join(STATE_DIR)
+    }
+
+    /// The per-site operation lock, held only while working.
+    pub fn op_lock(&self) -> PathBuf {
+        self.state().join("lock")
+    }
+
+    /// The lifetime lock held by the one service serving this site.
+    pub fn service_lock(&self) -> PathBuf {
+        self.state().join("service.lock")
+    }
+
+    /// The append-only journal.
+    pub fn journal(&self) -> PathBuf {
+        self.state().join("journal")
+    }
+
+    /// Directory of stored per-release manifests.
+    pub fn manifests(&self) -> PathBuf {
+        self.state().join("manifests")
+    }
+
+    /// The stored manifest of release `id`.
+    pub fn manifest_of(&self, id: &str) -> PathBuf {
+        self.manifests().join(id)
+    }
+
+    /// Claimed markers waiting to be (or being) processed.
+    pub fn claims(&self) -> PathBuf {
+        self.state().join("claims")
+    }
+
+    /// Releases and leftovers on their way to deletion.
+    pub fn trash(&self) -> PathBuf {
+        self.state().join("trash")
+    }
+
+    /// Things healing moved aside instead of deleting (e.g. a real `current` directory).
+    pub fn displaced(&self) -> PathBuf {
+        self.state().join("displaced")
+    }
+
+    /// The hash cache of `deploy-cache/` files.
+    pub fn hash_cache(&self) -> PathBuf {
+        self.state().join("hashcache")
+    }
+
+    /// The last verify result, shown by `status`.
+    pub fn drift_file(&self) -> PathBuf {
+        self.state().join("drift.json")
+    }
+
+    /// The marker's path in `deploy-cache/`.
+    pub fn marker(&self) -> PathBuf {
+        self.deploy_cache().join(&self.cfg.marker)
+    }
+
+    /// True when the root exists (a root that does not exist yet is waited for).
+    pub fn root_exists(&self) -> bool {
+        self.root().is_dir()
+    }
+
+    /// Creates the missing directories of the layout (not the root itself).
+    pub fn ensure_layout(&self) -> Result<()> {
+        fsops::ensure_dir(&self.deploy_cache(), 0o775)?;
+        fsops::ensure_dir(&self.releases(), 0o755)?;
+        fsops::ensure_dir(&self.shared(), 0o755)?;
+        fsops::ensure_dir(&self.state(), 0o750)?;
+        fsops::ensure_dir(&self.manifests(), 0o750)?;
+        fsops::ensure_dir(&self.claims(), 0o750)?;
+        Ok(())
+    }
+
+    /// The relative target `current` should have for release `id`.
+    pub fn current_target_for(id: &str) -> PathBuf {
+        Path::new("releases").join(id)
+    }
+
+    /// The release id `current` points at, if it is a symlink to `releases/<id>` that exists.
+    pub fn current_id(&self) -> Option<String> {
+        let target = std::fs::read_link(self.current()).ok()?;
+        let id = release_id_of_target(&target, self.root())?;
+        self.release(&id).is_dir().then_some(id)
+    }
+}
+
+/// Extracts `<id>` from a `current` target `releases/<id>` (or its absolute equivalent).
+pub fn release_id_of_target(target: &Path, root: &Path) -> Option<String> {
+    let rel = if target.is_absolute() {
+        target.strip_prefix(root).ok()?
+    } else {
+        target
+    };
+    let mut comps = rel.components();
+    let first = comps.next()?;
+    let second = comps.next()?;
+    if comps.next().is_some() || first.as_os_str() != "releases" {
+        return None;
+    }
+    let id = second.as_os_str().to_str()?;
+    crate::upload::marker::valid_id(id).then(|| id.to_string())
+}

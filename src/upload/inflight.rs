@@ -1,0 +1,46 @@
+//! Files that still look in flight: uploaders write under temporary names and rename at
+//! the end, so while such a name exists the upload is not complete yet.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+/// True for rsync temp names (`.<name>.XXXXXX`), `*.filepart` (WinSCP) and `*.part`.
+pub fn looks_in_flight(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    if b.ends_with(b".filepart") || b.ends_with(b".part") {
+        return true;
+    }
+    // rsync: '.' + original name + '.' + 6 random [A-Za-z0-9]
+    if b.len() >= 9 && b[0] == b'.' && b[b.len() - 7] == b'.' {
+        return b[b.len() - 6..].iter().all(u8::is_ascii_alphanumeric);
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        for yes in [
+            ".index.html.Ab3xY9",
+            ".a.zzzzzz",
+            "big.iso.filepart",
+            "x.part",
+        ] {
+            assert!(looks_in_flight(OsStr::new(yes)), "{yes}");
+        }
+        for no in [
+            "index.html",
+            ".env",
+            ".htaccess",
+            "a.Ab3xY9",
+            ".partial",
+            "part",
+            ".a.b",
+        ] {
+            assert!(!looks_in_flight(OsStr::new(no)), "{no}");
+        }
+    }
+}

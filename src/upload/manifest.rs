@@ -1,0 +1,758 @@
+//! `SHA256SUMS` manifests: parsing what uploaders send and writing what `manifest DIR` emits.
+//!
+//! Why the format rules are what they are:
+//! - Uploaders make manifests with whatever they have, almost always GNU `sha256sum`
+//!   (`<64 hex><space><space or *><path>`), sometimes `sha256sum --tag` or a BSD tool
+//!   (`SHA256 (<path>) = <hex>`). We accept both, byte for byte as coreutils writes them,
+//!   including its escaped form: a name holding `\`, LF or CR makes the line start with `\`
+//!   and the name is written with `\\`, `\n`, `\r`. [`format_line`] writes exactly what
+//!   `sha256sum` writes, so our manifests check with `sha256sum -c` and vice versa.
+//! - What `sha256sum -c` tolerates we tolerate: blank lines, `#` comments, leading blanks,
+//!   a last line without LF, upper-case hex. The one exception is its guess at a single-space
+//!   separator: we require the two characters `sha256sum` writes, so a name starting with a
+//!   space or `*` can never be misread. CRLF files (edited on Windows) are accepted by
+//!   dropping one raw trailing CR: `sha256sum` escapes a CR in a name, so a raw one at the
+//!   end of a line is a line-ending artifact in both the plain and the escaped form. (A name
+//!   ending in CR written raw by an older `sha256sum` would lose it; verification then finds
+//!   the file unlisted and rejects the upload: a loud failure, never a silent one.)
+//! - Manifest paths are later joined onto a release directory, so they must stay inside it:
+//!   absolute paths, `..`, `.` and empty components, trailing slashes and NUL bytes are
+//!   rejected rather than normalized. Only one leading `./` is stripped, because
+//!   `find . -type f -exec sha256sum {} +` produces it. Two lines for one path are rejected:
+//!   whichever digest won would be a guess.
+//! - The whole manifest is read into memory, so its size is capped ([`MAX_MANIFEST_BYTES`]).
+//! - [`write_for_dir`] sorts by raw path bytes (what `LC_ALL=C sort` does), so the same tree
+//!   always gives the same manifest, whatever the thread count.
+
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+/// A parsed manifest: relative path (as raw bytes in a PathBuf, via OsStr::from_bytes) -> digest, sorted.
+pub type Entries = BTreeMap<PathBuf, Digest>;
+
+/// Largest manifest [`parse`] accepts, in bytes.
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+
+const BUF_SIZE: usize = 256 * 1024;
+const BSD_PREFIX: &[u8] = b"SHA256 (";
+const BSD_SEP: &[u8] = b") = ";
+
+/// Why a manifest could not be parsed or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// A line is neither a GNU nor a BSD checksum line.
+    #[error(
+        "line {line}: malformed line (expected '<64 hex>  <path>' or 'SHA256 (<path>) = <hex>')"
+    )]
+    Malformed { line: usize },
+    /// An escaped-form name holds a backslash not followed by `\`, `n` or `r`.
+    #[error("line {line}: bad escape in name")]
+    BadEscape { line: usize },
+    /// A path that could leave the release directory or is otherwise not a plain relative path.
+    #[error("line {line}: unsafe path {path:?}: {reason}")]
+    UnsafePath {
+        line: usize,
+        path: String,
+        reason: &'static str,
+    },
+    /// The same path is listed twice.
+    #[error("line {line}: duplicate entry {path:?} (first on line {first})")]
+    Duplicate {
+        line: usize,
+        path: String,
+        first: usize,
+    },
+    /// The manifest exceeds [`MAX_MANIFEST_BYTES`].
+    #[error("manifest is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    /// Reading the directory or a file under it failed.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// A fifo, socket or device was found in the directory.
+    #[error("{}: not a regular file, directory or symlink", path.display())]
+    SpecialFile { path: PathBuf },
+    /// Writing the manifest to its destination failed.
+    #[error("writing manifest: {0}")]
+    Write(#[source] io::Error),
+}
+
+/// Parses a GNU or BSD-tag SHA-256 manifest into a sorted path -> digest map.
+pub fn parse(bytes: &[u8]) -> Result<Entries, ManifestError> {
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge {
+            limit: MAX_MANIFEST_BYTES,
+        });
+    }
+    let mut entries = Entries::new();
+    let mut first_line: BTreeMap<PathBuf, usize> = BTreeMap::new();
+    for (idx, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = idx + 1;
+        let Some((name, digest)) = parse_line(raw, line)? else {
+            continue;
+        };
+        let path = PathBuf::from(OsString::from_vec(name));
+        if let Some(&first) = first_line.get(&path) {
+            let path = lossy(path.as_os_str().as_bytes());
+            return Err(ManifestError::Duplicate { line, path, first });
+        }
+        first_line.insert(path.clone(), line);
+        entries.insert(path, digest);
+    }
+    Ok(entries)
+}
+
+/// Parses one line (without its LF): `None` for blank and comment lines.
+fn parse_line(raw: &[u8], line: usize) -> Result<Option<(Vec<u8>, Digest)>, ManifestError> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    let start = raw.iter().position(|&b| b != b' ' && b != b'\t');
+    let Some(s) = start.and_then(|i| raw.get(i..)) else {
+        return Ok(None);
+    };
+    if s.starts_with(b"#") {
+        return Ok(None);
+    }
+    let (escaped, s) = match s.strip_prefix(b"\\") {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let malformed = || ManifestError::Malformed { line };
+    let (hex, name) = if let Some(rest) = s.strip_prefix(BSD_PREFIX) {
+        let cut = rest.len().checked_sub(64).ok_or_else(malformed)?;
+        let (name_sep, hex) = rest.split_at(cut);
+        (hex, name_sep.strip_suffix(BSD_SEP).ok_or_else(malformed)?)
+    } else {
+        let (hex, rest) = s.split_at_checked(64).ok_or_else(malformed)?;
+        let name = rest
+            .strip_prefix(b"  ")
+            .or_else(|| rest.strip_prefix(b" *"));
+        (hex, name.ok_or_else(malformed)?)
+    };
+    let digest = from_hex(hex).ok_or_else(malformed)?;
+    let name = if escaped {
+        unescape(name).ok_or(ManifestError::BadEscape { line })?
+    } else {
+        name.to_vec()
+    };
+    match check_path(&name) {
+        Ok(clean) => Ok(Some((clean.to_vec(), digest))),
+        Err(reason) => Err(ManifestError::UnsafePath {
+            line,
+            path: lossy(&name),
+            reason,
+        }),
+    }
+}
+
+/// Undoes `sha256sum`'s name escaping (`\\`, `\n`, `\r`); `None` on any other escape.
+fn unescape(name: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut it = name.iter();
+    while let Some(&b) = it.next() {
+        out.push(match b {
+            b'\\' => match it.next()? {
+                b'\\' => b'\\',
+                b'n' => b'\n',
+                b'r' => b'\r',
+                _ => return None,
+            },
+            other => other,
+        });
+    }
+    Some(out)
+}
+
+/// Strips one leading `./` and checks that what remains is a plain relative path.
+fn check_path(name: &[u8]) -> Result<&[u8], &'static str> {
+    let p = name.strip_prefix(b"./").unwrap_or(name);
+    if p.is_empty() {
+        return Err("empty path");
+    }
+    if p.contains(&0) {
+        return Err("NUL byte");
+    }
+    if p.starts_with(b"/") {
+        return Err("absolute path");
+    }
+    if p.ends_with(b"/") {
+        return Err("trailing slash");
+    }
+    for comp in p.split(|&b| b == b'/') {
+        match comp {
+            b"" => return Err("empty component"),
+            b".." => return Err("'..' component"),
+            b"." => return Err("'.' component"),
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Formats one manifest line exactly as GNU `sha256sum` prints it, trailing LF included.
+pub fn format_line(path: &Path, digest: &Digest) -> Vec<u8> {
+    let name = path.as_os_str().as_bytes();
+    let escape = name.iter().any(|&b| matches!(b, b'\\' | b'\n' | b'\r'));
+    let mut out = Vec::with_capacity(name.len() + 68);
+    if escape {
+        out.push(b'\\');
+    }
+    out.extend_from_slice(to_hex(digest).as_bytes());
+    out.extend_from_slice(b"  ");
+    for &b in name {
+        match b {
+            b'\\' if escape => out.extend_from_slice(b"\\\\"),
+            b'\n' if escape => out.extend_from_slice(b"\\n"),
+            b'\r' if escape => out.extend_from_slice(b"\\r"),
+            other => out.push(other),
+        }
+    }
+    out.push(b'\n');
+    out
+}
+
+/// Lower-case hex of a digest.
+pub fn to_hex(d: &Digest) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for &b in d {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+/// Decodes exactly 64 hex digits (either case) into a digest.
+pub fn from_hex(s: &[u8]) -> Option<Digest> {
+    fn nibble(c: u8) -> Option<u8> {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|v| u8::try_from(v).ok())
+    }
+    if s.len() != 64 {
+        return None;
+    }
+    let mut d = [0u8; 32];
+    for (out, pair) in d.iter_mut().zip(s.chunks_exact(2)) {
+        *out = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(d)
+}
+
+/// Hashes everything `r` yields; returns the digest and the byte count.
+pub fn hash_reader(r: &mut impl Read) -> io::Result<(Digest, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = buf
+            .get(..n)
+            .ok_or_else(|| io::Error::other("reader overran its buffer"))?;
+        hasher.update(chunk);
+        total += n as u64;
+    }
+    Ok((hasher.finalize().into(), total))
+}
+
+/// Writes a manifest of every regular file under `dir` (recursively, not following symlinks), sorted by path bytes,
+/// excluding the top-level names in `exclude_top` (the caller passes the manifest name and the marker name).
+/// Hashes with `threads` worker threads (std::thread::scope; bounded work queue; deterministic output order).
+/// Symlinks and directories are skipped (not listed); fifos/sockets/devices are an error naming the path.
+/// Returns the number of files listed.
+pub fn write_for_dir(
+    dir: &Path,
+    exclude_top: &[&OsStr],
+    out: &mut dyn Write,
+    threads: usize,
+) -> Result<usize, ManifestError> {
+    let files = collect_files(dir, exclude_top)?;
+    let digests = hash_all(dir, &files, threads)?;
+    let mut w = io::BufWriter::new(out);
+    for (path, digest) in files.iter().zip(&digests) {
+        w.write_all(&format_line(path, digest))
+            .map_err(ManifestError::Write)?;
+    }
+    w.flush().map_err(ManifestError::Write)?;
+    Ok(files.len())
+}
+
+/// Relative paths of the regular files under `dir`, sorted by bytes.
+fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Vec<PathBuf>, ManifestError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ManifestError::Io { path, source }
+    };
+    let mut files = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let abs = if rel.as_os_str().is_empty() {
+            dir.to_path_buf()
+        } else {
+            dir.join(&rel)
+        };
+        for entry in fs::read_dir(&abs).map_err(io_err(&abs))? {
+            let entry = entry.map_err(io_err(&abs))?;
+            let name = entry.file_name();
+            if rel.as_os_str().is_empty() && exclude_top.contains(&name.as_os_str()) {
+                continue;
+            }
+            let kind = entry.file_type().map_err(io_err(&entry.path()))?;
+            if kind.is_file() {
+                files.push(rel.join(name));
+            } else if kind.is_dir() {
+                pending.push(rel.join(name));
+            } else if !kind.is_symlink() {
+                return Err(ManifestError::SpecialFile { path: entry.path() });
+            }
+        }
+    }
+    files.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    Ok(files)
+}
+
+/// Hashes `files` (relative to `dir`) on `threads` workers fed through a bounded queue.
+/// On failure, reports the failing file with the lowest index, so errors are deterministic too.
+fn hash_all(dir: &Path, files: &[PathBuf], threads: usize) -> Result<Vec<Digest>, ManifestError> {
+    let threads = threads.clamp(1, files.len().max(1));
+    let (job_tx, job_rx) = mpsc::sync_channel::<usize>(threads * 2);
+    // Shared by the workers only: when the last one exits, the queue closes and the feeder stops.
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (res_tx, res_rx) = mpsc::channel::<(usize, io::Result<Digest>)>();
+    let cancel = AtomicBool::new(false);
+    let mut slots: Vec<Option<Digest>> = vec![None; files.len()];
+    let mut failure: Option<(usize, io::Error)> = None;
+    std::thread::scope(|s| {
+        let cancel = &cancel;
+        s.spawn(move || {
+            for i in 0..files.len() {
+                if cancel.load(Ordering::Relaxed) || job_tx.send(i).is_err() {
+                    break;
+                }
+            }
+        });
+        for _ in 0..threads {
+            let (rx, tx) = (Arc::clone(&job_rx), res_tx.clone());
+            s.spawn(move || {
+                // A job once received is always finished, so every index below a failing one
+                // gets its result delivered before the workers stop.
+                while !cancel.load(Ordering::Relaxed) {
+                    let job = match rx.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(_) => break,
+                    };
+                    let Ok(i) = job else { break };
+                    if tx.send((i, hash_file(&dir.join(&files[i])))).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop((job_rx, res_tx));
+        for (i, result) in res_rx {
+            match result {
+                Ok(digest) => slots[i] = Some(digest),
+                Err(e) => {
+                    cancel.store(true, Ordering::Relaxed);
+                    if failure.as_ref().is_none_or(|(j, _)| i < *j) {
+                        failure = Some((i, e));
+                    }
+                }
+            }
+        }
+    });
+    if let Some((i, source)) = failure {
+        return Err(ManifestError::Io {
+            path: dir.join(&files[i]),
+            source,
+        });
+    }
+    let digests: Option<Vec<Digest>> = slots.into_iter().collect();
+    digests.ok_or_else(|| ManifestError::Io {
+        path: dir.to_path_buf(),
+        source: io::Error::other("a file was left unhashed"),
+    })
+}
+
+fn hash_file(path: &Path) -> io::Result<Digest> {
+    Ok(hash_reader(&mut fs::File::open(path)?)?.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::process::Command;
+
+    const A: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"; // sha256("abc")
+    const E: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"; // sha256("")
+
+    fn p(bytes: &[u8]) -> PathBuf {
+        PathBuf::from(OsStr::from_bytes(bytes))
+    }
+
+    fn d(hex: &str) -> Digest {
+        from_hex(hex.as_bytes()).unwrap()
+    }
+
+    fn err(input: &str) -> String {
+        err_bytes(input.as_bytes())
+    }
+
+    fn err_bytes(input: &[u8]) -> String {
+        parse(input).unwrap_err().to_string()
+    }
+
+    /// Byte equality, with a readable diff on failure.
+    fn assert_same(ours: &[u8], theirs: &[u8]) {
+        let lossy = String::from_utf8_lossy;
+        assert_eq!(lossy(ours), lossy(theirs));
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn accepted_forms() {
+        let text = format!(
+            "{A}  a.txt\n{E} *dir/b c.bin\n\\{A}  a\\\\b\\nc\\rd\n{A}  lit\\n\n\
+             SHA256 (x) = y) = {A}\n\\SHA256 (e\\nf\\\\g) = {E}\n"
+        );
+        let want = [
+            (&b"a.txt"[..], A),
+            (b"dir/b c.bin", E),
+            (b"a\\b\nc\rd", A), // escaped GNU
+            (b"lit\\n", A),     // no leading backslash: the name is literal
+            (b"x) = y", A),     // BSD: the name ends at the last ") = "
+            (b"e\nf\\g", E),    // escaped BSD
+        ];
+        let want: Entries = want.iter().map(|(n, h)| (p(n), d(h))).collect();
+        assert_eq!(parse(text.as_bytes()).unwrap(), want);
+    }
+
+    #[test]
+    fn tolerated_layout() {
+        let upper = A.to_uppercase();
+        let text = format!(
+            "\n# made by hand\r\n  {upper}  ./a\r\n\t\r\n{E}  b\\\\x\r\n\\{E}  c\\r\r\n{E}  last"
+        );
+        let m = parse(text.as_bytes()).unwrap();
+        assert_eq!(m[&p(b"a")], d(A));
+        assert_eq!(m[&p(b"b\\\\x")], d(E));
+        assert_eq!(m[&p(b"c\r")], d(E));
+        assert_eq!(m[&p(b"last")], d(E));
+        assert_eq!(m.len(), 4);
+        assert!(parse(b"").unwrap().is_empty());
+    }
+
+    #[test]
+    fn malformed_lines_name_their_line() {
+        for bad in [
+            format!("{A} a"),                    // one space
+            format!("{A}\ta"),                   // tab
+            format!("{}  a", &A[..63]),          // short hex
+            format!("{A}{A}  a"),                // sha512 length
+            format!("{}g  a", &A[..63]),         // non-hex digit
+            format!("SHA256 (a) {A}"),           // missing '='
+            format!("SHA256 (a) = {}", &A[1..]), // short hex
+            format!("SHA512 (a) = {A}"),
+            "garbage".to_string(),
+            format!("\\{A}"),
+        ] {
+            let msg = err(&format!("{A}  ok\n\n{bad}\n"));
+            assert!(
+                msg.starts_with("line 3: malformed line (expected"),
+                "{bad:?}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn unsafe_paths_are_rejected() {
+        for (name, reason) in [
+            ("../etc/passwd", "'..' component"),
+            ("a/../../b", "'..' component"),
+            ("/etc/passwd", "absolute path"),
+            ("a//b", "empty component"),
+            ("./", "empty path"),
+            ("a/./b", "'.' component"),
+            ("././a", "'.' component"),
+            (".", "'.' component"),
+            ("a/", "trailing slash"),
+            ("a\0b", "NUL byte"),
+        ] {
+            let msg = err(&format!("{E}  fine\n{A}  {name}\n"));
+            assert_eq!(msg, format!("line 2: unsafe path {name:?}: {reason}"));
+        }
+        assert_eq!(
+            err(&format!("{A}  ")),
+            "line 1: unsafe path \"\": empty path"
+        );
+        let msg = err(&format!("\\SHA256 (/x\\\\) = {A}"));
+        assert_eq!(msg, "line 1: unsafe path \"/x\\\\\": absolute path");
+    }
+
+    #[test]
+    fn duplicates_name_both_lines() {
+        let msg = err(&format!("{A}  a/b.txt\n{E}  c\n{E}  ./a/b.txt\n"));
+        assert_eq!(msg, "line 3: duplicate entry \"a/b.txt\" (first on line 1)");
+        let msg = err(&format!("{A}  x\nSHA256 (x) = {A}\n"));
+        assert_eq!(msg, "line 2: duplicate entry \"x\" (first on line 1)");
+    }
+
+    #[test]
+    fn bad_escapes() {
+        for name in ["a\\tb", "a\\", "\\x"] {
+            assert_eq!(
+                err(&format!("{E}  ok\n\\{A}  {name}\n")),
+                "line 2: bad escape in name"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_manifest() {
+        let big = vec![b'x'; MAX_MANIFEST_BYTES as usize + 1];
+        let msg = parse(&big).unwrap_err().to_string();
+        assert_eq!(msg, "manifest is larger than 67108864 bytes");
+        // At the limit the content is looked at (and here found malformed).
+        assert!(err_bytes(&big[1..]).starts_with("line 1: malformed line"));
+    }
+
+    #[test]
+    fn hex_round_trip_and_rejects() {
+        assert_eq!(to_hex(&d(A)), A);
+        assert_eq!(from_hex(A.to_uppercase().as_bytes()), Some(d(A)));
+        assert_eq!(from_hex(&A.as_bytes()[1..]), None);
+        assert_eq!(from_hex(format!("{A}0").as_bytes()), None);
+        assert_eq!(from_hex(format!("{}é", &A[..62]).as_bytes()), None);
+        assert_eq!(from_hex(format!("{} ", &A[..63]).as_bytes()), None);
+        assert_eq!(from_hex(format!("+{}", &A[..63]).as_bytes()), None);
+    }
+
+    #[test]
+    fn hash_reader_digests_and_counts() {
+        assert_eq!(hash_reader(&mut &b""[..]).unwrap(), (d(E), 0));
+        assert_eq!(hash_reader(&mut &b"abc"[..]).unwrap(), (d(A), 3));
+        let big = vec![7u8; 3 * BUF_SIZE + 5];
+        let (digest, n) = hash_reader(&mut &big[..]).unwrap();
+        assert_eq!((digest, n), (Sha256::digest(&big).into(), big.len() as u64));
+    }
+
+    #[test]
+    fn format_line_escapes_like_sha256sum() {
+        assert_eq!(
+            format_line(&p(b"a b"), &d(A)),
+            format!("{A}  a b\n").into_bytes()
+        );
+        assert_eq!(
+            format_line(&p(b"a\\b\n\r"), &d(A)),
+            format!("\\{A}  a\\\\b\\n\\r\n").into_bytes()
+        );
+    }
+
+    fn component() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            any::<u8>().prop_filter("no / or NUL", |b| *b != b'/' && *b != 0),
+            1..40,
+        )
+        .prop_filter("not . or ..", |c| c != b"." && c != b"..")
+    }
+
+    proptest! {
+        #[test]
+        fn format_then_parse_round_trips(comps in proptest::collection::vec(component(), 1..4), digest in any::<[u8; 32]>()) {
+            let path = p(&comps.join(&b'/'));
+            let line = format_line(&path, &digest);
+            let m = parse(&line).unwrap();
+            prop_assert_eq!(m.len(), 1);
+            prop_assert_eq!(m.get(&path), Some(&digest));
+        }
+
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn parse_never_panics_on_near_misses(
+            parts in proptest::collection::vec(
+                prop_oneof![Just(A.as_bytes().to_vec()), Just(b"\\".to_vec()), Just(b"SHA256 (".to_vec()),
+                            Just(b") = ".to_vec()), Just(b"  ".to_vec()), Just(b" *".to_vec()), Just(b"\r\n".to_vec()),
+                            Just(b"\n".to_vec()), Just(b"./".to_vec()), Just(b"/".to_vec()), Just(b"..".to_vec()),
+                            proptest::collection::vec(any::<u8>(), 0..4)],
+                0..12)
+        ) {
+            let _ = parse(&parts.concat());
+        }
+    }
+
+    /// Names `sha256sum` escapes or might mangle, some nested, plus two very long ones.
+    fn awkward_names() -> Vec<Vec<u8>> {
+        let short = b"back\\slash|new\nline|cr\rname|\\\n\r mixed\\|sp ace  double | leading|-dash|*star\
+                      |#hash|(paren) = x|bad\xffutf8\xfe|caf\xc3\xa9|sub/inner file|sub/deeper/x\\y";
+        let mut names: Vec<Vec<u8>> = short.split(|&b| b == b'|').map(<[u8]>::to_vec).collect();
+        names.push(vec![b'L'; 255]);
+        names.push([&[b'd'; 200][..], b"/", &[b'e'; 200], b"/f\\"].concat());
+        names
+    }
+
+    /// Creates `names` (relative, possibly nested) under `dir`, each holding its own name.
+    fn populate(dir: &Path, names: &[Vec<u8>]) {
+        for name in names {
+            let path = dir.join(OsStr::from_bytes(name));
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, name).unwrap();
+        }
+    }
+
+    #[test]
+    fn matches_real_sha256sum() {
+        let tmp = tempfile::tempdir().unwrap();
+        let names = awkward_names();
+        populate(tmp.path(), &names);
+        let run = |tag: bool| {
+            let mut cmd = Command::new("/usr/bin/sha256sum");
+            cmd.current_dir(tmp.path()).env("LC_ALL", "C");
+            if tag {
+                cmd.arg("--tag");
+            }
+            let out = cmd
+                .arg("--")
+                .args(names.iter().map(|n| OsStr::from_bytes(n)))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.stdout
+        };
+        let gnu = run(false);
+        let mut ours = Vec::new();
+        let mut expected = Entries::new();
+        for name in &names {
+            let digest = Sha256::digest(name).into();
+            ours.extend(format_line(&p(name), &digest));
+            expected.insert(p(name), digest);
+        }
+        assert_same(&ours, &gnu);
+        assert_eq!(parse(&gnu).unwrap(), expected);
+        assert_eq!(parse(&run(true)).unwrap(), expected);
+    }
+
+    fn write_to_vec(dir: &Path, threads: usize) -> Result<(usize, Vec<u8>), ManifestError> {
+        let mut out = Vec::new();
+        let excludes = [OsStr::new("SHA256SUMS"), OsStr::new(".release-ready")];
+        let n = write_for_dir(dir, &excludes, &mut out, threads)?;
+        Ok((n, out))
+    }
+
+    #[test]
+    fn write_for_dir_matches_find_sort_sha256sum() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut names = awkward_names();
+        let more = b"SHA256SUMS|.release-ready|sub/SHA256SUMS|a-b|a/b|a.b|empty";
+        names.extend(more.split(|&b| b == b'|').map(<[u8]>::to_vec));
+        populate(dir, &names);
+        fs::write(dir.join("empty"), b"").unwrap();
+        fs::create_dir_all(dir.join("only/dirs/here")).unwrap();
+        std::os::unix::fs::symlink("a-b", dir.join("link-to-file")).unwrap();
+        std::os::unix::fs::symlink("sub", dir.join("sub/link-to-dir")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dir.join("dangling")).unwrap();
+        let script =
+            "find . -type f ! -path ./SHA256SUMS ! -path ./.release-ready -printf '%P\\0' \
+                      | sort -z | xargs -0 -r sha256sum --";
+        let out = Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir)
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for threads in [0, 1, 3, 64] {
+            let (n, ours) = write_to_vec(dir, threads).unwrap();
+            assert_same(&ours, &out.stdout);
+            assert_eq!(n, names.len() - 2);
+        }
+        let parsed = parse(&out.stdout).unwrap();
+        assert!(
+            parsed.contains_key(&p(b"sub/SHA256SUMS")) && !parsed.contains_key(&p(b"SHA256SUMS"))
+        );
+        assert_eq!(write_to_vec(&dir.join("only"), 2).unwrap(), (0, Vec::new()));
+    }
+
+    #[test]
+    fn write_for_dir_rejects_fifos_and_reports_io_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        populate(dir, &[b"a".to_vec(), b"sub/b".to_vec()]);
+        let mkfifo =
+            |path: &Path| assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+        mkfifo(&dir.join(".release-ready")); // excluded at the top level: never looked at
+        assert_eq!(write_to_vec(dir, 2).unwrap().0, 2);
+        let fifo = dir.join("sub/pipe");
+        mkfifo(&fifo);
+        let e = write_to_vec(dir, 2).unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::SpecialFile { path } if *path == fifo),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: not a regular file, directory or symlink",
+                fifo.display()
+            )
+        );
+        let missing = dir.join("missing");
+        let e = write_to_vec(&missing, 2).unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::Io { path, .. } if *path == missing),
+            "{e:?}"
+        );
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{}: ", missing.display())));
+    }
+
+    #[test]
+    fn hash_errors_report_the_first_failing_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let names = ["ok1", "gone1", "ok2", "gone2", "ok3", "gone3"].map(PathBuf::from);
+        let present = |n: &&PathBuf| n.as_os_str().as_bytes().starts_with(b"ok");
+        for name in names.iter().filter(present) {
+            fs::write(tmp.path().join(name), name.as_os_str().as_bytes()).unwrap();
+        }
+        for threads in [1, 2, 6] {
+            let e = hash_all(tmp.path(), &names, threads).unwrap_err();
+            let gone1 = tmp.path().join("gone1");
+            assert!(
+                matches!(&e, ManifestError::Io { path, .. } if *path == gone1),
+                "{e:?}"
+            );
+        }
+        let want: Digest = Sha256::digest(b"ok1").into();
+        assert_eq!(hash_all(tmp.path(), &names[..1], 4).unwrap(), [want]);
+    }
+}

@@ -1,0 +1,308 @@
+//! The marker (`deploy-cache/.release-ready`) and its claims.
+//!
+//! Claiming is one `rename(2)` of the marker into `.release-keeper/claims/`, so a marker
+//! dropped again while the keeper works is a new file and is not lost. A claim stays on
+//! disk until its release is finalized and activated (or the upload is rejected), so a
+//! crash or SIGTERM mid-way means the claim is redone at the next start.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsops;
+use crate::site::Site;
+
+/// Largest marker the keeper reads.
+pub const MAX_MARKER_BYTES: u64 = 64 * 1024;
+/// Longest release id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// What an upload asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkerSpec {
+    /// Explicit release id.
+    pub id: Option<String>,
+    /// Switch `current` to the release (default true).
+    pub activate: bool,
+    /// Free text, logged.
+    pub message: Option<String>,
+}
+
+impl Default for MarkerSpec {
+    fn default() -> Self {
+        MarkerSpec {
+            id: None,
+            activate: true,
+            message: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkerToml {
+    id: Option<String>,
+    activate: Option<bool>,
+    message: Option<String>,
+}
+
+/// True for ids matching `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
+pub fn valid_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_ID_LEN
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// Checks an id, with a reason naming it when invalid.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid release id {id:?}: expected [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"
+        ))
+    }
+}
+
+/// Parses a marker: empty, TOML with `id`/`activate`/`message`, or one bare id line.
+pub fn parse(bytes: &[u8]) -> Result<MarkerSpec, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "marker is not UTF-8".to_string())?;
+    if text.trim().is_empty() {
+        return Ok(MarkerSpec::default());
+    }
+    let spec = match toml::from_str::<MarkerToml>(text) {
+        Ok(t) => MarkerSpec {
+            id: t.id,
+            activate: t.activate.unwrap_or(true),
+            message: t.message,
+        },
+        Err(toml_err) => {
+            let line = text.trim();
+            if line.lines().count() == 1 && !line.contains(['=', '[', '"']) {
+                MarkerSpec {
+                    id: Some(line.to_string()),
+                    ..MarkerSpec::default()
+                }
+            } else {
+                return Err(format!(
+                    "marker is neither a bare id nor valid TOML: {}",
+                    toml_err.message()
+                ));
+            }
+        }
+    };
+    if let Some(id) = &spec.id {
+        check_id(id)?;
+    }
+    Ok(spec)
+}
+
+/// A claimed marker, resolved to a release id, persisted in `claims/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The release id (explicit or generated).
+    pub id: String,
+    /// Whether the id came from the upload.
+    pub explicit: bool,
+    /// Switch `current` once finalized.
+    pub activate: bool,
+    /// The marker's message.
+    pub message: Option<String>,
+    /// Set once the release is finalized and journaled: a redo goes straight to activation.
+    #[serde(default)]
+    pub finalized: bool,
+}
+
+/// A claim file and its state.
+#[derive(Debug, Clone)]
+pub enum Pending {
+    /// A raw marker just moved out of `deploy-cache/`, not yet parsed.
+    Raw(PathBuf),
+    /// A resolved claim.
+    Resolved(PathBuf, Claim),
+}
+
+const RAW_EXT: &str = "marker";
+const CLAIM_EXT: &str = "claim";
+
+/// A claim name that sorts in arrival order.
+fn claim_stem() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos:024}-{}", std::process::id())
+}
+
+/// Moves the marker out of `deploy-cache/` into the claims directory. `Ok(false)` when
+/// there is no marker.
+pub fn claim_marker(site: &Site) -> Result<bool> {
+    let marker = site.marker();
+    let dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
+    match fs::rename(&marker, &dest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            // deploy-cache/ on another filesystem (an sftp chroot bind mount): copy, then
+            // unlink. A marker re-dropped in this window would be merged into this claim.
+            let bytes = match fsops::read_small_nofollow(&marker, MAX_MARKER_BYTES) {
+                Ok(b) => b,
+                Err(Error::Rejected(r)) => r.into_bytes().into_iter().map(|_| b'!').collect(),
+                Err(e) => return Err(e),
+            };
+            fsops::write_atomic(&dest, &bytes)?;
+            fs::remove_file(&marker).at(&marker)?;
+        }
+        Err(e) => return Err(e).at(&marker),
+    }
+    fsops::fsync_dir(&site.deploy_cache())?;
+    fsops::fsync_dir(&site.claims())?;
+    Ok(true)
+}
+
+/// Writes a claim for a `finalize` command (as if a marker had been dropped).
+pub fn claim_synthetic(site: &Site, spec: &MarkerSpec) -> Result<()> {
+    let mut text = String::new();
+    if let Some(id) = &spec.id {
+        text.push_str(&format!("id = {}\n", toml_str(id)));
+    }
+    text.push_str(&format!("activate = {}\n", spec.activate));
+    let dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
+    fsops::write_atomic(&dest, text.as_bytes())
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// Claims waiting in arrival order. A raw marker whose resolved claim also exists (crash
+/// between the two writes) is dropped in favour of the claim.
+pub fn pending(site: &Site) -> Result<Vec<Pending>> {
+    let dir = site.claims();
+    let mut names: Vec<PathBuf> = match fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.'))
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).at(&dir),
+    };
+    names.sort();
+    let mut out = Vec::new();
+    for p in names {
+        match p.extension().and_then(|e| e.to_str()) {
+            Some(RAW_EXT) => {
+                if p.with_extension(CLAIM_EXT).exists() {
+                    let _ = fs::remove_file(&p);
+                } else {
+                    out.push(Pending::Raw(p));
+                }
+            }
+            Some(CLAIM_EXT) => {
+                let bytes = fs::read(&p).at(&p)?;
+                match serde_json::from_slice::<Claim>(&bytes) {
+                    Ok(c) => out.push(Pending::Resolved(p, c)),
+                    Err(e) => {
+                        tracing::warn!(site = site.name(), path = %p.display(), error = %e,
+                            "removing unreadable claim");
+                        let _ = fs::remove_file(&p);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a raw claimed marker.
+pub fn read_raw(path: &Path) -> Result<MarkerSpec> {
+    let bytes = fsops::read_small_nofollow(path, MAX_MARKER_BYTES).map_err(|e| match e {
+        Error::Rejected(r) => Error::Rejected(format!("marker: {r}")),
+        other => other,
+    })?;
+    parse(&bytes).map_err(Error::Rejected)
+}
+
+/// Persists the resolved claim beside the raw marker, then removes the raw marker.
+pub fn resolve(raw: &Path, claim: &Claim) -> Result<PathBuf> {
+    let path = raw.with_extension(CLAIM_EXT);
+    save(&path, claim)?;
+    remove(raw)?;
+    Ok(path)
+}
+
+/// Rewrites a claim file.
+pub fn save(path: &Path, claim: &Claim) -> Result<()> {
+    let bytes = serde_json::to_vec(claim)
+        .map_err(|e| Error::Failed(format!("cannot encode claim: {e}")))?;
+    fsops::write_atomic(path, &bytes)
+}
+
+/// Removes a claim (or raw marker) once its upload is done with; a directory an uploader
+/// dropped as the marker is removed too.
+pub fn remove(path: &Path) -> Result<()> {
+    fsops::remove_tree(path)?;
+    if let Some(dir) = path.parent() {
+        fsops::fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["v1", "2026.11.22-1", "A_b-c.d", &"a".repeat(128)] {
+            assert!(valid_id(ok), "{ok} should be valid");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "-a",
+            ".hidden",
+            "a/b",
+            "a b",
+            &"a".repeat(129),
+            "é",
+        ] {
+            assert!(!valid_id(bad), "{bad:?} should be invalid");
+        }
+    }
+
+    #[test]
+    fn marker_forms() {
+        assert_eq!(parse(b"").unwrap(), MarkerSpec::default());
+        assert_eq!(parse(b"\n  \n").unwrap(), MarkerSpec::default());
+        assert_eq!(parse(b"v42\n").unwrap().id.as_deref(), Some("v42"));
+        let s = parse(b"id = \"v1\"\nactivate = false\nmessage = \"hi\"\n").unwrap();
+        assert_eq!(
+            s,
+            MarkerSpec {
+                id: Some("v1".into()),
+                activate: false,
+                message: Some("hi".into())
+            }
+        );
+        assert!(parse(b"id = \"../x\"")
+            .unwrap_err()
+            .contains("invalid release id"));
+        assert!(parse(b"../x").unwrap_err().contains("invalid release id"));
+        assert!(parse(b"idd = \"v1\"").is_err());
+        assert!(parse(b"\xff\xfe").is_err());
+        assert!(parse(b"two\nlines").is_err());
+    }
+}

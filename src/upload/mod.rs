@@ -1,0 +1,8 @@
+//! Uploads: the marker that says an upload is complete and its claim (`marker`), the
+//! checksum manifest (`manifest`), files still being written (`inflight`), and the
+//! symlink-safe traversal of `deploy-cache/` (`walk`).
+
+pub mod inflight;
+pub mod manifest;
+pub mod marker;
+pub mod walk;

@@ -1,0 +1,160 @@
+//! Drift detection: re-hash a release against the manifest stored when it was made.
+//! Content, type, mode, missing and extra entries are all drift.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::events;
+use crate::fsops;
+use crate::release::store::{self, Kind};
+use crate::site::Site;
+use crate::upload::manifest::hash_reader;
+
+/// The drift of one release.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// Release id.
+    pub release: String,
+    /// One line per drifted path: `<path>: <what>`.
+    pub drift: Vec<String>,
+    /// RFC 3339 time of the check.
+    pub checked: String,
+}
+
+/// Verifies release `id` against its stored manifest.
+pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
+    let root = site.release(id);
+    if !root.is_dir() {
+        return Err(Error::Failed(format!("release {id} does not exist")));
+    }
+    let expected = store::read_release_manifest(site, id)?;
+    let mut want: HashMap<PathBuf, store::Entry> =
+        expected.into_iter().map(|e| (e.path.clone(), e)).collect();
+    let mut drift = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .at(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        names.sort();
+        for name in names {
+            let rel = rel.join(&name);
+            let path = root.join(&rel);
+            let meta = fs::symlink_metadata(&path).at(&path)?;
+            let Some(w) = want.remove(&rel) else {
+                drift.push(format!(
+                    "{}: not in the release's manifest (added)",
+                    rel.display()
+                ));
+                continue;
+            };
+            let ft = meta.file_type();
+            let kind = if ft.is_dir() {
+                Kind::Dir
+            } else if ft.is_symlink() {
+                Kind::Symlink
+            } else if ft.is_file() {
+                Kind::File
+            } else {
+                drift.push(format!("{}: became a special file", rel.display()));
+                continue;
+            };
+            if kind != w.kind {
+                drift.push(format!(
+                    "{}: type changed ({:?} -> {:?})",
+                    rel.display(),
+                    w.kind,
+                    kind
+                ));
+                continue;
+            }
+            match kind {
+                Kind::Dir => {
+                    stack.push(rel.clone());
+                }
+                Kind::Symlink => {
+                    let t = fs::read_link(&path).at(&path)?;
+                    if Some(&t) != w.target.as_ref() {
+                        drift.push(format!(
+                            "{}: symlink target changed to {}",
+                            rel.display(),
+                            t.display()
+                        ));
+                    }
+                    continue;
+                }
+                Kind::File => {
+                    if meta.len() != w.size {
+                        drift.push(format!(
+                            "{}: size changed ({} -> {})",
+                            rel.display(),
+                            w.size,
+                            meta.len()
+                        ));
+                    } else {
+                        let mut f = File::open(&path).at(&path)?;
+                        let (d, _) = hash_reader(&mut f).at(&path)?;
+                        if Some(d) != w.hash {
+                            drift.push(format!("{}: content changed", rel.display()));
+                        }
+                    }
+                }
+            }
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode != w.mode {
+                drift.push(format!(
+                    "{}: mode changed ({:04o} -> {:04o})",
+                    rel.display(),
+                    w.mode,
+                    mode
+                ));
+            }
+        }
+    }
+    let mut missing: Vec<_> = want.keys().collect();
+    missing.sort();
+    for p in missing {
+        drift.push(format!("{}: missing", p.display()));
+    }
+    drift.sort();
+    Ok(Report {
+        release: id.to_string(),
+        drift,
+        checked: crate::clock::now_rfc3339(),
+    })
+}
+
+/// Logs `drift.detected` for a report with drift and stores the latest result for `status`.
+pub fn record(site: &Site, report: &Report) -> Result<()> {
+    if !report.drift.is_empty() {
+        tracing::warn!(
+            event = events::DRIFT_DETECTED,
+            site = site.name(),
+            release = %report.release,
+            paths = %report.drift.join("; "),
+            count = report.drift.len(),
+            "release differs from its manifest"
+        );
+    }
+    let bytes = serde_json::to_vec(report)
+        .map_err(|e| Error::Failed(format!("cannot encode drift report: {e}")))?;
+    fsops::write_atomic(&site.drift_file(), &bytes)
+}
+
+/// The last stored verify result, if any.
+pub fn last(site: &Site) -> Option<Report> {
+    let bytes = fs::read(site.drift_file()).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// True when `p` is a path inside `root` (for callers filtering paths).
+pub fn inside(root: &Path, p: &Path) -> bool {
+    p.starts_with(root)
+}

@@ -1,0 +1,446 @@
+//! Command line and configuration: check-config diagnostics, run without a config,
+//! global option placement, the lifetime lock, init, manifest.
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+/// Writes `text` to `<tmp>/config.toml` and returns its path.
+fn config_file(site: &Site, text: &str) -> std::path::PathBuf {
+    let p = site.config_path();
+    fs::write(&p, text).unwrap();
+    p
+}
+
+/// Asserts check-config exits 2 and names `path:line:col` for the given line.
+fn assert_config_error(path: &Path, line: usize) {
+    let out = cli(path, &["check-config"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "check-config on a bad config exits 2; {}",
+        show(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let prefix = format!("{}:{line}:", path.display());
+    let ok = err.match_indices(&prefix).any(|(i, _)| {
+        let rest = &err[i + prefix.len()..];
+        rest.chars().next().is_some_and(|c| c.is_ascii_digit())
+    });
+    assert!(ok, "stderr should contain `{prefix}<col>`; {}", show(&out));
+}
+
+#[test]
+fn check_config_accepts_good_config() {
+    let site = Site::new();
+    let text = format!(
+        r#"[defaults]
+keep = 4
+keep_failed = 1
+marker = ".release-ready"
+manifest = "SHA256SUMS"
+require_manifest = true
+upload_timeout = "10m"
+hook_timeout = "60s"
+health_retries = 3
+health_interval = "2s"
+auto_rollback = true
+heal_interval = "60s"
+verify_interval = "1h"
+settle_time = "0s"
+
+[sites.shop]
+root = "{}"
+shared = ["storage", ".env"]
+links = {{ htdocs = "current/public" }}
+before_activate = ["/bin/true"]
+after_activate = ["/bin/true"]
+health_check = ["/bin/true"]
+"#,
+        site.root.display()
+    );
+    let cfg = config_file(&site, &text);
+    let out = cli(&cfg, &["check-config"]);
+    assert_ok(&out, "check-config on the SPEC's example config");
+}
+
+#[test]
+fn check_config_unknown_key_names_line() {
+    let site = Site::new();
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[defaults]\nkeep = 3\n\n[sites.web]\nroot = \"{}\"\nbogus_key = 1\n",
+            site.root.display()
+        ),
+    );
+    assert_config_error(&cfg, 6);
+}
+
+#[test]
+fn check_config_unknown_key_in_defaults_names_line() {
+    let site = Site::new();
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[defaults]\nkeep = 3\nkeeep_failed = 1\n\n[sites.web]\nroot = \"{}\"\n",
+            site.root.display()
+        ),
+    );
+    assert_config_error(&cfg, 3);
+}
+
+#[test]
+fn check_config_bad_duration_names_line() {
+    let site = Site::new();
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[defaults]\nkeep = 3\nupload_timeout = \"ten minutes\"\n\n[sites.web]\nroot = \"{}\"\n",
+            site.root.display()
+        ),
+    );
+    assert_config_error(&cfg, 3);
+}
+
+#[test]
+fn check_config_relative_root_names_line() {
+    let site = Site::new();
+    let cfg = config_file(
+        &site,
+        "# sites\n[sites.web]\nkeep = 2\nroot = \"srv/web\"\n",
+    );
+    assert_config_error(&cfg, 4);
+}
+
+#[test]
+fn check_config_error_in_sites_d_names_that_file() {
+    let site = Site::new();
+    let cfg = config_file(&site, "[defaults]\nkeep = 3\n");
+    let d = site.tmp_path("sites.d");
+    fs::create_dir(&d).unwrap();
+    let blog = d.join("blog.toml");
+    fs::write(
+        &blog,
+        format!(
+            "root = \"{}\"\nhealth_interval = \"soon\"\n",
+            site.root.display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&cfg, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:2:", blog.display())),
+        "error should name sites.d/blog.toml line 2; {}",
+        show(&out)
+    );
+}
+
+#[test]
+fn sites_d_file_is_a_site_named_after_the_file() {
+    let site = Site::new();
+    let cfg = config_file(&site, "[defaults]\nkeep = 3\n");
+    let d = site.tmp_path("sites.d");
+    fs::create_dir(&d).unwrap();
+    fs::write(
+        d.join("blog.toml"),
+        format!("root = \"{}\"\n", site.root.display()),
+    )
+    .unwrap();
+    let out = cli(&cfg, &["check-config"]);
+    assert_ok(&out, "check-config with sites.d");
+    let out = cli(&cfg, &["init", "blog"]);
+    assert_ok(&out, "init blog (from sites.d/blog.toml)");
+    assert!(site.releases_dir().is_dir());
+}
+
+#[test]
+fn check_config_missing_root_is_only_a_warning() {
+    let site = Site::new();
+    let missing = site.tmp_path("not-yet");
+    let cfg = config_file(
+        &site,
+        &format!("[sites.web]\nroot = \"{}\"\n", missing.display()),
+    );
+    let out = cli(&cfg, &["check-config"]);
+    assert_ok(&out, "check-config with a root that does not exist yet");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        all.contains(missing.to_str().unwrap()),
+        "a missing root is warned about; {}",
+        show(&out)
+    );
+}
+
+#[test]
+fn unknown_site_is_an_error() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let out = cli(&cfg, &["list", "nosuchsite"]);
+    assert!(
+        matches!(out.status.code(), Some(1) | Some(2)),
+        "unknown site must fail; {}",
+        show(&out)
+    );
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let out = cli_raw(&["no-such-command"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let out = cli(&cfg, &["prune", "web", "--frobnicate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+}
+
+#[test]
+fn run_root_without_config_file() {
+    assert!(
+        !Path::new("/etc/release-keeper/config.toml").exists(),
+        "test assumes no system config"
+    );
+    let site = Site::new();
+    fs::remove_dir(site.deploy_cache()).unwrap();
+    let mut svc = Service::start_root(&site.root);
+    let name = svc.site();
+    assert!(!name.is_empty());
+    for d in ["deploy-cache", "releases", "shared", ".release-keeper"] {
+        assert!(
+            site.root.join(d).is_dir(),
+            "service creates missing {d}/ at start"
+        );
+    }
+    site.deploy(&as_refs(&small_build("x")), "id = \"x1\"\n");
+    let ev = svc.wait_release_event("release.activated", "x1");
+    assert_eq!(ev["site"], name.as_str(), "events carry the site: {ev}");
+    for k in ["timestamp", "level", "event", "site"] {
+        assert!(ev.get(k).is_some(), "log events have top-level `{k}`: {ev}");
+    }
+    svc.stop();
+    assert!(
+        !svc.events("daemon.stopping").is_empty(),
+        "daemon.stopping logged on SIGTERM; log:\n{}",
+        svc.log_text()
+    );
+}
+
+#[test]
+fn global_options_before_or_after_the_command() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let c = cfg.to_str().unwrap();
+    let out = cli_raw(&["check-config", "--config", c]);
+    assert_ok(&out, "check-config --config FILE");
+    let out = cli_raw(&["--config", c, "check-config"]);
+    assert_ok(&out, "--config FILE check-config");
+
+    for args in [
+        vec!["run", "--config", c, "--log-format", "json"],
+        vec!["--log-format", "json", "--config", c, "run"],
+        vec!["--config", c, "run", "--log-format", "json"],
+    ] {
+        let mut svc = Service::spawn(&args);
+        let ev = svc.wait_started();
+        assert!(
+            svc.json_lines().iter().all(|v| v.get("event").is_some()),
+            "--log-format json gives JSON events ({args:?}); started: {ev}"
+        );
+        svc.stop();
+    }
+}
+
+#[test]
+fn second_service_for_same_site_refuses_to_start() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let mut first = Service::start_config(&cfg);
+    let second = Service::spawn(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "run",
+        "--log-format",
+        "json",
+    ]);
+    let st = second.wait_exit(Duration::from_secs(10));
+    assert!(
+        !st.success(),
+        "a second service for the same site must refuse to start; exit {st:?}; log:\n{}",
+        second.log_text()
+    );
+    assert!(first.is_running(), "the first service keeps running");
+    // The first one still works.
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    first.wait_release_event("release.activated", "v1");
+    first.stop();
+}
+
+#[test]
+fn second_service_with_root_flag_refuses_to_start() {
+    let site = Site::new();
+    let mut first = Service::start_root(&site.root);
+    let second = Service::spawn(&[
+        "run",
+        "--root",
+        site.root.to_str().unwrap(),
+        "--log-format",
+        "json",
+    ]);
+    let st = second.wait_exit(Duration::from_secs(10));
+    assert!(
+        !st.success(),
+        "second `run --root` on the same root must refuse; {st:?}"
+    );
+    first.stop();
+}
+
+#[test]
+fn init_creates_layout() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let out = cli(&cfg, &["init", "web"]);
+    assert_ok(&out, "init web");
+    for d in ["deploy-cache", "releases", "shared", ".release-keeper"] {
+        assert!(site.root.join(d).is_dir(), "init creates {d}/");
+    }
+}
+
+#[test]
+fn manifest_command_output_passes_sha256sum_check() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(
+        &build,
+        &[
+            ("index.html", b"<h1>hi</h1>\n" as &[u8]),
+            ("a/b/c.txt", b"c\n"),
+            ("a/empty.txt", b""),
+            ("dir with space/file name.txt", b"spaced\n"),
+            ("big.bin", &vec![7u8; 300_000]),
+        ],
+    );
+    write_symlink(&build, "a/link", "b/c.txt");
+    let out = cli_raw(&["manifest", build.to_str().unwrap()]);
+    assert_ok(&out, "manifest DIR");
+    let m = build.join(MANIFEST);
+    assert!(m.is_file(), "`manifest DIR` writes DIR/SHA256SUMS");
+    let check = sh(&build, "sha256sum -c --strict SHA256SUMS");
+    let ok_lines = String::from_utf8_lossy(&check.stdout)
+        .lines()
+        .filter(|l| l.ends_with(": OK"))
+        .count();
+    assert_eq!(
+        ok_lines, 5,
+        "every regular file is listed once (not itself, not the link)"
+    );
+
+    // Re-running with a marker present: neither the manifest itself nor the marker is listed.
+    fs::write(build.join(MARKER), b"").unwrap();
+    let out = cli_raw(&["manifest", build.to_str().unwrap()]);
+    assert_ok(&out, "manifest DIR (again)");
+    let text = fs::read_to_string(&m).unwrap();
+    assert!(!text.contains(MANIFEST), "manifest lists itself:\n{text}");
+    assert!(!text.contains(MARKER), "manifest lists the marker:\n{text}");
+    assert_eq!(text.lines().count(), 5, "{text}");
+    sh(&build, "sha256sum -c --strict --quiet SHA256SUMS");
+}
+
+#[test]
+fn manifest_command_with_output_file_and_odd_names() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(
+        &build,
+        &[
+            ("back\\slash.txt", b"bs\n" as &[u8]),
+            ("new\nline.txt", b"nl\n"),
+            ("plain.txt", b"p\n"),
+        ],
+    );
+    let out_file = site.tmp_path("sums.txt");
+    let out = cli_raw(&[
+        "manifest",
+        build.to_str().unwrap(),
+        "-o",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_ok(&out, "manifest DIR -o FILE");
+    assert!(out_file.is_file(), "-o FILE is written");
+    assert!(
+        !build.join(MANIFEST).exists(),
+        "with -o the build dir is left alone"
+    );
+    sh(
+        &build,
+        &format!("sha256sum -c --strict --quiet '{}'", out_file.display()),
+    );
+}
+
+#[test]
+fn manifest_written_by_keeper_is_accepted_by_keeper() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    write_tree(
+        &site.deploy_cache(),
+        &[
+            ("index.html", b"x\n" as &[u8]),
+            ("dir with space/f.txt", b"f\n"),
+        ],
+    );
+    let out = cli_raw(&["manifest", site.deploy_cache().to_str().unwrap()]);
+    assert_ok(&out, "manifest deploy-cache");
+    site.drop_marker("id = \"m1\"\n");
+    svc.wait_release_event("release.activated", "m1");
+    svc.stop();
+}
+
+#[test]
+fn mutating_command_while_service_works_is_busy_75_unless_wait() {
+    let site = Site::new();
+    let hook = r#"before_activate = ["/bin/sh", "-c", "if [ \"$RELEASE_ID\" = v2 ]; then touch \"$SITE_ROOT/../hook-v2-started\"; sleep 3; fi"]"#;
+    let cfg = site.write_config("web", "", hook);
+    let mut svc = Service::start_config(&cfg);
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
+    let flag = site.tmp_path("hook-v2-started");
+    wait_until(
+        WAIT,
+        || flag.exists(),
+        || "the v2 before_activate hook to start".into(),
+    );
+
+    let out = cli(&cfg, &["pin", "web", "v1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "pin while the service holds the op lock (hook running) exits 75; {}",
+        show(&out)
+    );
+    let out = cli(&cfg, &["pin", "web", "v1", "--wait", "15s"]);
+    assert_ok(&out, "pin --wait 15s");
+    svc.wait_release_event("release.activated", "v2");
+    let out = cli(&cfg, &["list", "web", "--json"]);
+    assert_ok(&out, "list");
+    let v = stdout_json(&out);
+    let v1 = v["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "v1")
+        .cloned();
+    assert_eq!(
+        v1.map(|r| r["pinned"].clone()),
+        Some(serde_json::Value::Bool(true)),
+        "{v}"
+    );
+    svc.stop();
+}

@@ -1,0 +1,877 @@
+//! Release lifecycle: marker forms, ids, retention, staging, activate/rollback, pin,
+//! list/status output, finalize, markers while stopped or busy, healing.
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const SITE: &str = "web";
+
+/// Writes a config for site `web` and starts the service on it.
+fn start(site: &Site, defaults: &str, site_extra: &str) -> (PathBuf, Service) {
+    let cfg = site.write_config(SITE, defaults, site_extra);
+    let svc = Service::start_config(&cfg);
+    (cfg, svc)
+}
+
+/// Deploys `small_build(id)` with marker `id = "<id>"` and waits for its activation.
+fn deploy_and_activate(site: &Site, svc: &Service, id: &str) {
+    site.deploy(&as_refs(&small_build(id)), &format!("id = \"{id}\"\n"));
+    svc.wait_release_event("release.activated", id);
+    assert_eq!(site.current_id().as_deref(), Some(id), "current after {id}");
+}
+
+/// `list SITE --json`, parsed, asserting exit 0.
+fn list_json(cfg: &std::path::Path) -> Value {
+    let out = cli_when_idle(cfg, &["list", SITE, "--json"]);
+    assert_ok(&out, "list --json");
+    stdout_json(&out)
+}
+
+/// (id, state) pairs of `list --json`, in output order.
+fn list_states(v: &Value) -> Vec<(String, String)> {
+    v["releases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("list --json has no `releases` array: {v}"))
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap_or("<no id>").to_string(),
+                r["state"].as_str().unwrap_or("<no state>").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(x: &[(&str, &str)]) -> Vec<(String, String)> {
+    x.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn marker_toml_with_id_and_message() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "", "");
+    site.deploy(
+        &as_refs(&small_build("v1")),
+        "id = \"v1\"\nmessage = \"ship it: fix checkout\"\n",
+    );
+    svc.wait_release_event("release.activated", "v1");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert!(site.release("v1").join("index.html").is_file());
+    assert!(!site.marker_path().exists(), "marker consumed");
+    assert!(
+        svc.log_text().contains("ship it: fix checkout"),
+        "the marker's message should be logged; log:\n{}",
+        svc.log_text()
+    );
+    svc.stop();
+}
+
+#[test]
+fn marker_with_bare_id_line() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "", "");
+    site.deploy(&as_refs(&small_build("bare")), "2024.06-hotfix_1\n");
+    svc.wait_release_event("release.activated", "2024.06-hotfix_1");
+    assert_eq!(site.current_id().as_deref(), Some("2024.06-hotfix_1"));
+    svc.stop();
+}
+
+#[test]
+fn empty_markers_get_distinct_timestamp_ids() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "", "");
+    site.deploy(&as_refs(&small_build("one")), "");
+    let a = svc.wait_count("release.activated", 1, WAIT);
+    site.deploy(&as_refs(&small_build("two")), "");
+    let evs = svc.wait_count("release.activated", 2, WAIT);
+    let id1 = release_of(&a[0]).unwrap().to_string();
+    let id2 = release_of(&evs[1]).unwrap().to_string();
+    assert!(is_timestamp_id(&id1), "{id1:?}");
+    assert!(is_timestamp_id(&id2), "{id2:?}");
+    assert_ne!(id1, id2, "a taken timestamp id gets a -N suffix");
+    if id1.len() == 16 && id2.starts_with(&id1) {
+        assert_eq!(
+            &id2[16..],
+            "-2",
+            "second id in the same second is suffixed -2"
+        );
+    }
+    assert_eq!(site.current_id(), Some(id2));
+    svc.stop();
+}
+
+#[test]
+fn keep_three_prunes_to_newest_three_good() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "keep = 3", "");
+    let ids: Vec<String> = (1..=7).map(|i| format!("r{i}")).collect();
+    for id in &ids {
+        deploy_and_activate(&site, &svc, id);
+    }
+    for old in ["r1", "r2", "r3", "r4"] {
+        svc.wait_release_event("release.pruned", old);
+    }
+    wait_until(
+        WAIT,
+        || site.release_ids() == ["r5", "r6", "r7"],
+        || format!("releases/ == [r5 r6 r7], is {:?}", site.release_ids()),
+    );
+    assert_eq!(site.current_id().as_deref(), Some("r7"));
+    for kept in ["r5", "r6", "r7"] {
+        assert!(
+            svc.events_for("release.pruned", kept).is_empty(),
+            "{kept} must not be pruned"
+        );
+    }
+    svc.stop();
+}
+
+#[test]
+fn prune_never_deletes_current_or_previous() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "keep = 1", "");
+    for id in ["p1", "p2", "p3"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    svc.wait_release_event("release.pruned", "p1");
+    wait_until(
+        WAIT,
+        || site.release_ids() == ["p2", "p3"],
+        || {
+            format!(
+                "keep=1 still keeps current p3 and previous p2; releases: {:?}",
+                site.release_ids()
+            )
+        },
+    );
+    assert!(svc.events_for("release.pruned", "p2").is_empty());
+    svc.stop();
+}
+
+#[test]
+fn existing_id_rejected_unless_identical() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let v1_before = tree(&site.release("v1"), &[]);
+
+    // Same id, different content: rejected; v1 untouched.
+    site.deploy(&as_refs(&small_build("something else")), "id = \"v1\"\n");
+    let rej = svc.wait_release_event("release.rejected", "v1");
+    assert!(!reason_of(&rej).is_empty(), "rejection has a reason: {rej}");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert_eq!(tree(&site.release("v1"), &[]), v1_before, "v1 altered");
+    assert!(!site.marker_path().exists(), "rejected marker is consumed");
+
+    // Same id, identical content: a no-op (not a rejection, no new release).
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    site.wait_marker_consumed(WAIT);
+    // Barrier: a later release proves the no-op was fully processed.
+    deploy_and_activate(&site, &svc, "v2");
+    assert_eq!(
+        svc.events_for("release.rejected", "v1").len(),
+        1,
+        "identical content under an existing id must not be rejected; log:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        svc.events_for("release.activated", "v1").len(),
+        1,
+        "the no-op must not re-activate v1"
+    );
+    assert_eq!(site.release_ids(), ["v1", "v2"]);
+    assert_eq!(tree(&site.release("v1"), &[]), v1_before, "v1 altered");
+    svc.stop();
+}
+
+#[test]
+fn activate_false_stages_then_cli_activate_switches() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.deploy(
+        &as_refs(&small_build("v2")),
+        "id = \"v2\"\nactivate = false\n",
+    );
+    svc.wait_release_event("release.finalized", "v2");
+    assert!(site.release("v2").is_dir(), "staged release exists");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "activate=false must not switch"
+    );
+    assert!(svc.events_for("release.activated", "v2").is_empty());
+    let states = list_states(&list_json(&cfg));
+    assert_eq!(states, pairs(&[("v2", "staged"), ("v1", "current")]));
+
+    let out = cli_when_idle(&cfg, &["activate", SITE, "v2"]);
+    assert_ok(&out, "activate web v2");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "activate returns only after current switched"
+    );
+    let states = list_states(&list_json(&cfg));
+    assert_eq!(states, pairs(&[("v2", "current"), ("v1", "previous")]));
+    svc.stop();
+}
+
+#[test]
+fn rollback_to_previous_and_to_id() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(&site, "", "");
+    for id in ["v1", "v2", "v3"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "rollback web");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "rollback -> previous"
+    );
+
+    let out = cli_when_idle(&cfg, &["rollback", SITE, "--to", "v1"]);
+    assert_ok(&out, "rollback web --to v1");
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "rollback --to v1");
+
+    let out = cli_when_idle(&cfg, &["rollback", SITE, "--to", "nope"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "rollback to an unknown id fails with 1; {}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    // All three releases are still there.
+    assert_eq!(site.release_ids(), ["v1", "v2", "v3"]);
+    svc.stop();
+}
+
+#[test]
+fn failed_release_is_never_chosen_by_rollback() {
+    let site = Site::new();
+    let hook = r#"before_activate = ["/bin/sh", "-c", "test \"$RELEASE_ID\" != bad"]"#;
+    let (cfg, mut svc) = start(&site, "", hook);
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    site.deploy(&as_refs(&small_build("bad")), "id = \"bad\"\n");
+    svc.wait_release_event("hook.failed", "bad");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "before_activate failure: not activated"
+    );
+    assert!(
+        svc.events_for("release.activated", "bad").is_empty(),
+        "failed release activated?"
+    );
+    assert!(site.release("bad").is_dir(), "failed release kept");
+
+    let out = cli_when_idle(&cfg, &["rollback", SITE, "--to", "bad"]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "rollback to a failed release must fail; {}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "rollback web");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "rollback skips the failed release"
+    );
+    svc.stop();
+}
+
+#[test]
+fn failing_health_check_rolls_back() {
+    let site = Site::new();
+    let extra = r#"health_check = ["/bin/sh", "-c", "test \"$RELEASE_ID\" != bad"]
+health_retries = 2
+health_interval = "1s""#;
+    let (cfg, mut svc) = start(&site, "", extra);
+    deploy_and_activate(&site, &svc, "v1");
+    site.deploy(&as_refs(&small_build("bad")), "id = \"bad\"\n");
+    svc.wait_release_event("health.failed", "bad");
+    svc.wait_release_event("release.rolled_back", "bad");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "auto_rollback brings current back to the previous good release"
+    );
+    let v = list_json(&cfg);
+    let bad = v["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "bad")
+        .unwrap_or_else(|| panic!("bad missing from list: {v}"))
+        .clone();
+    assert_eq!(bad["state"], "failed", "{bad}");
+    assert!(
+        bad["reason"].as_str().is_some_and(|s| !s.is_empty()),
+        "failed release has a reason: {bad}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn pin_protects_from_prune_and_dry_run_deletes_nothing() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(&site, "keep = 2", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let out = cli_when_idle(&cfg, &["pin", SITE, "v1"]);
+    assert_ok(&out, "pin web v1");
+    let v = list_json(&cfg);
+    assert_eq!(v["releases"][0]["id"], "v1");
+    assert_eq!(v["releases"][0]["pinned"], true, "pinned flag: {v}");
+
+    for id in ["v2", "v3", "v4"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    svc.wait_release_event("release.pruned", "v2");
+    wait_until(
+        WAIT,
+        || site.release_ids() == ["v1", "v3", "v4"],
+        || {
+            format!(
+                "pinned v1 kept, v2 pruned; releases: {:?}",
+                site.release_ids()
+            )
+        },
+    );
+    assert!(svc.events_for("release.pruned", "v1").is_empty());
+
+    let out = cli_when_idle(&cfg, &["unpin", SITE, "v1"]);
+    assert_ok(&out, "unpin web v1");
+    let out = cli_when_idle(&cfg, &["prune", SITE, "--dry-run"]);
+    assert_ok(&out, "prune --dry-run");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("v1"),
+        "dry run should say it would delete v1; {}",
+        show(&out)
+    );
+    assert_eq!(
+        site.release_ids(),
+        ["v1", "v3", "v4"],
+        "dry run deleted something"
+    );
+
+    let out = cli_when_idle(&cfg, &["prune", SITE]);
+    assert_ok(&out, "prune");
+    assert_eq!(
+        site.release_ids(),
+        ["v3", "v4"],
+        "prune removes unpinned v1"
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v4"));
+    svc.stop();
+}
+
+#[test]
+fn list_json_shape() {
+    let site = Site::new();
+    let hook = r#"before_activate = ["/bin/sh", "-c", "test \"$RELEASE_ID\" != bad"]"#;
+    let (cfg, mut svc) = start(&site, "", hook);
+    for id in ["v1", "v2", "v3"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    site.deploy(&as_refs(&small_build("bad")), "id = \"bad\"\n");
+    svc.wait_release_event("hook.failed", "bad");
+    site.deploy(
+        &as_refs(&small_build("v4")),
+        "id = \"v4\"\nactivate = false\n",
+    );
+    svc.wait_release_event("release.finalized", "v4");
+
+    let v = list_json(&cfg);
+    assert_eq!(v["site"], SITE, "{v}");
+    assert_eq!(v["current"], "v3", "{v}");
+    assert_eq!(
+        list_states(&v),
+        pairs(&[
+            ("v4", "staged"),
+            ("bad", "failed"),
+            ("v3", "current"),
+            ("v2", "previous"),
+            ("v1", "good"),
+        ]),
+        "newest first, with states; {v}"
+    );
+    for r in v["releases"].as_array().unwrap() {
+        let id = r["id"].as_str().unwrap();
+        assert_eq!(r["pinned"], false, "{r}");
+        let created = r["created"].as_str().unwrap_or("");
+        assert!(is_rfc3339(created), "created must be RFC 3339: {r}");
+        let (files, bytes) = count_files_bytes(&site.release(id));
+        assert_eq!(
+            r["files"].as_u64(),
+            Some(files),
+            "files = regular files in the release: {r}"
+        );
+        assert_eq!(
+            r["bytes"].as_u64(),
+            Some(bytes),
+            "bytes = total size of the release's files: {r}"
+        );
+        if id == "bad" {
+            assert!(
+                r["reason"].as_str().is_some_and(|s| !s.is_empty()),
+                "failed release carries a reason: {r}"
+            );
+        }
+    }
+
+    // Human output names every release too.
+    let out = cli_when_idle(&cfg, &["list", SITE]);
+    assert_ok(&out, "list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for id in ["v1", "v2", "v3", "v4", "bad"] {
+        assert!(text.contains(id), "human list lacks {id}: {text}");
+    }
+    svc.stop();
+}
+
+#[test]
+fn status_json_reports_site() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    for args in [vec!["status", SITE, "--json"], vec!["status", "--json"]] {
+        let out = cli_when_idle(&cfg, &args);
+        assert_ok(&out, &args.join(" "));
+        let v = stdout_json(&out);
+        let s = find_site_obj(&v, SITE, "current")
+            .unwrap_or_else(|| panic!("no object for site `web` with `current` in {v}"));
+        assert_eq!(s["current"], "v2", "{v}");
+        assert!(s.get("drift").is_some(), "status has `drift`: {v}");
+        assert!(
+            s.get("last_event").is_some(),
+            "status has `last_event`: {v}"
+        );
+        let rel = s["releases"]
+            .as_array()
+            .unwrap_or_else(|| panic!("status has a `releases` array: {v}"));
+        let ids: Vec<&str> = rel.iter().filter_map(|r| r["id"].as_str()).collect();
+        assert_eq!(ids, ["v2", "v1"], "{v}");
+    }
+    svc.stop();
+}
+
+#[test]
+fn finalize_cli_processes_deploy_cache_without_marker() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let out = cli(&cfg, &["init", SITE]);
+    assert_ok(&out, "init");
+
+    site.stage_upload(&as_refs(&small_build("f1")));
+    let out = cli(&cfg, &["finalize", SITE, "--id", "f1"]);
+    assert_ok(&out, "finalize --id f1");
+    assert_eq!(site.current_id().as_deref(), Some("f1"));
+
+    site.stage_upload(&as_refs(&small_build("f2")));
+    let out = cli(&cfg, &["finalize", SITE, "--id", "f2", "--no-activate"]);
+    assert_ok(&out, "finalize --id f2 --no-activate");
+    assert!(site.release("f2").is_dir(), "f2 finalized");
+    assert_eq!(
+        fs::read(site.release("f2").join("index.html")).unwrap(),
+        small_build("f2")[0].1
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("f1"),
+        "--no-activate keeps current"
+    );
+    let states = list_states(&list_json(&cfg));
+    assert_eq!(states, pairs(&[("f2", "staged"), ("f1", "current")]));
+}
+
+#[test]
+fn marker_dropped_while_stopped_is_processed_at_start() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.deploy(&as_refs(&small_build("offline")), "id = \"offline\"\n");
+    let mut svc = Service::start_config(&cfg);
+    svc.wait_release_event("release.activated", "offline");
+    assert_eq!(site.current_id().as_deref(), Some("offline"));
+    assert!(!site.marker_path().exists());
+    svc.stop();
+
+    // And again across a restart of a site that already has releases.
+    site.deploy(&as_refs(&small_build("offline2")), "id = \"offline2\"\n");
+    let mut svc = Service::start_config(&cfg);
+    svc.wait_release_event("release.activated", "offline2");
+    assert_eq!(site.current_id().as_deref(), Some("offline2"));
+    svc.stop();
+}
+
+#[test]
+fn second_marker_while_busy_is_not_lost() {
+    let site = Site::new();
+    // A slow before_activate hook keeps the keeper busy with the first release.
+    let (_cfg, mut svc) = start(&site, "", r#"before_activate = ["/bin/sleep", "1"]"#);
+    site.deploy(&as_refs(&small_build("same")), "id = \"a\"\n");
+    site.wait_marker_consumed(WAIT);
+    let busy = svc.events_for("release.activated", "a").is_empty();
+    site.drop_marker("id = \"b\"\n");
+    if !busy {
+        eprintln!("note: first release finished before the second marker was dropped");
+    }
+    svc.wait_release_event("release.activated", "a");
+    svc.wait_release_event("release.activated", "b");
+    assert_eq!(site.current_id().as_deref(), Some("b"));
+    assert_eq!(site.release_ids(), ["a", "b"]);
+    svc.stop();
+}
+
+#[test]
+fn release_is_not_shared_with_deploy_cache() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let up = site.deploy_cache().join("index.html");
+    let rel = site.release("v1").join("index.html");
+    assert_ne!(
+        fs::metadata(&up).unwrap().ino(),
+        fs::metadata(&rel).unwrap().ino(),
+        "release file must not be a hard link of the deploy-cache file"
+    );
+    // An uploader writing in place must not alter the release.
+    fs::write(&up, b"overwritten in place\n").unwrap();
+    assert_eq!(fs::read(&rel).unwrap(), small_build("v1")[0].1);
+    svc.stop();
+}
+
+#[test]
+fn deleted_current_is_healed() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    fs::remove_file(site.current_path()).unwrap();
+    svc.wait_event("heal.repaired", |_| true, WAIT);
+    wait_until(
+        WAIT,
+        || site.current_id().as_deref() == Some("v1"),
+        || format!("current restored to v1, is {:?}", site.current_target()),
+    );
+    svc.stop();
+}
+
+#[test]
+fn current_replaced_by_directory_is_moved_aside_and_healed() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+
+    // Hand edit while stopped: `current` becomes a real directory with data in it.
+    fs::remove_file(site.current_path()).unwrap();
+    write_tree(
+        &site.current_path(),
+        &[("precious.txt", b"do not lose me\n")],
+    );
+    let mut svc = Service::start_config(&cfg);
+    wait_until(
+        Duration::from_secs(10),
+        || site.current_id().as_deref() == Some("v1"),
+        || format!("current healed to v1, is {:?}", site.current_target()),
+    );
+    // The directory's content still exists somewhere under ROOT.
+    let found = sh(
+        &site.root,
+        "grep -rl --exclude-dir=releases 'do not lose me' . || true",
+    );
+    assert!(
+        !String::from_utf8_lossy(&found.stdout).trim().is_empty(),
+        "a real `current` directory must be moved aside, not deleted"
+    );
+    svc.stop();
+}
+
+#[test]
+fn hooks_run_in_release_with_env() {
+    let site = Site::new();
+    let log = site.tmp_path("hook-env.log");
+    let script = format!(
+        "printf '%s|%s|%s|%s|%s|%s\\n' \"$1\" \"$(pwd -P)\" \"$RELEASE_ID\" \"$RELEASE_PATH\" \"$PREVIOUS_RELEASE_ID\" \"$SITE_NAME|$SITE_ROOT\" >> {}",
+        log.display()
+    );
+    let extra = format!(
+        "before_activate = [\"/bin/sh\", \"-c\", {s:?}, \"sh\", \"before\"]\n\
+         after_activate = [\"/bin/sh\", \"-c\", {s:?}, \"sh\", \"after\"]\n\
+         health_check = [\"/bin/sh\", \"-c\", {s:?}, \"sh\", \"health\"]\n",
+        s = script
+    );
+    let (_cfg, mut svc) = start(&site, "", &extra);
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    let root = fs::canonicalize(&site.root).unwrap();
+    let rel2 = site.release("v2");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let v2_lines: Vec<&str> = text.lines().filter(|l| l.contains("|v2|")).collect();
+    for phase in ["before", "after", "health"] {
+        let line = v2_lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{phase}|")))
+            .unwrap_or_else(|| panic!("{phase} hook did not run for v2; hook log:\n{text}"));
+        let f: Vec<&str> = line.split('|').collect();
+        assert_eq!(f.len(), 7, "{line}");
+        assert_eq!(
+            Path::new(f[1]),
+            fs::canonicalize(&rel2).unwrap(),
+            "{phase}: cwd is the release; {line}"
+        );
+        assert_eq!(f[2], "v2", "{phase}: RELEASE_ID; {line}");
+        assert!(
+            Path::new(f[3]).is_absolute(),
+            "{phase}: RELEASE_PATH absolute; {line}"
+        );
+        assert_eq!(
+            fs::canonicalize(f[3]).unwrap(),
+            fs::canonicalize(&rel2).unwrap(),
+            "{phase}: RELEASE_PATH is releases/v2; {line}"
+        );
+        assert!(
+            !f[3].contains(".partial"),
+            "{phase}: RELEASE_PATH is releases/<id>; {line}"
+        );
+        assert_eq!(f[4], "v1", "{phase}: PREVIOUS_RELEASE_ID; {line}");
+        assert_eq!(f[5], SITE, "{phase}: SITE_NAME; {line}");
+        assert_eq!(
+            fs::canonicalize(f[6]).unwrap(),
+            root,
+            "{phase}: SITE_ROOT; {line}"
+        );
+    }
+    svc.stop();
+}
+
+#[test]
+fn shared_entries_and_links_are_created() {
+    let site = Site::new();
+    let extra = "shared = [\"storage\", \".env\"]\nlinks = { htdocs = \"current/public\" }";
+    let (_cfg, mut svc) = start(&site, "", extra);
+    // The upload carries its own `storage/` dir: it is replaced by the shared link.
+    site.deploy(
+        &[
+            ("public/index.html", b"<p>pub</p>\n" as &[u8]),
+            ("storage/placeholder", b"x\n"),
+        ],
+        "id = \"v1\"\n",
+    );
+    svc.wait_release_event("release.activated", "v1");
+    let rel = site.release("v1");
+    for e in ["storage", ".env"] {
+        let link = rel.join(e);
+        let md = fs::symlink_metadata(&link)
+            .unwrap_or_else(|err| panic!("releases/v1/{e} missing: {err}"));
+        assert!(md.file_type().is_symlink(), "releases/v1/{e} is a symlink");
+        assert_eq!(
+            fs::canonicalize(&link).ok(),
+            fs::canonicalize(site.root.join("shared").join(e)).ok(),
+            "releases/v1/{e} -> ROOT/shared/{e}"
+        );
+        assert!(
+            site.root.join("shared").join(e).exists(),
+            "shared/{e} created"
+        );
+    }
+    assert_eq!(
+        fs::read(site.root.join("htdocs/index.html")).unwrap(),
+        b"<p>pub</p>\n",
+        "htdocs -> current/public"
+    );
+    // A deleted link is recreated by healing.
+    fs::remove_file(site.root.join("htdocs")).unwrap();
+    wait_until(
+        WAIT,
+        || site.root.join("htdocs/index.html").exists(),
+        || "healing to recreate the htdocs link".into(),
+    );
+    svc.stop();
+}
+
+/// Overwrites a file of a read-only release in place, keeping its mode.
+fn tamper(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let m = mode(path);
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(path, bytes).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(m)).unwrap();
+}
+
+#[test]
+fn verify_detects_drift() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "verify_interval = \"1s\"", "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+
+    let out = cli_when_idle(&cfg, &["verify", SITE]);
+    assert_ok(&out, "verify on an intact release");
+    let out = cli_when_idle(&cfg, &["verify", SITE, "--all"]);
+    assert_ok(&out, "verify --all on intact releases");
+
+    tamper(
+        &site.release("v2").join("assets/app.js"),
+        b"alert('pwned')\n",
+    );
+    let out = cli_when_idle(&cfg, &["verify", SITE]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "drift -> exit 1; {}",
+        show(&out)
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("assets/app.js"),
+        "verify names the drifted path; {}",
+        show(&out)
+    );
+    let out = cli_when_idle(&cfg, &["verify", SITE, "v1"]);
+    assert_ok(&out, "verify v1 (intact)");
+    let out = cli_when_idle(&cfg, &["verify", SITE, "--all"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "verify --all sees drift; {}",
+        show(&out)
+    );
+
+    // The service re-hashes the current release every verify_interval.
+    let ev = svc.wait_event("drift.detected", |_| true, WAIT);
+    assert!(
+        ev.to_string().contains("assets/app.js"),
+        "drift.detected carries the paths: {ev}"
+    );
+    let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status --json");
+    let v = stdout_json(&out);
+    let s = find_site_obj(&v, SITE, "drift").unwrap_or_else(|| panic!("no drift in {v}"));
+    let drift = &s["drift"];
+    assert!(
+        !(drift.is_null()
+            || drift == &Value::Bool(false)
+            || drift.as_array().is_some_and(|a| a.is_empty())),
+        "status reports the drift: {v}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn heal_cli_dry_run_then_heal() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "heal --dry-run runs; {}",
+        show(&out)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "heal --dry-run says what it would do; {}",
+        show(&out)
+    );
+    assert!(
+        site.current_target().is_none(),
+        "heal --dry-run must not change anything"
+    );
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "heal restores current"
+    );
+}
+
+#[test]
+fn leftover_partial_is_cleaned_at_start() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    // A crash left a half-built release behind.
+    write_tree(
+        &site.releases_dir().join(".partial.v2"),
+        &[("index.html", b"half" as &[u8])],
+    );
+    let mut svc = Service::start_config(&cfg);
+    wait_until(
+        WAIT,
+        || site.hidden_release_entries().is_empty(),
+        || {
+            format!(
+                "leftover .partial.* removed; releases/: {:?}",
+                site.releases_entries()
+            )
+        },
+    );
+    assert_eq!(site.release_ids(), ["v1"]);
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    svc.stop();
+}
+
+#[test]
+fn sighup_reloads_config_and_rejects_bad_one() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "keep = 5", "");
+    let mut svc = Service::start_config(&cfg);
+    let pid = svc.pid();
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.write_config(SITE, "keep = 5\nrequire_manifest = false", "");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    svc.wait_event("config.reloaded", |_| true, WAIT);
+    // The new setting is in effect: an upload without manifest is accepted.
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::remove_file(site.deploy_cache().join(MANIFEST)).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+
+    fs::write(&cfg, "[defaults]\nkeep = \"many\"\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    svc.wait_event("config.rejected", |_| true, WAIT);
+    assert!(
+        svc.is_running(),
+        "a bad config on SIGHUP must not stop the service"
+    );
+    // The old config stays: the site still works.
+    deploy_and_activate(&site, &svc, "v3");
+    svc.stop();
+}

@@ -1,0 +1,351 @@
+//! Uploads that must be rejected: nothing half-done is left, `current` is untouched,
+//! the marker is consumed, and the reason names what is wrong.
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const SITE: &str = "web";
+
+/// Starts site `web` with extra `[defaults]` lines and activates a first good release `v1`.
+fn start_with_v1(site: &Site, defaults: &str) -> (PathBuf, Service) {
+    let cfg = site.write_config(SITE, defaults, "");
+    let svc = Service::start_config(&cfg);
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    (cfg, svc)
+}
+
+/// Waits for the rejection of `id`, checks nothing changed, and returns the reason.
+fn expect_rejected(site: &Site, svc: &Service, id: &str) -> String {
+    let ev = svc.wait_release_event("release.rejected", id);
+    let reason = reason_of(&ev);
+    assert!(!reason.is_empty(), "rejection must carry a reason: {ev}");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "`current` must stay on v1 after rejecting {id}"
+    );
+    assert_eq!(
+        site.release_ids(),
+        ["v1"],
+        "no release may be left behind by a rejected upload"
+    );
+    assert!(
+        !site.release(id).exists(),
+        "releases/{id} must not exist after rejection"
+    );
+    let hidden = site.hidden_release_entries();
+    assert!(
+        hidden.iter().all(|n| !n.starts_with(".partial")),
+        "leftover partial dirs after rejection: {hidden:?}"
+    );
+    assert!(
+        !site.marker_path().exists(),
+        "a rejected upload's marker is consumed too"
+    );
+    assert!(
+        svc.events_for("release.activated", id).is_empty(),
+        "rejected {id} was activated"
+    );
+    reason
+}
+
+#[test]
+fn checksum_mismatch_is_rejected_naming_the_file() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(
+        site.deploy_cache().join("assets/app.js"),
+        b"tampered after hashing\n",
+    )
+    .unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("assets/app.js"),
+        "reason should name assets/app.js: {reason:?}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn fixed_upload_after_rejection_is_activated() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join("index.html"), b"corrupt\n").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    expect_rejected(&site, &svc, "v2");
+
+    // Fix the upload and drop a new marker.
+    site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    assert_eq!(
+        fs::read(site.release("v2").join("index.html")).unwrap(),
+        small_build("v2")[0].1
+    );
+    svc.stop();
+}
+
+#[test]
+fn missing_manifest_is_rejected_when_required() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::remove_file(site.deploy_cache().join(MANIFEST)).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("SHA256SUMS") || reason.to_lowercase().contains("manifest"),
+        "reason should mention the missing manifest: {reason:?}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn missing_manifest_is_accepted_with_warning_when_not_required() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "require_manifest = false");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::remove_file(site.deploy_cache().join(MANIFEST)).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    assert_eq!(
+        tree(&site.release("v2"), &[]),
+        tree(&site.deploy_cache(), &[]),
+        "release equals the upload"
+    );
+    let warned = svc.json_lines().iter().any(|v| {
+        v["level"]
+            .as_str()
+            .is_some_and(|l| l.eq_ignore_ascii_case("warn") || l.eq_ignore_ascii_case("warning"))
+    });
+    assert!(
+        warned,
+        "a missing manifest (require_manifest=false) logs a warning; log:\n{}",
+        svc.log_text()
+    );
+    // The present-manifest rule still applies with require_manifest=false.
+    site.stage_upload(&as_refs(&small_build("v3")));
+    fs::write(site.deploy_cache().join("index.html"), b"corrupt\n").unwrap();
+    site.drop_marker("id = \"v3\"\n");
+    svc.wait_release_event("release.rejected", "v3");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
+
+#[test]
+fn file_listed_but_missing_is_rejected_naming_it() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::remove_file(site.deploy_cache().join("assets/app.js")).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("assets/app.js"),
+        "reason should name the missing assets/app.js: {reason:?}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn extra_file_not_in_manifest_is_rejected_naming_it() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    write_tree(
+        &site.deploy_cache(),
+        &[("assets/stray.txt", b"not listed\n")],
+    );
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("assets/stray.txt"),
+        "reason should name the extra assets/stray.txt: {reason:?}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn invalid_release_id_is_rejected() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.deploy(&as_refs(&small_build("evil")), "id = \"../x\"\n");
+    site.wait_marker_consumed(WAIT);
+    let ev = svc.wait_event("release.rejected", |_| true, WAIT);
+    assert!(!reason_of(&ev).is_empty(), "{ev}");
+    assert!(!site.root.join("x").exists(), "ROOT/x must not be created");
+    assert!(!site.tmp_path("x").exists());
+    assert_eq!(site.release_ids(), ["v1"]);
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+
+    // Other invalid ids: leading dot, slash, too long.
+    let long = "a".repeat(129);
+    for bad in [".hidden", "a/b", long.as_str()] {
+        let before = svc.events("release.rejected").len();
+        site.deploy(&as_refs(&small_build("evil")), &format!("id = \"{bad}\"\n"));
+        svc.wait_count("release.rejected", before + 1, WAIT);
+        assert_eq!(site.release_ids(), ["v1"], "after id {bad:?}");
+        assert_eq!(site.current_id().as_deref(), Some("v1"));
+    }
+    svc.stop();
+}
+
+#[test]
+fn absolute_symlink_is_rejected() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    write_symlink(&site.deploy_cache(), "assets/passwd", "/etc/passwd");
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("assets/passwd"),
+        "reason should name the symlink: {reason:?}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn escaping_symlink_is_rejected() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    // Resolves to ROOT/deploy-cache/index.html from inside the upload, i.e. outside the release.
+    write_symlink(&site.deploy_cache(), "assets/up", "../../index.html");
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("assets/up"),
+        "reason should name the symlink: {reason:?}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn fifo_in_upload_is_rejected() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    nix::unistd::mkfifo(
+        &site.deploy_cache().join("assets/pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    expect_rejected(&site, &svc, "v2");
+    svc.stop();
+}
+
+#[test]
+fn dotdot_path_in_manifest_is_rejected() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    // A file outside the upload whose hash is correct, so only the path is wrong.
+    fs::write(site.root.join("secret.txt"), b"outside\n").unwrap();
+    let line = format!("{}  ../secret.txt\n", sha256_hex(b"outside\n"));
+    let m = site.deploy_cache().join(MANIFEST);
+    let mut text = fs::read_to_string(&m).unwrap();
+    text.push_str(&line);
+    fs::write(&m, text).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    expect_rejected(&site, &svc, "v2");
+    svc.stop();
+}
+
+#[test]
+fn absolute_path_in_manifest_is_rejected() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let outside = site.tmp_path("outside.txt");
+    fs::write(&outside, b"outside\n").unwrap();
+    let line = format!("{}  {}\n", sha256_hex(b"outside\n"), outside.display());
+    let m = site.deploy_cache().join(MANIFEST);
+    let mut text = fs::read_to_string(&m).unwrap();
+    text.push_str(&line);
+    fs::write(&m, text).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    expect_rejected(&site, &svc, "v2");
+    svc.stop();
+}
+
+#[test]
+fn bsd_style_manifest_is_accepted() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    sh(
+        &site.deploy_cache(),
+        "find . -type f ! -name SHA256SUMS -print0 | sort -z | xargs -0 sha256sum --tag > ../bsd \
+         && mv ../bsd SHA256SUMS",
+    );
+    assert!(fs::read_to_string(site.deploy_cache().join(MANIFEST))
+        .unwrap()
+        .starts_with("SHA256 ("));
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+    svc.stop();
+}
+
+#[test]
+fn manifest_without_dot_slash_and_binary_marker_is_accepted() {
+    // `sha256sum -b index.html assets/app.js` style: no ./ prefix, `*` binary marker.
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    sh(
+        &site.deploy_cache(),
+        "sha256sum -b index.html assets/app.js > SHA256SUMS",
+    );
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+    svc.stop();
+}
+
+#[test]
+fn in_flight_upload_waits_then_proceeds() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"15s\"");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    // app.js is still being written under an rsync temp name.
+    let dc = site.deploy_cache();
+    fs::rename(dc.join("assets/app.js"), dc.join("assets/.app.js.Xy12Ab")).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_event("upload.waiting", |_| true, WAIT);
+    assert!(svc.events_for("release.rejected", "v2").is_empty());
+    // The transfer completes.
+    fs::rename(dc.join("assets/.app.js.Xy12Ab"), dc.join("assets/app.js")).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
+
+#[test]
+fn in_flight_upload_is_rejected_after_upload_timeout() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"1s\"");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    write_tree(
+        &site.deploy_cache(),
+        &[("assets/video.mp4.filepart", b"half")],
+    );
+    site.drop_marker("id = \"v2\"\n");
+    let ev = svc.wait_event(
+        "release.rejected",
+        |v| release_of(v).is_none_or(|r| r == "v2"),
+        Duration::from_secs(15),
+    );
+    assert!(!reason_of(&ev).is_empty(), "{ev}");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert_eq!(site.release_ids(), ["v1"]);
+    svc.stop();
+}
