@@ -211,8 +211,6 @@ fn run_root_without_config_file() {
     let site = Site::new();
     fs::remove_dir(site.deploy_cache()).unwrap();
     let mut svc = Service::start_root(&site.root);
-    let name = svc.site();
-    assert!(!name.is_empty());
     for d in ["deploy-cache", "releases", "shared", ".release-keeper"] {
         assert!(
             site.root.join(d).is_dir(),
@@ -221,10 +219,11 @@ fn run_root_without_config_file() {
     }
     site.deploy(&as_refs(&small_build("x")), "id = \"x1\"\n");
     let ev = svc.wait_release_event("release.activated", "x1");
-    assert_eq!(ev["site"], name.as_str(), "events carry the site: {ev}");
     for k in ["timestamp", "level", "event", "site"] {
         assert!(ev.get(k).is_some(), "log events have top-level `{k}`: {ev}");
     }
+    let name = ev["site"].as_str().unwrap_or_default().to_string();
+    assert!(!name.is_empty(), "site name in events: {ev}");
     svc.stop();
     assert!(
         !svc.events("daemon.stopping").is_empty(),
@@ -441,6 +440,125 @@ fn mutating_command_while_service_works_is_busy_75_unless_wait() {
         v1.map(|r| r["pinned"].clone()),
         Some(serde_json::Value::Bool(true)),
         "{v}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn every_json_event_carries_event_and_site() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let mut svc = Service::start_config(&cfg);
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    svc.stop();
+    let lines = svc.json_lines();
+    assert!(!lines.is_empty());
+    for v in &lines {
+        if v.get("event").is_none() {
+            continue;
+        }
+        assert_eq!(
+            v["site"], "web",
+            "SPEC: every event carries `event` and `site`; offending line: {v}"
+        );
+        assert!(
+            v.get("timestamp").is_some() && v.get("level").is_some(),
+            "{v}"
+        );
+    }
+    for ev in ["daemon.started", "daemon.stopping"] {
+        assert!(
+            lines.iter().any(|v| v["event"] == ev),
+            "`{ev}` logged; log:\n{}",
+            svc.log_text()
+        );
+    }
+}
+
+#[test]
+fn config_from_env_var() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let out = std::process::Command::new(BIN)
+        .arg("init")
+        .arg("web")
+        .env("RELEASE_KEEPER_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert_ok(&out, "RELEASE_KEEPER_CONFIG=FILE init web");
+    assert!(site.releases_dir().is_dir());
+}
+
+#[test]
+fn two_sites_in_one_service() {
+    let a = Site::new();
+    let b_root = a.tmp_path("broot");
+    fs::create_dir_all(b_root.join("deploy-cache")).unwrap();
+    let cfg = a.config_path();
+    fs::write(
+        &cfg,
+        format!(
+            "[sites.alpha]\nroot = \"{}\"\n\n[sites.beta]\nroot = \"{}\"\nkeep = 2\n",
+            a.root.display(),
+            b_root.display()
+        ),
+    )
+    .unwrap();
+    let mut svc = Service::start_config(&cfg);
+    a.deploy(&as_refs(&small_build("a")), "id = \"a1\"\n");
+    write_tree(&b_root.join("deploy-cache"), &as_refs(&small_build("b")));
+    write_sha256sums(&b_root.join("deploy-cache"));
+    fs::write(b_root.join("deploy-cache").join(MARKER), "id = \"b1\"\n").unwrap();
+    let ea = svc.wait_release_event("release.activated", "a1");
+    let eb = svc.wait_release_event("release.activated", "b1");
+    assert_eq!(ea["site"], "alpha", "{ea}");
+    assert_eq!(eb["site"], "beta", "{eb}");
+    assert_eq!(a.current_id().as_deref(), Some("a1"));
+    assert_eq!(
+        fs::read_link(b_root.join("current")).unwrap(),
+        Path::new("releases/b1")
+    );
+    let out = cli(&cfg, &["status", "--json"]);
+    assert_ok(&out, "status --json");
+    let v = stdout_json(&out);
+    assert!(find_site_obj(&v, "alpha", "current").is_some(), "{v}");
+    assert!(find_site_obj(&v, "beta", "current").is_some(), "{v}");
+    svc.stop();
+}
+
+#[test]
+fn root_created_later_is_waited_for() {
+    let site = Site::new();
+    let later = site.tmp_path("later");
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[defaults]\nheal_interval = \"1s\"\n\n[sites.web]\nroot = \"{}\"\n",
+            later.display()
+        ),
+    );
+    let mut svc = Service::spawn(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "run",
+        "--log-format",
+        "json",
+    ]);
+    std::thread::sleep(Duration::from_millis(300)); // give it time to start (not an assertion)
+    assert!(
+        svc.is_running(),
+        "a missing root is not fatal; log:\n{}",
+        svc.log_text()
+    );
+    fs::create_dir_all(later.join("deploy-cache")).unwrap();
+    write_tree(&later.join("deploy-cache"), &as_refs(&small_build("l")));
+    write_sha256sums(&later.join("deploy-cache"));
+    fs::write(later.join("deploy-cache").join(MARKER), "id = \"l1\"\n").unwrap();
+    svc.wait_release_event("release.activated", "l1");
+    assert_eq!(
+        fs::read_link(later.join("current")).unwrap(),
+        Path::new("releases/l1")
     );
     svc.stop();
 }

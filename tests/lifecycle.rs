@@ -875,3 +875,183 @@ fn sighup_reloads_config_and_rejects_bad_one() {
     deploy_and_activate(&site, &svc, "v3");
     svc.stop();
 }
+
+#[test]
+fn failed_releases_do_not_count_toward_keep_and_keep_failed_applies() {
+    let site = Site::new();
+    let hook =
+        r#"before_activate = ["/bin/sh", "-c", "case \"$RELEASE_ID\" in bad*) exit 1;; esac"]"#;
+    let (_cfg, mut svc) = start(&site, "keep = 2\nkeep_failed = 1", hook);
+    deploy_and_activate(&site, &svc, "v1");
+    for bad in ["bad1", "bad2"] {
+        site.deploy(&as_refs(&small_build(bad)), &format!("id = \"{bad}\"\n"));
+        svc.wait_release_event("hook.failed", bad);
+    }
+    deploy_and_activate(&site, &svc, "v2");
+    deploy_and_activate(&site, &svc, "v3");
+    svc.wait_release_event("release.pruned", "v1");
+    svc.wait_release_event("release.pruned", "bad1");
+    wait_until(
+        WAIT,
+        || site.release_ids() == ["bad2", "v2", "v3"],
+        || {
+            format!(
+                "keep=2 good (v2 v3) + keep_failed=1 (bad2); releases: {:?}",
+                site.release_ids()
+            )
+        },
+    );
+    svc.stop();
+}
+
+#[test]
+fn prune_uses_journal_order_and_spares_foreign_dirs() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "keep = 3", "");
+    // Something the keeper did not create.
+    write_tree(
+        &site.releases_dir().join("handmade"),
+        &[("note.txt", b"mine" as &[u8])],
+    );
+    for id in ["p1", "p2", "p3"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    // Make the oldest release look newest by mtime (p1 is still kept with keep=3).
+    assert_eq!(site.release_ids(), ["handmade", "p1", "p2", "p3"]);
+    sh(
+        &site.releases_dir(),
+        "touch -h -d '2099-01-01 00:00' p1 p1/index.html",
+    );
+    deploy_and_activate(&site, &svc, "p4");
+    svc.wait_release_event("release.pruned", "p1");
+    wait_until(
+        WAIT,
+        || site.release_ids() == ["handmade", "p2", "p3", "p4"],
+        || {
+            format!(
+                "journal order (not mtime) decides: p1 pruned, p2 kept; foreign dirs kept; releases: {:?}",
+                site.release_ids()
+            )
+        },
+    );
+    assert!(svc.events_for("release.pruned", "p2").is_empty());
+    assert_eq!(
+        fs::read(site.releases_dir().join("handmade/note.txt")).unwrap(),
+        b"mine"
+    );
+    svc.stop();
+}
+
+#[test]
+fn activate_unknown_id_fails() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    let out = cli_when_idle(&cfg, &["activate", SITE, "nope"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let out = cli_when_idle(&cfg, &["activate", SITE, "../v1"]);
+    assert!(
+        matches!(out.status.code(), Some(1) | Some(2)),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    svc.stop();
+}
+
+#[test]
+fn list_of_empty_site() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    assert_ok(&cli(&cfg, &["init", SITE]), "init");
+    let v = list_json(&cfg);
+    assert_eq!(v["site"], SITE, "{v}");
+    assert!(v["current"].is_null(), "no current yet: {v}");
+    assert_eq!(v["releases"], serde_json::json!([]), "{v}");
+}
+
+/// Config whose before_activate hook signals `<tmp>/hook-<id>` then sleeps 3s for release `slow`.
+fn slow_hook() -> &'static str {
+    r#"before_activate = ["/bin/sh", "-c", "if [ \"$RELEASE_ID\" = slow ]; then touch \"$SITE_ROOT/../hook-slow\"; sleep 3; fi"]"#
+}
+
+#[test]
+fn sigterm_during_work_exits_0_and_release_completes() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", slow_hook());
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    site.deploy(&as_refs(&small_build("slow")), "id = \"slow\"\n");
+    let flag = site.tmp_path("hook-slow");
+    wait_until(WAIT, || flag.exists(), || "slow hook to start".into());
+    svc.stop(); // asserts exit 0 within 10s
+    assert!(
+        site.hidden_release_entries()
+            .iter()
+            .all(|n| !n.starts_with(".partial")),
+        "work is finished or cleanly undone: {:?}",
+        site.releases_entries()
+    );
+    let cur = site.current_id();
+    assert!(
+        cur.as_deref() == Some("v1") || cur.as_deref() == Some("slow"),
+        "current is v1 or slow, never broken: {cur:?}"
+    );
+    // Next start: the interrupted release is redone (or was finished).
+    fs::remove_file(&flag).unwrap();
+    let mut svc = Service::start_config(&cfg);
+    wait_until(
+        WAIT,
+        || site.current_id().as_deref() == Some("slow"),
+        || {
+            format!(
+                "interrupted release `slow` to be activated after restart; current {:?}; log:\n{}",
+                site.current_id(),
+                svc.log_text()
+            )
+        },
+    );
+    svc.stop();
+}
+
+#[test]
+fn crash_during_work_is_redone_at_next_start() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", slow_hook());
+    let svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    site.deploy(&as_refs(&small_build("slow")), "id = \"slow\"\n");
+    let flag = site.tmp_path("hook-slow");
+    wait_until(WAIT, || flag.exists(), || "slow hook to start".into());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(svc.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    svc.wait_exit(Duration::from_secs(10));
+    drop(svc);
+    assert!(!site.marker_path().exists(), "marker had been consumed");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+
+    fs::remove_file(&flag).unwrap();
+    let mut svc = Service::start_config(&cfg);
+    svc.wait_release_event("release.activated", "slow");
+    assert_eq!(site.current_id().as_deref(), Some("slow"));
+    assert!(
+        site.hidden_release_entries()
+            .iter()
+            .all(|n| !n.starts_with(".partial")),
+        "{:?}",
+        site.releases_entries()
+    );
+    assert_eq!(
+        tree(&site.release("slow"), &[])
+            .into_iter()
+            .filter(|(_, e)| matches!(e, Entry::File(_)))
+            .count(),
+        3,
+        "redone release is complete"
+    );
+    svc.stop();
+}

@@ -349,3 +349,35 @@ fn in_flight_upload_is_rejected_after_upload_timeout() {
     assert_eq!(site.release_ids(), ["v1"]);
     svc.stop();
 }
+
+#[test]
+fn finalize_cli_of_bad_upload_exits_1() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    assert_ok(&cli(&cfg, &["init", SITE]), "init");
+    site.stage_upload(&as_refs(&small_build("x")));
+    fs::write(site.deploy_cache().join("index.html"), b"corrupt\n").unwrap();
+    let out = cli(&cfg, &["finalize", SITE, "--id", "x"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a rejected upload -> exit 1; {}",
+        show(&out)
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("index.html"),
+        "names the file; {}",
+        show(&out)
+    );
+    assert!(
+        site.release_ids().is_empty(),
+        "{:?}",
+        site.releases_entries()
+    );
+    assert!(site.current_target().is_none());
+}

@@ -72,3 +72,36 @@ fn rsync_mirror_second_deploy_only_changes_what_changed() {
     );
     svc.stop();
 }
+
+#[test]
+fn release_dir_is_never_visible_half_done() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    let build = site.tmp_path("build");
+    let files: Vec<(String, Vec<u8>)> = (0..300)
+        .map(|i| (format!("d{}/f{i}.bin", i % 10), vec![(i % 251) as u8; 8192]))
+        .collect();
+    write_tree(&build, &as_refs(&files));
+    write_sha256sums(&build);
+    let want = tree(&build, &[]);
+    rsync_upload(&build, &site.deploy_cache());
+    site.drop_marker("id = \"big\"\n");
+
+    // Poll releases/big while the keeper works: once visible, it must be complete.
+    let rel = site.release("big");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !rel.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "releases/big never appeared"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        tree(&rel, &[]),
+        want,
+        "releases/<id> visible before it was complete"
+    );
+    svc.wait_release_event("release.activated", "big");
+    svc.stop();
+}

@@ -126,6 +126,7 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
     }
     tracing::info!(
         event = events::DAEMON_STARTED,
+        site = %site_names(&workers),
         sites = workers.len(),
         "release-keeper started"
     );
@@ -161,8 +162,8 @@ async fn reload(
     let new = match source.load() {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(event = events::CONFIG_REJECTED, reason = %e,
-                "new config rejected; keeping the running one");
+            tracing::error!(event = events::CONFIG_REJECTED, site = %site_names(workers),
+                reason = %e, "new config rejected; keeping the running one");
             for h in workers.values() {
                 h.heal.notify_one();
             }
@@ -195,9 +196,15 @@ async fn reload(
     }
     tracing::info!(
         event = events::CONFIG_RELOADED,
+        site = %site_names(workers),
         sites = workers.len(),
         "config reloaded"
     );
+}
+
+/// Daemon-level events carry every site they concern, comma-separated, in `site`.
+fn site_names(workers: &BTreeMap<String, worker::Handle>) -> String {
+    workers.keys().cloned().collect::<Vec<_>>().join(",")
 }
 
 async fn stop_all(workers: &mut BTreeMap<String, worker::Handle>) {
@@ -213,6 +220,7 @@ async fn shutdown(
 ) -> Result<()> {
     tracing::info!(
         event = events::DAEMON_STOPPING,
+        site = %site_names(workers),
         "stopping: finishing or undoing in-flight work"
     );
     systemd::stopping();

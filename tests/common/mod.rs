@@ -943,6 +943,11 @@ pub fn reference_build(dir: &Path) {
         ],
     );
     write_symlink(dir, "public/app.js", "js/app.js");
+    // A setgid dir and a sticky, world-writable dir: both must come out 0555.
+    fs::set_permissions(dir.join("public/css"), fs::Permissions::from_mode(0o2775)).unwrap();
+    fs::create_dir_all(dir.join("tmp")).unwrap();
+    fs::write(dir.join("tmp/keep"), b"").unwrap();
+    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
     write_sha256sums(dir);
 }
 
