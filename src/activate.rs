@@ -31,6 +31,7 @@ fn hook_env(site: &Site, id: &str, previous: Option<&str>) -> HookEnv {
         previous: previous.map(str::to_string),
         site_name: site.name().to_string(),
         site_root: hooks::absolute(site.root()),
+        user: site.cfg.hook_user.clone(),
     }
 }
 

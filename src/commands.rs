@@ -440,6 +440,10 @@ fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<bool> {
                 ok = false;
                 out(&format!("{}: upload rejected: {r}", site.name()))?
             }
+            Outcome::Deferred(r) => {
+                ok = false;
+                out(&format!("{}: upload deferred: {r}", site.name()))?
+            }
             Outcome::ActivationFailed(id, r) => {
                 ok = false;
                 out(&format!(

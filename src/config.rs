@@ -38,7 +38,7 @@ const RESERVED_NAMES: [&str; 5] = [
 ];
 
 /// Keys that may appear in `[defaults]` as well as in a site.
-const TUNABLE_KEYS: [&str; 15] = [
+const TUNABLE_KEYS: [&str; 16] = [
     "keep",
     "keep_failed",
     "marker",
@@ -54,6 +54,7 @@ const TUNABLE_KEYS: [&str; 15] = [
     "verify_interval",
     "max_files",
     "max_bytes",
+    "hook_user",
 ];
 
 /// Keys that only make sense for one site.
@@ -115,6 +116,8 @@ pub struct SiteConfig {
     pub max_files: Option<u64>,
     /// Maximum total bytes of an upload; `None` means no limit.
     pub max_bytes: Option<u64>,
+    /// User the hooks run as when the service runs as root (default: the service's user).
+    pub hook_user: Option<String>,
 }
 
 impl SiteConfig {
@@ -143,6 +146,7 @@ impl SiteConfig {
             verify_interval: Duration::from_secs(60 * 60),
             max_files: None,
             max_bytes: None,
+            hook_user: None,
         }
     }
 }
@@ -409,6 +413,7 @@ struct RawSite {
     verify_interval: Option<Spanned<DurText>>,
     max_files: Option<Spanned<Count>>,
     max_bytes: Option<Spanned<Count>>,
+    hook_user: Option<Spanned<String>>,
 }
 
 /// A non-negative integer (so a type error says so instead of naming a Rust type).
@@ -857,6 +862,21 @@ fn apply_tunables(
     }
     if let Some(v) = &raw.max_bytes {
         config.max_bytes = Some(limit(v, "max_bytes", src)?);
+    }
+    if let Some(v) = &raw.hook_user {
+        let name = v.get_ref();
+        let ok = !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !ok {
+            return Err(src.at(
+                v.span().start,
+                format!("hook_user must be a user name like \"www-data\", got {name:?}"),
+            ));
+        }
+        config.hook_user = Some(name.clone());
     }
     Ok(())
 }
@@ -1530,6 +1550,23 @@ marker = "DONE"
         for (line, column, needle) in links {
             assert_error(&format!("{site}{line}\n"), 3, column, needle);
         }
+    }
+
+    #[test]
+    fn hook_user_is_a_plain_user_name() {
+        let ok = parse_main(
+            "[defaults]\nhook_user = \"www-data\"\n[sites.a]\nroot = \"/srv/a\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(ok["a"].hook_user.as_deref(), Some("www-data"));
+        let err = parse_main(
+            "[sites.a]\nroot = \"/srv/a\"\nhook_user = \"../x y\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("c.toml:3:13: hook_user must be"), "{err}");
     }
 
     #[test]

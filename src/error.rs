@@ -38,6 +38,9 @@ pub enum Error {
     /// An operation failed or found a problem (hook, health check, drift, refusal).
     #[error("{0}")]
     Failed(String),
+    /// Not enough free space for a release; the upload is retried later.
+    #[error("not enough free space: {0}")]
+    NoSpace(String),
     /// The service was asked to stop while working; the work was undone.
     #[error("interrupted by shutdown")]
     Interrupted,
@@ -53,10 +56,18 @@ impl Error {
         }
     }
 
-    /// True when the error is ENOSPC/EDQUOT somewhere in a filesystem step.
+    /// True when the error means the disk is full (ENOSPC/EDQUOT, or the pre-check).
     pub fn is_no_space(&self) -> bool {
-        matches!(self, Error::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+        match self {
+            Error::NoSpace(_) => true,
+            Error::Io { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
+            }
+            _ => false,
+        }
     }
 }
 

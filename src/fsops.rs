@@ -274,6 +274,13 @@ fn make_dirs_writable(dir: &Path) -> Result<()> {
 /// Deletes `path` the safe way: one rename into `trash_dir` (so it stops being visible
 /// where it was at once), fsync of both directories, then the slow removal.
 pub fn trash_and_remove(path: &Path, trash_dir: &Path) -> Result<()> {
+    let dest = move_to_trash(path, trash_dir)?;
+    remove_tree(&dest)
+}
+
+/// The first half of a deletion: one rename of `path` into `trash_dir`, made durable.
+/// What is in the trash is removed by `empty_trash` (healing retries it after a failure).
+pub fn move_to_trash(path: &Path, trash_dir: &Path) -> Result<PathBuf> {
     ensure_dir(trash_dir, 0o700)?;
     let name = path
         .file_name()
@@ -292,7 +299,8 @@ pub fn trash_and_remove(path: &Path, trash_dir: &Path) -> Result<()> {
     }
     fs::rename(path, &dest).at(path)?;
     fsync_dir(parent_of(path))?;
-    remove_tree(&dest)
+    fsync_dir(trash_dir)?;
+    Ok(dest)
 }
 
 /// Empties the trash directory (leftovers of interrupted deletions).

@@ -29,6 +29,8 @@ pub struct HookEnv {
     pub site_name: String,
     /// `SITE_ROOT`.
     pub site_root: PathBuf,
+    /// Run as this user (config `hook_user`; needs the service to run as root).
+    pub user: Option<String>,
 }
 
 /// How a hook ended when it did not succeed.
@@ -113,6 +115,36 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(name) = &env.user {
+        let user = match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) => u,
+            Ok(None) => {
+                return Err(fail(
+                    format!("hook_user {name:?} does not exist"),
+                    String::new(),
+                ))
+            }
+            Err(e) => {
+                return Err(fail(
+                    format!("cannot look up hook_user {name:?}: {e}"),
+                    String::new(),
+                ))
+            }
+        };
+        let euid = nix::unistd::geteuid();
+        if !euid.is_root() && euid != user.uid {
+            return Err(fail(
+                format!("hook_user {name:?} needs the service to run as root"),
+                String::new(),
+            ));
+        }
+        // std drops supplementary groups (setgroups(0)) when root sets a uid.
+        cmd.uid(user.uid.as_raw())
+            .gid(user.gid.as_raw())
+            .env("HOME", &user.dir)
+            .env("USER", name)
+            .env("LOGNAME", name);
+    }
     let mut child: Child = cmd
         .spawn()
         .map_err(|e| fail(format!("cannot start {program:?}: {e}"), String::new()))?;
@@ -176,6 +208,7 @@ mod tests {
             previous: Some("r0".into()),
             site_name: "s".into(),
             site_root: dir.to_path_buf(),
+            user: None,
         }
     }
 
@@ -193,6 +226,31 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn hook_user_drops_privileges() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            d.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut e = env(d.path());
+        e.user = Some("nobody".into());
+        run(
+            "t",
+            &sh("test \"$(id -u)\" = 65534 && test \"$USER\" = nobody"),
+            &e,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        e.user = Some("no-such-user-rk".into());
+        let f = run("t", &sh("true"), &e, Duration::from_secs(5)).unwrap_err();
+        assert!(f.status.contains("does not exist"), "{}", f.status);
     }
 
     #[test]

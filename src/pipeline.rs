@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::events;
 use crate::fsops;
 use crate::release::finalize::{self, LinkSource};
-use crate::release::hashcache::HashCache;
+use crate::release::hashcache::{HashCache, StatKey};
 use crate::release::retention;
 use crate::release::store::{self, Journal, Op};
 use crate::site::Site;
@@ -32,6 +32,8 @@ pub enum Outcome {
     Rejected(String),
     /// Finalized but activation failed (hook or health check); the reason.
     ActivationFailed(String, String),
+    /// Not enough space: the claim stays and is retried on the next heal pass or marker.
+    Deferred(String),
 }
 
 /// Claims the marker if present and processes every pending claim. Stops early (leaving
@@ -48,7 +50,13 @@ pub fn run_pending(site: &Site, cancel: &AtomicBool) -> Result<Vec<Outcome>> {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
-            outcomes.push(process(site, p, cancel)?);
+            let outcome = process(site, p, cancel)?;
+            let deferred = matches!(outcome, Outcome::Deferred(_));
+            outcomes.push(outcome);
+            if deferred {
+                // Retrying at once would spin on a full disk.
+                return Ok(outcomes);
+            }
         }
     }
 }
@@ -128,6 +136,19 @@ fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome
             marker::remove(&path)?;
             reject(site, &mut journal, Some(&claim.id), &reason)
         }
+        Err(e) if e.is_no_space() => {
+            let _ = fsops::remove_tree(&site.partial(&claim.id));
+            let reason = format!("{e}; the upload is kept and retried when space is available");
+            tracing::error!(
+                event = events::RELEASE_REJECTED,
+                site = site.name(),
+                release = %claim.id,
+                reason = %reason,
+                retrying = true,
+                "not enough space for the release"
+            );
+            Ok(Outcome::Deferred(reason))
+        }
         Err(e) => {
             // Not the upload's fault (I/O, disk full): reported as a rejection so the
             // uploader sees it; the claim is dropped so a broken disk does not loop.
@@ -166,7 +187,10 @@ fn process_claim(
         sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
     }
     let manifest = read_manifest(site)?;
-    wait_for_uploads(site, manifest.as_ref(), cancel)?;
+    let cache = HashCache::load(&site.hash_cache());
+    let link_from = link_source(site, journal);
+    let needed = wait_for_uploads(site, manifest.as_ref(), &cache, link_from.as_ref(), cancel)?;
+    check_space(site, needed)?;
 
     let existing = journal.state().get(id).cloned();
     let on_disk = std::fs::symlink_metadata(site.release(id)).is_ok();
@@ -181,8 +205,6 @@ fn process_claim(
         }
     }
 
-    let cache = HashCache::load(&site.hash_cache());
-    let link_from = link_source(site, journal);
     let built = finalize::build(&finalize::Input {
         site,
         id,
@@ -314,14 +336,42 @@ fn read_manifest(site: &Site) -> Result<Option<Entries>> {
     Ok(Some(entries))
 }
 
-/// Waits while files of the upload still look in flight, up to `upload_timeout`.
-fn wait_for_uploads(site: &Site, manifest: Option<&Entries>, cancel: &AtomicBool) -> Result<()> {
+/// Refuses to start a release the filesystem cannot hold (plus a margin for metadata).
+fn check_space(site: &Site, needed: u64) -> Result<()> {
+    let free = fsops::free_bytes(&site.releases())?;
+    let want = needed + needed / 100 + 16 * 1024 * 1024;
+    if want > free {
+        return Err(Error::NoSpace(format!(
+            "the release needs about {want} bytes in {}, {free} are free",
+            site.releases().display()
+        )));
+    }
+    Ok(())
+}
+
+/// What a scan of `deploy-cache/` found.
+struct Scan {
+    /// Names that look like uploads still being written.
+    busy: Vec<String>,
+    /// Bytes that will have to be copied (files that cannot be hard-linked).
+    to_copy: u64,
+}
+
+/// Waits while files of the upload still look in flight, up to `upload_timeout`. Returns
+/// the bytes the release will need.
+fn wait_for_uploads(
+    site: &Site,
+    manifest: Option<&Entries>,
+    cache: &HashCache,
+    link_from: Option<&LinkSource>,
+    cancel: &AtomicBool,
+) -> Result<u64> {
     let deadline = Instant::now() + site.cfg.upload_timeout;
     let mut logged = false;
     loop {
-        let busy = in_flight(site, manifest)?;
+        let Scan { busy, to_copy } = scan(site, manifest, cache, link_from)?;
         if busy.is_empty() {
-            return Ok(());
+            return Ok(to_copy);
         }
         if Instant::now() >= deadline {
             return Err(Error::Rejected(format!(
@@ -339,10 +389,17 @@ fn wait_for_uploads(site: &Site, manifest: Option<&Entries>, cancel: &AtomicBool
     }
 }
 
-/// Names under `deploy-cache/` that look like temporary upload files and are not listed
-/// in the manifest (a listed `.env.backup` is a real file, not rsync's temp name).
-fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
+/// Scans `deploy-cache/` by name and stat only: names that look like temporary upload
+/// files and are not listed in the manifest (a listed `.env.backup` is a real file, not
+/// rsync's temp name), and the bytes that cannot be hard-linked from the last release.
+fn scan(
+    site: &Site,
+    manifest: Option<&Entries>,
+    cache: &HashCache,
+    link_from: Option<&LinkSource>,
+) -> Result<Scan> {
     let mut busy = Vec::new();
+    let mut to_copy = 0u64;
     let marker = std::ffi::OsString::from(&site.cfg.marker);
     walk::walk(
         &site.deploy_cache(),
@@ -353,6 +410,17 @@ fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
             let listed = manifest.is_some_and(|m| m.contains_key(&f.rel));
             if !listed && inflight::looks_in_flight(name) && busy.len() < 10 {
                 busy.push(f.rel.display().to_string());
+            }
+            if walk::is_file(f.stat.st_mode) {
+                let size = f.stat.st_size as u64;
+                let mode = finalize::release_mode(f.stat.st_mode);
+                let linkable = cache
+                    .lookup(&f.rel, &StatKey::of(&f.stat))
+                    .zip(link_from)
+                    .is_some_and(|(d, src)| src.index.contains_key(&(d, mode, size)));
+                if !linkable {
+                    to_copy += size;
+                }
             }
             Ok(matches!(f.node, Node::Dir))
         },
@@ -365,7 +433,7 @@ fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
         }
         other => Err(other),
     })?;
-    Ok(busy)
+    Ok(Scan { busy, to_copy })
 }
 
 fn sleep_unless_cancelled(d: Duration, cancel: &AtomicBool) -> Result<()> {

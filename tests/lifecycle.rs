@@ -173,8 +173,10 @@ fn existing_id_rejected_unless_identical() {
     // Same id, identical content: a no-op (not a rejection, no new release).
     site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
     site.wait_marker_consumed(WAIT);
-    // Barrier: a later release proves the no-op was fully processed.
-    deploy_and_activate(&site, &svc, "v2");
+    // Barrier: markers are processed in order, so a later release of the same upload
+    // (deploy-cache untouched while the no-op may still be running) proves it is done.
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
     assert_eq!(
         svc.events_for("release.rejected", "v1").len(),
         1,

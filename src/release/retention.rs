@@ -77,15 +77,21 @@ pub fn plan_site(site: &Site, journal: &Journal) -> Result<Vec<Doomed>> {
 }
 
 /// Applies the policy: each doomed release leaves `releases/` by one rename, is journaled,
-/// then removed. Returns what was deleted.
+/// then removed. A removal that fails (a file someone else owns) leaves the tree in the
+/// trash, out of `releases/`, with a clear error; healing retries it. Returns what was
+/// deleted.
 pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
     let doomed = plan_site(site, journal)?;
     for d in &doomed {
-        fsops::trash_and_remove(&site.release(&d.id), &site.trash())?;
+        let trashed = fsops::move_to_trash(&site.release(&d.id), &site.trash())?;
         journal.append(Op::Pruned {
             release: d.id.clone(),
         })?;
         let _ = std::fs::remove_file(site.manifest_of(&d.id));
+        if let Err(e) = fsops::remove_tree(&trashed) {
+            tracing::warn!(site = site.name(), release = %d.id, error = %e,
+                "pruned release left the releases/ directory but could not be removed fully; healing retries");
+        }
         tracing::info!(
             event = events::RELEASE_PRUNED,
             site = site.name(),

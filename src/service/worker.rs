@@ -116,6 +116,7 @@ async fn run(
                 &marker_wake,
             ),
             (site.root().to_path_buf(), None, &heal_wake),
+            (site.releases(), None, &heal_wake),
         ] {
             if let Err(e) = watcher.watch(&dir, name, Arc::clone(wake)) {
                 tracing::error!(site = site.name(), error = %e, "cannot watch");

@@ -1,0 +1,88 @@
+//! A disk too small for the upload: the release is deferred (not dropped), nothing is left
+//! behind, `current` is untouched, and the upload is finalized once space returns.
+//! Needs root (it mounts a small tmpfs as the site root); skipped otherwise.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Unmounts the tmpfs when the test ends, whatever happens.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<Mount> {
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    ok.then(|| Mount(dir.to_path_buf()))
+}
+
+#[test]
+fn upload_larger_than_free_space_is_deferred_then_finalized_when_space_returns() {
+    let site = Site::new();
+    let Some(mount) = mount_tmpfs(&site.root, "40m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    fs::create_dir_all(site.deploy_cache()).unwrap();
+    let mut svc = Service::start_root(&site.root);
+
+    // 20 MiB of upload: with the upload itself on the same 40 MiB filesystem, the release
+    // (20 MiB plus margin) does not fit.
+    let blobs: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("assets/blob{i}.bin"), vec![i as u8; 1024 * 1024]))
+        .collect();
+    let files: Vec<(&str, &[u8])> = blobs
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    site.deploy(&files, "id = \"big\"\n");
+    let ev = svc.wait_event("release.rejected", |v| v["retrying"] == true, WAIT);
+    assert!(
+        reason_of(&ev).contains("not enough free space"),
+        "reason should say why: {ev}"
+    );
+    assert_eq!(site.current_id(), None, "current must stay untouched");
+    assert!(
+        site.hidden_release_entries().is_empty() && site.release_ids().is_empty(),
+        "no partial or release left behind: {:?}",
+        site.releases_entries()
+    );
+    let claims = fs::read_dir(site.root.join(".release-keeper/claims"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        claims, 1,
+        "the upload must be kept for a retry, not dropped"
+    );
+
+    // Space returns; SIGHUP (or the heal timer, or the next marker) retries it.
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=200m"])
+        .arg(&mount.0)
+        .status()
+        .unwrap();
+    assert!(st.success(), "remount failed");
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    svc.wait_release_event("release.activated", "big");
+    assert_eq!(site.current_id().as_deref(), Some("big"));
+    assert_eq!(
+        fs::read(site.release("big").join("assets/blob7.bin")).unwrap(),
+        vec![7u8; 1024 * 1024]
+    );
+    svc.stop();
+    drop(mount);
+}
