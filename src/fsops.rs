@@ -313,8 +313,13 @@ pub fn empty_trash(trash_dir: &Path) -> Result<Vec<PathBuf>> {
     };
     for entry in entries {
         let entry = entry.at(trash_dir)?;
-        remove_tree(&entry.path())?;
-        removed.push(entry.path());
+        // One stubborn tree (a file owned by someone else) must not block the rest; it
+        // stays in the trash, out of releases/, and is retried by the next pass.
+        match remove_tree(&entry.path()) {
+            Ok(()) => removed.push(entry.path()),
+            Err(e) => tracing::warn!(path = %entry.path().display(), error = %e,
+                "cannot remove a deleted release from the trash yet; will retry"),
+        }
     }
     Ok(removed)
 }

@@ -1,0 +1,354 @@
+//! Safe activation (issue 3): real hook scripts, automatic rollback, failed releases kept
+//! out of rollbacks and retention, hook timeouts, and a crash during the health check.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const SITE: &str = "app";
+
+/// Writes an executable shell script and returns its path.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    let mut perm = fs::metadata(&p).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    fs::set_permissions(&p, perm).unwrap();
+    p
+}
+
+fn build(tag: &str) -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("index.html".into(), format!("<h1>{tag}</h1>").into_bytes()),
+        ("app/version.txt".into(), tag.as_bytes().to_vec()),
+    ]
+}
+
+fn deploy(site: &Site, id: &str) {
+    let b = build(id);
+    let files: Vec<(&str, &[u8])> = b.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
+    site.deploy(&files, &format!("id = \"{id}\"\n"));
+}
+
+/// A health check that fails for releases whose id starts with "bad".
+fn health_config(site: &Site, defaults: &str) -> PathBuf {
+    let health = script(
+        &site.tmp_path(""),
+        "health.sh",
+        "case \"$RELEASE_ID\" in bad*) echo \"unhealthy $RELEASE_ID\" >&2; exit 1;; esac; exit 0",
+    );
+    site.write_config(
+        SITE,
+        &format!("health_retries = 2\nhealth_interval = \"100ms\"\n{defaults}"),
+        &format!("health_check = [\"{}\"]", health.display()),
+    )
+}
+
+fn release_obj(list: &Value, id: &str) -> Value {
+    list["releases"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["id"] == id).cloned())
+        .unwrap_or_else(|| panic!("release {id} not in list: {list}"))
+}
+
+fn list(cfg: &Path) -> Value {
+    let out = cli_when_idle(cfg, &["list", SITE, "--json"]);
+    assert_ok(&out, "list --json");
+    stdout_json(&out)
+}
+
+#[test]
+fn unhealthy_release_rolls_back_by_itself_and_is_marked_failed() {
+    let site = Site::new();
+    let cfg = health_config(&site, "");
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    deploy(&site, "bad1");
+    let rb = svc.wait_release_event("release.rolled_back", "bad1");
+    assert_eq!(
+        rb["previous"], "v1",
+        "rolled back to the previous good release: {rb}"
+    );
+    assert!(
+        reason_of(&rb).contains("health_check"),
+        "reason names the check: {rb}"
+    );
+    assert!(
+        !svc.events_for("health.failed", "bad1").is_empty(),
+        "health.failed logged"
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    let l = list(&cfg);
+    let bad = release_obj(&l, "bad1");
+    assert_eq!(bad["state"], "failed", "{l}");
+    let reason = bad["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("health_check")
+            && reason.contains("exit status 1")
+            && reason.contains("unhealthy bad1"),
+        "list says which hook, its exit status and stderr: {reason}"
+    );
+    assert!(
+        bad["failed_at"].as_str().is_some_and(is_rfc3339),
+        "when: {bad}"
+    );
+    svc.stop();
+}
+
+#[test]
+fn rollback_never_lands_on_a_failed_release() {
+    let site = Site::new();
+    let cfg = health_config(&site, "");
+    let mut svc = Service::start_config(&cfg);
+    for id in ["v1", "v2"] {
+        deploy(&site, id);
+        svc.wait_release_event("release.activated", id);
+    }
+    deploy(&site, "bad3");
+    svc.wait_release_event("release.rolled_back", "bad3");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    // The previous good release of v2 is v1, not the failed bad3.
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "rollback");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    // Explicitly asking for the failed one is refused.
+    let out = cli_when_idle(&cfg, &["rollback", SITE, "--to", "bad3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    // So is activating it without --force.
+    let out = cli_when_idle(&cfg, &["activate", SITE, "bad3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--force"),
+        "{}",
+        show(&out)
+    );
+    svc.stop();
+}
+
+#[test]
+fn failed_releases_do_not_push_good_ones_out_of_keep() {
+    let site = Site::new();
+    let cfg = health_config(&site, "keep = 2\nkeep_failed = 1\n");
+    let mut svc = Service::start_config(&cfg);
+    for id in ["v1", "v2"] {
+        deploy(&site, id);
+        svc.wait_release_event("release.activated", id);
+    }
+    for id in ["bad1", "bad2", "bad3"] {
+        deploy(&site, id);
+        svc.wait_release_event("release.rolled_back", id);
+    }
+    wait_until(
+        WAIT,
+        || site.release_ids() == ["bad3", "v1", "v2"],
+        || {
+            format!(
+                "good releases kept, newest failed kept: {:?}",
+                site.release_ids()
+            )
+        },
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    assert!(svc.events_for("release.pruned", "v1").is_empty());
+    svc.stop();
+}
+
+#[test]
+fn before_activate_failure_keeps_the_release_unactivated_and_force_overrides() {
+    let site = Site::new();
+    let flag = site.tmp_path("block");
+    let hook = script(
+        &site.tmp_path(""),
+        "before.sh",
+        &format!(
+            "if [ -e {} ]; then echo migration broke >&2; exit 4; fi",
+            flag.display()
+        ),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "",
+        &format!("before_activate = [\"{}\"]", hook.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    fs::write(&flag, b"").unwrap();
+    deploy(&site, "v2");
+    let hf = svc.wait_release_event("hook.failed", "v2");
+    assert_eq!(hf["hook"], "before_activate", "{hf}");
+    assert_eq!(hf["status"], "exit status 4", "{hf}");
+    assert!(
+        hf["stderr"]
+            .as_str()
+            .unwrap_or("")
+            .contains("migration broke"),
+        "{hf}"
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "not activated");
+    assert!(
+        site.release("v2").is_dir(),
+        "the failed release is kept for inspection"
+    );
+    assert_eq!(release_obj(&list(&cfg), "v2")["state"], "failed");
+    fs::remove_file(&flag).unwrap();
+    let out = cli_when_idle(&cfg, &["activate", SITE, "v2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "failed release needs --force: {}",
+        show(&out)
+    );
+    let out = cli_when_idle(&cfg, &["activate", SITE, "v2", "--force"]);
+    assert_ok(&out, "activate --force");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
+
+#[test]
+fn hook_timeout_kills_the_whole_process_group() {
+    let site = Site::new();
+    let pidfile = site.tmp_path("child.pid");
+    let hook = script(
+        &site.tmp_path(""),
+        "slow.sh",
+        &format!("sleep 60 & echo $! > {}; wait", pidfile.display()),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "hook_timeout = \"1s\"\n",
+        &format!("after_activate = [\"{}\"]", hook.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    let hf = svc.wait_release_event("hook.failed", "v1");
+    assert!(
+        hf["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("timed out after 1s"),
+        "{hf}"
+    );
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        || kill(Pid::from_raw(pid), None).is_err(),
+        || format!("the hook's child {pid} must be killed with the group"),
+    );
+    svc.stop();
+}
+
+#[test]
+fn without_auto_rollback_a_failed_release_stays_current_and_status_shows_it() {
+    let site = Site::new();
+    let cfg = health_config(&site, "auto_rollback = false\n");
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    deploy(&site, "bad1");
+    svc.wait_release_event("health.failed", "bad1");
+    wait_until(
+        WAIT,
+        || site.current_id().as_deref() == Some("bad1"),
+        || "bad1 stays current".into(),
+    );
+    assert!(svc.events_for("release.rolled_back", "bad1").is_empty());
+    let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status");
+    let st = stdout_json(&out);
+    let s = &st["sites"][0];
+    assert_eq!(s["current"], "bad1", "{st}");
+    assert_eq!(s["failed"][0], "bad1", "{st}");
+    svc.stop();
+}
+
+/// kill -9 while the health check of a new release runs: on restart the trial is resumed
+/// (the check runs again) and ends with a verdict, never left undecided.
+fn crash_during_trial(passes_after_restart: bool) {
+    let site = Site::new();
+    let started = site.tmp_path("check-started");
+    let hold = site.tmp_path("hold");
+    let verdict = site.tmp_path("verdict-fail");
+    let health = script(
+        &site.tmp_path(""),
+        "health.sh",
+        &format!(
+            "[ \"$RELEASE_ID\" = v1 ] && exit 0\n\
+             touch {started}\n\
+             while [ -e {hold} ]; do sleep 0.05; done\n\
+             [ -e {verdict} ] && exit 1\n\
+             exit 0",
+            started = started.display(),
+            hold = hold.display(),
+            verdict = verdict.display()
+        ),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 1\n",
+        &format!("health_check = [\"{}\"]", health.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    fs::write(&hold, b"").unwrap();
+    deploy(&site, "v2");
+    wait_until(
+        WAIT,
+        || started.exists(),
+        || "health check of v2 to start".into(),
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "swap happens before the check"
+    );
+    kill(Pid::from_raw(svc.pid()), Signal::SIGKILL).unwrap();
+    svc.wait_exit(Duration::from_secs(10));
+    fs::remove_file(&hold).unwrap();
+    if !passes_after_restart {
+        fs::write(&verdict, b"").unwrap();
+    }
+    let mut svc = Service::start_config(&cfg);
+    if passes_after_restart {
+        svc.wait_release_event("release.activated", "v2");
+        assert_eq!(site.current_id().as_deref(), Some("v2"));
+        assert_eq!(release_obj(&list(&cfg), "v2")["state"], "current");
+    } else {
+        svc.wait_release_event("release.rolled_back", "v2");
+        assert_eq!(site.current_id().as_deref(), Some("v1"));
+        assert_eq!(release_obj(&list(&cfg), "v2")["state"], "failed");
+    }
+    // The claim of v2 is done: a later restart changes nothing.
+    svc.stop();
+    let mut svc = Service::start_config(&cfg);
+    let want = if passes_after_restart { "v2" } else { "v1" };
+    assert_eq!(site.current_id().as_deref(), Some(want));
+    assert!(
+        svc.events("release.activated").is_empty() && svc.events("release.rolled_back").is_empty()
+    );
+    svc.stop();
+}
+
+#[test]
+fn crash_during_health_check_resumes_the_trial_and_activates() {
+    crash_during_trial(true);
+}
+
+#[test]
+fn crash_during_health_check_resumes_the_trial_and_rolls_back_on_failure() {
+    crash_during_trial(false);
+}
