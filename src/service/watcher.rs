@@ -131,19 +131,26 @@ impl Watcher {
 
     /// Stops routing events of every directory to `wake` (a site going away).
     pub fn forget(&self, wake: &Arc<Notify>) {
-        let Ok(mut routes) = self.routes.lock() else {
-            return;
-        };
-        let mut empty = Vec::new();
-        for (dir, list) in routes.iter_mut() {
-            list.retain(|r| !Arc::ptr_eq(&r.wake, wake));
-            if list.is_empty() {
-                empty.push(dir.clone());
+        let empty: Vec<PathBuf> = {
+            let Ok(mut routes) = self.routes.lock() else {
+                return;
+            };
+            let mut empty = Vec::new();
+            for (dir, list) in routes.iter_mut() {
+                list.retain(|r| !Arc::ptr_eq(&r.wake, wake));
+                if list.is_empty() {
+                    empty.push(dir.clone());
+                }
             }
-        }
-        for dir in empty {
-            routes.remove(&dir);
-            if let Ok(mut inner) = self.inner.lock() {
+            for dir in &empty {
+                routes.remove(dir);
+            }
+            empty
+        };
+        // `unwatch` waits for notify's event thread, whose callback takes the routes lock:
+        // calling it with that lock held deadlocks (seen on SIGTERM and SIGHUP).
+        if let Ok(mut inner) = self.inner.lock() {
+            for dir in empty {
                 let _ = inner.unwatch(&dir);
             }
         }
