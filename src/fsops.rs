@@ -77,15 +77,26 @@ pub fn syncfs(path: &Path) -> Result<()> {
 
 /// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Like `write_atomic`, streaming: `fill` writes the content through a buffer, so large
+/// files (a 200,000-line manifest) never exist whole in memory.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = tmp_sibling(path);
     let result = (|| {
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
             .open(&tmp)
             .at(&tmp)?;
-        f.write_all(bytes).at(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
+        fill(&mut w).at(&tmp)?;
+        let f = w.into_inner().map_err(|e| e.into_error()).at(&tmp)?;
         f.sync_all().at(&tmp)?;
         fs::rename(&tmp, path).at(path)?;
         fsync_dir(parent_of(path))

@@ -205,14 +205,19 @@ fn process_claim(
         }
     }
 
-    let built = finalize::build(&finalize::Input {
-        site,
-        id,
-        manifest: manifest.as_ref(),
-        cache: &cache,
-        link_from: link_from.as_ref(),
-        cancel,
-    })?;
+    let built = finalize::build(
+        &finalize::Input {
+            site,
+            id,
+            cache: &cache,
+            link_from: link_from.as_ref(),
+            cancel,
+        },
+        manifest,
+    )?;
+    // Big trees: free the lookup tables before the manifest and cache are written.
+    drop(link_from);
+    drop(cache);
 
     if existing.is_some() && on_disk {
         let stored = store::read_release_manifest(site, id)?;

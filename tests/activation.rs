@@ -301,7 +301,7 @@ fn crash_during_trial(passes_after_restart: bool) {
         "health_retries = 1\n",
         &format!("health_check = [\"{}\"]", health.display()),
     );
-    let mut svc = Service::start_config(&cfg);
+    let svc = Service::start_config(&cfg);
     deploy(&site, "v1");
     svc.wait_release_event("release.activated", "v1");
     fs::write(&hold, b"").unwrap();

@@ -184,7 +184,8 @@ struct Sentinel {
 }
 
 impl Sentinel {
-    /// Creates `<tmp>/outside/{secret.txt, sub/inner.txt}` (plus `extra` files) and arms it.
+    /// Creates `<tmp>/outside/{secret.txt, sub/inner.txt}` plus `extra` files (relative to
+    /// `outside/`), and arms it: every file written and every directory above one is watched.
     fn new(site: &Site, extra: &[(&str, &[u8])]) -> Sentinel {
         let tmp = site.tmp.path().to_path_buf();
         fs::create_dir_all(tmp.join("scratch")).unwrap();
@@ -192,9 +193,17 @@ impl Sentinel {
         let mut files: Vec<(&str, &[u8])> = vec![("secret.txt", SECRET), ("sub/inner.txt", SECRET)];
         files.extend_from_slice(extra);
         write_tree(&dir, &files);
-        let mut watched = vec![(dir.clone(), None), (dir.join("sub"), None)];
+        let mut watched: Vec<(PathBuf, Option<Vec<u8>>)> = vec![(dir.clone(), None)];
         for (rel, content) in &files {
-            watched.push((dir.join(rel), Some(content.to_vec())));
+            let p = dir.join(rel);
+            let mut parent = p.parent();
+            while let Some(d) = parent {
+                if d.starts_with(&tmp) && d != tmp && !watched.iter().any(|(w, _)| w == d) {
+                    watched.push((d.to_path_buf(), None));
+                }
+                parent = d.parent();
+            }
+            watched.push((p, Some(content.to_vec())));
         }
         let mut s = Sentinel {
             dir,
@@ -852,7 +861,7 @@ fn hostile_manifests_are_rejected() {
                 write_manifest(dc, &[base_lines(), bad].concat());
             },
             Marker::Text(&id_marker(&id)),
-            &[&[MANIFEST][..], &want].concat(),
+            &[&[MANIFEST][..], &want[..]].concat(),
         );
     }
 
@@ -901,9 +910,8 @@ fn hostile_manifests_are_rejected() {
         Some("h-bad-escape"),
         |dc| {
             put_base(dc);
-            let mut bad = line(b"a\\b", b"");
-            bad[bad.len() - 2] = b't'; // `\\t` instead of `\\\\`
-            let bad = [&b"\\"[..], &bad[..bad.len() - 4], b"\\t\n"].concat();
+            let hex = release_keeper::upload::manifest::to_hex(&digest(b""));
+            let bad = format!("\\{hex}  a\\tb\n").into_bytes();
             write_manifest(dc, &[base_lines(), bad].concat());
         },
         Marker::Text(&id_marker("h-bad-escape")),
@@ -1289,15 +1297,19 @@ fn awkward_names() -> Vec<Vec<u8>> {
 fn awkward_names_round_trip_with_sha256sum() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
-    let svc = Service::start_config(&cfg);
-    let mut svc = svc;
+    let mut svc = Service::start_config(&cfg);
     let build = site.tmp_path("build");
     for n in awkward_names() {
         let p = build.join(OsStr::from_bytes(&n));
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(&p, &n).unwrap();
     }
-    write_sha256sums(&build);
+    // Only the top-level SHA256SUMS and marker are not part of the upload.
+    sh(
+        &build,
+        "find . -type f ! -path ./SHA256SUMS ! -path ./.release-ready -print0 | sort -z \\
+         | xargs -0 sha256sum > SHA256SUMS",
+    );
     let sums = fs::read(build.join(MANIFEST)).unwrap();
     assert!(
         sums.starts_with(b"\\") || sums.windows(2).any(|w| w == b"\n\\"),
@@ -1332,7 +1344,7 @@ fn awkward_names_round_trip_with_sha256sum() {
     // The same build with a BSD-style (`--tag`) manifest.
     sh(
         &build,
-        "find . -type f ! -name SHA256SUMS -print0 | sort -z | xargs -0 sha256sum --tag > SHA256SUMS",
+        "find . -type f ! -path ./SHA256SUMS -print0 | sort -z | xargs -0 sha256sum --tag > SHA256SUMS",
     );
     rsync_upload(&build, &site.deploy_cache());
     site.drop_marker("id = \"v3\"\n");
@@ -1357,8 +1369,7 @@ fn awkward_names_round_trip_with_sha256sum() {
 #[test]
 fn path_longer_than_path_max_is_handled() {
     let site = Site::new();
-    let svc = Service::start_root(&site.root);
-    let mut svc = svc;
+    let mut svc = Service::start_root(&site.root);
     site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
     svc.wait_release_event("release.activated", "v1");
     let mut sentinel = Sentinel::new(&site, &[]);
@@ -1449,17 +1460,22 @@ fn file_changing_while_copied_is_rejected() {
     site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
     svc.wait_release_event("release.activated", "v1");
 
-    // 200 MB whose byte at offset k is k % 251: rewriting a byte with its own value keeps it.
+    // About 200 MB whose byte at offset k is k % 251: rewriting a byte with its own value
+    // keeps the content (and so the manifest) right.
     let dc = site.deploy_cache();
     clear_dir(&dc);
     write_tree(&dc, BASE);
-    let len = 200 * 1024 * 1024;
-    let big: Vec<u8> = (0..len).map(|k| (k % 251) as u8).collect();
+    let block: Vec<u8> = (0..251 * 4096).map(|k| (k % 251) as u8).collect();
     let mut f = File::create(dc.join("big.bin")).unwrap();
-    f.write_all(&big).unwrap();
+    for _ in 0..200 {
+        f.write_all(&block).unwrap();
+    }
     drop(f);
-    write_manifest(&dc, &[base_lines(), line(b"big.bin", &big)].concat());
-    drop(big);
+    let big = hash_reader(&mut File::open(dc.join("big.bin")).unwrap())
+        .unwrap()
+        .0;
+    let big_line = format_line(Path::new("big.bin"), &big);
+    write_manifest(&dc, &[base_lines(), big_line].concat());
 
     let mut reason = None;
     for attempt in 0..3 {
@@ -1542,8 +1558,6 @@ fn names_swapped_for_symlinks_during_finalize_never_leak_the_outside() {
         .collect();
     let mirror_refs: Vec<(&str, &[u8])> = mirror.iter().map(|(n, c)| (n.as_str(), *c)).collect();
     let mut sentinel = Sentinel::new(&site, &mirror_refs);
-    let mut watched_files: Vec<PathBuf> = vec![sentinel.secret()];
-    watched_files.extend(mirror.iter().map(|(n, _)| sentinel.dir.join(n)));
 
     let dc = site.deploy_cache();
     let hold = site.tmp_path("scratch/hold");
@@ -1636,7 +1650,6 @@ fn names_swapped_for_symlinks_during_finalize_never_leak_the_outside() {
         }
     }
     eprintln!("swap outcomes: {outcomes:#?}");
-    let _ = watched_files;
     svc.stop();
 }
 
@@ -1817,7 +1830,7 @@ fn hooks_get_a_clean_environment() {
         SITE,
         "",
         &format!(
-            "before_activate = [\"/usr/bin/env\", \"-0\"]\nafter_activate = [\"/bin/sh\", \"-c\", \"/usr/bin/env -0 > {}\"]",
+            "after_activate = [\"/bin/sh\", \"-c\", \"exec /usr/bin/env -0 > {}\"]",
             dump.display()
         ),
     );

@@ -62,8 +62,6 @@ pub struct Input<'a> {
     pub site: &'a Site,
     /// The release id being built.
     pub id: &'a str,
-    /// The upload's SHA256SUMS, if any.
-    pub manifest: Option<&'a Entries>,
     /// Digests of `deploy-cache/` files seen before.
     pub cache: &'a HashCache,
     /// An earlier release to hard-link unchanged files from.
@@ -108,16 +106,18 @@ struct Done {
 /// Most problems listed in one rejection reason.
 const MAX_LISTED: usize = 10;
 
-/// Builds `releases/.partial.<id>` from `deploy-cache/`. On any error the partial tree is
-/// removed; `Error::Rejected` means the upload itself is at fault.
-pub fn build(input: &Input<'_>) -> Result<Output> {
+/// Builds `releases/.partial.<id>` from `deploy-cache/`, verifying every file against the
+/// upload's `manifest` (consumed: matched entries are dropped as the walk goes, so memory
+/// shrinks on big trees and what remains at the end is missing). On any error the partial
+/// tree is removed; `Error::Rejected` means the upload itself is at fault.
+pub fn build(input: &Input<'_>, manifest: Option<Entries>) -> Result<Output> {
     let partial = input.site.partial(input.id);
     fsops::remove_tree(&partial)?;
     fs::DirBuilder::new()
         .mode(0o700)
         .create(&partial)
         .at(&partial)?;
-    let result = build_into(input, &partial);
+    let result = build_into(input, manifest, &partial);
     if result.is_err() {
         if let Err(e) = fsops::remove_tree(&partial) {
             tracing::warn!(site = input.site.name(), path = %partial.display(), error = %e,
@@ -129,7 +129,7 @@ pub fn build(input: &Input<'_>) -> Result<Output> {
 
 use std::os::unix::fs::DirBuilderExt;
 
-fn build_into(input: &Input<'_>, partial: &Path) -> Result<Output> {
+fn build_into(input: &Input<'_>, mut manifest: Option<Entries>, partial: &Path) -> Result<Output> {
     let started = Instant::now();
     let site = input.site;
     let cfg = &site.cfg;
@@ -146,7 +146,6 @@ fn build_into(input: &Input<'_>, partial: &Path) -> Result<Output> {
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
-    let mut seen_listed: u64 = 0;
 
     let worker_results: Vec<Result<(Vec<Done>, Vec<String>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -172,12 +171,9 @@ fn build_into(input: &Input<'_>, partial: &Path) -> Result<Output> {
                     out.files += 1;
                     out.bytes += found.stat.st_size as u64;
                     check_limits(cfg.max_files, cfg.max_bytes, out.files, out.bytes)?;
-                    let expected = match input.manifest {
-                        Some(m) if found.rel != manifest_name => match m.get(&found.rel) {
-                            Some(d) => {
-                                seen_listed += 1;
-                                Some(*d)
-                            }
+                    let expected = match manifest.as_mut() {
+                        Some(m) if found.rel != manifest_name => match m.remove(&found.rel) {
+                            Some(d) => Some(d),
                             None => {
                                 problems.push(format!(
                                     "{} is not listed in {}",
@@ -241,18 +237,13 @@ fn build_into(input: &Input<'_>, partial: &Path) -> Result<Output> {
         }
     }
 
-    if let Some(m) = input.manifest {
-        if seen_listed < m.len() as u64 {
-            let present: std::collections::HashSet<&Path> =
-                out.entries.iter().map(|e| e.path.as_path()).collect();
-            for p in m.keys().filter(|p| !present.contains(p.as_path())) {
-                problems.push(format!(
-                    "{} is listed in {} but missing from the upload",
-                    p.display(),
-                    cfg.manifest
-                ));
-            }
-        }
+    // Whatever the walk did not consume is listed but not uploaded as a regular file.
+    for p in manifest.iter().flat_map(|m| m.keys()) {
+        problems.push(format!(
+            "{} is listed in {} but missing from the upload",
+            p.display(),
+            cfg.manifest
+        ));
     }
     if !problems.is_empty() {
         problems.sort();

@@ -64,15 +64,15 @@ impl HashCache {
             .and_then(|(k, d)| (k == key).then_some(*d))
     }
 
-    /// Writes a new cache atomically from `(path, key, digest)` entries.
+    /// Writes a new cache atomically from `(path, key, digest)` entries, streaming.
     pub fn save<'a>(
         path: &Path,
         entries: impl Iterator<Item = (&'a Path, StatKey, Digest)>,
     ) -> Result<()> {
-        let mut buf = Vec::new();
-        for (rel, k, d) in entries {
-            buf.extend_from_slice(
-                format!(
+        fsops::write_atomic_with(path, |w| {
+            for (rel, k, d) in entries {
+                write!(
+                    w,
                     "{} {} {} {} {} {} ",
                     k.dev,
                     k.ino,
@@ -80,16 +80,15 @@ impl HashCache {
                     k.mtime_ns,
                     k.ctime_ns,
                     to_hex(&d)
-                )
-                .as_bytes(),
-            );
-            // Paths are hex-encoded: any byte can occur in a name.
-            for b in fsops::path_bytes(rel) {
-                buf.extend_from_slice(format!("{b:02x}").as_bytes());
+                )?;
+                // Paths are hex-encoded: any byte can occur in a name.
+                for b in fsops::path_bytes(rel) {
+                    write!(w, "{b:02x}")?;
+                }
+                w.write_all(b"\n")?;
             }
-            buf.push(b'\n');
-        }
-        fsops::write_atomic(path, &buf)
+            Ok(())
+        })
     }
 }
 

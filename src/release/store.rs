@@ -431,11 +431,15 @@ impl Entry {
 
 /// Writes release `id`'s full manifest atomically.
 pub fn write_release_manifest(site: &Site, id: &str, entries: &[Entry]) -> Result<()> {
-    let mut buf = Vec::with_capacity(entries.len() * 100);
-    for e in entries {
-        e.to_line(&mut buf);
-    }
-    fsops::write_atomic(&site.manifest_of(id), &buf)
+    fsops::write_atomic_with(&site.manifest_of(id), |w| {
+        let mut line = Vec::with_capacity(256);
+        for e in entries {
+            line.clear();
+            e.to_line(&mut line);
+            w.write_all(&line)?;
+        }
+        Ok(())
+    })
 }
 
 /// Reads release `id`'s full manifest.
