@@ -416,11 +416,36 @@ fn process_file(input: &Input<'_>, partial: &Path, job: &mut Job, buf: &mut [u8]
         .at(&dest)?;
     let times = fs::FileTimes::new().set_modified(system_time(after.st_mtime, after.st_mtime_nsec));
     out.set_times(times).at(&dest)?;
+    drop(out);
+    // A fresh upload (new inodes, so no cache hit) of an unchanged file: the bytes were
+    // read once for the hash anyway; share the earlier release's inode instead of keeping
+    // a second copy. The link replaces the copy by rename, so the file never goes missing.
+    let linked = input
+        .link_from
+        .and_then(|src| {
+            src.index
+                .get(&(digest, mode, size))
+                .map(|r| src.dir.join(r))
+        })
+        .is_some_and(|src| replace_with_link(&src, &dest));
     Ok(Done {
         entry: file_entry(&job.rel, mode, size, digest),
         key,
-        linked: false,
+        linked,
     })
+}
+
+/// Replaces `dest` with a hard link to `src`; false (and `dest` untouched) on failure.
+fn replace_with_link(src: &Path, dest: &Path) -> bool {
+    let tmp = fsops::tmp_sibling(dest);
+    if fs::hard_link(src, &tmp).is_err() {
+        return false;
+    }
+    if fs::rename(&tmp, dest).is_err() {
+        let _ = fs::remove_file(&tmp);
+        return false;
+    }
+    true
 }
 
 fn system_time(secs: i64, nsec: i64) -> std::time::SystemTime {
