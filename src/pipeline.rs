@@ -386,8 +386,14 @@ fn wait_for_uploads(
             )));
         }
         if !logged {
-            tracing::info!(event = events::UPLOAD_WAITING, site = site.name(),
-                files = %busy.join(", "), "waiting for files still being uploaded");
+            tracing::info!(
+                event = events::UPLOAD_WAITING,
+                site = site.name(),
+                files = busy.len(),
+                paths = %busy.join(", "),
+                timeout_ms = site.cfg.upload_timeout.as_millis() as u64,
+                "waiting for files still being uploaded"
+            );
             logged = true;
         }
         sleep_unless_cancelled(Duration::from_millis(250), cancel)?;
