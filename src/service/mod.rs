@@ -52,11 +52,12 @@ impl Source {
 
 static STATUS: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
 
-/// Updates this site's part of the systemd `STATUS=` line.
-pub fn set_status(site: &Site) {
+/// Updates this site's part of the systemd `STATUS=` line: what the site is doing and
+/// its current release, e.g. `shop: idle, current v42; blog: healing, current 2026...Z`.
+pub fn set_status(site: &Site, doing: &str) {
     let line = match site.current_id() {
-        Some(id) => format!("{}: current {id}", site.name()),
-        None => format!("{}: no release yet", site.name()),
+        Some(id) => format!("{}: {doing}, current {id}", site.name()),
+        None => format!("{}: {doing}, no release yet", site.name()),
     };
     let map = STATUS.get_or_init(|| Mutex::new(BTreeMap::new()));
     if let Ok(mut m) = map.lock() {
@@ -122,7 +123,7 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
         }
     }
     for h in workers.values() {
-        set_status(&h.site);
+        set_status(&h.site, "idle");
     }
     tracing::info!(
         event = events::DAEMON_STARTED,

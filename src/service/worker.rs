@@ -197,6 +197,18 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
             break l;
         }
     };
+    let doing = match job {
+        Job::Heal => "healing",
+        Job::Uploads => "processing uploads",
+        Job::Verify => "verifying",
+    };
+    crate::service::set_status(site, doing);
+    let result = run_job(site, cancel, job);
+    crate::service::set_status(site, "idle");
+    result
+}
+
+fn run_job(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
     match job {
         Job::Heal => {
             let mut journal = Journal::load(site)?;
@@ -213,6 +225,5 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
             }
         }
     }
-    crate::service::set_status(site);
     Ok(())
 }
