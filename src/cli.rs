@@ -155,4 +155,108 @@ pub enum Command {
     },
     /// Validate the config; errors name file, line and column.
     CheckConfig,
+    /// Print a shell completion script (for packaging; not part of the documented CLI).
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page release-keeper(1), or with --dir write it and one page per
+    /// command into DIR (for packaging; not part of the documented CLI).
+    #[command(hide = true)]
+    Man {
+        /// Directory for release-keeper.1 and release-keeper-COMMAND.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Man page and completions, generated from `Cli` so they never drift from the parser.
+
+/// Writes the completion script for `shell` to stdout.
+pub fn print_completions(shell: clap_complete::Shell) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout().lock();
+    clap_complete::generate(shell, &mut cmd, "release-keeper", &mut out);
+    std::io::Write::flush(&mut out)
+}
+
+/// Sections of release-keeper(1) that clap does not know about (roff).
+const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
+.TP
+\fB0\fR
+Success.
+.TP
+\fB1\fR
+The operation failed or found a problem (drift, rejected upload, health check failed).
+.TP
+\fB2\fR
+Usage or config error.
+.TP
+\fB75\fR
+The site is busy (locked) and \fB\-\-wait\fR was not given.
+.SH SIGNALS
+The service (\fBrun\fR) reloads the config and runs a healing pass on \fBSIGHUP\fR
+(a bad config is rejected with \fBconfig.rejected\fR and the running one stays), and on
+\fBSIGTERM\fR or \fBSIGINT\fR finishes or cleanly undoes in\-flight work and exits 0.
+Under systemd it speaks the notify protocol: READY=1, STATUS=, RELOADING=1, STOPPING=1,
+WATCHDOG=1.
+.SH ENVIRONMENT
+.TP
+\fBRELEASE_KEEPER_CONFIG\fR
+Config file used when \fB\-\-config\fR is not given.
+.TP
+\fBRELEASE_KEEPER_LOG\fR
+Log filter (tracing EnvFilter syntax), default \fBinfo\fR.
+.TP
+\fBJOURNAL_STREAM\fR, \fBNOTIFY_SOCKET\fR, \fBWATCHDOG_USEC\fR
+Set by systemd: logs go to the journal with structured fields (unless
+\fB\-\-log\-format\fR is given), and the service notifies systemd.
+.SH FILES
+.TP
+\fI/etc/release\-keeper/config.toml\fR
+The config: \fB[defaults]\fR and \fB[sites.NAME]\fR.
+.TP
+\fI/etc/release\-keeper/sites.d/*.toml\fR
+One more site per file, named after the file.
+.TP
+\fIROOT/deploy\-cache/\fR, \fIROOT/releases/\fR, \fIROOT/current\fR, \fIROOT/.release\-keeper/\fR
+A site's drop directory, releases, current release and the keeper's state.
+.SH "SEE ALSO"
+\fBsystemd.service\fR(5), \fBsha256sum\fR(1), \fBjournalctl\fR(1)
+"#;
+
+/// Renders release-keeper(1) to `out`.
+fn render_main_page(cmd: &clap::Command, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    man.render_subcommands_section(out)?;
+    out.write_all(MAN_EXTRA.as_bytes())?;
+    man.render_version_section(out)
+}
+
+/// Prints release-keeper(1) to stdout, or writes it and one page per command into `dir`.
+pub fn write_man(dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let Some(dir) = dir else {
+        let mut out = std::io::stdout().lock();
+        render_main_page(&cmd, &mut out)?;
+        return std::io::Write::flush(&mut out);
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut page = Vec::new();
+    render_main_page(&cmd, &mut page)?;
+    std::fs::write(dir.join("release-keeper.1"), page)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        clap_mangen::Man::new(sub.clone()).generate_to(dir)?;
+    }
+    Ok(())
 }

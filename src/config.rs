@@ -58,13 +58,14 @@ const TUNABLE_KEYS: [&str; 16] = [
 ];
 
 /// Keys that only make sense for one site.
-const SITE_ONLY_KEYS: [&str; 6] = [
+const SITE_ONLY_KEYS: [&str; 7] = [
     "root",
     "shared",
     "links",
     "before_activate",
     "after_activate",
     "health_check",
+    "metrics_file",
 ];
 
 const DURATION_EXAMPLES: &str = r#"expected e.g. "500ms", "2s", "10m", "1h""#;
@@ -118,6 +119,8 @@ pub struct SiteConfig {
     pub max_bytes: Option<u64>,
     /// User the hooks run as when the service runs as root (default: the service's user).
     pub hook_user: Option<String>,
+    /// Prometheus node_exporter textfile (`*.prom`) rewritten after every job; `None`: no metrics.
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl SiteConfig {
@@ -147,6 +150,7 @@ impl SiteConfig {
             max_files: None,
             max_bytes: None,
             hook_user: None,
+            metrics_file: None,
         }
     }
 }
@@ -234,6 +238,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         sites.insert(name, Parsed { order, ..parsed });
     }
     check_unique_roots(&sites)?;
+    check_unique_metrics_files(&sites)?;
     Ok(Config {
         path: path.to_path_buf(),
         sites: into_configs(sites),
@@ -244,6 +249,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse_main(text: &str, file: &Path) -> Result<BTreeMap<String, SiteConfig>, ConfigError> {
     let main = parse_main_doc(text, file)?;
     check_unique_roots(&main.sites)?;
+    check_unique_metrics_files(&main.sites)?;
     Ok(into_configs(main.sites))
 }
 
@@ -414,6 +420,7 @@ struct RawSite {
     max_files: Option<Spanned<Count>>,
     max_bytes: Option<Spanned<Count>>,
     hook_user: Option<Spanned<String>>,
+    metrics_file: Option<Spanned<String>>,
 }
 
 /// A non-negative integer (so a type error says so instead of naming a Rust type).
@@ -654,6 +661,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
 struct Parsed {
     config: SiteConfig,
     root_at: Loc,
+    /// Where `metrics_file` was written (to report a file shared by two sites).
+    metrics_at: Option<Loc>,
     /// Position in load order: the main file's sites in file order, then `sites.d/`.
     order: usize,
 }
@@ -797,10 +806,15 @@ fn build_site(
     config.before_activate = argv(&raw.before_activate, "before_activate", src)?;
     config.after_activate = argv(&raw.after_activate, "after_activate", src)?;
     config.health_check = argv(&raw.health_check, "health_check", src)?;
+    if let Some(v) = &raw.metrics_file {
+        let path = parse_metrics_file(v.get_ref()).map_err(|m| src.at(v.span().start, m))?;
+        config.metrics_file = Some(path);
+    }
 
     Ok(Parsed {
         config,
         root_at: src.loc(root_raw.span().start),
+        metrics_at: raw.metrics_file.as_ref().map(|v| src.loc(v.span().start)),
         order: 0,
     })
 }
@@ -1074,6 +1088,62 @@ fn file_name(s: &str, key: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_owned())
+}
+
+/// An absolute `*.prom` path, lexically normalized (no `.`, `..` or trailing `/`).
+fn parse_metrics_file(s: &str) -> Result<PathBuf, String> {
+    if s.contains('\0') {
+        return Err("metrics_file must not contain a NUL byte".to_owned());
+    }
+    if !s.starts_with('/') {
+        return Err(format!(
+            "metrics_file must be an absolute path, e.g. \"/var/lib/prometheus/node-exporter/release-keeper-shop.prom\", got {s:?}"
+        ));
+    }
+    let mut path = PathBuf::from("/");
+    for part in s.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                return Err(format!(
+                    "metrics_file must not contain \"..\" components, got {s:?}"
+                ))
+            }
+            _ => path.push(part),
+        }
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name.len() <= ".prom".len() || !name.ends_with(".prom") || s.ends_with('/') {
+        return Err(format!(
+            "metrics_file must name a file ending in \".prom\" (node_exporter's textfile collector reads only *.prom), got {s:?}"
+        ));
+    }
+    Ok(path)
+}
+
+/// Each site writes its own metrics file: two sites sharing one would overwrite each other.
+fn check_unique_metrics_files(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigError> {
+    let mut in_order: Vec<_> = sites.iter().collect();
+    in_order.sort_by_key(|(_, parsed)| parsed.order);
+    let mut seen: BTreeMap<&Path, (&str, &Loc)> = BTreeMap::new();
+    for (name, parsed) in in_order {
+        let (Some(file), Some(at)) = (&parsed.config.metrics_file, &parsed.metrics_at) else {
+            continue;
+        };
+        if let Some((other, other_at)) = seen.get(file.as_path()) {
+            return Err(ConfigError::At {
+                file: at.file.clone(),
+                line: at.line,
+                column: at.column,
+                message: format!(
+                    "sites {other:?} and {name:?} have the same metrics_file {:?} (see {other_at}); give each site its own file",
+                    file.display().to_string()
+                ),
+            });
+        }
+        seen.insert(file, (name, at));
+    }
+    Ok(())
 }
 
 fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigError> {
@@ -1550,6 +1620,45 @@ marker = "DONE"
         for (line, column, needle) in links {
             assert_error(&format!("{site}{line}\n"), 3, column, needle);
         }
+    }
+
+    #[test]
+    fn metrics_file_is_an_absolute_prom_path_per_site() {
+        let ok = parse_main(
+            "[sites.a]\nroot = \"/srv/a\"\nmetrics_file = \"/var/lib/node-exporter/./a.prom\"\n\
+             [sites.b]\nroot = \"/srv/b\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            ok["a"].metrics_file.as_deref(),
+            Some(Path::new("/var/lib/node-exporter/a.prom"))
+        );
+        assert_eq!(ok["b"].metrics_file, None);
+        let site = "[sites.a]\nroot = \"/srv/a\"\n";
+        for (value, needle) in [
+            ("\"a.prom\"", "must be an absolute path"),
+            ("\"/x/../a.prom\"", "must not contain \"..\""),
+            ("\"/var/lib/a.txt\"", "ending in \".prom\""),
+            ("\"/var/lib/a.prom/\"", "ending in \".prom\""),
+            ("\"/var/lib/.prom\"", "ending in \".prom\""),
+            ("3", "invalid type"),
+        ] {
+            assert_error(&format!("{site}metrics_file = {value}\n"), 3, 16, needle);
+        }
+        assert_error(
+            "[defaults]\nmetrics_file = \"/m/a.prom\"\n",
+            2,
+            1,
+            "\"metrics_file\" cannot be set in [defaults]: it is per site",
+        );
+        assert_error(
+            "[sites.a]\nroot = \"/srv/a\"\nmetrics_file = \"/m/x.prom\"\n\
+             [sites.b]\nroot = \"/srv/b\"\nmetrics_file = \"/m//x.prom\"\n",
+            6,
+            16,
+            "sites \"a\" and \"b\" have the same metrics_file \"/m/x.prom\" (see config.toml:3:16)",
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use release_keeper::cli::{Cli, Command};
+use release_keeper::cli::{self, Cli, Command};
 use release_keeper::{commands, events, service, Error};
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -13,6 +13,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { root } => service::run(config, root.as_deref()),
         Command::Manifest { dir, output } => commands::manifest(dir, output.as_deref()),
         Command::CheckConfig => commands::check_config(config),
+        Command::Completions { shell } => return Ok(cli::print_completions(*shell)?),
+        Command::Man { dir } => return Ok(cli::write_man(dir.as_deref())?),
         other => {
             let cfg = commands::load_config(config)?;
             match other {
@@ -54,7 +56,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     wait,
                 } => commands::finalize(&cfg, site, id.as_deref(), *no_activate, &wait.wait),
                 Command::Init { site } => commands::init(&cfg, site),
-                Command::Run { .. } | Command::Manifest { .. } | Command::CheckConfig => Ok(()),
+                Command::Run { .. }
+                | Command::Manifest { .. }
+                | Command::CheckConfig
+                | Command::Completions { .. }
+                | Command::Man { .. } => Ok(()),
             }
         }
     };

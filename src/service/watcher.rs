@@ -116,7 +116,8 @@ impl Watcher {
             .inner
             .lock()
             .map_err(|_| Error::Failed("watcher poisoned".into()))?;
-        let _ = inner.unwatch(dir);
+        // No unwatch first: adding again re-resolves the path (a recreated directory gets
+        // a new watch) without a window in which events are lost.
         inner
             .watch(dir, RecursiveMode::NonRecursive)
             .map_err(|e| match e.kind {
