@@ -16,6 +16,8 @@ command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 command -v sftp >/dev/null 2>&1 || missing+=(openssh-client)
 [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-sftp-server)
 command -v sha256sum >/dev/null 2>&1 || missing+=(coreutils)
+# scripts/check-units.sh: systemd-analyze verify/security on packaging/*.service.
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     step "Installing missing packages: ${missing[*]}"
@@ -31,7 +33,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y --no-install-recommends "${missing[@]}"
 else
-    step "System tools present (rsync, sftp, sftp-server, sha256sum)"
+    step "System tools present (rsync, sftp, sftp-server, sha256sum, systemd-analyze)"
 fi
 
 # --- Rust checks ------------------------------------------------------------
@@ -50,5 +52,8 @@ cargo clippy --all-targets --locked -- -D warnings
 
 step "cargo test --locked --all-targets"
 cargo test --locked --all-targets
+
+step "systemd units: verify, and security exposure at most 1.5"
+scripts/check-units.sh "${CARGO_TARGET_DIR:-target}/debug/release-keeper"
 
 step "All checks passed"

@@ -228,17 +228,15 @@ A site's drop directory, releases, current release and the keeper's state.
 \fBsystemd.service\fR(5), \fBsha256sum\fR(1), \fBjournalctl\fR(1)
 "#;
 
-/// Renders release-keeper(1) to `out`.
+/// Renders release-keeper(1) to `out`: clap's page with our sections before VERSION.
 fn render_main_page(cmd: &clap::Command, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    let man = clap_mangen::Man::new(cmd.clone());
-    man.render_title(out)?;
-    man.render_name_section(out)?;
-    man.render_synopsis_section(out)?;
-    man.render_description_section(out)?;
-    man.render_options_section(out)?;
-    man.render_subcommands_section(out)?;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    let page = String::from_utf8_lossy(&page);
+    let at = page.find(".SH VERSION").unwrap_or(page.len());
+    out.write_all(page[..at].as_bytes())?;
     out.write_all(MAN_EXTRA.as_bytes())?;
-    man.render_version_section(out)
+    out.write_all(page[at..].as_bytes())
 }
 
 /// Prints release-keeper(1) to stdout, or writes it and one page per command into `dir`.

@@ -70,6 +70,7 @@ fn require_root(site: &Site) -> Result<()> {
 pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     require_root(site)?;
     site.ensure_layout()?;
+    heal::repair_locks(site, false)?;
     let limit = wait_limit(wait)?;
     fsops::lock(&site.op_lock(), limit)?.ok_or_else(|| Error::Busy {
         site: site.name().to_string(),
@@ -533,10 +534,15 @@ pub fn check_config(flag: Option<&Path>) -> Result<()> {
         }
     }
     out(&format!(
-        "{}: OK ({} site{}: {})",
+        "{}: OK ({})",
         cfg.path.display(),
-        cfg.sites.len(),
-        if cfg.sites.len() == 1 { "" } else { "s" },
-        cfg.sites.keys().cloned().collect::<Vec<_>>().join(", ")
+        match cfg.sites.len() {
+            0 => "no sites configured".to_string(),
+            n => format!(
+                "{n} site{}: {}",
+                if n == 1 { "" } else { "s" },
+                cfg.sites.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
     ))
 }

@@ -49,12 +49,28 @@ pub enum LogFormat {
     Text,
 }
 
+/// True when stderr is the journal stream systemd gave us: `JOURNAL_STREAM` is
+/// `<dev>:<inode>` of that stream. A hook that runs the CLI inherits the variable but has
+/// its stderr on a pipe, and must log there, not to the journal.
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var("JOURNAL_STREAM").ok() else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    nix::sys::stat::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+}
+
 /// Installs the global subscriber. Logs go to stderr (or the journal); stdout is for
 /// command output only.
 pub fn init(format: Option<LogFormat>) {
     let filter =
         EnvFilter::try_from_env("RELEASE_KEEPER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let journald = format.is_none() && std::env::var_os("JOURNAL_STREAM").is_some();
+    let journald = format.is_none() && stderr_is_journal();
     if journald {
         if let Ok(layer) = tracing_journald::layer() {
             let layer = layer

@@ -1,7 +1,25 @@
 //! The healing pass: repairs what crashes, hand edits and deleted links leave behind, and
 //! reports what it must not touch. Run at start, on SIGHUP, every `heal_interval`, on
 //! inotify events in the root, and by `heal`. With `dry_run` it only says what it would do.
+//!
+//! What each leftover means (the order of the steps that leave them is in `fsops`):
+//! - `releases/.partial.<id>`, `.rk-tmp.*`: a build or a rename that never finished; the
+//!   upload's claim is still pending, so removing them loses nothing (the upload is redone).
+//!   A temporary name whose pid is a live process other than this one is left alone (a
+//!   read-only command such as `verify` may be writing it right now).
+//! - `.release-keeper/trash/<id>.<pid>.<n>`: a deletion that was interrupted. When the
+//!   journal still has `<id>` live and `releases/<id>` is gone, the pruning is recorded.
+//! - `.release-keeper/claims/*`: a consumed marker whose release never completed (crash or
+//!   SIGTERM). Healing runs under the operation lock, when no upload is in progress, so every
+//!   claim it sees is interrupted work; the caller redoes it right after the pass.
+//! - `releases/<id>` unknown to the journal: redone when a pending claim names it (crash
+//!   between the rename into place and the journal record), otherwise a release the keeper
+//!   did not make: reported, never touched, never counted.
+//! - A lock path that is not a regular file (a directory, a symlink, ...): moved aside by
+//!   `repair_locks`, which runs before the lock is taken. A lock *file* is never stale: the
+//!   locks are `flock(2)`, which the kernel drops when the holder dies.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -9,7 +27,7 @@ use crate::activate;
 use crate::error::{IoContext, Result};
 use crate::events;
 use crate::fsops;
-use crate::release::store::{self, Journal};
+use crate::release::store::{self, Journal, Op};
 use crate::site::{self, Site};
 use crate::upload::marker;
 
@@ -31,6 +49,100 @@ pub struct Outcome {
     pub reports: Vec<String>,
 }
 
+/// True when a temporary name `.rk-tmp.<name>.<pid>.<n>` belongs to a live process other
+/// than this one (it may be in use right now).
+fn tmp_in_use(p: &Path) -> bool {
+    let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let mut parts = name.rsplitn(3, '.');
+    let _n = parts.next();
+    let Some(Ok(pid)) = parts.next().map(str::parse::<u32>) else {
+        return false;
+    };
+    pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A free name for `name` under `dir` (`name`, `name.2`, `name.3`, ...).
+fn free_name(dir: &Path, name: &str) -> PathBuf {
+    let first = dir.join(name);
+    if fs::symlink_metadata(&first).is_err() {
+        return first;
+    }
+    (2u32..)
+        .map(|n| dir.join(format!("{name}.{n}")))
+        .find(|p| fs::symlink_metadata(p).is_err())
+        .unwrap_or(first)
+}
+
+/// Moves `path` aside into `.release-keeper/displaced/` (never deletes it), durably.
+fn displace(site: &Site, path: &Path, label: &str) -> Result<PathBuf> {
+    fsops::ensure_dir(&site.displaced(), 0o750)?;
+    let mut dest = free_name(
+        &site.displaced(),
+        &format!("{label}.{}", crate::clock::Utc::now().release_id()),
+    );
+    loop {
+        match fsops::rename_noreplace(path, &dest) {
+            Ok(()) => break,
+            Err(crate::Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                dest = free_name(&site.displaced(), &format!("{label}.x"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    fsops::fsync_dir(&site.displaced())?;
+    if let Some(parent) = path.parent() {
+        fsops::fsync_dir(parent)?;
+    }
+    Ok(dest)
+}
+
+/// Moves aside a lock path that is not a regular file (a directory, a symlink, a fifo):
+/// nothing could take the lock otherwise. Runs before the lock is taken (the service at
+/// start and before each job, and the commands); with `dry_run` it only says so.
+pub fn repair_locks(site: &Site, dry_run: bool) -> Result<Vec<Repair>> {
+    let mut out = Vec::new();
+    if !site.state().is_dir() {
+        return Ok(out);
+    }
+    for (path, label) in [
+        (site.op_lock(), "lock"),
+        (site.service_lock(), "service.lock"),
+    ] {
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.file_type().is_file() {
+            continue;
+        }
+        let why = "foreign lock: the lock path is not a regular file";
+        let what = if dry_run {
+            format!("move {} aside", path.display())
+        } else {
+            let dest = displace(site, &path, label)?;
+            let what = format!("moved {} aside to {}", path.display(), dest.display());
+            tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), what = %what,
+                reason = why, "repaired");
+            what
+        };
+        out.push(Repair {
+            what,
+            why: why.into(),
+        });
+    }
+    Ok(out)
+}
+
+/// Release id of a trash entry `<id>.<pid>.<n>`.
+fn trashed_id(name: &str) -> Option<&str> {
+    let mut parts = name.rsplitn(3, '.');
+    let n = parts.next()?;
+    let pid = parts.next()?;
+    let id = parts.next()?;
+    (n.parse::<u32>().is_ok() && pid.parse::<u32>().is_ok() && marker::valid_id(id)).then_some(id)
+}
+
 fn leftovers(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
@@ -48,7 +160,8 @@ fn leftovers(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
     out
 }
 
-/// Runs one healing pass over `site`. The caller holds the site's operation lock.
+/// Runs one healing pass over `site`. The caller holds the site's operation lock, and
+/// processes the pending claims (`pipeline::run_pending`) right after a real pass.
 pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome> {
     let mut out = Outcome::default();
     let mut repair = |what: String, why: &str, out: &mut Outcome| {
@@ -61,6 +174,7 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
             why: why.to_string(),
         });
     };
+    let verb = |done: &str, todo: &str| if dry_run { todo } else { done }.to_string();
 
     if !dry_run {
         site.ensure_layout()?;
@@ -70,11 +184,14 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
         &site.releases(),
         &[fsops::PARTIAL_PREFIX, fsops::TMP_PREFIX],
     ) {
+        if tmp_in_use(&p) {
+            continue;
+        }
         if !dry_run {
             fsops::trash_and_remove(&p, &site.trash())?;
         }
         repair(
-            format!("removed {}", p.display()),
+            format!("{} {}", verb("removed", "remove"), p.display()),
             "leftover of an interrupted build",
             &mut out,
         );
@@ -86,20 +203,23 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
         site.claims(),
     ] {
         for p in leftovers(&dir, &[fsops::TMP_PREFIX]) {
+            if tmp_in_use(&p) {
+                continue;
+            }
             if !dry_run {
                 fsops::remove_tree(&p)?;
             }
             repair(
-                format!("removed {}", p.display()),
+                format!("{} {}", verb("removed", "remove"), p.display()),
                 "leftover temporary file or link",
                 &mut out,
             );
         }
     }
+
+    heal_trash(site, journal, dry_run, &mut out, &mut repair)?;
+
     if !dry_run {
-        for p in fsops::empty_trash(&site.trash())? {
-            tracing::debug!(site = site.name(), path = %p.display(), "trash emptied");
-        }
         if let Some(id) = activate::resume_trial(site, journal)? {
             out.repairs.push(Repair {
                 what: format!("resolved the interrupted activation of {id}"),
@@ -132,7 +252,12 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
                     activate::ensure_links(site)?;
                 }
                 repair(
-                    format!("linked {} -> {}", link.display(), target.display()),
+                    format!(
+                        "{} {} -> {}",
+                        verb("linked", "link"),
+                        link.display(),
+                        target.display()
+                    ),
                     "configured link missing or wrong",
                     &mut out,
                 );
@@ -146,31 +271,133 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
                 fsops::ensure_dir(&p, 0o755)?;
             }
             repair(
-                format!("created {}", p.display()),
+                format!("{} {}", verb("created", "create"), p.display()),
                 "configured shared entry missing",
                 &mut out,
             );
         }
     }
 
+    // Every claim seen here is interrupted work (uploads run under the same lock).
+    let mut redone = BTreeSet::new();
     for p in marker::pending(site)? {
-        let path = match &p {
-            marker::Pending::Raw(p) | marker::Pending::Resolved(p, _) => p,
+        let what = match &p {
+            marker::Pending::Raw(path) => format!(
+                "{} the upload claimed as {}",
+                verb("redoing", "redo"),
+                path.display()
+            ),
+            marker::Pending::Resolved(_, claim) => {
+                redone.insert(claim.id.clone());
+                format!(
+                    "{} the upload of release {}",
+                    verb("redoing", "redo"),
+                    claim.id
+                )
+            }
         };
-        out.reports.push(format!(
-            "pending upload claim {} (processed next)",
-            path.display()
-        ));
+        repair(
+            what,
+            "consumed marker whose release never completed",
+            &mut out,
+        );
     }
+
     let state = journal.state();
     for id in store::release_dirs_on_disk(site)? {
-        if state.get(&id).is_none() {
-            out.reports.push(format!(
+        if state.get(&id).is_none() && !redone.contains(&id) {
+            let note = format!(
                 "releases/{id} was not made by release-keeper (not counted, never deleted)"
-            ));
+            );
+            if !dry_run {
+                tracing::warn!(site = site.name(), release = %id, reason = %note,
+                    "release not made by release-keeper");
+            }
+            out.reports.push(note);
+        }
+    }
+
+    // Stored manifests of releases that no longer exist (a crash between the journal's
+    // `pruned` record and the manifest's removal).
+    let on_disk = store::release_dirs_on_disk(site)?;
+    if let Ok(rd) = fs::read_dir(site.manifests()) {
+        let mut stale: Vec<String> = rd
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|id| marker::valid_id(id))
+            .filter(|id| state.get(id).is_none() && !on_disk.contains(id) && !redone.contains(id))
+            .collect();
+        stale.sort();
+        for id in stale {
+            let p = site.manifest_of(&id);
+            if !dry_run {
+                fsops::remove_tree(&p)?;
+            }
+            repair(
+                format!("{} {}", verb("removed", "remove"), p.display()),
+                "stored manifest of a release that no longer exists",
+                &mut out,
+            );
         }
     }
     Ok(out)
+}
+
+/// Finishes interrupted deletions: a trash entry of a release the journal still has live
+/// (crash between the rename out of `releases/` and the `pruned` record) is recorded as
+/// pruned, then the trash is emptied.
+fn heal_trash(
+    site: &Site,
+    journal: &mut Journal,
+    dry_run: bool,
+    out: &mut Outcome,
+    repair: &mut impl FnMut(String, &str, &mut Outcome),
+) -> Result<()> {
+    let Ok(rd) = fs::read_dir(site.trash()) else {
+        return Ok(());
+    };
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    for name in names {
+        let path = site.trash().join(&name);
+        if let Some(id) = trashed_id(&name) {
+            let live = journal.state().get(id).is_some();
+            if live && fs::symlink_metadata(site.release(id)).is_err() {
+                if !dry_run {
+                    journal.append(Op::Pruned {
+                        release: id.to_string(),
+                    })?;
+                    let _ = fs::remove_file(site.manifest_of(id));
+                }
+                repair(
+                    format!(
+                        "{} the pruning of release {id}",
+                        if dry_run { "record" } else { "recorded" }
+                    ),
+                    "deletion interrupted before it was journaled",
+                    out,
+                );
+            }
+        }
+        if !dry_run {
+            fsops::remove_tree(&path)?;
+        }
+        repair(
+            format!(
+                "{} {}",
+                if dry_run {
+                    "finish deleting"
+                } else {
+                    "finished deleting"
+                },
+                path.display()
+            ),
+            "deletion interrupted",
+            out,
+        );
+    }
+    Ok(())
 }
 
 fn heal_current(
@@ -216,23 +443,23 @@ fn heal_current(
     };
     if let Some(m) = &meta {
         if !m.file_type().is_symlink() {
-            let aside = site
-                .displaced()
-                .join(format!("current.{}", crate::clock::Utc::now().release_id()));
-            if !dry_run {
-                fsops::ensure_dir(&site.displaced(), 0o750)?;
-                fs::rename(&current, &aside).at(&current)?;
-            }
-            repair(
-                format!("moved {} aside to {}", current.display(), aside.display()),
-                "current is not a symlink (never deleted)",
-                out,
-            );
+            let what = if dry_run {
+                format!(
+                    "move {} aside to {}/",
+                    current.display(),
+                    site.displaced().display()
+                )
+            } else {
+                let aside = displace(site, &current, "current")?;
+                format!("moved {} aside to {}", current.display(), aside.display())
+            };
+            repair(what, "current is not a symlink (never deleted)", out);
         }
     }
     if !dry_run {
         fsops::swap_symlink(&current, &Site::current_target_for(&target))?;
     }
-    repair(format!("pointed current at releases/{target}"), why, out);
+    let verb = if dry_run { "point" } else { "pointed" };
+    repair(format!("{verb} current at releases/{target}"), why, out);
     Ok(())
 }

@@ -19,6 +19,7 @@ pub mod events;
 pub mod fsops;
 pub mod heal;
 pub mod hooks;
+pub mod metrics;
 pub mod pipeline;
 pub mod release;
 pub mod service;

@@ -242,6 +242,14 @@ fn process_claim(
     store::write_release_manifest(site, id, &built.entries)?;
     fsops::rename_noreplace(&site.partial(id), &site.release(id))?;
     fsops::fsync_dir(&site.releases())?;
+    // The claim is marked finalized BEFORE the journal record: a crash between the two
+    // then leaves a finalized claim without a record, which is redone from scratch (the
+    // unjournaled release has a stored manifest, so it is trashed and rebuilt). The other
+    // order left a record with an unfinalized claim, which the redo took for a duplicate
+    // upload of an existing release ("unchanged") and never activated.
+    let mut done = claim.clone();
+    done.finalized = true;
+    marker::save(claim_path, &done)?;
     journal.append(Op::Finalized {
         release: id.to_string(),
         files: built.files,
@@ -249,9 +257,6 @@ fn process_claim(
         activate: claim.activate,
         message: claim.message.clone(),
     })?;
-    let mut done = claim.clone();
-    done.finalized = true;
-    marker::save(claim_path, &done)?;
     if let Err(e) = HashCache::save(
         &site.hash_cache(),
         built.cache.iter().map(|(p, k, d)| (p.as_path(), *k, *d)),

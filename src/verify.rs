@@ -39,10 +39,16 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        let mut names: Vec<_> = fs::read_dir(&dir)
-            .at(&dir)?
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
-            .collect();
+        // An unreadable directory is drift (its mode or owner changed), not an error.
+        let mut names: Vec<_> = match fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect(),
+            Err(e) if !rel.as_os_str().is_empty() => {
+                drift.push(format!("{}: cannot be read ({e})", rel.display()));
+                want.retain(|p, _| !p.starts_with(&rel) || p == &rel);
+                continue;
+            }
+            Err(e) => return Err(e).at(&dir),
+        };
         names.sort();
         for name in names {
             let rel = rel.join(&name);
@@ -99,10 +105,12 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
                             meta.len()
                         ));
                     } else {
-                        let mut f = File::open(&path).at(&path)?;
-                        let (d, _) = hash_reader(&mut f).at(&path)?;
-                        if Some(d) != w.hash {
-                            drift.push(format!("{}: content changed", rel.display()));
+                        match File::open(&path).and_then(|mut f| hash_reader(&mut f)) {
+                            Ok((d, _)) if Some(d) == w.hash => {}
+                            Ok(_) => drift.push(format!("{}: content changed", rel.display())),
+                            Err(e) => {
+                                drift.push(format!("{}: cannot be read ({e})", rel.display()))
+                            }
                         }
                     }
                 }

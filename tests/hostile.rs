@@ -20,7 +20,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, FileTimes};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -163,6 +163,33 @@ fn mknod(p: &Path, kind: nix::sys::stat::SFlag, major: u64, minor: u64) -> bool 
     .is_ok()
 }
 
+/// Opens directory `name` relative to `at` without following symlinks.
+fn open_dir<Fd: std::os::fd::AsFd>(at: Fd, name: &Path) -> std::os::fd::OwnedFd {
+    use nix::fcntl::OFlag;
+    nix::fcntl::openat(
+        at,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap_or_else(|e| panic!("open {}: {e}", name.display()))
+}
+
+/// Drops a marker holding `content` atomically (written aside, then renamed into place):
+/// a marker written in place can be claimed before its content is there (a keeper bug,
+/// see `marker_still_being_written_is_not_claimed`), which would make these tests flaky.
+fn drop_marker(site: &Site, content: &str) {
+    let staging = site.tmp_path("marker.staging");
+    fs::write(&staging, content).unwrap();
+    fs::rename(&staging, site.marker_path()).unwrap();
+}
+
+/// Stages `small_build("v1")` and drops its marker (`id = "v1"`).
+fn deploy_v1(site: &Site) {
+    site.stage_upload(&as_refs(&small_build("v1")));
+    drop_marker(site, "id = \"v1\"\n");
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -223,6 +250,9 @@ impl Sentinel {
 
     /// Sets every watched atime 3 days back (mtimes stay recent) and records the state.
     fn arm(&mut self) {
+        // Listing reads the directories: first, before their atimes are set back.
+        self.listing = listing(&self.dir);
+        self.tmp_names = names(&self.tmp);
         let past = SystemTime::now() - 3 * DAY;
         self.atimes = self
             .watched
@@ -234,8 +264,6 @@ impl Sentinel {
                 fs::metadata(p).unwrap().accessed().unwrap()
             })
             .collect();
-        self.listing = listing(&self.dir);
-        self.tmp_names = names(&self.tmp);
     }
 
     /// Checks that nothing was read (atimes), written (contents, listings) or created
@@ -299,6 +327,7 @@ fn id_marker(id: &str) -> Vec<u8> {
 
 /// What one upload ended in, from the log.
 #[derive(Debug)]
+#[allow(dead_code)] // the events are there for the failure messages
 enum Outcome {
     Rejected(Value),
     Finalized(Value),
@@ -355,7 +384,7 @@ impl Corpus {
         let site = Site::new();
         let cfg = site.write_config(SITE, defaults, site_extra);
         let svc = Service::start_config(&cfg);
-        site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+        deploy_v1(&site);
         svc.wait_release_event("release.activated", "v1");
         let sentinel = Sentinel::new(&site, outside);
         Corpus {
@@ -391,15 +420,13 @@ impl Corpus {
         }
     }
 
-    /// Drops the marker; anything but text is made in scratch space and renamed in.
+    /// Drops the marker: made in scratch space and renamed in, so the keeper never sees it
+    /// half-written (see `marker_still_being_written_is_not_claimed`).
     fn drop_marker(&self, m: Marker<'_>) {
         let dest = self.site.marker_path();
         let staging = self.site.tmp_path("scratch/marker");
         match m {
-            Marker::Text(t) => {
-                fs::write(&dest, t).unwrap();
-                return;
-            }
+            Marker::Text(t) => fs::write(&staging, t).unwrap(),
             Marker::Symlink(target) => symlink(target, &staging).unwrap(),
             Marker::Fifo => mkfifo(&staging),
             Marker::Dir => fs::create_dir(&staging).unwrap(),
@@ -431,6 +458,10 @@ impl Corpus {
         match &outcome {
             Outcome::Rejected(ev) => {
                 let reason = reason_of(ev);
+                eprintln!("case {name}: rejected: {reason}");
+                if reason.len() > 4096 {
+                    problems.push(format!("reason is {} bytes long", reason.len()));
+                }
                 for w in want {
                     if !reason.contains(w) {
                         problems.push(format!("reason lacks {w:?}: {reason:?}"));
@@ -1317,7 +1348,7 @@ fn awkward_names_round_trip_with_sha256sum() {
     );
     rsync_upload(&build, &site.deploy_cache());
     // The message tries to forge a log line; it must stay inside one JSON string.
-    site.drop_marker(
+    drop_marker(&site,
         "id = \"v2\"\nmessage = \"ok\\n{\\\"event\\\":\\\"release.activated\\\",\\\"site\\\":\\\"web\\\",\\\"release\\\":\\\"pwned\\\"}\"\n",
     );
     svc.wait_release_event("release.activated", "v2");
@@ -1347,7 +1378,7 @@ fn awkward_names_round_trip_with_sha256sum() {
         "find . -type f ! -path ./SHA256SUMS -print0 | sort -z | xargs -0 sha256sum --tag > SHA256SUMS",
     );
     rsync_upload(&build, &site.deploy_cache());
-    site.drop_marker("id = \"v3\"\n");
+    drop_marker(&site, "id = \"v3\"\n");
     svc.wait_release_event("release.activated", "v3");
     assert_eq!(raw_tree(&site.release("v3")), raw_tree(&build));
 
@@ -1370,24 +1401,32 @@ fn awkward_names_round_trip_with_sha256sum() {
 fn path_longer_than_path_max_is_handled() {
     let site = Site::new();
     let mut svc = Service::start_root(&site.root);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    deploy_v1(&site);
     svc.wait_release_event("release.activated", "v1");
     let mut sentinel = Sentinel::new(&site, &[]);
 
     let dc = site.deploy_cache();
     clear_dir(&dc);
     write_tree(&dc, BASE);
-    // 18 levels of 250 bytes: 4.5 KB, made with relative mkdir/cd as an uploader's shell would.
+    // 18 levels of 250 bytes: 4.5 KB, made relative to each parent (mkdirat/openat), as
+    // an uploader's tool working directory by directory would.
     let comps: Vec<String> = (0..18)
         .map(|i| format!("{i:02}{}", "d".repeat(248)))
         .collect();
-    let script = comps
-        .iter()
-        .map(|c| format!("mkdir {c} && cd {c}"))
-        .collect::<Vec<_>>()
-        .join(" && ")
-        + " && printf deep > leaf.txt";
-    sh(&dc, &script);
+    let mut dir = open_dir(nix::fcntl::AT_FDCWD, &dc);
+    for c in &comps {
+        let mode = nix::sys::stat::Mode::from_bits_truncate(0o755);
+        nix::sys::stat::mkdirat(&dir, c.as_str(), mode).unwrap();
+        dir = open_dir(&dir, Path::new(c));
+    }
+    let leaf = nix::fcntl::openat(
+        &dir,
+        "leaf.txt",
+        nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    File::from(leaf).write_all(b"deep").unwrap();
     let deep_rel = format!("{}/leaf.txt", comps.join("/"));
     assert!(deep_rel.len() > 4096);
     write_manifest(
@@ -1395,23 +1434,27 @@ fn path_longer_than_path_max_is_handled() {
         &[base_lines(), line(deep_rel.as_bytes(), b"deep")].concat(),
     );
     let from = svc.json_lines().len();
-    site.drop_marker("id = \"v2\"\n");
+    drop_marker(&site, "id = \"v2\"\n");
     match wait_outcome(&svc, from, OUTCOME_WAIT) {
         Outcome::Finalized(_) => {
             svc.wait_release_event("release.activated", "v2");
-            let out = Command::new("sh")
-                .arg("-c")
-                .arg(format!("cd {} && cat leaf.txt", comps.join(" && cd ")))
-                .current_dir(site.release("v2"))
-                .output()
-                .unwrap();
-            assert_eq!(
-                out.stdout, b"deep",
-                "the deep file was not published intact"
-            );
+            let mut dir = open_dir(nix::fcntl::AT_FDCWD, &site.release("v2"));
+            for c in &comps {
+                dir = open_dir(&dir, Path::new(c));
+            }
+            let leaf = nix::fcntl::openat(
+                &dir,
+                "leaf.txt",
+                nix::fcntl::OFlag::O_RDONLY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            let got = std::io::read_to_string(File::from(leaf)).unwrap();
+            assert_eq!(got, "deep", "the deep file was not published intact");
         }
         Outcome::Rejected(ev) => {
             let reason = reason_of(&ev);
+            eprintln!("deep path rejected: {reason}");
             assert_eq!(release_of(&ev), Some("v2"));
             assert!(
                 reason.contains("leaf.txt") || reason.contains("long"),
@@ -1457,7 +1500,7 @@ fn touch_in_place(path: PathBuf, stop: Arc<AtomicBool>) -> thread::JoinHandle<u6
 fn file_changing_while_copied_is_rejected() {
     let site = Site::new();
     let mut svc = Service::start_root(&site.root);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    deploy_v1(&site);
     svc.wait_release_event("release.activated", "v1");
 
     // About 200 MB whose byte at offset k is k % 251: rewriting a byte with its own value
@@ -1483,7 +1526,7 @@ fn file_changing_while_copied_is_rejected() {
         let stop = Arc::new(AtomicBool::new(false));
         let writer = touch_in_place(dc.join("big.bin"), Arc::clone(&stop));
         let from = svc.json_lines().len();
-        site.drop_marker(&format!("id = \"{id}\"\n"));
+        drop_marker(&site, &format!("id = \"{id}\"\n"));
         let outcome = wait_outcome(&svc, from, Duration::from_secs(60));
         stop.store(true, Ordering::Relaxed);
         let writes = writer.join().unwrap();
@@ -1544,7 +1587,7 @@ fn swapper(
 fn names_swapped_for_symlinks_during_finalize_never_leak_the_outside() {
     let site = Site::new();
     let mut svc = Service::start_root(&site.root);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    deploy_v1(&site);
     svc.wait_release_event("release.activated", "v1");
 
     // The outside mirrors the upload's names, so that a walk following the swapped
@@ -1599,7 +1642,7 @@ fn names_swapped_for_symlinks_during_finalize_never_leak_the_outside() {
                 Arc::clone(&stop),
             );
             let from = svc.json_lines().len();
-            site.drop_marker(&format!("id = \"{id}\"\n"));
+            drop_marker(&site, &format!("id = \"{id}\"\n"));
             // The swapper runs for at most 3 s; a keeper waiting for a vanished name then
             // sees the real upload again.
             let deadline = Instant::now() + Duration::from_secs(3);
@@ -1660,10 +1703,11 @@ fn names_swapped_for_symlinks_during_finalize_never_leak_the_outside() {
 /// The keeper reads the manifest, then waits for an in-flight file. If the uploader swaps
 /// the manifest meanwhile, the release must not carry a manifest it never verified.
 #[test]
+#[ignore = "BUG (issue 5): pipeline::read_manifest parses SHA256SUMS once; finalize then copies whatever SHA256SUMS is by then into the release, unverified"]
 fn manifest_swapped_while_waiting_is_never_published_unverified() {
     let site = Site::new();
     let mut svc = Service::start_root(&site.root);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    deploy_v1(&site);
     svc.wait_release_event("release.activated", "v1");
 
     let dc = site.deploy_cache();
@@ -1672,7 +1716,7 @@ fn manifest_swapped_while_waiting_is_never_published_unverified() {
     write_manifest(&dc, &base_lines());
     fs::write(dc.join(".late.txt.Ab12Cd"), b"in flight").unwrap();
     let from = svc.json_lines().len();
-    site.drop_marker("id = \"v2\"\n");
+    drop_marker(&site, "id = \"v2\"\n");
     svc.wait_event("upload.waiting", |_| true, WAIT);
     // A manifest that says something else about index.html.
     let forged = [
@@ -1711,29 +1755,45 @@ fn manifest_swapped_while_waiting_is_never_published_unverified() {
 // Shared entries: the links the keeper adds must not open a way out
 // ---------------------------------------------------------------------------
 
+/// Where the symlink at `link` points: its real path when it resolves, else its parent's
+/// real path joined with the target, normalized lexically (a dangling link still exposes
+/// whatever appears there later).
+fn resolved(link: &Path) -> PathBuf {
+    if let Ok(real) = fs::canonicalize(link) {
+        return real;
+    }
+    let mut out = fs::canonicalize(link.parent().unwrap()).unwrap();
+    for c in fs::read_link(link).unwrap().components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            std::path::Component::RootDir => out = PathBuf::from("/"),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Every symlink of release `id` resolves inside the release, except the configured
 /// shared links, which resolve inside `ROOT/shared`.
 fn links_stay_inside(site: &Site, id: &str, shared: &[&str]) -> Result<(), String> {
     let rel = fs::canonicalize(site.release(id)).unwrap();
     let shared_dir = fs::canonicalize(site.root.join("shared")).unwrap();
     for (path, e) in raw_tree(&rel) {
-        let Entry::Link(_) = e else { continue };
-        let p = rel.join(OsStr::from_bytes(&path));
-        // Resolve lexically through real links without reading any file.
-        let Ok(real) = fs::canonicalize(&p) else {
-            continue; // dangling: checked by the keeper
+        let Entry::Link(target) = e else { continue };
+        let real = resolved(&rel.join(OsStr::from_bytes(&path)));
+        let inside = if shared.iter().any(|s| s.as_bytes() == path.as_slice()) {
+            real.starts_with(&shared_dir)
+        } else {
+            real.starts_with(&rel)
         };
-        let shown = String::from_utf8_lossy(&path);
-        if shared.iter().any(|s| s.as_bytes() == path.as_slice()) {
-            if !real.starts_with(&shared_dir) {
-                return Err(format!(
-                    "shared link {shown} resolves to {}",
-                    real.display()
-                ));
-            }
-        } else if !real.starts_with(&rel) {
+        if !inside {
             return Err(format!(
-                "{shown} resolves outside the release, to {}",
+                "{} -> {} resolves to {}, outside the release",
+                String::from_utf8_lossy(&path),
+                target.display(),
                 real.display()
             ));
         }
@@ -1742,15 +1802,13 @@ fn links_stay_inside(site: &Site, id: &str, shared: &[&str]) -> Result<(), Strin
 }
 
 #[test]
-#[ignore = "BUG (issue 5): release/finalize.rs link_shared follows an uploaded symlink in the parent of a nested shared entry; see the report"]
 fn symlinked_parent_of_a_nested_shared_entry_cannot_redirect_it_outside_the_root() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "shared = [\"app/var/data\"]");
     let mut svc = Service::start_config(&cfg);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    deploy_v1(&site);
     svc.wait_release_event("release.activated", "v1");
-    // Where a link with the shared target, placed at the release root, would land.
-    let mut sentinel = Sentinel::new(&site, &[("../shared/app/var/data/secret.txt", SECRET)]);
+    let mut sentinel = Sentinel::new(&site, &[]);
 
     let dc = site.deploy_cache();
     clear_dir(&dc);
@@ -1759,10 +1817,11 @@ fn symlinked_parent_of_a_nested_shared_entry_cannot_redirect_it_outside_the_root
     write_symlink(&dc, "app/var", "..");
     write_manifest(&dc, &base_lines());
     let from = svc.json_lines().len();
-    site.drop_marker("id = \"v2\"\n");
+    drop_marker(&site, "id = \"v2\"\n");
     match wait_outcome(&svc, from, OUTCOME_WAIT) {
         Outcome::Rejected(ev) => {
             assert_eq!(site.current_id().as_deref(), Some("v1"), "{ev}");
+            assert!(reason_of(&ev).contains("app/var"), "{ev}");
         }
         Outcome::Finalized(_) => {
             svc.wait_release_event("release.activated", "v2");
@@ -1776,12 +1835,12 @@ fn symlinked_parent_of_a_nested_shared_entry_cannot_redirect_it_outside_the_root
 }
 
 #[test]
-#[ignore = "BUG (issue 5): release/finalize.rs checks upload symlinks before the shared links exist; see the report"]
+#[ignore = "BUG (issue 5): finalize::build_into checks upload symlinks (symlinks::check_inside) before link_shared turns `storage` into a link, so `storage/..` escapes"]
 fn symlink_through_a_shared_entry_cannot_leave_the_release() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "shared = [\"storage\"]");
     let mut svc = Service::start_config(&cfg);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    deploy_v1(&site);
     svc.wait_release_event("release.activated", "v1");
 
     let dc = site.deploy_cache();
@@ -1792,7 +1851,7 @@ fn symlink_through_a_shared_entry_cannot_leave_the_release() {
     write_symlink(&dc, "peek", "storage/../other");
     write_manifest(&dc, &base_lines());
     let from = svc.json_lines().len();
-    site.drop_marker("id = \"v2\"\n");
+    drop_marker(&site, "id = \"v2\"\n");
     match wait_outcome(&svc, from, OUTCOME_WAIT) {
         Outcome::Rejected(ev) => {
             assert_eq!(site.current_id().as_deref(), Some("v1"), "{ev}");
@@ -1835,7 +1894,7 @@ fn hooks_get_a_clean_environment() {
         ),
     );
     let mut svc = Service::start_config(&cfg);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    deploy_v1(&site);
     svc.wait_release_event("release.activated", "v1");
     wait_until(WAIT, || dump.exists(), || "the hook's env dump".into());
     thread::sleep(Duration::from_millis(100));
@@ -1875,5 +1934,233 @@ fn hooks_get_a_clean_environment() {
         Some(std::path::absolute(site.release("v1")).unwrap())
     );
     assert_eq!(env.get("PREVIOUS_RELEASE_ID").map(String::as_str), Some(""));
+    svc.stop();
+}
+
+/// With `hook_user` (the service runs as root), hooks run as that user, still with a clean
+/// environment: the documented variables plus that user's `HOME`, `USER` and `LOGNAME`.
+#[test]
+fn hooks_run_as_hook_user() {
+    if !is_root() {
+        eprintln!("skipped: hook_user needs the service to run as root");
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("skipped: no user `nobody`");
+        return;
+    };
+    let site = Site::new();
+    // The hook's user must reach the release (its cwd) and a place to write.
+    fs::set_permissions(site.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let out = site.root.join("shared/hook-out");
+    fs::create_dir_all(&out).unwrap();
+    fs::set_permissions(&out, fs::Permissions::from_mode(0o777)).unwrap();
+    let cfg = site.write_config(
+        SITE,
+        "hook_user = \"nobody\"",
+        &format!(
+            "after_activate = [\"/bin/sh\", \"-c\", \"id -u > {0}/uid; exec /usr/bin/env -0 > {0}/env\"]",
+            out.display()
+        ),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy_v1(&site);
+    svc.wait_release_event("release.activated", "v1");
+    wait_until(
+        WAIT,
+        || out.join("env").exists(),
+        || "the hook's output".into(),
+    );
+    thread::sleep(Duration::from_millis(100));
+    let uid = fs::read_to_string(out.join("uid")).unwrap();
+    assert_eq!(
+        uid.trim(),
+        nobody.uid.to_string(),
+        "the hook ran as uid {uid}"
+    );
+    let env = fs::read(out.join("env")).unwrap();
+    let keys: Vec<String> = env
+        .split(|&b| b == 0)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            String::from_utf8_lossy(kv)
+                .split('=')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let allowed = [
+        "PATH",
+        "LANG",
+        "RELEASE_ID",
+        "RELEASE_PATH",
+        "PREVIOUS_RELEASE_ID",
+        "SITE_NAME",
+        "SITE_ROOT",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "PWD",
+        "OLDPWD",
+        "SHLVL",
+        "_",
+    ];
+    let extra: Vec<&String> = keys
+        .iter()
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .collect();
+    assert!(extra.is_empty(), "hook environment leaks {extra:?}");
+    svc.stop();
+}
+
+// ---------------------------------------------------------------------------
+// Free space
+// ---------------------------------------------------------------------------
+
+/// A sparse file claiming 1 TiB costs the uploader nothing; the keeper must refuse it by
+/// the free-space check (statvfs) before copying anything, keep `current`, leave no partial
+/// release, and keep the claim for a retry when space returns.
+#[test]
+fn sparse_upload_larger_than_the_disk_is_refused_before_copying() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    deploy_v1(&site);
+    svc.wait_release_event("release.activated", "v1");
+    let mut sentinel = Sentinel::new(&site, &[]);
+
+    let dc = site.deploy_cache();
+    clear_dir(&dc);
+    write_tree(&dc, BASE);
+    File::create(dc.join("hole.bin"))
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    write_manifest(&dc, &[base_lines(), line(b"hole.bin", b"")].concat());
+    let t0 = Instant::now();
+    let from = svc.json_lines().len();
+    drop_marker(&site, "id = \"hole\"\n");
+    let ev = match wait_outcome(&svc, from, OUTCOME_WAIT) {
+        Outcome::Rejected(ev) => ev,
+        other => panic!("{other:?}\n{}", svc.log_text()),
+    };
+    let reason = reason_of(&ev);
+    assert_eq!(release_of(&ev), Some("hole"), "{}", svc.log_text());
+    assert!(
+        reason.contains("free") || reason.contains("space"),
+        "the reason should say that space is missing: {reason}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "refusing took {:?}: was the file read?",
+        t0.elapsed()
+    );
+    assert_eq!(
+        ev["retrying"], true,
+        "a lack of space is retried later: {ev}"
+    );
+    let claims = names(&site.root.join(".release-keeper/claims"));
+    assert_eq!(
+        claims.len(),
+        1,
+        "the claim is kept for the retry: {claims:?}"
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert_eq!(site.releases_entries(), ["v1"], "no partial release left");
+    assert!(sentinel.check().is_ok());
+    svc.stop();
+}
+
+// ---------------------------------------------------------------------------
+// The marker itself
+// ---------------------------------------------------------------------------
+
+/// An uploader writes the marker in place (`echo 'id = "v2"' > .release-ready`, sftp
+/// `put`): between its creation and its last write it is empty or partial. Whatever wakes
+/// the keeper meanwhile (here an event in the root, which runs a healing pass that also
+/// claims markers), it must not claim the marker before it is complete, or the upload is
+/// released under a generated id (or rejected for a torn marker).
+#[test]
+#[ignore = "BUG (issue 5): marker::claim_marker renames a marker still being written (run_pending runs on any wake-up), so it is read empty or torn"]
+fn marker_still_being_written_is_not_claimed() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    deploy_v1(&site);
+    svc.wait_release_event("release.activated", "v1");
+    site.stage_upload(BASE);
+    let from = svc.json_lines().len();
+    let mut marker = File::create(site.marker_path()).unwrap();
+    // Anything in the root wakes a healing pass, which processes pending markers.
+    fs::write(site.root.join("wake-up"), b"").unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    marker.write_all(b"id = \"v2\"\n").unwrap();
+    drop(marker);
+    let outcome = wait_outcome(&svc, from, OUTCOME_WAIT);
+    let made: Vec<String> = site
+        .release_ids()
+        .into_iter()
+        .filter(|id| id != "v1")
+        .collect();
+    assert!(
+        matches!(&outcome, Outcome::Finalized(ev) if release_of(ev) == Some("v2")),
+        "the marker was claimed before it was written: {outcome:?}; releases made: {made:?}"
+    );
+    svc.stop();
+}
+
+/// A directory tree nested thousands of levels deep (each level one short name: cheap to
+/// make with mkdirat/openat). The keeper walks uploads recursively, one stack frame and
+/// descriptor per level: it must answer with a rejection and keep running, not overflow
+/// its stack and abort (which, the claim being kept, would repeat at every restart).
+#[test]
+fn very_deep_tree_is_rejected_and_the_keeper_survives() {
+    let site = Site::new();
+    // The in-flight scan takes any walk rejection for files still moving, so the reason
+    // surfaces at upload_timeout.
+    let cfg = site.write_config(SITE, "upload_timeout = \"1s\"", "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_v1(&site);
+    svc.wait_release_event("release.activated", "v1");
+
+    let dc = site.deploy_cache();
+    clear_dir(&dc);
+    write_tree(&dc, BASE);
+    write_manifest(&dc, &base_lines());
+    let depth = 5_000;
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o755);
+    let mut dir = open_dir(nix::fcntl::AT_FDCWD, &dc);
+    for _ in 0..depth {
+        nix::sys::stat::mkdirat(&dir, "d", mode).unwrap();
+        dir = open_dir(&dir, Path::new("d"));
+    }
+    drop(dir);
+    let from = svc.json_lines().len();
+    drop_marker(&site, "id = \"deep\"\n");
+    let outcome = wait_outcome(&svc, from, Duration::from_secs(60));
+    // Clean up with rm (fts), which handles any depth; std's remove_dir_all recurses.
+    let rm = |p: &Path| {
+        let st = Command::new("rm").arg("-rf").arg(p).status().unwrap();
+        assert!(st.success());
+    };
+    eprintln!("deep tree: {outcome:?}");
+    let running = svc.is_running();
+    let log = svc.log_text();
+    rm(&dc.join("d"));
+    for e in site.releases_entries() {
+        if e.starts_with('.') {
+            rm(&site.releases_dir().join(e));
+        }
+    }
+    assert!(running, "the keeper died on a deep tree; log:\n{log}");
+    match outcome {
+        Outcome::Rejected(ev) => {
+            assert_eq!(release_of(&ev), Some("deep"));
+            assert!(reason_of(&ev).contains("levels deep"), "{ev}");
+        }
+        other => panic!("expected a rejection, got {other:?}\n{log}"),
+    }
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    let left = leftovers(&site);
+    assert!(left.is_empty(), "{left:?}");
     svc.stop();
 }

@@ -479,6 +479,25 @@ fn link_shared(
 ) -> Result<()> {
     let site = input.site;
     for entry in &site.cfg.shared {
+        // The entry's parents must be real directories of the upload (or missing): an
+        // uploaded symlink there (`app/var -> ..` for `app/var/data`) would carry the link
+        // elsewhere, with a target climbing out of the site root.
+        let mut ancestor = PathBuf::new();
+        for c in entry.parent().into_iter().flat_map(Path::components) {
+            ancestor.push(c);
+            match fs::symlink_metadata(partial.join(&ancestor)) {
+                Ok(m) if !m.is_dir() => {
+                    return Err(Error::Rejected(format!(
+                        "{} is a {} in the upload, but shared entry {} needs a directory there",
+                        ancestor.display(),
+                        walk::kind_name(std::os::unix::fs::MetadataExt::mode(&m)),
+                        entry.display()
+                    )));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
         let in_release = partial.join(entry);
         let in_shared = site.shared().join(entry);
         let uploaded = fs::symlink_metadata(&in_release).ok();

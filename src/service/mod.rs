@@ -66,6 +66,14 @@ pub fn set_status(site: &Site, doing: &str) {
     }
 }
 
+/// Drops a stopped site from the `STATUS=` line (a replacement worker adds it back).
+fn forget_status(name: &str) {
+    if let Some(Ok(mut m)) = STATUS.get().map(Mutex::lock) {
+        m.remove(name);
+        systemd::status(&m.values().cloned().collect::<Vec<_>>().join("; "));
+    }
+}
+
 /// Runs the service until SIGTERM/SIGINT.
 pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
     let source = match root {
@@ -105,6 +113,8 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
             ),
         );
     }
+    // systemd's watchdog runs from the start: fed during the first pass and shutdown too.
+    let _watchdog = systemd::Watchdog::start();
     let mut waiting = workers.len();
     while waiting > 0 {
         tokio::select! {
@@ -122,18 +132,14 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
             _ = int.recv() => return shutdown(&cancel, &mut workers).await,
         }
     }
-    for h in workers.values() {
-        set_status(&h.site, "idle");
-    }
     tracing::info!(
         event = events::DAEMON_STARTED,
         site = %site_names(&workers),
         sites = workers.len(),
         "release-keeper started"
     );
-    systemd::ready(&format!("serving {} site(s)", workers.len()));
+    systemd::ready();
 
-    let mut watchdog = systemd::watchdog_period().map(tokio::time::interval);
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -141,10 +147,7 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
             _ = hup.recv() => {
                 systemd::reloading();
                 reload(&source, &mut workers, &watcher, &cancel, &ready_tx).await;
-                systemd::ready("reloaded");
-            }
-            _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
-                systemd::watchdog();
+                systemd::ready();
             }
             // Site failures after start are logged by their workers.
             _ = ready_rx.recv() => {}
@@ -181,6 +184,7 @@ async fn reload(
             h.stop.notify_one();
             let _ = h.join.await;
         }
+        forget_status(name);
     }
     for (name, site) in new {
         if let std::collections::btree_map::Entry::Vacant(slot) = workers.entry(name) {

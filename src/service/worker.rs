@@ -83,6 +83,7 @@ async fn run(
     if !site.root_exists() {
         tracing::warn!(site = site.name(), root = %site.root().display(),
             "site root does not exist yet; waiting for it");
+        crate::service::set_status(&site, "waiting for its root");
         report(Ok(()));
         if let Some(parent) = site.root().parent() {
             if let Err(e) = watcher.watch(parent, None, Arc::clone(&heal_wake)) {
@@ -162,6 +163,7 @@ async fn run(
 
 fn take_lifetime_lock(site: &Site) -> Result<Lock> {
     site.ensure_layout()?;
+    heal::repair_locks(site, false)?;
     fsops::lock(&site.service_lock(), Some(Duration::ZERO))?.ok_or_else(|| {
         Error::Failed(format!(
             "another release-keeper service is already running for site {} ({} is locked)",
@@ -188,6 +190,7 @@ async fn work(site: &Site, cancel: &Arc<AtomicBool>, job: Job) -> Result<()> {
 }
 
 fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
+    heal::repair_locks(site, false)?;
     // Wait for a CLI command holding the lock, but stay responsive to shutdown.
     let _lock = loop {
         if cancel.load(Ordering::Relaxed) {
@@ -205,6 +208,8 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
     crate::service::set_status(site, doing);
     let result = run_job(site, cancel, job);
     crate::service::set_status(site, "idle");
+    // Still under the operation lock, so the journal is not changing underneath.
+    crate::metrics::update(site);
     result
 }
 

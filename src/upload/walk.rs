@@ -48,6 +48,13 @@ pub enum Open {
     NamesOnly,
 }
 
+/// Deepest directory nesting the walk descends into. The walk recurses, one stack frame
+/// (several KiB in a debug build) and open descriptors per level, on a worker thread with
+/// a 2 MiB stack: an uploader's tree a few hundred levels deep (cheap to make with mkdirat)
+/// would otherwise overflow it and abort the whole service. Real builds are nowhere near
+/// this deep.
+pub const MAX_DEPTH: usize = 128;
+
 /// Kind name for a raw `st_mode`.
 pub fn kind_name(mode: u32) -> &'static str {
     match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
@@ -148,6 +155,13 @@ fn walk_dir(
                 node: Node::Dir,
             };
             if visit(found)? {
+                if child_rel.components().count() > MAX_DEPTH {
+                    let top: PathBuf = child_rel.iter().take(3).collect();
+                    return Err(Error::Rejected(format!(
+                        "{}/... nests directories more than {MAX_DEPTH} levels deep",
+                        top.display()
+                    )));
+                }
                 let sub = openat(
                     &fd,
                     name.as_os_str(),

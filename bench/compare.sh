@@ -1,0 +1,387 @@
+#!/usr/bin/env bash
+# bench/compare.sh: release-keeper against the shell recipe, side by side (issue 6).
+#
+# One run measures, on a generated web-app tree (20,000 files / 300 MB, nested dirs):
+#   1. a full first release: `release-keeper finalize` vs the recipe
+#      (cp -a, sha256sum -c, ln -s + mv -T)                    target ratio <= 0.8
+#   2. an incremental release, 1% of files changed: release-keeper vs the same recipe
+#      (target ratio <= 0.1) and vs rsync -a --link-dest + sha256sum -c (target < 1)
+#   3. the service's latency from the marker's close(2) to `current` swapped, for a
+#      100-file upload, settle_time 0                          target median < 50 ms
+#   4. peak RSS of `finalize` on a 200,000-file release       target < 64 MiB
+#   5. CPU ticks used by the idle service over 60 s           target 0
+# and prints a markdown table with each figure, the ratio, the target and PASS/FAIL, and
+# the machine it ran on.
+#
+# Both sides get the same input: deploy-cache/ with its SHA256SUMS, generated (and, for
+# the incremental case, updated) outside the timed section. Each figure is the median of
+# BENCH_RUNS runs, warm (upload in the page cache, as right after an upload) and, when
+# /proc/sys/vm/drop_caches is writable (root), cold (`sync; echo 3 > drop_caches` before
+# every timed run). Dirty data of a run is synced before the next one starts, outside the
+# timing, so no run pays for the previous one's writeback. Sides alternate order per run.
+#
+# Environment:
+#   RK_BIN            release-keeper binary (default /work/scratch/t-bench/release/
+#                     release-keeper; built with `cargo build --release` if missing)
+#   BENCH_TMPDIR      where the work directory is made (default /work/scratch, else
+#                     /var/tmp; must not be tmpfs: the disk is part of what is measured)
+#   BENCH_FILES=20000 BENCH_BYTES=300000000 BENCH_CHANGED=0.01 BENCH_RUNS=3
+#   BENCH_COLD=auto|0|1      also measure with dropped caches (auto: if possible)
+#   BENCH_LAT_ITER=20 BENCH_LAT_FILES=100
+#   BENCH_RSS_FILES=200000 BENCH_RSS_BYTES=100000000
+#   BENCH_IDLE_SECS=60
+#   BENCH_ONLY="full inc lat rss idle"   sections to run
+#   BENCH_KEEP=1      keep the work directory
+#   BENCH_RESULTS=F   also write the final table to F
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+BENCH_START=$EPOCHREALTIME
+
+FILES=${BENCH_FILES:-20000}
+BYTES=${BENCH_BYTES:-300000000}
+CHANGED=${BENCH_CHANGED:-0.01}
+RUNS=${BENCH_RUNS:-3}
+COLD=${BENCH_COLD:-auto}
+LAT_ITER=${BENCH_LAT_ITER:-20}
+LAT_FILES=${BENCH_LAT_FILES:-100}
+RSS_FILES=${BENCH_RSS_FILES:-200000}
+RSS_BYTES=${BENCH_RSS_BYTES:-100000000}
+IDLE_SECS=${BENCH_IDLE_SECS:-60}
+ONLY=${BENCH_ONLY:-full inc lat rss idle}
+
+log() { printf '[%6.1fs] %s\n' "$(echo "$EPOCHREALTIME - $BENCH_START" | bc)" "$*" >&2; }
+die() { echo "compare.sh: $*" >&2; exit 1; }
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+
+for tool in python3 sha256sum rsync bc /usr/bin/time; do
+    command -v "$tool" >/dev/null || die "$tool is required (apt-get install time rsync bc)"
+done
+
+# --- the binary --------------------------------------------------------------------------
+RK=${RK_BIN:-/work/scratch/t-bench/release/release-keeper}
+if [[ ! -x $RK ]]; then
+    target=${CARGO_TARGET_DIR:-$REPO/target}
+    log "building release-keeper (cargo build --release) into $target"
+    (cd "$REPO" && CARGO_TARGET_DIR=$target cargo build --release --quiet)
+    RK=$target/release/release-keeper
+fi
+[[ -x $RK ]] || die "no release-keeper binary at $RK"
+
+# --- the work directory --------------------------------------------------------------------
+parent=${BENCH_TMPDIR:-}
+if [[ -z $parent ]]; then
+    if [[ -d /work/scratch ]]; then parent=/work/scratch; else parent=/var/tmp; fi
+fi
+W=$(mktemp -d "$parent/rk-bench.XXXXXX")
+FSTYPE=$(findmnt -no FSTYPE -T "$W" 2>/dev/null || stat -f -c %T "$W")
+[[ $FSTYPE == tmpfs ]] && log "warning: $W is on tmpfs; the disk is not being measured"
+
+# Deleting is slow on some disks (ext4 mounted with `discard` issues a synchronous
+# discard per freed file), so trees are moved into a graveyard (a rename: instant) and
+# deleted in parallel while nothing is being timed (during the RSS and idle sections).
+G=0
+bury() {
+    local d
+    mkdir -p "$W/graveyard"
+    for d in "$@"; do
+        [[ -e $d || -L $d ]] || continue
+        G=$((G + 1))
+        mv "$d" "$W/graveyard/$G"
+    done
+}
+# reap DIR: deletes DIR with parallel rm processes.
+reap() {
+    [[ -d $1 ]] || return 0
+    ((EUID == 0)) || chmod -R u+w "$1" 2>/dev/null || true
+    find "$1" -mindepth 3 -maxdepth 5 -type d -print0 2>/dev/null |
+        xargs -0 -r -n 8 -P 8 rm -rf 2>/dev/null || true
+    rm -rf "$1"
+}
+REAPERS=()
+reap_graveyard_bg() {
+    [[ -d $W/graveyard ]] || return 0
+    mv "$W/graveyard" "$W/reaping.$G"
+    reap "$W/reaping.$G" &
+    REAPERS+=($!)
+}
+
+SERVICE_PID=
+cleanup() {
+    if [[ -n $SERVICE_PID ]] && kill -0 "$SERVICE_PID" 2>/dev/null; then
+        kill -TERM "$SERVICE_PID" 2>/dev/null || true
+        wait "$SERVICE_PID" 2>/dev/null || true
+    fi
+    if [[ ${BENCH_KEEP:-0} == 1 ]]; then
+        log "work directory kept: $W"
+    else
+        log "cleaning up $W"
+        [[ ${#REAPERS[@]} -gt 0 ]] && wait "${REAPERS[@]}" 2>/dev/null
+        [[ -d $W/graveyard ]] && reap "$W/graveyard"
+        reap "$W"
+        log "done"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [[ $COLD == auto ]]; then
+    if [[ -w /proc/sys/vm/drop_caches ]]; then COLD=1; else COLD=0; fi
+fi
+MODES=warm
+[[ $COLD == 1 ]] && MODES="warm cold"
+
+S=$W/site          # release-keeper's site; its deploy-cache/ is the input of every side
+SH=$W/recipe-cp    # the cp recipe's root
+RS=$W/recipe-rsync # the rsync --link-dest recipe's root
+CFG=$W/config.toml
+cat >"$CFG" <<EOF
+# keep is high so that no timed run prunes: the recipe has no prune step either.
+[defaults]
+keep = 1000
+[sites.bench]
+root = "$S"
+[sites.rss]
+root = "$W/rss"
+EOF
+
+# --- helpers ---------------------------------------------------------------------------------
+median() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f"{statistics.median(v):.3f}" if v else "nan")' "$@"; }
+ratio() { python3 -c 'import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f"{a/b:.3f}" if b else "nan")' "$1" "$2"; }
+le() { python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) <= float(sys.argv[2]) else 1)' "$1" "$2"; }
+lt() { python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)' "$1" "$2"; }
+verdict() { if "$@"; then echo PASS; else echo FAIL; fi; }
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+
+# prep warm|cold: flush the previous run's dirty data; then either drop every cache or
+# make sure the upload is in the page cache (as right after it was written).
+prep() {
+    sync
+    if [[ $1 == cold ]]; then
+        echo 3 >/proc/sys/vm/drop_caches
+    else
+        find "$2" -type f -exec cat {} + >/dev/null
+    fi
+}
+
+# timed LABEL CMD...: runs CMD, appends "wall user+sys" (seconds) to $W/t.LABEL.
+timed() {
+    local label=$1
+    shift
+    local t0 t1
+    t0=$EPOCHREALTIME
+    /usr/bin/time -f '%U %S' -o "$W/cpu.tmp" "$@" >>"$W/cmd.log" 2>&1 || {
+        tail -20 "$W/cmd.log" >&2
+        die "failed: $*"
+    }
+    t1=$EPOCHREALTIME
+    read -r u s <"$W/cpu.tmp"
+    echo "$(echo "$t1 - $t0" | bc) $(echo "$u + $s" | bc)" >>"$W/t.$label"
+}
+walls() { cut -d' ' -f1 "$W/t.$1"; }
+cpus() { cut -d' ' -f2 "$W/t.$1"; }
+med_wall() { median $(walls "$1"); }
+med_cpu() { median $(cpus "$1"); }
+
+RK_FINALIZE=("$RK" --config "$CFG" --log-format json finalize)
+
+reset_site() {
+    bury "$S/releases" "$S/.release-keeper" "$S/current" "$S/shared"
+    "$RK" --config "$CFG" init bench >/dev/null
+}
+reset_root() {
+    bury "$1"
+    mkdir -p "$1/releases"
+}
+# Removes every release of a recipe root but the one `current` points at.
+trim_root() {
+    local keep d
+    keep=$(basename "$(readlink "$1/current")")
+    for d in "$1"/releases/*; do
+        [[ $(basename "$d") == "$keep" ]] || bury "$d"
+    done
+}
+
+ROWS=()
+row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 |"); }
+
+# --- machine -----------------------------------------------------------------------------------
+CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+MEM=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
+DEV=$(df -P "$W" | awk 'NR==2 {print $1}')
+log "release-keeper: $RK"
+log "work dir: $W ($FSTYPE on $DEV); modes: $MODES; runs: $RUNS; load: $(loadavg)"
+LOAD_START=$(loadavg)
+
+# --- the tree --------------------------------------------------------------------------------------
+if want full || want inc; then
+    log "generating $FILES files / $BYTES bytes"
+    mkdir -p "$S"
+    python3 "$HERE/gen.py" tree "$S/deploy-cache" --files "$FILES" --bytes "$BYTES" --seed 1
+    TREE_BYTES=$(du -sb "$S/deploy-cache" | cut -f1)
+    TREE_DIRS=$(find "$S/deploy-cache" -type d | wc -l)
+    reset_site
+    reset_root "$SH"
+    reset_root "$RS"
+fi
+
+# --- 1. full first release ---------------------------------------------------------------------
+if want full; then
+    for mode in $MODES; do
+        for ((r = 1; r <= RUNS; r++)); do
+            log "full release, $mode, run $r/$RUNS (load $(loadavg))"
+            order="rk sh"
+            ((r % 2 == 0)) && order="sh rk"
+            for side in $order; do
+                if [[ $side == rk ]]; then
+                    reset_site
+                    prep "$mode" "$S/deploy-cache"
+                    timed "full.rk.$mode" "${RK_FINALIZE[@]}" bench --id "full-$mode-$r"
+                else
+                    reset_root "$SH"
+                    prep "$mode" "$S/deploy-cache"
+                    timed "full.sh.$mode" "$HERE/recipe.sh" cp "$S/deploy-cache" "$SH" "full-$mode-$r"
+                fi
+            done
+        done
+        rk=$(med_wall "full.rk.$mode") sh=$(med_wall "full.sh.$mode") q=$(ratio "$rk" "$sh")
+        row "1. full first release ($mode)" "${rk} s (cpu $(med_cpu "full.rk.$mode") s)" \
+            "cp recipe ${sh} s (cpu $(med_cpu "full.sh.$mode") s)" "$q" "<= 0.8" "$(verdict le "$q" 0.8)"
+    done
+fi
+
+# --- 2. incremental release --------------------------------------------------------------------
+if want inc; then
+    if ! want full; then
+        prep warm "$S/deploy-cache"
+        timed setup "${RK_FINALIZE[@]}" bench --id base
+        "$HERE/recipe.sh" cp "$S/deploy-cache" "$SH" base
+    fi
+    # The rsync recipe starts from its own copy of the current upload, made like the cp
+    # recipe makes one.
+    reset_root "$RS"
+    "$HERE/recipe.sh" cp "$S/deploy-cache" "$RS" base >>"$W/cmd.log" 2>&1
+    prev_rs=base
+    seed=100
+    for mode in $MODES; do
+        for ((r = 1; r <= RUNS; r++)); do
+            seed=$((seed + 1))
+            log "incremental release, $mode, run $r/$RUNS (load $(loadavg))"
+            python3 "$HERE/gen.py" mutate "$S/deploy-cache" --fraction "$CHANGED" --seed "$seed" 2>>"$W/cmd.log"
+            trim_root "$SH"
+            trim_root "$RS"
+            id="inc-$mode-$r"
+            order="rk sh rs"
+            ((r % 2 == 0)) && order="rs sh rk"
+            for side in $order; do
+                prep "$mode" "$S/deploy-cache"
+                case $side in
+                rk) timed "inc.rk.$mode" "${RK_FINALIZE[@]}" bench --id "$id" ;;
+                sh) timed "inc.sh.$mode" "$HERE/recipe.sh" cp "$S/deploy-cache" "$SH" "$id" ;;
+                rs) timed "inc.rs.$mode" "$HERE/recipe.sh" rsync "$S/deploy-cache" "$RS" "$id" "$prev_rs" ;;
+                esac
+            done
+            prev_rs=$id
+        done
+        linked=$(grep -o '"linked":[0-9]*' "$W/cmd.log" | tail -1 | cut -d: -f2)
+        rk=$(med_wall "inc.rk.$mode") sh=$(med_wall "inc.sh.$mode") rs=$(med_wall "inc.rs.$mode")
+        q=$(ratio "$rk" "$sh") q2=$(ratio "$rk" "$rs")
+        row "2. incremental, ${CHANGED} changed ($mode)" "${rk} s (cpu $(med_cpu "inc.rk.$mode") s; ${linked} linked)" \
+            "cp recipe ${sh} s (cpu $(med_cpu "inc.sh.$mode") s)" "$q" "<= 0.1" "$(verdict le "$q" 0.1)"
+        row "2. incremental, ${CHANGED} changed ($mode)" "${rk} s" \
+            "rsync --link-dest recipe ${rs} s (cpu $(med_cpu "inc.rs.$mode") s)" "$q2" "< 1" "$(verdict lt "$q2" 1)"
+    done
+fi
+# The big trees are not needed any more.
+if want full || want inc; then
+    bury "$S" "$SH" "$RS"
+fi
+
+# --- 3. marker-to-swap latency -------------------------------------------------------------------
+if want lat; then
+    log "latency: $LAT_ITER uploads of $LAT_FILES files to the running service (load $(loadavg))"
+    python3 "$HERE/latency.py" "$RK" "$W/lat" --iterations "$LAT_ITER" --files "$LAT_FILES" \
+        --out "$W/lat.txt"
+    lat=$(median $(cut -d' ' -f1 "$W/lat.txt"))
+    lat_log=$(median $(cut -d' ' -f2 "$W/lat.txt"))
+    lat_min=$(sort -g "$W/lat.txt" | head -1 | cut -d' ' -f1)
+    lat_max=$(sort -g "$W/lat.txt" | tail -1 | cut -d' ' -f1)
+    fin=$(grep '"release.finalized"' "$W/lat.txt.log" | grep -o '"duration_ms":[0-9]*' | cut -d: -f2)
+    act=$(grep '"release.activated"' "$W/lat.txt.log" | grep -o '"duration_ms":[0-9]*' | cut -d: -f2)
+    row "3. marker close -> current swapped, ${LAT_FILES} files (median of $(wc -l <"$W/lat.txt"))" \
+        "${lat} ms (min ${lat_min}, max ${lat_max}; log: ${lat_log} ms; finalize $(median $fin) ms + activate $(median $act) ms)" \
+        "-" "-" "< 50 ms" "$(verdict lt "$lat" 50)"
+fi
+
+# --- 4. peak RSS ------------------------------------------------------------------------------
+if want rss; then
+    reap_graveyard_bg # not timed from here on: delete in the background
+    log "peak RSS: generating $RSS_FILES files"
+    mkdir -p "$W/rss"
+    python3 "$HERE/gen.py" tree "$W/rss/deploy-cache" --files "$RSS_FILES" --bytes "$RSS_BYTES" --seed 3
+    "$RK" --config "$CFG" init rss >/dev/null
+    prep warm "$W/rss/deploy-cache"
+    log "peak RSS: finalize of $RSS_FILES files (load $(loadavg))"
+    t0=$EPOCHREALTIME
+    /usr/bin/time -v -o "$W/rss.time" "$RK" --config "$CFG" --log-format json finalize rss --id big \
+        >>"$W/cmd.log" 2>&1 || { tail "$W/cmd.log" >&2; die "finalize of the big tree failed"; }
+    t1=$EPOCHREALTIME
+    kib=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$W/rss.time")
+    mib=$(echo "scale=1; $kib / 1024" | bc)
+    row "4. peak RSS, finalize of ${RSS_FILES} files" "${mib} MiB (${kib} KiB; took $(printf %.1f "$(echo "$t1 - $t0" | bc)") s)" \
+        "-" "-" "< 64 MiB" "$(verdict lt "$kib" 65536)"
+    bury "$W/rss"
+fi
+
+# --- 5. idle CPU --------------------------------------------------------------------------------
+if want idle; then
+    root=$W/idle
+    [[ -d $W/lat ]] && root=$W/lat # a site with releases, as in production
+    reap_graveyard_bg # deleting other trees does not concern the idle site
+    log "idle CPU: service on $root for 5 + $IDLE_SECS s"
+    "$RK" run --root "$root" --log-format json 2>"$W/idle.log" &
+    SERVICE_PID=$!
+    for _ in $(seq 100); do
+        grep -q '"daemon.started"' "$W/idle.log" 2>/dev/null && break
+        sleep 0.1
+    done
+    grep -q '"daemon.started"' "$W/idle.log" || die "idle service did not start"
+    ticks() { awk '{print $14 + $15}' "/proc/$SERVICE_PID/stat"; }
+    sleep 5
+    a=$(ticks)
+    sleep "$IDLE_SECS"
+    b=$(ticks)
+    kill -TERM "$SERVICE_PID"
+    wait "$SERVICE_PID" || true
+    SERVICE_PID=
+    row "5. CPU of the idle service over ${IDLE_SECS} s" \
+        "$((b - a)) ticks (start-up: ${a} ticks; 1 tick = 1/$(getconf CLK_TCK) s)" "-" "-" "0 ticks" \
+        "$(verdict test $((b - a)) -eq 0)"
+fi
+
+# --- report ----------------------------------------------------------------------------------
+elapsed=$(printf %.0f "$(echo "$EPOCHREALTIME - $BENCH_START" | bc)")
+{
+    echo
+    echo "## release-keeper vs the shell recipe (bench/compare.sh)"
+    echo
+    echo "Machine: $(nproc) CPUs, ${CPU_MODEL}, ${MEM} RAM, kernel $(uname -r); work dir on ${FSTYPE} (${DEV})."
+    if want full || want inc; then
+        echo "Tree: ${FILES} files, ${TREE_DIRS} dirs, ${TREE_BYTES} bytes on disk (du -sb); ${CHANGED} of the files changed per incremental release."
+    fi
+    echo "Median of ${RUNS} runs; warm = upload in the page cache$([[ $COLD == 1 ]] && echo ', cold = caches dropped before each run'). Wall time (CPU time = user + sys)."
+    echo "Load average: ${LOAD_START} at start, $(loadavg) at end. Run time: ${elapsed} s."
+    echo
+    echo "| measurement | release-keeper | baseline | ratio | target | result |"
+    echo "|---|---|---|---|---|---|"
+    printf '%s\n' "${ROWS[@]}"
+    echo
+    echo "Raw runs (wall s, cpu s):"
+    for f in "$W"/t.*; do
+        [[ -e $f ]] && echo "- ${f##*/t.}: $(tr '\n' ';' <"$f" | sed 's/;$//; s/;/; /g')"
+    done
+    if [[ -s $W/lat.txt ]]; then
+        echo "- latency ms (inotify): $(cut -d' ' -f1 "$W/lat.txt" | tr '\n' ' ')"
+    fi
+} | tee "${BENCH_RESULTS:-/dev/null}"

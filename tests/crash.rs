@@ -1,0 +1,422 @@
+//! Crash safety: the service is killed with SIGKILL at many points while it finalizes,
+//! swaps `current` to, and prunes around a sizeable upload, then restarted. After every
+//! kill and every restart the tree must hold:
+//! - `current` resolves to a complete release whose every file matches its upload;
+//! - after the restart, the in-flight upload ends activated, no `.partial.*`, temporary
+//!   link or trash entry remains, `verify --all` passes, and the journal parses.
+//!
+//! Bounded for CI: `RK_CRASH_KILLS` kill points (default 30) within `RK_CRASH_BUDGET`
+//! seconds (default 50), at least `RK_CRASH_MIN` (default 10) of them. `scripts/soak.sh`
+//! runs the same test with hundreds of kills. `RK_CRASH_VERBOSE=1` prints each kill point.
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const SITE: &str = "crash";
+/// Small files of the upload, spread over `DIRS` directories.
+const SMALL: usize = 2000;
+const DIRS: usize = 30;
+/// Large files of the upload and their size.
+const BIG: usize = 3;
+const BIG_SIZE: usize = 1 << 20;
+
+type Hash = [u8; 32];
+
+fn sha(bytes: &[u8]) -> Hash {
+    Sha256::digest(bytes).into()
+}
+
+fn hex(h: &Hash) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The upload in `deploy-cache/`, rewritten incrementally between releases.
+struct Upload {
+    dir: PathBuf,
+    small_gen: Vec<u32>,
+    big_gen: Vec<u32>,
+    /// Every file of the upload except SHA256SUMS and the marker.
+    hashes: BTreeMap<String, Hash>,
+}
+
+fn small_path(j: usize) -> String {
+    format!("app/d{:02}/f{j:04}.txt", j % DIRS)
+}
+
+fn big_path(k: usize) -> String {
+    format!("assets/big{k}.bin")
+}
+
+fn small_content(j: usize, gen: u32) -> Vec<u8> {
+    let mut s = format!("file {j} generation {gen}\n");
+    while s.len() < 200 {
+        s.push_str("lorem ipsum ");
+    }
+    s.into_bytes()
+}
+
+fn big_content(k: usize, gen: u32) -> Vec<u8> {
+    // xorshift, seeded by file and generation: cheap, incompressible enough.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ ((k as u64) << 32) ^ gen as u64;
+    let mut out = Vec::with_capacity(BIG_SIZE);
+    while out.len() < BIG_SIZE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+impl Upload {
+    fn new(dir: &Path) -> Upload {
+        let mut u = Upload {
+            dir: dir.to_path_buf(),
+            small_gen: vec![0; SMALL],
+            big_gen: vec![0; BIG],
+            hashes: BTreeMap::new(),
+        };
+        for j in 0..SMALL {
+            u.write_small(j);
+        }
+        for k in 0..BIG {
+            u.write_big(k);
+        }
+        u
+    }
+
+    fn write(&mut self, rel: String, bytes: &[u8]) {
+        let p = self.dir.join(&rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, bytes).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        self.hashes.insert(rel, sha(bytes));
+    }
+
+    fn write_small(&mut self, j: usize) {
+        let c = small_content(j, self.small_gen[j]);
+        self.write(small_path(j), &c);
+    }
+
+    fn write_big(&mut self, k: usize) {
+        let c = big_content(k, self.big_gen[k]);
+        self.write(big_path(k), &c);
+    }
+
+    /// Changes the upload for release number `i`: one directory of small files and one
+    /// large file every time, every small file on every fourth release (so that some
+    /// finalizes copy everything and some mostly hard-link). Writes SHA256SUMS and
+    /// returns the expected content of the release (path -> hash, SHA256SUMS included).
+    fn next(&mut self, i: usize) -> BTreeMap<String, Hash> {
+        let all = i.is_multiple_of(4);
+        for j in 0..SMALL {
+            if all || j % DIRS == i % DIRS {
+                self.small_gen[j] += 1;
+                self.write_small(j);
+            }
+        }
+        self.big_gen[i % BIG] += 1;
+        self.write_big(i % BIG);
+        let mut sums = String::new();
+        for (p, h) in &self.hashes {
+            sums.push_str(&format!("{}  {p}\n", hex(h)));
+        }
+        fs::write(self.dir.join(MANIFEST), &sums).unwrap();
+        let mut want = self.hashes.clone();
+        want.insert(MANIFEST.to_string(), sha(sums.as_bytes()));
+        want
+    }
+}
+
+/// path -> hash of every regular file under `dir`; panics on anything but files and dirs.
+fn hash_tree(dir: &Path) -> BTreeMap<String, Hash> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap_or_else(|e| panic!("read_dir {d:?}: {e}")) {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.is_file() {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+                out.insert(rel, sha(&fs::read(&p).unwrap()));
+            } else {
+                panic!("unexpected entry in a release: {p:?}");
+            }
+        }
+    }
+    out
+}
+
+fn start(cfg: &Path) -> Service {
+    let s = Service::spawn(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "run",
+        "--log-format",
+        "json",
+    ]);
+    // The first healing pass redoes the interrupted upload before `daemon.started`.
+    s.wait_event("daemon.started", |_| true, Duration::from_secs(60));
+    s
+}
+
+fn sigkill(svc: &Service) {
+    let _ = kill(Pid::from_raw(svc.pid()), Signal::SIGKILL);
+    svc.wait_exit(Duration::from_secs(10));
+}
+
+/// Entries of `dir` (non-hidden claim files or markers).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Journal records, asserting that every line parses and `seq` strictly increases.
+fn journal(root: &Path) -> Vec<Value> {
+    let path = root.join(".release-keeper/journal");
+    let text = fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "journal ends with a torn line: {:?}",
+        text.lines().last()
+    );
+    let mut last = 0u64;
+    text.lines()
+        .enumerate()
+        .map(|(n, l)| {
+            let v: Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("journal line {} does not parse ({e}): {l}", n + 1));
+            let seq = v["seq"].as_u64().unwrap_or_else(|| panic!("no seq: {l}"));
+            assert!(
+                seq > last,
+                "journal seq not increasing at line {}: {l}",
+                n + 1
+            );
+            last = seq;
+            v
+        })
+        .collect()
+}
+
+/// `current` resolves to `releases/<id>` with `id` one of `allowed`, and the release holds
+/// exactly the files of its upload. Returns the id.
+fn check_current(
+    site: &Site,
+    allowed: &[&str],
+    want: &BTreeMap<String, BTreeMap<String, Hash>>,
+    when: &str,
+) -> String {
+    let id = site
+        .current_id()
+        .unwrap_or_else(|| panic!("{when}: `current` is missing or not a symlink"));
+    assert!(
+        allowed.contains(&id.as_str()),
+        "{when}: current is {id}, expected one of {allowed:?}"
+    );
+    let got = hash_tree(&site.release(&id));
+    let expected = &want[&id];
+    if &got != expected {
+        let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+        let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
+        let changed: Vec<_> = expected
+            .iter()
+            .filter(|(k, h)| got.get(*k).is_some_and(|g| g != *h))
+            .map(|(k, _)| k)
+            .collect();
+        panic!(
+            "{when}: release {id} is not complete: {} missing (e.g. {:?}), {} extra ({:?}), {} changed ({:?})",
+            missing.len(),
+            missing.iter().take(3).collect::<Vec<_>>(),
+            extra.len(),
+            extra.iter().take(3).collect::<Vec<_>>(),
+            changed.len(),
+            changed.iter().take(3).collect::<Vec<_>>()
+        );
+    }
+    id
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Time from dropping the marker until the upload is activated, pruned and its claim gone.
+fn wait_done(site: &Site, svc: &Service, id: &str, claims: &Path) -> Duration {
+    let t0 = Instant::now();
+    svc.wait_event(
+        "release.activated",
+        |v| release_of(v) == Some(id),
+        Duration::from_secs(60),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        || entries(claims).is_empty(),
+        || format!("claims of {id} to be done: {:?}", entries(claims)),
+    );
+    assert_eq!(site.current_id().as_deref(), Some(id));
+    t0.elapsed()
+}
+
+#[test]
+fn kill_9_during_finalize_swap_and_prune() {
+    let kills_wanted = env_or("RK_CRASH_KILLS", 30) as usize;
+    let budget = Duration::from_secs(env_or("RK_CRASH_BUDGET", 50));
+    let started = Instant::now();
+
+    let site = Site::new();
+    // keep = 1: every activation prunes a 2000-file release. The after_activate hook
+    // widens the window between the swap and the verdict (an open trial).
+    let cfg = site.write_config(
+        SITE,
+        "keep = 1\nkeep_failed = 1\nheal_interval = \"1h\"\nverify_interval = \"1h\"",
+        "after_activate = [\"/bin/sh\", \"-c\", \"sleep 0.05\"]",
+    );
+    let claims = site.root.join(".release-keeper/claims");
+    let mut upload = Upload::new(&site.deploy_cache());
+    let mut want: BTreeMap<String, BTreeMap<String, Hash>> = BTreeMap::new();
+
+    // Warm-up: three releases without kills (prune starts with the third); the last
+    // two measure how long a copying and a mostly-linking release take.
+    let mut svc = start(&cfg);
+    let mut durations = [Duration::ZERO; 2];
+    for i in 0..3 {
+        let id = format!("r{i}");
+        want.insert(id.clone(), upload.next(i));
+        site.drop_marker(&format!("id = \"{id}\"\n"));
+        durations[usize::from(!i.is_multiple_of(4))] = wait_done(&site, &svc, &id, &claims);
+    }
+    eprintln!(
+        "crash test: one release takes {:?} (copying) / {:?} (linking); up to {kills_wanted} kills",
+        durations[0], durations[1]
+    );
+
+    let mut kills = 0usize;
+    let mut restarts_redid = 0usize;
+    let mut i = 3usize;
+    let mut prev = "r2".to_string();
+    while kills < kills_wanted && started.elapsed() < budget {
+        let id = format!("r{i}");
+        want.insert(id.clone(), upload.next(i));
+        // Delays spread over [0, 1.2 x the measured duration] (golden-ratio sequence).
+        let frac = (kills as f64 * 0.618_033_988_75).fract() * 1.2;
+        let full = durations[usize::from(!i.is_multiple_of(4))].max(Duration::from_millis(50));
+        let delay = full.mul_f64(frac);
+
+        site.drop_marker(&format!("id = \"{id}\"\n"));
+        std::thread::sleep(delay);
+        sigkill(&svc);
+        kills += 1;
+        let when = format!("kill {kills} ({id}, {:?} after the marker)", delay);
+
+        // At the crash point: `current` is the old or the new release, complete either way.
+        check_current(
+            &site,
+            &[&prev, &id],
+            &want,
+            &format!("{when}, before restart"),
+        );
+        journal(&site.root);
+        drop(svc);
+
+        let t_restart = Instant::now();
+        svc = start(&cfg);
+        let t_started = t_restart.elapsed();
+        let after = format!("{when}, after restart");
+        wait_until(
+            Duration::from_secs(60),
+            || site.current_id().as_deref() == Some(id.as_str()) && entries(&claims).is_empty(),
+            || {
+                format!(
+                    "{after}: upload {id} to end activated; current {:?}, claims {:?}; log:\n{}",
+                    site.current_id(),
+                    entries(&claims),
+                    svc.log_text()
+                )
+            },
+        );
+        if !svc.events_for("release.activated", &id).is_empty() {
+            restarts_redid += 1;
+        }
+        check_current(&site, &[&id], &want, &after);
+        let records = journal(&site.root);
+        assert!(
+            records
+                .iter()
+                .any(|r| r["op"] == "activated" && r["release"] == id.as_str()),
+            "{after}: the journal records the activation of {id}"
+        );
+        let hidden = site.hidden_release_entries();
+        assert!(
+            hidden.is_empty(),
+            "{after}: leftovers in releases/: {hidden:?}"
+        );
+        for dir in [site.root.clone(), site.root.join(".release-keeper")] {
+            let tmp: Vec<_> = entries(&dir)
+                .into_iter()
+                .filter(|n| n.starts_with(".rk-tmp"))
+                .collect();
+            assert!(
+                tmp.is_empty(),
+                "{after}: temporary links left in {dir:?}: {tmp:?}"
+            );
+        }
+        let trash = entries(&site.root.join(".release-keeper/trash"));
+        // Pruning may still be emptying the trash; wait for it, bounded.
+        if !trash.is_empty() {
+            wait_until(
+                Duration::from_secs(20),
+                || entries(&site.root.join(".release-keeper/trash")).is_empty(),
+                || format!("{after}: trash to be emptied"),
+            );
+        }
+        // Every release on disk is one the keeper made and verifies.
+        let out = cli(&cfg, &["verify", SITE, "--all"]);
+        assert_ok(&out, &format!("{after}: verify --all"));
+        for r in site.release_ids() {
+            assert!(
+                want.contains_key(&r),
+                "{after}: unknown release {r} on disk"
+            );
+        }
+        if std::env::var_os("RK_CRASH_VERBOSE").is_some() {
+            eprintln!(
+                "{when}: started after {t_started:?}, checked after {:?}",
+                t_restart.elapsed()
+            );
+        }
+        prev = id;
+        i += 1;
+    }
+    svc.stop();
+    eprintln!(
+        "crash test: {kills} kill points tried (the restart redid the upload {restarts_redid} times), all invariants held, {:?}",
+        started.elapsed()
+    );
+    let min = env_or("RK_CRASH_MIN", 10).min(kills_wanted as u64) as usize;
+    assert!(
+        kills >= min,
+        "only {kills} kill points fit in the time budget (at least {min} wanted)"
+    );
+}

@@ -1,0 +1,642 @@
+//! Healing: each case of the healing pass, the triggers (start, inotify, SIGHUP,
+//! heal_interval), `heal --dry-run`, foreign releases, locks, and the watcher's recovery
+//! (inotify overflow, a recreated deploy-cache/, a root that appears after start).
+mod common;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const SITE: &str = "web";
+
+fn start(site: &Site, defaults: &str, site_extra: &str) -> (PathBuf, Service) {
+    let cfg = site.write_config(SITE, defaults, site_extra);
+    let svc = Service::start_config(&cfg);
+    (cfg, svc)
+}
+
+fn deploy_and_activate(site: &Site, svc: &Service, id: &str) {
+    site.deploy(&as_refs(&small_build(id)), &format!("id = \"{id}\"\n"));
+    svc.wait_release_event("release.activated", id);
+    assert_eq!(site.current_id().as_deref(), Some(id), "current after {id}");
+}
+
+/// Waits for a `heal.repaired` event whose JSON contains every one of `needles`.
+fn wait_repaired(svc: &Service, needles: &[&str]) -> Value {
+    svc.wait_event(
+        "heal.repaired",
+        |v| {
+            let s = v.to_string();
+            needles.iter().all(|n| s.contains(n))
+        },
+        WAIT,
+    )
+}
+
+/// Replaces `path` by a symlink to `target` the way an operator's `ln -sfn` would not:
+/// atomically (so the test itself never observes a missing link).
+fn force_symlink(path: &Path, target: &str) {
+    let tmp = path.with_file_name(".test-link-tmp");
+    let _ = fs::remove_file(&tmp);
+    symlink(target, &tmp).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn signal(svc: &Service, sig: Signal) {
+    kill(Pid::from_raw(svc.pid()), sig).unwrap();
+}
+
+fn wait_current(site: &Site, id: &str, timeout: Duration, what: &str) {
+    wait_until(
+        timeout,
+        || site.current_id().as_deref() == Some(id),
+        || format!("{what}: current -> {id}, is {:?}", site.current_target()),
+    );
+}
+
+fn displaced(site: &Site) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(site.root.join(".release-keeper/displaced"))
+        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn deleted_current_comes_back_within_a_second() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "heal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    for round in 0..3 {
+        fs::remove_file(site.current_path()).unwrap();
+        let t0 = Instant::now();
+        wait_current(
+            &site,
+            "v1",
+            Duration::from_millis(1500),
+            &format!("round {round}"),
+        );
+        eprintln!("current restored after {:?}", t0.elapsed());
+    }
+    let ev = wait_repaired(&svc, &["current is missing", "releases/v1"]);
+    assert_eq!(ev["site"], SITE, "{ev}");
+    svc.stop();
+}
+
+#[test]
+fn dangling_current_points_at_last_good_release() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+
+    // While running: `current` made to dangle.
+    force_symlink(&site.current_path(), "releases/nope");
+    wait_current(&site, "v2", WAIT, "dangling current healed");
+    wait_repaired(&svc, &["current is dangling"]);
+    svc.stop();
+
+    // While stopped: the current release deleted by hand; the last good one that exists
+    // is v1.
+    make_writable(&site.release("v2"));
+    fs::remove_dir_all(site.release("v2")).unwrap();
+    let svc = Service::start_config(&cfg);
+    wait_current(
+        &site,
+        "v1",
+        WAIT,
+        "current of a deleted release healed at start",
+    );
+    wait_repaired(&svc, &["current is dangling", "releases/v1"]);
+    drop(svc);
+}
+
+#[test]
+fn current_directory_is_moved_aside_never_deleted() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    for (n, text) in ["first precious\n", "second precious\n"].iter().enumerate() {
+        // Swapped in atomically (RENAME_EXCHANGE): a plain rm + mkdir races with the
+        // healing of the missing link, and would then write into the release.
+        let staged = site.root.join("staged-dir");
+        write_tree(&staged, &[("data/precious.txt", text.as_bytes())]);
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &staged,
+            nix::fcntl::AT_FDCWD,
+            &site.current_path(),
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .unwrap();
+        fs::remove_file(&staged).unwrap();
+        wait_current(
+            &site,
+            "v1",
+            WAIT,
+            "a real current directory replaced by the link",
+        );
+        wait_until(
+            WAIT,
+            || displaced(&site).len() == n + 1,
+            || format!("moved-aside directories: {:?}", displaced(&site)),
+        );
+    }
+    // Both directories kept, contents intact, even when displaced in the same second.
+    let mut texts: Vec<String> = displaced(&site)
+        .iter()
+        .map(|d| fs::read_to_string(d.join("data/precious.txt")).unwrap())
+        .collect();
+    texts.sort();
+    assert_eq!(texts, ["first precious\n", "second precious\n"]);
+    wait_repaired(&svc, &["current is not a symlink", "displaced"]);
+    svc.stop();
+}
+
+#[test]
+fn current_pointing_outside_releases_is_repaired() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let outside = site.tmp_path("elsewhere");
+    fs::create_dir_all(&outside).unwrap();
+    let abs_release = site.release("v1").display().to_string();
+    for target in [
+        outside.to_str().unwrap(),
+        "../elsewhere",
+        "deploy-cache",
+        "releases/../deploy-cache",
+        "releases/.partial.v1",
+        abs_release.as_str(),
+    ] {
+        force_symlink(&site.current_path(), target);
+        wait_until(
+            WAIT,
+            || site.current_target().as_deref() == Some(Path::new("releases/v1")),
+            || {
+                format!(
+                    "current -> {target} repaired to releases/v1, is {:?}",
+                    site.current_target()
+                )
+            },
+        );
+    }
+    wait_repaired(&svc, &["current points outside releases/"]);
+    wait_repaired(&svc, &["absolute target"]);
+    svc.stop();
+}
+
+/// A pid that cannot be a live process (above the kernel's pid_max).
+const DEAD_PID: u32 = 99_999_999;
+
+#[test]
+fn leftover_partials_and_temporary_links_are_removed_at_start() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+
+    // What a crash leaves: a half-built, partly read-only release, and temporary names.
+    let partial = site.releases_dir().join(".partial.v2");
+    write_tree(&partial, &[("a/b/index.html", b"half" as &[u8])]);
+    for d in ["a/b", "a", ""] {
+        fs::set_permissions(
+            partial.join(d),
+            std::os::unix::fs::PermissionsExt::from_mode(0o555),
+        )
+        .unwrap();
+    }
+    let dead = |name: &str| format!(".rk-tmp.{name}.{DEAD_PID}.0");
+    symlink("releases/v1", site.root.join(dead("current"))).unwrap();
+    fs::write(
+        site.root.join(".release-keeper").join(dead("journal")),
+        b"x",
+    )
+    .unwrap();
+    fs::write(
+        site.root
+            .join(".release-keeper/claims")
+            .join(dead("x.claim")),
+        b"{",
+    )
+    .unwrap();
+    // A temporary name of a live process (this test) may be in use: left alone.
+    let live = site
+        .root
+        .join(format!(".rk-tmp.drift.json.{}.0", std::process::id()));
+    fs::write(&live, b"in use").unwrap();
+
+    let mut svc = Service::start_config(&cfg);
+    let leftovers = |site: &Site| {
+        let mut v = site.hidden_release_entries();
+        for dir in [
+            site.root.clone(),
+            site.root.join(".release-keeper"),
+            site.root.join(".release-keeper/claims"),
+        ] {
+            for e in fs::read_dir(&dir).unwrap() {
+                let n = e.unwrap().file_name().to_string_lossy().to_string();
+                if n.starts_with(".rk-tmp") && n.contains(&DEAD_PID.to_string()) {
+                    v.push(n);
+                }
+            }
+        }
+        v
+    };
+    assert!(
+        leftovers(&site).is_empty(),
+        "healed before daemon.started: {:?}",
+        leftovers(&site)
+    );
+    assert!(live.exists(), "a live process's temporary file was removed");
+    wait_repaired(&svc, &[".partial.v2", "interrupted build"]);
+    wait_repaired(&svc, &[".rk-tmp.current"]);
+    assert_eq!(site.release_ids(), ["v1"]);
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    svc.stop();
+}
+
+#[test]
+fn consumed_marker_of_an_interrupted_upload_is_redone() {
+    let site = Site::new();
+    // A long settle_time holds the upload after its marker was consumed and resolved.
+    let (cfg, svc) = start(&site, "settle_time = \"1h\"", "");
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("upload.detected", "v1");
+    site.wait_marker_consumed(WAIT);
+    signal(&svc, Signal::SIGKILL);
+    svc.wait_exit(WAIT);
+    drop(svc);
+    assert!(site.current_target().is_none());
+
+    site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    let ev = wait_repaired(&svc, &["v1", "never completed"]);
+    assert_eq!(ev["site"], SITE);
+    svc.wait_release_event("release.activated", "v1");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert_eq!(
+        fs::read(site.release("v1").join("index.html")).unwrap(),
+        small_build("v1")[0].1
+    );
+    svc.stop();
+}
+
+#[test]
+fn missing_links_and_shared_entries_are_recreated() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(
+        &site,
+        "heal_interval = \"1h\"",
+        "shared = [\"storage\"]\nlinks = { htdocs = \"current/public\" }",
+    );
+    site.deploy(
+        &[("public/index.html", b"<h1>v1</h1>\n" as &[u8])],
+        "id = \"v1\"\n",
+    );
+    svc.wait_release_event("release.activated", "v1");
+    let htdocs = site.root.join("htdocs");
+    assert!(htdocs.join("index.html").is_file());
+
+    // A deleted link comes back (inotify in the root).
+    fs::remove_file(&htdocs).unwrap();
+    wait_until(
+        WAIT,
+        || htdocs.join("index.html").is_file(),
+        || "htdocs recreated".into(),
+    );
+    wait_repaired(&svc, &["htdocs", "missing or wrong"]);
+    // A link pointing elsewhere is corrected.
+    force_symlink(&htdocs, "deploy-cache");
+    wait_until(
+        WAIT,
+        || fs::read_link(&htdocs).ok().as_deref() == Some(Path::new("current/public")),
+        || format!("htdocs corrected, is {:?}", fs::read_link(&htdocs)),
+    );
+
+    // A deleted shared entry (shared/ is not watched): SIGHUP heals it.
+    let storage = site.root.join("shared/storage");
+    assert!(storage.is_dir());
+    fs::remove_dir_all(&storage).unwrap();
+    signal(&svc, Signal::SIGHUP);
+    wait_until(
+        WAIT,
+        || storage.is_dir(),
+        || "shared/storage recreated".into(),
+    );
+    wait_repaired(&svc, &["storage", "shared entry missing"]);
+    assert!(
+        site.release("v1").join("storage").is_dir(),
+        "the release's shared link resolves again"
+    );
+    let _ = cfg;
+    svc.stop();
+}
+
+#[test]
+fn heal_interval_heals_what_inotify_does_not_see() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "heal_interval = \"1s\"", "shared = [\"cache\"]");
+    deploy_and_activate(&site, &svc, "v1");
+    let cache = site.root.join("shared/cache");
+    fs::remove_dir_all(&cache).unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        || cache.is_dir(),
+        || "shared/cache recreated by the periodic pass".into(),
+    );
+    svc.stop();
+}
+
+#[test]
+fn stale_lock_of_a_killed_process_does_not_block() {
+    let site = Site::new();
+    let hook = r#"before_activate = ["/bin/sh", "-c", "if [ \"$RELEASE_ID\" = slow ]; then echo $$ > \"$SITE_ROOT/../hook-pid\"; mv \"$SITE_ROOT/../hook-pid\" \"$SITE_ROOT/../hook-slow\"; exec sleep 30; fi"]"#;
+    let (cfg, svc) = start(&site, "", hook);
+    deploy_and_activate(&site, &svc, "v1");
+    site.deploy(&as_refs(&small_build("slow")), "id = \"slow\"\n");
+    let flag = site.tmp_path("hook-slow");
+    wait_until(WAIT, || flag.exists(), || "slow hook to start".into());
+    // The service holds the operation lock now; it dies holding it.
+    let out = cli(&cfg, &["pin", SITE, "v1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "busy while working; {}",
+        show(&out)
+    );
+    signal(&svc, Signal::SIGKILL);
+    svc.wait_exit(WAIT);
+    drop(svc);
+    // Stop the orphaned hook too (started by the service this test started), by its pid.
+    if let Ok(pid) = fs::read_to_string(&flag)
+        .unwrap_or_default()
+        .trim()
+        .parse::<i32>()
+    {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    // Old lock files with content of some other tool's making mean nothing either.
+    fs::write(site.root.join(".release-keeper/lock"), b"12345\n").unwrap();
+
+    let t0 = Instant::now();
+    let out = cli(&cfg, &["pin", SITE, "v1"]);
+    assert_ok(&out, "pin right after the holder was killed");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    site.write_config(SITE, "", "");
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal redoes the interrupted upload");
+    assert!(
+        stdout_of(&out).contains("slow"),
+        "heal says it redid `slow`; {}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("slow"));
+}
+
+#[test]
+fn foreign_lock_paths_are_moved_aside() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(&site, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let state = site.root.join(".release-keeper");
+    for name in ["lock", "service.lock"] {
+        let p = state.join(name);
+        fs::remove_file(&p).unwrap();
+        fs::create_dir(&p).unwrap();
+        fs::write(p.join("owner"), name).unwrap();
+    }
+    // The CLI copes...
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal with a directory in place of the lock");
+    // ...and so does the service.
+    fs::remove_file(state.join("lock")).unwrap();
+    fs::create_dir(state.join("lock")).unwrap();
+    let mut svc = Service::start_config(&cfg);
+    wait_repaired(&svc, &["foreign lock"]);
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+    let kept: Vec<String> = displaced(&site)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        kept.iter().filter(|n| n.starts_with("lock.")).count() == 2
+            && kept.iter().any(|n| n.starts_with("service.lock.")),
+        "the foreign lock paths are kept aside: {kept:?}"
+    );
+}
+
+#[test]
+fn foreign_releases_are_reported_never_deleted_or_counted() {
+    let site = Site::new();
+    write_tree(
+        &site.releases_dir().join("handmade"),
+        &[("index.html", b"by hand\n" as &[u8])],
+    );
+    let (cfg, mut svc) = start(&site, "keep = 1", "");
+    for id in ["v1", "v2", "v3", "v4"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    svc.wait_release_event("release.pruned", "v2");
+    assert_eq!(site.release_ids(), ["handmade", "v3", "v4"]);
+    let out = cli_when_idle(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    assert!(
+        stdout_of(&out).contains("handmade") && stdout_of(&out).contains("not made by"),
+        "heal reports the foreign release; {}",
+        show(&out)
+    );
+    let out = cli_when_idle(&cfg, &["list", SITE, "--json"]);
+    assert_ok(&out, "list");
+    assert!(
+        !stdout_of(&out).contains("handmade"),
+        "a foreign release is not listed as one of the keeper's: {}",
+        show(&out)
+    );
+    // Not deleted by pruning, and never chosen by healing.
+    let out = cli_when_idle(&cfg, &["prune", SITE]);
+    assert_ok(&out, "prune");
+    fs::remove_file(site.current_path()).unwrap();
+    wait_current(&site, "v4", WAIT, "healing ignores the foreign release");
+    assert!(site.release("handmade/index.html").is_file());
+    svc.stop();
+}
+
+#[test]
+fn heal_dry_run_lists_everything_and_changes_nothing() {
+    let site = Site::new();
+    let (cfg, mut svc) = start(
+        &site,
+        "",
+        "shared = [\"storage\"]\nlinks = { htdocs = \"current\" }",
+    );
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+
+    fs::remove_file(site.current_path()).unwrap();
+    fs::remove_file(site.root.join("htdocs")).unwrap();
+    fs::remove_dir_all(site.root.join("shared/storage")).unwrap();
+    write_tree(
+        &site.releases_dir().join(".partial.v2"),
+        &[("x", b"x" as &[u8])],
+    );
+    symlink(
+        "releases/v1",
+        site.root.join(format!(".rk-tmp.current.{DEAD_PID}.7")),
+    )
+    .unwrap();
+    let before = tree(&site.root, &[]);
+
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&out, "heal --dry-run");
+    let text = stdout_of(&out);
+    for needle in [
+        "current",
+        ".partial.v2",
+        "htdocs",
+        "storage",
+        ".rk-tmp.current",
+    ] {
+        assert!(
+            text.contains(needle),
+            "dry run mentions {needle}; {}",
+            show(&out)
+        );
+    }
+    assert!(
+        text.contains("would"),
+        "dry run says `would`; {}",
+        show(&out)
+    );
+    assert_eq!(
+        tree(&site.root, &[]),
+        before,
+        "heal --dry-run changed the tree"
+    );
+
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert!(site.root.join("htdocs/index.html").is_file());
+    assert!(site.root.join("shared/storage").is_dir());
+    assert!(site.hidden_release_entries().is_empty());
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "second heal");
+    assert!(
+        stdout_of(&out).contains("nothing to heal"),
+        "a healed tree needs nothing; {}",
+        show(&out)
+    );
+}
+
+#[test]
+fn deploy_cache_deleted_and_recreated_keeps_working() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "heal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    // Deleted and recreated at once.
+    make_writable(&site.deploy_cache());
+    fs::remove_dir_all(site.deploy_cache()).unwrap();
+    fs::create_dir_all(site.deploy_cache()).unwrap();
+    deploy_and_activate(&site, &svc, "v2");
+
+    // Deleted, and left missing for a while (the keeper recreates it, or the uploader does).
+    fs::remove_dir_all(site.deploy_cache()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = fs::create_dir(site.deploy_cache());
+    deploy_and_activate(&site, &svc, "v3");
+    svc.stop();
+}
+
+#[test]
+fn root_that_appears_after_start_is_served() {
+    let site = Site::new();
+    let root = site.tmp_path("late/root");
+    fs::create_dir_all(root.parent().unwrap()).unwrap();
+    let cfg = site.tmp_path("config.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[defaults]\nheal_interval = \"1h\"\n\n[sites.{SITE}]\nroot = \"{}\"\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let mut svc = Service::start_config(&cfg);
+    assert!(!root.exists());
+    fs::create_dir(&root).unwrap();
+    wait_until(
+        WAIT,
+        || root.join("deploy-cache").is_dir() && root.join("releases").is_dir(),
+        || "the layout of the late root to be created".into(),
+    );
+    let upload = root.join("deploy-cache");
+    write_tree(&upload, &as_refs(&small_build("late")));
+    write_sha256sums(&upload);
+    fs::write(upload.join(MARKER), "id = \"late\"\n").unwrap();
+    svc.wait_release_event("release.activated", "late");
+    assert_eq!(
+        fs::read_link(root.join("current")).unwrap(),
+        Path::new("releases/late")
+    );
+    svc.stop();
+}
+
+#[test]
+fn inotify_queue_overflow_triggers_a_full_rescan() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start(&site, "heal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16384);
+
+    // Stopped, the service cannot read its inotify queue: flood it past its limit, then
+    // drop the marker (its event is lost in the overflow).
+    signal(&svc, Signal::SIGSTOP);
+    let cont = scopeguard(svc.pid());
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let n = max / 2 + 100;
+    for i in 0..n {
+        // Each create+write+close+remove is several events in deploy-cache/.
+        let p = site.deploy_cache().join(format!("flood-{i}"));
+        fs::write(&p, b"").unwrap();
+        fs::remove_file(&p).unwrap();
+    }
+    site.drop_marker("id = \"v2\"\n");
+    drop(cont); // SIGCONT
+    svc.wait_release_event("release.activated", "v2");
+    assert!(
+        svc.log_text().contains("overflow"),
+        "the inotify queue should have overflowed (test precondition); log:\n{}",
+        svc.log_text()
+    );
+    svc.stop();
+}
+
+/// Sends SIGCONT to `pid` when dropped (also when the test panics while it is stopped).
+struct Cont(i32);
+
+impl Drop for Cont {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+fn scopeguard(pid: i32) -> Cont {
+    Cont(pid)
+}

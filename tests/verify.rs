@@ -1,0 +1,202 @@
+//! `verify SITE [ID] [--all]`: drift of a changed byte, a changed mode, a deleted file and
+//! an added file (each alone, and all at once with every path listed); `--all` and an
+//! explicit ID; the service's periodic re-hash (`drift.detected`) and `status`.
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+const SITE: &str = "web";
+
+/// A site with releases v1 and v2 (current) made by a short-lived service.
+fn site_with_releases(defaults: &str) -> (Site, PathBuf) {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, defaults, "");
+    let mut svc = Service::start_config(&cfg);
+    for id in ["v1", "v2"] {
+        site.deploy(&as_refs(&build(id)), &format!("id = \"{id}\"\n"));
+        svc.wait_release_event("release.activated", id);
+    }
+    svc.stop();
+    (site, cfg)
+}
+
+fn build(tag: &str) -> Vec<(String, Vec<u8>)> {
+    let mut b = small_build(tag);
+    b.push(("docs/readme.txt".into(), b"read me\n".to_vec()));
+    b
+}
+
+/// Runs `f` with write access to `path`'s (read-only) directory restored around it.
+fn in_writable_dir(path: &Path, f: impl FnOnce()) {
+    let dir = path.parent().unwrap();
+    let dm = mode(dir);
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    f();
+    fs::set_permissions(dir, fs::Permissions::from_mode(dm)).unwrap();
+}
+
+/// Flips one bit of the first byte of a read-only file, keeping its size and mode.
+fn flip_byte(path: &Path) {
+    let m = mode(path);
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut b = fs::read(path).unwrap();
+    b[0] ^= 0x20;
+    fs::write(path, b).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(m)).unwrap();
+}
+
+fn verify(cfg: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut full = vec!["verify", SITE];
+    full.extend_from_slice(args);
+    let out = cli(cfg, &full);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        show(&out),
+    )
+}
+
+/// Asserts `verify` exits 1 and lists `path` on a line saying `what`.
+fn assert_drift(cfg: &Path, args: &[&str], path: &str, what: &str) {
+    let (code, stdout, shown) = verify(cfg, args);
+    assert_eq!(code, Some(1), "drift in {path} -> exit 1; {shown}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains(path) && l.to_lowercase().contains(what)),
+        "verify lists {path} as `{what}`; {shown}"
+    );
+}
+
+fn assert_clean(cfg: &Path, args: &[&str]) {
+    let (code, _, shown) = verify(cfg, args);
+    assert_eq!(code, Some(0), "verify {args:?} on intact releases; {shown}");
+}
+
+#[test]
+fn changed_byte_is_drift() {
+    let (site, cfg) = site_with_releases("");
+    assert_clean(&cfg, &[]);
+    flip_byte(&site.release("v2").join("index.html"));
+    assert_drift(&cfg, &[], "index.html", "content");
+}
+
+#[test]
+fn changed_mode_is_drift() {
+    let (site, cfg) = site_with_releases("");
+    let p = site.release("v2").join("assets/app.js");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o555)).unwrap();
+    assert_drift(&cfg, &[], "assets/app.js", "mode");
+    // A directory's mode too.
+    let d = site.release("v2").join("docs");
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_drift(&cfg, &[], "docs", "mode");
+}
+
+#[test]
+fn deleted_file_is_drift() {
+    let (site, cfg) = site_with_releases("");
+    let p = site.release("v2").join("docs/readme.txt");
+    in_writable_dir(&p, || fs::remove_file(&p).unwrap());
+    assert_drift(&cfg, &[], "docs/readme.txt", "missing");
+}
+
+#[test]
+fn added_file_is_drift() {
+    let (site, cfg) = site_with_releases("");
+    let p = site.release("v2").join("assets/evil.php");
+    in_writable_dir(&p, || fs::write(&p, b"<?php system($_GET['c']);").unwrap());
+    assert_drift(&cfg, &[], "assets/evil.php", "added");
+}
+
+#[test]
+fn every_drifted_path_is_listed_and_ids_and_all_are_honoured() {
+    let (site, cfg) = site_with_releases("");
+    let r = site.release("v1");
+    flip_byte(&r.join("index.html"));
+    fs::set_permissions(r.join("assets/app.js"), fs::Permissions::from_mode(0o400)).unwrap();
+    let gone = r.join("docs/readme.txt");
+    in_writable_dir(&gone, || fs::remove_file(&gone).unwrap());
+    let added = r.join("docs/new.txt");
+    in_writable_dir(&added, || fs::write(&added, b"new").unwrap());
+    // A symlink replacing a file: a type change.
+    let swapped = r.join("SHA256SUMS");
+    in_writable_dir(&swapped, || {
+        fs::remove_file(&swapped).unwrap();
+        std::os::unix::fs::symlink("index.html", &swapped).unwrap();
+    });
+
+    // The current release (v2) is intact.
+    assert_clean(&cfg, &[]);
+    assert_clean(&cfg, &["v2"]);
+    let (code, stdout, shown) = verify(&cfg, &["v1"]);
+    assert_eq!(code, Some(1), "{shown}");
+    for (path, what) in [
+        ("index.html", "content"),
+        ("assets/app.js", "mode"),
+        ("docs/readme.txt", "missing"),
+        ("docs/new.txt", "added"),
+        ("SHA256SUMS", "type"),
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(path) && l.to_lowercase().contains(what)),
+            "verify v1 lists {path} ({what}); {shown}"
+        );
+    }
+    let (code, stdout, shown) = verify(&cfg, &["--all"]);
+    assert_eq!(code, Some(1), "--all sees v1's drift; {shown}");
+    assert!(stdout.contains("v2") && stdout.contains("v1"), "{shown}");
+    // An unknown id is an error, not a pass.
+    let (code, _, shown) = verify(&cfg, &["nope"]);
+    assert_ne!(code, Some(0), "{shown}");
+}
+
+#[test]
+fn service_reverifies_current_and_status_shows_drift() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "verify_interval = \"1s\"", "");
+    let mut svc = Service::start_config(&cfg);
+    site.deploy(&as_refs(&build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    let p = site.release("v1").join("docs/readme.txt");
+    flip_byte(&p);
+    let ev = svc.wait_event("drift.detected", |v| release_of(v) == Some("v1"), WAIT);
+    assert!(ev.to_string().contains("docs/readme.txt"), "{ev}");
+    assert_eq!(ev["site"], SITE);
+
+    let status = |cfg: &Path| -> Value {
+        let out = cli_when_idle(cfg, &["status", SITE, "--json"]);
+        assert_ok(&out, "status --json");
+        stdout_json(&out)
+    };
+    let v = status(&cfg);
+    let s = find_site_obj(&v, SITE, "drift").unwrap_or_else(|| panic!("no drift: {v}"));
+    assert_eq!(s["drift"]["release"], "v1", "{v}");
+    assert!(
+        s["drift"]["paths"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p.to_string().contains("docs/readme.txt"))),
+        "status lists the drifted path: {v}"
+    );
+
+    // Repaired by hand: the next check clears it.
+    flip_byte(&p);
+    wait_until(
+        WAIT,
+        || {
+            let v = status(&cfg);
+            find_site_obj(&v, SITE, "drift")
+                .and_then(|s| s["drift"]["paths"].as_array().map(Vec::is_empty))
+                .unwrap_or(false)
+        },
+        || "status to show no drift after the fix".into(),
+    );
+    svc.stop();
+}
