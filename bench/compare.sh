@@ -210,7 +210,9 @@ row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 |"); }
 CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 MEM=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
 DEV=$(df -P "$W" | awk 'NR==2 {print $1}')
-log "release-keeper: $RK"
+REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)
+BIN_DATE=$(date -u -r "$RK" +%Y-%m-%dT%H:%MZ)
+log "release-keeper: $RK (built $BIN_DATE; repo at $REV)"
 log "work dir: $W ($FSTYPE on $DEV); modes: $MODES; runs: $RUNS; load: $(loadavg)"
 LOAD_START=$(loadavg)
 
@@ -272,14 +274,20 @@ if want inc; then
             trim_root "$SH"
             trim_root "$RS"
             id="inc-$mode-$r"
-            order="rk sh rs"
-            ((r % 2 == 0)) && order="rs sh rk"
+            order="rk sh rs al"
+            ((r % 2 == 0)) && order="al rs sh rk"
             for side in $order; do
                 prep "$mode" "$S/deploy-cache"
                 case $side in
                 rk) timed "inc.rk.$mode" "${RK_FINALIZE[@]}" bench --id "$id" ;;
                 sh) timed "inc.sh.$mode" "$HERE/recipe.sh" cp "$S/deploy-cache" "$SH" "$id" ;;
                 rs) timed "inc.rs.$mode" "$HERE/recipe.sh" rsync "$S/deploy-cache" "$RS" "$id" "$prev_rs" ;;
+                # Not a contender: the floor of any design that makes each release a
+                # tree of hard links (one mkdir per directory, one link per file).
+                al)
+                    timed "inc.al.$mode" cp -al "$(readlink -f "$S/current")" "$W/cp-al"
+                    bury "$W/cp-al"
+                    ;;
                 esac
             done
             prev_rs=$id
@@ -291,6 +299,9 @@ if want inc; then
             "cp recipe ${sh} s (cpu $(med_cpu "inc.sh.$mode") s)" "$q" "<= 0.1" "$(verdict le "$q" 0.1)"
         row "2. incremental, ${CHANGED} changed ($mode)" "${rk} s" \
             "rsync --link-dest recipe ${rs} s (cpu $(med_cpu "inc.rs.$mode") s)" "$q2" "< 1" "$(verdict lt "$q2" 1)"
+        al=$(med_wall "inc.al.$mode")
+        row "2. (reference, $mode) hard-link floor" "-" \
+            "\`cp -al\` of the previous release ${al} s (cpu $(med_cpu "inc.al.$mode") s)" "$(ratio "$al" "$sh") of the cp recipe" "-" "info"
     done
 fi
 # The big trees are not needed any more.
@@ -307,10 +318,11 @@ if want lat; then
     lat_log=$(median $(cut -d' ' -f2 "$W/lat.txt"))
     lat_min=$(sort -g "$W/lat.txt" | head -1 | cut -d' ' -f1)
     lat_max=$(sort -g "$W/lat.txt" | tail -1 | cut -d' ' -f1)
-    fin=$(grep '"release.finalized"' "$W/lat.txt.log" | grep -o '"duration_ms":[0-9]*' | cut -d: -f2)
-    act=$(grep '"release.activated"' "$W/lat.txt.log" | grep -o '"duration_ms":[0-9]*' | cut -d: -f2)
+    wake=$(median $(cut -d' ' -f3 "$W/lat.txt"))
+    build=$(median $(cut -d' ' -f4 "$W/lat.txt"))
+    act=$(median $(cut -d' ' -f5 "$W/lat.txt"))
     row "3. marker close -> current swapped, ${LAT_FILES} files (median of $(wc -l <"$W/lat.txt"))" \
-        "${lat} ms (min ${lat_min}, max ${lat_max}; log: ${lat_log} ms; finalize $(median $fin) ms + activate $(median $act) ms)" \
+        "${lat} ms (min ${lat_min}, max ${lat_max}; by the log ${lat_log} ms; log medians: marker to upload.detected ${wake}, to release.finalized ${build}, to release.activated ${act})" \
         "-" "-" "< 50 ms" "$(verdict lt "$lat" 50)"
 fi
 
@@ -366,6 +378,7 @@ elapsed=$(printf %.0f "$(echo "$EPOCHREALTIME - $BENCH_START" | bc)")
     echo
     echo "## release-keeper vs the shell recipe (bench/compare.sh)"
     echo
+    echo "release-keeper: $RK, built $BIN_DATE; source tree at $REV."
     echo "Machine: $(nproc) CPUs, ${CPU_MODEL}, ${MEM} RAM, kernel $(uname -r); work dir on ${FSTYPE} (${DEV})."
     if want full || want inc; then
         echo "Tree: ${FILES} files, ${TREE_DIRS} dirs, ${TREE_BYTES} bytes on disk (du -sb); ${CHANGED} of the files changed per incremental release."

@@ -9,8 +9,10 @@ file system to go quiet, writes the marker and takes t0 right after its close(2)
 when inotify reports the rename of a new `current` into ROOT (the keeper's swap is a
 rename over `current`), checked with readlink. No polling, so the measuring side takes no
 CPU from the service. The `release.activated` log line (wall clock, us) minus the wall
-clock at t0 is recorded as a cross-check. Writes one line per iteration to FILE:
-`<inotify ms> <log ms>`, and prints the service's stderr log to FILE.log.
+clock at t0 is recorded as a cross-check, and the log splits the latency into phases.
+Writes one line per iteration to FILE: `<inotify ms> <log ms> <marker close to
+upload.detected> <upload.detected to release.finalized> <release.finalized to
+release.activated>` (ms), and the service's stderr log to FILE.log.
 """
 
 import argparse
@@ -91,6 +93,7 @@ def main():
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     started = threading.Event()
     activated = {}  # release id -> wall-clock seconds of the release.activated line
+    seen = {}  # (event, release id) -> wall-clock seconds
     lock = threading.Lock()
 
     def reader():
@@ -102,10 +105,12 @@ def main():
                 continue
             if ev.get("event") == "daemon.started":
                 started.set()
-            elif ev.get("event") == "release.activated":
+            elif ev.get("event") in ("upload.detected", "release.finalized", "release.activated"):
                 ts = datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
                 with lock:
-                    activated[ev.get("release")] = ts
+                    seen[(ev["event"], ev.get("release"))] = ts
+                    if ev["event"] == "release.activated":
+                        activated[ev.get("release")] = ts
 
     threading.Thread(target=reader, daemon=True).start()
     if not started.wait(30):
@@ -151,7 +156,14 @@ def main():
                     break
                 time.sleep(0.01)
             log_ms = (w1 - w0) * 1000 if w1 is not None else float("nan")
-            results.append(((t1 - t0) * 1000, log_ms))
+            with lock:
+                det = seen.get(("upload.detected", rid))
+                fin = seen.get(("release.finalized", rid))
+            nan = float("nan")
+            wake = (det - w0) * 1000 if det else nan  # marker close -> upload.detected
+            build = (fin - det) * 1000 if det and fin else nan  # -> release.finalized
+            act = (w1 - fin) * 1000 if fin and w1 else nan  # -> release.activated
+            results.append(((t1 - t0) * 1000, log_ms, wake, build, act))
     finally:
         svc.terminate()
         try:
@@ -159,8 +171,8 @@ def main():
         except subprocess.TimeoutExpired:
             svc.kill()
     with open(a.out, "w") as f:
-        for ms, lms in results:
-            f.write(f"{ms:.2f} {lms:.2f}\n")
+        for r in results:
+            f.write(" ".join(f"{x:.2f}" for x in r) + "\n")
     if failures:
         sys.exit(f"{failures} iteration(s) failed")
 

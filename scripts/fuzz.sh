@@ -55,7 +55,7 @@ if [ "${FUZZ_TOOLCHAIN:-}" != stable ] && rustup toolchain list 2>/dev/null | gr
     step "Toolchain: $(rustc +nightly --version)"
 else
     export RUSTC_BOOTSTRAP=1
-    step "Toolchain: $(rustc --version) with RUSTC_BOOTSTRAP=1 (no nightly installed)"
+    step "Toolchain: $(rustc --version) with RUSTC_BOOTSTRAP=1 (no nightly, or FUZZ_TOOLCHAIN=stable)"
 fi
 
 sanitizer=${FUZZ_SANITIZER:-none}

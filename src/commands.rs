@@ -395,7 +395,7 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
     if !dry_run {
         report_outcomes(
             &site,
-            &pipeline::run_pending(&site, &AtomicBool::new(false))?,
+            &pipeline::run_pending(&site, &AtomicBool::new(false), false)?,
         )?;
     }
     if outcome.repairs.is_empty() && outcome.reports.is_empty() {
@@ -478,7 +478,7 @@ pub fn finalize(
             message: Some("finalize command".into()),
         },
     )?;
-    let outcomes = pipeline::run_pending(&site, &AtomicBool::new(false))?;
+    let outcomes = pipeline::run_pending(&site, &AtomicBool::new(false), false)?;
     if !report_outcomes(&site, &outcomes)? {
         return Err(Error::Failed("finalize did not complete".into()));
     }

@@ -35,6 +35,10 @@ pub enum Error {
     /// An upload was rejected; the reason is logged and shown.
     #[error("upload rejected: {0}")]
     Rejected(String),
+    /// The upload changed under the keeper while it was being read (a name vanished or
+    /// was swapped): the uploader is still at work. Waited for, then a rejection.
+    #[error("upload changed while it was being read: {0}")]
+    Changed(String),
     /// An operation failed or found a problem (hook, health check, drift, refusal).
     #[error("{0}")]
     Failed(String),

@@ -341,14 +341,15 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
-/// Reads a small file, refusing symlinks and anything larger than `limit` bytes.
+/// Reads a small file, refusing symlinks and anything larger than `limit` bytes. The
+/// rejection reasons do not name the path: callers name the file as users know it.
 pub fn read_small_nofollow(path: &Path, limit: u64) -> Result<Vec<u8>> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => Error::Rejected(format!("{} is a symlink", path.display())),
+            Some(libc::ELOOP) => Error::Rejected("is a symlink".into()),
             _ => Error::Io {
                 path: path.to_path_buf(),
                 source: e,
@@ -357,15 +358,12 @@ pub fn read_small_nofollow(path: &Path, limit: u64) -> Result<Vec<u8>> {
     let meta = f.metadata().at(path)?;
     if !meta.is_file() {
         return Err(Error::Rejected(format!(
-            "{} is not a regular file",
-            path.display()
+            "is a {}, not a regular file",
+            crate::upload::walk::kind_name(std::os::unix::fs::MetadataExt::mode(&meta))
         )));
     }
     if meta.len() > limit {
-        return Err(Error::Rejected(format!(
-            "{} is larger than {limit} bytes",
-            path.display()
-        )));
+        return Err(Error::Rejected(format!("is larger than {limit} bytes")));
     }
     let mut buf = Vec::new();
     f.take(limit + 1).read_to_end(&mut buf).at(path)?;

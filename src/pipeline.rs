@@ -6,12 +6,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest as _, Sha256};
+
 use crate::activate;
 use crate::clock;
 use crate::error::{Error, Result};
 use crate::events;
 use crate::fsops;
-use crate::release::finalize::{self, LinkSource};
+use crate::release::finalize::{self, Expected, LinkSource};
 use crate::release::hashcache::{HashCache, StatKey};
 use crate::release::retention;
 use crate::release::store::{self, Journal, Op};
@@ -37,11 +39,21 @@ pub enum Outcome {
 }
 
 /// Claims the marker if present and processes every pending claim. Stops early (leaving
-/// the claim for the next start) when `cancel` is set.
-pub fn run_pending(site: &Site, cancel: &AtomicBool) -> Result<Vec<Outcome>> {
+/// the claim for the next start) when `cancel` is set. `fresh` says the marker was just
+/// announced by its close-write or rename event, so it is complete and claimed at once;
+/// a marker found by a scan is claimed only once settled (`marker::MARKER_SETTLE`).
+pub fn run_pending(site: &Site, cancel: &AtomicBool, fresh: bool) -> Result<Vec<Outcome>> {
     let mut outcomes = Vec::new();
+    let mut min_age = if fresh {
+        Duration::ZERO
+    } else {
+        marker::MARKER_SETTLE
+    };
     loop {
-        marker::claim_marker(site)?;
+        marker::claim_marker(site, min_age)?;
+        // A marker dropped while this one was processed announces itself again by its
+        // own event; found here by the loop, it must settle like any scanned marker.
+        min_age = marker::MARKER_SETTLE;
         let pending = marker::pending(site)?;
         if pending.is_empty() {
             return Ok(outcomes);
@@ -61,7 +73,31 @@ pub fn run_pending(site: &Site, cancel: &AtomicBool) -> Result<Vec<Outcome>> {
     }
 }
 
+/// Longest reason logged and journaled; the rest is cut (a reason can quote uploader
+/// names, and a 4 KiB path must not flood the log).
+const MAX_REASON: usize = 1024;
+
 fn reject(site: &Site, journal: &mut Journal, id: Option<&str>, reason: &str) -> Result<Outcome> {
+    let reason = if reason.len() > MAX_REASON {
+        // Head and tail: an I/O error names the path first and the OS error last.
+        let mut head = MAX_REASON / 2;
+        while !reason.is_char_boundary(head) {
+            head -= 1;
+        }
+        let mut tail = reason.len() - MAX_REASON / 2;
+        while !reason.is_char_boundary(tail) {
+            tail += 1;
+        }
+        format!(
+            "{} [... {} bytes ...] {}",
+            &reason[..head],
+            tail - head,
+            &reason[tail..]
+        )
+    } else {
+        reason.to_string()
+    };
+    let reason = reason.as_str();
     tracing::warn!(
         event = events::RELEASE_REJECTED,
         site = site.name(),
@@ -136,6 +172,10 @@ fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome
             marker::remove(&path)?;
             reject(site, &mut journal, Some(&claim.id), &reason)
         }
+        Err(e @ Error::Changed(_)) => {
+            marker::remove(&path)?;
+            reject(site, &mut journal, Some(&claim.id), &e.to_string())
+        }
         Err(e) if e.is_no_space() => {
             let _ = fsops::remove_tree(&site.partial(&claim.id));
             let reason = format!("{e}; the upload is kept and retried when space is available");
@@ -189,7 +229,13 @@ fn process_claim(
     let manifest = read_manifest(site)?;
     let cache = HashCache::load(&site.hash_cache());
     let link_from = link_source(site, journal);
-    let needed = wait_for_uploads(site, manifest.as_ref(), &cache, link_from.as_ref(), cancel)?;
+    let needed = wait_for_uploads(
+        site,
+        manifest.as_ref().map(|m| &m.entries),
+        &cache,
+        link_from.as_ref(),
+        cancel,
+    )?;
     check_space(site, needed)?;
 
     let existing = journal.state().get(id).cloned();
@@ -317,7 +363,7 @@ fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
 }
 
 /// Reads and parses `deploy-cache/<manifest>`. `None` when absent and not required.
-fn read_manifest(site: &Site) -> Result<Option<Entries>> {
+fn read_manifest(site: &Site) -> Result<Option<Expected>> {
     let path = site.deploy_cache().join(&site.cfg.manifest);
     let bytes = match fsops::read_small_nofollow(&path, manifest::MAX_MANIFEST_BYTES) {
         Ok(b) => b,
@@ -337,13 +383,17 @@ fn read_manifest(site: &Site) -> Result<Option<Entries>> {
         }
         Err(e) => return Err(e),
     };
+    let manifest_digest: manifest::Digest = Sha256::digest(&bytes).into();
     let mut entries = manifest::parse(&bytes)
         .map_err(|e| Error::Rejected(format!("{}: {e}", site.cfg.manifest)))?;
     // A manifest made with `find . -type f | xargs sha256sum > SHA256SUMS` lists itself
     // (as it was while being written); the marker never belongs to the upload either.
     entries.remove(Path::new(&site.cfg.manifest));
     entries.remove(Path::new(&site.cfg.marker));
-    Ok(Some(entries))
+    Ok(Some(Expected {
+        entries,
+        manifest_digest,
+    }))
 }
 
 /// Refuses to start a release the filesystem cannot hold (plus a margin for metadata).
@@ -442,8 +492,9 @@ fn scan(
         },
     )
     .or_else(|e| match e {
-        // Names vanishing mid-scan are exactly what in-flight uploads do.
-        Error::Rejected(r) => {
+        // Names vanishing mid-scan are exactly what in-flight uploads do; anything else
+        // (a special file, a tree too deep) is for the finalize step to reject at once.
+        Error::Changed(r) => {
             busy.push(r);
             Ok(())
         }

@@ -85,6 +85,16 @@ pub struct Output {
     pub cache: Vec<(PathBuf, StatKey, Digest)>,
 }
 
+/// What the upload claims to contain: its parsed SHA256SUMS, and the digest of the exact
+/// bytes that were parsed, so a manifest swapped after parsing cannot be published.
+#[derive(Debug)]
+pub struct Expected {
+    /// Path -> digest, as listed.
+    pub entries: Entries,
+    /// SHA-256 of the manifest file as it was read.
+    pub manifest_digest: Digest,
+}
+
 /// The permission bits a release keeps: read and execute only.
 pub fn release_mode(st_mode: u32) -> u32 {
     st_mode & 0o555
@@ -95,6 +105,8 @@ struct Job {
     file: File,
     stat: FileStat,
     expected: Option<Digest>,
+    /// The upload's manifest file itself (pinned to the bytes that were parsed).
+    is_manifest: bool,
 }
 
 struct Done {
@@ -110,7 +122,7 @@ const MAX_LISTED: usize = 10;
 /// upload's `manifest` (consumed: matched entries are dropped as the walk goes, so memory
 /// shrinks on big trees and what remains at the end is missing). On any error the partial
 /// tree is removed; `Error::Rejected` means the upload itself is at fault.
-pub fn build(input: &Input<'_>, manifest: Option<Entries>) -> Result<Output> {
+pub fn build(input: &Input<'_>, manifest: Option<Expected>) -> Result<Output> {
     let partial = input.site.partial(input.id);
     fsops::remove_tree(&partial)?;
     fs::DirBuilder::new()
@@ -129,7 +141,7 @@ pub fn build(input: &Input<'_>, manifest: Option<Entries>) -> Result<Output> {
 
 use std::os::unix::fs::DirBuilderExt;
 
-fn build_into(input: &Input<'_>, mut manifest: Option<Entries>, partial: &Path) -> Result<Output> {
+fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> Result<Output> {
     let started = Instant::now();
     let site = input.site;
     let cfg = &site.cfg;
@@ -146,6 +158,10 @@ fn build_into(input: &Input<'_>, mut manifest: Option<Entries>, partial: &Path) 
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
+    let manifest_digest = manifest.as_ref().map(|m| m.manifest_digest);
+    let mut manifest = manifest.map(|m| m.entries);
+    // Every entry counts toward max_files: directories and symlinks cost too.
+    let mut entries_seen: u64 = 0;
 
     let worker_results: Vec<Result<(Vec<Done>, Vec<String>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -161,6 +177,8 @@ fn build_into(input: &Input<'_>, mut manifest: Option<Entries>, partial: &Path) 
                 return Err(Error::Interrupted);
             }
             let dest = partial.join(&found.rel);
+            entries_seen += 1;
+            check_limits(cfg.max_files, cfg.max_bytes, entries_seen, out.bytes)?;
             match found.node {
                 Node::Dir => {
                     fs::DirBuilder::new().mode(0o700).create(&dest).at(&dest)?;
@@ -170,8 +188,10 @@ fn build_into(input: &Input<'_>, mut manifest: Option<Entries>, partial: &Path) 
                 Node::File(file) => {
                     out.files += 1;
                     out.bytes += found.stat.st_size as u64;
-                    check_limits(cfg.max_files, cfg.max_bytes, out.files, out.bytes)?;
+                    check_limits(cfg.max_files, cfg.max_bytes, entries_seen, out.bytes)?;
+                    let is_manifest = found.rel == manifest_name;
                     let expected = match manifest.as_mut() {
+                        Some(_) if is_manifest => manifest_digest,
                         Some(m) if found.rel != manifest_name => match m.remove(&found.rel) {
                             Some(d) => Some(d),
                             None => {
@@ -190,6 +210,7 @@ fn build_into(input: &Input<'_>, mut manifest: Option<Entries>, partial: &Path) 
                         file,
                         stat: found.stat,
                         expected,
+                        is_manifest,
                     };
                     // A closed channel means every worker stopped on an error.
                     tx.send(job).map_err(|_| Error::Interrupted).map(|()| false)
@@ -255,8 +276,16 @@ fn build_into(input: &Input<'_>, mut manifest: Option<Entries>, partial: &Path) 
         return Err(Error::Rejected(reason));
     }
 
-    for (rel, target) in &links {
-        symlinks::check_inside(partial, rel, target).map_err(Error::Rejected)?;
+    link_shared(input, partial, &mut out, &mut dirs)?;
+
+    // Checked against the final tree, shared links included, so no symlink can reach
+    // outside through one; links inside a shared entry's uploaded path were replaced.
+    let shared = &site.cfg.shared;
+    for (rel, target) in links
+        .iter()
+        .filter(|(rel, _)| !shared.iter().any(|e| rel.starts_with(e)))
+    {
+        symlinks::check_inside(partial, rel, target, shared).map_err(Error::Rejected)?;
         out.entries.push(Entry {
             path: rel.clone(),
             kind: Kind::Symlink,
@@ -266,8 +295,6 @@ fn build_into(input: &Input<'_>, mut manifest: Option<Entries>, partial: &Path) 
             target: Some(target.clone()),
         });
     }
-
-    link_shared(input, partial, &mut out, &mut dirs)?;
 
     // Deepest first, so a parent loses its write bit only after its children are done.
     dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
@@ -402,6 +429,12 @@ fn process_file(input: &Input<'_>, partial: &Path, job: &mut Job, buf: &mut [u8]
     }
     let digest: Digest = hasher.finalize().into();
     if let Some(expected) = job.expected {
+        if expected != digest && job.is_manifest {
+            return Err(Error::Rejected(format!(
+                "{} was replaced while the upload was being processed",
+                job.rel.display()
+            )));
+        }
         if expected != digest {
             return Err(Error::Rejected(format!(
                 "checksum mismatch for {}: {} says {}, upload has {}",

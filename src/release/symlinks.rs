@@ -11,8 +11,15 @@ use std::path::{Component, Path, PathBuf};
 const MAX_HOPS: usize = 40;
 
 /// Checks that the symlink at `link_rel` (relative to `release`) with `target` resolves
-/// inside `release`. Dangling targets are fine as long as they stay inside.
-pub fn check_inside(release: &Path, link_rel: &Path, target: &Path) -> Result<(), String> {
+/// inside `release`, or inside one of the configured `shared` entries when it goes through
+/// the shared link (`public/storage -> ../storage/app/public`, with `storage` shared, is
+/// the classic case). Dangling targets are fine as long as they stay inside.
+pub fn check_inside(
+    release: &Path,
+    link_rel: &Path,
+    target: &Path,
+    shared: &[PathBuf],
+) -> Result<(), String> {
     if target.is_absolute() {
         return Err(format!(
             "symlink {} -> {} is absolute",
@@ -42,9 +49,12 @@ pub fn check_inside(release: &Path, link_rel: &Path, target: &Path) -> Result<()
     let mut pending: Vec<OsString> = components(target).into_iter().rev().collect();
     let mut hops = 0;
     let mut missing = false;
+    // Inside a shared entry the stack may not shrink below this depth: the entry's
+    // contents are the application's, so the rest is resolved lexically.
+    let mut floor = 0;
     while let Some(c) = pending.pop() {
         if c == ".." {
-            if stack.pop().is_none() {
+            if stack.len() <= floor || stack.pop().is_none() {
                 return Err(escape());
             }
             continue;
@@ -57,6 +67,11 @@ pub fn check_inside(release: &Path, link_rel: &Path, target: &Path) -> Result<()
             continue;
         }
         let here: PathBuf = stack.iter().collect();
+        if floor == 0 && shared.iter().any(|e| e == &here) {
+            floor = stack.len();
+            missing = true;
+            continue;
+        }
         match fs::symlink_metadata(release.join(&here)) {
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
@@ -93,25 +108,44 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
+    fn check_inside_plain(r: &Path, l: &Path, t: &Path) -> Result<(), String> {
+        check_inside(r, l, t, &[])
+    }
+
+    #[test]
+    fn through_a_shared_link_stays_inside_the_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("public")).unwrap();
+        symlink("../../shared/storage", r.join("storage")).unwrap();
+        let shared = [PathBuf::from("storage")];
+        let ok = |l: &str, t: &str| check_inside(r, Path::new(l), Path::new(t), &shared);
+        assert!(ok("public/storage", "../storage/app/public").is_ok());
+        assert!(ok("s", "storage").is_ok());
+        assert!(ok("peek", "storage/../other").is_err());
+        assert!(ok("peek2", "storage/app/../../x").is_err());
+        assert!(ok("peek3", "storage/app/..").is_ok());
+    }
+
     #[test]
     fn inside_and_outside() {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
         fs::create_dir_all(r.join("a/b")).unwrap();
         fs::write(r.join("a/f"), b"").unwrap();
-        assert!(check_inside(r, Path::new("a/b/l"), Path::new("../f")).is_ok());
-        assert!(check_inside(r, Path::new("l"), Path::new("a/b/../f")).is_ok());
-        assert!(check_inside(r, Path::new("l"), Path::new("missing/x")).is_ok());
-        assert!(check_inside(r, Path::new("l"), Path::new("../x")).is_err());
-        assert!(check_inside(r, Path::new("a/l"), Path::new("../../x")).is_err());
-        assert!(check_inside(r, Path::new("l"), Path::new("/etc/passwd")).is_err());
+        assert!(check_inside_plain(r, Path::new("a/b/l"), Path::new("../f")).is_ok());
+        assert!(check_inside_plain(r, Path::new("l"), Path::new("a/b/../f")).is_ok());
+        assert!(check_inside_plain(r, Path::new("l"), Path::new("missing/x")).is_ok());
+        assert!(check_inside_plain(r, Path::new("l"), Path::new("../x")).is_err());
+        assert!(check_inside_plain(r, Path::new("a/l"), Path::new("../../x")).is_err());
+        assert!(check_inside_plain(r, Path::new("l"), Path::new("/etc/passwd")).is_err());
         // b2 -> . at top, then b2/.. climbs out although it looks inside lexically.
         symlink(".", r.join("dot")).unwrap();
-        assert!(check_inside(r, Path::new("x"), Path::new("dot/..")).is_err());
+        assert!(check_inside_plain(r, Path::new("x"), Path::new("dot/..")).is_err());
         symlink("a/b", r.join("deep")).unwrap();
-        assert!(check_inside(r, Path::new("y"), Path::new("deep/../f")).is_ok());
+        assert!(check_inside_plain(r, Path::new("y"), Path::new("deep/../f")).is_ok());
         symlink("loop2", r.join("loop1")).unwrap();
         symlink("loop1", r.join("loop2")).unwrap();
-        assert!(check_inside(r, Path::new("z"), Path::new("loop1")).is_err());
+        assert!(check_inside_plain(r, Path::new("z"), Path::new("loop1")).is_err());
     }
 }

@@ -16,6 +16,7 @@ use crate::pipeline;
 use crate::release::store::Journal;
 use crate::service::watcher::Watcher;
 use crate::site::Site;
+use crate::upload::marker;
 use crate::verify;
 
 /// How a worker reports its first pass to the supervisor.
@@ -36,7 +37,10 @@ pub struct Handle {
 /// What a wake-up asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Job {
+    /// A marker was just closed or renamed into place.
     Uploads,
+    /// Look for a marker (start-up, a young marker to re-check) and pending claims.
+    Rescan,
     Heal,
     Verify,
 }
@@ -128,7 +132,9 @@ async fn run(
     let first = work(&site, &cancel, Job::Heal).await;
     watch(&site);
     report(first.map(|_| ()));
-    work_logged(&site, &cancel, Job::Uploads).await;
+    let rescan_wake = Arc::new(Notify::new());
+    work_logged(&site, &cancel, Job::Rescan).await;
+    recheck_young_marker(&site, &rescan_wake);
 
     let mut heal_tick = tokio::time::interval(site.cfg.heal_interval);
     heal_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -140,6 +146,7 @@ async fn run(
         let job = tokio::select! {
             _ = stop.notified() => break,
             _ = marker_wake.notified() => Job::Uploads,
+            _ = rescan_wake.notified() => Job::Rescan,
             _ = heal_wake.notified() => Job::Heal,
             _ = heal_tick.tick() => Job::Heal,
             _ = verify_tick.tick() => Job::Verify,
@@ -155,10 +162,23 @@ async fn run(
         if cancel.load(Ordering::Relaxed) {
             break;
         }
+        recheck_young_marker(&site, &rescan_wake);
     }
     watcher.forget(&marker_wake);
     watcher.forget(&heal_wake);
     drop(lifetime);
+}
+
+/// A marker a scan left because it was still young gets a second look once settled
+/// (its close-write event, if it is still being written, wakes the worker anyway).
+fn recheck_young_marker(site: &Site, rescan: &Arc<Notify>) {
+    if std::fs::symlink_metadata(site.marker()).is_ok() {
+        let rescan = Arc::clone(rescan);
+        tokio::spawn(async move {
+            tokio::time::sleep(marker::MARKER_SETTLE).await;
+            rescan.notify_one();
+        });
+    }
 }
 
 fn take_lifetime_lock(site: &Site) -> Result<Lock> {
@@ -202,7 +222,7 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
     };
     let doing = match job {
         Job::Heal => "healing",
-        Job::Uploads => "processing uploads",
+        Job::Uploads | Job::Rescan => "processing uploads",
         Job::Verify => "verifying",
     };
     crate::service::set_status(site, doing);
@@ -218,10 +238,13 @@ fn run_job(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
         Job::Heal => {
             let mut journal = Journal::load(site)?;
             heal::heal(site, &mut journal, false)?;
-            pipeline::run_pending(site, cancel)?;
+            pipeline::run_pending(site, cancel, false)?;
         }
         Job::Uploads => {
-            pipeline::run_pending(site, cancel)?;
+            pipeline::run_pending(site, cancel, true)?;
+        }
+        Job::Rescan => {
+            pipeline::run_pending(site, cancel, false)?;
         }
         Job::Verify => {
             if let Some(id) = site.current_id() {

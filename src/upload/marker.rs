@@ -128,6 +128,9 @@ pub enum Pending {
 }
 
 const RAW_EXT: &str = "marker";
+/// First byte of a raw claim that records why the marker itself was unreadable (a NUL
+/// can never start a valid marker, which must be UTF-8 text).
+const REJECTED_TAG: u8 = 0;
 const CLAIM_EXT: &str = "claim";
 
 /// A claim name that sorts in arrival order.
@@ -139,24 +142,87 @@ fn claim_stem() -> String {
     format!("{nanos:024}-{}", std::process::id())
 }
 
-/// Moves the marker out of `deploy-cache/` into the claims directory. `Ok(false)` when
-/// there is no marker.
-pub fn claim_marker(site: &Site) -> Result<bool> {
+/// How long a marker found by a scan (not announced by its close-write or rename event)
+/// must have been left alone before it is claimed: `echo id > .release-ready` and sftp
+/// create the file before writing it, and an empty marker would mean "no id".
+pub const MARKER_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// True when the marker exists but changed less than `min_age` ago.
+pub fn marker_is_young(site: &Site, min_age: std::time::Duration) -> bool {
+    if min_age.is_zero() {
+        return false;
+    }
+    let Ok(meta) = fs::symlink_metadata(site.marker()) else {
+        return false;
+    };
+    let changed = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            std::os::unix::fs::MetadataExt::ctime(&meta).max(0) as u64,
+            std::os::unix::fs::MetadataExt::ctime_nsec(&meta).clamp(0, 999_999_999) as u32,
+        );
+    std::time::SystemTime::now()
+        .duration_since(changed)
+        .map_or(true, |age| age < min_age)
+}
+
+/// Whether some process holds `path` open for writing: a read lease (`F_SETLEASE`) is
+/// refused with EAGAIN exactly then. `None` when it cannot be told (not a regular file,
+/// not the owner and no CAP_LEASE, a filesystem without leases).
+pub fn open_for_writing(path: &Path) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    // SAFETY: plain fcntl on a descriptor we own for the duration of the call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if r == 0 {
+        // SAFETY: as above; drops the lease at once so no writer is ever delayed.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+        return Some(false);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
+}
+
+/// Moves the marker out of `deploy-cache/` into the claims directory, unless someone
+/// still has it open for writing (its close-write event will come), or, where that
+/// cannot be told, it changed less than `min_age` ago. `Ok(false)` when nothing was
+/// claimed.
+pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<bool> {
+    match open_for_writing(&site.marker()) {
+        Some(true) => return Ok(false),
+        Some(false) => {}
+        None if marker_is_young(site, min_age) => return Ok(false),
+        None => {}
+    }
     let marker = site.marker();
     let dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
     match fs::rename(&marker, &dest) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            // deploy-cache/ on another filesystem (an sftp chroot bind mount): copy, then
-            // unlink. A marker re-dropped in this window would be merged into this claim.
-            let bytes = match fsops::read_small_nofollow(&marker, MAX_MARKER_BYTES) {
+            // deploy-cache/ on another filesystem (an sftp chroot bind mount): first a
+            // rename inside deploy-cache/ (so a marker dropped again meanwhile is a new
+            // file), then copy the content over and remove the renamed one.
+            let hidden = site
+                .deploy_cache()
+                .join(format!("{}{}", fsops::TMP_PREFIX, claim_stem()));
+            fs::rename(&marker, &hidden).at(&marker)?;
+            let bytes = match fsops::read_small_nofollow(&hidden, MAX_MARKER_BYTES) {
                 Ok(b) => b,
-                Err(Error::Rejected(r)) => r.into_bytes().into_iter().map(|_| b'!').collect(),
+                Err(Error::Rejected(r)) => [&[REJECTED_TAG][..], r.as_bytes()].concat(),
                 Err(e) => return Err(e),
             };
             fsops::write_atomic(&dest, &bytes)?;
-            fs::remove_file(&marker).at(&marker)?;
+            fsops::remove_tree(&hidden)?;
         }
         Err(e) => return Err(e).at(&marker),
     }
@@ -227,9 +293,15 @@ pub fn pending(site: &Site) -> Result<Vec<Pending>> {
 /// Reads a raw claimed marker.
 pub fn read_raw(path: &Path) -> Result<MarkerSpec> {
     let bytes = fsops::read_small_nofollow(path, MAX_MARKER_BYTES).map_err(|e| match e {
-        Error::Rejected(r) => Error::Rejected(format!("marker: {r}")),
+        Error::Rejected(r) => Error::Rejected(format!("the marker {r}")),
         other => other,
     })?;
+    if let Some(reason) = bytes.strip_prefix(&[REJECTED_TAG]) {
+        return Err(Error::Rejected(format!(
+            "the marker {}",
+            String::from_utf8_lossy(reason)
+        )));
+    }
     parse(&bytes).map_err(Error::Rejected)
 }
 

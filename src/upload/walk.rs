@@ -140,7 +140,7 @@ fn walk_dir(
             Ok(s) => s,
             // Vanished between readdir and stat: the uploader is still working.
             Err(nix::errno::Errno::ENOENT) => {
-                return Err(Error::Rejected(format!(
+                return Err(Error::Changed(format!(
                     "{} disappeared while the upload was being read",
                     child_rel.display()
                 )))
@@ -183,7 +183,7 @@ fn walk_dir(
                 // The name may have been swapped for something else after fstatat.
                 let st2 = fstat(&f).at(&child_path)?;
                 if !is_file(st2.st_mode) {
-                    return Err(Error::Rejected(format!(
+                    return Err(Error::Changed(format!(
                         "{} changed type while the upload was being read",
                         child_rel.display()
                     )));
@@ -216,12 +216,12 @@ fn walk_dir(
     Ok(())
 }
 
-/// Maps an open error on an uploader-controlled name to a rejection when it means the
+/// Maps an open error on an uploader-controlled name to `Error::Changed` when it means the
 /// name was swapped (ELOOP: now a symlink; ENOTDIR: no longer a directory; ENOENT: gone).
 fn swapped(e: nix::errno::Errno, rel: &Path) -> Error {
     match e {
         nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR | nix::errno::Errno::ENOENT => {
-            Error::Rejected(format!(
+            Error::Changed(format!(
                 "{} changed while the upload was being read",
                 rel.display()
             ))
