@@ -17,6 +17,24 @@
 //! The journal is appended with `O_APPEND` and fdatasync per record; a torn last line from
 //! a crash is cut off before the next append, so the journal always parses.
 //!
+//! The order of one upload's steps, each durable before the next (a crash between any two
+//! leaves a state the next start resolves, noted in brackets):
+//! 1. claim: the marker is renamed into `.release-keeper/claims/`, both directories
+//!    fsynced [claim present: the upload is redone];
+//! 2. the claim is resolved to an id (`write_atomic`) [same];
+//! 3. `releases/.partial.<id>` is built, made read-only, flushed with `syncfs`
+//!    [leftover partial: removed by healing, claim redone];
+//! 4. the release's full manifest is stored (`write_atomic`);
+//! 5. `rename_noreplace` into `releases/<id>`, fsync of `releases/` [release on disk with a
+//!    stored manifest but no journal record: ours, rebuilt by the redo];
+//! 6. the claim is marked finalized, then the journal gets `finalized` (in that order: a
+//!    journaled release whose claim is not marked is rebuilt, never silently dropped);
+//! 7. journal `trial`, swap of `current` (`swap_symlink`), verdict `activated` or
+//!    `failed` + `rolled_back` [open trial: resumed, the checks run again];
+//! 8. pruning, per release: rename into the trash + fsync, journal `pruned`, then removal
+//!    of its stored manifest and tree [trash entry: emptied by healing];
+//! 9. the claim is removed.
+//!
 //! Locks are `flock(2)` on files under `.release-keeper/` (via std's `File::lock`): the
 //! kernel drops them when the holder dies, so there are no stale lock files to clean.
 

@@ -264,8 +264,22 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
             }
         }
     }
-    for entry in &site.cfg.shared {
+    // Before the first release nothing links to shared entries yet, and the first upload
+    // decides whether each is a file (seeded from it) or a directory.
+    let linked = journal.state().live_newest_first().next().is_some();
+    for entry in site.cfg.shared.iter().filter(|_| linked) {
         let p = site.shared().join(entry);
+        if fs::symlink_metadata(&p).is_err() && site.is_shared_file(entry) {
+            // Recreating `.env` empty (or as a directory) would start the app with the
+            // wrong settings; only a person can restore it.
+            out.reports.push(format!(
+                "{} (a shared file) is missing; not recreated, restore it",
+                p.display()
+            ));
+            tracing::warn!(site = site.name(), path = %p.display(),
+                "shared file missing; restore it");
+            continue;
+        }
         if fs::symlink_metadata(&p).is_err() {
             if !dry_run {
                 fsops::ensure_dir(&p, 0o755)?;

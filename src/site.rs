@@ -119,6 +119,32 @@ impl Site {
         self.state().join("drift.json")
     }
 
+    /// The list of `shared` entries that are files (so healing never turns a missing
+    /// `.env` into a directory).
+    pub fn shared_files_list(&self) -> PathBuf {
+        self.state().join("shared-files")
+    }
+
+    /// Remembers that shared entry `entry` is a file.
+    pub fn record_shared_file(&self, entry: &Path) -> Result<()> {
+        let list = self.shared_files_list();
+        let mut text = std::fs::read_to_string(&list).unwrap_or_default();
+        let line = hex_path(entry);
+        if !text.lines().any(|l| l == line) {
+            text.push_str(&line);
+            text.push('\n');
+            fsops::write_atomic(&list, text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// True when shared entry `entry` was created as a file.
+    pub fn is_shared_file(&self, entry: &Path) -> bool {
+        let line = hex_path(entry);
+        std::fs::read_to_string(self.shared_files_list())
+            .is_ok_and(|t| t.lines().any(|l| l == line))
+    }
+
     /// The marker's path in `deploy-cache/`.
     pub fn marker(&self) -> PathBuf {
         self.deploy_cache().join(&self.cfg.marker)
@@ -151,6 +177,14 @@ impl Site {
         let id = release_id_of_target(&target, self.root())?;
         self.release(&id).is_dir().then_some(id)
     }
+}
+
+/// A path as hex, one line, whatever bytes it holds.
+fn hex_path(p: &Path) -> String {
+    fsops::path_bytes(p)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Extracts `<id>` from a `current` target `releases/<id>` (or its absolute equivalent).

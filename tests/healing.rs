@@ -640,3 +640,38 @@ impl Drop for Cont {
 fn scopeguard(pid: i32) -> Cont {
     Cont(pid)
 }
+
+/// A shared entry that was created as a file (seeded from the upload's `.env`) is never
+/// recreated as a directory or an empty file: healing reports it for a person to restore,
+/// while a missing shared directory is recreated.
+#[test]
+fn missing_shared_file_is_reported_not_recreated_as_a_directory() {
+    let site = Site::new();
+    let cfg = site.write_config("app", "", "shared = [\".env\", \"storage\"]");
+    let mut svc = Service::start_config(&cfg);
+    let files: Vec<(&str, &[u8])> = vec![("index.html", b"hi"), (".env", b"APP_KEY=1\n")];
+    site.deploy(&files, "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    let shared = site.root.join("shared");
+    assert!(shared.join(".env").is_file(), "seeded from the upload");
+    assert!(shared.join("storage").is_dir());
+    svc.stop();
+
+    std::fs::remove_file(shared.join(".env")).unwrap();
+    std::fs::remove_dir(shared.join("storage")).unwrap();
+    let out = cli(&cfg, &["heal", "app"]);
+    assert_ok(&out, "heal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shared.join("storage").is_dir(),
+        "shared dir recreated: {text}"
+    );
+    assert!(
+        std::fs::symlink_metadata(shared.join(".env")).is_err(),
+        "a shared file must not come back as a directory or empty file: {text}"
+    );
+    assert!(
+        text.contains(".env") && text.contains("restore"),
+        "reported: {text}"
+    );
+}

@@ -541,6 +541,7 @@ fn link_shared(
             match &uploaded {
                 Some(m) if m.is_file() => {
                     fs::copy(&in_release, &in_shared).at(&in_shared)?;
+                    site.record_shared_file(entry)?;
                     fs::set_permissions(&in_shared, fs::Permissions::from_mode(0o644))
                         .at(&in_shared)?;
                 }

@@ -37,6 +37,8 @@ pub struct Handle {
 /// What a wake-up asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Job {
+    /// The healing pass at start, without processing uploads.
+    FirstHeal,
     /// A marker was just closed or renamed into place.
     Uploads,
     /// Look for a marker (start-up, a young marker to re-check) and pending claims.
@@ -129,7 +131,9 @@ async fn run(
         }
     };
     // First pass: heal, then whatever markers arrived while the service was stopped.
-    let first = work(&site, &cancel, Job::Heal).await;
+    // The first pass only heals, so READY=1 is not held back by redoing a big interrupted
+    // upload (systemd would time the start out); pending claims follow right after.
+    let first = work(&site, &cancel, Job::FirstHeal).await;
     watch(&site);
     report(first.map(|_| ()));
     let rescan_wake = Arc::new(Notify::new());
@@ -221,7 +225,7 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
         }
     };
     let doing = match job {
-        Job::Heal => "healing",
+        Job::Heal | Job::FirstHeal => "healing",
         Job::Uploads | Job::Rescan => "processing uploads",
         Job::Verify => "verifying",
     };
@@ -235,6 +239,9 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
 
 fn run_job(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
     match job {
+        Job::FirstHeal => {
+            heal::heal(site, &mut Journal::load(site)?, false)?;
+        }
         Job::Heal => {
             let mut journal = Journal::load(site)?;
             heal::heal(site, &mut journal, false)?;
