@@ -29,6 +29,7 @@ from datetime import datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ in bench/
 import gen  # noqa: E402
 
 IN_MOVED_TO = 0x00000080

@@ -303,11 +303,10 @@ fn process_claim(
         activate: claim.activate,
         message: claim.message.clone(),
     })?;
-    if let Err(e) = HashCache::save(
-        &site.hash_cache(),
-        built.cache.iter().map(|(p, k, d)| (p.as_path(), *k, *d)),
-    ) {
-        tracing::warn!(site = site.name(), error = %e, "cannot save the hash cache");
+    if let Some(w) = built.cache {
+        if let Err(e) = w.commit(&site.hash_cache()) {
+            tracing::warn!(site = site.name(), error = %e, "cannot save the hash cache");
+        }
     }
     tracing::info!(
         event = events::RELEASE_FINALIZED,
@@ -481,7 +480,7 @@ fn scan(
                 let size = f.stat.st_size as u64;
                 let mode = finalize::release_mode(f.stat.st_mode);
                 let linkable = cache
-                    .lookup(&f.rel, &StatKey::of(&f.stat))
+                    .lookup(&StatKey::of(&f.stat))
                     .zip(link_from)
                     .is_some_and(|(d, src)| src.index.contains_key(&(d, mode, size)));
                 if !linkable {

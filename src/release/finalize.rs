@@ -25,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsops;
-use crate::release::hashcache::{HashCache, StatKey};
+use crate::release::hashcache::{CacheWriter, HashCache, StatKey};
 use crate::release::store::{Entry, Kind};
 use crate::release::symlinks;
 use crate::site::Site;
@@ -81,8 +81,8 @@ pub struct Output {
     pub bytes: u64,
     /// Files hard-linked from the earlier release.
     pub linked: u64,
-    /// New hash-cache entries for `deploy-cache/`.
-    pub cache: Vec<(PathBuf, StatKey, Digest)>,
+    /// The new hash cache of `deploy-cache/`, written as files were hashed.
+    pub cache: Option<CacheWriter>,
 }
 
 /// What the upload claims to contain: its parsed SHA256SUMS, and the digest of the exact
@@ -163,12 +163,25 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     // Every entry counts toward max_files: directories and symlinks cost too.
     let mut entries_seen: u64 = 0;
 
-    let worker_results: Vec<Result<(Vec<Done>, Vec<String>)>> = std::thread::scope(|s| {
+    // Workers append each result here at once: no per-worker lists to merge later, which
+    // on a 200,000-file tree would hold every entry twice at the peak.
+    // Sized from the manifest up front: growing by doubling would hold the old and the
+    // new buffer at once, the biggest single cost at the peak on huge trees.
+    let expected_files = manifest.as_ref().map_or(0, std::collections::BTreeMap::len) + 1;
+    let collected = Mutex::new(Collected {
+        // Headroom for the directories and symlinks appended at the end (web trees have
+        // a directory per 10-20 files).
+        entries: Vec::with_capacity(expected_files + expected_files / 8 + 64),
+        cache: Some(CacheWriter::create(&site.hash_cache())?),
+        ..Collected::default()
+    });
+    let worker_results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 let rx = Arc::clone(&rx);
                 let abort = &abort;
-                s.spawn(move || worker(input, partial, &rx, abort))
+                let collected = &collected;
+                s.spawn(move || worker(input, partial, &rx, abort, collected))
             })
             .collect();
 
@@ -231,7 +244,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         if walked.is_err() {
             abort.store(true, Ordering::Relaxed);
         }
-        let mut results: Vec<Result<(Vec<Done>, Vec<String>)>> = handles
+        let mut results: Vec<Result<()>> = handles
             .into_iter()
             .map(|h| {
                 h.join()
@@ -244,19 +257,16 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         results
     });
 
-    for r in worker_results {
-        let (done, rejected) = r?;
-        problems.extend(rejected);
-        for d in done {
-            if d.linked {
-                out.linked += 1;
-            }
-            if let Some(h) = d.entry.hash {
-                out.cache.push((d.entry.path.clone(), d.key, h));
-            }
-            out.entries.push(d.entry);
-        }
+    let collected = collected
+        .into_inner()
+        .map_err(|_| Error::Failed("finalize results poisoned".into()))?;
+    if let Some(e) = worker_results.into_iter().find_map(Result::err) {
+        return Err(e);
     }
+    problems.extend(collected.rejected);
+    out.entries = collected.entries;
+    out.cache = collected.cache;
+    out.linked = collected.linked;
 
     // Whatever the walk did not consume is listed but not uploaded as a regular file.
     for p in manifest.iter().flat_map(|m| m.keys()) {
@@ -346,15 +356,24 @@ fn check_limits(
     Ok(())
 }
 
+/// What the workers produce, shared.
+#[derive(Default)]
+struct Collected {
+    entries: Vec<Entry>,
+    cache: Option<CacheWriter>,
+    linked: u64,
+    rejected: Vec<String>,
+}
+
 fn worker(
     input: &Input<'_>,
     partial: &Path,
     rx: &Mutex<Receiver<Job>>,
     abort: &AtomicBool,
-) -> Result<(Vec<Done>, Vec<String>)> {
+    collected: &Mutex<Collected>,
+) -> Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
-    let mut done = Vec::new();
-    let mut rejected = Vec::new();
+    let poisoned = || Error::Failed("finalize results poisoned".into());
     loop {
         let job = {
             let guard = rx
@@ -363,15 +382,25 @@ fn worker(
             guard.recv()
         };
         let Ok(mut job) = job else {
-            return Ok((done, rejected));
+            return Ok(());
         };
         if input.cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
             abort.store(true, Ordering::Relaxed);
             return Err(Error::Interrupted);
         }
         match process_file(input, partial, &mut job, &mut buf) {
-            Ok(d) => done.push(d),
-            Err(Error::Rejected(r)) => rejected.push(r),
+            Ok(d) => {
+                let mut c = collected.lock().map_err(|_| poisoned())?;
+                c.linked += u64::from(d.linked);
+                if let (Some(h), Some(w)) = (d.entry.hash, c.cache.as_mut()) {
+                    if w.add(&d.key, &h).is_err() {
+                        // Advisory: a cache that cannot be written is just not kept.
+                        c.cache = None;
+                    }
+                }
+                c.entries.push(d.entry);
+            }
+            Err(Error::Rejected(r)) => collected.lock().map_err(|_| poisoned())?.rejected.push(r),
             Err(e) => {
                 abort.store(true, Ordering::Relaxed);
                 return Err(e);
@@ -385,7 +414,7 @@ fn process_file(input: &Input<'_>, partial: &Path, job: &mut Job, buf: &mut [u8]
     let mode = release_mode(job.stat.st_mode);
     let size = job.stat.st_size as u64;
     let key = StatKey::of(&job.stat);
-    if let (Some(cached), Some(src)) = (input.cache.lookup(&job.rel, &key), input.link_from) {
+    if let (Some(cached), Some(src)) = (input.cache.lookup(&key), input.link_from) {
         // A cache/manifest disagreement falls through to reading the file: the read is
         // the truth, the cache only saves work.
         if job.expected.is_none_or(|e| e == cached) {
@@ -564,7 +593,6 @@ fn link_shared(
             out.bytes -= removed.iter().map(|e| e.size).sum::<u64>();
             out.entries.retain(|e| !e.path.starts_with(entry));
             dirs.retain(|(d, _)| !d.starts_with(entry));
-            out.cache.retain(|(p, _, _)| !p.starts_with(entry));
             tracing::info!(site = site.name(), release = input.id, path = %entry.display(),
                 "uploaded path replaced by the shared link");
         }

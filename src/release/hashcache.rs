@@ -1,15 +1,18 @@
-//! The hash cache: what each file of `deploy-cache/` hashed to last time, keyed by path and
-//! guarded by (device, inode, size, mtime, ctime). ctime cannot be set by an uploader, so
-//! an unchanged key means unchanged content and the file need not be read again. The cache
-//! is advisory: a missing or corrupt file just means everything is read.
+//! The hash cache: what each file of `deploy-cache/` hashed to last time, keyed by its
+//! identity (device, inode) and guarded by (size, mtime, ctime). ctime cannot be set by an
+//! uploader, so an unchanged key means unchanged content and the file need not be read
+//! again, whatever its name; no paths are stored, which keeps the cache small for
+//! 200,000-file trees. The cache is advisory: a missing or corrupt file just means
+//! everything is read.
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nix::sys::stat::FileStat;
 
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::fsops;
 use crate::upload::manifest::{from_hex, to_hex, Digest};
 
@@ -19,8 +22,8 @@ pub struct StatKey {
     dev: u64,
     ino: u64,
     size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
+    mtime_ns: i64,
+    ctime_ns: i64,
 }
 
 impl StatKey {
@@ -30,8 +33,15 @@ impl StatKey {
             dev: st.st_dev,
             ino: st.st_ino,
             size: st.st_size as u64,
-            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
-            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+            // i64 nanoseconds reach the year 2262; saturating keeps a key even for clocks beyond.
+            mtime_ns: st
+                .st_mtime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec),
+            ctime_ns: st
+                .st_ctime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_ctime_nsec),
         }
     }
 }
@@ -39,7 +49,7 @@ impl StatKey {
 /// The loaded cache.
 #[derive(Debug, Default)]
 pub struct HashCache {
-    map: HashMap<PathBuf, (StatKey, Digest)>,
+    map: HashMap<(u64, u64), (StatKey, Digest)>,
 }
 
 impl HashCache {
@@ -50,49 +60,95 @@ impl HashCache {
             return HashCache { map };
         };
         for line in data.split(|&b| b == b'\n') {
-            if let Some((rel, key, digest)) = parse_line(line) {
-                map.insert(rel, (key, digest));
+            if let Some((key, digest)) = parse_line(line) {
+                map.insert((key.dev, key.ino), (key, digest));
             }
         }
         HashCache { map }
     }
 
-    /// The cached digest of `rel` if its stat key is unchanged.
-    pub fn lookup(&self, rel: &Path, key: &StatKey) -> Option<Digest> {
+    /// The cached digest of the file with this stat key, if it is unchanged.
+    pub fn lookup(&self, key: &StatKey) -> Option<Digest> {
         self.map
-            .get(rel)
+            .get(&(key.dev, key.ino))
             .and_then(|(k, d)| (k == key).then_some(*d))
     }
 
-    /// Writes a new cache atomically from `(path, key, digest)` entries, streaming.
+    /// Writes a new cache atomically from `(key, digest)` entries, streaming.
     pub fn save<'a>(
         path: &Path,
-        entries: impl Iterator<Item = (&'a Path, StatKey, Digest)>,
+        entries: impl Iterator<Item = &'a (StatKey, Digest)>,
     ) -> Result<()> {
         fsops::write_atomic_with(path, |w| {
-            for (rel, k, d) in entries {
-                write!(
-                    w,
-                    "{} {} {} {} {} {} ",
-                    k.dev,
-                    k.ino,
-                    k.size,
-                    k.mtime_ns,
-                    k.ctime_ns,
-                    to_hex(&d)
-                )?;
-                // Paths are hex-encoded: any byte can occur in a name.
-                for b in fsops::path_bytes(rel) {
-                    write!(w, "{b:02x}")?;
-                }
-                w.write_all(b"\n")?;
+            for (k, d) in entries {
+                write_line(w, k, d)?;
             }
             Ok(())
         })
     }
 }
 
-fn parse_line(line: &[u8]) -> Option<(PathBuf, StatKey, Digest)> {
+/// A cache being written while a release is built, one line per file as it is hashed,
+/// so no list of 200,000 entries is held in memory; `commit` puts it in place, and a
+/// writer dropped without `commit` removes its file.
+#[derive(Debug)]
+pub struct CacheWriter {
+    tmp: PathBuf,
+    out: Option<std::io::BufWriter<fs::File>>,
+}
+
+impl CacheWriter {
+    /// Starts a new cache beside `path`.
+    pub fn create(path: &Path) -> Result<CacheWriter> {
+        let tmp = fsops::tmp_sibling(path);
+        let f = fs::File::create(&tmp).at(&tmp)?;
+        Ok(CacheWriter {
+            tmp,
+            out: Some(std::io::BufWriter::with_capacity(64 * 1024, f)),
+        })
+    }
+
+    /// Records one file.
+    pub fn add(&mut self, key: &StatKey, digest: &Digest) -> Result<()> {
+        match self.out.as_mut() {
+            Some(w) => write_line(w, key, digest).at(&self.tmp),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces the cache at `path` with what was written (the cache is advisory: no
+    /// fsync; a torn file after a crash only means files are read again).
+    pub fn commit(mut self, path: &Path) -> Result<()> {
+        if let Some(w) = self.out.take() {
+            w.into_inner().map_err(|e| e.into_error()).at(&self.tmp)?;
+            fs::rename(&self.tmp, path).at(path)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn write_line(w: &mut dyn Write, k: &StatKey, d: &Digest) -> std::io::Result<()> {
+    writeln!(
+        w,
+        "{} {} {} {} {} {}",
+        k.dev,
+        k.ino,
+        k.size,
+        k.mtime_ns,
+        k.ctime_ns,
+        to_hex(d)
+    )
+}
+
+fn parse_line(line: &[u8]) -> Option<(StatKey, Digest)> {
     let text = std::str::from_utf8(line).ok()?;
     let mut f = text.split(' ');
     let key = StatKey {
@@ -103,15 +159,7 @@ fn parse_line(line: &[u8]) -> Option<(PathBuf, StatKey, Digest)> {
         ctime_ns: f.next()?.parse().ok()?,
     };
     let digest = from_hex(f.next()?.as_bytes())?;
-    let hex = f.next()?;
-    if hex.is_empty() || hex.len() % 2 != 0 || f.next().is_some() {
-        return None;
-    }
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    Some((fsops::path_from_bytes(bytes), key, digest))
+    f.next().is_none().then_some((key, digest))
 }
 
 #[cfg(test)]
@@ -123,18 +171,19 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("a b\nc");
         fs::write(&f, b"x").unwrap();
-        let st = nix::sys::stat::lstat(&f).unwrap();
-        let key = StatKey::of(&st);
+        let key = StatKey::of(&nix::sys::stat::lstat(&f).unwrap());
         let cache = d.path().join("cache");
-        HashCache::save(&cache, [(Path::new("a b\nc"), key, [9u8; 32])].into_iter()).unwrap();
+        HashCache::save(&cache, [(key, [9u8; 32])].iter()).unwrap();
         let mut data = fs::read(&cache).unwrap();
         data.extend_from_slice(b"garbage line\n1 2 3\n");
         fs::write(&cache, data).unwrap();
         let c = HashCache::load(&cache);
-        assert_eq!(c.lookup(Path::new("a b\nc"), &key), Some([9u8; 32]));
+        assert_eq!(c.lookup(&key), Some([9u8; 32]));
+        // Same inode, new content: the ctime moved, so the entry no longer applies.
+        std::thread::sleep(std::time::Duration::from_millis(10));
         fs::write(&f, b"y").unwrap();
         let changed = StatKey::of(&nix::sys::stat::lstat(&f).unwrap());
-        assert_eq!(c.lookup(Path::new("a b\nc"), &changed), None);
+        assert_eq!(c.lookup(&changed), None);
         assert!(HashCache::load(&d.path().join("missing")).map.is_empty());
     }
 }

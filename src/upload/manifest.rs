@@ -93,21 +93,35 @@ pub fn parse(bytes: &[u8]) -> Result<Entries, ManifestError> {
         });
     }
     let mut entries = Entries::new();
-    let mut first_line: BTreeMap<PathBuf, usize> = BTreeMap::new();
     for (idx, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = idx + 1;
         let Some((name, digest)) = parse_line(raw, line)? else {
             continue;
         };
         let path = PathBuf::from(OsString::from_vec(name));
-        if let Some(&first) = first_line.get(&path) {
+        if entries.contains_key(&path) {
+            // Only on this error path is the first line looked up again, so a 200,000-line
+            // manifest is held once, not twice.
+            let first = first_line_of(bytes, &path, line);
             let path = lossy(path.as_os_str().as_bytes());
             return Err(ManifestError::Duplicate { line, path, first });
         }
-        first_line.insert(path.clone(), line);
         entries.insert(path, digest);
     }
     Ok(entries)
+}
+
+/// The first line before `before` that lists `path`.
+fn first_line_of(bytes: &[u8], path: &Path, before: usize) -> usize {
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .take(before - 1)
+        .find_map(|(idx, raw)| match parse_line(raw, idx + 1) {
+            Ok(Some((name, _))) if Path::new(OsStr::from_bytes(&name)) == path => Some(idx + 1),
+            _ => None,
+        })
+        .unwrap_or(before)
 }
 
 /// Parses one line (without its LF): `None` for blank and comment lines.
