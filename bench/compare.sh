@@ -27,10 +27,11 @@
 # is printed with them.
 #
 # Environment:
-#   RK_BIN            release-keeper binary (default /work/scratch/t-bench/release/
-#                     release-keeper; built with `cargo build --release` if missing)
-#   BENCH_TMPDIR      where the work directory is made (default /work/scratch, else
-#                     /var/tmp; must not be tmpfs: the disk is part of what is measured)
+#   RK_BIN            release-keeper binary (default: this checkout's
+#                     target/release/release-keeper, always rebuilt with
+#                     `cargo build --release` so the figures are for the code at hand)
+#   BENCH_TMPDIR      where the work directory is made (default /var/tmp; must not be
+#                     tmpfs: the disk is part of what is measured)
 #   BENCH_FILES=20000 BENCH_BYTES=300000000 BENCH_CHANGED=0.01 BENCH_RUNS=3
 #   BENCH_COLD=auto|0|1      also measure with dropped caches (auto: if possible)
 #   BENCH_LAT_ITER=20 BENCH_LAT_FILES=100
@@ -66,8 +67,8 @@ for tool in python3 sha256sum rsync bc /usr/bin/time; do
 done
 
 # --- the binary --------------------------------------------------------------------------
-RK=${RK_BIN:-/work/scratch/t-bench/release/release-keeper}
-if [[ ! -x $RK ]]; then
+RK=${RK_BIN:-}
+if [[ -z $RK ]]; then
     target=${CARGO_TARGET_DIR:-$REPO/target}
     log "building release-keeper (cargo build --release) into $target"
     (cd "$REPO" && CARGO_TARGET_DIR=$target cargo build --release --quiet)
@@ -78,7 +79,7 @@ fi
 # --- the work directory --------------------------------------------------------------------
 parent=${BENCH_TMPDIR:-}
 if [[ -z $parent ]]; then
-    if [[ -d /work/scratch ]]; then parent=/work/scratch; else parent=/var/tmp; fi
+    parent=/var/tmp
 fi
 W=$(mktemp -d "$parent/rk-bench.XXXXXX")
 FSTYPE=$(findmnt -no FSTYPE -T "$W" 2>/dev/null || stat -f -c %T "$W")

@@ -229,14 +229,14 @@ fn process_claim(
     let manifest = read_manifest(site)?;
     let cache = HashCache::load(&site.hash_cache());
     let link_from = link_source(site, journal);
-    let needed = wait_for_uploads(
+    let scanned = wait_for_uploads(
         site,
         manifest.as_ref().map(|m| &m.entries),
         &cache,
         link_from.as_ref(),
         cancel,
     )?;
-    check_space(site, needed)?;
+    check_space(site, scanned.to_copy)?;
 
     let existing = journal.state().get(id).cloned();
     let on_disk = std::fs::symlink_metadata(site.release(id)).is_ok();
@@ -258,6 +258,7 @@ fn process_claim(
             cache: &cache,
             link_from: link_from.as_ref(),
             cancel,
+            durability: finalize::Durability::for_upload(scanned.files_to_copy, scanned.to_copy),
         },
         manifest,
     )?;
@@ -303,11 +304,6 @@ fn process_claim(
         activate: claim.activate,
         message: claim.message.clone(),
     })?;
-    if let Some(w) = built.cache {
-        if let Err(e) = w.commit(&site.hash_cache()) {
-            tracing::warn!(site = site.name(), error = %e, "cannot save the hash cache");
-        }
-    }
     tracing::info!(
         event = events::RELEASE_FINALIZED,
         site = site.name(),
@@ -318,7 +314,14 @@ fn process_claim(
         duration_ms = started.elapsed().as_millis() as u64,
         "release finalized"
     );
-    activate_and_prune(site, journal, &done)
+    let outcome = activate_and_prune(site, journal, &done);
+    // The cache only speeds up the next release: it is saved off the path to `current`.
+    if let Some(w) = built.cache {
+        if let Err(e) = w.commit(&site.hash_cache()) {
+            tracing::warn!(site = site.name(), error = %e, "cannot save the hash cache");
+        }
+    }
+    outcome
 }
 
 fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Result<Outcome> {
@@ -414,24 +417,27 @@ struct Scan {
     busy: Vec<String>,
     /// Bytes that will have to be copied (files that cannot be hard-linked).
     to_copy: u64,
+    /// Files that will have to be copied.
+    files_to_copy: usize,
 }
 
 /// Waits while files of the upload still look in flight, up to `upload_timeout`. Returns
-/// the bytes the release will need.
+/// the final scan: what the release will have to copy.
 fn wait_for_uploads(
     site: &Site,
     manifest: Option<&Entries>,
     cache: &HashCache,
     link_from: Option<&LinkSource>,
     cancel: &AtomicBool,
-) -> Result<u64> {
+) -> Result<Scan> {
     let deadline = Instant::now() + site.cfg.upload_timeout;
     let mut logged = false;
     loop {
-        let Scan { busy, to_copy } = scan(site, manifest, cache, link_from)?;
-        if busy.is_empty() {
-            return Ok(to_copy);
+        let scanned = scan(site, manifest, cache, link_from)?;
+        if scanned.busy.is_empty() {
+            return Ok(scanned);
         }
+        let busy = scanned.busy;
         if Instant::now() >= deadline {
             return Err(Error::Rejected(format!(
                 "files still in flight after upload_timeout = {}: {}",
@@ -465,6 +471,7 @@ fn scan(
 ) -> Result<Scan> {
     let mut busy = Vec::new();
     let mut to_copy = 0u64;
+    let mut files_to_copy = 0usize;
     let marker = std::ffi::OsString::from(&site.cfg.marker);
     walk::walk(
         &site.deploy_cache(),
@@ -485,6 +492,7 @@ fn scan(
                     .is_some_and(|(d, src)| src.index.contains_key(&(d, mode, size)));
                 if !linkable {
                     to_copy += size;
+                    files_to_copy += 1;
                 }
             }
             Ok(matches!(f.node, Node::Dir))
@@ -499,7 +507,11 @@ fn scan(
         }
         other => Err(other),
     })?;
-    Ok(Scan { busy, to_copy })
+    Ok(Scan {
+        busy,
+        to_copy,
+        files_to_copy,
+    })
 }
 
 fn sleep_unless_cancelled(d: Duration, cancel: &AtomicBool) -> Result<()> {
