@@ -359,9 +359,10 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
-/// Reads a small file, refusing symlinks and anything larger than `limit` bytes. The
+/// Opens a file an uploader controls for reading, refusing symlinks (O_NOFOLLOW), anything
+/// but a regular file (a fifo would block: O_NONBLOCK) and files over `limit` bytes. The
 /// rejection reasons do not name the path: callers name the file as users know it.
-pub fn read_small_nofollow(path: &Path, limit: u64) -> Result<Vec<u8>> {
+pub fn open_small_nofollow(path: &Path, limit: u64) -> Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -383,6 +384,12 @@ pub fn read_small_nofollow(path: &Path, limit: u64) -> Result<Vec<u8>> {
     if meta.len() > limit {
         return Err(Error::Rejected(format!("is larger than {limit} bytes")));
     }
+    Ok(f)
+}
+
+/// Reads a small file with the checks of `open_small_nofollow`.
+pub fn read_small_nofollow(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let f = open_small_nofollow(path, limit)?;
     let mut buf = Vec::new();
     f.take(limit + 1).read_to_end(&mut buf).at(path)?;
     Ok(buf)

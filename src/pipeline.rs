@@ -6,8 +6,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
-
 use crate::activate;
 use crate::clock;
 use crate::error::{Error, Result};
@@ -364,30 +362,40 @@ fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
     None
 }
 
-/// Reads and parses `deploy-cache/<manifest>`. `None` when absent and not required.
+/// Reads and parses `deploy-cache/<manifest>` line by line (never whole in memory beside
+/// its parsed form). `None` when absent and not required.
 fn read_manifest(site: &Site) -> Result<Option<Expected>> {
     let path = site.deploy_cache().join(&site.cfg.manifest);
-    let bytes = match fsops::read_small_nofollow(&path, manifest::MAX_MANIFEST_BYTES) {
-        Ok(b) => b,
+    let name = &site.cfg.manifest;
+    let file = match fsops::open_small_nofollow(&path, manifest::MAX_MANIFEST_BYTES) {
+        Ok(f) => f,
         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             if site.cfg.require_manifest {
                 return Err(Error::Rejected(format!(
-                    "{} is missing from the upload (require_manifest = true)",
-                    site.cfg.manifest
+                    "{name} is missing from the upload (require_manifest = true)"
                 )));
             }
-            tracing::warn!(site = site.name(), manifest = %site.cfg.manifest,
+            tracing::warn!(site = site.name(), manifest = %name,
                 "no manifest in the upload; recording the hashes as uploaded (require_manifest = false)");
             return Ok(None);
         }
-        Err(Error::Rejected(r)) => {
-            return Err(Error::Rejected(format!("{}: {r}", site.cfg.manifest)))
-        }
+        Err(Error::Rejected(r)) => return Err(Error::Rejected(format!("{name} {r}"))),
         Err(e) => return Err(e),
     };
-    let manifest_digest: manifest::Digest = Sha256::digest(&bytes).into();
-    let mut entries = manifest::parse(&bytes)
-        .map_err(|e| Error::Rejected(format!("{}: {e}", site.cfg.manifest)))?;
+    let parsed = manifest::parse_reader(std::io::BufReader::new(file), Path::new(name));
+    let (mut entries, manifest_digest) = match parsed {
+        Ok(p) => p,
+        Err(manifest::ManifestError::Duplicate { .. }) => {
+            // Error path only: the whole file again, for the exact first line.
+            let bytes = fsops::read_small_nofollow(&path, manifest::MAX_MANIFEST_BYTES)?;
+            let e = manifest::parse(&bytes).err().map_or_else(
+                || "changed while it was being read".to_string(),
+                |e| e.to_string(),
+            );
+            return Err(Error::Rejected(format!("{name}: {e}")));
+        }
+        Err(e) => return Err(Error::Rejected(format!("{name}: {e}"))),
+    };
     // A manifest made with `find . -type f | xargs sha256sum > SHA256SUMS` lists itself
     // (as it was while being written); the marker never belongs to the upload either.
     entries.remove(Path::new(&site.cfg.manifest));

@@ -111,6 +111,56 @@ pub fn parse(bytes: &[u8]) -> Result<Entries, ManifestError> {
     Ok(entries)
 }
 
+/// Like `parse`, reading line by line from `r` (named `path` in errors), so a 200,000-line
+/// manifest is never held whole beside its parsed form; also returns the SHA-256 of the
+/// bytes read. A duplicate reports line 0 as its first line: callers that want it exact
+/// re-run `parse` on that error path.
+pub fn parse_reader(
+    mut r: impl io::BufRead,
+    path: &Path,
+) -> Result<(Entries, Digest), ManifestError> {
+    let mut entries = Entries::new();
+    let mut hasher = Sha256::new();
+    let mut total: u64 = 0;
+    let mut buf = Vec::with_capacity(256);
+    let mut line = 0;
+    loop {
+        buf.clear();
+        let n = r
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| ManifestError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge {
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
+        hasher.update(&buf);
+        line += 1;
+        let raw = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let Some((name, digest)) = parse_line(raw, line)? else {
+            continue;
+        };
+        let entry = PathBuf::from(OsString::from_vec(name));
+        if entries.contains_key(&entry) {
+            let path = lossy(entry.as_os_str().as_bytes());
+            return Err(ManifestError::Duplicate {
+                line,
+                path,
+                first: 0,
+            });
+        }
+        entries.insert(entry, digest);
+    }
+    Ok((entries, hasher.finalize().into()))
+}
+
 /// The first line before `before` that lists `path`.
 fn first_line_of(bytes: &[u8], path: &Path, before: usize) -> usize {
     bytes
@@ -411,6 +461,23 @@ fn hash_file(path: &Path) -> io::Result<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_reader_agrees_with_parse_and_hashes_the_bytes() {
+        let text = b"\\0000000000000000000000000000000000000000000000000000000000000000  a\\\\b\n\
+SHA256 (c d) = 1111111111111111111111111111111111111111111111111111111111111111\n\
+\n2222222222222222222222222222222222222222222222222222222222222222 *./e/f";
+        let (entries, digest) = parse_reader(&text[..], Path::new("SHA256SUMS")).unwrap();
+        assert_eq!(entries, parse(text).unwrap());
+        let want: Digest = Sha256::digest(text).into();
+        assert_eq!(digest, want);
+        let dup = b"0000000000000000000000000000000000000000000000000000000000000000  x\n\
+0000000000000000000000000000000000000000000000000000000000000000  x\n";
+        assert!(matches!(
+            parse_reader(&dup[..], Path::new("S")),
+            Err(ManifestError::Duplicate { line: 2, .. })
+        ));
+    }
     use proptest::prelude::*;
     use std::process::Command;
 
