@@ -7,7 +7,6 @@
 //! the health check runs again against the release `current` points at, and the verdict
 //! is recorded as usual (rolling back if it fails). Never left undecided.
 
-use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -329,9 +328,4 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
             reason = "interrupted before the switch; not activated", "trial closed");
     }
     Ok(Some(id))
-}
-
-/// True when `p` is a directory (helper for closures).
-pub fn is_dir(p: &Path) -> bool {
-    p.is_dir()
 }

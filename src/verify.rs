@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -160,9 +160,4 @@ pub fn record(site: &Site, report: &Report) -> Result<()> {
 pub fn last(site: &Site) -> Option<Report> {
     let bytes = fs::read(site.drift_file()).ok()?;
     serde_json::from_slice(&bytes).ok()
-}
-
-/// True when `p` is a path inside `root` (for callers filtering paths).
-pub fn inside(root: &Path, p: &Path) -> bool {
-    p.starts_with(root)
 }

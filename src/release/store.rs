@@ -495,7 +495,7 @@ pub fn same_content(a: &[Entry], b: &[Entry]) -> bool {
 
 /// The manifest path helper for callers that only need to know whether it exists.
 pub fn has_manifest(site: &Site, id: &str) -> bool {
-    Path::new(&site.manifest_of(id)).is_file()
+    site.manifest_of(id).is_file()
 }
 
 #[cfg(test)]
