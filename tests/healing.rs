@@ -15,18 +15,6 @@ use serde_json::Value;
 
 const SITE: &str = "web";
 
-fn start(site: &Site, defaults: &str, site_extra: &str) -> (PathBuf, Service) {
-    let cfg = site.write_config(SITE, defaults, site_extra);
-    let svc = Service::start_config(&cfg);
-    (cfg, svc)
-}
-
-fn deploy_and_activate(site: &Site, svc: &Service, id: &str) {
-    site.deploy(&as_refs(&small_build(id)), &format!("id = \"{id}\"\n"));
-    svc.wait_release_event("release.activated", id);
-    assert_eq!(site.current_id().as_deref(), Some(id), "current after {id}");
-}
-
 /// Waits for a `heal.repaired` event whose JSON contains every one of `needles`.
 fn wait_repaired(svc: &Service, needles: &[&str]) -> Value {
     svc.wait_event(
@@ -75,7 +63,7 @@ fn displaced(site: &Site) -> Vec<PathBuf> {
 #[test]
 fn deleted_current_comes_back_within_a_second() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "heal_interval = \"1h\"", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
     deploy_and_activate(&site, &svc, "v1");
     for round in 0..3 {
         fs::remove_file(site.current_path()).unwrap();
@@ -96,7 +84,7 @@ fn deleted_current_comes_back_within_a_second() {
 #[test]
 fn dangling_current_points_at_last_good_release() {
     let site = Site::new();
-    let (cfg, mut svc) = start(&site, "", "");
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     deploy_and_activate(&site, &svc, "v2");
 
@@ -124,7 +112,7 @@ fn dangling_current_points_at_last_good_release() {
 #[test]
 fn current_directory_is_moved_aside_never_deleted() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     for (n, text) in ["first precious\n", "second precious\n"].iter().enumerate() {
         // Swapped in atomically (RENAME_EXCHANGE): a plain rm + mkdir races with the
@@ -166,7 +154,7 @@ fn current_directory_is_moved_aside_never_deleted() {
 #[test]
 fn current_pointing_outside_releases_is_repaired() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     let outside = site.tmp_path("elsewhere");
     fs::create_dir_all(&outside).unwrap();
@@ -202,7 +190,7 @@ const DEAD_PID: u32 = 99_999_999;
 #[test]
 fn leftover_partials_and_temporary_links_are_removed_at_start() {
     let site = Site::new();
-    let (cfg, mut svc) = start(&site, "", "");
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     svc.stop();
 
@@ -270,7 +258,7 @@ fn leftover_partials_and_temporary_links_are_removed_at_start() {
 fn consumed_marker_of_an_interrupted_upload_is_redone() {
     let site = Site::new();
     // A long settle_time holds the upload after its marker was consumed and resolved.
-    let (cfg, svc) = start(&site, "settle_time = \"1h\"", "");
+    let (cfg, svc) = start_site(&site, SITE, "settle_time = \"1h\"", "");
     site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
     svc.wait_release_event("upload.detected", "v1");
     site.wait_marker_consumed(WAIT);
@@ -295,8 +283,9 @@ fn consumed_marker_of_an_interrupted_upload_is_redone() {
 #[test]
 fn missing_links_and_shared_entries_are_recreated() {
     let site = Site::new();
-    let (cfg, mut svc) = start(
+    let (cfg, mut svc) = start_site(
         &site,
+        SITE,
         "heal_interval = \"1h\"",
         "shared = [\"storage\"]\nlinks = { htdocs = \"current/public\" }",
     );
@@ -346,7 +335,12 @@ fn missing_links_and_shared_entries_are_recreated() {
 #[test]
 fn heal_interval_heals_what_inotify_does_not_see() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "heal_interval = \"1s\"", "shared = [\"cache\"]");
+    let (_cfg, mut svc) = start_site(
+        &site,
+        SITE,
+        "heal_interval = \"1s\"",
+        "shared = [\"cache\"]",
+    );
     deploy_and_activate(&site, &svc, "v1");
     let cache = site.root.join("shared/cache");
     fs::remove_dir_all(&cache).unwrap();
@@ -362,7 +356,7 @@ fn heal_interval_heals_what_inotify_does_not_see() {
 fn stale_lock_of_a_killed_process_does_not_block() {
     let site = Site::new();
     let hook = r#"before_activate = ["/bin/sh", "-c", "if [ \"$RELEASE_ID\" = slow ]; then echo $$ > \"$SITE_ROOT/../hook-pid\"; mv \"$SITE_ROOT/../hook-pid\" \"$SITE_ROOT/../hook-slow\"; exec sleep 30; fi"]"#;
-    let (cfg, svc) = start(&site, "", hook);
+    let (cfg, svc) = start_site(&site, SITE, "", hook);
     deploy_and_activate(&site, &svc, "v1");
     site.deploy(&as_refs(&small_build("slow")), "id = \"slow\"\n");
     let flag = site.tmp_path("hook-slow");
@@ -407,7 +401,7 @@ fn stale_lock_of_a_killed_process_does_not_block() {
 #[test]
 fn foreign_lock_paths_are_moved_aside() {
     let site = Site::new();
-    let (cfg, mut svc) = start(&site, "", "");
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     svc.stop();
     let state = site.root.join(".release-keeper");
@@ -445,7 +439,7 @@ fn foreign_releases_are_reported_never_deleted_or_counted() {
         &site.releases_dir().join("handmade"),
         &[("index.html", b"by hand\n" as &[u8])],
     );
-    let (cfg, mut svc) = start(&site, "keep = 1", "");
+    let (cfg, mut svc) = start_site(&site, SITE, "keep = 1", "");
     for id in ["v1", "v2", "v3", "v4"] {
         deploy_and_activate(&site, &svc, id);
     }
@@ -477,8 +471,9 @@ fn foreign_releases_are_reported_never_deleted_or_counted() {
 #[test]
 fn heal_dry_run_lists_everything_and_changes_nothing() {
     let site = Site::new();
-    let (cfg, mut svc) = start(
+    let (cfg, mut svc) = start_site(
         &site,
+        SITE,
         "",
         "shared = [\"storage\"]\nlinks = { htdocs = \"current\" }",
     );
@@ -544,7 +539,7 @@ fn heal_dry_run_lists_everything_and_changes_nothing() {
 #[test]
 fn deploy_cache_deleted_and_recreated_keeps_working() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "heal_interval = \"1h\"", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
     deploy_and_activate(&site, &svc, "v1");
 
     // Deleted and recreated at once.
@@ -598,7 +593,7 @@ fn root_that_appears_after_start_is_served() {
 #[test]
 fn inotify_queue_overflow_triggers_a_full_rescan() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "heal_interval = \"1h\"", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
     deploy_and_activate(&site, &svc, "v1");
     let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
         .ok()

@@ -6,24 +6,10 @@ use common::*;
 use serde_json::Value;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 const SITE: &str = "web";
-
-/// Writes a config for site `web` and starts the service on it.
-fn start(site: &Site, defaults: &str, site_extra: &str) -> (PathBuf, Service) {
-    let cfg = site.write_config(SITE, defaults, site_extra);
-    let svc = Service::start_config(&cfg);
-    (cfg, svc)
-}
-
-/// Deploys `small_build(id)` with marker `id = "<id>"` and waits for its activation.
-fn deploy_and_activate(site: &Site, svc: &Service, id: &str) {
-    site.deploy(&as_refs(&small_build(id)), &format!("id = \"{id}\"\n"));
-    svc.wait_release_event("release.activated", id);
-    assert_eq!(site.current_id().as_deref(), Some(id), "current after {id}");
-}
 
 /// `list SITE --json`, parsed, asserting exit 0.
 fn list_json(cfg: &std::path::Path) -> Value {
@@ -56,7 +42,7 @@ fn pairs(x: &[(&str, &str)]) -> Vec<(String, String)> {
 #[test]
 fn marker_toml_with_id_and_message() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
     site.deploy(
         &as_refs(&small_build("v1")),
         "id = \"v1\"\nmessage = \"ship it: fix checkout\"\n",
@@ -76,7 +62,7 @@ fn marker_toml_with_id_and_message() {
 #[test]
 fn marker_with_bare_id_line() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
     site.deploy(&as_refs(&small_build("bare")), "2024.06-hotfix_1\n");
     svc.wait_release_event("release.activated", "2024.06-hotfix_1");
     assert_eq!(site.current_id().as_deref(), Some("2024.06-hotfix_1"));
@@ -86,7 +72,7 @@ fn marker_with_bare_id_line() {
 #[test]
 fn empty_markers_get_distinct_timestamp_ids() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
     site.deploy(&as_refs(&small_build("one")), "");
     let a = svc.wait_count("release.activated", 1, WAIT);
     site.deploy(&as_refs(&small_build("two")), "");
@@ -110,7 +96,7 @@ fn empty_markers_get_distinct_timestamp_ids() {
 #[test]
 fn keep_three_prunes_to_newest_three_good() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "keep = 3", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "keep = 3", "");
     let ids: Vec<String> = (1..=7).map(|i| format!("r{i}")).collect();
     for id in &ids {
         deploy_and_activate(&site, &svc, id);
@@ -136,7 +122,7 @@ fn keep_three_prunes_to_newest_three_good() {
 #[test]
 fn prune_never_deletes_current_or_previous() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "keep = 1", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "keep = 1", "");
     for id in ["p1", "p2", "p3"] {
         deploy_and_activate(&site, &svc, id);
     }
@@ -158,7 +144,7 @@ fn prune_never_deletes_current_or_previous() {
 #[test]
 fn existing_id_rejected_unless_identical() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     let v1_before = tree(&site.release("v1"), &[]);
 
@@ -196,7 +182,7 @@ fn existing_id_rejected_unless_identical() {
 #[test]
 fn activate_false_stages_then_cli_activate_switches() {
     let site = Site::new();
-    let (cfg, mut svc) = start(&site, "", "");
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
 
     site.deploy(
@@ -229,7 +215,7 @@ fn activate_false_stages_then_cli_activate_switches() {
 #[test]
 fn rollback_to_previous_and_to_id() {
     let site = Site::new();
-    let (cfg, mut svc) = start(&site, "", "");
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
     for id in ["v1", "v2", "v3"] {
         deploy_and_activate(&site, &svc, id);
     }
@@ -262,7 +248,7 @@ fn rollback_to_previous_and_to_id() {
 fn failed_release_is_never_chosen_by_rollback() {
     let site = Site::new();
     let hook = r#"before_activate = ["/bin/sh", "-c", "test \"$RELEASE_ID\" != bad"]"#;
-    let (cfg, mut svc) = start(&site, "", hook);
+    let (cfg, mut svc) = start_site(&site, SITE, "", hook);
     deploy_and_activate(&site, &svc, "v1");
     deploy_and_activate(&site, &svc, "v2");
     site.deploy(&as_refs(&small_build("bad")), "id = \"bad\"\n");
@@ -302,7 +288,7 @@ fn failing_health_check_rolls_back() {
     let extra = r#"health_check = ["/bin/sh", "-c", "test \"$RELEASE_ID\" != bad"]
 health_retries = 2
 health_interval = "1s""#;
-    let (cfg, mut svc) = start(&site, "", extra);
+    let (cfg, mut svc) = start_site(&site, SITE, "", extra);
     deploy_and_activate(&site, &svc, "v1");
     site.deploy(&as_refs(&small_build("bad")), "id = \"bad\"\n");
     svc.wait_release_event("health.failed", "bad");
@@ -331,7 +317,7 @@ health_interval = "1s""#;
 #[test]
 fn pin_protects_from_prune_and_dry_run_deletes_nothing() {
     let site = Site::new();
-    let (cfg, mut svc) = start(&site, "keep = 2", "");
+    let (cfg, mut svc) = start_site(&site, SITE, "keep = 2", "");
     deploy_and_activate(&site, &svc, "v1");
     let out = cli_when_idle(&cfg, &["pin", SITE, "v1"]);
     assert_ok(&out, "pin web v1");
@@ -385,7 +371,7 @@ fn pin_protects_from_prune_and_dry_run_deletes_nothing() {
 fn list_json_shape() {
     let site = Site::new();
     let hook = r#"before_activate = ["/bin/sh", "-c", "test \"$RELEASE_ID\" != bad"]"#;
-    let (cfg, mut svc) = start(&site, "", hook);
+    let (cfg, mut svc) = start_site(&site, SITE, "", hook);
     for id in ["v1", "v2", "v3"] {
         deploy_and_activate(&site, &svc, id);
     }
@@ -448,7 +434,7 @@ fn list_json_shape() {
 #[test]
 fn status_json_reports_site() {
     let site = Site::new();
-    let (cfg, mut svc) = start(&site, "", "");
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     deploy_and_activate(&site, &svc, "v2");
     for args in [vec!["status", SITE, "--json"], vec!["status", "--json"]] {
@@ -524,7 +510,7 @@ fn marker_dropped_while_stopped_is_processed_at_start() {
 fn second_marker_while_busy_is_not_lost() {
     let site = Site::new();
     // A slow before_activate hook keeps the keeper busy with the first release.
-    let (_cfg, mut svc) = start(&site, "", r#"before_activate = ["/bin/sleep", "1"]"#);
+    let (_cfg, mut svc) = start_site(&site, SITE, "", r#"before_activate = ["/bin/sleep", "1"]"#);
     site.deploy(&as_refs(&small_build("same")), "id = \"a\"\n");
     site.wait_marker_consumed(WAIT);
     let busy = svc.events_for("release.activated", "a").is_empty();
@@ -542,7 +528,7 @@ fn second_marker_while_busy_is_not_lost() {
 #[test]
 fn release_is_not_shared_with_deploy_cache() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     let up = site.deploy_cache().join("index.html");
     let rel = site.release("v1").join("index.html");
@@ -560,7 +546,7 @@ fn release_is_not_shared_with_deploy_cache() {
 #[test]
 fn deleted_current_is_healed() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
     deploy_and_activate(&site, &svc, "v1");
     fs::remove_file(site.current_path()).unwrap();
     svc.wait_event("heal.repaired", |_| true, WAIT);
@@ -618,7 +604,7 @@ fn hooks_run_in_release_with_env() {
          health_check = [\"/bin/sh\", \"-c\", {s:?}, \"sh\", \"health\"]\n",
         s = script
     );
-    let (_cfg, mut svc) = start(&site, "", &extra);
+    let (_cfg, mut svc) = start_site(&site, SITE, "", &extra);
     deploy_and_activate(&site, &svc, "v1");
     deploy_and_activate(&site, &svc, "v2");
     let root = fs::canonicalize(&site.root).unwrap();
@@ -666,7 +652,7 @@ fn hooks_run_in_release_with_env() {
 fn shared_entries_and_links_are_created() {
     let site = Site::new();
     let extra = "shared = [\"storage\", \".env\"]\nlinks = { htdocs = \"current/public\" }";
-    let (_cfg, mut svc) = start(&site, "", extra);
+    let (_cfg, mut svc) = start_site(&site, SITE, "", extra);
     // The upload carries its own `storage/` dir: it is replaced by the shared link.
     site.deploy(
         &[
@@ -883,7 +869,7 @@ fn failed_releases_do_not_count_toward_keep_and_keep_failed_applies() {
     let site = Site::new();
     let hook =
         r#"before_activate = ["/bin/sh", "-c", "case \"$RELEASE_ID\" in bad*) exit 1;; esac"]"#;
-    let (_cfg, mut svc) = start(&site, "keep = 2\nkeep_failed = 1", hook);
+    let (_cfg, mut svc) = start_site(&site, SITE, "keep = 2\nkeep_failed = 1", hook);
     deploy_and_activate(&site, &svc, "v1");
     for bad in ["bad1", "bad2"] {
         site.deploy(&as_refs(&small_build(bad)), &format!("id = \"{bad}\"\n"));
@@ -909,7 +895,7 @@ fn failed_releases_do_not_count_toward_keep_and_keep_failed_applies() {
 #[test]
 fn prune_uses_journal_order_and_spares_foreign_dirs() {
     let site = Site::new();
-    let (_cfg, mut svc) = start(&site, "keep = 3", "");
+    let (_cfg, mut svc) = start_site(&site, SITE, "keep = 3", "");
     // Something the keeper did not create.
     write_tree(
         &site.releases_dir().join("handmade"),

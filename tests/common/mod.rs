@@ -1052,3 +1052,17 @@ pub fn check_release(site: &Site, svc: &Service, build: &Path, id: &str) {
         }
     }
 }
+
+/// Writes a config for site `name` under this temp site and starts the service on it.
+pub fn start_site(site: &Site, name: &str, defaults: &str, site_extra: &str) -> (PathBuf, Service) {
+    let cfg = site.write_config(name, defaults, site_extra);
+    let svc = Service::start_config(&cfg);
+    (cfg, svc)
+}
+
+/// Deploys `small_build(id)` with marker `id = "<id>"` and waits for its activation.
+pub fn deploy_and_activate(site: &Site, svc: &Service, id: &str) {
+    site.deploy(&as_refs(&small_build(id)), &format!("id = \"{id}\"\n"));
+    svc.wait_release_event("release.activated", id);
+    assert_eq!(site.current_id().as_deref(), Some(id), "current after {id}");
+}
