@@ -324,9 +324,8 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
         let report = verify::verify_release(&site, i)?;
         if current.as_deref() == Some(i.as_str()) {
             verify::record(&site, &report)?;
-        } else if !report.drift.is_empty() {
-            tracing::warn!(event = crate::events::DRIFT_DETECTED, site = site.name(), release = %i,
-                paths = %report.drift.join("; "), count = report.drift.len(), "release differs from its manifest");
+        } else {
+            verify::log_drift(&site, &report);
         }
         reports.push(report);
     }

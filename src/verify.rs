@@ -139,8 +139,8 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     })
 }
 
-/// Logs `drift.detected` for a report with drift and stores the latest result for `status`.
-pub fn record(site: &Site, report: &Report) -> Result<()> {
+/// Logs `drift.detected` with every drifted path, when the report has any.
+pub fn log_drift(site: &Site, report: &Report) {
     if !report.drift.is_empty() {
         tracing::warn!(
             event = events::DRIFT_DETECTED,
@@ -151,6 +151,11 @@ pub fn record(site: &Site, report: &Report) -> Result<()> {
             "release differs from its manifest"
         );
     }
+}
+
+/// Logs `drift.detected` for a report with drift and stores the latest result for `status`.
+pub fn record(site: &Site, report: &Report) -> Result<()> {
+    log_drift(site, report);
     let bytes = serde_json::to_vec(report)
         .map_err(|e| Error::Failed(format!("cannot encode drift report: {e}")))?;
     fsops::write_atomic(&site.drift_file(), &bytes)

@@ -168,11 +168,7 @@ fn check_config_missing_root_is_only_a_warning() {
     );
     let out = cli(&cfg, &["check-config"]);
     assert_ok(&out, "check-config with a root that does not exist yet");
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let all = output_text(&out);
     assert!(
         all.contains(missing.to_str().unwrap()),
         "a missing root is warned about; {}",

@@ -726,11 +726,7 @@ fn verify_detects_drift() {
         "drift -> exit 1; {}",
         show(&out)
     );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         text.contains("assets/app.js"),
         "verify names the drifted path; {}",

@@ -364,11 +364,7 @@ fn finalize_cli_of_bad_upload_exits_1() {
         "a rejected upload -> exit 1; {}",
         show(&out)
     );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         text.contains("index.html"),
         "names the file; {}",

@@ -868,6 +868,15 @@ pub fn show(out: &Output) -> String {
     )
 }
 
+/// The command's stdout followed by its stderr, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Asserts the CLI exited 0, with the output in the message.
 pub fn assert_ok(out: &Output, what: &str) {
     assert_eq!(
