@@ -42,7 +42,7 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -123,6 +123,89 @@ pub fn write_atomic_with(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// A file written under a temporary name beside `path` and put in place by `commit`
+/// (rename, after an fsync when `durable`); dropped without `commit`, it removes itself.
+/// For big files produced piecewise (a 200,000-line release manifest written while the
+/// release is built), so they never exist whole in memory.
+#[derive(Debug)]
+pub struct AtomicWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<std::io::BufWriter<File>>,
+    durable: bool,
+}
+
+impl AtomicWriter {
+    /// Starts a new file that will replace `path`.
+    pub fn create(path: &Path, durable: bool) -> Result<AtomicWriter> {
+        let tmp = tmp_sibling(path);
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&tmp)
+            .at(&tmp)?;
+        Ok(AtomicWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out: Some(std::io::BufWriter::with_capacity(128 * 1024, f)),
+            durable,
+        })
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        match self.out.as_mut() {
+            Some(w) => w.write_all(bytes).at(&self.tmp),
+            None => Ok(()),
+        }
+    }
+
+    /// The temporary file, readable once `flush`ed.
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Writes out what is buffered (the temporary file is then complete so far).
+    pub fn flush(&mut self) -> Result<()> {
+        match self.out.as_mut() {
+            Some(w) => w.flush().at(&self.tmp),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts the file in place: fsync (when durable), rename, fsync of the directory.
+    pub fn commit(mut self) -> Result<()> {
+        let Some(w) = self.out.take() else {
+            return Ok(());
+        };
+        let result = (|| {
+            let f = w.into_inner().map_err(|e| e.into_error()).at(&self.tmp)?;
+            if self.durable {
+                f.sync_all().at(&self.tmp)?;
+            }
+            fs::rename(&self.tmp, &self.path).at(&self.path)?;
+            if self.durable {
+                fsync_dir(parent_of(&self.path))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        result
+    }
+}
+
+impl Drop for AtomicWriter {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Points the symlink `link` at `target` atomically: a new symlink under a temporary name
@@ -280,21 +363,61 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 
 /// Gives every directory under `dir` (not following symlinks) owner rwx.
 fn make_dirs_writable(dir: &Path) -> Result<()> {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let meta = fs::symlink_metadata(&d).at(&d)?;
-        if !meta.is_dir() {
+    let fd = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_DIRECTORY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(std::io::Error::from)
+    .at(dir)?;
+    writable_at(fd, dir)
+}
+
+/// Gives the directory open at `fd` and every directory under it owner rwx, through
+/// descriptors: a tree deeper than PATH_MAX (which `mkdirat` can make) stays removable.
+fn writable_at(fd: std::os::fd::OwnedFd, top: &Path) -> Result<()> {
+    use nix::sys::stat::{fchmod, fstat, Mode};
+    let io = |e: nix::errno::Errno| std::io::Error::from(e);
+    let st = fstat(&fd).map_err(io).at(top)?;
+    if st.st_mode & 0o700 != 0o700 {
+        fchmod(&fd, Mode::from_bits_truncate((st.st_mode | 0o700) & 0o7777))
+            .map_err(io)
+            .at(top)?;
+    }
+    let mut subdirs = Vec::new();
+    let mut listing = nix::dir::Dir::from_fd(fd.try_clone().at(top)?)
+        .map_err(io)
+        .at(top)?;
+    for entry in listing.iter() {
+        let entry = entry.map_err(io).at(top)?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
             continue;
         }
-        let mode = meta.permissions().mode();
-        if mode & 0o700 != 0o700 {
-            fs::set_permissions(&d, fs::Permissions::from_mode((mode | 0o700) & 0o7777)).at(&d)?;
+        if entry.file_type() == Some(nix::dir::Type::Directory) || entry.file_type().is_none() {
+            subdirs.push(name.to_owned());
         }
-        for entry in fs::read_dir(&d).at(&d)? {
-            let entry = entry.at(&d)?;
-            if entry.file_type().at(&entry.path())?.is_dir() {
-                stack.push(entry.path());
-            }
+    }
+    drop(listing);
+    for name in subdirs {
+        let sub = nix::fcntl::openat(
+            &fd,
+            name.as_c_str(),
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        );
+        match sub {
+            Ok(sub) => writable_at(sub, top)?,
+            // Not a directory after all (unknown type from getdents), or a symlink.
+            Err(nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP) => {}
+            // Unreadable and not ours to fix here: remove_dir_all reports it.
+            Err(_) => {}
         }
     }
     Ok(())
@@ -408,6 +531,7 @@ pub fn path_from_bytes(b: Vec<u8>) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn swap_symlink_replaces_without_gap() {
@@ -474,5 +598,26 @@ mod tests {
         }
         remove_tree(&dir.path().join("t")).unwrap();
         assert!(!dir.path().join("t").exists());
+    }
+
+    #[test]
+    fn remove_tree_handles_read_only_trees_deeper_than_path_max() {
+        use nix::fcntl::{open, openat, OFlag};
+        use nix::sys::stat::{fchmod, mkdirat, Mode};
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("t");
+        fs::create_dir(&top).unwrap();
+        let name = "d".repeat(200);
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+        let mut fd = open(&top, flags, Mode::empty()).unwrap();
+        // 30 levels of 200-byte names: 6,000 bytes, beyond PATH_MAX (4,096).
+        for _ in 0..30 {
+            mkdirat(&fd, name.as_str(), Mode::from_bits_truncate(0o755)).unwrap();
+            let sub = openat(&fd, name.as_str(), flags, Mode::empty()).unwrap();
+            fchmod(&fd, Mode::from_bits_truncate(0o555)).unwrap();
+            fd = sub;
+        }
+        remove_tree(&top).unwrap();
+        assert!(!top.exists());
     }
 }

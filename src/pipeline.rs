@@ -2,6 +2,7 @@
 //! in-flight files, build the release, rename it into place, activate, prune. The caller
 //! holds the site's operation lock; claims are processed one at a time in arrival order.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,14 +13,13 @@ use crate::error::{Error, Result};
 use crate::events;
 use crate::fsops;
 use crate::release::finalize::{self, Expected, LinkSource};
-use crate::release::hashcache::{HashCache, StatKey};
 use crate::release::retention;
 use crate::release::store::{self, Journal, Op};
 use crate::site::Site;
 use crate::upload::inflight;
 use crate::upload::manifest::{self, Entries};
 use crate::upload::marker::{self, Claim, Pending};
-use crate::upload::walk::{self, Node, Open};
+use crate::upload::walk;
 
 /// How one claim ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,16 +225,8 @@ fn process_claim(
         sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
     }
     let manifest = read_manifest(site)?;
-    let cache = HashCache::load(&site.hash_cache());
     let link_from = link_source(site, journal);
-    let scanned = wait_for_uploads(
-        site,
-        manifest.as_ref().map(|m| &m.entries),
-        &cache,
-        link_from.as_ref(),
-        cancel,
-    )?;
-    check_space(site, scanned.to_copy)?;
+    wait_for_uploads(site, manifest.as_ref().map(|m| &m.entries), cancel)?;
 
     let existing = journal.state().get(id).cloned();
     let on_disk = std::fs::symlink_metadata(site.release(id)).is_ok();
@@ -249,25 +241,23 @@ fn process_claim(
         }
     }
 
-    let built = finalize::build(
+    let durability = finalize::Durability::for_upload(manifest.as_ref().map(|m| m.entries.len()));
+    let mut built = finalize::build(
         &finalize::Input {
             site,
             id,
-            cache: &cache,
             link_from: link_from.as_ref(),
             cancel,
-            durability: finalize::Durability::for_upload(scanned.files_to_copy, scanned.to_copy),
+            durability,
         },
         manifest,
     )?;
-    // Big trees: free the lookup tables before the manifest and cache are written.
-    drop(link_from);
-    drop(cache);
 
     if existing.is_some() && on_disk {
         let stored = store::read_release_manifest(site, id)?;
+        let entries = built.entries()?;
         fsops::remove_tree(&site.partial(id))?;
-        if store::same_content(&stored, &built.entries) {
+        if store::same_content(&stored, &entries) {
             tracing::info!(
                 event = events::RELEASE_FINALIZED,
                 site = site.name(),
@@ -284,7 +274,7 @@ fn process_claim(
         )));
     }
 
-    store::write_release_manifest(site, id, &built.entries)?;
+    built.manifest.commit()?;
     fsops::rename_noreplace(&site.partial(id), &site.release(id))?;
     fsops::fsync_dir(&site.releases())?;
     // The claim is marked finalized BEFORE the journal record: a crash between the two
@@ -315,7 +305,7 @@ fn process_claim(
     let outcome = activate_and_prune(site, journal, &done);
     // The cache only speeds up the next release: it is saved off the path to `current`.
     if let Some(w) = built.cache {
-        if let Err(e) = w.commit(&site.hash_cache()) {
+        if let Err(e) = w.commit() {
             tracing::warn!(site = site.name(), error = %e, "cannot save the hash cache");
         }
     }
@@ -355,8 +345,8 @@ fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
         .into_iter()
         .chain(state.live_newest_first().map(|r| r.id.clone()));
     for id in candidates {
-        if let Ok(entries) = store::read_release_manifest(site, &id) {
-            return Some(LinkSource::new(site.release(&id), &entries));
+        if store::has_manifest(site, &id) && site.release(&id).is_dir() {
+            return Some(LinkSource::new(site.release(&id), site.manifest_of(&id)));
         }
     }
     None
@@ -398,54 +388,24 @@ fn read_manifest(site: &Site) -> Result<Option<Expected>> {
     };
     // A manifest made with `find . -type f | xargs sha256sum > SHA256SUMS` lists itself
     // (as it was while being written); the marker never belongs to the upload either.
-    entries.remove(Path::new(&site.cfg.manifest));
-    entries.remove(Path::new(&site.cfg.marker));
+    entries.remove(site.cfg.manifest.as_bytes());
+    entries.remove(site.cfg.marker.as_bytes());
     Ok(Some(Expected {
         entries,
         manifest_digest,
     }))
 }
 
-/// Refuses to start a release the filesystem cannot hold (plus a margin for metadata).
-fn check_space(site: &Site, needed: u64) -> Result<()> {
-    let free = fsops::free_bytes(&site.releases())?;
-    let want = needed + needed / 100 + 16 * 1024 * 1024;
-    if want > free {
-        return Err(Error::NoSpace(format!(
-            "the release needs about {want} bytes in {}, {free} are free",
-            site.releases().display()
-        )));
-    }
-    Ok(())
-}
-
-/// What a scan of `deploy-cache/` found.
-struct Scan {
-    /// Names that look like uploads still being written.
-    busy: Vec<String>,
-    /// Bytes that will have to be copied (files that cannot be hard-linked).
-    to_copy: u64,
-    /// Files that will have to be copied.
-    files_to_copy: usize,
-}
-
-/// Waits while files of the upload still look in flight, up to `upload_timeout`. Returns
-/// the final scan: what the release will have to copy.
-fn wait_for_uploads(
-    site: &Site,
-    manifest: Option<&Entries>,
-    cache: &HashCache,
-    link_from: Option<&LinkSource>,
-    cancel: &AtomicBool,
-) -> Result<Scan> {
+/// Waits while files of the upload still look in flight (temporary names of rsync, WinSCP
+/// and the like, not listed in the manifest), up to `upload_timeout`.
+fn wait_for_uploads(site: &Site, manifest: Option<&Entries>, cancel: &AtomicBool) -> Result<()> {
     let deadline = Instant::now() + site.cfg.upload_timeout;
     let mut logged = false;
     loop {
-        let scanned = scan(site, manifest, cache, link_from)?;
-        if scanned.busy.is_empty() {
-            return Ok(scanned);
+        let busy = in_flight(site, manifest)?;
+        if busy.is_empty() {
+            return Ok(());
         }
-        let busy = scanned.busy;
         if Instant::now() >= deadline {
             return Err(Error::Rejected(format!(
                 "files still in flight after upload_timeout = {}: {}",
@@ -468,58 +428,23 @@ fn wait_for_uploads(
     }
 }
 
-/// Scans `deploy-cache/` by name and stat only: names that look like temporary upload
-/// files and are not listed in the manifest (a listed `.env.backup` is a real file, not
-/// rsync's temp name), and the bytes that cannot be hard-linked from the last release.
-fn scan(
-    site: &Site,
-    manifest: Option<&Entries>,
-    cache: &HashCache,
-    link_from: Option<&LinkSource>,
-) -> Result<Scan> {
+/// Up to 10 names in `deploy-cache/` that look like temporary upload files and are not
+/// listed in the manifest (a listed `.env.backup` is a real file, not rsync's temp name).
+/// From directory listings only: cheap even on huge trees.
+fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
     let mut busy = Vec::new();
-    let mut to_copy = 0u64;
-    let mut files_to_copy = 0usize;
     let marker = std::ffi::OsString::from(&site.cfg.marker);
-    walk::walk(
-        &site.deploy_cache(),
-        &[marker.as_os_str()],
-        Open::NamesOnly,
-        &mut |f| {
-            let name = f.rel.file_name().unwrap_or_default();
-            let listed = manifest.is_some_and(|m| m.contains_key(&f.rel));
-            if !listed && inflight::looks_in_flight(name) && busy.len() < 10 {
-                busy.push(f.rel.display().to_string());
-            }
-            if walk::is_file(f.stat.st_mode) {
-                let size = f.stat.st_size as u64;
-                let mode = finalize::release_mode(f.stat.st_mode);
-                let linkable = cache
-                    .lookup(&StatKey::of(&f.stat))
-                    .zip(link_from)
-                    .is_some_and(|(d, src)| src.index.contains_key(&(d, mode, size)));
-                if !linkable {
-                    to_copy += size;
-                    files_to_copy += 1;
-                }
-            }
-            Ok(matches!(f.node, Node::Dir))
-        },
-    )
-    .or_else(|e| match e {
-        // Names vanishing mid-scan are exactly what in-flight uploads do; anything else
-        // (a special file, a tree too deep) is for the finalize step to reject at once.
-        Error::Changed(r) => {
-            busy.push(r);
-            Ok(())
+    walk::names(&site.deploy_cache(), &[marker.as_os_str()], &mut |rel| {
+        let name = rel.file_name().unwrap_or_default();
+        if busy.len() < 10
+            && inflight::looks_in_flight(name)
+            && !manifest.is_some_and(|m| m.contains(rel.as_os_str().as_bytes()))
+        {
+            busy.push(rel.display().to_string());
         }
-        other => Err(other),
+        Ok(())
     })?;
-    Ok(Scan {
-        busy,
-        to_copy,
-        files_to_copy,
-    })
+    Ok(busy)
 }
 
 fn sleep_unless_cancelled(d: Duration, cancel: &AtomicBool) -> Result<()> {

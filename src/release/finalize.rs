@@ -6,54 +6,134 @@
 //! verified when that release was made. Nothing is ever linked to `deploy-cache/` itself,
 //! so an uploader rewriting a file in place cannot alter a release.
 //!
-//! The walk runs on the calling thread; reading, hashing and writing run on a small
-//! bounded worker pool (a full queue blocks the walk: memory stays bounded).
+//! How it stays fast and small on 200,000-file trees:
+//! - The walk runs on the calling thread, in walk order ([`crate::release::ordered`]). It
+//!   reads the hash cache and the previous release's manifest alongside (both are kept in
+//!   that order), so neither is ever loaded whole, and it creates the directories.
+//! - Files go to a small worker pool in batches of one directory's files (few wake-ups),
+//!   with the directories open: links and copies are `linkat`/`openat` on descriptors, no
+//!   path is resolved twice.
+//! - Workers hand back finished manifest and cache lines; they are written in walk order as
+//!   batches complete (a bounded reorder window), straight to the files: no list of entries
+//!   is held.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
-use nix::sys::stat::{fstat, FileStat};
+use nix::fcntl::{openat, renameat, AtFlags, OFlag};
+use nix::sys::stat::{fstat, FileStat, Mode};
+use nix::unistd::linkat;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsops;
-use crate::release::hashcache::{CacheWriter, HashCache, StatKey};
-use crate::release::store::{Entry, Kind};
+use crate::fsops::{self, AtomicWriter};
+use crate::release::hashcache::{self, HashCache, StatKey};
+use crate::release::ordered::Merge;
+use crate::release::store::{self, Entry, Kind};
 use crate::release::symlinks;
 use crate::site::Site;
 use crate::upload::manifest::{to_hex, Digest, Entries};
-use crate::upload::walk::{self, Node, Open};
+use crate::upload::walk::{self, Found, Node};
 
-/// Identical files of an earlier release, by (digest, mode, size).
-pub type LinkIndex = HashMap<(Digest, u32, u64), PathBuf>;
+/// A file of the link source: what a new file must match to be hard-linked to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Linkable {
+    digest: Digest,
+    mode: u32,
+    size: u64,
+}
 
-/// Where unchanged files can be hard-linked from.
+fn parse_linkable(line: &[u8]) -> Option<(Vec<u8>, Linkable)> {
+    let e = Entry::from_line(line)?;
+    if e.kind != Kind::File {
+        return None;
+    }
+    let l = Linkable {
+        digest: e.hash?,
+        mode: e.mode,
+        size: e.size,
+    };
+    Some((e.path.into_os_string().into_encoded_bytes(), l))
+}
+
+/// Where unchanged files can be hard-linked from: an earlier release and its stored
+/// manifest.
 #[derive(Debug)]
 pub struct LinkSource {
     /// `releases/<id>` of the earlier release.
     pub dir: PathBuf,
-    /// Its files.
-    pub index: LinkIndex,
+    /// Its stored manifest.
+    manifest: PathBuf,
+    /// (digest prefix, mode) -> offset of the manifest line, built on first need: only
+    /// files that had to be read (new or moved content) look here.
+    by_digest: OnceLock<HashMap<(u64, u32), u64>>,
+    /// The manifest, open for reading lines at those offsets.
+    file: OnceLock<Option<File>>,
 }
 
 impl LinkSource {
-    /// Builds the index from a release's stored manifest.
-    pub fn new(dir: PathBuf, entries: &[Entry]) -> LinkSource {
-        let index = entries
-            .iter()
-            .filter(|e| e.kind == Kind::File)
-            .filter_map(|e| Some(((e.hash?, e.mode, e.size), e.path.clone())))
-            .collect();
-        LinkSource { dir, index }
+    /// The release at `dir`, whose stored manifest is `manifest`.
+    pub fn new(dir: PathBuf, manifest: PathBuf) -> LinkSource {
+        LinkSource {
+            dir,
+            manifest,
+            by_digest: OnceLock::new(),
+            file: OnceLock::new(),
+        }
     }
+
+    /// Its files, read alongside the walk.
+    fn merge(&self) -> Merge<Linkable> {
+        Merge::open(&self.manifest, parse_linkable)
+    }
+
+    /// A file of the release with this content and mode, wherever it is (absolute path).
+    fn find(&self, want: &Linkable) -> Option<PathBuf> {
+        let index = self.by_digest.get_or_init(|| self.index());
+        let offset = *index.get(&(digest_prefix(&want.digest), want.mode))?;
+        let f = self
+            .file
+            .get_or_init(|| File::open(&self.manifest).ok())
+            .as_ref()?;
+        // Lines are short; a long path (up to PATH_MAX, escaped) takes a second read.
+        let mut buf = vec![0u8; 1024];
+        let mut n = f.read_at(&mut buf, offset).ok()?;
+        if !buf[..n].contains(&b'\n') && n == buf.len() {
+            buf.resize(16 * 1024, 0);
+            n = f.read_at(&mut buf, offset).ok()?;
+        }
+        let line = buf[..n].split(|&b| b == b'\n').next()?;
+        let (path, found) = parse_linkable(line)?;
+        (found == *want).then(|| self.dir.join(OsStr::from_bytes(&path)))
+    }
+
+    fn index(&self) -> HashMap<(u64, u32), u64> {
+        let mut index = HashMap::new();
+        let mut m = self.merge();
+        // Every line in order: a walk that asks for nothing but the next line.
+        while let Some((l, offset)) = m.next_with_offset() {
+            index
+                .entry((digest_prefix(&l.digest), l.mode))
+                .or_insert(offset);
+        }
+        index
+    }
+}
+
+fn digest_prefix(d: &Digest) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(b)
 }
 
 /// What `build` needs.
@@ -62,8 +142,6 @@ pub struct Input<'a> {
     pub site: &'a Site,
     /// The release id being built.
     pub id: &'a str,
-    /// Digests of `deploy-cache/` files seen before.
-    pub cache: &'a HashCache,
     /// An earlier release to hard-link unchanged files from.
     pub link_from: Option<&'a LinkSource>,
     /// Set on shutdown: stop and undo.
@@ -75,32 +153,31 @@ pub struct Input<'a> {
 /// How a built release is flushed before it is renamed into place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Each copied file is fdatasynced by its worker and each directory fsynced at the
-    /// end: for small uploads, so the release does not wait for other programs' dirty
-    /// data the way `syncfs` does.
+    /// Each copied file is fsynced by its worker and each directory fsynced at the end:
+    /// for small uploads, so the release does not wait for other programs' dirty data the
+    /// way `syncfs` does.
     PerFile,
     /// Writeback of each copied file is started as soon as it is written
-    /// (`sync_file_range`), then one `syncfs` waits for what is left: for big uploads,
-    /// where one flush beats thousands of fsyncs.
+    /// (`sync_file_range`), then one `syncfs` waits for what is left: for big trees, where
+    /// one flush beats thousands of fsyncs.
     Syncfs,
 }
 
 impl Durability {
-    /// The choice for an upload that must copy `bytes` bytes in `files` files.
-    pub fn for_upload(files: usize, bytes: u64) -> Durability {
-        if files <= 2_000 && bytes <= 64 * 1024 * 1024 {
-            Durability::PerFile
-        } else {
-            Durability::Syncfs
+    /// The choice for an upload of `files` files (as its manifest lists them, if known).
+    pub fn for_upload(files: Option<usize>) -> Durability {
+        match files {
+            Some(n) if n <= 2_000 => Durability::PerFile,
+            _ => Durability::Syncfs,
         }
     }
 }
 
 /// A built (not yet renamed) release.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Output {
-    /// Its full manifest.
-    pub entries: Vec<Entry>,
+    /// Its full manifest, written but not yet in place (`commit` it after the release).
+    pub manifest: AtomicWriter,
     /// Regular files.
     pub files: u64,
     /// Bytes of regular files.
@@ -108,7 +185,16 @@ pub struct Output {
     /// Files hard-linked from the earlier release.
     pub linked: u64,
     /// The new hash cache of `deploy-cache/`, written as files were hashed.
-    pub cache: Option<CacheWriter>,
+    pub cache: Option<AtomicWriter>,
+}
+
+impl Output {
+    /// The entries written to the manifest so far (read back: for the rare comparison
+    /// with an existing release of the same id).
+    pub fn entries(&mut self) -> Result<Vec<Entry>> {
+        self.manifest.flush()?;
+        store::read_manifest_file(self.manifest.tmp_path())
+    }
 }
 
 /// What the upload claims to contain: its parsed SHA256SUMS, and the digest of the exact
@@ -126,28 +212,103 @@ pub fn release_mode(st_mode: u32) -> u32 {
     st_mode & 0o555
 }
 
-struct Job {
+/// Files per batch handed to a worker (all from one directory).
+const BATCH: usize = 64;
+/// Batches that may be finished ahead of the oldest unfinished one: bounds what waits in
+/// memory to be written in order behind one big file.
+const WINDOW: u64 = 256;
+/// Most problems listed in one rejection reason.
+const MAX_LISTED: usize = 10;
+
+/// A directory of the new release, open, with the same directory of the link source.
+struct DirCtx {
+    dst: OwnedFd,
+    prev: Option<OwnedFd>,
+}
+
+/// One file for a worker.
+struct FileJob {
     rel: PathBuf,
-    file: File,
     stat: FileStat,
     expected: Option<Digest>,
     /// The upload's manifest file itself (pinned to the bytes that were parsed).
     is_manifest: bool,
+    /// What the hash cache says it holds.
+    cached: Option<Digest>,
+    /// The link source's file at the same path.
+    same_path: Option<Linkable>,
+    /// Under a shared entry: built (it may seed `shared/`), but not part of the manifest.
+    hidden: bool,
 }
 
-struct Done {
-    entry: Entry,
-    key: StatKey,
-    linked: bool,
+enum Item {
+    /// A finished manifest line (directories, symlinks).
+    Line(Vec<u8>),
+    File(Box<FileJob>),
 }
 
-/// Most problems listed in one rejection reason.
-const MAX_LISTED: usize = 10;
+/// A run of one directory's entries, in walk order.
+struct Batch {
+    seq: u64,
+    ctx: Arc<DirCtx>,
+    /// The directory in `deploy-cache/`.
+    src: Arc<OwnedFd>,
+    items: Vec<Item>,
+}
+
+/// A worker's result for one batch.
+#[derive(Default)]
+struct BatchOut {
+    manifest: Vec<u8>,
+    cache: Vec<u8>,
+    linked: u64,
+    rejected: Vec<String>,
+}
+
+/// Writes batch results in walk order.
+struct Ordered {
+    next: u64,
+    pending: BTreeMap<u64, BatchOut>,
+    manifest: AtomicWriter,
+    cache: Option<AtomicWriter>,
+    linked: u64,
+    rejected: Vec<String>,
+}
+
+impl Ordered {
+    fn put(&mut self, seq: u64, out: BatchOut) -> Result<()> {
+        self.pending.insert(seq, out);
+        while let Some(o) = self.pending.remove(&self.next) {
+            self.next += 1;
+            self.manifest.write(&o.manifest)?;
+            if let Some(c) = self.cache.as_mut() {
+                if c.write(&o.cache).is_err() {
+                    // Advisory: a cache that cannot be written is just not kept.
+                    self.cache = None;
+                }
+            }
+            self.linked += o.linked;
+            self.rejected.extend(o.rejected);
+        }
+        Ok(())
+    }
+}
+
+/// The reorder stage, shared by the walk and the workers.
+struct Sink {
+    state: Mutex<Ordered>,
+    /// Signalled as batches are written: the walk waits on it when too far ahead.
+    progress: Condvar,
+}
+
+fn poisoned() -> Error {
+    Error::Failed("finalize results poisoned".into())
+}
 
 /// Builds `releases/.partial.<id>` from `deploy-cache/`, verifying every file against the
-/// upload's `manifest` (consumed: matched entries are dropped as the walk goes, so memory
-/// shrinks on big trees and what remains at the end is missing). On any error the partial
-/// tree is removed; `Error::Rejected` means the upload itself is at fault.
+/// upload's `manifest` (consumed: what remains at the end is missing). On any error the
+/// partial tree is removed; `Error::Rejected` means the upload itself is at fault,
+/// `Error::NoSpace` that the filesystem cannot hold the release.
 pub fn build(input: &Input<'_>, manifest: Option<Expected>) -> Result<Output> {
     let partial = input.site.partial(input.id);
     fsops::remove_tree(&partial)?;
@@ -167,6 +328,22 @@ pub fn build(input: &Input<'_>, manifest: Option<Expected>) -> Result<Output> {
 
 use std::os::unix::fs::DirBuilderExt;
 
+/// What the walk keeps for after it: small, per directory or per symlink.
+#[derive(Default)]
+struct Walked {
+    files: u64,
+    bytes: u64,
+    /// Every entry and byte uploaded, for `max_files` / `max_bytes` (directories and
+    /// symlinks cost too; entries under shared paths too).
+    seen_entries: u64,
+    seen_bytes: u64,
+    /// Bytes the walk expects to copy (not linkable as far as it can tell).
+    to_copy: u64,
+    dirs: Vec<(PathBuf, u32)>,
+    links: Vec<(PathBuf, PathBuf)>,
+    problems: Vec<String>,
+}
+
 fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> Result<Output> {
     let started = Instant::now();
     let site = input.site;
@@ -175,66 +352,120 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     let marker = OsStr::new(&cfg.marker);
     let manifest_name = Path::new(&cfg.manifest);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+    let free = fsops::free_bytes(&site.releases())?;
 
-    let (tx, rx) = sync_channel::<Job>(threads * 32);
-    let rx = Arc::new(Mutex::new(rx));
-    let abort = AtomicBool::new(false);
-
-    let mut out = Output::default();
-    let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
-    let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let mut problems: Vec<String> = Vec::new();
     let manifest_digest = manifest.as_ref().map(|m| m.manifest_digest);
     let mut manifest = manifest.map(|m| m.entries);
-    // Every entry counts toward max_files: directories and symlinks cost too.
-    let mut entries_seen: u64 = 0;
-
-    // Workers append each result here at once: no per-worker lists to merge later, which
-    // on a 200,000-file tree would hold every entry twice at the peak.
-    // Sized from the manifest up front: growing by doubling would hold the old and the
-    // new buffer at once, the biggest single cost at the peak on huge trees.
-    let expected_files = manifest.as_ref().map_or(0, std::collections::BTreeMap::len) + 1;
-    let collected = Mutex::new(Collected {
-        // Headroom for the directories and symlinks appended at the end (web trees have
-        // a directory per 10-20 files).
-        entries: Vec::with_capacity(expected_files + expected_files / 8 + 64),
-        cache: Some(CacheWriter::create(&site.hash_cache())?),
-        ..Collected::default()
+    let mut cache = HashCache::open(&site.hash_cache());
+    let mut same_path = input.link_from.map(LinkSource::merge);
+    let sink = Sink {
+        state: Mutex::new(Ordered {
+            next: 0,
+            pending: BTreeMap::new(),
+            manifest: AtomicWriter::create(&site.manifest_of(input.id), true)?,
+            cache: hashcache::create(&site.hash_cache()).ok(),
+            linked: 0,
+            rejected: Vec::new(),
+        }),
+        progress: Condvar::new(),
+    };
+    let root_ctx = Arc::new(DirCtx {
+        dst: walk::open_root(partial)?,
+        prev: input.link_from.and_then(|l| walk::open_root(&l.dir).ok()),
     });
+
+    let (tx, rx) = sync_channel::<Batch>(threads * 4);
+    let rx = Mutex::new(rx);
+    let abort = AtomicBool::new(false);
+    let mut w = Walked::default();
+
     let worker_results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                let rx = Arc::clone(&rx);
-                let abort = &abort;
-                let collected = &collected;
-                s.spawn(move || worker(input, partial, &rx, abort, collected))
-            })
+            .map(|_| s.spawn(|| worker(input, &rx, &abort, &sink)))
             .collect();
 
-        let walked = walk::walk(&source, &[marker], Open::Files, &mut |found| {
+        let mut stack: Vec<Arc<DirCtx>> = vec![root_ctx];
+        let mut batch: Option<Batch> = None;
+        let mut seq: u64 = 0;
+        let send = |b: Option<Batch>| -> Result<()> {
+            let Some(b) = b else { return Ok(()) };
+            // Not too far ahead of the oldest unwritten batch.
+            let mut st = sink.state.lock().map_err(|_| poisoned())?;
+            while b.seq >= st.next + WINDOW && !abort.load(Ordering::Relaxed) {
+                st = sink.progress.wait(st).map_err(|_| poisoned())?;
+            }
+            drop(st);
+            // A closed channel means every worker stopped on an error.
+            tx.send(b).map_err(|_| Error::Interrupted)
+        };
+
+        let walked = walk::walk(&source, &[marker], &mut |found: Found| {
             if input.cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
-            let dest = partial.join(&found.rel);
-            entries_seen += 1;
-            check_limits(cfg.max_files, cfg.max_bytes, entries_seen, out.bytes)?;
-            match found.node {
+            w.seen_entries += 1;
+            check_limits(cfg.max_files, cfg.max_bytes, w.seen_entries, w.seen_bytes)?;
+            stack.truncate(found.depth + 1);
+            let Some(ctx) = stack.last().cloned() else {
+                return Err(Error::Failed("finalize walk lost its directory".into()));
+            };
+            if batch
+                .as_ref()
+                .is_some_and(|b| !Arc::ptr_eq(&b.ctx, &ctx) || b.items.len() >= BATCH)
+            {
+                send(batch.take())?;
+            }
+            let b = batch.get_or_insert_with(|| {
+                seq += 1;
+                Batch {
+                    seq: seq - 1,
+                    ctx: Arc::clone(&ctx),
+                    src: Arc::clone(&found.dir),
+                    items: Vec::with_capacity(BATCH),
+                }
+            });
+            let name = found.name().to_os_string();
+            let hidden = cfg.shared.iter().any(|e| found.rel.starts_with(e));
+            let dest = || partial.join(&found.rel);
+            match &found.node {
                 Node::Dir => {
-                    fs::DirBuilder::new().mode(0o700).create(&dest).at(&dest)?;
-                    dirs.push((found.rel, release_mode(found.stat.st_mode)));
+                    let mode = release_mode(found.stat.st_mode);
+                    nix::sys::stat::mkdirat(
+                        &ctx.dst,
+                        name.as_os_str(),
+                        Mode::from_bits_truncate(0o700),
+                    )
+                    .map_err(std::io::Error::from)
+                    .at(&dest())?;
+                    let dst = walk::open_dir_at(&ctx.dst, &name)
+                        .map_err(std::io::Error::from)
+                        .at(&dest())?;
+                    let prev = ctx
+                        .prev
+                        .as_ref()
+                        .and_then(|p| walk::open_dir_at(p, &name).ok());
+                    if !hidden {
+                        b.items
+                            .push(Item::Line(line(Kind::Dir, mode, 0, None, &found.rel, None)));
+                    }
+                    w.dirs.push((found.rel, mode));
+                    // The directory's line goes before its children's.
+                    send(batch.take())?;
+                    stack.push(Arc::new(DirCtx { dst, prev }));
                     Ok(true)
                 }
-                Node::File(file) => {
-                    out.files += 1;
-                    out.bytes += found.stat.st_size as u64;
-                    check_limits(cfg.max_files, cfg.max_bytes, entries_seen, out.bytes)?;
+                Node::File => {
+                    let size = found.stat.st_size as u64;
+                    w.seen_bytes += size;
+                    check_limits(cfg.max_files, cfg.max_bytes, w.seen_entries, w.seen_bytes)?;
+                    let rel_bytes = found.rel.as_os_str().as_bytes();
                     let is_manifest = found.rel == manifest_name;
                     let expected = match manifest.as_mut() {
                         Some(_) if is_manifest => manifest_digest,
-                        Some(m) if found.rel != manifest_name => match m.remove(&found.rel) {
+                        Some(m) => match m.take(rel_bytes) {
                             Some(d) => Some(d),
                             None => {
-                                problems.push(format!(
+                                w.problems.push(format!(
                                     "{} is not listed in {}",
                                     found.rel.display(),
                                     cfg.manifest
@@ -242,22 +473,55 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                                 return Ok(false);
                             }
                         },
-                        _ => None,
+                        None => None,
                     };
-                    let job = Job {
+                    let cached = cache.lookup(rel_bytes, &StatKey::of(&found.stat));
+                    let same = same_path.as_mut().and_then(|m| m.find(rel_bytes).copied());
+                    let mode = release_mode(found.stat.st_mode);
+                    let linkable = cached.is_some_and(|c| {
+                        expected.is_none_or(|e| e == c)
+                            && same
+                                == Some(Linkable {
+                                    digest: c,
+                                    mode,
+                                    size,
+                                })
+                    });
+                    if !linkable {
+                        w.to_copy += size;
+                        check_space(site, w.to_copy, free)?;
+                    }
+                    if !hidden {
+                        w.files += 1;
+                        w.bytes += size;
+                    }
+                    b.items.push(Item::File(Box::new(FileJob {
                         rel: found.rel,
-                        file,
                         stat: found.stat,
                         expected,
                         is_manifest,
-                    };
-                    // A closed channel means every worker stopped on an error.
-                    tx.send(job).map_err(|_| Error::Interrupted).map(|()| false)
+                        cached,
+                        same_path: same,
+                        hidden,
+                    })));
+                    Ok(false)
                 }
                 Node::Symlink(target) => {
                     let target = PathBuf::from(target);
-                    std::os::unix::fs::symlink(&target, &dest).at(&dest)?;
-                    links.push((found.rel, target));
+                    nix::unistd::symlinkat(&target, &ctx.dst, name.as_os_str())
+                        .map_err(std::io::Error::from)
+                        .at(&dest())?;
+                    if !hidden {
+                        b.items.push(Item::Line(line(
+                            Kind::Symlink,
+                            0o777,
+                            0,
+                            None,
+                            &found.rel,
+                            Some(&target),
+                        )));
+                    }
+                    w.links.push((found.rel, target));
                     Ok(false)
                 }
                 Node::Special(kind) => Err(Error::Rejected(format!(
@@ -266,9 +530,11 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                 ))),
             }
         });
+        let walked = walked.and_then(|()| send(batch.take()));
         drop(tx);
         if walked.is_err() {
             abort.store(true, Ordering::Relaxed);
+            sink.progress.notify_all();
         }
         let mut results: Vec<Result<()>> = handles
             .into_iter()
@@ -282,23 +548,17 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         }
         results
     });
-
-    let collected = collected
-        .into_inner()
-        .map_err(|_| Error::Failed("finalize results poisoned".into()))?;
     if let Some(e) = worker_results.into_iter().find_map(Result::err) {
         return Err(e);
     }
-    problems.extend(collected.rejected);
-    out.entries = collected.entries;
-    out.cache = collected.cache;
-    out.linked = collected.linked;
-
+    let ordered = sink.state.into_inner().map_err(|_| poisoned())?;
+    let mut problems = w.problems;
+    problems.extend(ordered.rejected);
     // Whatever the walk did not consume is listed but not uploaded as a regular file.
-    for p in manifest.iter().flat_map(|m| m.keys()) {
+    for (p, _) in manifest.iter().flat_map(Entries::iter) {
         problems.push(format!(
             "{} is listed in {} but missing from the upload",
-            p.display(),
+            Path::new(OsStr::from_bytes(p)).display(),
             cfg.manifest
         ));
     }
@@ -311,25 +571,26 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         }
         return Err(Error::Rejected(reason));
     }
+    let mut out = Output {
+        manifest: ordered.manifest,
+        files: w.files,
+        bytes: w.bytes,
+        linked: ordered.linked,
+        cache: ordered.cache,
+    };
+    let mut dirs = w.dirs;
 
     link_shared(input, partial, &mut out, &mut dirs)?;
 
     // Checked against the final tree, shared links included, so no symlink can reach
     // outside through one; links inside a shared entry's uploaded path were replaced.
     let shared = &site.cfg.shared;
-    for (rel, target) in links
+    for (rel, target) in w
+        .links
         .iter()
         .filter(|(rel, _)| !shared.iter().any(|e| rel.starts_with(e)))
     {
         symlinks::check_inside(partial, rel, target, shared).map_err(Error::Rejected)?;
-        out.entries.push(Entry {
-            path: rel.clone(),
-            kind: Kind::Symlink,
-            mode: 0o777,
-            size: 0,
-            hash: None,
-            target: Some(target.clone()),
-        });
     }
 
     // Deepest first, so a parent loses its write bit only after its children are done.
@@ -337,14 +598,6 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     for (rel, mode) in &dirs {
         let p = partial.join(rel);
         fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).at(&p)?;
-        out.entries.push(Entry {
-            path: rel.clone(),
-            kind: Kind::Dir,
-            mode: *mode,
-            size: 0,
-            hash: None,
-            target: None,
-        });
     }
     let root_mode = fs::symlink_metadata(&source)
         .map(|m| release_mode(m.permissions().mode()))
@@ -371,6 +624,20 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     Ok(out)
 }
 
+/// One manifest line.
+fn line(
+    kind: Kind,
+    mode: u32,
+    size: u64,
+    hash: Option<&Digest>,
+    path: &Path,
+    target: Option<&Path>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    store::format_line(&mut out, kind, mode, size, hash, path, target);
+    out
+}
+
 fn check_limits(
     max_files: Option<u64>,
     max_bytes: Option<u64>,
@@ -390,103 +657,160 @@ fn check_limits(
     Ok(())
 }
 
-/// What the workers produce, shared.
-#[derive(Default)]
-struct Collected {
-    entries: Vec<Entry>,
-    cache: Option<CacheWriter>,
-    linked: u64,
-    rejected: Vec<String>,
+/// Refuses to go on with a release the filesystem cannot hold, with a margin for metadata
+/// and for the live site, which must not find its disk full because of a deploy. Checked
+/// as the walk finds what it must copy, before any of it is written.
+fn check_space(site: &Site, needed: u64, free: u64) -> Result<()> {
+    let want = needed + needed / 100 + 16 * 1024 * 1024;
+    if want > free {
+        return Err(Error::NoSpace(format!(
+            "the release needs about {want} bytes in {}, {free} are free",
+            site.releases().display()
+        )));
+    }
+    Ok(())
 }
 
 fn worker(
     input: &Input<'_>,
-    partial: &Path,
-    rx: &Mutex<Receiver<Job>>,
+    rx: &Mutex<Receiver<Batch>>,
     abort: &AtomicBool,
-    collected: &Mutex<Collected>,
+    sink: &Sink,
 ) -> Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
-    let poisoned = || Error::Failed("finalize results poisoned".into());
-    loop {
-        let job = {
+    let result = (|| loop {
+        let batch = {
             let guard = rx
                 .lock()
                 .map_err(|_| Error::Failed("finalize queue poisoned".into()))?;
             guard.recv()
         };
-        let Ok(mut job) = job else {
+        let Ok(batch) = batch else {
             return Ok(());
         };
-        if input.cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
-            abort.store(true, Ordering::Relaxed);
-            return Err(Error::Interrupted);
-        }
-        match process_file(input, partial, &mut job, &mut buf) {
-            Ok(d) => {
-                let mut c = collected.lock().map_err(|_| poisoned())?;
-                c.linked += u64::from(d.linked);
-                if let (Some(h), Some(w)) = (d.entry.hash, c.cache.as_mut()) {
-                    if w.add(&d.key, &h).is_err() {
-                        // Advisory: a cache that cannot be written is just not kept.
-                        c.cache = None;
-                    }
-                }
-                c.entries.push(d.entry);
+        let mut out = BatchOut::default();
+        for item in batch.items {
+            if input.cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
             }
-            Err(Error::Rejected(r)) => collected.lock().map_err(|_| poisoned())?.rejected.push(r),
-            Err(e) => {
-                abort.store(true, Ordering::Relaxed);
-                return Err(e);
+            let job = match item {
+                Item::Line(l) => {
+                    out.manifest.extend_from_slice(&l);
+                    continue;
+                }
+                Item::File(job) => job,
+            };
+            match process_file(input, &batch.ctx, &batch.src, &job, &mut buf) {
+                Ok(done) => {
+                    let rel = job.rel.as_os_str().as_bytes();
+                    if !job.hidden {
+                        store::format_line(
+                            &mut out.manifest,
+                            Kind::File,
+                            done.mode,
+                            done.size,
+                            Some(&done.digest),
+                            &job.rel,
+                            None,
+                        );
+                    }
+                    hashcache::format_line(
+                        &mut out.cache,
+                        rel,
+                        &StatKey::of(&job.stat),
+                        &done.digest,
+                    );
+                    out.linked += u64::from(done.linked);
+                }
+                Err(Error::Rejected(r)) => out.rejected.push(r),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut st = sink.state.lock().map_err(|_| poisoned())?;
+        st.put(batch.seq, out)?;
+        drop(st);
+        sink.progress.notify_all();
+    })();
+    if result.is_err() {
+        abort.store(true, Ordering::Relaxed);
+        sink.progress.notify_all();
+        // Keep taking batches (and dropping them) until the walk sees `abort`, so it never
+        // blocks on a full queue that nobody reads.
+        while let Ok(guard) = rx.lock() {
+            if guard.recv().is_err() {
+                break;
             }
         }
     }
+    result
 }
 
-fn process_file(input: &Input<'_>, partial: &Path, job: &mut Job, buf: &mut [u8]) -> Result<Done> {
-    let dest = partial.join(&job.rel);
+/// A file placed in the release.
+struct Done {
+    digest: Digest,
+    mode: u32,
+    size: u64,
+    linked: bool,
+}
+
+fn process_file(
+    input: &Input<'_>,
+    ctx: &DirCtx,
+    src: &OwnedFd,
+    job: &FileJob,
+    buf: &mut [u8],
+) -> Result<Done> {
+    let name = job.rel.file_name().unwrap_or_default();
     let mode = release_mode(job.stat.st_mode);
     let size = job.stat.st_size as u64;
-    let key = StatKey::of(&job.stat);
-    if let (Some(cached), Some(src)) = (input.cache.lookup(&key), input.link_from) {
+    let dest = || input.site.partial(input.id).join(&job.rel);
+    if let Some(cached) = job.cached {
         // A cache/manifest disagreement falls through to reading the file: the read is
         // the truth, the cache only saves work.
         if job.expected.is_none_or(|e| e == cached) {
-            if let Some(src_rel) = src.index.get(&(cached, mode, size)) {
-                if fs::hard_link(src.dir.join(src_rel), &dest).is_ok() {
-                    return Ok(Done {
-                        entry: file_entry(&job.rel, mode, size, cached),
-                        key,
-                        linked: true,
-                    });
-                }
+            let want = Linkable {
+                digest: cached,
+                mode,
+                size,
+            };
+            if link_into(input, ctx, name, &want, job.same_path, false) {
+                return Ok(Done {
+                    digest: cached,
+                    mode,
+                    size,
+                    linked: true,
+                });
             }
         }
     }
-    let mut out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&dest)
-        .at(&dest)?;
+    let mut file = walk::open_file(src, &job.rel, &job.stat)?;
+    let out = openat(
+        &ctx.dst,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(std::io::Error::from)
+    .at(&dest())?;
+    let mut out = File::from(out);
     let mut hasher = Sha256::new();
     let mut copied: u64 = 0;
     loop {
-        let n = match job.file.read(buf) {
+        let n = match file.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).at(&input.site.deploy_cache().join(&job.rel)),
         };
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).at(&dest)?;
+        out.write_all(&buf[..n]).at(&dest())?;
         copied += n as u64;
     }
     if input.durability == Durability::Syncfs {
         start_writeback(&out);
     }
-    let after = fstat(&job.file).at(&input.site.deploy_cache().join(&job.rel))?;
+    let key = StatKey::of(&job.stat);
+    let after = fstat(&file).at(&input.site.deploy_cache().join(&job.rel))?;
     if copied != size || StatKey::of(&after) != key {
         return Err(Error::Rejected(format!(
             "{} changed while it was being copied",
@@ -512,30 +836,66 @@ fn process_file(input: &Input<'_>, partial: &Path, job: &mut Job, buf: &mut [u8]
         }
     }
     out.set_permissions(fs::Permissions::from_mode(mode))
-        .at(&dest)?;
+        .at(&dest())?;
     let times = fs::FileTimes::new().set_modified(system_time(after.st_mtime, after.st_mtime_nsec));
-    out.set_times(times).at(&dest)?;
+    out.set_times(times).at(&dest())?;
     if input.durability == Durability::PerFile {
         // After chmod and utimes, so the file's metadata is durable too.
-        out.sync_all().at(&dest)?;
+        out.sync_all().at(&dest())?;
     }
     drop(out);
-    // A fresh upload (new inodes, so no cache hit) of an unchanged file: the bytes were
+    // New inodes (a fresh upload, so no cache hit) of unchanged content: the bytes were
     // read once for the hash anyway; share the earlier release's inode instead of keeping
     // a second copy. The link replaces the copy by rename, so the file never goes missing.
-    let linked = input
-        .link_from
-        .and_then(|src| {
-            src.index
-                .get(&(digest, mode, size))
-                .map(|r| src.dir.join(r))
-        })
-        .is_some_and(|src| replace_with_link(&src, &dest));
+    let want = Linkable { digest, mode, size };
+    let linked = link_into(input, ctx, name, &want, job.same_path, true);
     Ok(Done {
-        entry: file_entry(&job.rel, mode, size, digest),
-        key,
+        digest,
+        mode,
+        size,
         linked,
     })
+}
+
+/// Hard-links `name` in the new release's directory to a file of the link source with
+/// the content `want`: the one at the same path when it matches, else any. `replace`:
+/// over an existing copy (by rename, so the name never goes missing). False when there is
+/// no such file or linking fails (the caller copies, or keeps its copy).
+fn link_into(
+    input: &Input<'_>,
+    ctx: &DirCtx,
+    name: &OsStr,
+    want: &Linkable,
+    same_path: Option<Linkable>,
+    replace: bool,
+) -> bool {
+    let Some(source) = input.link_from else {
+        return false;
+    };
+    let tmp;
+    let new_name: &OsStr = if replace {
+        tmp = fsops::tmp_sibling(Path::new(name));
+        tmp.as_os_str()
+    } else {
+        name
+    };
+    let no_follow = AtFlags::empty();
+    let linked = match (same_path, ctx.prev.as_ref()) {
+        (Some(p), Some(prev)) if p == *want => {
+            linkat(prev, name, &ctx.dst, new_name, no_follow).is_ok()
+        }
+        _ => source.find(want).is_some_and(|from| {
+            linkat(nix::fcntl::AT_FDCWD, &from, &ctx.dst, new_name, no_follow).is_ok()
+        }),
+    };
+    if !linked || !replace {
+        return linked;
+    }
+    if renameat(&ctx.dst, new_name, &ctx.dst, name).is_err() {
+        let _ = nix::unistd::unlinkat(&ctx.dst, new_name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+        return false;
+    }
+    true
 }
 
 /// Starts writing `f`'s dirty pages to disk without waiting, so the final `syncfs` finds
@@ -544,21 +904,8 @@ fn start_writeback(f: &File) {
     use std::os::fd::AsRawFd;
     // SAFETY: sync_file_range on a descriptor we own; it only schedules writeback.
     unsafe {
-        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(f.as_fd().as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
-}
-
-/// Replaces `dest` with a hard link to `src`; false (and `dest` untouched) on failure.
-fn replace_with_link(src: &Path, dest: &Path) -> bool {
-    let tmp = fsops::tmp_sibling(dest);
-    if fs::hard_link(src, &tmp).is_err() {
-        return false;
-    }
-    if fs::rename(&tmp, dest).is_err() {
-        let _ = fs::remove_file(&tmp);
-        return false;
-    }
-    true
 }
 
 fn system_time(secs: i64, nsec: i64) -> std::time::SystemTime {
@@ -567,17 +914,6 @@ fn system_time(secs: i64, nsec: i64) -> std::time::SystemTime {
         base + std::time::Duration::new(secs as u64, nsec.clamp(0, 999_999_999) as u32)
     } else {
         base - std::time::Duration::from_secs(secs.unsigned_abs())
-    }
-}
-
-fn file_entry(rel: &Path, mode: u32, size: u64, hash: Digest) -> Entry {
-    Entry {
-        path: rel.to_path_buf(),
-        kind: Kind::File,
-        mode,
-        size,
-        hash: Some(hash),
-        target: None,
     }
 }
 
@@ -634,15 +970,9 @@ fn link_shared(
                 "created missing shared entry");
         }
         if uploaded.is_some() {
+            // Its files and directories were built (a file may have seeded the shared
+            // entry just above) but never entered the manifest or the counts.
             fsops::remove_tree(&in_release)?;
-            let removed: Vec<&Entry> = out
-                .entries
-                .iter()
-                .filter(|e| e.path.starts_with(entry) && e.kind == Kind::File)
-                .collect();
-            out.files -= removed.len() as u64;
-            out.bytes -= removed.iter().map(|e| e.size).sum::<u64>();
-            out.entries.retain(|e| !e.path.starts_with(entry));
             dirs.retain(|(d, _)| !d.starts_with(entry));
             tracing::info!(site = site.name(), release = input.id, path = %entry.display(),
                 "uploaded path replaced by the shared link");
@@ -655,6 +985,8 @@ fn link_shared(
             let p = partial.join(&parent);
             if fs::symlink_metadata(&p).is_err() {
                 fs::DirBuilder::new().mode(0o700).create(&p).at(&p)?;
+                out.manifest
+                    .write(&line(Kind::Dir, 0o555, 0, None, &parent, None))?;
                 dirs.push((parent.clone(), 0o555));
             }
         }
@@ -665,14 +997,8 @@ fn link_shared(
         target.push("shared");
         target.push(entry);
         std::os::unix::fs::symlink(&target, &in_release).at(&in_release)?;
-        out.entries.push(Entry {
-            path: entry.clone(),
-            kind: Kind::Symlink,
-            mode: 0o777,
-            size: 0,
-            hash: None,
-            target: Some(target),
-        });
+        out.manifest
+            .write(&line(Kind::Symlink, 0o777, 0, None, entry, Some(&target)))?;
     }
     Ok(())
 }

@@ -1,19 +1,20 @@
-//! The hash cache: what each file of `deploy-cache/` hashed to last time, keyed by its
-//! identity (device, inode) and guarded by (size, mtime, ctime). ctime cannot be set by an
+//! The hash cache: what each file of `deploy-cache/` hashed to last time, by path, guarded
+//! by its full stat key (device, inode, size, mtime, ctime). ctime cannot be set by an
 //! uploader, so an unchanged key means unchanged content and the file need not be read
-//! again, whatever its name; no paths are stored, which keeps the cache small for
-//! 200,000-file trees. The cache is advisory: a missing or corrupt file just means
-//! everything is read.
+//! again. It is written in walk order while a release is built and read the same way by
+//! the next build ([`crate::release::ordered`]), so it is never held in memory, however
+//! big the tree. The cache is advisory: a missing, torn or corrupt file just means files
+//! are read.
 
-use std::collections::HashMap;
-use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sys::stat::FileStat;
 
-use crate::error::{IoContext, Result};
-use crate::fsops;
+use crate::error::Result;
+use crate::fsops::AtomicWriter;
+use crate::release::ordered::Merge;
+use crate::release::store;
 use crate::upload::manifest::{from_hex, to_hex, Digest};
 
 /// Identity of a file's content as far as stat can tell.
@@ -46,125 +47,77 @@ impl StatKey {
     }
 }
 
-/// The loaded cache.
-#[derive(Debug, Default)]
+/// The cache of the last build, read alongside this build's walk.
 pub struct HashCache {
-    map: HashMap<(u64, u64), (StatKey, Digest)>,
+    merge: Merge<(StatKey, Digest)>,
 }
 
 impl HashCache {
-    /// Loads the cache; unreadable lines and a missing file are ignored.
-    pub fn load(path: &Path) -> HashCache {
-        let mut map = HashMap::new();
-        let Ok(data) = fs::read(path) else {
-            return HashCache { map };
-        };
-        for line in data.split(|&b| b == b'\n') {
-            if let Some((key, digest)) = parse_line(line) {
-                map.insert((key.dev, key.ino), (key, digest));
-            }
+    /// Opens the cache at `path`; a missing file or unreadable lines are just misses.
+    pub fn open(path: &Path) -> HashCache {
+        HashCache {
+            merge: Merge::open(path, parse_line),
         }
-        HashCache { map }
     }
 
-    /// The cached digest of the file with this stat key, if it is unchanged.
-    pub fn lookup(&self, key: &StatKey) -> Option<Digest> {
-        self.map
-            .get(&(key.dev, key.ino))
+    /// A cache that knows nothing.
+    pub fn empty() -> HashCache {
+        HashCache {
+            merge: Merge::empty(parse_line),
+        }
+    }
+
+    /// The cached digest of the file at `rel` with stat key `key`, if it is unchanged.
+    /// Calls must come in walk order ([`crate::release::ordered`]).
+    pub fn lookup(&mut self, rel: &[u8], key: &StatKey) -> Option<Digest> {
+        self.merge
+            .find(rel)
             .and_then(|(k, d)| (k == key).then_some(*d))
     }
-
-    /// Writes a new cache atomically from `(key, digest)` entries, streaming.
-    pub fn save<'a>(
-        path: &Path,
-        entries: impl Iterator<Item = &'a (StatKey, Digest)>,
-    ) -> Result<()> {
-        fsops::write_atomic_with(path, |w| {
-            for (k, d) in entries {
-                write_line(w, k, d)?;
-            }
-            Ok(())
-        })
-    }
 }
 
-/// A cache being written while a release is built, one line per file as it is hashed,
-/// so no list of 200,000 entries is held in memory; `commit` puts it in place, and a
-/// writer dropped without `commit` removes its file.
-#[derive(Debug)]
-pub struct CacheWriter {
-    tmp: PathBuf,
-    out: Option<std::io::BufWriter<fs::File>>,
+/// Starts a new cache that replaces `path` on `commit`. It is advisory, so it is not
+/// fsynced: a torn file after a crash only means files are read again.
+pub fn create(path: &Path) -> Result<AtomicWriter> {
+    AtomicWriter::create(path, false)
 }
 
-impl CacheWriter {
-    /// Starts a new cache beside `path`.
-    pub fn create(path: &Path) -> Result<CacheWriter> {
-        let tmp = fsops::tmp_sibling(path);
-        let f = fs::File::create(&tmp).at(&tmp)?;
-        Ok(CacheWriter {
-            tmp,
-            out: Some(std::io::BufWriter::with_capacity(64 * 1024, f)),
-        })
-    }
-
-    /// Records one file.
-    pub fn add(&mut self, key: &StatKey, digest: &Digest) -> Result<()> {
-        match self.out.as_mut() {
-            Some(w) => write_line(w, key, digest).at(&self.tmp),
-            None => Ok(()),
-        }
-    }
-
-    /// Replaces the cache at `path` with what was written (the cache is advisory: no
-    /// fsync; a torn file after a crash only means files are read again).
-    pub fn commit(mut self, path: &Path) -> Result<()> {
-        if let Some(w) = self.out.take() {
-            w.into_inner().map_err(|e| e.into_error()).at(&self.tmp)?;
-            fs::rename(&self.tmp, path).at(path)?;
-        }
-        Ok(())
-    }
+/// Appends the line recording that the file at `rel` with `key` hashed to `digest`.
+pub fn format_line(out: &mut Vec<u8>, rel: &[u8], key: &StatKey, digest: &Digest) {
+    let _ = write!(
+        out,
+        "{} {} {} {} {} {} ",
+        key.dev,
+        key.ino,
+        key.size,
+        key.mtime_ns,
+        key.ctime_ns,
+        to_hex(digest)
+    );
+    store::escape_path(rel, out);
+    out.push(b'\n');
 }
 
-impl Drop for CacheWriter {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-fn write_line(w: &mut dyn Write, k: &StatKey, d: &Digest) -> std::io::Result<()> {
-    writeln!(
-        w,
-        "{} {} {} {} {} {}",
-        k.dev,
-        k.ino,
-        k.size,
-        k.mtime_ns,
-        k.ctime_ns,
-        to_hex(d)
-    )
-}
-
-fn parse_line(line: &[u8]) -> Option<(StatKey, Digest)> {
-    let text = std::str::from_utf8(line).ok()?;
-    let mut f = text.split(' ');
+fn parse_line(line: &[u8]) -> Option<(Vec<u8>, (StatKey, Digest))> {
+    let mut f = line.splitn(7, |&b| b == b' ');
+    let mut num = || std::str::from_utf8(f.next()?).ok()?.parse::<i128>().ok();
+    let (dev, ino, size, mtime_ns, ctime_ns) = (num()?, num()?, num()?, num()?, num()?);
     let key = StatKey {
-        dev: f.next()?.parse().ok()?,
-        ino: f.next()?.parse().ok()?,
-        size: f.next()?.parse().ok()?,
-        mtime_ns: f.next()?.parse().ok()?,
-        ctime_ns: f.next()?.parse().ok()?,
+        dev: u64::try_from(dev).ok()?,
+        ino: u64::try_from(ino).ok()?,
+        size: u64::try_from(size).ok()?,
+        mtime_ns: i64::try_from(mtime_ns).ok()?,
+        ctime_ns: i64::try_from(ctime_ns).ok()?,
     };
-    let digest = from_hex(f.next()?.as_bytes())?;
-    f.next().is_none().then_some((key, digest))
+    let digest = from_hex(f.next()?)?;
+    let path = store::unescape_path(f.next()?)?;
+    Some((path, (key, digest)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn round_trip_and_corruption_tolerated() {
@@ -173,17 +126,24 @@ mod tests {
         fs::write(&f, b"x").unwrap();
         let key = StatKey::of(&nix::sys::stat::lstat(&f).unwrap());
         let cache = d.path().join("cache");
-        HashCache::save(&cache, [(key, [9u8; 32])].iter()).unwrap();
-        let mut data = fs::read(&cache).unwrap();
-        data.extend_from_slice(b"garbage line\n1 2 3\n");
-        fs::write(&cache, data).unwrap();
-        let c = HashCache::load(&cache);
-        assert_eq!(c.lookup(&key), Some([9u8; 32]));
+        let mut line = Vec::new();
+        format_line(&mut line, b"a/a b\nc", &key, &[9u8; 32]);
+        line.extend_from_slice(b"garbage line\n1 2 3\n");
+        format_line(&mut line, b"b", &key, &[8u8; 32]);
+        fs::write(&cache, &line).unwrap();
+        let mut c = HashCache::open(&cache);
+        assert_eq!(c.lookup(b"a", &key), None);
+        assert_eq!(c.lookup(b"a/a b\nc", &key), Some([9u8; 32]));
+        assert_eq!(c.lookup(b"b", &key), Some([8u8; 32]));
         // Same inode, new content: the ctime moved, so the entry no longer applies.
         std::thread::sleep(std::time::Duration::from_millis(10));
         fs::write(&f, b"y").unwrap();
         let changed = StatKey::of(&nix::sys::stat::lstat(&f).unwrap());
-        assert_eq!(c.lookup(&changed), None);
-        assert!(HashCache::load(&d.path().join("missing")).map.is_empty());
+        let mut c = HashCache::open(&cache);
+        assert_eq!(c.lookup(b"a/a b\nc", &changed), None);
+        assert_eq!(
+            HashCache::open(&d.path().join("missing")).lookup(b"b", &key),
+            None
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod finalize;
 pub mod hashcache;
+pub mod ordered;
 pub mod retention;
 pub mod store;
 pub mod symlinks;

@@ -348,8 +348,8 @@ pub struct Entry {
 }
 
 /// Escapes a path for one field of a manifest line (`\\`, `\n`, `\t`, `\r`).
-fn escape(p: &Path, out: &mut Vec<u8>) {
-    for &b in fsops::path_bytes(p) {
+pub fn escape_path(p: &[u8], out: &mut Vec<u8>) {
+    for &b in p {
         match b {
             b'\\' => out.extend_from_slice(b"\\\\"),
             b'\n' => out.extend_from_slice(b"\\n"),
@@ -360,8 +360,8 @@ fn escape(p: &Path, out: &mut Vec<u8>) {
     }
 }
 
-/// Reverses `escape`.
-fn unescape(field: &[u8]) -> Option<PathBuf> {
+/// Reverses `escape_path`.
+pub fn unescape_path(field: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(field.len());
     let mut it = field.iter();
     while let Some(&b) = it.next() {
@@ -377,25 +377,29 @@ fn unescape(field: &[u8]) -> Option<PathBuf> {
             out.push(b);
         }
     }
-    Some(fsops::path_from_bytes(out))
+    Some(out)
+}
+
+fn escape(p: &Path, out: &mut Vec<u8>) {
+    escape_path(fsops::path_bytes(p), out);
+}
+
+fn unescape(field: &[u8]) -> Option<PathBuf> {
+    unescape_path(field).map(fsops::path_from_bytes)
 }
 
 impl Entry {
     /// One line: `<f|d|l> <mode octal> <size> <hex|-> <path>[\t<target>]\n`.
     pub fn to_line(&self, out: &mut Vec<u8>) {
-        let kind = match self.kind {
-            Kind::File => 'f',
-            Kind::Dir => 'd',
-            Kind::Symlink => 'l',
-        };
-        let hash = self.hash.as_ref().map_or_else(|| "-".to_string(), to_hex);
-        let _ = write!(out, "{kind} {:04o} {} {hash} ", self.mode, self.size);
-        escape(&self.path, out);
-        if let Some(t) = &self.target {
-            out.push(b'\t');
-            escape(t, out);
-        }
-        out.push(b'\n');
+        format_line(
+            out,
+            self.kind,
+            self.mode,
+            self.size,
+            self.hash.as_ref(),
+            &self.path,
+            self.target.as_deref(),
+        );
     }
 
     /// Parses a line written by `to_line`.
@@ -429,6 +433,35 @@ impl Entry {
     }
 }
 
+/// Appends one manifest line (the format of [`Entry::to_line`]) without making an `Entry`.
+pub fn format_line(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    mode: u32,
+    size: u64,
+    hash: Option<&Digest>,
+    path: &Path,
+    target: Option<&Path>,
+) {
+    let kind = match kind {
+        Kind::File => 'f',
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+    };
+    let _ = write!(out, "{kind} {mode:04o} {size} ");
+    match hash {
+        Some(h) => out.extend_from_slice(to_hex(h).as_bytes()),
+        None => out.push(b'-'),
+    }
+    out.push(b' ');
+    escape(path, out);
+    if let Some(t) = target {
+        out.push(b'\t');
+        escape(t, out);
+    }
+    out.push(b'\n');
+}
+
 /// Writes release `id`'s full manifest atomically.
 pub fn write_release_manifest(site: &Site, id: &str, entries: &[Entry]) -> Result<()> {
     fsops::write_atomic_with(&site.manifest_of(id), |w| {
@@ -444,8 +477,12 @@ pub fn write_release_manifest(site: &Site, id: &str, entries: &[Entry]) -> Resul
 
 /// Reads release `id`'s full manifest.
 pub fn read_release_manifest(site: &Site, id: &str) -> Result<Vec<Entry>> {
-    let path = site.manifest_of(id);
-    let data = fs::read(&path).at(&path)?;
+    read_manifest_file(&site.manifest_of(id))
+}
+
+/// Reads a release manifest file.
+pub fn read_manifest_file(path: &Path) -> Result<Vec<Entry>> {
+    let data = fs::read(path).at(path)?;
     data.split(|&b| b == b'\n')
         .enumerate()
         .filter(|(_, l)| !l.is_empty())

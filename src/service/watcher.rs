@@ -33,6 +33,14 @@ pub struct Watcher {
     routes: Routes,
 }
 
+/// Names the keeper creates and removes itself while working.
+fn is_own_transient(name: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let b = name.as_bytes();
+    b.starts_with(crate::fsops::PARTIAL_PREFIX.as_bytes())
+        || b.starts_with(crate::fsops::TMP_PREFIX.as_bytes())
+}
+
 fn wakes(kind: &EventKind) -> bool {
     matches!(
         kind,
@@ -73,6 +81,11 @@ impl Watcher {
                             match &rt.name {
                                 Some(n) if n == name && !is_create => rt.wake.notify_one(),
                                 Some(_) => {}
+                                // The keeper's own transient names (a release being
+                                // built, a link being swapped) need no healing: waking
+                                // for them made every build trigger a heal, and a build
+                                // deferred for space retry itself in a loop.
+                                None if is_own_transient(name) => {}
                                 None => rt.wake.notify_one(),
                             }
                         }

@@ -1,13 +1,15 @@
 //! Symlink-safe traversal of `deploy-cache/`. Every directory is opened relative to its
-//! parent's descriptor with `O_NOFOLLOW | O_DIRECTORY`, and every file with `O_NOFOLLOW`,
-//! so an uploader who swaps a directory for a symlink between our check and our use gets
-//! an error, never a read outside the site.
+//! parent's descriptor with `O_NOFOLLOW | O_DIRECTORY`, and every file with `O_NOFOLLOW`
+//! (by [`open_file`], which also checks it is still the file that was stat'ed), so an
+//! uploader who swaps a directory for a symlink between our check and our use gets an
+//! error, never a read outside the site.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::dir::Dir;
 use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
@@ -20,8 +22,8 @@ use crate::error::{Error, IoContext, Result};
 pub enum Node {
     /// A directory (visited after its parent).
     Dir,
-    /// A regular file, opened without following symlinks, with its `fstat`.
-    File(File),
+    /// A regular file (not opened: see [`open_file`]).
+    File,
     /// A symbolic link and its target.
     Symlink(OsString),
     /// A device, fifo or socket: never part of a release.
@@ -33,19 +35,21 @@ pub enum Node {
 pub struct Found {
     /// Path relative to the walk's root.
     pub rel: PathBuf,
+    /// Nesting of its parent directory: 0 for the root's entries.
+    pub depth: usize,
+    /// Its parent directory, open.
+    pub dir: Arc<OwnedFd>,
     /// Status of the entry itself (not followed).
     pub stat: FileStat,
     /// What it is.
     pub node: Node,
 }
 
-/// Whether the walk opens regular files for the visitor (false: names and stats only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Open {
-    /// Open files (`Node::File`).
-    Files,
-    /// Do not open files (cheap scans); they are reported as `Node::Special("unopened file")`.
-    NamesOnly,
+impl Found {
+    /// The entry's name in its directory.
+    pub fn name(&self) -> &OsStr {
+        self.rel.file_name().unwrap_or_default()
+    }
 }
 
 /// Deepest directory nesting the walk descends into. The walk recurses, one stack frame
@@ -95,48 +99,51 @@ pub fn open_root(root: &Path) -> Result<OwnedFd> {
     .at(root)
 }
 
-/// Walks `root` depth-first, parents before children, calling `visit` for every entry.
-/// Top-level names in `skip_top` are not visited. `visit` returns whether to descend
-/// into a directory.
+/// Walks `root` depth-first, parents before children, names sorted byte-wise in each
+/// directory, calling `visit` for every entry: the order of [`crate::release::ordered`],
+/// where a directory's subtree comes right after it. Top-level names in `skip_top` are not
+/// visited. `visit` returns whether to descend into a directory.
 pub fn walk(
     root: &Path,
     skip_top: &[&OsStr],
-    open: Open,
     visit: &mut dyn FnMut(Found) -> Result<bool>,
 ) -> Result<()> {
-    let fd = open_root(root)?;
-    walk_dir(root, fd, PathBuf::new(), skip_top, open, visit)
+    let fd = Arc::new(open_root(root)?);
+    walk_dir(root, fd, PathBuf::new(), 0, skip_top, visit)
+}
+
+/// A directory entry's name and, when `getdents` tells it, its type.
+type Listed = (OsString, Option<nix::dir::Type>);
+
+/// Sorted names of the directory open at `fd`, without `.`, `..` and (at depth 0) `skip_top`.
+fn list(fd: &OwnedFd, here: &Path, depth: usize, skip_top: &[&OsStr]) -> Result<Vec<Listed>> {
+    let dup = fd.try_clone().at(here)?;
+    let mut dir = Dir::from_fd(dup).at(here)?;
+    let mut names = Vec::new();
+    for entry in dir.iter() {
+        let entry = entry.at(here)?;
+        let name = OsStr::from_bytes(entry.file_name().to_bytes());
+        if name == "." || name == ".." || (depth == 0 && skip_top.contains(&name)) {
+            continue;
+        }
+        names.push((name.to_os_string(), entry.file_type()));
+    }
+    // Sorted so that output, manifests and errors are deterministic.
+    names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(names)
 }
 
 fn walk_dir(
     root: &Path,
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     rel: PathBuf,
+    depth: usize,
     skip_top: &[&OsStr],
-    open: Open,
     visit: &mut dyn FnMut(Found) -> Result<bool>,
 ) -> Result<()> {
-    let here = root.join(&rel);
-    let dup = fd.try_clone().at(&here)?;
-    let mut dir = Dir::from_fd(dup).at(&here)?;
-    let mut names: Vec<OsString> = Vec::new();
-    for entry in dir.iter() {
-        let entry = entry.at(&here)?;
-        let name = OsStr::from_bytes(entry.file_name().to_bytes());
-        if name == "." || name == ".." {
-            continue;
-        }
-        if rel.as_os_str().is_empty() && skip_top.contains(&name) {
-            continue;
-        }
-        names.push(name.to_os_string());
-    }
-    // Sorted so that output, manifests and errors are deterministic.
-    names.sort();
-    for name in names {
+    for (name, _) in list(&fd, &root.join(&rel), depth, skip_top)? {
         let child_rel = rel.join(&name);
-        let child_path = root.join(&child_rel);
-        let stat = match fstatat(&fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let stat = match fstatat(fd.as_ref(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(s) => s,
             // Vanished between readdir and stat: the uploader is still working.
             Err(nix::errno::Errno::ENOENT) => {
@@ -145,74 +152,112 @@ fn walk_dir(
                     child_rel.display()
                 )))
             }
-            Err(e) => return Err(e).at(&child_path),
+            Err(e) => return Err(e).at(&root.join(&child_rel)),
         };
         let mode = stat.st_mode;
-        if is_dir(mode) {
-            let found = Found {
-                rel: child_rel.clone(),
-                stat,
-                node: Node::Dir,
-            };
-            if visit(found)? {
-                if child_rel.components().count() > MAX_DEPTH {
-                    let top: PathBuf = child_rel.iter().take(3).collect();
-                    return Err(Error::Rejected(format!(
-                        "{}/... nests directories more than {MAX_DEPTH} levels deep",
-                        top.display()
-                    )));
-                }
-                let sub = openat(
-                    &fd,
-                    name.as_os_str(),
-                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| swapped(e, &child_rel))?;
-                walk_dir(root, sub, child_rel, skip_top, open, visit)?;
-            }
+        let node = if is_dir(mode) {
+            Node::Dir
         } else if is_file(mode) {
-            let node = if open == Open::Files {
-                let f = openat(
-                    &fd,
-                    name.as_os_str(),
-                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| swapped(e, &child_rel))?;
-                // The name may have been swapped for something else after fstatat.
-                let st2 = fstat(&f).at(&child_path)?;
-                if !is_file(st2.st_mode) {
-                    return Err(Error::Changed(format!(
-                        "{} changed type while the upload was being read",
-                        child_rel.display()
-                    )));
-                }
-                Node::File(File::from(f))
-            } else {
-                Node::Special("unopened file")
-            };
-            visit(Found {
-                rel: child_rel,
-                stat,
-                node,
-            })?;
+            Node::File
         } else if is_symlink(mode) {
-            let target = readlinkat(&fd, name.as_os_str()).at(&child_path)?;
-            visit(Found {
-                rel: child_rel,
-                stat,
-                node: Node::Symlink(target),
-            })?;
+            let target = readlinkat(fd.as_ref(), name.as_os_str()).at(&root.join(&child_rel))?;
+            Node::Symlink(target)
         } else {
-            visit(Found {
-                rel: child_rel,
-                stat,
-                node: Node::Special(kind_name(mode)),
-            })?;
+            Node::Special(kind_name(mode))
+        };
+        let sub_rel = matches!(node, Node::Dir).then(|| child_rel.clone());
+        let found = Found {
+            rel: child_rel,
+            depth,
+            dir: Arc::clone(&fd),
+            stat,
+            node,
+        };
+        if !visit(found)? {
+            continue;
+        }
+        if let Some(sub_rel) = sub_rel {
+            if depth >= MAX_DEPTH {
+                let top: PathBuf = sub_rel.iter().take(3).collect();
+                return Err(Error::Rejected(format!(
+                    "{}/... nests directories more than {MAX_DEPTH} levels deep",
+                    top.display()
+                )));
+            }
+            let sub = open_dir_at(&fd, name.as_os_str()).map_err(|e| swapped(e, &sub_rel))?;
+            walk_dir(root, Arc::new(sub), sub_rel, depth + 1, skip_top, visit)?;
         }
     }
-    let _ = fd.as_fd();
+    Ok(())
+}
+
+/// Opens the directory `name` under `dir` without following a symlink there.
+pub fn open_dir_at(dir: &OwnedFd, name: &OsStr) -> nix::Result<OwnedFd> {
+    openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Opens a regular file the walk found (`rel`, in the open directory `dir`) for reading,
+/// without following a symlink, and checks it is still the very file that was stat'ed:
+/// the name may have been swapped since.
+pub fn open_file(dir: &OwnedFd, rel: &Path, stat: &FileStat) -> Result<File> {
+    let name = rel.file_name().unwrap_or_default();
+    let f = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| swapped(e, rel))?;
+    let now = fstat(&f).at(rel)?;
+    if !is_file(now.st_mode) || now.st_ino != stat.st_ino || now.st_dev != stat.st_dev {
+        return Err(Error::Changed(format!(
+            "{} changed type while the upload was being read",
+            rel.display()
+        )));
+    }
+    Ok(File::from(f))
+}
+
+/// Every path of `root`'s tree (depth-first, sorted) from the directory listings alone,
+/// without a stat per file, so a pre-check of a 200,000-file tree stays cheap.
+/// Directories are descended into without following symlinks; names that vanish or
+/// change type meanwhile are skipped (the walk proper will see them).
+pub fn names(
+    root: &Path,
+    skip_top: &[&OsStr],
+    visit: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<()> {
+    let fd = open_root(root)?;
+    names_dir(root, &fd, PathBuf::new(), 0, skip_top, visit)
+}
+
+fn names_dir(
+    root: &Path,
+    fd: &OwnedFd,
+    rel: PathBuf,
+    depth: usize,
+    skip_top: &[&OsStr],
+    visit: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<()> {
+    for (name, kind) in list(fd, &root.join(&rel), depth, skip_top)? {
+        let child_rel = rel.join(&name);
+        visit(&child_rel)?;
+        let is_a_dir = match kind {
+            Some(t) => t == nix::dir::Type::Directory,
+            None => fstatat(fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .is_ok_and(|s| is_dir(s.st_mode)),
+        };
+        if is_a_dir && depth < MAX_DEPTH {
+            if let Ok(sub) = open_dir_at(fd, name.as_os_str()) {
+                names_dir(root, &sub, child_rel, depth + 1, skip_top, visit)?;
+            }
+        }
+    }
     Ok(())
 }
 
