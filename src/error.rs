@@ -39,6 +39,10 @@ pub enum Error {
     /// was swapped): the uploader is still at work. Waited for, then a rejection.
     #[error("upload changed while it was being read: {0}")]
     Changed(String),
+    /// Files of the upload still look in flight (an uploader's temporary names): the
+    /// build stopped at once, to wait for the upload to finish.
+    #[error("files still in flight: {0}")]
+    InFlight(String),
     /// An operation failed or found a problem (hook, health check, drift, refusal).
     #[error("{0}")]
     Failed(String),

@@ -224,9 +224,8 @@ fn process_claim(
     if !site.cfg.settle_time.is_zero() {
         sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
     }
-    let manifest = read_manifest(site)?;
+    let mut manifest = read_manifest(site)?;
     let link_from = link_source(site, journal);
-    wait_for_uploads(site, manifest.as_ref().map(|m| &m.entries), cancel)?;
 
     let existing = journal.state().get(id).cloned();
     let on_disk = std::fs::symlink_metadata(site.release(id)).is_ok();
@@ -241,17 +240,38 @@ fn process_claim(
         }
     }
 
-    let durability = finalize::Durability::for_upload(manifest.as_ref().map(|m| m.entries.len()));
-    let mut built = finalize::build(
-        &finalize::Input {
+    // The build stops at the first file that still looks in flight; then the upload is
+    // waited for (by cheap listings, up to upload_timeout) and the build starts over.
+    let deadline = Instant::now() + site.cfg.upload_timeout;
+    let mut built = loop {
+        let files = manifest.as_ref().map(|m| m.entries.len());
+        let input = finalize::Input {
             site,
             id,
             link_from: link_from.as_ref(),
             cancel,
-            durability,
-        },
-        manifest,
-    )?;
+            durability: finalize::Durability::for_upload(files),
+        };
+        match finalize::build(&input, manifest) {
+            Err(Error::InFlight(name)) => {
+                if Instant::now() >= deadline {
+                    return Err(Error::Rejected(format!(
+                        "files still in flight after upload_timeout = {}: {name}",
+                        clock::format_duration(site.cfg.upload_timeout)
+                    )));
+                }
+                manifest = read_manifest(site)?;
+                wait_for_uploads(
+                    site,
+                    manifest.as_ref().map(|m| &m.entries),
+                    deadline,
+                    cancel,
+                )?;
+                manifest = read_manifest(site)?;
+            }
+            other => break other?,
+        }
+    };
 
     if existing.is_some() && on_disk {
         let stored = store::read_release_manifest(site, id)?;
@@ -398,8 +418,12 @@ fn read_manifest(site: &Site) -> Result<Option<Expected>> {
 
 /// Waits while files of the upload still look in flight (temporary names of rsync, WinSCP
 /// and the like, not listed in the manifest), up to `upload_timeout`.
-fn wait_for_uploads(site: &Site, manifest: Option<&Entries>, cancel: &AtomicBool) -> Result<()> {
-    let deadline = Instant::now() + site.cfg.upload_timeout;
+fn wait_for_uploads(
+    site: &Site,
+    manifest: Option<&Entries>,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<()> {
     let mut logged = false;
     loop {
         let busy = in_flight(site, manifest)?;

@@ -1245,8 +1245,9 @@ fn uploads_over_the_limits_are_rejected() {
     );
     assert!(
         t0.elapsed() < Duration::from_secs(10),
-        "the sparse file took {:?}: was it read?",
-        t0.elapsed()
+        "the sparse file took {:?}: was it read?\n{}",
+        t0.elapsed(),
+        c.svc.log_text()
     );
     c.reject(
         "file in flight forever",

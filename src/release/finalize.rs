@@ -25,7 +25,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
@@ -42,6 +42,7 @@ use crate::release::ordered::Merge;
 use crate::release::store::{self, Entry, Kind};
 use crate::release::symlinks;
 use crate::site::Site;
+use crate::upload::inflight;
 use crate::upload::manifest::{to_hex, Digest, Entries};
 use crate::upload::walk::{self, Found, Node};
 
@@ -229,12 +230,13 @@ struct DirCtx {
 /// One file for a worker.
 struct FileJob {
     rel: PathBuf,
-    stat: FileStat,
+    /// Its status if the walk had to take it; else the worker does.
+    stat: Option<FileStat>,
     expected: Option<Digest>,
     /// The upload's manifest file itself (pinned to the bytes that were parsed).
     is_manifest: bool,
-    /// What the hash cache says it holds.
-    cached: Option<Digest>,
+    /// What the hash cache says it held, with the stat key it had then.
+    cached: Option<(StatKey, Digest)>,
     /// The link source's file at the same path.
     same_path: Option<Linkable>,
     /// Under a shared entry: built (it may seed `shared/`), but not part of the manifest.
@@ -261,6 +263,8 @@ struct Batch {
 struct BatchOut {
     manifest: Vec<u8>,
     cache: Vec<u8>,
+    files: u64,
+    bytes: u64,
     linked: u64,
     rejected: Vec<String>,
 }
@@ -271,6 +275,8 @@ struct Ordered {
     pending: BTreeMap<u64, BatchOut>,
     manifest: AtomicWriter,
     cache: Option<AtomicWriter>,
+    files: u64,
+    bytes: u64,
     linked: u64,
     rejected: Vec<String>,
 }
@@ -287,6 +293,8 @@ impl Ordered {
                     self.cache = None;
                 }
             }
+            self.files += o.files;
+            self.bytes += o.bytes;
             self.linked += o.linked;
             self.rejected.extend(o.rejected);
         }
@@ -299,6 +307,15 @@ struct Sink {
     state: Mutex<Ordered>,
     /// Signalled as batches are written: the walk waits on it when too far ahead.
     progress: Condvar,
+}
+
+/// Tells every thread of the build to stop. Under the sink's lock, so a walk about to
+/// wait for progress cannot miss the wake-up.
+fn stop_all(abort: &AtomicBool, sink: &Sink) {
+    let guard = sink.state.lock();
+    abort.store(true, Ordering::Relaxed);
+    drop(guard);
+    sink.progress.notify_all();
 }
 
 fn poisoned() -> Error {
@@ -331,17 +348,22 @@ use std::os::unix::fs::DirBuilderExt;
 /// What the walk keeps for after it: small, per directory or per symlink.
 #[derive(Default)]
 struct Walked {
-    files: u64,
-    bytes: u64,
-    /// Every entry and byte uploaded, for `max_files` / `max_bytes` (directories and
-    /// symlinks cost too; entries under shared paths too).
+    /// Every entry uploaded, for `max_files` (directories and symlinks cost too; entries
+    /// under shared paths too).
     seen_entries: u64,
-    seen_bytes: u64,
-    /// Bytes the walk expects to copy (not linkable as far as it can tell).
-    to_copy: u64,
     dirs: Vec<(PathBuf, u32)>,
     links: Vec<(PathBuf, PathBuf)>,
     problems: Vec<String>,
+}
+
+/// Running totals the workers check as they go, before writing anything for a file.
+struct Budget {
+    /// Free bytes in `releases/` when the build started.
+    free: u64,
+    /// Bytes uploaded so far, for `max_bytes`.
+    seen_bytes: AtomicU64,
+    /// Bytes copied (or about to be): what the release takes on disk.
+    to_copy: AtomicU64,
 }
 
 fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> Result<Output> {
@@ -352,7 +374,11 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     let marker = OsStr::new(&cfg.marker);
     let manifest_name = Path::new(&cfg.manifest);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-    let free = fsops::free_bytes(&site.releases())?;
+    let budget = Budget {
+        free: fsops::free_bytes(&site.releases())?,
+        seen_bytes: AtomicU64::new(0),
+        to_copy: AtomicU64::new(0),
+    };
 
     let manifest_digest = manifest.as_ref().map(|m| m.manifest_digest);
     let mut manifest = manifest.map(|m| m.entries);
@@ -364,6 +390,8 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             pending: BTreeMap::new(),
             manifest: AtomicWriter::create(&site.manifest_of(input.id), true)?,
             cache: hashcache::create(&site.hash_cache()).ok(),
+            files: 0,
+            bytes: 0,
             linked: 0,
             rejected: Vec::new(),
         }),
@@ -381,7 +409,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
 
     let worker_results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| s.spawn(|| worker(input, &rx, &abort, &sink)))
+            .map(|_| s.spawn(|| worker(input, &rx, &abort, &sink, &budget)))
             .collect();
 
         let mut stack: Vec<Arc<DirCtx>> = vec![root_ctx];
@@ -404,7 +432,13 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                 return Err(Error::Interrupted);
             }
             w.seen_entries += 1;
-            check_limits(cfg.max_files, cfg.max_bytes, w.seen_entries, w.seen_bytes)?;
+            check_limits(cfg.max_files, None, w.seen_entries, 0)?;
+            let rel_bytes = found.rel.as_os_str().as_bytes();
+            if inflight::looks_in_flight(found.name())
+                && !manifest.as_ref().is_some_and(|m| m.contains(rel_bytes))
+            {
+                return Err(Error::InFlight(found.rel.display().to_string()));
+            }
             stack.truncate(found.depth + 1);
             let Some(ctx) = stack.last().cloned() else {
                 return Err(Error::Failed("finalize walk lost its directory".into()));
@@ -429,7 +463,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             let dest = || partial.join(&found.rel);
             match &found.node {
                 Node::Dir => {
-                    let mode = release_mode(found.stat.st_mode);
+                    let mode = found.stat.map_or(0o555, |st| release_mode(st.st_mode));
                     nix::sys::stat::mkdirat(
                         &ctx.dst,
                         name.as_os_str(),
@@ -455,10 +489,6 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                     Ok(true)
                 }
                 Node::File => {
-                    let size = found.stat.st_size as u64;
-                    w.seen_bytes += size;
-                    check_limits(cfg.max_files, cfg.max_bytes, w.seen_entries, w.seen_bytes)?;
-                    let rel_bytes = found.rel.as_os_str().as_bytes();
                     let is_manifest = found.rel == manifest_name;
                     let expected = match manifest.as_mut() {
                         Some(_) if is_manifest => manifest_digest,
@@ -475,26 +505,8 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                         },
                         None => None,
                     };
-                    let cached = cache.lookup(rel_bytes, &StatKey::of(&found.stat));
+                    let cached = cache.entry(rel_bytes);
                     let same = same_path.as_mut().and_then(|m| m.find(rel_bytes).copied());
-                    let mode = release_mode(found.stat.st_mode);
-                    let linkable = cached.is_some_and(|c| {
-                        expected.is_none_or(|e| e == c)
-                            && same
-                                == Some(Linkable {
-                                    digest: c,
-                                    mode,
-                                    size,
-                                })
-                    });
-                    if !linkable {
-                        w.to_copy += size;
-                        check_space(site, w.to_copy, free)?;
-                    }
-                    if !hidden {
-                        w.files += 1;
-                        w.bytes += size;
-                    }
                     b.items.push(Item::File(Box::new(FileJob {
                         rel: found.rel,
                         stat: found.stat,
@@ -533,8 +545,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         let walked = walked.and_then(|()| send(batch.take()));
         drop(tx);
         if walked.is_err() {
-            abort.store(true, Ordering::Relaxed);
-            sink.progress.notify_all();
+            stop_all(&abort, &sink);
         }
         let mut results: Vec<Result<()>> = handles
             .into_iter()
@@ -548,7 +559,13 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         }
         results
     });
-    if let Some(e) = worker_results.into_iter().find_map(Result::err) {
+    // The first real error: an `Interrupted` may only be the echo of another thread's
+    // error (everyone stops once one fails), and must not hide it.
+    let mut errors: Vec<Error> = worker_results.into_iter().filter_map(Result::err).collect();
+    if let Some(i) = errors.iter().position(|e| !matches!(e, Error::Interrupted)) {
+        return Err(errors.swap_remove(i));
+    }
+    if let Some(e) = errors.pop() {
         return Err(e);
     }
     let ordered = sink.state.into_inner().map_err(|_| poisoned())?;
@@ -573,8 +590,8 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     }
     let mut out = Output {
         manifest: ordered.manifest,
-        files: w.files,
-        bytes: w.bytes,
+        files: ordered.files,
+        bytes: ordered.bytes,
         linked: ordered.linked,
         cache: ordered.cache,
     };
@@ -676,6 +693,7 @@ fn worker(
     rx: &Mutex<Receiver<Batch>>,
     abort: &AtomicBool,
     sink: &Sink,
+    budget: &Budget,
 ) -> Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
     let result = (|| loop {
@@ -685,11 +703,12 @@ fn worker(
                 .map_err(|_| Error::Failed("finalize queue poisoned".into()))?;
             guard.recv()
         };
-        let Ok(batch) = batch else {
+        let Ok(mut batch) = batch else {
             return Ok(());
         };
         let mut out = BatchOut::default();
-        for item in batch.items {
+        let items = std::mem::take(&mut batch.items);
+        for item in items {
             if input.cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
@@ -700,26 +719,27 @@ fn worker(
                 }
                 Item::File(job) => job,
             };
-            match process_file(input, &batch.ctx, &batch.src, &job, &mut buf) {
+            let stat = file_stat(&batch.src, &job)?;
+            let size = stat.st_size as u64;
+            let seen = budget.seen_bytes.fetch_add(size, Ordering::Relaxed) + size;
+            check_limits(None, input.site.cfg.max_bytes, 0, seen)?;
+            match process_file(input, &batch, &job, &stat, budget, &mut buf) {
                 Ok(done) => {
-                    let rel = job.rel.as_os_str().as_bytes();
                     if !job.hidden {
                         store::format_line(
                             &mut out.manifest,
                             Kind::File,
                             done.mode,
-                            done.size,
+                            size,
                             Some(&done.digest),
                             &job.rel,
                             None,
                         );
+                        out.files += 1;
+                        out.bytes += size;
                     }
-                    hashcache::format_line(
-                        &mut out.cache,
-                        rel,
-                        &StatKey::of(&job.stat),
-                        &done.digest,
-                    );
+                    let rel = job.rel.as_os_str().as_bytes();
+                    hashcache::format_line(&mut out.cache, rel, &StatKey::of(&stat), &done.digest);
                     out.linked += u64::from(done.linked);
                 }
                 Err(Error::Rejected(r)) => out.rejected.push(r),
@@ -732,8 +752,7 @@ fn worker(
         sink.progress.notify_all();
     })();
     if result.is_err() {
-        abort.store(true, Ordering::Relaxed);
-        sink.progress.notify_all();
+        stop_all(abort, sink);
         // Keep taking batches (and dropping them) until the walk sees `abort`, so it never
         // blocks on a full queue that nobody reads.
         while let Ok(guard) = rx.lock() {
@@ -745,26 +764,54 @@ fn worker(
     result
 }
 
+/// The status of a file the walk found, taken now if the walk did not, and checked to
+/// still be a regular file.
+fn file_stat(src: &OwnedFd, job: &FileJob) -> Result<FileStat> {
+    let stat = match job.stat {
+        Some(s) => s,
+        None => walk::stat_at(src, &job.rel).map_err(|e| in_flight_or(e, &job.rel))?,
+    };
+    if !walk::is_file(stat.st_mode) {
+        return Err(Error::Changed(format!(
+            "{} changed type while the upload was being read",
+            job.rel.display()
+        )));
+    }
+    Ok(stat)
+}
+
+/// A name that vanished is an upload still at work when it looks like a temporary name.
+fn in_flight_or(e: Error, rel: &Path) -> Error {
+    match e {
+        Error::Changed(_) if inflight::looks_in_flight(rel.file_name().unwrap_or_default()) => {
+            Error::InFlight(rel.display().to_string())
+        }
+        e => e,
+    }
+}
+
 /// A file placed in the release.
 struct Done {
     digest: Digest,
     mode: u32,
-    size: u64,
     linked: bool,
 }
 
 fn process_file(
     input: &Input<'_>,
-    ctx: &DirCtx,
-    src: &OwnedFd,
+    batch: &Batch,
     job: &FileJob,
+    stat: &FileStat,
+    budget: &Budget,
     buf: &mut [u8],
 ) -> Result<Done> {
+    let ctx = &batch.ctx;
     let name = job.rel.file_name().unwrap_or_default();
-    let mode = release_mode(job.stat.st_mode);
-    let size = job.stat.st_size as u64;
+    let mode = release_mode(stat.st_mode);
+    let size = stat.st_size as u64;
+    let key = StatKey::of(stat);
     let dest = || input.site.partial(input.id).join(&job.rel);
-    if let Some(cached) = job.cached {
+    if let Some((_, cached)) = job.cached.filter(|(k, _)| *k == key) {
         // A cache/manifest disagreement falls through to reading the file: the read is
         // the truth, the cache only saves work.
         if job.expected.is_none_or(|e| e == cached) {
@@ -777,13 +824,15 @@ fn process_file(
                 return Ok(Done {
                     digest: cached,
                     mode,
-                    size,
                     linked: true,
                 });
             }
         }
     }
-    let mut file = walk::open_file(src, &job.rel, &job.stat)?;
+    // Checked before a byte is written: the live site must not find its disk full.
+    let needed = budget.to_copy.fetch_add(size, Ordering::Relaxed) + size;
+    check_space(input.site, needed, budget.free)?;
+    let mut file = walk::open_file(&batch.src, &job.rel, stat)?;
     let out = openat(
         &ctx.dst,
         name,
@@ -809,7 +858,6 @@ fn process_file(
     if input.durability == Durability::Syncfs {
         start_writeback(&out);
     }
-    let key = StatKey::of(&job.stat);
     let after = fstat(&file).at(&input.site.deploy_cache().join(&job.rel))?;
     if copied != size || StatKey::of(&after) != key {
         return Err(Error::Rejected(format!(
@@ -852,7 +900,6 @@ fn process_file(
     Ok(Done {
         digest,
         mode,
-        size,
         linked,
     })
 }

@@ -67,6 +67,12 @@ impl HashCache {
         }
     }
 
+    /// What the cache recorded for the file at `rel`: its stat key then, and its digest.
+    /// Calls must come in walk order ([`crate::release::ordered`]).
+    pub fn entry(&mut self, rel: &[u8]) -> Option<(StatKey, Digest)> {
+        self.merge.find(rel).copied()
+    }
+
     /// The cached digest of the file at `rel` with stat key `key`, if it is unchanged.
     /// Calls must come in walk order ([`crate::release::ordered`]).
     pub fn lookup(&mut self, rel: &[u8], key: &StatKey) -> Option<Digest> {

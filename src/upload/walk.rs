@@ -39,8 +39,10 @@ pub struct Found {
     pub depth: usize,
     /// Its parent directory, open.
     pub dir: Arc<OwnedFd>,
-    /// Status of the entry itself (not followed).
-    pub stat: FileStat,
+    /// Status of the entry itself (not followed); `None` for a regular file known as one
+    /// from the directory listing: the consumer stats it (`fstatat` on `dir`), so the
+    /// walk itself need not.
+    pub stat: Option<FileStat>,
     /// What it is.
     pub node: Node,
 }
@@ -141,19 +143,19 @@ fn walk_dir(
     skip_top: &[&OsStr],
     visit: &mut dyn FnMut(Found) -> Result<bool>,
 ) -> Result<()> {
-    for (name, _) in list(&fd, &root.join(&rel), depth, skip_top)? {
+    for (name, kind) in list(&fd, &root.join(&rel), depth, skip_top)? {
         let child_rel = rel.join(&name);
-        let stat = match fstatat(fd.as_ref(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(s) => s,
-            // Vanished between readdir and stat: the uploader is still working.
-            Err(nix::errno::Errno::ENOENT) => {
-                return Err(Error::Changed(format!(
-                    "{} disappeared while the upload was being read",
-                    child_rel.display()
-                )))
-            }
-            Err(e) => return Err(e).at(&root.join(&child_rel)),
-        };
+        if kind == Some(nix::dir::Type::File) {
+            visit(Found {
+                rel: child_rel,
+                depth,
+                dir: Arc::clone(&fd),
+                stat: None,
+                node: Node::File,
+            })?;
+            continue;
+        }
+        let stat = stat_at(&fd, &child_rel)?;
         let mode = stat.st_mode;
         let node = if is_dir(mode) {
             Node::Dir
@@ -170,7 +172,7 @@ fn walk_dir(
             rel: child_rel,
             depth,
             dir: Arc::clone(&fd),
-            stat,
+            stat: Some(stat),
             node,
         };
         if !visit(found)? {
@@ -189,6 +191,20 @@ fn walk_dir(
         }
     }
     Ok(())
+}
+
+/// Status of the entry `rel` of the open directory `dir`, not followed.
+pub fn stat_at(dir: &OwnedFd, rel: &Path) -> Result<FileStat> {
+    let name = rel.file_name().unwrap_or_default();
+    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(s) => Ok(s),
+        // Vanished between readdir and stat: the uploader is still working.
+        Err(nix::errno::Errno::ENOENT) => Err(Error::Changed(format!(
+            "{} disappeared while the upload was being read",
+            rel.display()
+        ))),
+        Err(e) => Err(e).at(rel),
+    }
 }
 
 /// Opens the directory `name` under `dir` without following a symlink there.
