@@ -229,7 +229,8 @@ struct DirCtx {
 
 /// One file for a worker.
 struct FileJob {
-    rel: PathBuf,
+    /// Its path: a range of the batch's `paths`.
+    rel: std::ops::Range<usize>,
     /// Its status if the walk had to take it; else the worker does.
     stat: Option<FileStat>,
     expected: Option<Digest>,
@@ -243,10 +244,13 @@ struct FileJob {
     hidden: bool,
 }
 
+// Items live in their batch's Vec, inline: one allocation per batch, not per file (the
+// walk allocates and a worker frees; per file, that contended glibc's arena lock).
+#[allow(clippy::large_enum_variant)]
 enum Item {
-    /// A finished manifest line (directories, symlinks).
-    Line(Vec<u8>),
-    File(Box<FileJob>),
+    /// A finished manifest line (directories, symlinks): a range of the batch's `lines`.
+    Line(std::ops::Range<usize>),
+    File(FileJob),
 }
 
 /// A run of one directory's entries, in walk order.
@@ -256,6 +260,22 @@ struct Batch {
     /// The directory in `deploy-cache/`.
     src: Arc<OwnedFd>,
     items: Vec<Item>,
+    /// The paths of the files, back to back.
+    paths: Vec<u8>,
+    /// The ready lines, back to back.
+    lines: Vec<u8>,
+}
+
+impl Batch {
+    fn path(&self, r: &std::ops::Range<usize>) -> &Path {
+        Path::new(OsStr::from_bytes(&self.paths[r.clone()]))
+    }
+
+    fn push_line(&mut self, kind: Kind, mode: u32, path: &Path, target: Option<&Path>) {
+        let start = self.lines.len();
+        store::format_line(&mut self.lines, kind, mode, 0, None, path, target);
+        self.items.push(Item::Line(start..self.lines.len()));
+    }
 }
 
 /// A worker's result for one batch.
@@ -462,6 +482,8 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                     ctx: Arc::clone(&ctx),
                     src: Arc::clone(&found.dir),
                     items: Vec::with_capacity(BATCH),
+                    paths: Vec::with_capacity(BATCH * 64),
+                    lines: Vec::new(),
                 }
             });
             let name = found.name().to_os_string();
@@ -485,8 +507,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                         .as_ref()
                         .and_then(|p| walk::open_dir_at(p, &name).ok());
                     if !hidden {
-                        b.items
-                            .push(Item::Line(line(Kind::Dir, mode, 0, None, &found.rel, None)));
+                        b.push_line(Kind::Dir, mode, &found.rel, None);
                     }
                     w.dirs.push((found.rel, mode));
                     // The directory's line goes before its children's.
@@ -513,15 +534,17 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                     };
                     let cached = cache.entry(rel_bytes);
                     let same = same_path.as_mut().and_then(|m| m.find(rel_bytes).copied());
-                    b.items.push(Item::File(Box::new(FileJob {
-                        rel: found.rel,
+                    let start = b.paths.len();
+                    b.paths.extend_from_slice(rel_bytes);
+                    b.items.push(Item::File(FileJob {
+                        rel: start..b.paths.len(),
                         stat: found.stat,
                         expected,
                         is_manifest,
                         cached,
                         same_path: same,
                         hidden,
-                    })));
+                    }));
                     Ok(false)
                 }
                 Node::Symlink(target) => {
@@ -530,14 +553,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                         .map_err(std::io::Error::from)
                         .at(&dest())?;
                     if !hidden {
-                        b.items.push(Item::Line(line(
-                            Kind::Symlink,
-                            0o777,
-                            0,
-                            None,
-                            &found.rel,
-                            Some(&target),
-                        )));
+                        b.push_line(Kind::Symlink, 0o777, &found.rel, Some(&target));
                     }
                     w.links.push((found.rel, target));
                     Ok(false)
@@ -714,22 +730,23 @@ fn worker(
         };
         let mut out = BatchOut::default();
         let items = std::mem::take(&mut batch.items);
-        for item in items {
+        for item in &items {
             if input.cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
             let job = match item {
-                Item::Line(l) => {
-                    out.manifest.extend_from_slice(&l);
+                Item::Line(r) => {
+                    out.manifest.extend_from_slice(&batch.lines[r.clone()]);
                     continue;
                 }
                 Item::File(job) => job,
             };
-            let stat = file_stat(&batch.src, &job)?;
+            let rel = batch.path(&job.rel);
+            let stat = file_stat(&batch.src, rel, job.stat)?;
             let size = stat.st_size as u64;
             let seen = budget.seen_bytes.fetch_add(size, Ordering::Relaxed) + size;
             check_limits(None, input.site.cfg.max_bytes, 0, seen)?;
-            match process_file(input, &batch, &job, &stat, budget, &mut buf) {
+            match process_file(input, &batch, rel, job, &stat, budget, &mut buf) {
                 Ok(done) => {
                     if !job.hidden {
                         store::format_line(
@@ -738,14 +755,19 @@ fn worker(
                             done.mode,
                             size,
                             Some(&done.digest),
-                            &job.rel,
+                            rel,
                             None,
                         );
                         out.files += 1;
                         out.bytes += size;
                     }
-                    let rel = job.rel.as_os_str().as_bytes();
-                    hashcache::format_line(&mut out.cache, rel, &StatKey::of(&stat), &done.digest);
+                    let key = StatKey::of(&stat);
+                    hashcache::format_line(
+                        &mut out.cache,
+                        rel.as_os_str().as_bytes(),
+                        &key,
+                        &done.digest,
+                    );
                     out.linked += u64::from(done.linked);
                 }
                 Err(Error::Rejected(r)) => out.rejected.push(r),
@@ -772,15 +794,15 @@ fn worker(
 
 /// The status of a file the walk found, taken now if the walk did not, and checked to
 /// still be a regular file.
-fn file_stat(src: &OwnedFd, job: &FileJob) -> Result<FileStat> {
-    let stat = match job.stat {
+fn file_stat(src: &OwnedFd, rel: &Path, known: Option<FileStat>) -> Result<FileStat> {
+    let stat = match known {
         Some(s) => s,
-        None => walk::stat_at(src, &job.rel).map_err(|e| in_flight_or(e, &job.rel))?,
+        None => walk::stat_at(src, rel).map_err(|e| in_flight_or(e, rel))?,
     };
     if !walk::is_file(stat.st_mode) {
         return Err(Error::Changed(format!(
             "{} changed type while the upload was being read",
-            job.rel.display()
+            rel.display()
         )));
     }
     Ok(stat)
@@ -806,17 +828,18 @@ struct Done {
 fn process_file(
     input: &Input<'_>,
     batch: &Batch,
+    rel: &Path,
     job: &FileJob,
     stat: &FileStat,
     budget: &Budget,
     buf: &mut [u8],
 ) -> Result<Done> {
     let ctx = &batch.ctx;
-    let name = job.rel.file_name().unwrap_or_default();
+    let name = rel.file_name().unwrap_or_default();
     let mode = release_mode(stat.st_mode);
     let size = stat.st_size as u64;
     let key = StatKey::of(stat);
-    let dest = || input.site.partial(input.id).join(&job.rel);
+    let dest = || input.site.partial(input.id).join(rel);
     if let Some((_, cached)) = job.cached.filter(|(k, _)| *k == key) {
         // A cache/manifest disagreement falls through to reading the file: the read is
         // the truth, the cache only saves work.
@@ -838,7 +861,7 @@ fn process_file(
     // Checked before a byte is written: the live site must not find its disk full.
     let needed = budget.to_copy.fetch_add(size, Ordering::Relaxed) + size;
     check_space(input.site, needed, budget.free)?;
-    let mut file = walk::open_file(&batch.src, &job.rel, stat)?;
+    let mut file = walk::open_file(&batch.src, rel, stat)?;
     let out = openat(
         &ctx.dst,
         name,
@@ -855,7 +878,7 @@ fn process_file(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).at(&input.site.deploy_cache().join(&job.rel)),
+            Err(e) => return Err(e).at(&input.site.deploy_cache().join(rel)),
         };
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).at(&dest())?;
@@ -864,11 +887,11 @@ fn process_file(
     if input.durability == Durability::Syncfs {
         start_writeback(&out);
     }
-    let after = fstat(&file).at(&input.site.deploy_cache().join(&job.rel))?;
+    let after = fstat(&file).at(&input.site.deploy_cache().join(rel))?;
     if copied != size || StatKey::of(&after) != key {
         return Err(Error::Rejected(format!(
             "{} changed while it was being copied",
-            job.rel.display()
+            rel.display()
         )));
     }
     let digest: Digest = hasher.finalize().into();
@@ -876,13 +899,13 @@ fn process_file(
         if expected != digest && job.is_manifest {
             return Err(Error::Rejected(format!(
                 "{} was replaced while the upload was being processed",
-                job.rel.display()
+                rel.display()
             )));
         }
         if expected != digest {
             return Err(Error::Rejected(format!(
                 "checksum mismatch for {}: {} says {}, upload has {}",
-                job.rel.display(),
+                rel.display(),
                 input.site.cfg.manifest,
                 to_hex(&expected),
                 to_hex(&digest)

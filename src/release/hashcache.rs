@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::fsops::AtomicWriter;
 use crate::release::ordered::Merge;
 use crate::release::store;
-use crate::upload::manifest::{from_hex, to_hex, Digest};
+use crate::upload::manifest::{from_hex, push_hex, Digest};
 
 /// Identity of a file's content as far as stat can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,14 +92,11 @@ pub fn create(path: &Path) -> Result<AtomicWriter> {
 pub fn format_line(out: &mut Vec<u8>, rel: &[u8], key: &StatKey, digest: &Digest) {
     let _ = write!(
         out,
-        "{} {} {} {} {} {} ",
-        key.dev,
-        key.ino,
-        key.size,
-        key.mtime_ns,
-        key.ctime_ns,
-        to_hex(digest)
+        "{} {} {} {} {} ",
+        key.dev, key.ino, key.size, key.mtime_ns, key.ctime_ns
     );
+    push_hex(out, digest);
+    out.push(b' ');
     store::escape_path(rel, out);
     out.push(b'\n');
 }

@@ -14,7 +14,7 @@ use crate::clock;
 use crate::error::{Error, IoContext, Result};
 use crate::fsops;
 use crate::site::Site;
-use crate::upload::manifest::{from_hex, to_hex, Digest};
+use crate::upload::manifest::{from_hex, push_hex, Digest};
 
 /// One step the keeper took, as written to the journal.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -450,7 +450,7 @@ pub fn format_line(
     };
     let _ = write!(out, "{kind} {mode:04o} {size} ");
     match hash {
-        Some(h) => out.extend_from_slice(to_hex(h).as_bytes()),
+        Some(h) => push_hex(out, h),
         None => out.push(b'-'),
     }
     out.push(b' ');

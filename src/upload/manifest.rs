@@ -490,13 +490,18 @@ pub fn format_line(path: &Path, digest: &Digest) -> Vec<u8> {
 
 /// Lower-case hex of a digest.
 pub fn to_hex(d: &Digest) -> String {
+    let mut s = Vec::with_capacity(64);
+    push_hex(&mut s, d);
+    String::from_utf8(s).unwrap_or_default()
+}
+
+/// Appends the lower-case hex of `d` to `out` (no allocation: for lines written per file).
+pub fn push_hex(out: &mut Vec<u8>, d: &Digest) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(64);
     for &b in d {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0xf)]));
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0xf)]);
     }
-    s
 }
 
 /// Decodes exactly 64 hex digits (either case) into a digest.
