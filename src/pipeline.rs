@@ -319,6 +319,7 @@ fn process_claim(
         files = built.files,
         bytes = built.bytes,
         linked = built.linked,
+        hashed = built.hashed,
         duration_ms = started.elapsed().as_millis() as u64,
         "release finalized"
     );

@@ -20,6 +20,13 @@ fn linked_count(svc: &Service, id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Files the release had to read and hash (the others came from the hash cache).
+fn hashed_count(svc: &Service, id: &str) -> u64 {
+    svc.wait_release_event("release.finalized", id)["hashed"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
 #[test]
 fn unchanged_files_share_inodes_with_the_previous_release() {
     let site = Site::new();
@@ -41,6 +48,11 @@ fn unchanged_files_share_inodes_with_the_previous_release() {
     site.drop_marker("id = \"v2\"\n");
     svc.wait_release_event("release.activated", "v2");
     assert_eq!(linked_count(&svc, "v2"), 2, "b.js and c.css linked from v1");
+    assert_eq!(
+        hashed_count(&svc, "v2"),
+        2,
+        "only a.txt and the new SHA256SUMS read: b.js and c.css came from the hash cache"
+    );
     for f in ["lib/b.js", "lib/c.css"] {
         assert_eq!(
             ino(&site.release("v1").join(f)),
@@ -75,6 +87,7 @@ fn unchanged_files_share_inodes_with_the_previous_release() {
         1,
         "c.css linked by hash after the copy"
     );
+    assert_eq!(hashed_count(&svc, "v3"), 4, "a fresh upload is read once");
     assert_eq!(
         ino(&site.release("v2").join("lib/c.css")),
         ino(&site.release("v3").join("lib/c.css"))
@@ -82,6 +95,21 @@ fn unchanged_files_share_inodes_with_the_previous_release() {
     assert_eq!(
         fs::read(site.release("v3").join("lib/b.js")).unwrap(),
         b"bravo v3"
+    );
+
+    // A fresh upload that moved a file: linked by its digest from wherever it was.
+    let v4: Vec<(&str, &[u8])> = vec![
+        ("a.txt", b"alpha v3"),
+        ("lib/b.js", b"bravo v3"),
+        ("css/moved.css", b"charlie"),
+    ];
+    site.deploy(&v4, "id = \"v4\"\n");
+    svc.wait_release_event("release.activated", "v4");
+    assert_eq!(linked_count(&svc, "v4"), 3, "all three contents were in v3");
+    assert_eq!(
+        ino(&site.release("v3").join("lib/c.css")),
+        ino(&site.release("v4").join("css/moved.css")),
+        "the moved file shares v3's inode"
     );
 
     // An uploader writing in place afterwards cannot alter any release.
@@ -98,5 +126,64 @@ fn unchanged_files_share_inodes_with_the_previous_release() {
         "no temporary names left: {:?}",
         site.releases_entries()
     );
+    svc.stop();
+}
+
+/// Paths of a line file whose path is the last space-separated field (escapes kept: the
+/// names used here have none).
+fn paths_of(file: &std::path::Path, field: usize) -> Vec<Vec<u8>> {
+    fs::read(file)
+        .unwrap()
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.splitn(field + 1, |&b| b == b' ')
+                .nth(field)
+                .unwrap()
+                .to_vec()
+        })
+        .collect()
+}
+
+/// The stored manifest and the hash cache are written in walk order (what lets the next
+/// build read them beside its walk, never whole in memory), however the workers finish:
+/// many directories and more files than one worker batch, with names whose byte order
+/// differs from path order ("a" < "a-b" < "a.txt" but "a/..." comes right after "a").
+#[test]
+fn manifest_and_hash_cache_are_in_walk_order() {
+    use release_keeper::release::ordered::cmp_paths;
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for d in ["a", "a-b", "a.txt.d", "b/c", "b/c/d"] {
+        for i in 0..150 {
+            files.push((format!("{d}/f{i:03}"), format!("{d} {i}").into_bytes()));
+        }
+    }
+    files.push(("a.txt".into(), b"top".to_vec()));
+    files.push(("b.txt".into(), b"top".to_vec()));
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_slice()))
+        .collect();
+    site.deploy(&refs, "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+
+    let state = site.root.join(".release-keeper");
+    let manifest = paths_of(&state.join("manifests/v1"), 4);
+    let cache = paths_of(&state.join("hashcache"), 6);
+    // Every file, once (the cache also records SHA256SUMS).
+    assert_eq!(cache.len(), files.len() + 1);
+    for (name, list) in [("manifest", &manifest), ("hash cache", &cache)] {
+        for w in list.windows(2) {
+            assert_eq!(
+                cmp_paths(&w[0], &w[1]),
+                std::cmp::Ordering::Less,
+                "{name} out of walk order: {:?} before {:?}",
+                String::from_utf8_lossy(&w[0]),
+                String::from_utf8_lossy(&w[1])
+            );
+        }
+    }
     svc.stop();
 }

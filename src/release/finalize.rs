@@ -185,6 +185,8 @@ pub struct Output {
     pub bytes: u64,
     /// Files hard-linked from the earlier release.
     pub linked: u64,
+    /// Files read and hashed (the others' digests came from the hash cache).
+    pub hashed: u64,
     /// The new hash cache of `deploy-cache/`, written as files were hashed.
     pub cache: Option<AtomicWriter>,
 }
@@ -286,6 +288,7 @@ struct BatchOut {
     files: u64,
     bytes: u64,
     linked: u64,
+    hashed: u64,
     rejected: Vec<String>,
 }
 
@@ -298,6 +301,7 @@ struct Ordered {
     files: u64,
     bytes: u64,
     linked: u64,
+    hashed: u64,
     rejected: Vec<String>,
 }
 
@@ -316,6 +320,7 @@ impl Ordered {
             self.files += o.files;
             self.bytes += o.bytes;
             self.linked += o.linked;
+            self.hashed += o.hashed;
             self.rejected.extend(o.rejected);
         }
         Ok(())
@@ -419,6 +424,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             files: 0,
             bytes: 0,
             linked: 0,
+            hashed: 0,
             rejected: Vec::new(),
         }),
         progress: Condvar::new(),
@@ -615,6 +621,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         files: ordered.files,
         bytes: ordered.bytes,
         linked: ordered.linked,
+        hashed: ordered.hashed,
         cache: ordered.cache,
     };
     let mut dirs = w.dirs;
@@ -769,6 +776,7 @@ fn worker(
                         &done.digest,
                     );
                     out.linked += u64::from(done.linked);
+                    out.hashed += u64::from(done.hashed);
                 }
                 Err(Error::Rejected(r)) => out.rejected.push(r),
                 Err(e) => return Err(e),
@@ -823,6 +831,8 @@ struct Done {
     digest: Digest,
     mode: u32,
     linked: bool,
+    /// Read and hashed (not known from the hash cache).
+    hashed: bool,
 }
 
 fn process_file(
@@ -854,6 +864,7 @@ fn process_file(
                     digest: cached,
                     mode,
                     linked: true,
+                    hashed: false,
                 });
             }
         }
@@ -930,6 +941,7 @@ fn process_file(
         digest,
         mode,
         linked,
+        hashed: true,
     })
 }
 
