@@ -22,9 +22,11 @@
 //! 1. claim: the marker is renamed into `.release-keeper/claims/`, both directories
 //!    fsynced [claim present: the upload is redone];
 //! 2. the claim is resolved to an id (`write_atomic`) [same];
-//! 3. `releases/.partial.<id>` is built, made read-only, flushed with `syncfs`
-//!    [leftover partial: removed by healing, claim redone];
-//! 4. the release's full manifest is stored (`write_atomic`);
+//! 3. `releases/.partial.<id>` is built, made read-only, flushed (`syncfs`, or for a
+//!    small upload an fsync per copied file and per directory); its full manifest is
+//!    written meanwhile to a temporary name beside its final one (`AtomicWriter`)
+//!    [leftover partial or temporary manifest: removed by healing, claim redone];
+//! 4. the release's full manifest is put in place (fsync, rename, fsync of the directory);
 //! 5. `rename_noreplace` into `releases/<id>`, fsync of `releases/` [release on disk with a
 //!    stored manifest but no journal record: ours, rebuilt by the redo];
 //! 6. the claim is marked finalized, then the journal gets `finalized` (in that order: a

@@ -215,6 +215,11 @@ pub fn release_mode(st_mode: u32) -> u32 {
     st_mode & 0o555
 }
 
+/// Worker threads of a build. More than cores: they spend much of their time waiting on
+/// the disk (reads of a cold upload, inode reads of a cold previous release, per-file
+/// flushes), and more requests in flight keep the device busy. Measured on 2 cores: a
+/// cold full release took 3.2 s with 2 workers, 2.1 s with 8; warm builds were no slower.
+const WORKERS: usize = 8;
 /// Files per batch handed to a worker (all from one directory).
 const BATCH: usize = 64;
 /// Batches that may be finished ahead of the oldest unfinished one: bounds what waits in
@@ -398,13 +403,6 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     let source = site.deploy_cache();
     let marker = OsStr::new(&cfg.marker);
     let manifest_name = Path::new(&cfg.manifest);
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-    // Per-file flushes spend their time waiting on the disk, not the CPU: more of them in
-    // flight at once keeps the device busy and the release sooner done.
-    let threads = match input.durability {
-        Durability::PerFile => cores.max(8),
-        Durability::Syncfs => cores,
-    };
     let budget = Budget {
         free: fsops::free_bytes(&site.releases())?,
         seen_bytes: AtomicU64::new(0),
@@ -434,13 +432,13 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         prev: input.link_from.and_then(|l| walk::open_root(&l.dir).ok()),
     });
 
-    let (tx, rx) = sync_channel::<Batch>(threads * 4);
+    let (tx, rx) = sync_channel::<Batch>(WORKERS * 2);
     let rx = Mutex::new(rx);
     let abort = AtomicBool::new(false);
     let mut w = Walked::default();
 
     let worker_results: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
+        let handles: Vec<_> = (0..WORKERS)
             .map(|_| s.spawn(|| worker(input, &rx, &abort, &sink, &budget)))
             .collect();
 
