@@ -335,6 +335,8 @@ impl Ordered {
 /// The reorder stage, shared by the walk and the workers.
 struct Sink {
     state: Mutex<Ordered>,
+    /// `state.next`, readable without the lock.
+    written: AtomicU64,
     /// Signalled as batches are written: the walk waits on it when too far ahead.
     progress: Condvar,
 }
@@ -426,6 +428,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             rejected: Vec::new(),
         }),
         progress: Condvar::new(),
+        written: AtomicU64::new(0),
     };
     let root_ctx = Arc::new(DirCtx {
         dst: walk::open_root(partial)?,
@@ -447,12 +450,13 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         let mut seq: u64 = 0;
         let send = |b: Option<Batch>| -> Result<()> {
             let Some(b) = b else { return Ok(()) };
-            // Not too far ahead of the oldest unwritten batch.
-            let mut st = sink.state.lock().map_err(|_| poisoned())?;
-            while b.seq >= st.next + WINDOW && !abort.load(Ordering::Relaxed) {
-                st = sink.progress.wait(st).map_err(|_| poisoned())?;
+            // Not too far ahead of the oldest unwritten batch (the lock only when close).
+            if b.seq >= sink.written.load(Ordering::Acquire) + WINDOW {
+                let mut st = sink.state.lock().map_err(|_| poisoned())?;
+                while b.seq >= st.next + WINDOW && !abort.load(Ordering::Relaxed) {
+                    st = sink.progress.wait(st).map_err(|_| poisoned())?;
+                }
             }
-            drop(st);
             // A closed channel means every worker stopped on an error.
             tx.send(b).map_err(|_| Error::Interrupted)
         };
@@ -782,6 +786,7 @@ fn worker(
         }
         let mut st = sink.state.lock().map_err(|_| poisoned())?;
         st.put(batch.seq, out)?;
+        sink.written.store(st.next, Ordering::Release);
         drop(st);
         sink.progress.notify_all();
     })();
