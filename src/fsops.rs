@@ -520,6 +520,24 @@ pub fn read_small_nofollow(path: &Path, limit: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Runs `f` with the calling thread's I/O in the idle class (best effort: schedulers that
+/// ignore classes, or a refusal, just leave the priority as it was): for work nobody waits
+/// on, like deleting a pruned release, so it never slows the live site or a deploy.
+pub fn at_idle_io<T>(f: impl FnOnce() -> T) -> T {
+    const WHO_PROCESS: libc::c_long = 1; // IOPRIO_WHO_PROCESS; id 0 = this thread
+    const CLASS_IDLE: libc::c_long = 3 << 13; // IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
+                                              // SAFETY: ioprio_get/ioprio_set take plain integers and touch only this thread.
+    let before = unsafe { libc::syscall(libc::SYS_ioprio_get, WHO_PROCESS, 0) };
+    let lowered = before >= 0
+        && unsafe { libc::syscall(libc::SYS_ioprio_set, WHO_PROCESS, 0, CLASS_IDLE) } == 0;
+    let out = f();
+    if lowered {
+        // SAFETY: as above; restores the value read before.
+        unsafe { libc::syscall(libc::SYS_ioprio_set, WHO_PROCESS, 0, before) };
+    }
+    out
+}
+
 /// Bytes of a path, for names that must round-trip exactly.
 pub fn path_bytes(p: &Path) -> &[u8] {
     p.as_os_str().as_bytes()
@@ -600,6 +618,15 @@ mod tests {
         }
         remove_tree(&dir.path().join("t")).unwrap();
         assert!(!dir.path().join("t").exists());
+    }
+
+    #[test]
+    fn idle_io_is_set_for_the_call_and_restored() {
+        let get = || unsafe { libc::syscall(libc::SYS_ioprio_get, 1 as libc::c_long, 0) };
+        let before = get();
+        let inside = at_idle_io(get);
+        assert_eq!(inside >> 13, 3, "idle class inside: {inside:#x}");
+        assert_eq!(get(), before);
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
             release: d.id.clone(),
         })?;
         let _ = std::fs::remove_file(site.manifest_of(&d.id));
-        if let Err(e) = fsops::remove_tree(&trashed) {
+        if let Err(e) = fsops::at_idle_io(|| fsops::remove_tree(&trashed)) {
             tracing::warn!(site = site.name(), release = %d.id, error = %e,
                 "pruned release left the releases/ directory but could not be removed fully; healing retries");
         }
