@@ -18,7 +18,7 @@
 //!   is held.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -228,10 +228,73 @@ const WINDOW: u64 = 256;
 /// Most problems listed in one rejection reason.
 const MAX_LISTED: usize = 10;
 
-/// A directory of the new release, open, with the same directory of the link source.
+/// A directory of the new release and the same directory of the link source, each opened
+/// (the former made) on first use by whichever thread needs it: the walk only names them,
+/// so making a thousand directories is spread over the workers instead of holding up the
+/// walk. Parents are made before children through `parent`.
 struct DirCtx {
-    dst: OwnedFd,
-    prev: Option<OwnedFd>,
+    /// The parent and this directory's name in it; `None` for the release's root.
+    parent: Option<(Arc<DirCtx>, OsString)>,
+    /// Its full path, for errors.
+    path: PathBuf,
+    dst: OnceLock<std::result::Result<OwnedFd, (PathBuf, nix::errno::Errno)>>,
+    prev: OnceLock<Option<OwnedFd>>,
+}
+
+impl DirCtx {
+    fn root(path: &Path, dst: OwnedFd, prev: Option<OwnedFd>) -> DirCtx {
+        DirCtx {
+            parent: None,
+            path: path.to_path_buf(),
+            dst: OnceLock::from(Ok(dst)),
+            prev: OnceLock::from(prev),
+        }
+    }
+
+    fn child(parent: &Arc<DirCtx>, name: &OsStr, path: PathBuf) -> DirCtx {
+        DirCtx {
+            parent: Some((Arc::clone(parent), name.to_os_string())),
+            path,
+            dst: OnceLock::new(),
+            prev: OnceLock::new(),
+        }
+    }
+
+    /// The directory in the new release, made on first use.
+    fn dst(&self) -> Result<&OwnedFd> {
+        let made = self.dst.get_or_init(|| {
+            let Some((parent, name)) = &self.parent else {
+                return Err((self.path.clone(), nix::errno::Errno::ENOENT));
+            };
+            let at = match parent.dst() {
+                Ok(fd) => fd,
+                // The parent's own failure, which names the directory that could not be made.
+                Err(_) => {
+                    let failed = parent.dst.get().and_then(|r| r.as_ref().err()).cloned();
+                    return Err(failed.unwrap_or((parent.path.clone(), nix::errno::Errno::ENOENT)));
+                }
+            };
+            let mkdir =
+                nix::sys::stat::mkdirat(at, name.as_os_str(), Mode::from_bits_truncate(0o700));
+            mkdir
+                .and_then(|()| walk::open_dir_at(at, name))
+                .map_err(|e| (self.path.clone(), e))
+        });
+        made.as_ref().map_err(|(path, e)| Error::Io {
+            path: path.clone(),
+            source: std::io::Error::from(*e),
+        })
+    }
+
+    /// The same directory in the link source, if it has one.
+    fn prev(&self) -> Option<&OwnedFd> {
+        self.prev
+            .get_or_init(|| {
+                let (parent, name) = self.parent.as_ref()?;
+                walk::open_dir_at(parent.prev()?, name).ok()
+            })
+            .as_ref()
+    }
 }
 
 /// One file for a worker.
@@ -257,6 +320,9 @@ struct FileJob {
 enum Item {
     /// A finished manifest line (directories, symlinks): a range of the batch's `lines`.
     Line(std::ops::Range<usize>),
+    /// A subdirectory to make (every one is named in its parent's batch, so even an empty
+    /// one is made).
+    MakeDir(Arc<DirCtx>),
     File(FileJob),
 }
 
@@ -430,10 +496,11 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         progress: Condvar::new(),
         written: AtomicU64::new(0),
     };
-    let root_ctx = Arc::new(DirCtx {
-        dst: walk::open_root(partial)?,
-        prev: input.link_from.and_then(|l| walk::open_root(&l.dir).ok()),
-    });
+    let root_ctx = Arc::new(DirCtx::root(
+        partial,
+        walk::open_root(partial)?,
+        input.link_from.and_then(|l| walk::open_root(&l.dir).ok()),
+    ));
 
     let (tx, rx) = sync_channel::<Batch>(WORKERS * 2);
     let rx = Mutex::new(rx);
@@ -500,27 +567,15 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             match &found.node {
                 Node::Dir => {
                     let mode = found.stat.map_or(0o555, |st| release_mode(st.st_mode));
-                    nix::sys::stat::mkdirat(
-                        &ctx.dst,
-                        name.as_os_str(),
-                        Mode::from_bits_truncate(0o700),
-                    )
-                    .map_err(std::io::Error::from)
-                    .at(&dest())?;
-                    let dst = walk::open_dir_at(&ctx.dst, &name)
-                        .map_err(std::io::Error::from)
-                        .at(&dest())?;
-                    let prev = ctx
-                        .prev
-                        .as_ref()
-                        .and_then(|p| walk::open_dir_at(p, &name).ok());
+                    let child = Arc::new(DirCtx::child(&ctx, &name, dest()));
+                    b.items.push(Item::MakeDir(Arc::clone(&child)));
                     if !hidden {
                         b.push_line(Kind::Dir, mode, &found.rel, None);
                     }
                     w.dirs.push((found.rel, mode));
                     // The directory's line goes before its children's.
                     send(batch.take())?;
-                    stack.push(Arc::new(DirCtx { dst, prev }));
+                    stack.push(child);
                     Ok(true)
                 }
                 Node::File => {
@@ -557,7 +612,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                 }
                 Node::Symlink(target) => {
                     let target = PathBuf::from(target);
-                    nix::unistd::symlinkat(&target, &ctx.dst, name.as_os_str())
+                    nix::unistd::symlinkat(&target, ctx.dst()?, name.as_os_str())
                         .map_err(std::io::Error::from)
                         .at(&dest())?;
                     if !hidden {
@@ -748,6 +803,10 @@ fn worker(
                     out.manifest.extend_from_slice(&batch.lines[r.clone()]);
                     continue;
                 }
+                Item::MakeDir(dir) => {
+                    dir.dst()?;
+                    continue;
+                }
                 Item::File(job) => job,
             };
             let rel = batch.path(&job.rel);
@@ -877,7 +936,7 @@ fn process_file(
     check_space(input.site, needed, budget.free)?;
     let mut file = walk::open_file(&batch.src, rel, stat)?;
     let out = openat(
-        &ctx.dst,
+        ctx.dst()?,
         name,
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o600),
@@ -970,20 +1029,21 @@ fn link_into(
     } else {
         name
     };
+    let Ok(dst) = ctx.dst() else {
+        return false;
+    };
     let no_follow = AtFlags::empty();
-    let linked = match (same_path, ctx.prev.as_ref()) {
-        (Some(p), Some(prev)) if p == *want => {
-            linkat(prev, name, &ctx.dst, new_name, no_follow).is_ok()
-        }
+    let linked = match (same_path, ctx.prev()) {
+        (Some(p), Some(prev)) if p == *want => linkat(prev, name, dst, new_name, no_follow).is_ok(),
         _ => source.find(want).is_some_and(|from| {
-            linkat(nix::fcntl::AT_FDCWD, &from, &ctx.dst, new_name, no_follow).is_ok()
+            linkat(nix::fcntl::AT_FDCWD, &from, dst, new_name, no_follow).is_ok()
         }),
     };
     if !linked || !replace {
         return linked;
     }
-    if renameat(&ctx.dst, new_name, &ctx.dst, name).is_err() {
-        let _ = nix::unistd::unlinkat(&ctx.dst, new_name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+    if renameat(dst, new_name, dst, name).is_err() {
+        let _ = nix::unistd::unlinkat(dst, new_name, nix::unistd::UnlinkatFlags::NoRemoveDir);
         return false;
     }
     true
