@@ -226,7 +226,7 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
                 why: "crash between the switch and the health verdict".into(),
             });
         }
-    } else if let Some((id, _)) = journal.state().open_trial {
+    } else if let Some((id, _)) = &journal.state().open_trial {
         out.repairs.push(Repair {
             what: format!("resolve the interrupted activation of {id}"),
             why: "crash between the switch and the health verdict".into(),
