@@ -311,7 +311,7 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
 /// Resolves a trial interrupted by a crash: resumed (checks re-run) when `current` points
 /// at the release under trial; closed as not activated when the swap never happened.
 pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>> {
-    let Some((id, previous)) = journal.state().open_trial else {
+    let Some((id, previous)) = journal.state().open_trial.clone() else {
         return Ok(None);
     };
     if site.current_id().as_deref() == Some(id.as_str()) {

@@ -121,7 +121,7 @@ pub fn list_doc(site: &Site, journal: &Journal) -> Value {
         .map(|r| {
             let mut v = json!({
                 "id": r.id,
-                "state": state_word(&state, &r.id, current.as_deref(), previous.as_deref()),
+                "state": state_word(state, &r.id, current.as_deref(), previous.as_deref()),
                 "pinned": r.pinned,
                 "created": r.created,
                 "files": r.files,

@@ -258,6 +258,85 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
 
 use std::os::unix::fs::DirBuilderExt;
 
+/// How long a directory must have been left unchanged before its listing is reused: far
+/// more than any timestamp granularity (ext4: a clock tick; FAT: 2 s), so any later
+/// change is bound to give it another mtime.
+const SETTLED: Duration = Duration::from_secs(3);
+
+/// What identifies one version of a directory's entries: adding, removing or renaming an
+/// entry sets its mtime and ctime to the current time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl DirStamp {
+    fn of(m: &fs::Metadata) -> DirStamp {
+        use std::os::unix::fs::MetadataExt;
+        DirStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// True when both times are at least `SETTLED` in the past: a change after `now`
+    /// cannot leave them as they are.
+    fn settled(&self, now: std::time::SystemTime) -> bool {
+        let Ok(now) = now.duration_since(std::time::UNIX_EPOCH) else {
+            return false;
+        };
+        let limit = now.saturating_sub(SETTLED);
+        let before = |(s, ns): (i64, i64)| {
+            u64::try_from(s).is_ok_and(|s| {
+                Duration::new(s, u32::try_from(ns).unwrap_or(u32::MAX).min(999_999_999)) < limit
+            })
+        };
+        before(self.mtime) && before(self.ctime)
+    }
+}
+
+/// Directory listings kept between calls and re-read only when the directory changed: a
+/// `stat` instead of an open, two `getdents` and a close (and the file system's directory
+/// walk) for a directory that did not change, which is every directory of an idle site.
+/// A listing is reused only if the directory had been left alone for a while when it was
+/// read (`SETTLED`), so a change in the same timestamp tick as the read is never missed.
+#[derive(Debug, Default)]
+pub struct Listings {
+    dirs: std::collections::HashMap<PathBuf, (DirStamp, std::sync::Arc<Vec<OsString>>)>,
+}
+
+impl Listings {
+    /// The names in `dir` (following a symlink, as `read_dir` does), unsorted.
+    pub fn names(&mut self, dir: &Path) -> std::io::Result<std::sync::Arc<Vec<OsString>>> {
+        // The stamp is taken before the listing: a change during the read changes the
+        // stamp again, so the next call reads again instead of keeping a stale listing.
+        let stamp = DirStamp::of(&fs::metadata(dir)?);
+        if let Some((seen, names)) = self.dirs.get(dir) {
+            if *seen == stamp {
+                return Ok(std::sync::Arc::clone(names));
+            }
+        }
+        let names = fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let names = std::sync::Arc::new(names);
+        if stamp.settled(std::time::SystemTime::now()) {
+            self.dirs
+                .insert(dir.to_path_buf(), (stamp, std::sync::Arc::clone(&names)));
+        } else {
+            self.dirs.remove(dir);
+        }
+        Ok(names)
+    }
+}
+
 /// An exclusive `flock` held until dropped.
 #[derive(Debug)]
 pub struct Lock {

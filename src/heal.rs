@@ -21,12 +21,13 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::activate;
 use crate::error::{IoContext, Result};
 use crate::events;
-use crate::fsops;
+use crate::fsops::{self, Listings};
 use crate::release::store::{self, Journal, Op};
 use crate::site::{self, Site};
 use crate::upload::marker;
@@ -47,6 +48,8 @@ pub struct Outcome {
     pub repairs: Vec<Repair>,
     /// Problems reported but not touched.
     pub reports: Vec<String>,
+    /// Claims found pending: interrupted uploads the caller redoes after the pass.
+    pub claims: usize,
 }
 
 /// True when a temporary name `.rk-tmp.<name>.<pid>.<n>` belongs to a live process other
@@ -143,18 +146,19 @@ fn trashed_id(name: &str) -> Option<&str> {
     (n.parse::<u32>().is_ok() && pid.parse::<u32>().is_ok() && marker::valid_id(id)).then_some(id)
 }
 
-fn leftovers(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
-    let Ok(rd) = fs::read_dir(dir) else {
+/// The entries of `dir` whose names start with one of `prefixes`, sorted (none when `dir`
+/// cannot be read).
+fn leftovers(listings: &mut Listings, dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
+    let Ok(names) = listings.names(dir) else {
         return Vec::new();
     };
-    let mut out: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_str()
+    let mut out: Vec<PathBuf> = names
+        .iter()
+        .filter(|n| {
+            n.to_str()
                 .is_some_and(|n| prefixes.iter().any(|p| n.starts_with(p)))
         })
-        .map(|e| e.path())
+        .map(|n| dir.join(n))
         .collect();
     out.sort();
     out
@@ -163,6 +167,18 @@ fn leftovers(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
 /// Runs one healing pass over `site`. The caller holds the site's operation lock, and
 /// processes the pending claims (`pipeline::run_pending`) right after a real pass.
 pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome> {
+    heal_with(site, journal, dry_run, &mut Listings::default())
+}
+
+/// `heal`, reusing the directory listings of earlier passes over the same site where the
+/// directories did not change (the service keeps `listings` from one pass to the next, so
+/// an idle pass stats the site's directories instead of reading them).
+pub fn heal_with(
+    site: &Site,
+    journal: &mut Journal,
+    dry_run: bool,
+    listings: &mut Listings,
+) -> Result<Outcome> {
     let mut out = Outcome::default();
     let mut repair = |what: String, why: &str, out: &mut Outcome| {
         if !dry_run {
@@ -181,6 +197,7 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
     }
 
     for p in leftovers(
+        listings,
         &site.releases(),
         &[fsops::PARTIAL_PREFIX, fsops::TMP_PREFIX],
     ) {
@@ -202,7 +219,7 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
         site.manifests(),
         site.claims(),
     ] {
-        for p in leftovers(&dir, &[fsops::TMP_PREFIX]) {
+        for p in leftovers(listings, &dir, &[fsops::TMP_PREFIX]) {
             if tmp_in_use(&p) {
                 continue;
             }
@@ -217,7 +234,7 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
         }
     }
 
-    heal_trash(site, journal, dry_run, &mut out, &mut repair)?;
+    heal_trash(site, journal, dry_run, listings, &mut out, &mut repair)?;
 
     if !dry_run {
         if let Some(id) = activate::resume_trial(site, journal)? {
@@ -226,7 +243,7 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
                 why: "crash between the switch and the health verdict".into(),
             });
         }
-    } else if let Some((id, _)) = journal.state().open_trial {
+    } else if let Some((id, _)) = &journal.state().open_trial {
         out.repairs.push(Repair {
             what: format!("resolve the interrupted activation of {id}"),
             why: "crash between the switch and the health verdict".into(),
@@ -292,9 +309,15 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
         }
     }
 
-    // Every claim seen here is interrupted work (uploads run under the same lock).
+    // Every claim seen here is interrupted work (uploads run under the same lock). Claims
+    // are read only when there are any (every name `pending` considers is visible).
     let mut redone = BTreeSet::new();
-    for p in marker::pending(site)? {
+    let claims = match listings.names(&site.claims()) {
+        Ok(names) if !names.iter().any(|n| !n.as_bytes().starts_with(b".")) => Vec::new(),
+        _ => marker::pending(site)?,
+    };
+    out.claims = claims.len();
+    for p in claims {
         let what = match &p {
             marker::Pending::Raw(path) => format!(
                 "{} the upload claimed as {}",
@@ -318,8 +341,13 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
     }
 
     let state = journal.state();
-    for id in store::release_dirs_on_disk(site)? {
-        if state.get(&id).is_none() && !redone.contains(&id) {
+    let on_disk = match listings.names(&site.releases()) {
+        Ok(names) => store::release_ids(&names),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+        Err(e) => return Err(e).at(&site.releases()),
+    };
+    for id in &on_disk {
+        if state.get(id).is_none() && !redone.contains(id) {
             let note = format!(
                 "releases/{id} was not made by release-keeper (not counted, never deleted)"
             );
@@ -333,16 +361,16 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
 
     // Stored manifests of releases that no longer exist (a crash between the journal's
     // `pruned` record and the manifest's removal).
-    let on_disk = store::release_dirs_on_disk(site)?;
-    if let Ok(rd) = fs::read_dir(site.manifests()) {
-        let mut stale: Vec<String> = rd
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+    if let Ok(names) = listings.names(&site.manifests()) {
+        let mut stale: Vec<&str> = names
+            .iter()
+            .filter_map(|n| n.to_str())
             .filter(|id| marker::valid_id(id))
-            .filter(|id| state.get(id).is_none() && !on_disk.contains(id) && !redone.contains(id))
+            .filter(|&id| state.get(id).is_none() && !on_disk.contains(id) && !redone.contains(id))
             .collect();
-        stale.sort();
+        stale.sort_unstable();
         for id in stale {
-            let p = site.manifest_of(&id);
+            let p = site.manifest_of(id);
             if !dry_run {
                 fsops::remove_tree(&p)?;
             }
@@ -363,19 +391,18 @@ fn heal_trash(
     site: &Site,
     journal: &mut Journal,
     dry_run: bool,
+    listings: &mut Listings,
     out: &mut Outcome,
     repair: &mut impl FnMut(String, &str, &mut Outcome),
 ) -> Result<()> {
-    let Ok(rd) = fs::read_dir(site.trash()) else {
+    let Ok(names) = listings.names(&site.trash()) else {
         return Ok(());
     };
-    let mut names: Vec<String> = rd
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
-    names.sort();
+    let mut names: Vec<&str> = names.iter().filter_map(|n| n.to_str()).collect();
+    names.sort_unstable();
     for name in names {
-        let path = site.trash().join(&name);
-        if let Some(id) = trashed_id(&name) {
+        let path = site.trash().join(name);
+        if let Some(id) = trashed_id(name) {
             let live = journal.state().get(id).is_some();
             if live && fs::symlink_metadata(site.release(id)).is_err() {
                 if !dry_run {
@@ -422,22 +449,27 @@ fn heal_current(
     repair: &mut impl FnMut(String, &str, &mut Outcome),
 ) -> Result<()> {
     let current = site.current();
-    let meta = fs::symlink_metadata(&current).ok();
-    let problem = match &meta {
-        None => Some("current is missing"),
-        Some(m) if m.file_type().is_symlink() => {
-            let target = fs::read_link(&current).at(&current)?;
-            match site::release_id_of_target(&target, site.root()) {
+    // `readlink` first: it alone tells a missing `current` and one that is not a symlink
+    // apart from a symlink, so the usual case (a good link) costs it and one `stat`.
+    let (why, meta) = match fs::read_link(&current) {
+        Ok(target) => {
+            let problem = match site::release_id_of_target(&target, site.root()) {
                 None => Some("current points outside releases/"),
                 Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
                 Some(_) if target.is_absolute() => Some("current has an absolute target"),
                 Some(_) => None,
-            }
+            };
+            let Some(problem) = problem else {
+                return Ok(());
+            };
+            (problem, fs::symlink_metadata(&current).ok())
         }
-        Some(_) => Some("current is not a symlink"),
-    };
-    let Some(why) = problem else {
-        return Ok(());
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ("current is missing", None),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+            "current is not a symlink",
+            Some(fs::symlink_metadata(&current).at(&current)?),
+        ),
+        Err(e) => return Err(e).at(&current),
     };
     let state = journal.state();
     let exists = |id: &str| site.release(id).is_dir();

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use crate::error::Result;
@@ -26,13 +27,17 @@ use crate::verify;
 /// The `state` label values of `release_keeper_releases`, as in `list --json`.
 pub const STATES: [&str; 5] = ["current", "previous", "good", "staged", "failed"];
 
-/// Rewrites the site's metrics file, if it has one. Failures are logged (once per distinct
-/// error, not at every pass) and never fail the job.
-pub fn update(site: &Site) {
+/// Rewrites the site's metrics file, if it has one, from `journal` (the site's, current).
+/// Failures are logged (once per distinct error, not at every pass) and never fail the
+/// job. A file that would get the same content is left alone, so an idle service does not
+/// rewrite (and sync) it at every healing pass.
+pub fn update(site: &Site, journal: Result<&Journal>) {
     let Some(path) = site.cfg.metrics_file.as_deref() else {
         return;
     };
-    let result = render(site).and_then(|text| fsops::write_atomic(path, text.as_bytes()));
+    let result = journal
+        .and_then(|j| render(site, j))
+        .and_then(|text| write_if_changed(path, text));
     static LAST_ERROR: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
     let Ok(mut last) = LAST_ERROR.get_or_init(Default::default).lock() else {
         return;
@@ -52,9 +57,36 @@ pub fn update(site: &Site) {
     }
 }
 
+/// Identity of a file as this process wrote it: (dev, inode, size, mtime s, mtime ns).
+type Written = (u64, u64, u64, i64, i64);
+
+fn identity(path: &Path) -> Option<Written> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Writes `text` to `path` atomically, unless this process last wrote exactly `text`
+/// there and the file is still the one it wrote (not deleted, replaced or edited since).
+fn write_if_changed(path: &Path, text: String) -> Result<()> {
+    static WRITTEN: OnceLock<Mutex<HashMap<PathBuf, (String, Written)>>> = OnceLock::new();
+    let written = WRITTEN.get_or_init(Default::default);
+    if let Ok(w) = written.lock() {
+        if let Some((last, id)) = w.get(path) {
+            if *last == text && identity(path).as_ref() == Some(id) {
+                return Ok(());
+            }
+        }
+    }
+    fsops::write_atomic(path, text.as_bytes())?;
+    if let (Ok(mut w), Some(id)) = (written.lock(), identity(path)) {
+        w.insert(path.to_path_buf(), (text, id));
+    }
+    Ok(())
+}
+
 /// The metrics of `site` in the Prometheus text exposition format.
-pub fn render(site: &Site) -> Result<String> {
-    let journal = Journal::load(site)?;
+pub fn render(site: &Site, journal: &Journal) -> Result<String> {
     let state = journal.state();
     let mut out = String::new();
     let s = label(site.name());
@@ -99,7 +131,7 @@ pub fn render(site: &Site) -> Result<String> {
         "gauge",
         "Releases on disk by state (current, previous, good, staged, failed), as in `list`.",
     );
-    let counts = release_counts(site, &state, current.as_deref());
+    let counts = release_counts(site, state, current.as_deref());
     for (state_name, n) in STATES.iter().zip(counts) {
         let _ = writeln!(
             out,

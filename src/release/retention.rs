@@ -67,7 +67,7 @@ pub fn plan_site(site: &Site, journal: &Journal) -> Result<Vec<Doomed>> {
     let previous = state.previous_good(current.as_deref(), |r| site.release(r).is_dir());
     let on_disk = store::release_dirs_on_disk(site)?;
     Ok(plan(
-        &state,
+        state,
         current.as_deref(),
         previous.as_deref(),
         site.cfg.keep,

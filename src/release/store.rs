@@ -139,76 +139,91 @@ pub struct State {
     pub open_trial: Option<(String, Option<String>)>,
     /// The last record.
     pub last: Option<Record>,
+    /// Index in `releases` of the newest `Finalized` record of each id, so replaying a
+    /// record costs O(1) however long the journal grows.
+    index: HashMap<String, usize>,
 }
 
 impl State {
     /// Replays records into a state.
     pub fn from_records(records: &[Record]) -> State {
         let mut st = State::default();
-        let mut index: HashMap<String, usize> = HashMap::new();
         for rec in records {
-            match &rec.op {
-                Op::Finalized {
-                    release,
-                    files,
-                    bytes,
-                    message,
-                    ..
-                } => {
-                    index.insert(release.clone(), st.releases.len());
-                    st.releases.push(ReleaseInfo {
-                        id: release.clone(),
-                        seq: rec.seq,
-                        created: rec.at.clone(),
-                        files: *files,
-                        bytes: *bytes,
-                        message: message.clone(),
-                        ..ReleaseInfo::default()
-                    });
-                }
-                Op::Trial { release, previous } => {
-                    st.open_trial = Some((release.clone(), previous.clone()));
-                }
-                Op::Activated { release, .. } => {
-                    if let Some(&i) = index.get(release) {
-                        let r = &mut st.releases[i];
-                        r.activated = true;
-                        r.rolled_back = false;
-                        r.failed = None;
-                    }
-                    st.history.push(release.clone());
-                    st.open_trial = None;
-                }
-                Op::Failed { release, reason } => {
-                    if let Some(&i) = index.get(release) {
-                        st.releases[i].failed = Some((reason.clone(), rec.at.clone()));
-                    }
-                    if st.open_trial.as_ref().is_some_and(|(t, _)| t == release) {
-                        st.open_trial = None;
-                    }
-                }
-                Op::RolledBack { release, to, .. } => {
-                    if let Some(&i) = index.get(release) {
-                        st.releases[i].rolled_back = true;
-                    }
-                    st.history.push(to.clone());
-                    st.open_trial = None;
-                }
-                Op::Pinned { release } | Op::Unpinned { release } => {
-                    if let Some(&i) = index.get(release) {
-                        st.releases[i].pinned = matches!(rec.op, Op::Pinned { .. });
-                    }
-                }
-                Op::Pruned { release } => {
-                    if let Some(&i) = index.get(release) {
-                        st.releases[i].pruned = true;
-                    }
-                }
-                Op::Rejected { .. } => {}
-            }
-            st.last = Some(rec.clone());
+            st.apply(rec);
         }
+        // Cloned once here rather than per record: a long journal replays thousands.
+        st.last = records.last().cloned();
         st
+    }
+
+    /// Adds one record (appended after those already replayed) to the state.
+    pub fn push(&mut self, rec: &Record) {
+        self.apply(rec);
+        self.last = Some(rec.clone());
+    }
+
+    /// Replays one record, except for `last`.
+    fn apply(&mut self, rec: &Record) {
+        let st = self;
+        match &rec.op {
+            Op::Finalized {
+                release,
+                files,
+                bytes,
+                message,
+                ..
+            } => {
+                st.index.insert(release.clone(), st.releases.len());
+                st.releases.push(ReleaseInfo {
+                    id: release.clone(),
+                    seq: rec.seq,
+                    created: rec.at.clone(),
+                    files: *files,
+                    bytes: *bytes,
+                    message: message.clone(),
+                    ..ReleaseInfo::default()
+                });
+            }
+            Op::Trial { release, previous } => {
+                st.open_trial = Some((release.clone(), previous.clone()));
+            }
+            Op::Activated { release, .. } => {
+                if let Some(&i) = st.index.get(release) {
+                    let r = &mut st.releases[i];
+                    r.activated = true;
+                    r.rolled_back = false;
+                    r.failed = None;
+                }
+                st.history.push(release.clone());
+                st.open_trial = None;
+            }
+            Op::Failed { release, reason } => {
+                if let Some(&i) = st.index.get(release) {
+                    st.releases[i].failed = Some((reason.clone(), rec.at.clone()));
+                }
+                if st.open_trial.as_ref().is_some_and(|(t, _)| t == release) {
+                    st.open_trial = None;
+                }
+            }
+            Op::RolledBack { release, to, .. } => {
+                if let Some(&i) = st.index.get(release) {
+                    st.releases[i].rolled_back = true;
+                }
+                st.history.push(to.clone());
+                st.open_trial = None;
+            }
+            Op::Pinned { release } | Op::Unpinned { release } => {
+                if let Some(&i) = st.index.get(release) {
+                    st.releases[i].pinned = matches!(rec.op, Op::Pinned { .. });
+                }
+            }
+            Op::Pruned { release } => {
+                if let Some(&i) = st.index.get(release) {
+                    st.releases[i].pruned = true;
+                }
+            }
+            Op::Rejected { .. } => {}
+        }
     }
 
     /// The live (not pruned) record of release `id`.
@@ -256,29 +271,96 @@ impl State {
     }
 }
 
-/// The journal of one site, loaded.
+/// What identifies one version of the journal file: appends change the size and the
+/// mtime, a replaced file changes the inode. Compared before re-reading the journal, so a
+/// long-lived reader (the service) replays it only when it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Not known (never read, or written by this `Journal` since): read it again.
+    Unknown,
+    /// There was no journal file.
+    Missing,
+    /// The file as it was just before it was read.
+    File {
+        dev: u64,
+        ino: u64,
+        size: u64,
+        mtime: (i64, i64),
+        ctime: (i64, i64),
+    },
+}
+
+impl Seen {
+    fn of(meta: &fs::Metadata) -> Seen {
+        use std::os::unix::fs::MetadataExt;
+        Seen::File {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// The journal of one site, loaded, with the state derived from it.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
+    site: String,
     records: Vec<Record>,
+    state: State,
+    seen: Seen,
 }
 
 impl Journal {
     /// Loads the journal (a missing one is empty; unparsable lines are skipped and logged).
     pub fn load(site: &Site) -> Result<Journal> {
-        let path = site.journal();
+        let mut journal = Journal {
+            path: site.journal(),
+            site: site.name().to_string(),
+            records: Vec::new(),
+            state: State::default(),
+            seen: Seen::Unknown,
+        };
+        journal.read()?;
+        Ok(journal)
+    }
+
+    /// Re-reads the journal if the file changed since it was read (another process
+    /// appended to it). Costs one `stat` when it did not.
+    pub fn refresh(&mut self) -> Result<()> {
+        let now = match fs::metadata(&self.path) {
+            Ok(m) => Seen::of(&m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Seen::Missing,
+            Err(e) => return Err(e).at(&self.path),
+        };
+        if self.seen != Seen::Unknown && now == self.seen {
+            return Ok(());
+        }
+        self.read()
+    }
+
+    /// Reads the file into `records` and `state`; on an error both stay as they were and
+    /// the next `refresh` reads again.
+    fn read(&mut self) -> Result<()> {
+        let path = &self.path;
+        self.seen = Seen::Unknown;
         let mut records = Vec::new();
-        match fs::File::open(&path) {
+        let seen = match fs::File::open(path) {
             Ok(f) => {
+                // Identity first: an append that races with the read changes it again, so
+                // the next `refresh` re-reads instead of missing the record.
+                let seen = Seen::of(&f.metadata().at(path)?);
                 for (n, line) in BufReader::new(f).split(b'\n').enumerate() {
-                    let line = line.at(&path)?;
+                    let line = line.at(path)?;
                     if line.is_empty() {
                         continue;
                     }
                     match serde_json::from_slice::<Record>(&line) {
                         Ok(r) => records.push(r),
                         Err(e) => tracing::warn!(
-                            site = site.name(),
+                            site = %self.site,
                             path = %path.display(),
                             line = n + 1,
                             error = %e,
@@ -286,11 +368,15 @@ impl Journal {
                         ),
                     }
                 }
+                seen
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).at(&path),
-        }
-        Ok(Journal { path, records })
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Seen::Missing,
+            Err(e) => return Err(e).at(path),
+        };
+        self.state = State::from_records(&records);
+        self.records = records;
+        self.seen = seen;
+        Ok(())
     }
 
     /// All records, oldest first.
@@ -298,9 +384,9 @@ impl Journal {
         &self.records
     }
 
-    /// The derived state.
-    pub fn state(&self) -> State {
-        State::from_records(&self.records)
+    /// The derived state (kept up to date by `append` and `refresh`, never replayed here).
+    pub fn state(&self) -> &State {
+        &self.state
     }
 
     /// Appends a record durably.
@@ -313,7 +399,10 @@ impl Journal {
         };
         let line = serde_json::to_vec(&rec)
             .map_err(|e| Error::Failed(format!("cannot encode journal record: {e}")))?;
+        // Whatever happens to the write, the file is no longer the one that was read.
+        self.seen = Seen::Unknown;
         fsops::append_line(&self.path, &line)?;
+        self.state.push(&rec);
         self.records.push(rec);
         Ok(())
     }
@@ -501,21 +590,26 @@ pub fn read_manifest_file(path: &Path) -> Result<Vec<Entry>> {
 /// Ids of the directories in `releases/` (no hidden names).
 pub fn release_dirs_on_disk(site: &Site) -> Result<BTreeSet<String>> {
     let dir = site.releases();
-    let mut out = BTreeSet::new();
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
         Err(e) => return Err(e).at(&dir),
     };
-    for entry in entries {
-        let entry = entry.at(&dir)?;
-        if let Some(name) = entry.file_name().to_str() {
-            if !name.starts_with('.') {
-                out.insert(name.to_string());
-            }
-        }
-    }
-    Ok(out)
+    let names = entries
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .at(&dir)?;
+    Ok(release_ids(&names))
+}
+
+/// The release ids among the names of `releases/`: what is not hidden (and is UTF-8).
+pub fn release_ids(names: &[std::ffi::OsString]) -> BTreeSet<String> {
+    names
+        .iter()
+        .filter_map(|n| n.to_str())
+        .filter(|n| !n.starts_with('.'))
+        .map(str::to_string)
+        .collect()
 }
 
 /// True when `a` and `b` describe the same content (order-insensitive).

@@ -55,6 +55,10 @@ static STATUS: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
 /// Updates this site's part of the systemd `STATUS=` line: what the site is doing and
 /// its current release, e.g. `shop: idle, current v42; blog: healing, current 2026...Z`.
 pub fn set_status(site: &Site, doing: &str) {
+    // Outside systemd nobody reads the line: not even `current` is looked up for it.
+    if !systemd::enabled() {
+        return;
+    }
     let line = match site.current_id() {
         Some(id) => format!("{}: {doing}, current {id}", site.name()),
         None => format!("{}: {doing}, no release yet", site.name()),
@@ -169,7 +173,7 @@ async fn reload(
             tracing::error!(event = events::CONFIG_REJECTED, site = %site_names(workers),
                 reason = %e, "new config rejected; keeping the running one");
             for h in workers.values() {
-                h.heal.notify_one();
+                h.heal();
             }
             return;
         }
@@ -181,8 +185,7 @@ async fn reload(
         .collect();
     for name in &stale {
         if let Some(h) = workers.remove(name) {
-            h.stop.notify_one();
-            let _ = h.join.await;
+            h.stop().await;
         }
         forget_status(name);
     }
@@ -197,7 +200,7 @@ async fn reload(
         }
     }
     for h in workers.values() {
-        h.heal.notify_one();
+        h.heal();
     }
     tracing::info!(
         event = events::CONFIG_RELOADED,
@@ -214,8 +217,7 @@ fn site_names(workers: &BTreeMap<String, worker::Handle>) -> String {
 
 async fn stop_all(workers: &mut BTreeMap<String, worker::Handle>) {
     for (_, h) in std::mem::take(workers) {
-        h.stop.notify_one();
-        let _ = h.join.await;
+        h.stop().await;
     }
 }
 

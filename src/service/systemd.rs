@@ -17,8 +17,13 @@ use sd_notify::NotifyState;
 /// The last `STATUS=` line, re-sent with `READY=1` so the two never disagree.
 static LAST_STATUS: Mutex<String> = Mutex::new(String::new());
 
+/// True when running under systemd's notification protocol (`$NOTIFY_SOCKET` set).
+pub fn enabled() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 fn send(states: &[NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if !enabled() {
         return;
     }
     if let Err(e) = sd_notify::notify(states) {

@@ -1,171 +1,251 @@
-//! The only place that knows about `notify` (inotify). Watches are non-recursive: the
-//! marker appears at the top of `deploy-cache/`, and `current`/links live at the top of
-//! the root, so a 100k-file tree costs two watches, not 100k.
+//! The only place that knows about inotify. Watches are non-recursive: the marker appears
+//! at the top of `deploy-cache/`, and `current`/links live at the top of the root, so a
+//! 100k-file tree costs two watches, not 100k.
 //!
-//! Events are hints, never the source of truth: each one only wakes a site's worker (a
-//! `tokio::sync::Notify`, which stores at most one permit), and the worker rescans. A flood
-//! of events therefore collapses into one wake-up instead of filling a queue, and an
-//! inotify overflow (`need_rescan`) wakes every site for a full rescan.
+//! Events are hints, never the source of truth: each one only wakes a site's worker (which
+//! sets a flag: many wake-ups before the worker looks are one), and the worker rescans. A
+//! flood of events therefore collapses into one wake-up instead of filling a queue, and an
+//! inotify overflow wakes every site for a full rescan.
+//!
+//! Only the events that can wake a worker are asked for (names created, deleted, renamed,
+//! closed after writing; the watched directory itself deleted or moved). Opens, reads,
+//! attribute changes and partial writes are never delivered, so the service's own
+//! directory scans (every healing pass lists `releases/` and the root) and a busy upload
+//! do not wake the reader thread at all.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
-use tokio::sync::Notify;
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 
 use crate::error::{Error, Result};
+
+/// What an event wakes: a site's worker. Called on the watcher's thread, so it must only
+/// record the wake-up, never do the work.
+pub trait Wake: Send + Sync {
+    /// Records one wake-up.
+    fn wake(&self);
+}
+
+/// True when `a` and `b` are the same wake-up target.
+fn same(a: &Arc<dyn Wake>, b: &Arc<dyn Wake>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
 
 /// Who to wake for events in one watched directory.
 #[derive(Clone)]
 struct Route {
     /// Only names equal to this wake (the marker); `None`: any name.
-    name: Option<std::ffi::OsString>,
-    wake: Arc<Notify>,
+    name: Option<OsString>,
+    wake: Arc<dyn Wake>,
 }
 
-type Routes = Arc<Mutex<HashMap<PathBuf, Vec<Route>>>>;
+/// Watched directories and their routes, shared with the reader thread.
+#[derive(Default)]
+struct Table {
+    /// Who to wake, by watched directory.
+    routes: HashMap<PathBuf, Vec<Route>>,
+    /// The directory each live watch was added for.
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+    /// The live watch of each directory.
+    wds: HashMap<PathBuf, WatchDescriptor>,
+}
 
-/// A shared inotify watcher routing events to per-site wake-ups.
-pub struct Watcher {
-    inner: Mutex<RecommendedWatcher>,
-    routes: Routes,
+impl Table {
+    /// Wakes every route (overflow or a read error: anything may have been missed).
+    fn wake_all(&self) {
+        self.routes.values().flatten().for_each(|rt| rt.wake.wake());
+    }
+
+    /// Wakes the routes of `dir` that want an event on `name`.
+    fn wake(&self, dir: &Path, name: &OsStr, is_create: bool) {
+        let Some(list) = self.routes.get(dir) else {
+            return;
+        };
+        for rt in list {
+            match &rt.name {
+                // Marker: only a finished write or a rename counts, never a bare create
+                // (its content may not be written yet).
+                Some(n) if n == name && !is_create => rt.wake.wake(),
+                Some(_) => {}
+                // The keeper's own transient names (a release being built, a link being
+                // swapped) need no healing: waking for them made every build trigger a
+                // heal, and a build deferred for space retry itself in a loop.
+                None if is_own_transient(name) => {}
+                None => rt.wake.wake(),
+            }
+        }
+    }
+
+    fn dispatch(&mut self, ev: &InotifyEvent) {
+        if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+            tracing::warn!("inotify queue overflowed; rescanning every site");
+            self.wake_all();
+            return;
+        }
+        if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
+            // The watch is gone (its directory was deleted, or it was removed).
+            if let Some(dir) = self.dirs.remove(&ev.wd) {
+                if self.wds.get(&dir) == Some(&ev.wd) {
+                    self.wds.remove(&dir);
+                }
+            }
+            return;
+        }
+        if !ev.mask.intersects(wake_mask()) {
+            return;
+        }
+        let Some(dir) = self.dirs.get(&ev.wd) else {
+            return;
+        };
+        let is_create = ev.mask.contains(AddWatchFlags::IN_CREATE);
+        match &ev.name {
+            Some(name) => self.wake(dir, name, is_create),
+            // The watched directory itself was deleted or moved: an event on its name in
+            // its parent, for whoever watches that (the root, for `deploy-cache/`).
+            None => {
+                if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
+                    self.wake(parent, name, is_create);
+                }
+            }
+        }
+    }
 }
 
 /// Names the keeper creates and removes itself while working.
-fn is_own_transient(name: &std::ffi::OsStr) -> bool {
+fn is_own_transient(name: &OsStr) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let b = name.as_bytes();
     b.starts_with(crate::fsops::PARTIAL_PREFIX.as_bytes())
         || b.starts_with(crate::fsops::TMP_PREFIX.as_bytes())
 }
 
-fn wakes(kind: &EventKind) -> bool {
-    matches!(
-        kind,
-        EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Modify(ModifyKind::Name(_))
-            | EventKind::Remove(_)
-            | EventKind::Create(_)
-    )
+/// The events that wake a worker, and the only ones asked for (besides overflow and
+/// `IN_IGNORED`, which the kernel always reports).
+fn wake_mask() -> AddWatchFlags {
+    AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF
+}
+
+/// A shared inotify watcher routing events to per-site wake-ups.
+pub struct Watcher {
+    inotify: Arc<Inotify>,
+    table: Arc<Mutex<Table>>,
+}
+
+/// Reads events until the descriptor fails (it never does while the process lives).
+fn read_loop(inotify: &Inotify, table: &Mutex<Table>) {
+    loop {
+        match inotify.read_events() {
+            Ok(events) => {
+                let Ok(mut table) = table.lock() else { return };
+                for ev in &events {
+                    table.dispatch(ev);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => {
+                // No more events: wake everyone once; the heal timer is the backstop.
+                tracing::error!(error = %e, "cannot read inotify events; rescanning every site, \
+                    relying on the heal timer from now on");
+                if let Ok(table) = table.lock() {
+                    table.wake_all();
+                }
+                return;
+            }
+        }
+    }
 }
 
 impl Watcher {
-    /// Starts the inotify backend.
+    /// Starts the inotify instance and the thread that reads it (blocked in `read(2)`
+    /// while nothing happens).
     pub fn new() -> Result<Arc<Watcher>> {
-        let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
-        let r = Arc::clone(&routes);
-        let inner = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let Ok(routes) = r.lock() else { return };
-            match res {
-                Ok(ev) if ev.need_rescan() => {
-                    tracing::warn!("inotify queue overflowed; rescanning every site");
-                    routes
-                        .values()
-                        .flatten()
-                        .for_each(|rt| rt.wake.notify_one());
-                }
-                Ok(ev) if wakes(&ev.kind) => {
-                    for p in &ev.paths {
-                        let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
-                            continue;
-                        };
-                        let Some(list) = routes.get(dir) else {
-                            continue;
-                        };
-                        for rt in list {
-                            // Marker: only a finished write or a rename counts, never a
-                            // bare create (its content may not be written yet).
-                            let is_create = matches!(ev.kind, EventKind::Create(_));
-                            match &rt.name {
-                                Some(n) if n == name && !is_create => rt.wake.notify_one(),
-                                Some(_) => {}
-                                // The keeper's own transient names (a release being
-                                // built, a link being swapped) need no healing: waking
-                                // for them made every build trigger a heal, and a build
-                                // deferred for space retry itself in a loop.
-                                None if is_own_transient(name) => {}
-                                None => rt.wake.notify_one(),
-                            }
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "inotify error; rescanning every site");
-                    routes
-                        .values()
-                        .flatten()
-                        .for_each(|rt| rt.wake.notify_one());
-                }
-            }
-        })
-        .map_err(|e| Error::Failed(format!("cannot start inotify: {e}")))?;
-        Ok(Arc::new(Watcher {
-            inner: Mutex::new(inner),
-            routes,
-        }))
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| match e {
+            Errno::EMFILE => Error::Failed(
+                "cannot start inotify: too many inotify instances; raise \
+                 fs.inotify.max_user_instances (sysctl)"
+                    .into(),
+            ),
+            _ => Error::Failed(format!("cannot start inotify: {e}")),
+        })?;
+        let inotify = Arc::new(inotify);
+        let table = Arc::new(Mutex::new(Table::default()));
+        let (i, t) = (Arc::clone(&inotify), Arc::clone(&table));
+        std::thread::Builder::new()
+            .name("inotify".into())
+            .spawn(move || read_loop(&i, &t))
+            .map_err(|e| Error::Failed(format!("cannot start the inotify thread: {e}")))?;
+        Ok(Arc::new(Watcher { inotify, table }))
     }
 
     /// Watches `dir` (non-recursively) and wakes `wake` for events on `name` in it (or
     /// any name when `None`). Re-watching a directory that was deleted and recreated is
-    /// how callers recover its watch.
-    pub fn watch(&self, dir: &Path, name: Option<&str>, wake: Arc<Notify>) -> Result<()> {
-        {
-            let mut routes = self
-                .routes
-                .lock()
-                .map_err(|_| Error::Failed("watcher routes poisoned".into()))?;
-            let list = routes.entry(dir.to_path_buf()).or_default();
-            if !list.iter().any(|r| Arc::ptr_eq(&r.wake, &wake)) {
-                list.push(Route {
-                    name: name.map(Into::into),
-                    wake,
-                });
-            }
-        }
-        let mut inner = self
-            .inner
+    /// how callers recover its watch; re-watching one that did not change costs one
+    /// `inotify_add_watch(2)`.
+    pub fn watch(&self, dir: &Path, name: Option<&str>, wake: Arc<dyn Wake>) -> Result<()> {
+        let mut table = self
+            .table
             .lock()
-            .map_err(|_| Error::Failed("watcher poisoned".into()))?;
+            .map_err(|_| Error::Failed("watcher table poisoned".into()))?;
+        let list = table.routes.entry(dir.to_path_buf()).or_default();
+        if !list.iter().any(|r| same(&r.wake, &wake)) {
+            list.push(Route {
+                name: name.map(Into::into),
+                wake,
+            });
+        }
         // No unwatch first: adding again re-resolves the path (a recreated directory gets
-        // a new watch) without a window in which events are lost.
-        inner
-            .watch(dir, RecursiveMode::NonRecursive)
-            .map_err(|e| match e.kind {
-                notify::ErrorKind::MaxFilesWatch => Error::Failed(format!(
+        // a new watch) without a window in which events are lost. The table stays locked
+        // so the reader cannot see the new watch's events before it is known.
+        let wd = self
+            .inotify
+            .add_watch(dir, wake_mask())
+            .map_err(|e| match e {
+                Errno::ENOSPC => Error::Failed(format!(
                     "cannot watch {}: the inotify watch limit is reached; raise \
                      fs.inotify.max_user_watches (sysctl) or fs.inotify.max_user_instances",
                     dir.display()
                 )),
                 _ => Error::Failed(format!("cannot watch {}: {e}", dir.display())),
-            })
+            })?;
+        if let Some(old) = table.wds.insert(dir.to_path_buf(), wd) {
+            if old != wd {
+                // The path now names another directory; the old one (moved away, or
+                // deleted and not yet reported) must not be taken for it any more.
+                table.dirs.remove(&old);
+                let _ = self.inotify.rm_watch(old);
+            }
+        }
+        table.dirs.insert(wd, dir.to_path_buf());
+        Ok(())
     }
 
     /// Stops routing events of every directory to `wake` (a site going away).
-    pub fn forget(&self, wake: &Arc<Notify>) {
-        let empty: Vec<PathBuf> = {
-            let Ok(mut routes) = self.routes.lock() else {
-                return;
-            };
-            let mut empty = Vec::new();
-            for (dir, list) in routes.iter_mut() {
-                list.retain(|r| !Arc::ptr_eq(&r.wake, wake));
-                if list.is_empty() {
-                    empty.push(dir.clone());
-                }
-            }
-            for dir in &empty {
-                routes.remove(dir);
-            }
-            empty
+    pub fn forget(&self, wake: &Arc<dyn Wake>) {
+        let Ok(mut table) = self.table.lock() else {
+            return;
         };
-        // `unwatch` waits for notify's event thread, whose callback takes the routes lock:
-        // calling it with that lock held deadlocks (seen on SIGTERM and SIGHUP).
-        if let Ok(mut inner) = self.inner.lock() {
-            for dir in empty {
-                let _ = inner.unwatch(&dir);
+        let mut empty = Vec::new();
+        for (dir, list) in table.routes.iter_mut() {
+            list.retain(|r| !same(&r.wake, wake));
+            if list.is_empty() {
+                empty.push(dir.clone());
+            }
+        }
+        for dir in empty {
+            table.routes.remove(&dir);
+            if let Some(wd) = table.wds.remove(&dir) {
+                table.dirs.remove(&wd);
+                let _ = self.inotify.rm_watch(wd);
             }
         }
     }

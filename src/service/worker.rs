@@ -1,20 +1,27 @@
-//! One worker per site: it owns the site's lifetime lock, waits for wake-ups (marker
-//! events, root events, timers), and does the work on a blocking thread while holding the
-//! site's operation lock, so CLI commands interleave safely between jobs.
+//! One worker per site: a thread of its own that owns the site's lifetime lock, waits for
+//! wake-ups (marker events, root events, SIGHUP, its timers), and does the work while
+//! holding the site's operation lock, so CLI commands interleave safely between jobs.
+//!
+//! A thread, not an async task: the periodic healing pass then runs where its timer
+//! fires, and an idle site costs one timed wait per `heal_interval` and the pass itself.
+//! From a task, each pass took the runtime's timer wheel (which wakes up to three times
+//! for a one-minute timer), a hand-off to the blocking pool and one back: together more
+//! CPU than the pass.
 
+use std::fs;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Notify};
-use tokio::time::MissedTickBehavior;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::fsops::{self, Lock};
+use crate::fsops::{self, Listings, Lock};
 use crate::heal;
 use crate::pipeline;
 use crate::release::store::Journal;
-use crate::service::watcher::Watcher;
+use crate::service::watcher::{Wake, Watcher};
 use crate::site::Site;
 use crate::upload::marker;
 use crate::verify;
@@ -22,16 +29,108 @@ use crate::verify;
 /// How a worker reports its first pass to the supervisor.
 pub type Ready = mpsc::UnboundedSender<(String, Result<()>)>;
 
+/// The wake-ups waiting for a worker: each is a flag, so any number of them before the
+/// worker looks is one.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flags {
+    /// Exit after the current job.
+    stop: bool,
+    /// A marker was closed or renamed into place.
+    marker: bool,
+    /// Something changed in the root or `releases/`, or SIGHUP: a healing pass.
+    heal: bool,
+}
+
+/// Where a worker's wake-ups are posted, and what its thread sleeps on.
+#[derive(Debug, Default)]
+struct Mailbox {
+    flags: Mutex<Flags>,
+    posted: Condvar,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, Flags> {
+        // Only flags are set under this lock; a panic cannot leave them half-written.
+        self.flags.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn post(&self, set: impl FnOnce(&mut Flags)) {
+        set(&mut self.lock());
+        self.posted.notify_one();
+    }
+
+    fn stopping(&self) -> bool {
+        self.lock().stop
+    }
+
+    /// Takes the wake-ups posted so far, first waiting for one until `deadline` (a
+    /// single timed sleep: no wake-up before it unless something is posted).
+    fn wait(&self, deadline: Instant) -> Flags {
+        let mut flags = self.lock();
+        loop {
+            if flags.stop || flags.marker || flags.heal {
+                break;
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            if left.is_zero() {
+                break;
+            }
+            flags = self
+                .posted
+                .wait_timeout(flags, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let taken = *flags;
+        // `stop` stays set: it is also looked at between the jobs of one wake-up.
+        *flags = Flags {
+            stop: taken.stop,
+            ..Flags::default()
+        };
+        taken
+    }
+}
+
+/// One kind of wake-up, as the watcher posts it.
+struct Poster {
+    mailbox: Arc<Mailbox>,
+    marker: bool,
+}
+
+impl Wake for Poster {
+    fn wake(&self) {
+        self.mailbox.post(|f| {
+            if self.marker {
+                f.marker = true;
+            } else {
+                f.heal = true;
+            }
+        });
+    }
+}
+
 /// The handles the supervisor keeps for a running worker.
 pub struct Handle {
     /// The site's config, to detect changes on reload.
     pub site: Site,
-    /// Asks the worker to exit after its current job.
-    pub stop: Arc<Notify>,
+    mailbox: Arc<Mailbox>,
+    /// Completes (with an error: the sender is dropped) when the worker's thread ends.
+    done: oneshot::Receiver<()>,
+}
+
+impl Handle {
     /// Wakes a healing pass (SIGHUP).
-    pub heal: Arc<Notify>,
-    /// The worker task.
-    pub join: tokio::task::JoinHandle<()>,
+    pub fn heal(&self) {
+        self.mailbox.post(|f| f.heal = true);
+    }
+
+    /// Asks the worker to exit after its current job, and waits until it has.
+    pub async fn stop(self) {
+        self.mailbox.post(|f| f.stop = true);
+        let _ = self.done.await;
+    }
 }
 
 /// What a wake-up asks for.
@@ -47,142 +146,219 @@ enum Job {
     Verify,
 }
 
-/// Starts the worker of `site`.
+/// Starts the worker of `site` on a thread of its own.
 pub fn spawn(site: Site, watcher: Arc<Watcher>, cancel: Arc<AtomicBool>, ready: Ready) -> Handle {
-    let stop = Arc::new(Notify::new());
-    let heal = Arc::new(Notify::new());
-    let join = tokio::spawn(run(
-        site.clone(),
+    let mailbox = Arc::new(Mailbox::default());
+    let (done_tx, done) = oneshot::channel();
+    let worker = Worker {
+        site: site.clone(),
         watcher,
         cancel,
-        ready,
-        Arc::clone(&stop),
-        Arc::clone(&heal),
-    ));
+        mailbox: Arc::clone(&mailbox),
+    };
+    let name = site.name().to_string();
+    let failed = ready.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("rk:{name}"))
+        .spawn(move || {
+            // Dropped when the thread ends, however it ends: that is what `stop` awaits.
+            let _done = done_tx;
+            worker.run(ready);
+        });
+    if let Err(e) = spawned {
+        let _ = failed.send((
+            name,
+            Err(Error::Failed(format!(
+                "cannot start the worker thread: {e}"
+            ))),
+        ));
+    }
     Handle {
         site,
-        stop,
-        heal,
-        join,
+        mailbox,
+        done,
     }
 }
 
-async fn run(
+/// A site's worker, on its thread.
+struct Worker {
     site: Site,
     watcher: Arc<Watcher>,
     cancel: Arc<AtomicBool>,
-    ready: Ready,
-    stop: Arc<Notify>,
-    heal_wake: Arc<Notify>,
-) {
-    let name = site.name().to_string();
-    let marker_wake = Arc::new(Notify::new());
-    let mut ready = Some(ready);
-    let mut report = |r: Result<()>| {
-        if let Some(tx) = ready.take() {
-            let _ = tx.send((name.clone(), r));
-        }
-    };
-
-    // A root that does not exist yet is waited for; its parent is watched so it is
-    // picked up as soon as it appears, with the heal timer as a backstop.
-    if !site.root_exists() {
-        tracing::warn!(site = site.name(), root = %site.root().display(),
-            "site root does not exist yet; waiting for it");
-        crate::service::set_status(&site, "waiting for its root");
-        report(Ok(()));
-        if let Some(parent) = site.root().parent() {
-            if let Err(e) = watcher.watch(parent, None, Arc::clone(&heal_wake)) {
-                tracing::warn!(site = site.name(), error = %e, "cannot watch the root's parent");
-            }
-        }
-        while !site.root_exists() {
-            tokio::select! {
-                _ = stop.notified() => return,
-                _ = heal_wake.notified() => {},
-                _ = tokio::time::sleep(site.cfg.heal_interval) => {},
-            }
-            if cancel.load(Ordering::Relaxed) {
-                return;
-            }
-        }
-    }
-
-    let lifetime = match take_lifetime_lock(&site) {
-        Ok(l) => l,
-        Err(e) => {
-            report(Err(e));
-            return;
-        }
-    };
-    let watch = |site: &Site| {
-        for (dir, name, wake) in [
-            (
-                site.deploy_cache(),
-                Some(site.cfg.marker.as_str()),
-                &marker_wake,
-            ),
-            (site.root().to_path_buf(), None, &heal_wake),
-            (site.releases(), None, &heal_wake),
-        ] {
-            if let Err(e) = watcher.watch(&dir, name, Arc::clone(wake)) {
-                tracing::error!(site = site.name(), error = %e, "cannot watch");
-            }
-        }
-    };
-    // First pass: heal, then whatever markers arrived while the service was stopped.
-    // The first pass only heals, so READY=1 is not held back by redoing a big interrupted
-    // upload (systemd would time the start out); pending claims follow right after.
-    let first = work(&site, &cancel, Job::FirstHeal).await;
-    watch(&site);
-    report(first.map(|_| ()));
-    let rescan_wake = Arc::new(Notify::new());
-    work_logged(&site, &cancel, Job::Rescan).await;
-    recheck_young_marker(&site, &rescan_wake);
-
-    let mut heal_tick = tokio::time::interval(site.cfg.heal_interval);
-    heal_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    heal_tick.tick().await;
-    let mut verify_tick = tokio::time::interval(site.cfg.verify_interval);
-    verify_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    verify_tick.tick().await;
-    loop {
-        let job = tokio::select! {
-            _ = stop.notified() => break,
-            _ = marker_wake.notified() => Job::Uploads,
-            _ = rescan_wake.notified() => Job::Rescan,
-            _ = heal_wake.notified() => Job::Heal,
-            _ = heal_tick.tick() => Job::Heal,
-            _ = verify_tick.tick() => Job::Verify,
-        };
-        if cancel.load(Ordering::Relaxed) {
-            break;
-        }
-        if job == Job::Heal {
-            // A recreated deploy-cache/ needs a new watch.
-            watch(&site);
-        }
-        work_logged(&site, &cancel, job).await;
-        if cancel.load(Ordering::Relaxed) {
-            break;
-        }
-        recheck_young_marker(&site, &rescan_wake);
-    }
-    watcher.forget(&marker_wake);
-    watcher.forget(&heal_wake);
-    drop(lifetime);
+    mailbox: Arc<Mailbox>,
 }
 
-/// A marker a scan left because it was still young gets a second look once settled
-/// (its close-write event, if it is still being written, wakes the worker anyway).
-fn recheck_young_marker(site: &Site, rescan: &Arc<Notify>) {
-    if std::fs::symlink_metadata(site.marker()).is_ok() {
-        let rescan = Arc::clone(rescan);
-        tokio::spawn(async move {
-            tokio::time::sleep(marker::MARKER_SETTLE).await;
-            rescan.notify_one();
-        });
+impl Worker {
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.mailbox.stopping()
     }
+
+    fn run(&self, ready: Ready) {
+        let site = &self.site;
+        let marker_wake: Arc<dyn Wake> = Arc::new(Poster {
+            mailbox: Arc::clone(&self.mailbox),
+            marker: true,
+        });
+        let heal_wake: Arc<dyn Wake> = Arc::new(Poster {
+            mailbox: Arc::clone(&self.mailbox),
+            marker: false,
+        });
+        let mut ready = Some(ready);
+        let mut report = |r: Result<()>| {
+            if let Some(tx) = ready.take() {
+                let _ = tx.send((site.name().to_string(), r));
+            }
+        };
+        self.serve(&mut report, &marker_wake, &heal_wake);
+        self.watcher.forget(&marker_wake);
+        self.watcher.forget(&heal_wake);
+    }
+
+    fn serve(
+        &self,
+        report: &mut impl FnMut(Result<()>),
+        marker_wake: &Arc<dyn Wake>,
+        heal_wake: &Arc<dyn Wake>,
+    ) {
+        let site = &self.site;
+        let heal_interval = site.cfg.heal_interval;
+        // A root that does not exist yet is waited for; its parent is watched so it is
+        // picked up as soon as it appears, with the heal timer as a backstop.
+        if !site.root_exists() {
+            tracing::warn!(site = site.name(), root = %site.root().display(),
+                "site root does not exist yet; waiting for it");
+            crate::service::set_status(site, "waiting for its root");
+            report(Ok(()));
+            if let Some(parent) = site.root().parent() {
+                if let Err(e) = self.watcher.watch(parent, None, Arc::clone(heal_wake)) {
+                    tracing::warn!(site = site.name(), error = %e,
+                        "cannot watch the root's parent");
+                }
+            }
+            while !site.root_exists() {
+                let mail = self.mailbox.wait(after(heal_interval));
+                if mail.stop || self.cancel.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+        }
+
+        let lifetime = match take_lifetime_lock(site) {
+            Ok(l) => l,
+            Err(e) => {
+                report(Err(e));
+                return;
+            }
+        };
+        let watch = || {
+            for (dir, name, wake) in [
+                (
+                    site.deploy_cache(),
+                    Some(site.cfg.marker.as_str()),
+                    marker_wake,
+                ),
+                (site.root().to_path_buf(), None, heal_wake),
+                (site.releases(), None, heal_wake),
+            ] {
+                if let Err(e) = self.watcher.watch(&dir, name, Arc::clone(wake)) {
+                    tracing::error!(site = site.name(), error = %e, "cannot watch");
+                }
+            }
+        };
+        // First pass: heal, then whatever markers arrived while the service was stopped.
+        // The first pass only heals, so READY=1 is not held back by redoing a big
+        // interrupted upload (systemd would time the start out); pending claims follow.
+        let mut kept = Kept::default();
+        let first = self.work(Job::FirstHeal, &mut kept);
+        watch();
+        report(first);
+        self.work_logged(Job::Rescan, &mut kept);
+
+        let mut rescan_at = young_marker(site);
+        let mut next_heal = after(heal_interval);
+        let mut next_verify = after(site.cfg.verify_interval);
+        loop {
+            let deadline = rescan_at.map_or(next_heal, |r| r.min(next_heal));
+            let mail = self.mailbox.wait(deadline.min(next_verify));
+            if mail.stop || self.cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            let now = Instant::now();
+            let mut jobs = Vec::with_capacity(4);
+            if mail.marker {
+                jobs.push(Job::Uploads);
+            }
+            if rescan_at.is_some_and(|r| r <= now) {
+                rescan_at = None;
+                jobs.push(Job::Rescan);
+            }
+            if mail.heal || next_heal <= now {
+                jobs.push(Job::Heal);
+            }
+            if next_verify <= now {
+                next_verify = after(site.cfg.verify_interval);
+                jobs.push(Job::Verify);
+            }
+            for job in jobs {
+                if self.cancelled() {
+                    break;
+                }
+                if job == Job::Heal {
+                    // A recreated deploy-cache/ needs a new watch.
+                    watch();
+                }
+                self.work_logged(job, &mut kept);
+                if job == Job::Heal {
+                    // The timer is the backstop for what inotify does not see: it is
+                    // due one interval after the last pass, whatever woke that.
+                    next_heal = after(heal_interval);
+                }
+                if let Some(at) = young_marker(site) {
+                    rescan_at = Some(rescan_at.map_or(at, |r| r.min(at)));
+                }
+            }
+        }
+        drop(lifetime);
+    }
+
+    fn work_logged(&self, job: Job, kept: &mut Kept) {
+        if let Err(e) = self.work(job, kept) {
+            if !matches!(e, Error::Interrupted) {
+                tracing::error!(site = self.site.name(), error = %e, job = ?job, "work failed");
+            }
+        }
+    }
+
+    /// Runs `job`. A panic fails the job, not the worker; what the worker kept is then
+    /// dropped (read again by the next job), as it may be half-updated.
+    fn work(&self, job: Job, kept: &mut Kept) -> Result<()> {
+        match catch_unwind(AssertUnwindSafe(|| {
+            work_blocking(&self.site, &self.cancel, job, kept)
+        })) {
+            Ok(result) => result,
+            Err(_) => {
+                *kept = Kept::default();
+                Err(Error::Failed(format!("{job:?} job panicked")))
+            }
+        }
+    }
+}
+
+/// When to take a second look at a marker a scan left because it was still young: once
+/// it has settled (its close-write event, if it is still being written, wakes the worker
+/// anyway). `None` when there is no marker.
+fn young_marker(site: &Site) -> Option<Instant> {
+    fs::symlink_metadata(site.marker())
+        .is_ok()
+        .then(|| after(marker::MARKER_SETTLE))
+}
+
+/// The instant `d` from now (a year from now for a `d` too long to represent).
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
 }
 
 fn take_lifetime_lock(site: &Site) -> Result<Lock> {
@@ -197,23 +373,30 @@ fn take_lifetime_lock(site: &Site) -> Result<Lock> {
     })
 }
 
-async fn work_logged(site: &Site, cancel: &Arc<AtomicBool>, job: Job) {
-    if let Err(e) = work(site, cancel, job).await {
-        if !matches!(e, Error::Interrupted) {
-            tracing::error!(site = site.name(), error = %e, job = ?job, "work failed");
+/// What a worker keeps from one job to the next, so that an idle healing pass re-reads
+/// nothing that did not change.
+#[derive(Debug, Default)]
+struct Kept {
+    /// The site's journal, re-read only when the file changed (a CLI command or an
+    /// upload appended to it).
+    journal: Option<Journal>,
+    /// The healing pass's directory listings, re-read only when a directory changed.
+    listings: Listings,
+}
+
+/// The site's journal from `kept`, current (loaded if there is none yet).
+fn current_journal<'a>(kept: &'a mut Option<Journal>, site: &Site) -> Result<&'a mut Journal> {
+    let journal = match kept.take() {
+        Some(mut j) => {
+            j.refresh()?;
+            j
         }
-    }
+        None => Journal::load(site)?,
+    };
+    Ok(kept.insert(journal))
 }
 
-async fn work(site: &Site, cancel: &Arc<AtomicBool>, job: Job) -> Result<()> {
-    let site = site.clone();
-    let cancel = Arc::clone(cancel);
-    tokio::task::spawn_blocking(move || work_blocking(&site, &cancel, job))
-        .await
-        .map_err(|e| Error::Failed(format!("worker task failed: {e}")))?
-}
-
-fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
+fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Result<()> {
     heal::repair_locks(site, false)?;
     // Wait for a CLI command holding the lock, but stay responsive to shutdown.
     let _lock = loop {
@@ -224,28 +407,41 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
             break l;
         }
     };
+    // A periodic pass is over in well under a millisecond and usually changes nothing:
+    // announcing it would send systemd two status lines a minute for nothing. The line is
+    // brought up to date after it, like after every job.
     let doing = match job {
-        Job::Heal | Job::FirstHeal => "healing",
-        Job::Uploads | Job::Rescan => "processing uploads",
-        Job::Verify => "verifying",
+        Job::FirstHeal => Some("healing"),
+        Job::Heal => None,
+        Job::Uploads | Job::Rescan => Some("processing uploads"),
+        Job::Verify => Some("verifying"),
     };
-    crate::service::set_status(site, doing);
-    let result = run_job(site, cancel, job);
+    if let Some(doing) = doing {
+        crate::service::set_status(site, doing);
+    }
+    let result = run_job(site, cancel, job, kept);
     crate::service::set_status(site, "idle");
     // Still under the operation lock, so the journal is not changing underneath.
-    crate::metrics::update(site);
+    if site.cfg.metrics_file.is_some() {
+        crate::metrics::update(site, current_journal(&mut kept.journal, site).map(|j| &*j));
+    }
     result
 }
 
-fn run_job(site: &Site, cancel: &AtomicBool, job: Job) -> Result<()> {
+fn run_job(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Result<()> {
     match job {
         Job::FirstHeal => {
-            heal::heal(site, &mut Journal::load(site)?, false)?;
+            let journal = current_journal(&mut kept.journal, site)?;
+            heal::heal_with(site, journal, false, &mut kept.listings)?;
         }
         Job::Heal => {
-            let mut journal = Journal::load(site)?;
-            heal::heal(site, &mut journal, false)?;
-            pipeline::run_pending(site, cancel, false)?;
+            let journal = current_journal(&mut kept.journal, site)?;
+            let outcome = heal::heal_with(site, journal, false, &mut kept.listings)?;
+            // The pass saw every claim (uploads run under the same lock): with none, and
+            // no marker a missed event could have left, there is nothing to process.
+            if outcome.claims > 0 || fs::symlink_metadata(site.marker()).is_ok() {
+                pipeline::run_pending(site, cancel, false)?;
+            }
         }
         Job::Uploads => {
             pipeline::run_pending(site, cancel, true)?;

@@ -166,29 +166,29 @@ pub fn marker_is_young(site: &Site, min_age: std::time::Duration) -> bool {
 }
 
 /// Whether some process holds `path` open for writing: a read lease (`F_SETLEASE`) is
-/// refused with EAGAIN exactly then. `None` when it cannot be told (not a regular file,
-/// not the owner and no CAP_LEASE, a filesystem without leases).
-pub fn open_for_writing(path: &Path) -> Option<bool> {
+/// refused with EAGAIN exactly then. `Ok(None)` when it cannot be told (not a regular
+/// file, not the owner and no CAP_LEASE, a filesystem without leases); `Err` when `path`
+/// cannot be opened (`NotFound`: there is no marker).
+pub fn open_for_writing(path: &Path) -> std::io::Result<Option<bool>> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .ok()?;
-    if !f.metadata().ok()?.is_file() {
-        return None;
+        .open(path)?;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return Ok(None);
     }
     // SAFETY: plain fcntl on a descriptor we own for the duration of the call.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
     if r == 0 {
         // SAFETY: as above; drops the lease at once so no writer is ever delayed.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
-        return Some(false);
+        return Ok(Some(false));
     }
     match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::EAGAIN) => Some(true),
-        _ => None,
+        Some(libc::EAGAIN) => Ok(Some(true)),
+        _ => Ok(None),
     }
 }
 
@@ -198,10 +198,13 @@ pub fn open_for_writing(path: &Path) -> Option<bool> {
 /// claimed.
 pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<bool> {
     match open_for_writing(&site.marker()) {
-        Some(true) => return Ok(false),
-        Some(false) => {}
-        None if marker_is_young(site, min_age) => return Ok(false),
-        None => {}
+        // No marker (every idle pass): one failed open, nothing more. One dropped right
+        // after this wakes the worker by its own event.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Ok(Some(true)) => return Ok(false),
+        Ok(Some(false)) => {}
+        _ if marker_is_young(site, min_age) => return Ok(false),
+        _ => {}
     }
     let marker = site.marker();
     let dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
