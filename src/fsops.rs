@@ -266,7 +266,7 @@ const SETTLED: Duration = Duration::from_secs(3);
 /// What identifies one version of a directory's entries: adding, removing or renaming an
 /// entry sets its mtime and ctime to the current time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DirStamp {
+pub struct DirStamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -309,12 +309,24 @@ impl DirStamp {
 /// read (`SETTLED`), so a change in the same timestamp tick as the read is never missed.
 #[derive(Debug, Default)]
 pub struct Listings {
-    dirs: std::collections::HashMap<PathBuf, (DirStamp, std::sync::Arc<Vec<OsString>>)>,
+    dirs: std::collections::HashMap<PathBuf, (DirStamp, Listing)>,
 }
 
+/// The entries of a directory, unsorted: name and type (the type as `readdir` gives it
+/// where the file system records it, so most listings cost no `stat` per entry). An
+/// entry's type cannot change without its name being replaced, which changes the
+/// directory.
+pub type Listing = std::sync::Arc<Vec<(OsString, fs::FileType)>>;
+
 impl Listings {
-    /// The names in `dir` (following a symlink, as `read_dir` does), unsorted.
-    pub fn names(&mut self, dir: &Path) -> std::io::Result<std::sync::Arc<Vec<OsString>>> {
+    /// The stamp of `dir` as of its last listing, if that listing is kept (the directory
+    /// had settled): equal stamps at two listings mean the same entries all along.
+    pub fn stamp(&self, dir: &Path) -> Option<DirStamp> {
+        self.dirs.get(dir).map(|(stamp, _)| *stamp)
+    }
+
+    /// The entries of `dir` (following a symlink, as `read_dir` does).
+    pub fn names(&mut self, dir: &Path) -> std::io::Result<Listing> {
         // The stamp is taken before the listing: a change during the read changes the
         // stamp again, so the next call reads again instead of keeping a stale listing.
         let stamp = DirStamp::of(&fs::metadata(dir)?);
@@ -323,9 +335,17 @@ impl Listings {
                 return Ok(std::sync::Arc::clone(names));
             }
         }
-        let names = fs::read_dir(dir)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            match entry.file_type() {
+                Ok(kind) => names.push((entry.file_name(), kind)),
+                // Gone since the directory was read (a type the file system does not
+                // record costs an lstat): it is not there any more.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
         let names = std::sync::Arc::new(names);
         if stamp.settled(std::time::SystemTime::now()) {
             self.dirs
@@ -354,7 +374,15 @@ impl Lock {
 /// Takes the exclusive lock on `path` (creating the file). `None` waits forever,
 /// `Some(d)` waits up to `d` (zero: do not wait). Returns `Ok(None)` when still busy.
 pub fn lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {
-    let file = OpenOptions::new()
+    let file = open_lock_file(path)?;
+    Ok(flock_within(&file, path, wait)?.then(|| Lock {
+        _file: file,
+        path: path.to_path_buf(),
+    }))
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -362,31 +390,66 @@ pub fn lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
-        .at(path)?;
+        .at(path)
+}
+
+/// Takes the exclusive `flock` on `file`, waiting forever (`None`) or up to `wait`;
+/// false when it is still busy.
+fn flock_within(file: &File, path: &Path, wait: Option<Duration>) -> Result<bool> {
     let Some(limit) = wait else {
         file.lock().at(path)?;
-        return Ok(Some(Lock {
-            _file: file,
-            path: path.to_path_buf(),
-        }));
+        return Ok(true);
     };
     let deadline = Instant::now() + limit;
     loop {
         match file.try_lock() {
-            Ok(()) => {
-                return Ok(Some(Lock {
-                    _file: file,
-                    path: path.to_path_buf(),
-                }))
-            }
+            Ok(()) => return Ok(true),
             Err(fs::TryLockError::WouldBlock) => {}
             Err(fs::TryLockError::Error(e)) => return Err(e).at(path),
         }
         if Instant::now() >= deadline {
-            return Ok(None);
+            return Ok(false);
         }
         // flock has no timed wait; a short poll only while a caller asked to wait.
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A lock file kept open between uses, so that taking the lock is one `flock` instead of
+/// an open, a `flock` and a close (the service takes its operation lock for every job).
+/// The holder must make sure the path still names the file (`Listings` of its directory
+/// tell): a replaced lock file would lock nobody out.
+#[derive(Debug)]
+pub struct LockFile {
+    file: File,
+    path: PathBuf,
+}
+
+/// The lock of a `LockFile`, held until dropped (the file stays open).
+#[derive(Debug)]
+pub struct Held<'a>(&'a LockFile);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Closing would release it too; unlocking keeps the file open for the next use.
+        if let Err(e) = self.0.file.unlock() {
+            tracing::warn!(path = %self.0.path.display(), error = %e, "cannot unlock");
+        }
+    }
+}
+
+impl LockFile {
+    /// Opens (creating) the lock file at `path`, without locking it.
+    pub fn open(path: &Path) -> Result<LockFile> {
+        Ok(LockFile {
+            file: open_lock_file(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Takes the lock, waiting up to `wait`; `Ok(None)` when it is still busy.
+    pub fn acquire(&self, wait: Duration) -> Result<Option<Held<'_>>> {
+        Ok(flock_within(&self.file, &self.path, Some(wait))?.then_some(Held(self)))
     }
 }
 
@@ -727,5 +790,66 @@ mod tests {
         }
         remove_tree(&top).unwrap();
         assert!(!top.exists());
+    }
+
+    #[test]
+    fn kept_lock_file_locks_out_others_only_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let file = LockFile::open(&p).unwrap();
+        let held = file.acquire(Duration::ZERO).unwrap();
+        assert!(held.is_some());
+        assert!(lock(&p, Some(Duration::ZERO)).unwrap().is_none());
+        drop(held);
+        let other = lock(&p, Some(Duration::ZERO)).unwrap();
+        assert!(other.is_some());
+        assert!(file.acquire(Duration::ZERO).unwrap().is_none());
+        drop(other);
+        assert!(file.acquire(Duration::ZERO).unwrap().is_some());
+    }
+
+    fn sorted_names(l: &mut Listings, dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = l
+            .names(dir)
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn listings_are_kept_only_for_settled_directories_and_see_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join("a"), b"").unwrap();
+        fs::create_dir(d.join("sub")).unwrap();
+        let mut l = Listings::default();
+        // Just changed: read, not kept (a change in the same tick could go unseen).
+        assert_eq!(sorted_names(&mut l, d), ["a", "sub"]);
+        assert!(l.stamp(d).is_none());
+        std::thread::sleep(SETTLED + Duration::from_millis(200));
+        assert_eq!(sorted_names(&mut l, d), ["a", "sub"]);
+        let kept = l.stamp(d);
+        assert!(kept.is_some());
+        let first = l.names(d).unwrap();
+        let again = l.names(d).unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&first, &again),
+            "reused while unchanged"
+        );
+        assert!(first
+            .iter()
+            .any(|(n, kind)| n.as_os_str() == "sub" && kind.is_dir()));
+        // Any change to the entries is seen at the next call.
+        fs::write(d.join("b"), b"").unwrap();
+        assert_eq!(sorted_names(&mut l, d), ["a", "b", "sub"]);
+        assert!(l.stamp(d).is_none());
+        fs::remove_file(d.join("a")).unwrap();
+        assert_eq!(sorted_names(&mut l, d), ["b", "sub"]);
+        // A change inside an entry is not a change of the directory's entries.
+        fs::write(d.join("b"), b"content").unwrap();
+        assert_eq!(sorted_names(&mut l, d), ["b", "sub"]);
     }
 }

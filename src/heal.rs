@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use crate::activate;
 use crate::error::{IoContext, Result};
 use crate::events;
-use crate::fsops::{self, Listings};
+use crate::fsops::{self, Listing, Listings};
 use crate::release::store::{self, Journal, Op};
 use crate::site::{self, Site};
 use crate::upload::marker;
@@ -146,22 +146,57 @@ fn trashed_id(name: &str) -> Option<&str> {
     (n.parse::<u32>().is_ok() && pid.parse::<u32>().is_ok() && marker::valid_id(id)).then_some(id)
 }
 
-/// The entries of `dir` whose names start with one of `prefixes`, sorted (none when `dir`
-/// cannot be read).
-fn leftovers(listings: &mut Listings, dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
-    let Ok(names) = listings.names(dir) else {
+/// The entries of `dir` (listed as `listing`) whose names start with one of `prefixes`,
+/// sorted (none when `dir` could not be read).
+fn leftovers(dir: &Path, listing: &std::io::Result<Listing>, prefixes: &[&str]) -> Vec<PathBuf> {
+    let Ok(names) = listing else {
         return Vec::new();
     };
     let mut out: Vec<PathBuf> = names
         .iter()
-        .filter(|n| {
+        .filter(|(n, _)| {
             n.to_str()
                 .is_some_and(|n| prefixes.iter().any(|p| n.starts_with(p)))
         })
-        .map(|n| dir.join(n))
+        .map(|(n, _)| dir.join(n))
         .collect();
     out.sort();
     out
+}
+
+/// True when `listing` holds a directory (not a symlink to one) for each of `names`.
+fn has_dirs(listing: &std::io::Result<Listing>, names: &[&Path]) -> bool {
+    let Ok(entries) = listing else {
+        return false;
+    };
+    names.iter().all(|want| {
+        entries
+            .iter()
+            .any(|(n, kind)| n.as_os_str() == want.as_os_str() && kind.is_dir())
+    })
+}
+
+/// The last component of `path` (the name of a site path in its directory).
+fn name_of(path: &Path) -> &Path {
+    path.file_name().map_or(path, Path::new)
+}
+
+/// `repair_locks` for the service, before each job: the listing of the state directory
+/// (kept between jobs) shows the usual case, both lock paths absent or regular files,
+/// without a `stat` of each.
+pub fn repair_locks_with(site: &Site, listings: &mut Listings) -> Result<Vec<Repair>> {
+    let (op, service) = (site.op_lock(), site.service_lock());
+    let locks = [name_of(&op), name_of(&service)];
+    if let Ok(entries) = listings.names(&site.state()) {
+        let fine = entries
+            .iter()
+            .filter(|(n, _)| locks.contains(&Path::new(n)))
+            .all(|(_, kind)| kind.is_file());
+        if fine {
+            return Ok(Vec::new());
+        }
+    }
+    repair_locks(site, false)
 }
 
 /// Runs one healing pass over `site`. The caller holds the site's operation lock, and
@@ -192,13 +227,34 @@ pub fn heal_with(
     };
     let verb = |done: &str, todo: &str| if dry_run { todo } else { done }.to_string();
 
-    if !dry_run {
+    // Each directory is listed once per pass: what the pass itself removes from one
+    // (leftovers, all hidden names) is never looked at again by a later step.
+    let root_listing = listings.names(site.root());
+    let state_listing = listings.names(&site.state());
+    let (deploy_cache, releases, shared, state) = (
+        site.deploy_cache(),
+        site.releases(),
+        site.shared(),
+        site.state(),
+    );
+    let (manifests, claims) = (site.manifests(), site.claims());
+    let layout_ok = has_dirs(
+        &root_listing,
+        &[
+            name_of(&deploy_cache),
+            name_of(&releases),
+            name_of(&shared),
+            name_of(&state),
+        ],
+    ) && has_dirs(&state_listing, &[name_of(&manifests), name_of(&claims)]);
+    if !dry_run && !layout_ok {
         site.ensure_layout()?;
     }
 
+    let releases_listing = listings.names(&releases);
     for p in leftovers(
-        listings,
-        &site.releases(),
+        &releases,
+        &releases_listing,
         &[fsops::PARTIAL_PREFIX, fsops::TMP_PREFIX],
     ) {
         if tmp_in_use(&p) {
@@ -213,13 +269,15 @@ pub fn heal_with(
             &mut out,
         );
     }
-    for dir in [
-        site.root().to_path_buf(),
-        site.state(),
-        site.manifests(),
-        site.claims(),
+    let claims_listing = listings.names(&claims);
+    let manifests_listing = listings.names(&manifests);
+    for (dir, listing) in [
+        (site.root(), &root_listing),
+        (state.as_path(), &state_listing),
+        (manifests.as_path(), &manifests_listing),
+        (claims.as_path(), &claims_listing),
     ] {
-        for p in leftovers(listings, &dir, &[fsops::TMP_PREFIX]) {
+        for p in leftovers(dir, listing, &[fsops::TMP_PREFIX]) {
             if tmp_in_use(&p) {
                 continue;
             }
@@ -234,6 +292,9 @@ pub fn heal_with(
         }
     }
 
+    // Everything the pass changes is a repair: with none from here on, the listing of
+    // `manifests/` taken above is still the one to look at (dry runs change nothing).
+    let repairs_so_far = out.repairs.len();
     heal_trash(site, journal, dry_run, listings, &mut out, &mut repair)?;
 
     if !dry_run {
@@ -312,8 +373,8 @@ pub fn heal_with(
     // Every claim seen here is interrupted work (uploads run under the same lock). Claims
     // are read only when there are any (every name `pending` considers is visible).
     let mut redone = BTreeSet::new();
-    let claims = match listings.names(&site.claims()) {
-        Ok(names) if !names.iter().any(|n| !n.as_bytes().starts_with(b".")) => Vec::new(),
+    let claims = match &claims_listing {
+        Ok(names) if !names.iter().any(|(n, _)| !n.as_bytes().starts_with(b".")) => Vec::new(),
         _ => marker::pending(site)?,
     };
     out.claims = claims.len();
@@ -341,10 +402,10 @@ pub fn heal_with(
     }
 
     let state = journal.state();
-    let on_disk = match listings.names(&site.releases()) {
-        Ok(names) => store::release_ids(&names),
+    let on_disk = match releases_listing {
+        Ok(names) => store::release_ids(names.iter().map(|(n, _)| n)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
-        Err(e) => return Err(e).at(&site.releases()),
+        Err(e) => return Err(e).at(&releases),
     };
     for id in &on_disk {
         if state.get(id).is_none() && !redone.contains(id) {
@@ -360,11 +421,17 @@ pub fn heal_with(
     }
 
     // Stored manifests of releases that no longer exist (a crash between the journal's
-    // `pruned` record and the manifest's removal).
-    if let Ok(names) = listings.names(&site.manifests()) {
+    // `pruned` record and the manifest's removal). Listed again if a repair above may
+    // have removed one (finishing a deletion does).
+    let manifests_listing = if out.repairs.len() == repairs_so_far || dry_run {
+        manifests_listing
+    } else {
+        listings.names(&manifests)
+    };
+    if let Ok(names) = manifests_listing {
         let mut stale: Vec<&str> = names
             .iter()
-            .filter_map(|n| n.to_str())
+            .filter_map(|(n, _)| n.to_str())
             .filter(|id| marker::valid_id(id))
             .filter(|&id| state.get(id).is_none() && !on_disk.contains(id) && !redone.contains(id))
             .collect();
@@ -398,7 +465,7 @@ fn heal_trash(
     let Ok(names) = listings.names(&site.trash()) else {
         return Ok(());
     };
-    let mut names: Vec<&str> = names.iter().filter_map(|n| n.to_str()).collect();
+    let mut names: Vec<&str> = names.iter().filter_map(|(n, _)| n.to_str()).collect();
     names.sort_unstable();
     for name in names {
         let path = site.trash().join(name);

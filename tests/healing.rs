@@ -352,6 +352,58 @@ fn heal_interval_heals_what_inotify_does_not_see() {
     svc.stop();
 }
 
+/// The service keeps directory listings (and its lock file) from one pass to the next
+/// once the site's directories have settled: what changes after a long idle stretch, in
+/// directories inotify does not watch, is still found by the periodic pass.
+#[test]
+fn periodic_pass_after_an_idle_stretch_still_sees_every_change() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let state = site.root.join(".release-keeper");
+    // Longer than it takes a directory to count as settled (3 s), plus a pass.
+    let settle = || std::thread::sleep(Duration::from_secs(5));
+    settle();
+    // The pid part does not parse, so the name belongs to no live process.
+    let tmp = state.join("manifests/.rk-tmp.x.y.1");
+    fs::write(&tmp, b"").unwrap();
+    let junk = state.join("trash/junk");
+    fs::create_dir_all(&junk).unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        || !tmp.exists() && !junk.exists(),
+        || "the periodic pass to remove a temporary file and a trash entry".into(),
+    );
+
+    settle();
+    let lock = state.join("lock");
+    fs::remove_file(&lock).unwrap();
+    fs::create_dir(&lock).unwrap();
+    wait_repaired(&svc, &["foreign lock"]);
+    // The lock the service takes is the new lock file: a CLI command holding it keeps
+    // the service's next job waiting.
+    wait_until(
+        Duration::from_secs(5),
+        || lock.is_file(),
+        || "a new lock file".into(),
+    );
+    settle();
+    let held = fs::OpenOptions::new().write(true).open(&lock).unwrap();
+    held.lock().unwrap();
+    site.stage_upload(&as_refs(&small_build("v2")));
+    site.drop_marker("id = \"v2\"\n");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "no job while the lock is held elsewhere"
+    );
+    drop(held);
+    svc.wait_release_event("release.activated", "v2");
+    let _ = cfg;
+    svc.stop();
+}
+
 #[test]
 fn stale_lock_of_a_killed_process_does_not_block() {
     let site = Site::new();

@@ -603,9 +603,11 @@ pub fn release_dirs_on_disk(site: &Site) -> Result<BTreeSet<String>> {
 }
 
 /// The release ids among the names of `releases/`: what is not hidden (and is UTF-8).
-pub fn release_ids(names: &[std::ffi::OsString]) -> BTreeSet<String> {
+pub fn release_ids<'a>(
+    names: impl IntoIterator<Item = &'a std::ffi::OsString>,
+) -> BTreeSet<String> {
     names
-        .iter()
+        .into_iter()
         .filter_map(|n| n.to_str())
         .filter(|n| !n.starts_with('.'))
         .map(str::to_string)

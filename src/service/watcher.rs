@@ -15,6 +15,8 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -50,8 +52,9 @@ struct Table {
     routes: HashMap<PathBuf, Vec<Route>>,
     /// The directory each live watch was added for.
     dirs: HashMap<WatchDescriptor, PathBuf>,
-    /// The live watch of each directory.
-    wds: HashMap<PathBuf, WatchDescriptor>,
+    /// The live watch of each directory, and the (device, inode) the path named just
+    /// before the watch was added.
+    wds: HashMap<PathBuf, (WatchDescriptor, (u64, u64))>,
 }
 
 impl Table {
@@ -89,7 +92,7 @@ impl Table {
         if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
             // The watch is gone (its directory was deleted, or it was removed).
             if let Some(dir) = self.dirs.remove(&ev.wd) {
-                if self.wds.get(&dir) == Some(&ev.wd) {
+                if self.wds.get(&dir).is_some_and(|(wd, _)| *wd == ev.wd) {
                     self.wds.remove(&dir);
                 }
             }
@@ -188,9 +191,9 @@ impl Watcher {
     }
 
     /// Watches `dir` (non-recursively) and wakes `wake` for events on `name` in it (or
-    /// any name when `None`). Re-watching a directory that was deleted and recreated is
-    /// how callers recover its watch; re-watching one that did not change costs one
-    /// `inotify_add_watch(2)`.
+    /// any name when `None`). Re-watching a directory that was deleted, replaced or
+    /// mounted over is how callers recover its watch; re-watching one whose watch is
+    /// alive and whose path still names the same directory costs one `stat`.
     pub fn watch(&self, dir: &Path, name: Option<&str>, wake: Arc<dyn Wake>) -> Result<()> {
         let mut table = self
             .table
@@ -202,6 +205,15 @@ impl Watcher {
                 name: name.map(Into::into),
                 wake,
             });
+        }
+        // The identity is taken before the watch is added: if the path changes in between,
+        // the next call sees another identity and adds the watch again.
+        let id = fs::metadata(dir).map(|m| (m.dev(), m.ino())).ok();
+        if let (Some(id), Some((_, watched))) = (id, table.wds.get(dir)) {
+            // Alive (its IN_IGNORED not seen) and on the directory the path names.
+            if *watched == id {
+                return Ok(());
+            }
         }
         // No unwatch first: adding again re-resolves the path (a recreated directory gets
         // a new watch) without a window in which events are lost. The table stays locked
@@ -217,7 +229,10 @@ impl Watcher {
                 )),
                 _ => Error::Failed(format!("cannot watch {}: {e}", dir.display())),
             })?;
-        if let Some(old) = table.wds.insert(dir.to_path_buf(), wd) {
+        // Without an identity (the stat failed, yet the watch was added) the next call
+        // adds it again.
+        let id = id.unwrap_or((u64::MAX, u64::MAX));
+        if let Some((old, _)) = table.wds.insert(dir.to_path_buf(), (wd, id)) {
             if old != wd {
                 // The path now names another directory; the old one (moved away, or
                 // deleted and not yet reported) must not be taken for it any more.
@@ -243,7 +258,7 @@ impl Watcher {
         }
         for dir in empty {
             table.routes.remove(&dir);
-            if let Some(wd) = table.wds.remove(&dir) {
+            if let Some((wd, _)) = table.wds.remove(&dir) {
                 table.dirs.remove(&wd);
                 let _ = self.inotify.rm_watch(wd);
             }

@@ -313,7 +313,10 @@ impl Worker {
                     // due one interval after the last pass, whatever woke that.
                     next_heal = after(heal_interval);
                 }
-                if let Some(at) = young_marker(site) {
+                // Known from the job when it just looked; otherwise one `lstat`.
+                let marker = kept.marker.take().unwrap_or_else(|| marker_present(site));
+                if marker {
+                    let at = after(marker::MARKER_SETTLE);
                     rescan_at = Some(rescan_at.map_or(at, |r| r.min(at)));
                 }
             }
@@ -348,9 +351,12 @@ impl Worker {
 /// it has settled (its close-write event, if it is still being written, wakes the worker
 /// anyway). `None` when there is no marker.
 fn young_marker(site: &Site) -> Option<Instant> {
-    fs::symlink_metadata(site.marker())
-        .is_ok()
-        .then(|| after(marker::MARKER_SETTLE))
+    marker_present(site).then(|| after(marker::MARKER_SETTLE))
+}
+
+/// True when there is something at the marker's path.
+fn marker_present(site: &Site) -> bool {
+    fs::symlink_metadata(site.marker()).is_ok()
 }
 
 /// The instant `d` from now (a year from now for a `d` too long to represent).
@@ -382,6 +388,11 @@ struct Kept {
     journal: Option<Journal>,
     /// The healing pass's directory listings, re-read only when a directory changed.
     listings: Listings,
+    /// Whether the marker was there at the end of the last job, when the job knows.
+    marker: Option<bool>,
+    /// The operation lock's file, kept open, with the stamp its directory had just before
+    /// it was opened: while the directory keeps that stamp, the path still names it.
+    op_lock: Option<(fsops::LockFile, fsops::DirStamp)>,
 }
 
 /// The site's journal from `kept`, current (loaded if there is none yet).
@@ -397,13 +408,34 @@ fn current_journal<'a>(kept: &'a mut Option<Journal>, site: &Site) -> Result<&'a
 }
 
 fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Result<()> {
-    heal::repair_locks(site, false)?;
+    kept.marker = None;
+    heal::repair_locks_with(site, &mut kept.listings)?;
+    // The state directory was just listed (or stat'ed), before the lock file is opened.
+    let stamp = kept.listings.stamp(&site.state());
+    let lock_file = match (kept.op_lock.take(), stamp) {
+        (Some((file, opened)), Some(now)) if opened == now => file,
+        _ => fsops::LockFile::open(&site.op_lock())?,
+    };
+    let result = locked(site, cancel, job, kept, &lock_file);
+    // Kept only with a stamp to check it against next time.
+    kept.op_lock = stamp.map(|s| (lock_file, s));
+    result
+}
+
+/// Runs `job` under the operation lock, taken through `lock_file`.
+fn locked(
+    site: &Site,
+    cancel: &AtomicBool,
+    job: Job,
+    kept: &mut Kept,
+    lock_file: &fsops::LockFile,
+) -> Result<()> {
     // Wait for a CLI command holding the lock, but stay responsive to shutdown.
     let _lock = loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
-        if let Some(l) = fsops::lock(&site.op_lock(), Some(Duration::from_millis(200)))? {
+        if let Some(l) = lock_file.acquire(Duration::from_millis(200))? {
             break l;
         }
     };
@@ -439,8 +471,10 @@ fn run_job(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Resul
             let outcome = heal::heal_with(site, journal, false, &mut kept.listings)?;
             // The pass saw every claim (uploads run under the same lock): with none, and
             // no marker a missed event could have left, there is nothing to process.
-            if outcome.claims > 0 || fs::symlink_metadata(site.marker()).is_ok() {
+            if outcome.claims > 0 || marker_present(site) {
                 pipeline::run_pending(site, cancel, false)?;
+            } else {
+                kept.marker = Some(false);
             }
         }
         Job::Uploads => {
