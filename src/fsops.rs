@@ -263,10 +263,11 @@ use std::os::unix::fs::DirBuilderExt;
 /// change is bound to give it another mtime.
 const SETTLED: Duration = Duration::from_secs(3);
 
-/// What identifies one version of a directory's entries: adding, removing or renaming an
-/// entry sets its mtime and ctime to the current time.
+/// What identifies one version of a file or directory: appending to a file changes its
+/// size and mtime, replacing it changes the inode, and adding, removing or renaming a
+/// directory's entry sets its mtime and ctime to the current time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DirStamp {
+pub struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -274,10 +275,11 @@ pub struct DirStamp {
     ctime: (i64, i64),
 }
 
-impl DirStamp {
-    fn of(m: &fs::Metadata) -> DirStamp {
+impl Stamp {
+    /// The stamp of this metadata.
+    pub fn of(m: &fs::Metadata) -> Stamp {
         use std::os::unix::fs::MetadataExt;
-        DirStamp {
+        Stamp {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
@@ -309,7 +311,7 @@ impl DirStamp {
 /// read (`SETTLED`), so a change in the same timestamp tick as the read is never missed.
 #[derive(Debug, Default)]
 pub struct Listings {
-    dirs: std::collections::HashMap<PathBuf, (DirStamp, Listing)>,
+    dirs: std::collections::HashMap<PathBuf, (Stamp, Listing)>,
 }
 
 /// The entries of a directory, unsorted: name and type (the type as `readdir` gives it
@@ -321,7 +323,7 @@ pub type Listing = std::sync::Arc<Vec<(OsString, fs::FileType)>>;
 impl Listings {
     /// The stamp of `dir` as of its last listing, if that listing is kept (the directory
     /// had settled): equal stamps at two listings mean the same entries all along.
-    pub fn stamp(&self, dir: &Path) -> Option<DirStamp> {
+    pub fn stamp(&self, dir: &Path) -> Option<Stamp> {
         self.dirs.get(dir).map(|(stamp, _)| *stamp)
     }
 
@@ -329,7 +331,7 @@ impl Listings {
     pub fn names(&mut self, dir: &Path) -> std::io::Result<Listing> {
         // The stamp is taken before the listing: a change during the read changes the
         // stamp again, so the next call reads again instead of keeping a stale listing.
-        let stamp = DirStamp::of(&fs::metadata(dir)?);
+        let stamp = Stamp::of(&fs::metadata(dir)?);
         if let Some((seen, names)) = self.dirs.get(dir) {
             if *seen == stamp {
                 return Ok(std::sync::Arc::clone(names));

@@ -281,25 +281,12 @@ enum Seen {
     /// There was no journal file.
     Missing,
     /// The file as it was just before it was read.
-    File {
-        dev: u64,
-        ino: u64,
-        size: u64,
-        mtime: (i64, i64),
-        ctime: (i64, i64),
-    },
+    File(fsops::Stamp),
 }
 
 impl Seen {
     fn of(meta: &fs::Metadata) -> Seen {
-        use std::os::unix::fs::MetadataExt;
-        Seen::File {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
+        Seen::File(fsops::Stamp::of(meta))
     }
 }
 

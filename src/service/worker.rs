@@ -392,7 +392,7 @@ struct Kept {
     marker: Option<bool>,
     /// The operation lock's file, kept open, with the stamp its directory had just before
     /// it was opened: while the directory keeps that stamp, the path still names it.
-    op_lock: Option<(fsops::LockFile, fsops::DirStamp)>,
+    op_lock: Option<(fsops::LockFile, fsops::Stamp)>,
 }
 
 /// The site's journal from `kept`, current (loaded if there is none yet).
