@@ -64,19 +64,6 @@ impl<T> Merge<T> {
         m
     }
 
-    /// A merge over nothing.
-    pub fn empty(parse: ParseLine<T>) -> Merge<T> {
-        Merge {
-            reader: None,
-            parse,
-            line: Vec::new(),
-            cur: None,
-            last: Vec::new(),
-            offset: 0,
-            cur_offset: 0,
-        }
-    }
-
     /// The value for `path`, if the file has one. Entries before `path` are passed over
     /// for good, so calls must come in walk order.
     pub fn find(&mut self, path: &[u8]) -> Option<&T> {

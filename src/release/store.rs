@@ -538,19 +538,6 @@ pub fn format_line(
     out.push(b'\n');
 }
 
-/// Writes release `id`'s full manifest atomically.
-pub fn write_release_manifest(site: &Site, id: &str, entries: &[Entry]) -> Result<()> {
-    fsops::write_atomic_with(&site.manifest_of(id), |w| {
-        let mut line = Vec::with_capacity(256);
-        for e in entries {
-            line.clear();
-            e.to_line(&mut line);
-            w.write_all(&line)?;
-        }
-        Ok(())
-    })
-}
-
 /// Reads release `id`'s full manifest.
 pub fn read_release_manifest(site: &Site, id: &str) -> Result<Vec<Entry>> {
     read_manifest_file(&site.manifest_of(id))
