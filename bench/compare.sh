@@ -347,30 +347,27 @@ if want rss; then
     mkdir -p "$W/rss"
     python3 "$HERE/gen.py" tree "$W/rss/deploy-cache" --files "$RSS_FILES" --bytes "$RSS_BYTES" --seed 3
     "$RK" --config "$CFG" init rss >/dev/null
-    prep warm "$W/rss/deploy-cache"
-    log "peak RSS: finalize of $RSS_FILES files (load $(loadavg))"
-    t0=$EPOCHREALTIME
-    /usr/bin/time -v -o "$W/rss.time" "$RK" --config "$CFG" --log-format json finalize rss --id big \
-        >>"$W/cmd.log" 2>&1 || { tail "$W/cmd.log" >&2; die "finalize of the big tree failed"; }
-    t1=$EPOCHREALTIME
-    kib=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$W/rss.time")
-    mib=$(echo "scale=1; $kib / 1024" | bc)
-    row "4. peak RSS, finalize of ${RSS_FILES} files" "${mib} MiB (${kib} KiB; took $(printf %.1f "$(echo "$t1 - $t0" | bc)") s)" \
-        "-" "-" "< 64 MB (62,500 KiB)" "$(verdict lt "$kib" 62500)"
+    # peak_rss ID LABEL: finalizes release ID of the rss site under /usr/bin/time and adds
+    # the row LABEL with its peak RSS.
+    peak_rss() {
+        local t0 t1 kib mib linked
+        prep warm "$W/rss/deploy-cache"
+        log "peak RSS: $2 (load $(loadavg))"
+        t0=$EPOCHREALTIME
+        /usr/bin/time -v -o "$W/rss.$1.time" "$RK" --config "$CFG" --log-format json finalize rss --id "$1" \
+            >>"$W/cmd.log" 2>&1 || { tail "$W/cmd.log" >&2; die "finalize $1 of the big tree failed"; }
+        t1=$EPOCHREALTIME
+        kib=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$W/rss.$1.time")
+        mib=$(echo "scale=1; $kib / 1024" | bc)
+        linked=$(grep -o '"linked":[0-9]*' "$W/cmd.log" | tail -1 | cut -d: -f2)
+        row "4. peak RSS, $2" "${mib} MiB (${kib} KiB; ${linked} linked; took $(printf %.1f "$(echo "$t1 - $t0" | bc)") s)" \
+            "-" "-" "< 64 MB (62,500 KiB)" "$(verdict lt "$kib" 62500)"
+    }
+    peak_rss big "finalize of ${RSS_FILES} files"
     # The next release of the same tree also reads the hash cache and the previous
     # release's manifest: memory must stay flat there too.
     python3 "$HERE/gen.py" mutate "$W/rss/deploy-cache" --fraction "$CHANGED" --seed 4 2>>"$W/cmd.log"
-    prep warm "$W/rss/deploy-cache"
-    log "peak RSS: next release of the same $RSS_FILES files (load $(loadavg))"
-    t0=$EPOCHREALTIME
-    /usr/bin/time -v -o "$W/rss2.time" "$RK" --config "$CFG" --log-format json finalize rss --id big2 \
-        >>"$W/cmd.log" 2>&1 || { tail "$W/cmd.log" >&2; die "second finalize of the big tree failed"; }
-    t1=$EPOCHREALTIME
-    kib=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$W/rss2.time")
-    mib=$(echo "scale=1; $kib / 1024" | bc)
-    linked=$(grep -o '"linked":[0-9]*' "$W/cmd.log" | tail -1 | cut -d: -f2)
-    row "4. peak RSS, next release of the same ${RSS_FILES} files" "${mib} MiB (${kib} KiB; ${linked} linked; took $(printf %.1f "$(echo "$t1 - $t0" | bc)") s)" \
-        "-" "-" "< 64 MB (62,500 KiB)" "$(verdict lt "$kib" 62500)"
+    peak_rss big2 "next release of the same ${RSS_FILES} files"
     bury "$W/rss"
 fi
 
