@@ -95,9 +95,12 @@ pub fn init(format: Option<LogFormat>) {
                 .try_init();
         }
         LogFormat::Text => {
+            // Colour codes only for a person at a terminal: a pipe, a file or a journal
+            // that fell back to stderr must get plain lines that grep and parsers read.
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .try_init();
         }

@@ -558,3 +558,46 @@ fn root_created_later_is_waited_for() {
     );
     svc.stop();
 }
+
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let site = Site::new();
+    let missing = site.tmp_path("not-yet");
+    let cfg = config_file(
+        &site,
+        &format!("[sites.web]\nroot = \"{}\"\n", missing.display()),
+    );
+    // NO_COLOR would hide the bug: the keeper itself must see stderr is not a terminal.
+    let out = std::process::Command::new(BIN)
+        .args(["--log-format", "text", "--config", cfg.to_str().unwrap()])
+        .arg("check-config")
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    assert_ok(&out, "check-config with a root that does not exist yet");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("root does not exist yet"),
+        "the warning is logged; {}",
+        show(&out)
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "text logs on a pipe must be plain, without ANSI escapes; stderr: {err:?}"
+    );
+}
+
+#[test]
+fn os_error_is_named_once_in_the_error_message() {
+    let site = Site::new();
+    let missing = site.tmp_path("no-such-config.toml");
+    let out = cli(&missing, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("os error 2").count(),
+        1,
+        "the cause is printed once, not repeated after itself; stderr: {err:?}"
+    );
+}
