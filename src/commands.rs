@@ -174,8 +174,9 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
             r["id"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or(""),
             r["created"].as_str().unwrap_or(""),
-            r["files"],
-            r["bytes"],
+            // A JSON value ignores width and alignment; a string keeps the columns.
+            r["files"].to_string(),
+            r["bytes"].to_string(),
             note.trim_end()
         ))?;
     }
