@@ -136,7 +136,8 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
 }
 
 /// Runs `after_activate` and the health check for the release `current` now points at,
-/// and records the verdict (rolling back when configured).
+/// and records the verdict (rolling back when configured, with `after_activate` run again
+/// for the restored release).
 fn trial(
     site: &Site,
     journal: &mut Journal,
@@ -179,6 +180,16 @@ fn trial(
                 to: to.clone(),
                 reason: reason.clone(),
             })?;
+            // The server was told about the failed release (its after_activate ran, e.g.
+            // a php-fpm reload); it must be told about the restored one too, or it keeps
+            // serving what was rolled back. No health check: the release was good before,
+            // and a second failure must not start rolling around.
+            if let Some(argv) = &site.cfg.after_activate {
+                let back = hook_env(site, &to, Some(id));
+                if let Err(f) = hooks::run("after_activate", argv, &back, site.cfg.hook_timeout) {
+                    log_hook_failure(site, &to, &f);
+                }
+            }
             tracing::warn!(
                 event = events::RELEASE_ROLLED_BACK,
                 site = site.name(),
