@@ -109,6 +109,7 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
     if previous.as_deref() == Some(id) {
         ensure_links(site)?;
         tracing::info!(
+            event = crate::events::RELEASE_ALREADY_CURRENT,
             site = site.name(),
             release = id,
             "release is already current"
@@ -235,7 +236,7 @@ fn check(site: &Site, env: &HookEnv) -> Option<HookFailure> {
         match hooks::run("health_check", argv, env, cfg.hook_timeout) {
             Ok(()) => return None,
             Err(f) => {
-                tracing::info!(site = site.name(), release = %env.release_id, attempt,
+                tracing::info!(event = crate::events::HEALTH_ATTEMPT_FAILED, site = site.name(), release = %env.release_id, attempt,
                     attempts, status = %f.status, "health check attempt failed");
                 last = Some(f);
             }

@@ -529,7 +529,7 @@ pub fn check_config(flag: Option<&Path>) -> Result<()> {
     let cfg = load_config(flag)?;
     for s in cfg.sites.values() {
         if !s.root.is_dir() {
-            tracing::warn!(site = %s.name, root = %s.root.display(),
+            tracing::warn!(event = crate::events::SITE_WAITING, site = %s.name, root = %s.root.display(),
                 "root does not exist yet; the service will wait for it");
         }
     }

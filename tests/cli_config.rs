@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use serde_json::Value;
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
@@ -443,27 +444,50 @@ fn mutating_command_while_service_works_is_busy_75_unless_wait() {
 #[test]
 fn every_json_event_carries_event_and_site() {
     let site = Site::new();
-    let cfg = site.write_config("web", "", "");
+    // A health check failing its first attempt, a shared entry and an upload without a
+    // manifest: each logs a diagnostic beside the listed events, and those lines too
+    // must carry `event` and `site`.
+    let flag = site.tmp_path("health-failed-once");
+    let cfg = site.write_config(
+        "web",
+        "require_manifest = false\nhealth_retries = 2\nhealth_interval = \"50ms\"\n",
+        &format!(
+            "shared = [\"storage\"]\nhealth_check = [\"/bin/sh\", \"-c\", \
+             \"test -e {0} || {{ touch {0}; exit 1; }}\"]",
+            flag.display()
+        ),
+    );
     let mut svc = Service::start_config(&cfg);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    fs::remove_file(site.deploy_cache().join(MANIFEST)).unwrap();
+    site.drop_marker("id = \"v1\"\n");
     svc.wait_release_event("release.activated", "v1");
     svc.stop();
     let lines = svc.json_lines();
     assert!(!lines.is_empty());
     for v in &lines {
-        if v.get("event").is_none() {
-            continue;
-        }
-        assert_eq!(
-            v["site"], "web",
-            "SPEC: every event carries `event` and `site`; offending line: {v}"
+        assert!(
+            v.get("event").and_then(Value::as_str).is_some(),
+            "SPEC: every event carries `event`; offending line: {v}"
         );
+        if v["event"] != "watch.overflow" {
+            assert_eq!(
+                v["site"], "web",
+                "SPEC: every event carries `event` and `site`; offending line: {v}"
+            );
+        }
         assert!(
             v.get("timestamp").is_some() && v.get("level").is_some(),
             "{v}"
         );
     }
-    for ev in ["daemon.started", "daemon.stopping"] {
+    for ev in [
+        "daemon.started",
+        "daemon.stopping",
+        "upload.unverified",
+        "shared.linked",
+        "health.attempt_failed",
+    ] {
         assert!(
             lines.iter().any(|v| v["event"] == ev),
             "`{ev}` logged; log:\n{}",
