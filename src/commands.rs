@@ -53,6 +53,12 @@ pub fn wait_limit(wait: &Option<String>) -> Result<Option<Duration>> {
     }
 }
 
+/// A release id given on the command line that cannot be an id at all (`../x`, `-`) is a
+/// usage error (exit 2), not a missing release (exit 1).
+fn usage_id(id: &str) -> Result<()> {
+    marker::check_id(id).map_err(Error::Usage)
+}
+
 fn require_root(site: &Site) -> Result<()> {
     if site.root_exists() {
         Ok(())
@@ -277,6 +283,7 @@ pub fn activate(
     force: bool,
     wait: &Option<String>,
 ) -> Result<()> {
+    usage_id(id)?;
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
@@ -286,6 +293,9 @@ pub fn activate(
 
 /// `rollback SITE [--to ID]`.
 pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String>) -> Result<()> {
+    if let Some(t) = to {
+        usage_id(t)?;
+    }
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
@@ -298,6 +308,9 @@ pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String
 
 /// `verify SITE [ID] [--all]`.
 pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bool) -> Result<()> {
+    if let Some(i) = id {
+        usage_id(i)?;
+    }
     let site = site(cfg, name)?;
     require_root(&site)?;
     let journal = Journal::load(&site)?;
@@ -406,6 +419,7 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
 
 /// `pin` / `unpin`.
 pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<String>) -> Result<()> {
+    usage_id(id)?;
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
@@ -467,7 +481,7 @@ pub fn finalize(
 ) -> Result<()> {
     let site = site(cfg, name)?;
     if let Some(i) = id {
-        marker::check_id(i).map_err(Error::Usage)?;
+        usage_id(i)?;
     }
     let _lock = op_lock(&site, wait)?;
     marker::claim_synthetic(

@@ -934,12 +934,21 @@ fn activate_unknown_id_fails() {
     deploy_and_activate(&site, &svc, "v1");
     let out = cli_when_idle(&cfg, &["activate", SITE, "nope"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
-    let out = cli_when_idle(&cfg, &["activate", SITE, "../v1"]);
-    assert!(
-        matches!(out.status.code(), Some(1) | Some(2)),
-        "{}",
-        show(&out)
-    );
+    for args in [
+        &["activate", SITE, "../v1"][..],
+        &["pin", SITE, "../v1"],
+        &["unpin", SITE, "-"],
+        &["rollback", SITE, "--to", "v1/.."],
+        &["verify", SITE, "/etc"],
+    ] {
+        let out = cli_when_idle(&cfg, args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "a release id that is not a valid id is a usage error (exit 2): {args:?}; {}",
+            show(&out)
+        );
+    }
     assert_eq!(site.current_id().as_deref(), Some("v1"));
     svc.stop();
 }
