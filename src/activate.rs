@@ -109,6 +109,7 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
     if previous.as_deref() == Some(id) {
         ensure_links(site)?;
         tracing::info!(
+            event = crate::events::RELEASE_ALREADY_CURRENT,
             site = site.name(),
             release = id,
             "release is already current"
@@ -136,7 +137,8 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
 }
 
 /// Runs `after_activate` and the health check for the release `current` now points at,
-/// and records the verdict (rolling back when configured).
+/// and records the verdict (rolling back when configured, with `after_activate` run again
+/// for the restored release).
 fn trial(
     site: &Site,
     journal: &mut Journal,
@@ -179,6 +181,16 @@ fn trial(
                 to: to.clone(),
                 reason: reason.clone(),
             })?;
+            // The server was told about the failed release (its after_activate ran, e.g.
+            // a php-fpm reload); it must be told about the restored one too, or it keeps
+            // serving what was rolled back. No health check: the release was good before,
+            // and a second failure must not start rolling around.
+            if let Some(argv) = &site.cfg.after_activate {
+                let back = hook_env(site, &to, Some(id));
+                if let Err(f) = hooks::run("after_activate", argv, &back, site.cfg.hook_timeout) {
+                    log_hook_failure(site, &to, &f);
+                }
+            }
             tracing::warn!(
                 event = events::RELEASE_ROLLED_BACK,
                 site = site.name(),
@@ -224,7 +236,7 @@ fn check(site: &Site, env: &HookEnv) -> Option<HookFailure> {
         match hooks::run("health_check", argv, env, cfg.hook_timeout) {
             Ok(()) => return None,
             Err(f) => {
-                tracing::info!(site = site.name(), release = %env.release_id, attempt,
+                tracing::info!(event = crate::events::HEALTH_ATTEMPT_FAILED, site = site.name(), release = %env.release_id, attempt,
                     attempts, status = %f.status, "health check attempt failed");
                 last = Some(f);
             }

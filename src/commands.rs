@@ -53,6 +53,12 @@ pub fn wait_limit(wait: &Option<String>) -> Result<Option<Duration>> {
     }
 }
 
+/// A release id given on the command line that cannot be an id at all (`../x`, `-`) is a
+/// usage error (exit 2), not a missing release (exit 1).
+fn usage_id(id: &str) -> Result<()> {
+    marker::check_id(id).map_err(Error::Usage)
+}
+
 fn require_root(site: &Site) -> Result<()> {
     if site.root_exists() {
         Ok(())
@@ -174,8 +180,9 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
             r["id"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or(""),
             r["created"].as_str().unwrap_or(""),
-            r["files"],
-            r["bytes"],
+            // A JSON value ignores width and alignment; a string keeps the columns.
+            r["files"].to_string(),
+            r["bytes"].to_string(),
             note.trim_end()
         ))?;
     }
@@ -276,6 +283,7 @@ pub fn activate(
     force: bool,
     wait: &Option<String>,
 ) -> Result<()> {
+    usage_id(id)?;
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
@@ -285,6 +293,9 @@ pub fn activate(
 
 /// `rollback SITE [--to ID]`.
 pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String>) -> Result<()> {
+    if let Some(t) = to {
+        usage_id(t)?;
+    }
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
@@ -297,6 +308,9 @@ pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String
 
 /// `verify SITE [ID] [--all]`.
 pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bool) -> Result<()> {
+    if let Some(i) = id {
+        usage_id(i)?;
+    }
     let site = site(cfg, name)?;
     require_root(&site)?;
     let journal = Journal::load(&site)?;
@@ -405,6 +419,7 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
 
 /// `pin` / `unpin`.
 pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<String>) -> Result<()> {
+    usage_id(id)?;
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
@@ -466,7 +481,7 @@ pub fn finalize(
 ) -> Result<()> {
     let site = site(cfg, name)?;
     if let Some(i) = id {
-        marker::check_id(i).map_err(Error::Usage)?;
+        usage_id(i)?;
     }
     let _lock = op_lock(&site, wait)?;
     marker::claim_synthetic(
@@ -528,7 +543,7 @@ pub fn check_config(flag: Option<&Path>) -> Result<()> {
     let cfg = load_config(flag)?;
     for s in cfg.sites.values() {
         if !s.root.is_dir() {
-            tracing::warn!(site = %s.name, root = %s.root.display(),
+            tracing::warn!(event = crate::events::SITE_WAITING, site = %s.name, root = %s.root.display(),
                 "root does not exist yet; the service will wait for it");
         }
     }

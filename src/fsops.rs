@@ -435,7 +435,7 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         // Closing would release it too; unlocking keeps the file open for the next use.
         if let Err(e) = self.0.file.unlock() {
-            tracing::warn!(path = %self.0.path.display(), error = %e, "cannot unlock");
+            tracing::warn!(event = crate::events::SITE_ERROR, path = %self.0.path.display(), error = %e, "cannot unlock");
         }
     }
 }
@@ -615,8 +615,10 @@ pub fn empty_trash(trash_dir: &Path) -> Result<Vec<PathBuf>> {
         // stays in the trash, out of releases/, and is retried by the next pass.
         match remove_tree(&entry.path()) {
             Ok(()) => removed.push(entry.path()),
-            Err(e) => tracing::warn!(path = %entry.path().display(), error = %e,
-                "cannot remove a deleted release from the trash yet; will retry"),
+            Err(e) => {
+                tracing::warn!(event = crate::events::SITE_ERROR, path = %entry.path().display(), error = %e,
+                "cannot remove a deleted release from the trash yet; will retry")
+            }
         }
     }
     Ok(removed)

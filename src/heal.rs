@@ -354,7 +354,7 @@ pub fn heal_with(
                 "{} (a shared file) is missing; not recreated, restore it",
                 p.display()
             ));
-            tracing::warn!(site = site.name(), path = %p.display(),
+            tracing::warn!(event = crate::events::HEAL_REPORTED, site = site.name(), path = %p.display(),
                 "shared file missing; restore it");
             continue;
         }
@@ -413,7 +413,7 @@ pub fn heal_with(
                 "releases/{id} was not made by release-keeper (not counted, never deleted)"
             );
             if !dry_run {
-                tracing::warn!(site = site.name(), release = %id, reason = %note,
+                tracing::warn!(event = crate::events::HEAL_REPORTED, site = site.name(), release = %id, reason = %note,
                     "release not made by release-keeper");
             }
             out.reports.push(note);

@@ -183,7 +183,7 @@ pub fn run(
     };
     match status {
         Ok(st) if st.success() => {
-            tracing::debug!(hook = name, release = %env.release_id, stdout = %stdout.trim_end(),
+            tracing::debug!(event = crate::events::HOOK_SUCCEEDED, site = %env.site_name, hook = name, release = %env.release_id, stdout = %stdout.trim_end(),
                 stderr = %stderr.trim_end(), "hook succeeded");
             Ok(())
         }

@@ -73,7 +73,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("release-keeper: {e:#}");
+            // `{e}`, not `{e:#}`: the library's errors already end with their cause, and
+            // the alternate form would print the OS error a second time.
+            eprintln!("release-keeper: {e}");
             let code = e.downcast_ref::<Error>().map_or(1, Error::exit_code);
             ExitCode::from(code as u8)
         }

@@ -327,7 +327,7 @@ fn process_claim(
     // The cache only speeds up the next release: it is saved off the path to `current`.
     if let Some(w) = built.cache {
         if let Err(e) = w.commit() {
-            tracing::warn!(site = site.name(), error = %e, "cannot save the hash cache");
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "cannot save the hash cache");
         }
     }
     outcome
@@ -353,7 +353,7 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
     }
     // Pruning never decides the outcome of a deploy.
     if let Err(e) = retention::prune(site, journal) {
-        tracing::warn!(site = site.name(), error = %e, "pruning failed; will retry after the next release");
+        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "pruning failed; will retry after the next release");
     }
     Ok(outcome)
 }
@@ -386,7 +386,7 @@ fn read_manifest(site: &Site) -> Result<Option<Expected>> {
                     "{name} is missing from the upload (require_manifest = true)"
                 )));
             }
-            tracing::warn!(site = site.name(), manifest = %name,
+            tracing::warn!(event = crate::events::UPLOAD_UNVERIFIED, site = site.name(), manifest = %name,
                 "no manifest in the upload; recording the hashes as uploaded (require_manifest = false)");
             return Ok(None);
         }

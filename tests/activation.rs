@@ -352,3 +352,53 @@ fn crash_during_health_check_resumes_the_trial_and_activates() {
 fn crash_during_health_check_resumes_the_trial_and_rolls_back_on_failure() {
     crash_during_trial(false);
 }
+
+#[test]
+fn automatic_rollback_runs_after_activate_for_the_restored_release() {
+    let site = Site::new();
+    let log = site.tmp_path("after.log");
+    let after = script(
+        &site.tmp_path(""),
+        "after.sh",
+        &format!(
+            "echo \"$RELEASE_ID prev=$PREVIOUS_RELEASE_ID\" >> \"{}\"",
+            log.display()
+        ),
+    );
+    let health = script(
+        &site.tmp_path(""),
+        "health.sh",
+        "case \"$RELEASE_ID\" in bad*) exit 1;; esac; exit 0",
+    );
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 1\n",
+        &format!(
+            "after_activate = [\"{}\"]\nhealth_check = [\"{}\"]",
+            after.display(),
+            health.display()
+        ),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    deploy(&site, "bad1");
+    svc.wait_release_event("release.rolled_back", "bad1");
+    svc.stop();
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "rolled back to v1"
+    );
+    let lines: Vec<String> = fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        ["v1 prev=", "bad1 prev=v1", "v1 prev=bad1"],
+        "after_activate must run for the release current went back to, so the server \
+         (e.g. php-fpm reload) serves it again"
+    );
+}

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use serde_json::Value;
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
@@ -443,27 +444,50 @@ fn mutating_command_while_service_works_is_busy_75_unless_wait() {
 #[test]
 fn every_json_event_carries_event_and_site() {
     let site = Site::new();
-    let cfg = site.write_config("web", "", "");
+    // A health check failing its first attempt, a shared entry and an upload without a
+    // manifest: each logs a diagnostic beside the listed events, and those lines too
+    // must carry `event` and `site`.
+    let flag = site.tmp_path("health-failed-once");
+    let cfg = site.write_config(
+        "web",
+        "require_manifest = false\nhealth_retries = 2\nhealth_interval = \"50ms\"\n",
+        &format!(
+            "shared = [\"storage\"]\nhealth_check = [\"/bin/sh\", \"-c\", \
+             \"test -e {0} || {{ touch {0}; exit 1; }}\"]",
+            flag.display()
+        ),
+    );
     let mut svc = Service::start_config(&cfg);
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    fs::remove_file(site.deploy_cache().join(MANIFEST)).unwrap();
+    site.drop_marker("id = \"v1\"\n");
     svc.wait_release_event("release.activated", "v1");
     svc.stop();
     let lines = svc.json_lines();
     assert!(!lines.is_empty());
     for v in &lines {
-        if v.get("event").is_none() {
-            continue;
-        }
-        assert_eq!(
-            v["site"], "web",
-            "SPEC: every event carries `event` and `site`; offending line: {v}"
+        assert!(
+            v.get("event").and_then(Value::as_str).is_some(),
+            "SPEC: every event carries `event`; offending line: {v}"
         );
+        if v["event"] != "watch.overflow" {
+            assert_eq!(
+                v["site"], "web",
+                "SPEC: every event carries `event` and `site`; offending line: {v}"
+            );
+        }
         assert!(
             v.get("timestamp").is_some() && v.get("level").is_some(),
             "{v}"
         );
     }
-    for ev in ["daemon.started", "daemon.stopping"] {
+    for ev in [
+        "daemon.started",
+        "daemon.stopping",
+        "upload.unverified",
+        "shared.linked",
+        "health.attempt_failed",
+    ] {
         assert!(
             lines.iter().any(|v| v["event"] == ev),
             "`{ev}` logged; log:\n{}",
@@ -557,4 +581,47 @@ fn root_created_later_is_waited_for() {
         Path::new("releases/l1")
     );
     svc.stop();
+}
+
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let site = Site::new();
+    let missing = site.tmp_path("not-yet");
+    let cfg = config_file(
+        &site,
+        &format!("[sites.web]\nroot = \"{}\"\n", missing.display()),
+    );
+    // NO_COLOR would hide the bug: the keeper itself must see stderr is not a terminal.
+    let out = std::process::Command::new(BIN)
+        .args(["--log-format", "text", "--config", cfg.to_str().unwrap()])
+        .arg("check-config")
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    assert_ok(&out, "check-config with a root that does not exist yet");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("root does not exist yet"),
+        "the warning is logged; {}",
+        show(&out)
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "text logs on a pipe must be plain, without ANSI escapes; stderr: {err:?}"
+    );
+}
+
+#[test]
+fn os_error_is_named_once_in_the_error_message() {
+    let site = Site::new();
+    let missing = site.tmp_path("no-such-config.toml");
+    let out = cli(&missing, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("os error 2").count(),
+        1,
+        "the cause is printed once, not repeated after itself; stderr: {err:?}"
+    );
 }

@@ -934,12 +934,21 @@ fn activate_unknown_id_fails() {
     deploy_and_activate(&site, &svc, "v1");
     let out = cli_when_idle(&cfg, &["activate", SITE, "nope"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
-    let out = cli_when_idle(&cfg, &["activate", SITE, "../v1"]);
-    assert!(
-        matches!(out.status.code(), Some(1) | Some(2)),
-        "{}",
-        show(&out)
-    );
+    for args in [
+        &["activate", SITE, "../v1"][..],
+        &["pin", SITE, "../v1"],
+        &["unpin", SITE, "-"],
+        &["rollback", SITE, "--to", "v1/.."],
+        &["verify", SITE, "/etc"],
+    ] {
+        let out = cli_when_idle(&cfg, args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "a release id that is not a valid id is a usage error (exit 2): {args:?}; {}",
+            show(&out)
+        );
+    }
     assert_eq!(site.current_id().as_deref(), Some("v1"));
     svc.stop();
 }
@@ -1038,4 +1047,32 @@ fn crash_during_work_is_redone_at_next_start() {
         "redone release is complete"
     );
     svc.stop();
+}
+
+#[test]
+fn human_list_keeps_files_and_bytes_in_their_columns() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let out = cli(&cfg, &["list", SITE]);
+    assert_ok(&out, "list");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    let row = lines
+        .find(|l| l.starts_with("v1 "))
+        .unwrap_or_else(|| panic!("no row for v1 in:\n{text}"));
+    // Right-aligned numbers end where their header word ends.
+    for word in ["FILES", "BYTES"] {
+        let end = header
+            .find(word)
+            .unwrap_or_else(|| panic!("no {word} column in header {header:?}"))
+            + word.len();
+        let cell = row.get(..end).unwrap_or(row);
+        assert!(
+            cell.ends_with(|c: char| c.is_ascii_digit()) && row[end..].starts_with(' '),
+            "{word} value must end under its header (column {end});\n{header}\n{row}"
+        );
+    }
 }

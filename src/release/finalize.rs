@@ -434,7 +434,7 @@ pub fn build(input: &Input<'_>, manifest: Option<Expected>) -> Result<Output> {
     let result = build_into(input, manifest, &partial);
     if result.is_err() {
         if let Err(e) = fsops::remove_tree(&partial) {
-            tracing::warn!(site = input.site.name(), path = %partial.display(), error = %e,
+            tracing::warn!(event = crate::events::SITE_ERROR, site = input.site.name(), path = %partial.display(), error = %e,
                 "cannot remove partial release; healing will retry");
         }
     }
@@ -1117,7 +1117,7 @@ fn link_shared(
                     .create(&in_shared)
                     .at(&in_shared)?,
             }
-            tracing::info!(site = site.name(), release = input.id, path = %entry.display(),
+            tracing::info!(event = crate::events::SHARED_LINKED, site = site.name(), release = input.id, path = %entry.display(),
                 "created missing shared entry");
         }
         if uploaded.is_some() {
@@ -1125,7 +1125,7 @@ fn link_shared(
             // entry just above) but never entered the manifest or the counts.
             fsops::remove_tree(&in_release)?;
             dirs.retain(|(d, _)| !d.starts_with(entry));
-            tracing::info!(site = site.name(), release = input.id, path = %entry.display(),
+            tracing::info!(event = crate::events::SHARED_LINKED, site = site.name(), release = input.id, path = %entry.display(),
                 "uploaded path replaced by the shared link");
         }
         // Missing parents of a nested shared entry become directories of the release.

@@ -346,7 +346,7 @@ impl Journal {
                     }
                     match serde_json::from_slice::<Record>(&line) {
                         Ok(r) => records.push(r),
-                        Err(e) => tracing::warn!(
+                        Err(e) => tracing::warn!(event = crate::events::SITE_ERROR,
                             site = %self.site,
                             path = %path.display(),
                             line = n + 1,

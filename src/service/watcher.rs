@@ -85,7 +85,10 @@ impl Table {
 
     fn dispatch(&mut self, ev: &InotifyEvent) {
         if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-            tracing::warn!("inotify queue overflowed; rescanning every site");
+            tracing::warn!(
+                event = crate::events::WATCH_OVERFLOW,
+                "inotify queue overflowed; rescanning every site"
+            );
             self.wake_all();
             return;
         }
@@ -157,7 +160,7 @@ fn read_loop(inotify: &Inotify, table: &Mutex<Table>) {
             Err(Errno::EINTR) => {}
             Err(e) => {
                 // No more events: wake everyone once; the heal timer is the backstop.
-                tracing::error!(error = %e, "cannot read inotify events; rescanning every site, \
+                tracing::error!(event = crate::events::WATCH_OVERFLOW, error = %e, "cannot read inotify events; rescanning every site, \
                     relying on the heal timer from now on");
                 if let Ok(table) = table.lock() {
                     table.wake_all();

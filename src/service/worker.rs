@@ -225,13 +225,13 @@ impl Worker {
         // A root that does not exist yet is waited for; its parent is watched so it is
         // picked up as soon as it appears, with the heal timer as a backstop.
         if !site.root_exists() {
-            tracing::warn!(site = site.name(), root = %site.root().display(),
+            tracing::warn!(event = crate::events::SITE_WAITING, site = site.name(), root = %site.root().display(),
                 "site root does not exist yet; waiting for it");
             crate::service::set_status(site, "waiting for its root");
             report(Ok(()));
             if let Some(parent) = site.root().parent() {
                 if let Err(e) = self.watcher.watch(parent, None, Arc::clone(heal_wake)) {
-                    tracing::warn!(site = site.name(), error = %e,
+                    tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
                         "cannot watch the root's parent");
                 }
             }
@@ -261,7 +261,7 @@ impl Worker {
                 (site.releases(), None, heal_wake),
             ] {
                 if let Err(e) = self.watcher.watch(&dir, name, Arc::clone(wake)) {
-                    tracing::error!(site = site.name(), error = %e, "cannot watch");
+                    tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "cannot watch");
                 }
             }
         };
@@ -327,7 +327,7 @@ impl Worker {
     fn work_logged(&self, job: Job, kept: &mut Kept) {
         if let Err(e) = self.work(job, kept) {
             if !matches!(e, Error::Interrupted) {
-                tracing::error!(site = self.site.name(), error = %e, job = ?job, "work failed");
+                tracing::error!(event = crate::events::SITE_ERROR, site = self.site.name(), error = %e, job = ?job, "work failed");
             }
         }
     }

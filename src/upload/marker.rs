@@ -281,7 +281,7 @@ pub fn pending(site: &Site) -> Result<Vec<Pending>> {
                 match serde_json::from_slice::<Claim>(&bytes) {
                     Ok(c) => out.push(Pending::Resolved(p, c)),
                     Err(e) => {
-                        tracing::warn!(site = site.name(), path = %p.display(), error = %e,
+                        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %p.display(), error = %e,
                             "removing unreadable claim");
                         let _ = fs::remove_file(&p);
                     }
