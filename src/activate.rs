@@ -185,12 +185,8 @@ fn trial(
             // a php-fpm reload); it must be told about the restored one too, or it keeps
             // serving what was rolled back. No health check: the release was good before,
             // and a second failure must not start rolling around.
-            if let Some(argv) = &site.cfg.after_activate {
-                let back = hook_env(site, &to, Some(id));
-                if let Err(f) = hooks::run("after_activate", argv, &back, site.cfg.hook_timeout) {
-                    log_hook_failure(site, &to, &f);
-                }
-            }
+            // Its failure is logged (`hook.failed`) and changes nothing more.
+            let _ = after_activate(site, &hook_env(site, &to, Some(id)));
             tracing::warn!(
                 event = events::RELEASE_ROLLED_BACK,
                 site = site.name(),
@@ -220,14 +216,21 @@ fn trial(
     }
 }
 
+/// Runs the site's `after_activate` hook, if any, for the release in `env`; a failure is
+/// logged as `hook.failed`.
+fn after_activate(site: &Site, env: &HookEnv) -> std::result::Result<(), HookFailure> {
+    let Some(argv) = &site.cfg.after_activate else {
+        return Ok(());
+    };
+    hooks::run("after_activate", argv, env, site.cfg.hook_timeout)
+        .inspect_err(|f| log_hook_failure(site, &env.release_id, f))
+}
+
 /// `after_activate`, then the health check with retries. `None` when all passed.
 fn check(site: &Site, env: &HookEnv) -> Option<HookFailure> {
     let cfg = &site.cfg;
-    if let Some(argv) = &cfg.after_activate {
-        if let Err(f) = hooks::run("after_activate", argv, env, cfg.hook_timeout) {
-            log_hook_failure(site, &env.release_id, &f);
-            return Some(f);
-        }
+    if let Err(f) = after_activate(site, env) {
+        return Some(f);
     }
     let argv = cfg.health_check.as_ref()?;
     let attempts = cfg.health_retries.max(1);
