@@ -6,7 +6,6 @@
 //! big the tree. The cache is advisory: a missing, torn or corrupt file just means files
 //! are read.
 
-use std::io::Write;
 use std::path::Path;
 
 use nix::sys::stat::FileStat;
@@ -75,31 +74,36 @@ pub fn create(path: &Path) -> Result<AtomicWriter> {
 
 /// Appends the line recording that the file at `rel` with `key` hashed to `digest`.
 pub fn format_line(out: &mut Vec<u8>, rel: &[u8], key: &StatKey, digest: &Digest) {
-    let _ = write!(
-        out,
-        "{} {} {} {} {} ",
-        key.dev, key.ino, key.size, key.mtime_ns, key.ctime_ns
-    );
+    for n in [key.dev, key.ino, key.size] {
+        store::push_u64(out, n);
+        out.push(b' ');
+    }
+    for n in [key.mtime_ns, key.ctime_ns] {
+        store::push_i64(out, n);
+        out.push(b' ');
+    }
     push_hex(out, digest);
     out.push(b' ');
     store::escape_path(rel, out);
     out.push(b'\n');
 }
 
-fn parse_line(line: &[u8]) -> Option<(Vec<u8>, (StatKey, Digest))> {
+fn parse_line(line: &[u8], path: &mut Vec<u8>) -> Option<(StatKey, Digest)> {
     let mut f = line.splitn(7, |&b| b == b' ');
-    let mut num = || std::str::from_utf8(f.next()?).ok()?.parse::<i128>().ok();
-    let (dev, ino, size, mtime_ns, ctime_ns) = (num()?, num()?, num()?, num()?, num()?);
+    let mut unsigned = || store::parse_u64(f.next()?);
+    let (dev, ino, size) = (unsigned()?, unsigned()?, unsigned()?);
+    let mut signed = || store::parse_i64(f.next()?);
+    let (mtime_ns, ctime_ns) = (signed()?, signed()?);
     let key = StatKey {
-        dev: u64::try_from(dev).ok()?,
-        ino: u64::try_from(ino).ok()?,
-        size: u64::try_from(size).ok()?,
-        mtime_ns: i64::try_from(mtime_ns).ok()?,
-        ctime_ns: i64::try_from(ctime_ns).ok()?,
+        dev,
+        ino,
+        size,
+        mtime_ns,
+        ctime_ns,
     };
     let digest = from_hex(f.next()?)?;
-    let path = store::unescape_path(f.next()?)?;
-    Some((path, (key, digest)))
+    store::unescape_path_into(f.next()?, path)?;
+    Some((key, digest))
 }
 
 #[cfg(test)]

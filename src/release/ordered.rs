@@ -26,16 +26,18 @@ pub fn cmp_paths(a: &[u8], b: &[u8]) -> Ordering {
     }
 }
 
-/// Parses one line into its path and value; `None` skips the line.
-pub type ParseLine<T> = fn(&[u8]) -> Option<(Vec<u8>, T)>;
+/// Parses one line into its value, writing its path into the (cleared) buffer; `None`
+/// skips the line. The buffer is reused line after line: no allocation per line.
+pub type ParseLine<T> = fn(&[u8], &mut Vec<u8>) -> Option<T>;
 
 /// A line file in walk order, read forward as a walk asks for its paths in the same order.
 pub struct Merge<T> {
     reader: Option<BufReader<File>>,
     parse: ParseLine<T>,
     line: Vec<u8>,
-    /// The next entry not yet passed over.
-    cur: Option<(Vec<u8>, T)>,
+    /// The next entry not yet passed over; its path is `cur_path`.
+    cur: Option<T>,
+    cur_path: Vec<u8>,
     /// The path of the last entry taken, to pass over lines out of order.
     last: Vec<u8>,
     /// Byte offset of the next line to read.
@@ -56,7 +58,8 @@ impl<T> Merge<T> {
             parse,
             line: Vec::with_capacity(256),
             cur: None,
-            last: Vec::new(),
+            cur_path: Vec::with_capacity(256),
+            last: Vec::with_capacity(256),
             offset: 0,
             cur_offset: 0,
         };
@@ -73,30 +76,30 @@ impl<T> Merge<T> {
     /// Like `find`, with the byte offset of the entry's line in the file.
     pub fn find_with_offset(&mut self, path: &[u8]) -> Option<(&T, u64)> {
         loop {
-            let (p, _) = self.cur.as_ref()?;
-            match cmp_paths(p, path) {
+            self.cur.as_ref()?;
+            match cmp_paths(&self.cur_path, path) {
                 Ordering::Less => self.advance(),
                 Ordering::Equal => break,
                 Ordering::Greater => return None,
             }
         }
         let offset = self.cur_offset;
-        self.cur.as_ref().map(|(_, t)| (t, offset))
+        self.cur.as_ref().map(|t| (t, offset))
     }
 
     /// The next entry in order and the byte offset of its line, whatever its path.
     pub fn next_with_offset(&mut self) -> Option<(T, u64)> {
-        let (path, value) = self.cur.take()?;
+        let value = self.cur.take()?;
         let offset = self.cur_offset;
-        self.last = path;
+        std::mem::swap(&mut self.last, &mut self.cur_path);
         self.advance();
         Some((value, offset))
     }
 
     /// Moves `cur` to the next entry in order.
     fn advance(&mut self) {
-        if let Some((p, _)) = self.cur.take() {
-            self.last = p;
+        if self.cur.take().is_some() {
+            std::mem::swap(&mut self.last, &mut self.cur_path);
         }
         let Some(reader) = self.reader.as_mut() else {
             return;
@@ -112,13 +115,14 @@ impl<T> Merge<T> {
                 Ok(n) => self.offset += n as u64,
             }
             let text = self.line.strip_suffix(b"\n").unwrap_or(&self.line);
-            let Some((path, value)) = (self.parse)(text) else {
+            self.cur_path.clear();
+            let Some(value) = (self.parse)(text, &mut self.cur_path) else {
                 continue;
             };
-            if !self.last.is_empty() && cmp_paths(&path, &self.last) != Ordering::Greater {
+            if !self.last.is_empty() && cmp_paths(&self.cur_path, &self.last) != Ordering::Greater {
                 continue;
             }
-            self.cur = Some((path, value));
+            self.cur = Some(value);
             self.cur_offset = at;
             return;
         }
@@ -146,10 +150,12 @@ mod tests {
         assert_eq!(back, want);
     }
 
-    fn parse(line: &[u8]) -> Option<(Vec<u8>, u32)> {
+    fn parse(line: &[u8], path: &mut Vec<u8>) -> Option<u32> {
         let s = std::str::from_utf8(line).ok()?;
         let (v, p) = s.split_once(' ')?;
-        Some((p.as_bytes().to_vec(), v.parse().ok()?))
+        let v = v.parse().ok()?;
+        path.extend_from_slice(p.as_bytes());
+        Some(v)
     }
 
     #[test]
