@@ -26,6 +26,7 @@
 
 use hashbrown::HashTable;
 use sha2::{Digest as _, Sha256};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt;
@@ -370,14 +371,18 @@ fn first_line_of(bytes: &[u8], path: &[u8], before: usize) -> usize {
         .enumerate()
         .take(before - 1)
         .find_map(|(idx, raw)| match parse_line(raw, idx + 1) {
-            Ok(Some((name, _))) if name == path => Some(idx + 1),
+            Ok(Some((name, _))) if *name == *path => Some(idx + 1),
             _ => None,
         })
         .unwrap_or(before)
 }
 
+/// One parsed manifest line: the clean path (borrowed from the line unless it was escaped)
+/// and its digest.
+type Line<'a> = (Cow<'a, [u8]>, Digest);
+
 /// Parses one line (without its LF): `None` for blank and comment lines.
-fn parse_line(raw: &[u8], line: usize) -> Result<Option<(Vec<u8>, Digest)>, ManifestError> {
+fn parse_line(raw: &[u8], line: usize) -> Result<Option<Line<'_>>, ManifestError> {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
     let start = raw.iter().position(|&b| b != b' ' && b != b'\t');
     let Some(s) = start.and_then(|i| raw.get(i..)) else {
@@ -403,13 +408,25 @@ fn parse_line(raw: &[u8], line: usize) -> Result<Option<(Vec<u8>, Digest)>, Mani
         (hex, name.ok_or_else(malformed)?)
     };
     let digest = from_hex(hex).ok_or_else(malformed)?;
-    let name = if escaped {
-        unescape(name).ok_or(ManifestError::BadEscape { line })?
+    // Borrowed unless escaped: no allocation for the usual line.
+    let name: Cow<'_, [u8]> = if escaped {
+        Cow::Owned(unescape(name).ok_or(ManifestError::BadEscape { line })?)
     } else {
-        name.to_vec()
+        Cow::Borrowed(name)
     };
     match check_path(&name) {
-        Ok(clean) => Ok(Some((clean.to_vec(), digest))),
+        Ok(clean) => {
+            // `clean` is a suffix of `name` (a leading `./` dropped).
+            let skip = name.len() - clean.len();
+            let clean = match name {
+                Cow::Borrowed(all) => Cow::Borrowed(&all[skip..]),
+                Cow::Owned(mut v) => {
+                    v.drain(..skip);
+                    Cow::Owned(v)
+                }
+            };
+            Ok(Some((clean, digest)))
+        }
         Err(reason) => Err(ManifestError::UnsafePath {
             line,
             path: lossy(&name),
@@ -506,19 +523,35 @@ pub fn push_hex(out: &mut Vec<u8>, d: &Digest) {
 
 /// Decodes exactly 64 hex digits (either case) into a digest.
 pub fn from_hex(s: &[u8]) -> Option<Digest> {
-    fn nibble(c: u8) -> Option<u8> {
-        char::from(c)
-            .to_digit(16)
-            .and_then(|v| u8::try_from(v).ok())
-    }
+    // Value of each byte as a hex digit, 0xff for none: a table lookup per digit, as
+    // every line of every manifest goes through here.
+    const NIBBLE: [u8; 256] = {
+        let mut t = [0xffu8; 256];
+        let mut i = 0;
+        while i < 10 {
+            t[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            t[b'a' as usize + i] = 10 + i as u8;
+            t[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        t
+    };
     if s.len() != 64 {
         return None;
     }
     let mut d = [0u8; 32];
+    let mut bad = 0u8;
     for (out, pair) in d.iter_mut().zip(s.chunks_exact(2)) {
-        *out = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        let (hi, lo) = (NIBBLE[pair[0] as usize], NIBBLE[pair[1] as usize]);
+        bad |= hi | lo;
+        *out = hi << 4 | (lo & 0x0f);
     }
-    Some(d)
+    // Digits are below 16; 0xff from any non-digit sets the high bits.
+    (bad < 16).then_some(d)
 }
 
 /// Hashes everything `r` yields; returns the digest and the byte count.
