@@ -56,6 +56,15 @@ fn upload_larger_than_free_space_is_deferred_then_finalized_when_space_returns()
         "reason should say why: {ev}"
     );
     assert_eq!(site.current_id(), None, "current must stay untouched");
+    // Nothing but a trigger (SIGHUP, the heal timer, a marker) retries: the keeper's own
+    // claim of the marker once woke a second attempt at once, racing the checks below.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let attempts = svc
+        .events("release.rejected")
+        .into_iter()
+        .filter(|v| v["retrying"] == true)
+        .count();
+    assert_eq!(attempts, 1, "the deferred upload was retried without a trigger");
     assert!(
         site.hidden_release_entries().is_empty() && site.release_ids().is_empty(),
         "no partial or release left behind: {:?}",

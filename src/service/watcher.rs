@@ -63,16 +63,18 @@ impl Table {
         self.routes.values().flatten().for_each(|rt| rt.wake.wake());
     }
 
-    /// Wakes the routes of `dir` that want an event on `name`.
-    fn wake(&self, dir: &Path, name: &OsStr, is_create: bool) {
+    /// Wakes the routes of `dir` that want an event of `kind` on `name`.
+    fn wake(&self, dir: &Path, name: &OsStr, kind: Change) {
         let Some(list) = self.routes.get(dir) else {
             return;
         };
         for rt in list {
             match &rt.name {
-                // Marker: only a finished write or a rename counts, never a bare create
-                // (its content may not be written yet).
-                Some(n) if n == name && !is_create => rt.wake.wake(),
+                // Marker: only a finished write or a rename into place announces one. A bare
+                // create may have no content yet, and the marker leaving (claimed by the
+                // keeper, or deleted) is no work: waking for the keeper's own claim
+                // retried a deferred upload at once, racing its cleanup.
+                Some(n) if n == name && kind == Change::Arrived => rt.wake.wake(),
                 Some(_) => {}
                 // The keeper's own transient names (a release being built, a link being
                 // swapped) need no healing: waking for them made every build trigger a
@@ -107,16 +109,39 @@ impl Table {
         let Some(dir) = self.dirs.get(&ev.wd) else {
             return;
         };
-        let is_create = ev.mask.contains(AddWatchFlags::IN_CREATE);
+        let kind = Change::of(ev.mask);
         match &ev.name {
-            Some(name) => self.wake(dir, name, is_create),
+            Some(name) => self.wake(dir, name, kind),
             // The watched directory itself was deleted or moved: an event on its name in
             // its parent, for whoever watches that (the root, for `deploy-cache/`).
             None => {
                 if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
-                    self.wake(parent, name, is_create);
+                    self.wake(parent, name, kind);
                 }
             }
+        }
+    }
+}
+
+/// What happened to a name, as far as waking is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Written and closed, or renamed into the directory: its content is complete.
+    Arrived,
+    /// Created, content possibly still to come.
+    Created,
+    /// Deleted or renamed away (or the watched directory itself went).
+    Left,
+}
+
+impl Change {
+    fn of(mask: AddWatchFlags) -> Change {
+        if mask.intersects(AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO) {
+            Change::Arrived
+        } else if mask.contains(AddWatchFlags::IN_CREATE) {
+            Change::Created
+        } else {
+            Change::Left
         }
     }
 }
@@ -266,5 +291,86 @@ impl Watcher {
                 let _ = self.inotify.rm_watch(wd);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(&self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn table(dir: &Path, marker: &Arc<Count>, any: &Arc<Count>) -> Table {
+        let mut t = Table::default();
+        let marker_wake: Arc<dyn Wake> = marker.clone();
+        let any_wake: Arc<dyn Wake> = any.clone();
+        t.routes.insert(
+            dir.to_path_buf(),
+            vec![
+                Route {
+                    name: Some(".release-ready".into()),
+                    wake: marker_wake,
+                },
+                Route {
+                    name: None,
+                    wake: any_wake,
+                },
+            ],
+        );
+        t
+    }
+
+    #[test]
+    fn marker_wakes_only_when_it_arrives_complete() {
+        let dir = Path::new("/site/deploy-cache");
+        let (marker, any) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        let t = table(dir, &marker, &any);
+        let name = OsStr::new(".release-ready");
+        for mask in [
+            AddWatchFlags::IN_CLOSE_WRITE,
+            AddWatchFlags::IN_MOVED_TO,
+            AddWatchFlags::IN_CREATE,
+            AddWatchFlags::IN_MOVED_FROM,
+            AddWatchFlags::IN_DELETE,
+        ] {
+            t.wake(dir, name, Change::of(mask));
+        }
+        assert_eq!(
+            marker.0.load(Ordering::Relaxed),
+            2,
+            "the marker route must wake for close-write and moved-to only, \
+             not for its creation or for the keeper claiming it"
+        );
+    }
+
+    #[test]
+    fn any_name_route_ignores_the_keepers_transient_names() {
+        let dir = Path::new("/site/releases");
+        let (marker, any) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        let t = table(dir, &marker, &any);
+        let partial = format!("{}big", crate::fsops::PARTIAL_PREFIX);
+        t.wake(dir, OsStr::new(&partial), Change::Created);
+        t.wake(dir, OsStr::new(&partial), Change::Left);
+        assert_eq!(
+            any.0.load(Ordering::Relaxed),
+            0,
+            "a partial release woke a heal"
+        );
+        t.wake(dir, OsStr::new("20261203T000000Z"), Change::Left);
+        t.wake(dir, OsStr::new("current"), Change::Created);
+        assert_eq!(
+            any.0.load(Ordering::Relaxed),
+            2,
+            "a release or link change must wake a heal"
+        );
+        assert_eq!(marker.0.load(Ordering::Relaxed), 0);
     }
 }
