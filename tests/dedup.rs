@@ -129,6 +129,92 @@ fn unchanged_files_share_inodes_with_the_previous_release() {
     svc.stop();
 }
 
+/// The hash cache only saves reads: garbage in it, a digest in it that lies, or no cache at
+/// all must each cost reads of the files concerned, never a wrong or rejected release.
+#[test]
+fn a_corrupt_lying_or_missing_hash_cache_only_costs_reads() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    let files: Vec<(&str, &[u8])> = vec![
+        ("a.txt", b"alpha"),
+        ("lib/b.js", b"bravo"),
+        ("lib/c.css", b"charlie"),
+    ];
+    site.deploy(&files, "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    let cache = site.root.join(".release-keeper/hashcache");
+    assert!(
+        cache.exists(),
+        "the build must leave a hash cache at {cache:?}"
+    );
+
+    // Garbage: not one line parses. Every file is read again, and linked by digest.
+    fs::write(&cache, b"\x00\xff garbage\n1 2 3\nnot a cache line at all").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(
+        hashed_count(&svc, "v2"),
+        4,
+        "garbage cache: all four files read"
+    );
+    assert_eq!(
+        linked_count(&svc, "v2"),
+        4,
+        "unchanged content still linked by digest"
+    );
+
+    // A line that keeps b.js's stat key but lies about its digest: the manifest disagrees,
+    // so the file is read, and the release holds the true content.
+    let text = fs::read(&cache).unwrap();
+    let mut lied = Vec::new();
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        if line.ends_with(b" lib/b.js\n") {
+            let fields: Vec<&[u8]> = line.splitn(7, |&b| b == b' ').collect();
+            assert_eq!(fields.len(), 7, "unexpected cache line {line:?}");
+            for f in &fields[..5] {
+                lied.extend_from_slice(f);
+                lied.push(b' ');
+            }
+            lied.extend_from_slice(&[b'0'; 64]);
+            lied.push(b' ');
+            lied.extend_from_slice(fields[6]);
+        } else {
+            lied.extend_from_slice(line);
+        }
+    }
+    assert_ne!(lied, text, "b.js must be in the cache");
+    fs::write(&cache, &lied).unwrap();
+    site.drop_marker("id = \"v3\"\n");
+    svc.wait_release_event("release.activated", "v3");
+    assert_eq!(
+        hashed_count(&svc, "v3"),
+        1,
+        "only the file the cache lied about is read"
+    );
+    assert_eq!(
+        fs::read(site.release("v3").join("lib/b.js")).unwrap(),
+        b"bravo"
+    );
+
+    // No cache at all (deleted by hand, or lost in a crash).
+    fs::remove_file(&cache).unwrap();
+    site.drop_marker("id = \"v4\"\n");
+    svc.wait_release_event("release.activated", "v4");
+    assert_eq!(
+        hashed_count(&svc, "v4"),
+        4,
+        "missing cache: all four files read"
+    );
+    for id in ["v2", "v3", "v4"] {
+        assert_eq!(
+            fs::read(site.release(id).join("lib/b.js")).unwrap(),
+            b"bravo",
+            "{id}"
+        );
+    }
+    svc.stop();
+}
+
 /// Paths of a line file whose path is the last space-separated field (escapes kept: the
 /// names used here have none).
 fn paths_of(file: &std::path::Path, field: usize) -> Vec<Vec<u8>> {
