@@ -201,10 +201,13 @@ fn trial(
             )))
         }
         _ => {
+            // The failure was logged once where it happened (`health.failed` or
+            // `hook.failed`); a second `health.failed` would count as another failure.
             tracing::warn!(
-                event = events::HEALTH_FAILED,
+                event = events::RELEASE_STAYS_CURRENT,
                 site = site.name(),
                 release = id,
+                previous,
                 reason = %reason,
                 auto_rollback = site.cfg.auto_rollback,
                 "release failed its checks and stays current"

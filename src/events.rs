@@ -51,6 +51,10 @@ pub const SHARED_LINKED: &str = "shared.linked";
 pub const HEALTH_ATTEMPT_FAILED: &str = "health.attempt_failed";
 /// A hook exited 0 (debug level).
 pub const HOOK_SUCCEEDED: &str = "hook.succeeded";
+/// A release failed `after_activate` or its health check and stays current: no automatic
+/// rollback (`auto_rollback = false`, or no good release to go back to). The failure
+/// itself was logged once, as `hook.failed` or `health.failed`.
+pub const RELEASE_STAYS_CURRENT: &str = "release.stays_current";
 /// An activation asked for the release that is already current.
 pub const RELEASE_ALREADY_CURRENT: &str = "release.already_current";
 /// Healing found something it must not repair itself; an operator should look.

@@ -402,3 +402,78 @@ fn automatic_rollback_runs_after_activate_for_the_restored_release() {
          (e.g. php-fpm reload) serves it again"
     );
 }
+
+/// One failed health check is one `health.failed`: without a rollback, the outcome
+/// ("stays current") is its own event, not a second `health.failed` that a monitor would
+/// count as another failure.
+#[test]
+fn failed_health_check_without_rollback_logs_health_failed_once() {
+    let site = Site::new();
+    let cfg = health_config(&site, "auto_rollback = false\n");
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    deploy(&site, "bad1");
+    svc.wait_release_event("health.failed", "bad1");
+    // The worker handles one upload at a time: once v2 is active, everything bad1 logs is in.
+    deploy(&site, "v2");
+    svc.wait_release_event("release.activated", "v2");
+    svc.stop();
+    let failed = svc.events_for("health.failed", "bad1");
+    assert_eq!(
+        failed.len(),
+        1,
+        "one failed health check must log exactly one health.failed; got {failed:?}"
+    );
+    let kept = svc.events_for("release.stays_current", "bad1");
+    assert_eq!(
+        kept.len(),
+        1,
+        "the no-rollback outcome is logged once as release.stays_current; log:\n{}",
+        svc.log_text()
+    );
+    assert!(!reason_of(&kept[0]).is_empty(), "{}", kept[0]);
+}
+
+/// A failing `after_activate` hook is a `hook.failed`, not a `health.failed`: no health
+/// check ran.
+#[test]
+fn after_activate_failure_without_rollback_is_not_logged_as_health_failed() {
+    let site = Site::new();
+    let after = script(
+        &site.tmp_path(""),
+        "after.sh",
+        "case \"$RELEASE_ID\" in bad*) exit 3;; esac; exit 0",
+    );
+    let health = script(&site.tmp_path(""), "health.sh", "exit 0");
+    let cfg = site.write_config(
+        SITE,
+        "auto_rollback = false\nhealth_retries = 1\n",
+        &format!(
+            "after_activate = [\"{}\"]\nhealth_check = [\"{}\"]",
+            after.display(),
+            health.display()
+        ),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    deploy(&site, "bad1");
+    svc.wait_release_event("hook.failed", "bad1");
+    // The worker handles one upload at a time: once v2 is active, everything bad1 logs is in.
+    deploy(&site, "v2");
+    svc.wait_release_event("release.activated", "v2");
+    svc.stop();
+    assert_eq!(svc.events_for("hook.failed", "bad1").len(), 1, "{}", svc.log_text());
+    assert!(
+        svc.events_for("health.failed", "bad1").is_empty(),
+        "after_activate failed, the health check never ran; log:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        svc.events_for("release.stays_current", "bad1").len(),
+        1,
+        "{}",
+        svc.log_text()
+    );
+}
