@@ -477,3 +477,34 @@ fn after_activate_failure_without_rollback_is_not_logged_as_health_failed() {
         svc.log_text()
     );
 }
+
+/// `rollback --to ID` while `current` is missing has no release it moves away from: its
+/// `release.rolled_back` leaves `release` out instead of logging `release: ""`.
+#[test]
+fn rollback_with_current_missing_logs_no_empty_release_field() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    for id in ["v1", "v2"] {
+        deploy(&site, id);
+        svc.wait_release_event("release.activated", id);
+    }
+    svc.stop();
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(
+        &cfg,
+        &["rollback", SITE, "--to", "v1", "--log-format", "json"],
+    );
+    assert_ok(&out, "rollback --to v1");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    let ev: Value = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "release.rolled_back")
+        .unwrap_or_else(|| panic!("no release.rolled_back: {}", show(&out)));
+    assert_eq!(ev["previous"], "v1", "{ev}");
+    assert!(
+        ev.get("release").is_none(),
+        "no release was current, so no `release` field: {ev}"
+    );
+}
