@@ -722,3 +722,52 @@ fn missing_shared_file_is_reported_not_recreated_as_a_directory() {
         "reported: {text}"
     );
 }
+
+/// The `heal.repaired` events of repairs that concern a release name it in `release`:
+/// above all the release `current` is pointed at again, which a monitor needs to know
+/// what is being served.
+#[test]
+fn heal_repaired_names_the_release_current_now_points_at() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+
+    // A real directory in place of `current` (moved aside, then `current` relinked), and
+    // a half-built release.
+    fs::remove_file(site.current_path()).unwrap();
+    fs::create_dir(site.current_path()).unwrap();
+    write_tree(
+        &site.releases_dir().join(".partial.v3"),
+        &[("index.html", b"half" as &[u8])],
+    );
+
+    let out = cli(&cfg, &["heal", SITE, "--log-format", "json"]);
+    assert_ok(&out, "heal");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "heal.repaired")
+        .collect();
+    let find = |needle: &str| {
+        events
+            .iter()
+            .find(|v| v.to_string().contains(needle))
+            .unwrap_or_else(|| panic!("no heal.repaired with {needle:?}: {}", show(&out)))
+            .clone()
+    };
+    let pointed = find("pointed current at releases/v2");
+    assert_eq!(
+        pointed["release"], "v2",
+        "healing that repoints current names the release it now points at: {pointed}"
+    );
+    let aside = find("aside to");
+    assert_eq!(aside["release"], "v2", "{aside}");
+    let partial = find(".partial.v3");
+    assert_eq!(partial["release"], "v3", "{partial}");
+    for ev in &events {
+        assert_eq!(ev["site"], SITE, "{ev}");
+    }
+}
