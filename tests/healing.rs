@@ -771,3 +771,47 @@ fn heal_repaired_names_the_release_current_now_points_at() {
         assert_eq!(ev["site"], SITE, "{ev}");
     }
 }
+
+/// An inotify overflow is process-wide, but every event names its site: it is logged once
+/// for each site it makes rescan (not once per watched directory, and never without a
+/// `site`).
+#[test]
+fn inotify_overflow_is_logged_once_per_site_with_its_name() {
+    let site = Site::new();
+    let other = site.tmp_path("other");
+    fs::create_dir_all(other.join("deploy-cache")).unwrap();
+    let cfg = site.write_config(
+        SITE,
+        "heal_interval = \"1h\"",
+        &format!("\n[sites.api]\nroot = \"{}\"\n", other.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16384);
+    signal(&svc, Signal::SIGSTOP);
+    let cont = scopeguard(svc.pid());
+    for i in 0..max / 2 + 100 {
+        let p = site.deploy_cache().join(format!("flood-{i}"));
+        fs::write(&p, b"").unwrap();
+        fs::remove_file(&p).unwrap();
+    }
+    drop(cont); // SIGCONT
+    svc.wait_count("watch.overflow", 1, WAIT);
+    // Still serving after the rescan; stopping reads the log to its end before counting.
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let evs_now = svc.events("watch.overflow");
+    let count = |name: &str| evs_now.iter().filter(|v| v["site"] == name).count();
+    assert!(
+        evs_now.iter().all(|v| v["site"] == SITE || v["site"] == "api"),
+        "every watch.overflow names one site: {evs_now:?}"
+    );
+    assert!(count(SITE) >= 1, "{evs_now:?}");
+    assert_eq!(
+        count(SITE),
+        count("api"),
+        "once per site per overflow (web has two watched directories): {evs_now:?}"
+    );
+}
