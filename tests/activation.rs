@@ -478,6 +478,53 @@ fn after_activate_failure_without_rollback_is_not_logged_as_health_failed() {
     );
 }
 
+/// `previous` (list, status) is the release a plain `rollback` goes back to, and there is
+/// one as long as another good release was ever current: after rolling back from C to B
+/// to A, B (current before A) is still good and a rollback target.
+#[test]
+fn after_two_rollbacks_list_still_shows_the_previous_that_rollback_goes_to() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    for id in ["a", "b", "c"] {
+        deploy(&site, id);
+        svc.wait_release_event("release.activated", id);
+    }
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "first rollback");
+    assert_eq!(site.current_id().as_deref(), Some("b"));
+    let l = list(&cfg);
+    assert_eq!(release_obj(&l, "b")["state"], "current", "{l}");
+    assert_eq!(release_obj(&l, "a")["state"], "previous", "{l}");
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "second rollback");
+    assert_eq!(site.current_id().as_deref(), Some("a"));
+
+    let l = list(&cfg);
+    let previous: Vec<&str> = l["releases"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["state"] == "previous")
+                .filter_map(|r| r["id"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        previous,
+        ["b"],
+        "b was current before a and is good: list must show it as previous: {l}"
+    );
+    let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status");
+    let st = stdout_json(&out);
+    assert_eq!(st["sites"][0]["previous"], "b", "{st}");
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "third rollback, to the previous that list shows");
+    assert_eq!(site.current_id().as_deref(), Some("b"));
+    svc.stop();
+}
+
 /// `rollback --to ID` while `current` is missing has no release it moves away from: its
 /// `release.rolled_back` leaves `release` out instead of logging `release: ""`.
 #[test]
