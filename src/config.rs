@@ -1660,7 +1660,11 @@ marker = "DONE"
     fn link_targets_with_dotdot_escaping_the_site_root_are_rejected() {
         let site = "[sites.shop]\nroot = \"/srv/shop\"\n";
         let cases: [(&str, usize, &str); 5] = [
-            ("links = { htdocs = \"../etc\" }", 20, "leaves the site root"),
+            (
+                "links = { htdocs = \"../etc\" }",
+                20,
+                "leaves the site root",
+            ),
             ("links = { htdocs = \"..\" }", 20, "leaves the site root"),
             (
                 "links = { htdocs = \"current/../../etc\" }",
@@ -1687,7 +1691,10 @@ marker = "DONE"
         ))
         .expect("a leading \"..\" per directory of the link stays inside the root");
         assert_eq!(
-            ok["shop"].links.get(Path::new("web/htdocs")).map(PathBuf::as_path),
+            ok["shop"]
+                .links
+                .get(Path::new("web/htdocs"))
+                .map(PathBuf::as_path),
             Some(Path::new("../current/public"))
         );
     }

@@ -194,7 +194,10 @@ mod tests {
     #[test]
     fn every_event_logged_in_the_source_names_its_site() {
         let mut files = Vec::new();
-        rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+        rust_files(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
         let mut missing = Vec::new();
         for file in files {
             let src = std::fs::read_to_string(&file).unwrap();
@@ -205,9 +208,8 @@ mod tests {
                     let field = |name: &str| {
                         args.iter().any(|a| {
                             let a = a.trim().trim_start_matches(['%', '?']);
-                            a.strip_prefix(name).is_some_and(|rest| {
-                                rest.is_empty() || rest.starts_with([' ', '='])
-                            })
+                            a.strip_prefix(name)
+                                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '=']))
                         })
                     };
                     if field("event") && !field("site") {

@@ -464,7 +464,12 @@ fn after_activate_failure_without_rollback_is_not_logged_as_health_failed() {
     deploy(&site, "v2");
     svc.wait_release_event("release.activated", "v2");
     svc.stop();
-    assert_eq!(svc.events_for("hook.failed", "bad1").len(), 1, "{}", svc.log_text());
+    assert_eq!(
+        svc.events_for("hook.failed", "bad1").len(),
+        1,
+        "{}",
+        svc.log_text()
+    );
     assert!(
         svc.events_for("health.failed", "bad1").is_empty(),
         "after_activate failed, the health check never ran; log:\n{}",

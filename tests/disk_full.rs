@@ -64,7 +64,10 @@ fn upload_larger_than_free_space_is_deferred_then_finalized_when_space_returns()
         .into_iter()
         .filter(|v| v["retrying"] == true)
         .count();
-    assert_eq!(attempts, 1, "the deferred upload was retried without a trigger");
+    assert_eq!(
+        attempts, 1,
+        "the deferred upload was retried without a trigger"
+    );
     assert!(
         site.hidden_release_entries().is_empty() && site.release_ids().is_empty(),
         "no partial or release left behind: {:?}",

@@ -805,7 +805,9 @@ fn inotify_overflow_is_logged_once_per_site_with_its_name() {
     let evs_now = svc.events("watch.overflow");
     let count = |name: &str| evs_now.iter().filter(|v| v["site"] == name).count();
     assert!(
-        evs_now.iter().all(|v| v["site"] == SITE || v["site"] == "api"),
+        evs_now
+            .iter()
+            .all(|v| v["site"] == SITE || v["site"] == "api"),
         "every watch.overflow names one site: {evs_now:?}"
     );
     assert!(count(SITE) >= 1, "{evs_now:?}");

@@ -402,7 +402,11 @@ mod tests {
         let (marker, any) = (Arc::new(Count::default()), Arc::new(Count::default()));
         let mut t = table(Path::new("/shop/deploy-cache"), &marker, &any);
         let any_wake: Arc<dyn Wake> = any.clone();
-        for (dir, site) in [("/shop", "shop"), ("/blog", "blog"), ("/blog/releases", "blog")] {
+        for (dir, site) in [
+            ("/shop", "shop"),
+            ("/blog", "blog"),
+            ("/blog/releases", "blog"),
+        ] {
             t.routes.entry(dir.into()).or_default().push(Route {
                 name: None,
                 site: site.into(),

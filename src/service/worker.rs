@@ -230,7 +230,10 @@ impl Worker {
             crate::service::set_status(site, "waiting for its root");
             report(Ok(()));
             if let Some(parent) = site.root().parent() {
-                if let Err(e) = self.watcher.watch(parent, None, site.name(), Arc::clone(heal_wake)) {
+                if let Err(e) = self
+                    .watcher
+                    .watch(parent, None, site.name(), Arc::clone(heal_wake))
+                {
                     tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
                         "cannot watch the root's parent");
                 }
@@ -260,7 +263,10 @@ impl Worker {
                 (site.root().to_path_buf(), None, heal_wake),
                 (site.releases(), None, heal_wake),
             ] {
-                if let Err(e) = self.watcher.watch(&dir, name, site.name(), Arc::clone(wake)) {
+                if let Err(e) = self
+                    .watcher
+                    .watch(&dir, name, site.name(), Arc::clone(wake))
+                {
                     tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "cannot watch");
                 }
             }
