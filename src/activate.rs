@@ -201,10 +201,13 @@ fn trial(
             )))
         }
         _ => {
+            // The failure was logged once where it happened (`health.failed` or
+            // `hook.failed`); a second `health.failed` would count as another failure.
             tracing::warn!(
-                event = events::HEALTH_FAILED,
+                event = events::RELEASE_STAYS_CURRENT,
                 site = site.name(),
                 release = id,
+                previous,
                 reason = %reason,
                 auto_rollback = site.cfg.auto_rollback,
                 "release failed its checks and stays current"
@@ -299,16 +302,16 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
     }
     let started = Instant::now();
     swap_current(site, &target)?;
-    let from = current.clone().unwrap_or_default();
     journal.append(Op::RolledBack {
-        release: from.clone(),
+        release: current.clone().unwrap_or_default(),
         to: target.clone(),
         reason: "rollback requested".into(),
     })?;
     tracing::info!(
         event = events::RELEASE_ROLLED_BACK,
         site = site.name(),
-        release = %from,
+        // Absent when `current` was missing: there is no release it moved away from.
+        release = current.as_deref(),
         previous = %target,
         reason = "rollback requested",
         duration_ms = started.elapsed().as_millis() as u64,

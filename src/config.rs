@@ -799,6 +799,7 @@ fn build_site(
                     format!("link target must be relative to the site root (e.g. \"current/public\"), got {target_text:?}"),
                 ));
             }
+            link_target_inside_root(&link, target_text).map_err(|m| src.at(target_at, m))?;
             config.links.insert(link, PathBuf::from(target_text));
         }
     }
@@ -1063,6 +1064,39 @@ fn relative_path(s: &str, what: &str) -> Result<PathBuf, String> {
         return Err(format!("{what} must not be empty"));
     }
     Ok(path)
+}
+
+/// Checks that `target`, resolved from the directory of `link` (as the kernel resolves a
+/// relative symlink), stays inside the site root. `..` may only lead the target, at most
+/// once per directory `link` is nested in: after a name it would climb out of wherever
+/// that name leads (`current/../..` leaves `releases/`, not `current`), which only the
+/// filesystem at run time knows.
+fn link_target_inside_root(link: &Path, target: &str) -> Result<(), String> {
+    let depth = link.components().count().saturating_sub(1);
+    let mut ups = 0;
+    let mut named = false;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." if named => {
+                return Err(format!(
+                    "link target {target:?} must stay inside the site root: \"..\" is only \
+                     allowed at its start, e.g. \"current/public\""
+                ))
+            }
+            ".." => ups += 1,
+            _ => named = true,
+        }
+    }
+    if ups > depth {
+        return Err(format!(
+            "link target {target:?} leaves the site root: the link {:?} is {depth} \
+             director{} deep, so at most {depth} leading \"..\"",
+            link.display().to_string(),
+            if depth == 1 { "y" } else { "ies" }
+        ));
+    }
+    Ok(())
 }
 
 fn nested(a: &Path, b: &Path) -> bool {
@@ -1620,6 +1654,49 @@ marker = "DONE"
         for (line, column, needle) in links {
             assert_error(&format!("{site}{line}\n"), 3, column, needle);
         }
+    }
+
+    #[test]
+    fn link_targets_with_dotdot_escaping_the_site_root_are_rejected() {
+        let site = "[sites.shop]\nroot = \"/srv/shop\"\n";
+        let cases: [(&str, usize, &str); 5] = [
+            (
+                "links = { htdocs = \"../etc\" }",
+                20,
+                "leaves the site root",
+            ),
+            ("links = { htdocs = \"..\" }", 20, "leaves the site root"),
+            (
+                "links = { htdocs = \"current/../../etc\" }",
+                20,
+                "must stay inside the site root",
+            ),
+            (
+                "links = { htdocs = \"./current/public/..\" }",
+                20,
+                "must stay inside the site root",
+            ),
+            (
+                "links = { \"web/htdocs\" = \"../../srv\" }",
+                26,
+                "leaves the site root",
+            ),
+        ];
+        for (line, column, needle) in cases {
+            assert_error(&format!("{site}{line}\n"), 3, column, needle);
+        }
+        // A nested link reaches `current` from its own directory.
+        let ok = parse(&format!(
+            "{site}links = {{ \"web/htdocs\" = \"../current/public\", top = \"current\" }}\n"
+        ))
+        .expect("a leading \"..\" per directory of the link stays inside the root");
+        assert_eq!(
+            ok["shop"]
+                .links
+                .get(Path::new("web/htdocs"))
+                .map(PathBuf::as_path),
+            Some(Path::new("../current/public"))
+        );
     }
 
     #[test]

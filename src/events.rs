@@ -51,6 +51,10 @@ pub const SHARED_LINKED: &str = "shared.linked";
 pub const HEALTH_ATTEMPT_FAILED: &str = "health.attempt_failed";
 /// A hook exited 0 (debug level).
 pub const HOOK_SUCCEEDED: &str = "hook.succeeded";
+/// A release failed `after_activate` or its health check and stays current: no automatic
+/// rollback (`auto_rollback = false`, or no good release to go back to). The failure
+/// itself was logged once, as `hook.failed` or `health.failed`.
+pub const RELEASE_STAYS_CURRENT: &str = "release.stays_current";
 /// An activation asked for the release that is already current.
 pub const RELEASE_ALREADY_CURRENT: &str = "release.already_current";
 /// Healing found something it must not repair itself; an operator should look.
@@ -126,5 +130,98 @@ pub fn init(format: Option<LogFormat>) {
                 .with_writer(std::io::stderr)
                 .try_init();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// The top-level arguments of the macro call whose `(` is at `open` in `src`
+    /// (string literals skipped, so parentheses and commas in messages do not count).
+    fn call_args(src: &str, open: usize) -> Vec<String> {
+        let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+        let (mut args, mut arg) = (Vec::new(), String::new());
+        for c in src[open..].chars() {
+            if in_str {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => in_str = false,
+                    _ => {}
+                }
+                arg.push(c);
+                continue;
+            }
+            match c {
+                '"' => in_str = true,
+                '(' | '[' | '{' => depth += 1,
+                ')' | ']' | '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        args.push(std::mem::take(&mut arg));
+                        return args;
+                    }
+                }
+                ',' if depth == 1 => {
+                    args.push(std::mem::take(&mut arg));
+                    continue;
+                }
+                _ => {}
+            }
+            if depth >= 1 && !(depth == 1 && c == '(' && arg.is_empty() && args.is_empty()) {
+                arg.push(c);
+            }
+        }
+        args
+    }
+
+    fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// SPEC "Logs": every event carries `site`, so a monitor can tell which site a line
+    /// is about. A diagnostic logged where the site is not known (deep in `fsops`, or the
+    /// process-wide inotify reader) breaks that; this finds every `tracing` call with an
+    /// `event` field and requires a `site` field beside it.
+    #[test]
+    fn every_event_logged_in_the_source_names_its_site() {
+        let mut files = Vec::new();
+        rust_files(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let mut missing = Vec::new();
+        for file in files {
+            let src = std::fs::read_to_string(&file).unwrap();
+            for level in ["trace", "debug", "info", "warn", "error"] {
+                let call = format!("tracing::{level}!(");
+                for (at, _) in src.match_indices(&call) {
+                    let args = call_args(&src, at + call.len() - 1);
+                    let field = |name: &str| {
+                        args.iter().any(|a| {
+                            let a = a.trim().trim_start_matches(['%', '?']);
+                            a.strip_prefix(name)
+                                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '=']))
+                        })
+                    };
+                    if field("event") && !field("site") {
+                        let line = src[..at].matches('\n').count() + 1;
+                        missing.push(format!("{}:{line}", file.display()));
+                    }
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "events without a `site` field: {missing:?}"
+        );
     }
 }

@@ -425,6 +425,9 @@ fn flock_within(file: &File, path: &Path, wait: Option<Duration>) -> Result<bool
 pub struct LockFile {
     file: File,
     path: PathBuf,
+    /// The site whose lock this is: a failure to unlock is logged from `Drop`, where no
+    /// caller can add it.
+    site: String,
 }
 
 /// The lock of a `LockFile`, held until dropped (the file stays open).
@@ -435,17 +438,19 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         // Closing would release it too; unlocking keeps the file open for the next use.
         if let Err(e) = self.0.file.unlock() {
-            tracing::warn!(event = crate::events::SITE_ERROR, path = %self.0.path.display(), error = %e, "cannot unlock");
+            tracing::warn!(event = crate::events::SITE_ERROR, site = %self.0.site,
+                path = %self.0.path.display(), error = %e, "cannot unlock");
         }
     }
 }
 
 impl LockFile {
-    /// Opens (creating) the lock file at `path`, without locking it.
-    pub fn open(path: &Path) -> Result<LockFile> {
+    /// Opens (creating) the lock file at `path` of site `site`, without locking it.
+    pub fn open(path: &Path, site: &str) -> Result<LockFile> {
         Ok(LockFile {
             file: open_lock_file(path)?,
             path: path.to_path_buf(),
+            site: site.to_string(),
         })
     }
 
@@ -577,7 +582,7 @@ pub fn trash_and_remove(path: &Path, trash_dir: &Path) -> Result<()> {
 }
 
 /// The first half of a deletion: one rename of `path` into `trash_dir`, made durable.
-/// What is in the trash is removed by `empty_trash` (healing retries it after a failure).
+/// What is left in the trash after a failure is removed by the next healing pass.
 pub fn move_to_trash(path: &Path, trash_dir: &Path) -> Result<PathBuf> {
     ensure_dir(trash_dir, 0o700)?;
     let name = path
@@ -599,29 +604,6 @@ pub fn move_to_trash(path: &Path, trash_dir: &Path) -> Result<PathBuf> {
     fsync_dir(parent_of(path))?;
     fsync_dir(trash_dir)?;
     Ok(dest)
-}
-
-/// Empties the trash directory (leftovers of interrupted deletions).
-pub fn empty_trash(trash_dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    let entries = match fs::read_dir(trash_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(e).at(trash_dir),
-    };
-    for entry in entries {
-        let entry = entry.at(trash_dir)?;
-        // One stubborn tree (a file owned by someone else) must not block the rest; it
-        // stays in the trash, out of releases/, and is retried by the next pass.
-        match remove_tree(&entry.path()) {
-            Ok(()) => removed.push(entry.path()),
-            Err(e) => {
-                tracing::warn!(event = crate::events::SITE_ERROR, path = %entry.path().display(), error = %e,
-                "cannot remove a deleted release from the trash yet; will retry")
-            }
-        }
-    }
-    Ok(removed)
 }
 
 /// Bytes available to an unprivileged writer on the filesystem holding `path`.
@@ -800,7 +782,7 @@ mod tests {
     fn kept_lock_file_locks_out_others_only_while_held() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("lock");
-        let file = LockFile::open(&p).unwrap();
+        let file = LockFile::open(&p, "test").unwrap();
         let held = file.acquire(Duration::ZERO).unwrap();
         assert!(held.is_some());
         assert!(lock(&p, Some(Duration::ZERO)).unwrap().is_none());

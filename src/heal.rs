@@ -164,6 +164,14 @@ fn leftovers(dir: &Path, listing: &std::io::Result<Listing>, prefixes: &[&str]) 
     out
 }
 
+/// Release id of a leftover `releases/.partial.<id>` (none for other leftovers).
+fn partial_id(path: &Path) -> Option<&str> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(fsops::PARTIAL_PREFIX)
+        .filter(|id| marker::valid_id(id))
+}
+
 /// True when `listing` holds a directory (not a symlink to one) for each of `names`.
 fn has_dirs(listing: &std::io::Result<Listing>, names: &[&Path]) -> bool {
     let Ok(entries) = listing else {
@@ -215,10 +223,12 @@ pub fn heal_with(
     listings: &mut Listings,
 ) -> Result<Outcome> {
     let mut out = Outcome::default();
-    let mut repair = |what: String, why: &str, out: &mut Outcome| {
+    // `release` names the release a repair concerns (for `current`: the one it now
+    // points at), so a monitor need not parse `what`.
+    let mut repair = |what: String, why: &str, release: Option<&str>, out: &mut Outcome| {
         if !dry_run {
-            tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), what = %what,
-                reason = why, "repaired");
+            tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release,
+                what = %what, reason = why, "repaired");
         }
         out.repairs.push(Repair {
             what,
@@ -266,6 +276,7 @@ pub fn heal_with(
         repair(
             format!("{} {}", verb("removed", "remove"), p.display()),
             "leftover of an interrupted build",
+            partial_id(&p),
             &mut out,
         );
     }
@@ -287,6 +298,7 @@ pub fn heal_with(
             repair(
                 format!("{} {}", verb("removed", "remove"), p.display()),
                 "leftover temporary file or link",
+                None,
                 &mut out,
             );
         }
@@ -337,6 +349,7 @@ pub fn heal_with(
                         target.display()
                     ),
                     "configured link missing or wrong",
+                    None,
                     &mut out,
                 );
             }
@@ -365,6 +378,7 @@ pub fn heal_with(
             repair(
                 format!("{} {}", verb("created", "create"), p.display()),
                 "configured shared entry missing",
+                None,
                 &mut out,
             );
         }
@@ -379,24 +393,31 @@ pub fn heal_with(
     };
     out.claims = claims.len();
     for p in claims {
-        let what = match &p {
-            marker::Pending::Raw(path) => format!(
-                "{} the upload claimed as {}",
-                verb("redoing", "redo"),
-                path.display()
+        let (what, release) = match &p {
+            marker::Pending::Raw(path) => (
+                format!(
+                    "{} the upload claimed as {}",
+                    verb("redoing", "redo"),
+                    path.display()
+                ),
+                None,
             ),
             marker::Pending::Resolved(_, claim) => {
                 redone.insert(claim.id.clone());
-                format!(
-                    "{} the upload of release {}",
-                    verb("redoing", "redo"),
-                    claim.id
+                (
+                    format!(
+                        "{} the upload of release {}",
+                        verb("redoing", "redo"),
+                        claim.id
+                    ),
+                    Some(claim.id.as_str()),
                 )
             }
         };
         repair(
             what,
             "consumed marker whose release never completed",
+            release,
             &mut out,
         );
     }
@@ -444,6 +465,7 @@ pub fn heal_with(
             repair(
                 format!("{} {}", verb("removed", "remove"), p.display()),
                 "stored manifest of a release that no longer exists",
+                Some(id),
                 &mut out,
             );
         }
@@ -460,7 +482,7 @@ fn heal_trash(
     dry_run: bool,
     listings: &mut Listings,
     out: &mut Outcome,
-    repair: &mut impl FnMut(String, &str, &mut Outcome),
+    repair: &mut impl FnMut(String, &str, Option<&str>, &mut Outcome),
 ) -> Result<()> {
     let Ok(names) = listings.names(&site.trash()) else {
         return Ok(());
@@ -484,6 +506,7 @@ fn heal_trash(
                         if dry_run { "record" } else { "recorded" }
                     ),
                     "deletion interrupted before it was journaled",
+                    Some(id),
                     out,
                 );
             }
@@ -502,6 +525,7 @@ fn heal_trash(
                 path.display()
             ),
             "deletion interrupted",
+            trashed_id(name),
             out,
         );
     }
@@ -513,7 +537,7 @@ fn heal_current(
     journal: &Journal,
     dry_run: bool,
     out: &mut Outcome,
-    repair: &mut impl FnMut(String, &str, &mut Outcome),
+    repair: &mut impl FnMut(String, &str, Option<&str>, &mut Outcome),
 ) -> Result<()> {
     let current = site.current();
     // `readlink` first: it alone tells a missing `current` and one that is not a symlink
@@ -566,13 +590,23 @@ fn heal_current(
                 let aside = displace(site, &current, "current")?;
                 format!("moved {} aside to {}", current.display(), aside.display())
             };
-            repair(what, "current is not a symlink (never deleted)", out);
+            repair(
+                what,
+                "current is not a symlink (never deleted)",
+                Some(&target),
+                out,
+            );
         }
     }
     if !dry_run {
         fsops::swap_symlink(&current, &Site::current_target_for(&target))?;
     }
     let verb = if dry_run { "point" } else { "pointed" };
-    repair(format!("{verb} current at releases/{target}"), why, out);
+    repair(
+        format!("{verb} current at releases/{target}"),
+        why,
+        Some(&target),
+        out,
+    );
     Ok(())
 }

@@ -99,7 +99,9 @@ fn reject(site: &Site, journal: &mut Journal, id: Option<&str>, reason: &str) ->
     tracing::warn!(
         event = events::RELEASE_REJECTED,
         site = site.name(),
-        release = id.unwrap_or(""),
+        // Absent, not empty, when the marker named no readable id: an event never
+        // carries an empty `release`.
+        release = id,
         reason = %reason,
         "upload rejected"
     );

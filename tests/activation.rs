@@ -402,3 +402,161 @@ fn automatic_rollback_runs_after_activate_for_the_restored_release() {
          (e.g. php-fpm reload) serves it again"
     );
 }
+
+/// One failed health check is one `health.failed`: without a rollback, the outcome
+/// ("stays current") is its own event, not a second `health.failed` that a monitor would
+/// count as another failure.
+#[test]
+fn failed_health_check_without_rollback_logs_health_failed_once() {
+    let site = Site::new();
+    let cfg = health_config(&site, "auto_rollback = false\n");
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    deploy(&site, "bad1");
+    svc.wait_release_event("health.failed", "bad1");
+    // The worker handles one upload at a time: once v2 is active, everything bad1 logs is in.
+    deploy(&site, "v2");
+    svc.wait_release_event("release.activated", "v2");
+    svc.stop();
+    let failed = svc.events_for("health.failed", "bad1");
+    assert_eq!(
+        failed.len(),
+        1,
+        "one failed health check must log exactly one health.failed; got {failed:?}"
+    );
+    let kept = svc.events_for("release.stays_current", "bad1");
+    assert_eq!(
+        kept.len(),
+        1,
+        "the no-rollback outcome is logged once as release.stays_current; log:\n{}",
+        svc.log_text()
+    );
+    assert!(!reason_of(&kept[0]).is_empty(), "{}", kept[0]);
+}
+
+/// A failing `after_activate` hook is a `hook.failed`, not a `health.failed`: no health
+/// check ran.
+#[test]
+fn after_activate_failure_without_rollback_is_not_logged_as_health_failed() {
+    let site = Site::new();
+    let after = script(
+        &site.tmp_path(""),
+        "after.sh",
+        "case \"$RELEASE_ID\" in bad*) exit 3;; esac; exit 0",
+    );
+    let health = script(&site.tmp_path(""), "health.sh", "exit 0");
+    let cfg = site.write_config(
+        SITE,
+        "auto_rollback = false\nhealth_retries = 1\n",
+        &format!(
+            "after_activate = [\"{}\"]\nhealth_check = [\"{}\"]",
+            after.display(),
+            health.display()
+        ),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    deploy(&site, "bad1");
+    svc.wait_release_event("hook.failed", "bad1");
+    // The worker handles one upload at a time: once v2 is active, everything bad1 logs is in.
+    deploy(&site, "v2");
+    svc.wait_release_event("release.activated", "v2");
+    svc.stop();
+    assert_eq!(
+        svc.events_for("hook.failed", "bad1").len(),
+        1,
+        "{}",
+        svc.log_text()
+    );
+    assert!(
+        svc.events_for("health.failed", "bad1").is_empty(),
+        "after_activate failed, the health check never ran; log:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        svc.events_for("release.stays_current", "bad1").len(),
+        1,
+        "{}",
+        svc.log_text()
+    );
+}
+
+/// `previous` (list, status) is the release a plain `rollback` goes back to, and there is
+/// one as long as another good release was ever current: after rolling back from C to B
+/// to A, B (current before A) is still good and a rollback target.
+#[test]
+fn after_two_rollbacks_list_still_shows_the_previous_that_rollback_goes_to() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    for id in ["a", "b", "c"] {
+        deploy(&site, id);
+        svc.wait_release_event("release.activated", id);
+    }
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "first rollback");
+    assert_eq!(site.current_id().as_deref(), Some("b"));
+    let l = list(&cfg);
+    assert_eq!(release_obj(&l, "b")["state"], "current", "{l}");
+    assert_eq!(release_obj(&l, "a")["state"], "previous", "{l}");
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "second rollback");
+    assert_eq!(site.current_id().as_deref(), Some("a"));
+
+    let l = list(&cfg);
+    let previous: Vec<&str> = l["releases"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["state"] == "previous")
+                .filter_map(|r| r["id"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        previous,
+        ["b"],
+        "b was current before a and is good: list must show it as previous: {l}"
+    );
+    let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status");
+    let st = stdout_json(&out);
+    assert_eq!(st["sites"][0]["previous"], "b", "{st}");
+    let out = cli_when_idle(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "third rollback, to the previous that list shows");
+    assert_eq!(site.current_id().as_deref(), Some("b"));
+    svc.stop();
+}
+
+/// `rollback --to ID` while `current` is missing has no release it moves away from: its
+/// `release.rolled_back` leaves `release` out instead of logging `release: ""`.
+#[test]
+fn rollback_with_current_missing_logs_no_empty_release_field() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    for id in ["v1", "v2"] {
+        deploy(&site, id);
+        svc.wait_release_event("release.activated", id);
+    }
+    svc.stop();
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(
+        &cfg,
+        &["rollback", SITE, "--to", "v1", "--log-format", "json"],
+    );
+    assert_ok(&out, "rollback --to v1");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    let ev: Value = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "release.rolled_back")
+        .unwrap_or_else(|| panic!("no release.rolled_back: {}", show(&out)));
+    assert_eq!(ev["previous"], "v1", "{ev}");
+    assert!(
+        ev.get("release").is_none(),
+        "no release was current, so no `release` field: {ev}"
+    );
+}

@@ -722,3 +722,98 @@ fn missing_shared_file_is_reported_not_recreated_as_a_directory() {
         "reported: {text}"
     );
 }
+
+/// The `heal.repaired` events of repairs that concern a release name it in `release`:
+/// above all the release `current` is pointed at again, which a monitor needs to know
+/// what is being served.
+#[test]
+fn heal_repaired_names_the_release_current_now_points_at() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+
+    // A real directory in place of `current` (moved aside, then `current` relinked), and
+    // a half-built release.
+    fs::remove_file(site.current_path()).unwrap();
+    fs::create_dir(site.current_path()).unwrap();
+    write_tree(
+        &site.releases_dir().join(".partial.v3"),
+        &[("index.html", b"half" as &[u8])],
+    );
+
+    let out = cli(&cfg, &["heal", SITE, "--log-format", "json"]);
+    assert_ok(&out, "heal");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "heal.repaired")
+        .collect();
+    let find = |needle: &str| {
+        events
+            .iter()
+            .find(|v| v.to_string().contains(needle))
+            .unwrap_or_else(|| panic!("no heal.repaired with {needle:?}: {}", show(&out)))
+            .clone()
+    };
+    let pointed = find("pointed current at releases/v2");
+    assert_eq!(
+        pointed["release"], "v2",
+        "healing that repoints current names the release it now points at: {pointed}"
+    );
+    let aside = find("aside to");
+    assert_eq!(aside["release"], "v2", "{aside}");
+    let partial = find(".partial.v3");
+    assert_eq!(partial["release"], "v3", "{partial}");
+    for ev in &events {
+        assert_eq!(ev["site"], SITE, "{ev}");
+    }
+}
+
+/// An inotify overflow is process-wide, but every event names its site: it is logged once
+/// for each site it makes rescan (not once per watched directory, and never without a
+/// `site`).
+#[test]
+fn inotify_overflow_is_logged_once_per_site_with_its_name() {
+    let site = Site::new();
+    let other = site.tmp_path("other");
+    fs::create_dir_all(other.join("deploy-cache")).unwrap();
+    let cfg = site.write_config(
+        SITE,
+        "heal_interval = \"1h\"",
+        &format!("\n[sites.api]\nroot = \"{}\"\n", other.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16384);
+    signal(&svc, Signal::SIGSTOP);
+    let cont = scopeguard(svc.pid());
+    for i in 0..max / 2 + 100 {
+        let p = site.deploy_cache().join(format!("flood-{i}"));
+        fs::write(&p, b"").unwrap();
+        fs::remove_file(&p).unwrap();
+    }
+    drop(cont); // SIGCONT
+    svc.wait_count("watch.overflow", 1, WAIT);
+    // Still serving after the rescan; stopping reads the log to its end before counting.
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let evs_now = svc.events("watch.overflow");
+    let count = |name: &str| evs_now.iter().filter(|v| v["site"] == name).count();
+    assert!(
+        evs_now
+            .iter()
+            .all(|v| v["site"] == SITE || v["site"] == "api"),
+        "every watch.overflow names one site: {evs_now:?}"
+    );
+    assert!(count(SITE) >= 1, "{evs_now:?}");
+    assert_eq!(
+        count(SITE),
+        count("api"),
+        "once per site per overflow (web has two watched directories): {evs_now:?}"
+    );
+}

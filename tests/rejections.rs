@@ -377,3 +377,26 @@ fn finalize_cli_of_bad_upload_exits_1() {
     );
     assert!(site.current_target().is_none());
 }
+
+/// A marker that cannot be read names no release: its `release.rejected` leaves the
+/// `release` field out instead of logging `release: ""` (which a monitor would group as
+/// one release named "").
+#[test]
+fn unparsable_marker_rejection_has_no_empty_release_field() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    for marker in ["id = [unclosed\n", "id = \"../x\"\n"] {
+        let before = svc.events("release.rejected").len();
+        site.deploy(&as_refs(&small_build("v2")), marker);
+        let evs = svc.wait_count("release.rejected", before + 1, WAIT);
+        let ev = &evs[before];
+        assert!(!reason_of(ev).is_empty(), "{ev}");
+        assert_eq!(ev["site"], SITE, "{ev}");
+        assert!(
+            ev.get("release").is_none(),
+            "marker {marker:?}: no release id is known, so no `release` field: {ev}"
+        );
+    }
+    assert_eq!(site.release_ids(), ["v1"]);
+    svc.stop();
+}

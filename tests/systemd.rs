@@ -528,7 +528,12 @@ fn metrics_file_follows_the_journal_and_survives_restarts() {
             "release_keeper_releases{site=\"web\",state=\"current\"}",
             1.0,
         ),
-        ("release_keeper_releases{site=\"web\",state=\"good\"}", 1.0),
+        // v2, rolled back from, is good and what a plain rollback would go to again.
+        (
+            "release_keeper_releases{site=\"web\",state=\"previous\"}",
+            1.0,
+        ),
+        ("release_keeper_releases{site=\"web\",state=\"good\"}", 0.0),
         (
             "release_keeper_releases{site=\"web\",state=\"failed\"}",
             0.0,

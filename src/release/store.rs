@@ -124,7 +124,8 @@ pub struct ReleaseInfo {
     pub pinned: bool,
     /// Deleted by retention.
     pub pruned: bool,
-    /// Left by a rollback and not activated since: not a rollback target any more.
+    /// Left by a rollback and not activated since: a rollback steps past it to an older
+    /// release while there is one (see `State::previous_good`).
     pub rolled_back: bool,
 }
 
@@ -241,23 +242,28 @@ impl State {
         self.get(id).is_some_and(|r| r.failed.is_none())
     }
 
-    /// The release that was live before `current`: walking the activation history back,
-    /// skipping `current`, failed, pruned and rolled-back-from releases, and those for
-    /// which `exists` says no.
+    /// The release a plain `rollback` goes back to, which `list` and `status` show as
+    /// `previous`. Walking the switch history back from the newest, skipping `current`
+    /// and releases that are failed, pruned or not on disk (`exists`): the first one not
+    /// left by a rollback, so that rolling back again steps further back (C, B, A) instead
+    /// of forward to what was just rolled back from. Once rollbacks reached the oldest,
+    /// the one `current` was switched from most recently: it is good, so it stays a
+    /// rollback target, and `previous` is never empty while such a release exists.
     pub fn previous_good(
         &self,
         current: Option<&str>,
         exists: impl Fn(&str) -> bool,
     ) -> Option<String> {
-        self.history
-            .iter()
-            .rev()
-            .filter(|id| Some(id.as_str()) != current)
-            .find(|id| {
-                self.get(id)
-                    .is_some_and(|r| r.failed.is_none() && !r.rolled_back)
-                    && exists(id)
-            })
+        let candidates = || {
+            self.history
+                .iter()
+                .rev()
+                .filter(|id| Some(id.as_str()) != current)
+                .filter(|id| self.is_good(id) && exists(id))
+        };
+        candidates()
+            .find(|id| self.get(id).is_some_and(|r| !r.rolled_back))
+            .or_else(|| candidates().next())
             .cloned()
     }
 
@@ -753,9 +759,46 @@ mod tests {
             },
         ));
         let st = State::from_records(&recs2);
-        // After rolling back from b to a, rolling back again must not bounce to b.
-        assert_eq!(st.previous_good(Some("a"), |_| true), None);
+        // Rolled back from b to a, the oldest: b was current before a and is good, so it
+        // is the previous (never none while a good release could be gone back to).
+        assert_eq!(st.previous_good(Some("a"), |_| true), Some("b".into()));
+        assert_eq!(st.previous_good(Some("a"), |id| id != "b"), None);
         assert_eq!(st.last_good_activated(|_| true), Some("a".into()));
+    }
+
+    #[test]
+    fn repeated_rollbacks_step_back_then_keep_a_previous() {
+        let rolled = |seq, from: &str, to: &str| {
+            rec(
+                seq,
+                Op::RolledBack {
+                    release: from.into(),
+                    to: to.into(),
+                    reason: "rollback requested".into(),
+                },
+            )
+        };
+        let mut recs = vec![
+            rec(1, fin("a")),
+            rec(2, act("a", None)),
+            rec(3, fin("b")),
+            rec(4, act("b", Some("a"))),
+            rec(5, fin("c")),
+            rec(6, act("c", Some("b"))),
+        ];
+        let st = State::from_records(&recs);
+        assert_eq!(st.previous_good(Some("c"), |_| true), Some("b".into()));
+        recs.push(rolled(7, "c", "b"));
+        let st = State::from_records(&recs);
+        // Again from b: further back to a, not forward to c that was just left.
+        assert_eq!(st.previous_good(Some("b"), |_| true), Some("a".into()));
+        recs.push(rolled(8, "b", "a"));
+        let st = State::from_records(&recs);
+        assert_eq!(
+            st.previous_good(Some("a"), |_| true),
+            Some("b".into()),
+            "after two rollbacks b (current before a) is still a good release to go to"
+        );
     }
 
     #[test]

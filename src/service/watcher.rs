@@ -13,7 +13,7 @@
 //! directory scans (every healing pass lists `releases/` and the root) and a busy upload
 //! do not wake the reader thread at all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -42,6 +42,8 @@ fn same(a: &Arc<dyn Wake>, b: &Arc<dyn Wake>) -> bool {
 struct Route {
     /// Only names equal to this wake (the marker); `None`: any name.
     name: Option<OsString>,
+    /// The site woken, named in what the watcher logs about it.
+    site: Arc<str>,
     wake: Arc<dyn Wake>,
 }
 
@@ -61,6 +63,12 @@ impl Table {
     /// Wakes every route (overflow or a read error: anything may have been missed).
     fn wake_all(&self) {
         self.routes.values().flatten().for_each(|rt| rt.wake.wake());
+    }
+
+    /// The sites routed to, each once however many directories it watches: what lost
+    /// events concern, one log line each (every event names its site).
+    fn sites(&self) -> BTreeSet<&str> {
+        self.routes.values().flatten().map(|rt| &*rt.site).collect()
     }
 
     /// Wakes the routes of `dir` that want an event of `kind` on `name`.
@@ -87,10 +95,13 @@ impl Table {
 
     fn dispatch(&mut self, ev: &InotifyEvent) {
         if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-            tracing::warn!(
-                event = crate::events::WATCH_OVERFLOW,
-                "inotify queue overflowed; rescanning every site"
-            );
+            for site in self.sites() {
+                tracing::warn!(
+                    event = crate::events::WATCH_OVERFLOW,
+                    site,
+                    "inotify queue overflowed; rescanning the site"
+                );
+            }
             self.wake_all();
             return;
         }
@@ -185,9 +196,12 @@ fn read_loop(inotify: &Inotify, table: &Mutex<Table>) {
             Err(Errno::EINTR) => {}
             Err(e) => {
                 // No more events: wake everyone once; the heal timer is the backstop.
-                tracing::error!(event = crate::events::WATCH_OVERFLOW, error = %e, "cannot read inotify events; rescanning every site, \
-                    relying on the heal timer from now on");
                 if let Ok(table) = table.lock() {
+                    for site in table.sites() {
+                        tracing::error!(event = crate::events::WATCH_OVERFLOW, site, error = %e,
+                            "cannot read inotify events; rescanning the site, relying on \
+                             the heal timer from now on");
+                    }
                     table.wake_all();
                 }
                 return;
@@ -218,11 +232,17 @@ impl Watcher {
         Ok(Arc::new(Watcher { inotify, table }))
     }
 
-    /// Watches `dir` (non-recursively) and wakes `wake` for events on `name` in it (or
-    /// any name when `None`). Re-watching a directory that was deleted, replaced or
+    /// Watches `dir` (non-recursively) and wakes `wake`, the worker of site `site`, for
+    /// events on `name` in it (or any name when `None`). Re-watching a directory that was deleted, replaced or
     /// mounted over is how callers recover its watch; re-watching one whose watch is
     /// alive and whose path still names the same directory costs one `stat`.
-    pub fn watch(&self, dir: &Path, name: Option<&str>, wake: Arc<dyn Wake>) -> Result<()> {
+    pub fn watch(
+        &self,
+        dir: &Path,
+        name: Option<&str>,
+        site: &str,
+        wake: Arc<dyn Wake>,
+    ) -> Result<()> {
         let mut table = self
             .table
             .lock()
@@ -231,6 +251,7 @@ impl Watcher {
         if !list.iter().any(|r| same(&r.wake, &wake)) {
             list.push(Route {
                 name: name.map(Into::into),
+                site: site.into(),
                 wake,
             });
         }
@@ -317,10 +338,12 @@ mod tests {
             vec![
                 Route {
                     name: Some(".release-ready".into()),
+                    site: "shop".into(),
                     wake: marker_wake,
                 },
                 Route {
                     name: None,
+                    site: "shop".into(),
                     wake: any_wake,
                 },
             ],
@@ -372,5 +395,28 @@ mod tests {
             "a release or link change must wake a heal"
         );
         assert_eq!(marker.0.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn overflow_concerns_each_site_once_however_many_directories_it_watches() {
+        let (marker, any) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        let mut t = table(Path::new("/shop/deploy-cache"), &marker, &any);
+        let any_wake: Arc<dyn Wake> = any.clone();
+        for (dir, site) in [
+            ("/shop", "shop"),
+            ("/blog", "blog"),
+            ("/blog/releases", "blog"),
+        ] {
+            t.routes.entry(dir.into()).or_default().push(Route {
+                name: None,
+                site: site.into(),
+                wake: Arc::clone(&any_wake),
+            });
+        }
+        assert_eq!(
+            t.sites().into_iter().collect::<Vec<_>>(),
+            ["blog", "shop"],
+            "watch.overflow is logged once per site, named"
+        );
     }
 }

@@ -230,7 +230,10 @@ impl Worker {
             crate::service::set_status(site, "waiting for its root");
             report(Ok(()));
             if let Some(parent) = site.root().parent() {
-                if let Err(e) = self.watcher.watch(parent, None, Arc::clone(heal_wake)) {
+                if let Err(e) = self
+                    .watcher
+                    .watch(parent, None, site.name(), Arc::clone(heal_wake))
+                {
                     tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
                         "cannot watch the root's parent");
                 }
@@ -260,7 +263,10 @@ impl Worker {
                 (site.root().to_path_buf(), None, heal_wake),
                 (site.releases(), None, heal_wake),
             ] {
-                if let Err(e) = self.watcher.watch(&dir, name, Arc::clone(wake)) {
+                if let Err(e) = self
+                    .watcher
+                    .watch(&dir, name, site.name(), Arc::clone(wake))
+                {
                     tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "cannot watch");
                 }
             }
@@ -414,7 +420,7 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) ->
     let stamp = kept.listings.stamp(&site.state());
     let lock_file = match (kept.op_lock.take(), stamp) {
         (Some((file, opened)), Some(now)) if opened == now => file,
-        _ => fsops::LockFile::open(&site.op_lock())?,
+        _ => fsops::LockFile::open(&site.op_lock(), site.name())?,
     };
     let result = locked(site, cancel, job, kept, &lock_file);
     // Kept only with a stamp to check it against next time.
