@@ -512,7 +512,15 @@ fn heal_trash(
             }
         }
         if !dry_run {
-            fsops::remove_tree(&path)?;
+            if let Err(e) = fsops::remove_tree(&path) {
+                // One stubborn tree (an immutable file, one owned by someone else) must not
+                // stop the pass before `current` is looked at; it stays out of
+                // `releases/` and the next pass tries again.
+                tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
+                    release = trashed_id(name), path = %path.display(), error = %e,
+                    "cannot finish deleting a trashed release yet; will retry");
+                continue;
+            }
         }
         repair(
             format!(

@@ -817,3 +817,53 @@ fn inotify_overflow_is_logged_once_per_site_with_its_name() {
         "once per site per overflow (web has two watched directories): {evs_now:?}"
     );
 }
+
+/// A trashed tree that cannot be deleted (here an immutable file) is reported and left for
+/// the next pass; it must not stop the pass before `current` is repaired.
+#[test]
+fn undeletable_trash_entry_does_not_block_repairing_current() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let stuck = site.root.join(".release-keeper/trash/old.1.0");
+    fs::create_dir_all(&stuck).unwrap();
+    let file = stuck.join("pinned");
+    fs::write(&file, b"x").unwrap();
+    let immutable = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&file)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !immutable {
+        eprintln!("skipped: chattr +i is not possible here (needs root and a filesystem that supports it)");
+        svc.stop();
+        return;
+    }
+    // Undone whatever happens, so the temp dir can be removed.
+    struct Mutable(PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _undo = Mutable(file.clone());
+
+    fs::remove_file(site.current_path()).unwrap();
+    wait_current(
+        &site,
+        "v1",
+        Duration::from_secs(5),
+        "current repaired despite a trash entry that cannot be deleted",
+    );
+    let warned = svc.wait_event(
+        "site.error",
+        |v| v["path"].as_str().is_some_and(|p| p.ends_with("old.1.0")),
+        WAIT,
+    );
+    assert_eq!(warned["site"], SITE, "{warned}");
+    assert!(stuck.exists(), "the stubborn entry stays for the next pass");
+    svc.stop();
+}
