@@ -51,6 +51,19 @@ fn health_config(site: &Site, defaults: &str) -> PathBuf {
     )
 }
 
+/// Deploys v1, then bad1 (waiting for `bad_event` of it), then v2, and stops the service:
+/// the worker handles one upload at a time, so once v2 is active everything bad1 logs is
+/// in the log.
+fn good_bad_good(site: &Site, svc: &mut Service, bad_event: &str) {
+    deploy(site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    deploy(site, "bad1");
+    svc.wait_release_event(bad_event, "bad1");
+    deploy(site, "v2");
+    svc.wait_release_event("release.activated", "v2");
+    svc.stop();
+}
+
 fn release_obj(list: &Value, id: &str) -> Value {
     list["releases"]
         .as_array()
@@ -411,14 +424,7 @@ fn failed_health_check_without_rollback_logs_health_failed_once() {
     let site = Site::new();
     let cfg = health_config(&site, "auto_rollback = false\n");
     let mut svc = Service::start_config(&cfg);
-    deploy(&site, "v1");
-    svc.wait_release_event("release.activated", "v1");
-    deploy(&site, "bad1");
-    svc.wait_release_event("health.failed", "bad1");
-    // The worker handles one upload at a time: once v2 is active, everything bad1 logs is in.
-    deploy(&site, "v2");
-    svc.wait_release_event("release.activated", "v2");
-    svc.stop();
+    good_bad_good(&site, &mut svc, "health.failed");
     let failed = svc.events_for("health.failed", "bad1");
     assert_eq!(
         failed.len(),
@@ -456,14 +462,7 @@ fn after_activate_failure_without_rollback_is_not_logged_as_health_failed() {
         ),
     );
     let mut svc = Service::start_config(&cfg);
-    deploy(&site, "v1");
-    svc.wait_release_event("release.activated", "v1");
-    deploy(&site, "bad1");
-    svc.wait_release_event("hook.failed", "bad1");
-    // The worker handles one upload at a time: once v2 is active, everything bad1 logs is in.
-    deploy(&site, "v2");
-    svc.wait_release_event("release.activated", "v2");
-    svc.stop();
+    good_bad_good(&site, &mut svc, "hook.failed");
     assert_eq!(
         svc.events_for("hook.failed", "bad1").len(),
         1,

@@ -647,23 +647,12 @@ fn inotify_queue_overflow_triggers_a_full_rescan() {
     let site = Site::new();
     let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
     deploy_and_activate(&site, &svc, "v1");
-    let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(16384);
-
     // Stopped, the service cannot read its inotify queue: flood it past its limit, then
     // drop the marker (its event is lost in the overflow).
     signal(&svc, Signal::SIGSTOP);
     let cont = scopeguard(svc.pid());
     site.stage_upload(&as_refs(&small_build("v2")));
-    let n = max / 2 + 100;
-    for i in 0..n {
-        // Each create+write+close+remove is several events in deploy-cache/.
-        let p = site.deploy_cache().join(format!("flood-{i}"));
-        fs::write(&p, b"").unwrap();
-        fs::remove_file(&p).unwrap();
-    }
+    flood_inotify_queue(&site.deploy_cache());
     site.drop_marker("id = \"v2\"\n");
     drop(cont); // SIGCONT
     svc.wait_release_event("release.activated", "v2");
@@ -673,6 +662,20 @@ fn inotify_queue_overflow_triggers_a_full_rescan() {
         svc.log_text()
     );
     svc.stop();
+}
+
+/// Makes more events in `dir` than an inotify queue holds: each create, write, close and
+/// remove is several events, so half the limit of files is enough.
+fn flood_inotify_queue(dir: &Path) {
+    let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16384);
+    for i in 0..max / 2 + 100 {
+        let p = dir.join(format!("flood-{i}"));
+        fs::write(&p, b"").unwrap();
+        fs::remove_file(&p).unwrap();
+    }
 }
 
 /// Sends SIGCONT to `pid` when dropped (also when the test panics while it is stopped).
@@ -786,17 +789,9 @@ fn inotify_overflow_is_logged_once_per_site_with_its_name() {
         &format!("\n[sites.api]\nroot = \"{}\"\n", other.display()),
     );
     let mut svc = Service::start_config(&cfg);
-    let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(16384);
     signal(&svc, Signal::SIGSTOP);
     let cont = scopeguard(svc.pid());
-    for i in 0..max / 2 + 100 {
-        let p = site.deploy_cache().join(format!("flood-{i}"));
-        fs::write(&p, b"").unwrap();
-        fs::remove_file(&p).unwrap();
-    }
+    flood_inotify_queue(&site.deploy_cache());
     drop(cont); // SIGCONT
     svc.wait_count("watch.overflow", 1, WAIT);
     // Still serving after the rescan; stopping reads the log to its end before counting.
