@@ -12,6 +12,9 @@
 //! - `.release-keeper/claims/*`: a consumed marker whose release never completed (crash or
 //!   SIGTERM). Healing runs under the operation lock, when no upload is in progress, so every
 //!   claim it sees is interrupted work; the caller redoes it right after the pass.
+//! - `deploy-cache/.rk-tmp.<time>-<pid>`: a marker hidden by a claim across filesystems
+//!   (`marker::claim_marker`) that stopped before its claim was written: the claim is
+//!   finished, so the upload is processed, not lost.
 //! - `releases/<id>` unknown to the journal: redone when a pending claim names it (crash
 //!   between the rename into place and the journal record), otherwise a release the keeper
 //!   did not make: reported, never touched, never counted.
@@ -384,11 +387,40 @@ pub fn heal_with(
         }
     }
 
+    // A marker hidden by a claim across filesystems that a crash cut short: made its claim
+    // now, or the upload would be lost and the hidden file break the next release.
+    let hidden: Vec<String> = leftovers(
+        &site.deploy_cache(),
+        &listings.names(&site.deploy_cache()),
+        &[fsops::TMP_PREFIX],
+    )
+    .iter()
+    .filter_map(|p| p.file_name()?.to_str().map(String::from))
+    .collect();
+    let finished = marker::finish_hidden_claims(site, &hidden, dry_run)?;
+    for p in &finished {
+        repair(
+            format!(
+                "{} the claim of the marker hidden as {}",
+                verb("finished", "finish"),
+                p.display()
+            ),
+            "claim across filesystems interrupted",
+            None,
+            &mut out,
+        );
+    }
+
     // Every claim seen here is interrupted work (uploads run under the same lock). Claims
     // are read only when there are any (every name `pending` considers is visible).
     let mut redone = BTreeSet::new();
     let claims = match &claims_listing {
-        Ok(names) if !names.iter().any(|(n, _)| !n.as_bytes().starts_with(b".")) => Vec::new(),
+        Ok(names)
+            if finished.is_empty()
+                && !names.iter().any(|(n, _)| !n.as_bytes().starts_with(b".")) =>
+        {
+            Vec::new()
+        }
         _ => marker::pending(site)?,
     };
     out.claims = claims.len();

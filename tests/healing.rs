@@ -862,3 +862,40 @@ fn undeletable_trash_entry_does_not_block_repairing_current() {
     assert!(stuck.exists(), "the stubborn entry stays for the next pass");
     svc.stop();
 }
+
+/// deploy-cache/ on another filesystem is claimed in two steps (rename to a hidden name in
+/// deploy-cache/, then copy into the claims). A crash between them left the hidden marker
+/// behind: the upload was lost, and the hidden file, not in SHA256SUMS, got every later
+/// upload rejected. The next start finishes the claim instead.
+#[test]
+fn claim_across_filesystems_cut_short_by_a_crash_is_finished_at_start() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    // Named as the claim makes it: `.rk-tmp.<24-digit time>-<pid>`; the pid is long gone.
+    let hidden = site
+        .deploy_cache()
+        .join(".rk-tmp.000001796277318447591246-4194999");
+    fs::write(&hidden, "id = \"v1\"\nmessage = \"cut short\"\n").unwrap();
+
+    let mut svc = Service::start_config(&cfg);
+    svc.wait_release_event("release.activated", "v1");
+    assert!(!hidden.exists(), "the hidden marker must be consumed");
+    assert!(
+        !site
+            .release("v1")
+            .join(hidden.file_name().unwrap())
+            .exists(),
+        "the hidden marker must not end up in the release"
+    );
+    let repaired = svc.wait_event(
+        "heal.repaired",
+        |v| v.to_string().contains("hidden as"),
+        WAIT,
+    );
+    assert_eq!(repaired["site"], SITE, "{repaired}");
+
+    // And the next upload is not rejected for an unlisted file.
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+}

@@ -215,23 +215,77 @@ pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<bool> {
             // deploy-cache/ on another filesystem (an sftp chroot bind mount): first a
             // rename inside deploy-cache/ (so a marker dropped again meanwhile is a new
             // file), then copy the content over and remove the renamed one.
+            // A crash between the two steps leaves the hidden marker behind:
+            // `finish_hidden_claims` turns it into its claim at the next healing pass.
+            let stem = claim_stem();
             let hidden = site
                 .deploy_cache()
-                .join(format!("{}{}", fsops::TMP_PREFIX, claim_stem()));
+                .join(format!("{}{stem}", fsops::TMP_PREFIX));
             fs::rename(&marker, &hidden).at(&marker)?;
-            let bytes = match fsops::read_small_nofollow(&hidden, MAX_MARKER_BYTES) {
-                Ok(b) => b,
-                Err(Error::Rejected(r)) => [&[REJECTED_TAG][..], r.as_bytes()].concat(),
-                Err(e) => return Err(e),
-            };
-            fsops::write_atomic(&dest, &bytes)?;
-            fsops::remove_tree(&hidden)?;
+            fsops::fsync_dir(&site.deploy_cache())?;
+            claim_hidden(site, &hidden, &stem)?;
         }
         Err(e) => return Err(e).at(&marker),
     }
     fsops::fsync_dir(&site.deploy_cache())?;
     fsops::fsync_dir(&site.claims())?;
     Ok(true)
+}
+
+/// Turns the marker renamed to `hidden` (in `deploy-cache/`) into the claim named `stem`,
+/// then removes it: the second half of a claim across filesystems.
+fn claim_hidden(site: &Site, hidden: &Path, stem: &str) -> Result<()> {
+    let bytes = match fsops::read_small_nofollow(hidden, MAX_MARKER_BYTES) {
+        Ok(b) => b,
+        Err(Error::Rejected(r)) => [&[REJECTED_TAG][..], r.as_bytes()].concat(),
+        Err(e) => return Err(e),
+    };
+    let dest = site.claims().join(format!("{stem}.{RAW_EXT}"));
+    fsops::write_atomic(&dest, &bytes)?;
+    fsops::remove_tree(hidden)
+}
+
+/// The claim stem of a name in `deploy-cache/` that is a marker hidden by a claim across
+/// filesystems (`.rk-tmp.<24 digits>-<pid>`), if it is one.
+pub fn hidden_claim_stem(name: &str) -> Option<&str> {
+    let stem = name.strip_prefix(fsops::TMP_PREFIX)?;
+    let (nanos, pid) = stem.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (nanos.len() == 24 && digits(nanos) && digits(pid)).then_some(stem)
+}
+
+/// Finishes the claims across filesystems that a crash (or an error between the two
+/// steps) left as hidden markers in `deploy-cache/`: each becomes its claim, in its
+/// original arrival order, so the upload is processed instead of lost, and the hidden file
+/// does not end up in the next release as an unlisted file. The caller holds the
+/// operation lock, which every claim is made under, so none of them is still in progress.
+/// Returns the hidden markers it finished (or, with `dry_run`, would finish).
+pub fn finish_hidden_claims(site: &Site, names: &[String], dry_run: bool) -> Result<Vec<PathBuf>> {
+    let mut done = Vec::new();
+    for name in names {
+        let Some(stem) = hidden_claim_stem(name) else {
+            continue;
+        };
+        let hidden = site.deploy_cache().join(name);
+        // Only ever a regular file; anything else under the reserved name is left alone.
+        if !fs::symlink_metadata(&hidden).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        if !dry_run {
+            if let Err(e) = claim_hidden(site, &hidden, stem) {
+                // Kept for the next pass; the rest of the pass goes on.
+                tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
+                    path = %hidden.display(), error = %e, "cannot finish an interrupted claim yet");
+                continue;
+            }
+        }
+        done.push(hidden);
+    }
+    if !dry_run && !done.is_empty() {
+        fsops::fsync_dir(&site.deploy_cache())?;
+        fsops::fsync_dir(&site.claims())?;
+    }
+    Ok(done)
 }
 
 /// Writes a claim for a `finalize` command (as if a marker had been dropped).
@@ -379,5 +433,22 @@ mod tests {
         assert!(parse(b"idd = \"v1\"").is_err());
         assert!(parse(b"\xff\xfe").is_err());
         assert!(parse(b"two\nlines").is_err());
+    }
+
+    #[test]
+    fn hidden_claim_stems_are_recognised_by_their_exact_shape() {
+        let ok = ".rk-tmp.000001796277318447591246-5914";
+        assert_eq!(hidden_claim_stem(ok), Some("000001796277318447591246-5914"));
+        for not in [
+            ".rk-tmp.000001796277318447591246",
+            ".rk-tmp.00000179627731844759124-5914",
+            ".rk-tmp.000001796277318447591246-",
+            ".rk-tmp.000001796277318447591246-59x4",
+            ".rk-tmp.htdocs.5914.0",
+            "rk-tmp.000001796277318447591246-5914",
+            ".release-ready",
+        ] {
+            assert_eq!(hidden_claim_stem(not), None, "{not}");
+        }
     }
 }
