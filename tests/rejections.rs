@@ -400,3 +400,30 @@ fn unparsable_marker_rejection_has_no_empty_release_field() {
     assert_eq!(site.release_ids(), ["v1"]);
     svc.stop();
 }
+
+/// An emptied `deploy-cache/` with a marker (a CI job whose build step produced nothing)
+/// must not replace the live site by an empty release, with or without a manifest.
+#[test]
+fn empty_upload_is_rejected_not_activated() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "require_manifest = false");
+
+    clear_dir(&site.deploy_cache());
+    site.drop_marker("id = \"empty1\"\n");
+    let reason = expect_rejected(&site, &svc, "empty1");
+    assert!(
+        reason.contains("empty"),
+        "reason should say the upload is empty: {reason:?}"
+    );
+
+    // Only a manifest that lists nothing: just as empty.
+    clear_dir(&site.deploy_cache());
+    fs::write(site.deploy_cache().join(MANIFEST), b"").unwrap();
+    site.drop_marker("id = \"empty2\"\n");
+    let reason = expect_rejected(&site, &svc, "empty2");
+    assert!(
+        reason.contains("empty") && reason.contains(MANIFEST),
+        "reason should say the manifest lists no files: {reason:?}"
+    );
+    svc.stop();
+}
