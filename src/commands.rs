@@ -288,7 +288,14 @@ pub fn activate(
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
     activate::activate(&site, &mut journal, id, activate::Options { force })?;
-    out(&format!("{}: current -> {id}", site.name()))
+    out(&format!("{}: current -> {id}", site.name()))?;
+    // SPEC prunes after each activation; a staged release activated here is one. The
+    // switch already happened, so a pruning failure is only reported.
+    if let Err(e) = retention::prune(&site, &mut journal) {
+        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+            "pruning failed; will retry after the next release");
+    }
+    Ok(())
 }
 
 /// `rollback SITE [--to ID]`.

@@ -368,6 +368,11 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
             }
         }
     }
+    // SPEC prunes after an activation: a staged release switched nothing, so it must not
+    // cost a good release a rollback could still go to.
+    if !claim.activate {
+        return Ok(outcome);
+    }
     // Pruning never decides the outcome of a deploy.
     if let Err(e) = retention::prune(site, journal) {
         tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "pruning failed; will retry after the next release");
