@@ -199,8 +199,10 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
     for name in &names {
         let site = site(cfg, name)?;
         if !site.root_exists() {
+            // The same keys as any other site, so monitoring need not special-case it.
             docs.push(json!({"site": name, "root_missing": true, "current": null,
-                "previous": null, "releases": [], "drift": null, "last_event": null}));
+                "previous": null, "releases": [], "pinned": [], "failed": [],
+                "drift": null, "last_event": null}));
             continue;
         }
         let journal = Journal::load(&site)?;
@@ -260,6 +262,19 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
                 v["release"].as_str().unwrap_or("")
             ),
         };
+        if d["root_missing"] == json!(true) {
+            let root = cfg
+                .sites
+                .get(d["site"].as_str().unwrap_or(""))
+                .map(|c| c.root.display().to_string())
+                .unwrap_or_default();
+            out(&format!(
+                "site {}\n  root:     {root} does not exist yet (the service waits for it; `release-keeper init {}` creates it)",
+                d["site"].as_str().unwrap_or(""),
+                d["site"].as_str().unwrap_or(""),
+            ))?;
+            continue;
+        }
         out(&format!(
             "site {}\n  current:  {}\n  previous: {}\n  releases: {}\n  pinned:   {}\n  failed:   {}\n  drift:    {}\n  last:     {}",
             d["site"].as_str().unwrap_or(""),

@@ -177,6 +177,49 @@ fn check_config_missing_root_is_only_a_warning() {
     );
 }
 
+/// A site whose root does not exist yet keeps the `status --json` shape of every other
+/// site (monitoring reads `.failed`, `.pinned`), and the human output says the root is
+/// missing instead of looking like an empty, healthy site.
+#[test]
+fn status_of_a_site_whose_root_is_missing_keeps_its_shape_and_says_so() {
+    let site = Site::new();
+    let missing = site.tmp_path("not-yet");
+    let cfg = config_file(
+        &site,
+        &format!("[sites.web]\nroot = \"{}\"\n", missing.display()),
+    );
+    let out = cli(&cfg, &["status", "--json"]);
+    assert_ok(&out, "status --json with a missing root");
+    let doc = stdout_json(&out);
+    let web = &doc["sites"][0];
+    for key in [
+        "site",
+        "current",
+        "previous",
+        "releases",
+        "pinned",
+        "failed",
+        "drift",
+        "last_event",
+    ] {
+        assert!(
+            web.get(key).is_some(),
+            "status --json of a missing root lacks {key:?}: {web}"
+        );
+    }
+    assert_eq!(web["pinned"], serde_json::json!([]), "{web}");
+    assert_eq!(web["failed"], serde_json::json!([]), "{web}");
+
+    let out = cli(&cfg, &["status"]);
+    assert_ok(&out, "status with a missing root");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("does not exist") && text.contains(missing.to_str().unwrap()),
+        "human status must say the root is missing: {}",
+        show(&out)
+    );
+}
+
 #[test]
 fn unknown_site_is_an_error() {
     let site = Site::new();
