@@ -524,10 +524,19 @@ pub fn finalize(
 /// `manifest DIR [-o FILE]`.
 pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
     let defaults = SiteConfig::with_defaults("manifest", PathBuf::from("/"));
-    let names = [
+    let mut names = vec![
         std::ffi::OsStr::new(&defaults.manifest),
         std::ffi::OsStr::new(&defaults.marker),
     ];
+    // `-o DIR/OTHER-NAME` (a site with another `manifest`): a re-run must not list the
+    // previous output, whose hash is stale by the time it is rewritten.
+    let own = output.filter(|p| *p != Path::new("-")).and_then(|p| {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+        let parent = parent.unwrap_or(Path::new("."));
+        let same_dir = fs_same(parent, dir);
+        p.file_name().filter(|_| same_dir)
+    });
+    names.extend(own);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut buf = Vec::new();
     let n = manifest::write_for_dir(dir, &names, &mut buf, threads)
@@ -545,6 +554,15 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// True when `a` and `b` name the same directory (same device and inode).
+fn fs_same(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// `init SITE`.

@@ -423,6 +423,35 @@ fn manifest_command_with_output_file_and_odd_names() {
     );
 }
 
+/// A site with `manifest = "MANIFEST.sha256"` writes it with `-o build/MANIFEST.sha256`;
+/// running that again (a CI job re-run) must not list the previous output in the new one,
+/// or `sha256sum -c` fails on its stale hash.
+#[test]
+fn manifest_output_inside_the_build_dir_does_not_list_itself() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(&build, &[("index.html", b"x\n" as &[u8])]);
+    let out_file = build.join("MANIFEST.sha256");
+    for run in 1..=2 {
+        let out = cli_raw(&[
+            "manifest",
+            build.to_str().unwrap(),
+            "-o",
+            out_file.to_str().unwrap(),
+        ]);
+        assert_ok(
+            &out,
+            &format!("manifest DIR -o DIR/MANIFEST.sha256 (run {run})"),
+        );
+        let text = fs::read_to_string(&out_file).unwrap();
+        assert!(
+            !text.contains("MANIFEST.sha256"),
+            "run {run}: the output lists itself:\n{text}"
+        );
+    }
+    sh(&build, "sha256sum -c --strict --quiet MANIFEST.sha256");
+}
+
 #[test]
 fn manifest_written_by_keeper_is_accepted_by_keeper() {
     let site = Site::new();
