@@ -341,6 +341,42 @@ fn second_service_with_root_flag_refuses_to_start() {
     first.stop();
 }
 
+/// `run --root` uses built-in defaults and no config file: an explicit `--config` beside
+/// it (with its hooks and health check) must not be silently ignored, or deploys would
+/// run without the checks the operator believes are in place.
+#[test]
+fn run_root_with_explicit_config_is_a_usage_error() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "health_check = [\"/bin/false\"]");
+    let mut svc = Service::spawn(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "run",
+        "--root",
+        site.root.to_str().unwrap(),
+        "--log-format",
+        "json",
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while svc.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if svc.is_running() {
+        svc.terminate();
+        panic!(
+            "`run --root` with --config started and ignored the config; log:\n{}",
+            svc.log_text()
+        );
+    }
+    let st = svc.wait_exit(Duration::from_secs(1));
+    assert_eq!(st.code(), Some(2), "usage error; log:\n{}", svc.log_text());
+    assert!(
+        svc.log_text().contains("--config"),
+        "the error names the conflicting option; log:\n{}",
+        svc.log_text()
+    );
+}
+
 #[test]
 fn init_creates_layout() {
     let site = Site::new();
