@@ -246,8 +246,13 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
             Value::Null => "not checked yet".to_string(),
             v => {
                 let n = v["paths"].as_array().map_or(0, Vec::len);
+                // The check may predate the current release: say which release it was.
                 if n == 0 {
-                    format!("none (checked {})", v["checked"].as_str().unwrap_or(""))
+                    format!(
+                        "none in {} (checked {})",
+                        v["release"].as_str().unwrap_or(""),
+                        v["checked"].as_str().unwrap_or("")
+                    )
                 } else {
                     format!("{n} paths in {}", v["release"].as_str().unwrap_or(""))
                 }
