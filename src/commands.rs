@@ -199,8 +199,10 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
     for name in &names {
         let site = site(cfg, name)?;
         if !site.root_exists() {
+            // The same keys as any other site, so monitoring need not special-case it.
             docs.push(json!({"site": name, "root_missing": true, "current": null,
-                "previous": null, "releases": [], "drift": null, "last_event": null}));
+                "previous": null, "releases": [], "pinned": [], "failed": [],
+                "drift": null, "last_event": null}));
             continue;
         }
         let journal = Journal::load(&site)?;
@@ -244,8 +246,13 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
             Value::Null => "not checked yet".to_string(),
             v => {
                 let n = v["paths"].as_array().map_or(0, Vec::len);
+                // The check may predate the current release: say which release it was.
                 if n == 0 {
-                    format!("none (checked {})", v["checked"].as_str().unwrap_or(""))
+                    format!(
+                        "none in {} (checked {})",
+                        v["release"].as_str().unwrap_or(""),
+                        v["checked"].as_str().unwrap_or("")
+                    )
                 } else {
                     format!("{n} paths in {}", v["release"].as_str().unwrap_or(""))
                 }
@@ -260,6 +267,19 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
                 v["release"].as_str().unwrap_or("")
             ),
         };
+        if d["root_missing"] == json!(true) {
+            let root = cfg
+                .sites
+                .get(d["site"].as_str().unwrap_or(""))
+                .map(|c| c.root.display().to_string())
+                .unwrap_or_default();
+            out(&format!(
+                "site {}\n  root:     {root} does not exist yet (the service waits for it; `release-keeper init {}` creates it)",
+                d["site"].as_str().unwrap_or(""),
+                d["site"].as_str().unwrap_or(""),
+            ))?;
+            continue;
+        }
         out(&format!(
             "site {}\n  current:  {}\n  previous: {}\n  releases: {}\n  pinned:   {}\n  failed:   {}\n  drift:    {}\n  last:     {}",
             d["site"].as_str().unwrap_or(""),
@@ -288,7 +308,14 @@ pub fn activate(
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
     activate::activate(&site, &mut journal, id, activate::Options { force })?;
-    out(&format!("{}: current -> {id}", site.name()))
+    out(&format!("{}: current -> {id}", site.name()))?;
+    // SPEC prunes after each activation; a staged release activated here is one. The
+    // switch already happened, so a pruning failure is only reported.
+    if let Err(e) = retention::prune(&site, &mut journal) {
+        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+            "pruning failed; will retry after the next release");
+    }
+    Ok(())
 }
 
 /// `rollback SITE [--to ID]`.
@@ -502,10 +529,19 @@ pub fn finalize(
 /// `manifest DIR [-o FILE]`.
 pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
     let defaults = SiteConfig::with_defaults("manifest", PathBuf::from("/"));
-    let names = [
+    let mut names = vec![
         std::ffi::OsStr::new(&defaults.manifest),
         std::ffi::OsStr::new(&defaults.marker),
     ];
+    // `-o DIR/OTHER-NAME` (a site with another `manifest`): a re-run must not list the
+    // previous output, whose hash is stale by the time it is rewritten.
+    let own = output.filter(|p| *p != Path::new("-")).and_then(|p| {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+        let parent = parent.unwrap_or(Path::new("."));
+        let same_dir = fs_same(parent, dir);
+        p.file_name().filter(|_| same_dir)
+    });
+    names.extend(own);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut buf = Vec::new();
     let n = manifest::write_for_dir(dir, &names, &mut buf, threads)
@@ -523,6 +559,15 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// True when `a` and `b` name the same directory (same device and inode).
+fn fs_same(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// `init SITE`.

@@ -246,6 +246,14 @@ fn process_claim(
     // waited for (by cheap listings, up to upload_timeout) and the build starts over.
     let deadline = Instant::now() + site.cfg.upload_timeout;
     let mut built = loop {
+        // An emptied deploy-cache/ with a marker (a build step that produced nothing) must
+        // not replace the live site by an empty release.
+        if manifest.as_ref().is_some_and(|m| m.entries.is_empty()) {
+            return Err(Error::Rejected(format!(
+                "the upload is empty: {} lists no files",
+                site.cfg.manifest
+            )));
+        }
         let files = manifest.as_ref().map(|m| m.entries.len());
         let input = finalize::Input {
             site,
@@ -274,6 +282,13 @@ fn process_claim(
             other => break other?,
         }
     };
+    // Without a manifest only the build knows whether anything was uploaded.
+    if built.files == 0 {
+        fsops::remove_tree(&site.partial(id))?;
+        return Err(Error::Rejected(
+            "the upload is empty: deploy-cache/ holds no files".into(),
+        ));
+    }
 
     if existing.is_some() && on_disk {
         let stored = store::read_release_manifest(site, id)?;
@@ -352,6 +367,11 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
                 Err(e) => return Err(e),
             }
         }
+    }
+    // SPEC prunes after an activation: a staged release switched nothing, so it must not
+    // cost a good release a rollback could still go to.
+    if !claim.activate {
+        return Ok(outcome);
     }
     // Pruning never decides the outcome of a deploy.
     if let Err(e) = retention::prune(site, journal) {

@@ -177,6 +177,49 @@ fn check_config_missing_root_is_only_a_warning() {
     );
 }
 
+/// A site whose root does not exist yet keeps the `status --json` shape of every other
+/// site (monitoring reads `.failed`, `.pinned`), and the human output says the root is
+/// missing instead of looking like an empty, healthy site.
+#[test]
+fn status_of_a_site_whose_root_is_missing_keeps_its_shape_and_says_so() {
+    let site = Site::new();
+    let missing = site.tmp_path("not-yet");
+    let cfg = config_file(
+        &site,
+        &format!("[sites.web]\nroot = \"{}\"\n", missing.display()),
+    );
+    let out = cli(&cfg, &["status", "--json"]);
+    assert_ok(&out, "status --json with a missing root");
+    let doc = stdout_json(&out);
+    let web = &doc["sites"][0];
+    for key in [
+        "site",
+        "current",
+        "previous",
+        "releases",
+        "pinned",
+        "failed",
+        "drift",
+        "last_event",
+    ] {
+        assert!(
+            web.get(key).is_some(),
+            "status --json of a missing root lacks {key:?}: {web}"
+        );
+    }
+    assert_eq!(web["pinned"], serde_json::json!([]), "{web}");
+    assert_eq!(web["failed"], serde_json::json!([]), "{web}");
+
+    let out = cli(&cfg, &["status"]);
+    assert_ok(&out, "status with a missing root");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("does not exist") && text.contains(missing.to_str().unwrap()),
+        "human status must say the root is missing: {}",
+        show(&out)
+    );
+}
+
 #[test]
 fn unknown_site_is_an_error() {
     let site = Site::new();
@@ -298,6 +341,42 @@ fn second_service_with_root_flag_refuses_to_start() {
     first.stop();
 }
 
+/// `run --root` uses built-in defaults and no config file: an explicit `--config` beside
+/// it (with its hooks and health check) must not be silently ignored, or deploys would
+/// run without the checks the operator believes are in place.
+#[test]
+fn run_root_with_explicit_config_is_a_usage_error() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "health_check = [\"/bin/false\"]");
+    let mut svc = Service::spawn(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "run",
+        "--root",
+        site.root.to_str().unwrap(),
+        "--log-format",
+        "json",
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while svc.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if svc.is_running() {
+        svc.terminate();
+        panic!(
+            "`run --root` with --config started and ignored the config; log:\n{}",
+            svc.log_text()
+        );
+    }
+    let st = svc.wait_exit(Duration::from_secs(1));
+    assert_eq!(st.code(), Some(2), "usage error; log:\n{}", svc.log_text());
+    assert!(
+        svc.log_text().contains("--config"),
+        "the error names the conflicting option; log:\n{}",
+        svc.log_text()
+    );
+}
+
 #[test]
 fn init_creates_layout() {
     let site = Site::new();
@@ -378,6 +457,35 @@ fn manifest_command_with_output_file_and_odd_names() {
         &build,
         &format!("sha256sum -c --strict --quiet '{}'", out_file.display()),
     );
+}
+
+/// A site with `manifest = "MANIFEST.sha256"` writes it with `-o build/MANIFEST.sha256`;
+/// running that again (a CI job re-run) must not list the previous output in the new one,
+/// or `sha256sum -c` fails on its stale hash.
+#[test]
+fn manifest_output_inside_the_build_dir_does_not_list_itself() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(&build, &[("index.html", b"x\n" as &[u8])]);
+    let out_file = build.join("MANIFEST.sha256");
+    for run in 1..=2 {
+        let out = cli_raw(&[
+            "manifest",
+            build.to_str().unwrap(),
+            "-o",
+            out_file.to_str().unwrap(),
+        ]);
+        assert_ok(
+            &out,
+            &format!("manifest DIR -o DIR/MANIFEST.sha256 (run {run})"),
+        );
+        let text = fs::read_to_string(&out_file).unwrap();
+        assert!(
+            !text.contains("MANIFEST.sha256"),
+            "run {run}: the output lists itself:\n{text}"
+        );
+    }
+    sh(&build, "sha256sum -c --strict --quiet MANIFEST.sha256");
 }
 
 #[test]

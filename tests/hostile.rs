@@ -986,7 +986,7 @@ fn hostile_manifests_are_rejected() {
             write_manifest(dc, &[base_lines(), line(b"assets", b"")].concat());
         },
         Marker::Text(&id_marker("h-lists-dir")),
-        &["assets", "missing"],
+        &["assets", "is a directory"],
     );
     c.reject(
         "manifest lists a symlink instead of its target",
@@ -997,7 +997,7 @@ fn hostile_manifests_are_rejected() {
             write_manifest(dc, &[base_lines(), line(b"home.html", BASE[0].1)].concat());
         },
         Marker::Text(&id_marker("h-lists-link")),
-        &["home.html", "missing"],
+        &["home.html", "is a symlink"],
     );
     c.reject(
         "manifest names files through an in-tree directory symlink",

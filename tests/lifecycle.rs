@@ -1076,3 +1076,37 @@ fn human_list_keeps_files_and_bytes_in_their_columns() {
         );
     }
 }
+
+/// SPEC prunes "after each activation (and on prune)": staging a release (activate =
+/// false) switches nothing, so it must not delete a good release that a rollback could
+/// still go to; the next activation applies the policy.
+#[test]
+fn staging_a_release_prunes_nothing() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "keep = 3", "");
+    for id in ["v1", "v2", "v3"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    site.deploy(
+        &as_refs(&small_build("v4")),
+        "id = \"v4\"\nactivate = false\n",
+    );
+    svc.wait_release_event("release.finalized", "v4");
+    // The worker holds the operation lock until it is done with the upload.
+    let out = cli_when_idle(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&out, "heal --dry-run (waiting for the worker)");
+    assert!(
+        svc.events_for("release.pruned", "v1").is_empty() && site.release("v1").is_dir(),
+        "staging v4 pruned v1 although nothing was activated; releases: {:?}",
+        site.release_ids()
+    );
+
+    let out = cli_when_idle(&cfg, &["activate", SITE, "v4"]);
+    assert_ok(&out, "activate web v4");
+    assert_eq!(
+        site.release_ids(),
+        ["v2", "v3", "v4"],
+        "the activation prunes"
+    );
+    svc.stop();
+}

@@ -400,3 +400,52 @@ fn unparsable_marker_rejection_has_no_empty_release_field() {
     assert_eq!(site.release_ids(), ["v1"]);
     svc.stop();
 }
+
+/// An emptied `deploy-cache/` with a marker (a CI job whose build step produced nothing)
+/// must not replace the live site by an empty release, with or without a manifest.
+#[test]
+fn empty_upload_is_rejected_not_activated() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "require_manifest = false");
+
+    clear_dir(&site.deploy_cache());
+    site.drop_marker("id = \"empty1\"\n");
+    let reason = expect_rejected(&site, &svc, "empty1");
+    assert!(
+        reason.contains("empty"),
+        "reason should say the upload is empty: {reason:?}"
+    );
+
+    // Only a manifest that lists nothing: just as empty.
+    clear_dir(&site.deploy_cache());
+    fs::write(site.deploy_cache().join(MANIFEST), b"").unwrap();
+    site.drop_marker("id = \"empty2\"\n");
+    let reason = expect_rejected(&site, &svc, "empty2");
+    assert!(
+        reason.contains("empty") && reason.contains(MANIFEST),
+        "reason should say the manifest lists no files: {reason:?}"
+    );
+    svc.stop();
+}
+
+/// `sha256sum *` hashes through symlinks, so a manifest made that way lists an in-tree
+/// link: the rejection must say it is a symlink, not that the (visible) path is missing.
+#[test]
+fn symlink_listed_in_manifest_is_named_as_a_symlink_not_missing() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let dc = site.deploy_cache();
+    std::os::unix::fs::symlink("index.html", dc.join("latest.html")).unwrap();
+    let mut sums = fs::read_to_string(dc.join(MANIFEST)).unwrap();
+    let digest = sha256_hex(&fs::read(dc.join("index.html")).unwrap());
+    sums.push_str(&format!("{digest}  latest.html\n"));
+    fs::write(dc.join(MANIFEST), sums).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("latest.html") && reason.contains("symlink") && !reason.contains("missing"),
+        "reason should say latest.html is a symlink: {reason:?}"
+    );
+    svc.stop();
+}

@@ -200,3 +200,35 @@ fn service_reverifies_current_and_status_shows_drift() {
     );
     svc.stop();
 }
+
+/// The last drift check may be of an earlier release than `current` (the service re-checks
+/// every `verify_interval`): human `status` must say which release "none" is about, or it
+/// reads as a clean bill for a release nobody checked.
+#[test]
+fn status_says_which_release_the_clean_drift_check_was_of() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    assert_ok(
+        &cli(&cfg, &["finalize", "web", "--id", "v1"]),
+        "finalize v1",
+    );
+    assert_ok(&cli(&cfg, &["verify", "web"]), "verify v1");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    assert_ok(
+        &cli(&cfg, &["finalize", "web", "--id", "v2"]),
+        "finalize v2",
+    );
+    let out = cli(&cfg, &["status", "web"]);
+    assert_ok(&out, "status web");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let drift = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("drift:"))
+        .unwrap_or_default();
+    assert!(
+        drift.contains("v1"),
+        "the drift line must name the release that was checked (v1): {}",
+        show(&out)
+    );
+}

@@ -679,9 +679,19 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     problems.extend(ordered.rejected);
     // Whatever the walk did not consume is listed but not uploaded as a regular file.
     for (p, _) in manifest.iter().flat_map(Entries::iter) {
+        let path = Path::new(OsStr::from_bytes(p));
+        // `sha256sum *` lists symlinks too: "missing" would send the uploader looking
+        // for a file that is plainly there.
+        let is = if w.links.iter().any(|(rel, _)| rel == path) {
+            "is a symlink in the upload (list regular files only; in-tree symlinks are kept as they are)"
+        } else if w.dirs.iter().any(|(rel, _)| rel == path) {
+            "is a directory in the upload"
+        } else {
+            "missing from the upload"
+        };
         problems.push(format!(
-            "{} is listed in {} but missing from the upload",
-            Path::new(OsStr::from_bytes(p)).display(),
+            "{} is listed in {} but {is}",
+            path.display(),
             cfg.manifest
         ));
     }

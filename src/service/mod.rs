@@ -81,6 +81,16 @@ fn forget_status(name: &str) {
 /// Runs the service until SIGTERM/SIGINT.
 pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
     let source = match root {
+        // Silently ignoring an explicit config would run deploys without the hooks and
+        // health check the operator configured. (RELEASE_KEEPER_CONFIG is ambient, e.g.
+        // set for the unit, and stays ignored by --root.)
+        Some(_) if config_flag.is_some() => {
+            return Err(Error::Usage(
+                "run --root serves one site with built-in defaults and no config file; \
+                 it cannot be combined with --config (drop --root to use the config)"
+                    .into(),
+            ))
+        }
         Some(r) => {
             let abs = std::path::absolute(r).at(r)?;
             fsops::ensure_dir(&abs, 0o755)?;

@@ -69,6 +69,27 @@ pub fn check_id(id: &str) -> Result<(), String> {
     }
 }
 
+/// Where a TOML error is, as " at line L, column C: `<that line>`", so an uploader sees
+/// which key was wrong without the keeper's source at hand.
+fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let mut at = span.start.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |i| line_start + i);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let shown = text[line_start..line_end].trim_end_matches('\r');
+    format!(" at line {line}, column {column}: `{shown}`")
+}
+
 /// Parses a marker: empty, TOML with `id`/`activate`/`message`, or one bare id line.
 pub fn parse(bytes: &[u8]) -> Result<MarkerSpec, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "marker is not UTF-8".to_string())?;
@@ -90,8 +111,9 @@ pub fn parse(bytes: &[u8]) -> Result<MarkerSpec, String> {
                 }
             } else {
                 return Err(format!(
-                    "marker is neither a bare id nor valid TOML: {}",
-                    toml_err.message()
+                    "marker is neither a bare id nor valid TOML: {}{}",
+                    toml_err.message().trim().replace('\n', "; "),
+                    toml_location(text, toml_err.span())
                 ));
             }
         }
@@ -410,6 +432,17 @@ mod tests {
         ] {
             assert!(!valid_id(bad), "{bad:?} should be invalid");
         }
+    }
+
+    #[test]
+    fn marker_toml_error_names_the_line_and_key() {
+        let e = parse(b"id = \"v1\"\nactivate = \"no\"\n").unwrap_err();
+        assert!(
+            e.contains("line 2") && e.contains("activate = \"no\""),
+            "the error must point at the activate line: {e}"
+        );
+        let e = parse(b"id = \"v1\"\nactiv = true\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("activ"), "{e}");
     }
 
     #[test]
