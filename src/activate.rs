@@ -266,9 +266,18 @@ fn check(site: &Site, env: &HookEnv) -> Option<HookFailure> {
     last
 }
 
+/// Where a rollback left `current`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollback {
+    /// The release `current` points at.
+    pub to: String,
+    /// False when `to` was current already (nothing was switched, no hook ran).
+    pub switched: bool,
+}
+
 /// Rolls `current` back to the previous good release (or `to`). Runs `after_activate` and
 /// the health check on the target; a failing target is reported but not rolled further.
-pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<String> {
+pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
     let state = journal.state();
     let current = site.current_id();
     let target = match to {
@@ -296,9 +305,20 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
         )));
     }
     if current.as_deref() == Some(target.as_str()) {
-        return Err(Error::Failed(format!(
-            "release {target} is already current"
-        )));
+        // Only `--to` can name current. Like `activate` of the current release, the wanted
+        // state holds already: a script making sure a release is live must not see a
+        // failure for it.
+        ensure_links(site)?;
+        tracing::info!(
+            event = crate::events::RELEASE_ALREADY_CURRENT,
+            site = site.name(),
+            release = %target,
+            "release is already current"
+        );
+        return Ok(Rollback {
+            to: target,
+            switched: false,
+        });
     }
     let started = Instant::now();
     swap_current(site, &target)?;
@@ -323,7 +343,10 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
             "rolled back to {target}, but its checks failed: {f}"
         )));
     }
-    Ok(target)
+    Ok(Rollback {
+        to: target,
+        switched: true,
+    })
 }
 
 /// Resolves a trial interrupted by a crash: resumed (checks re-run) when `current` points

@@ -326,11 +326,20 @@ pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
-    let target = activate::rollback(&site, &mut journal, to)?;
-    out(&format!(
-        "{}: rolled back, current -> {target}",
-        site.name()
-    ))
+    let done = activate::rollback(&site, &mut journal, to)?;
+    if done.switched {
+        out(&format!(
+            "{}: rolled back, current -> {}",
+            site.name(),
+            done.to
+        ))
+    } else {
+        out(&format!(
+            "{}: release {} is already current",
+            site.name(),
+            done.to
+        ))
+    }
 }
 
 /// `verify SITE [ID] [--all]`.

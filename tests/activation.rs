@@ -559,3 +559,44 @@ fn rollback_with_current_missing_logs_no_empty_release_field() {
         "no release was current, so no `release` field: {ev}"
     );
 }
+
+/// `rollback --to` the release that is already current is a no-op that succeeds, as
+/// `activate` of it is: a script making sure a release is live must not see exit 1.
+#[test]
+fn rollback_to_the_current_release_succeeds_without_switching() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    for id in ["v1", "v2"] {
+        deploy(&site, id);
+        svc.wait_release_event("release.activated", id);
+    }
+    svc.stop();
+    let out = cli(
+        &cfg,
+        &["rollback", SITE, "--to", "v2", "--log-format", "json"],
+    );
+    assert_ok(&out, "rollback --to the current release");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already current"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|v| v["event"] == "release.already_current" && v["release"] == "v2"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        !events.iter().any(|v| v["event"] == "release.rolled_back"),
+        "nothing was rolled back: {}",
+        show(&out)
+    );
+}
