@@ -107,17 +107,19 @@ pub fn write_atomic_with(
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = tmp_sibling(path);
+    // Errors name `path`, the file the caller asked for: the temporary name beside it is
+    // ours, and a user reading "cannot write .rk-tmp.x.123.0" would not know what failed.
     let result = (|| {
         let f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
             .open(&tmp)
-            .at(&tmp)?;
+            .at(path)?;
         let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
-        fill(&mut w).at(&tmp)?;
-        let f = w.into_inner().map_err(|e| e.into_error()).at(&tmp)?;
-        f.sync_all().at(&tmp)?;
+        fill(&mut w).at(path)?;
+        let f = w.into_inner().map_err(|e| e.into_error()).at(path)?;
+        f.sync_all().at(path)?;
         fs::rename(&tmp, path).at(path)?;
         fsync_dir(parent_of(path))
     })();

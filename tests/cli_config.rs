@@ -488,6 +488,28 @@ fn manifest_output_inside_the_build_dir_does_not_list_itself() {
     sh(&build, "sha256sum -c --strict --quiet MANIFEST.sha256");
 }
 
+/// `-o` into a directory that does not exist fails naming the path the user gave, not the
+/// temporary name the file is written under first.
+#[test]
+fn manifest_output_error_names_the_given_path() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(&build, &[("index.html", b"x\n" as &[u8])]);
+    let target = site.tmp_path("no/such/dir/SHA256SUMS");
+    let out = cli_raw(&[
+        "manifest",
+        build.to_str().unwrap(),
+        "-o",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(target.to_str().unwrap()) && !err.contains(".rk-tmp"),
+        "the error must name {target:?}, not a temporary name: {err}"
+    );
+}
+
 #[test]
 fn manifest_written_by_keeper_is_accepted_by_keeper() {
     let site = Site::new();

@@ -93,6 +93,8 @@ fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 /// Parses a marker: empty, TOML with `id`/`activate`/`message`, or one bare id line.
 pub fn parse(bytes: &[u8]) -> Result<MarkerSpec, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "marker is not UTF-8".to_string())?;
+    // Windows editors start UTF-8 files with a byte-order mark; it is not part of an id.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim().is_empty() {
         return Ok(MarkerSpec::default());
     }
@@ -432,6 +434,22 @@ mod tests {
         ] {
             assert!(!valid_id(bad), "{bad:?} should be invalid");
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_marker() {
+        let bom = "\u{feff}";
+        assert_eq!(
+            parse(format!("{bom}v7\r\n").as_bytes()).map(|m| m.id),
+            Ok(Some("v7".to_string())),
+            "bare id"
+        );
+        assert_eq!(
+            parse(format!("{bom}id = \"v8\"\n").as_bytes()).map(|m| m.id),
+            Ok(Some("v8".to_string())),
+            "TOML"
+        );
+        assert_eq!(parse(bom.as_bytes()), Ok(MarkerSpec::default()), "empty");
     }
 
     #[test]
