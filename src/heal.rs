@@ -389,14 +389,11 @@ pub fn heal_with(
 
     // A marker hidden by a claim across filesystems that a crash cut short: made its claim
     // now, or the upload would be lost and the hidden file break the next release.
-    let hidden: Vec<String> = leftovers(
+    let hidden = leftovers(
         &site.deploy_cache(),
         &listings.names(&site.deploy_cache()),
         &[fsops::TMP_PREFIX],
-    )
-    .iter()
-    .filter_map(|p| p.file_name()?.to_str().map(String::from))
-    .collect();
+    );
     let finished = marker::finish_hidden_claims(site, &hidden, dry_run)?;
     for p in &finished {
         repair(

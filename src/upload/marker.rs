@@ -279,31 +279,35 @@ pub fn hidden_claim_stem(name: &str) -> Option<&str> {
 }
 
 /// Finishes the claims across filesystems that a crash (or an error between the two
-/// steps) left as hidden markers in `deploy-cache/`: each becomes its claim, in its
-/// original arrival order, so the upload is processed instead of lost, and the hidden file
-/// does not end up in the next release as an unlisted file. The caller holds the
-/// operation lock, which every claim is made under, so none of them is still in progress.
-/// Returns the hidden markers it finished (or, with `dry_run`, would finish).
-pub fn finish_hidden_claims(site: &Site, names: &[String], dry_run: bool) -> Result<Vec<PathBuf>> {
+/// steps) left as hidden markers in `deploy-cache/` (found among `paths`, the keeper's
+/// temporary names there): each becomes its claim, in its original arrival order, so the
+/// upload is processed instead of lost, and the hidden file does not end up in the next
+/// release as an unlisted file. The caller holds the operation lock, which every claim is
+/// made under, so none of them is still in progress. Returns the hidden markers it
+/// finished (or, with `dry_run`, would finish).
+pub fn finish_hidden_claims(site: &Site, paths: &[PathBuf], dry_run: bool) -> Result<Vec<PathBuf>> {
     let mut done = Vec::new();
-    for name in names {
-        let Some(stem) = hidden_claim_stem(name) else {
+    for hidden in paths {
+        let Some(stem) = hidden
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(hidden_claim_stem)
+        else {
             continue;
         };
-        let hidden = site.deploy_cache().join(name);
         // Only ever a regular file; anything else under the reserved name is left alone.
-        if !fs::symlink_metadata(&hidden).is_ok_and(|m| m.is_file()) {
+        if !fs::symlink_metadata(hidden).is_ok_and(|m| m.is_file()) {
             continue;
         }
         if !dry_run {
-            if let Err(e) = claim_hidden(site, &hidden, stem) {
+            if let Err(e) = claim_hidden(site, hidden, stem) {
                 // Kept for the next pass; the rest of the pass goes on.
                 tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
                     path = %hidden.display(), error = %e, "cannot finish an interrupted claim yet");
                 continue;
             }
         }
-        done.push(hidden);
+        done.push(hidden.clone());
     }
     if !dry_run && !done.is_empty() {
         fsops::fsync_dir(&site.deploy_cache())?;
