@@ -37,6 +37,14 @@ fn deploy(site: &Site, id: &str) {
     site.deploy(&files, &format!("id = \"{id}\"\n"));
 }
 
+/// Deploys each of `ids` in turn, each once the previous one is active.
+fn deploy_in_turn(site: &Site, svc: &Service, ids: &[&str]) {
+    for id in ids {
+        deploy(site, id);
+        svc.wait_release_event("release.activated", id);
+    }
+}
+
 /// A health check that fails for releases whose id starts with "bad".
 fn health_config(site: &Site, defaults: &str) -> PathBuf {
     let health = script(
@@ -121,10 +129,7 @@ fn rollback_never_lands_on_a_failed_release() {
     let site = Site::new();
     let cfg = health_config(&site, "");
     let mut svc = Service::start_config(&cfg);
-    for id in ["v1", "v2"] {
-        deploy(&site, id);
-        svc.wait_release_event("release.activated", id);
-    }
+    deploy_in_turn(&site, &svc, &["v1", "v2"]);
     deploy(&site, "bad3");
     svc.wait_release_event("release.rolled_back", "bad3");
     assert_eq!(site.current_id().as_deref(), Some("v2"));
@@ -152,10 +157,7 @@ fn failed_releases_do_not_push_good_ones_out_of_keep() {
     let site = Site::new();
     let cfg = health_config(&site, "keep = 2\nkeep_failed = 1\n");
     let mut svc = Service::start_config(&cfg);
-    for id in ["v1", "v2"] {
-        deploy(&site, id);
-        svc.wait_release_event("release.activated", id);
-    }
+    deploy_in_turn(&site, &svc, &["v1", "v2"]);
     for id in ["bad1", "bad2", "bad3"] {
         deploy(&site, id);
         svc.wait_release_event("release.rolled_back", id);
@@ -490,10 +492,7 @@ fn after_two_rollbacks_list_still_shows_the_previous_that_rollback_goes_to() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
     let mut svc = Service::start_config(&cfg);
-    for id in ["a", "b", "c"] {
-        deploy(&site, id);
-        svc.wait_release_event("release.activated", id);
-    }
+    deploy_in_turn(&site, &svc, &["a", "b", "c"]);
     let out = cli_when_idle(&cfg, &["rollback", SITE]);
     assert_ok(&out, "first rollback");
     assert_eq!(site.current_id().as_deref(), Some("b"));
@@ -536,10 +535,7 @@ fn rollback_with_current_missing_logs_no_empty_release_field() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
     let mut svc = Service::start_config(&cfg);
-    for id in ["v1", "v2"] {
-        deploy(&site, id);
-        svc.wait_release_event("release.activated", id);
-    }
+    deploy_in_turn(&site, &svc, &["v1", "v2"]);
     svc.stop();
     fs::remove_file(site.current_path()).unwrap();
     let out = cli(
@@ -548,9 +544,8 @@ fn rollback_with_current_missing_logs_no_empty_release_field() {
     );
     assert_ok(&out, "rollback --to v1");
     assert_eq!(site.current_id().as_deref(), Some("v1"));
-    let ev: Value = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let ev: Value = stderr_events(&out)
+        .into_iter()
         .find(|v| v["event"] == "release.rolled_back")
         .unwrap_or_else(|| panic!("no release.rolled_back: {}", show(&out)));
     assert_eq!(ev["previous"], "v1", "{ev}");
@@ -567,10 +562,7 @@ fn rollback_to_the_current_release_succeeds_without_switching() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
     let mut svc = Service::start_config(&cfg);
-    for id in ["v1", "v2"] {
-        deploy(&site, id);
-        svc.wait_release_event("release.activated", id);
-    }
+    deploy_in_turn(&site, &svc, &["v1", "v2"]);
     svc.stop();
     let out = cli(
         &cfg,
@@ -583,10 +575,7 @@ fn rollback_to_the_current_release_succeeds_without_switching() {
         show(&out)
     );
     assert_eq!(site.current_id().as_deref(), Some("v2"));
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .collect();
+    let events = stderr_events(&out);
     assert!(
         events
             .iter()

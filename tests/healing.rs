@@ -749,9 +749,8 @@ fn heal_repaired_names_the_release_current_now_points_at() {
     let out = cli(&cfg, &["heal", SITE, "--log-format", "json"]);
     assert_ok(&out, "heal");
     assert_eq!(site.current_id().as_deref(), Some("v2"));
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let events: Vec<Value> = stderr_events(&out)
+        .into_iter()
         .filter(|v| v["event"] == "heal.repaired")
         .collect();
     let find = |needle: &str| {

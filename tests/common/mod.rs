@@ -858,6 +858,14 @@ pub fn cli_when_idle(config: &Path, args: &[&str]) -> Output {
     }
 }
 
+/// The JSON log lines a CLI run (with `--log-format json`) wrote to stderr.
+pub fn stderr_events(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
 /// Human-readable dump of a CLI output, for failure messages.
 pub fn show(out: &Output) -> String {
     format!(
