@@ -564,7 +564,8 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
         other => {
             let path = other.map_or_else(|| dir.join(&defaults.manifest), Path::to_path_buf);
             fsops::write_atomic(&path, &buf)?;
-            eprintln!("wrote {} ({n} files)", path.display());
+            let noun = if n == 1 { "file" } else { "files" };
+            eprintln!("wrote {} ({n} {noun})", path.display());
         }
     }
     Ok(())

@@ -479,6 +479,11 @@ fn manifest_output_inside_the_build_dir_does_not_list_itself() {
             &out,
             &format!("manifest DIR -o DIR/MANIFEST.sha256 (run {run})"),
         );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("(1 file)"),
+            "one file is counted as \"1 file\": {}",
+            show(&out)
+        );
         let text = fs::read_to_string(&out_file).unwrap();
         assert!(
             !text.contains("MANIFEST.sha256"),
