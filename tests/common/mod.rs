@@ -471,7 +471,7 @@ pub enum LogLine {
 pub struct Service {
     child: Mutex<Child>,
     lines: Arc<Mutex<Vec<LogLine>>>,
-    reader: Option<JoinHandle<()>>,
+    reader: Mutex<Option<JoinHandle<()>>>,
     exited: Mutex<Option<ExitStatus>>,
     args: Vec<String>,
 }
@@ -514,7 +514,7 @@ impl Service {
         Service {
             child: Mutex::new(child),
             lines,
-            reader: Some(reader),
+            reader: Mutex::new(Some(reader)),
             exited: Mutex::new(None),
             args: args.iter().map(|s| s.to_string()).collect(),
         }
@@ -705,6 +705,9 @@ impl Service {
         let deadline = Instant::now() + timeout;
         loop {
             if !self.is_running() {
+                // The exit can be seen before the reader has drained stderr; without
+                // this the caller would look at a log that misses the last lines.
+                self.join_reader();
                 return self
                     .exited
                     .lock()
@@ -758,8 +761,9 @@ impl Service {
         None
     }
 
-    fn join_reader(&mut self) {
-        if let Some(h) = self.reader.take() {
+    fn join_reader(&self) {
+        let handle = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
             let _ = h.join();
         }
     }
