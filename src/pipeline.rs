@@ -134,7 +134,7 @@ fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome
     let mut journal = Journal::load(site)?;
     let (path, claim) = match pending {
         Pending::Resolved(path, claim) => (path, claim),
-        Pending::Raw(raw) => match marker::read_raw(&raw) {
+        Pending::Raw(raw) => match marker::read_raw(&raw, &site.marker_shown()) {
             Ok(spec) => {
                 let (id, explicit) = match spec.id {
                     Some(id) => (id, true),

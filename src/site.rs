@@ -150,6 +150,11 @@ impl Site {
         self.deploy_cache().join(&self.cfg.marker)
     }
 
+    /// The marker as uploaders know it, relative to the root (`deploy-cache/.release-ready`).
+    pub fn marker_shown(&self) -> String {
+        format!("deploy-cache/{}", self.cfg.marker)
+    }
+
     /// True when the root exists (a root that does not exist yet is waited for).
     pub fn root_exists(&self) -> bool {
         self.root().is_dir()

@@ -449,3 +449,67 @@ fn symlink_listed_in_manifest_is_named_as_a_symlink_not_missing() {
     );
     svc.stop();
 }
+
+/// A marker that is not a regular file (`mkdir .release-ready`, `ln -s ... .release-ready`)
+/// gets no close-write event; it must still be answered at once, not at the next periodic
+/// pass (an hour by default), with a rejection that says what the marker is.
+#[test]
+fn directory_or_symlink_marker_is_rejected_at_once() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "heal_interval = \"1h\"");
+    let outside = site.tmp.path().join("outside-marker");
+    fs::write(&outside, "id = \"v9\"\n").unwrap();
+    let makers: [(&str, &dyn Fn()); 2] = [
+        ("directory", &|| fs::create_dir(site.marker_path()).unwrap()),
+        ("symlink", &|| {
+            std::os::unix::fs::symlink(&outside, site.marker_path()).unwrap()
+        }),
+    ];
+    for (kind, make) in makers {
+        let before = svc.events("release.rejected").len();
+        site.stage_upload(&as_refs(&small_build("v2")));
+        let dropped = std::time::Instant::now();
+        make();
+        let evs = svc.wait_count("release.rejected", before + 1, Duration::from_secs(10));
+        assert!(
+            dropped.elapsed() < Duration::from_secs(5),
+            "a {kind} marker was answered only after {:?}",
+            dropped.elapsed()
+        );
+        let reason = reason_of(&evs[before]);
+        assert!(
+            reason.contains(kind) && reason.contains(".release-ready"),
+            "the reason names the marker and what it is ({kind}): {reason}"
+        );
+        assert!(
+            fs::symlink_metadata(site.marker_path()).is_err(),
+            "the {kind} marker is consumed"
+        );
+        assert_eq!(site.current_id().as_deref(), Some("v1"));
+    }
+    assert!(
+        outside.exists(),
+        "a symlinked marker's target is never touched"
+    );
+    svc.stop();
+}
+
+/// `ln prepared-marker .release-ready` publishes a whole marker in one step, without a
+/// close-write: the release is made at once.
+#[test]
+fn hard_linked_marker_is_taken_at_once() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "heal_interval = \"1h\"");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let prepared = site.tmp.path().join("prepared-marker");
+    fs::write(&prepared, "id = \"v2\"\n").unwrap();
+    let dropped = std::time::Instant::now();
+    fs::hard_link(&prepared, site.marker_path()).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert!(
+        dropped.elapsed() < Duration::from_secs(5),
+        "a hard-linked marker was taken only after {:?}",
+        dropped.elapsed()
+    );
+    svc.stop();
+}

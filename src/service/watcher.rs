@@ -83,6 +83,9 @@ impl Table {
                 // keeper, or deleted) is no work: waking for the keeper's own claim
                 // retried a deferred upload at once, racing its cleanup.
                 Some(n) if n == name && kind == Change::Arrived => rt.wake.wake(),
+                Some(n) if n == name && kind == Change::Created && whole_at_birth(dir, name) => {
+                    rt.wake.wake()
+                }
                 Some(_) => {}
                 // The keeper's own transient names (a release being built, a link being
                 // swapped) need no healing: waking for them made every build trigger a
@@ -155,6 +158,16 @@ impl Change {
             Change::Left
         }
     }
+}
+
+/// True when `dir/name`, just created, will get no close-write to announce it: a
+/// directory or symlink (`mkdir`, `ln -s`: the claim rejects it, which the uploader must
+/// hear of now, not at the next periodic pass) or a second hard link to an existing file
+/// (`ln`). A new regular file with one link is being written by whoever created it.
+fn whole_at_birth(dir: &Path, name: &OsStr) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(dir.join(name))
+        .is_ok_and(|m| !m.file_type().is_file() || m.nlink() > 1)
 }
 
 /// Names the keeper creates and removes itself while working.

@@ -375,15 +375,16 @@ pub fn pending(site: &Site) -> Result<Vec<Pending>> {
     Ok(out)
 }
 
-/// Reads a raw claimed marker.
-pub fn read_raw(path: &Path) -> Result<MarkerSpec> {
+/// Reads a raw claimed marker; `shown` is the marker as the uploader named it
+/// (`deploy-cache/.release-ready`), for the rejection reasons.
+pub fn read_raw(path: &Path, shown: &str) -> Result<MarkerSpec> {
     let bytes = fsops::read_small_nofollow(path, MAX_MARKER_BYTES).map_err(|e| match e {
-        Error::Rejected(r) => Error::Rejected(format!("the marker {r}")),
+        Error::Rejected(r) => Error::Rejected(format!("the marker {shown} {r}")),
         other => other,
     })?;
     if let Some(reason) = bytes.strip_prefix(&[REJECTED_TAG]) {
         return Err(Error::Rejected(format!(
-            "the marker {}",
+            "the marker {shown} {}",
             String::from_utf8_lossy(reason)
         )));
     }
