@@ -231,6 +231,12 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
     if as_json {
         return print_json(&json!({ "sites": docs }));
     }
+    if docs.is_empty() {
+        return out(&format!(
+            "no sites configured in {} (add [sites.NAME] there, or a file in sites.d/)",
+            cfg.path.display()
+        ));
+    }
     for d in docs {
         let list = |k: &str| {
             d[k].as_array()

@@ -30,7 +30,10 @@ pub struct Report {
 pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     let root = site.release(id);
     if !root.is_dir() {
-        return Err(Error::Failed(format!("release {id} does not exist")));
+        return Err(Error::Failed(format!(
+            "no release {id:?} in site {}",
+            site.name()
+        )));
     }
     let expected = store::read_release_manifest(site, id)?;
     let mut want: HashMap<PathBuf, store::Entry> =

@@ -760,3 +760,34 @@ fn os_error_is_named_once_in_the_error_message() {
         "the cause is printed once, not repeated after itself; stderr: {err:?}"
     );
 }
+
+/// A config without sites is valid (a site may be added and reloaded later), but the
+/// service and `status` must say that nothing is watched instead of looking healthy.
+#[test]
+fn a_config_without_sites_is_said_to_watch_nothing() {
+    let site = Site::new();
+    let cfg = site.tmp.path().join("empty.toml");
+    fs::write(&cfg, "[defaults]\nkeep = 3\n").unwrap();
+    let out = cli(&cfg, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no sites configured"),
+        "{}",
+        show(&out)
+    );
+    let mut svc = Service::start_config(&cfg);
+    let ev = svc.wait_event(
+        "site.error",
+        |v| {
+            v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("no sites configured"))
+        },
+        WAIT,
+    );
+    assert!(
+        ev["reason"].as_str().unwrap_or("").contains("empty.toml"),
+        "the warning names the config file: {ev}"
+    );
+    svc.stop();
+}

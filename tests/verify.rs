@@ -155,7 +155,11 @@ fn every_drifted_path_is_listed_and_ids_and_all_are_honoured() {
     assert!(stdout.contains("v2") && stdout.contains("v1"), "{shown}");
     // An unknown id is an error, not a pass.
     let (code, _, shown) = verify(&cfg, &["nope"]);
-    assert_ne!(code, Some(0), "{shown}");
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(
+        shown.contains("\"nope\"") && shown.contains(&format!("site {SITE}")),
+        "the error names the release and the site, as activate and pin do: {shown}"
+    );
 }
 
 #[test]

@@ -152,6 +152,7 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
         sites = workers.len(),
         "release-keeper started"
     );
+    warn_if_no_sites(&source, &workers);
     systemd::ready();
 
     loop {
@@ -218,6 +219,23 @@ async fn reload(
         sites = workers.len(),
         "config reloaded"
     );
+    warn_if_no_sites(source, workers);
+}
+
+/// A service with no sites runs (a site may come with the next reload) but does nothing:
+/// say so, or an operator reading `daemon.started` would think deploys are watched.
+fn warn_if_no_sites(source: &Source, workers: &BTreeMap<String, worker::Handle>) {
+    if let (true, Source::Config(path)) = (workers.is_empty(), source) {
+        tracing::warn!(
+            event = events::SITE_ERROR,
+            site = "",
+            reason = %format!(
+                "no sites configured in {}: add [sites.NAME] there or a file in sites.d/, then reload",
+                path.display()
+            ),
+            "no sites configured; nothing is watched"
+        );
+    }
 }
 
 /// Daemon-level events carry every site they concern, comma-separated, in `site`.
