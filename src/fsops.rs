@@ -373,6 +373,17 @@ impl Lock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// True while the path still names the locked file. A lock file deleted by hand, or
+    /// with its whole directory, still holds its flock, but nobody else can see it: a
+    /// second holder could take a new file at the same path.
+    pub fn still_named(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self._file.metadata(), fs::symlink_metadata(&self.path)) {
+            (Ok(held), Ok(named)) => held.dev() == named.dev() && held.ino() == named.ino(),
+            _ => false,
+        }
+    }
 }
 
 /// Takes the exclusive lock on `path` (creating the file). `None` waits forever,

@@ -791,3 +791,44 @@ fn a_config_without_sites_is_said_to_watch_nothing() {
     );
     svc.stop();
 }
+
+/// The site root deleted and made again under a running service takes the lifetime lock's
+/// file with it: the service must lock the new file, or a second service could start for
+/// the same site and both would deploy into it.
+#[test]
+fn lifetime_lock_is_taken_again_after_the_root_is_recreated() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "heal_interval = \"1s\"", "");
+    let mut first = Service::start_config(&cfg);
+    // Moved away first: the service heals what a slow `rm -rf` leaves for a moment.
+    let gone = site.tmp.path().join("old-root");
+    fs::rename(&site.root, &gone).unwrap();
+    fs::remove_dir_all(&gone).unwrap();
+    let out = cli(&cfg, &["init", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    first.wait_event(
+        "heal.repaired",
+        |v| {
+            v["what"]
+                .as_str()
+                .is_some_and(|w| w.ends_with("service.lock"))
+        },
+        WAIT,
+    );
+    let second = Service::spawn(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "run",
+        "--log-format",
+        "json",
+    ]);
+    let st = second.wait_exit(Duration::from_secs(10));
+    assert!(
+        !st.success() && second.log_text().contains("already running"),
+        "a second service must still refuse to start; exit {st:?}; log:\n{}",
+        second.log_text()
+    );
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    first.wait_release_event("release.activated", "v1");
+    first.stop();
+}

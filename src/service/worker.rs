@@ -246,7 +246,7 @@ impl Worker {
             }
         }
 
-        let lifetime = match take_lifetime_lock(site) {
+        let mut lifetime = match take_lifetime_lock(site) {
             Ok(l) => l,
             Err(e) => {
                 report(Err(e));
@@ -310,6 +310,13 @@ impl Worker {
                     break;
                 }
                 if job == Job::Heal {
+                    if !lifetime.still_named() && site.root_exists() {
+                        match retake_lifetime_lock(site) {
+                            Retaken::Yes(l) => lifetime = l,
+                            Retaken::NotYet => {}
+                            Retaken::Taken => return,
+                        }
+                    }
                     // A recreated deploy-cache/ needs a new watch.
                     watch();
                 }
@@ -383,6 +390,47 @@ fn take_lifetime_lock(site: &Site) -> Result<Lock> {
             site.service_lock().display()
         ))
     })
+}
+
+/// The outcome of taking the lifetime lock again after its file went away.
+enum Retaken {
+    /// Held again, on the file now at the lock's path.
+    Yes(Lock),
+    /// Not possible yet (the layout is still missing); the next pass tries again.
+    NotYet,
+    /// Another service took the site meanwhile: this one stops serving it.
+    Taken,
+}
+
+/// Takes the lifetime lock again after its file was deleted (the root removed and
+/// recreated, or a hand edit), so that a second service still cannot start for the site.
+fn retake_lifetime_lock(site: &Site) -> Retaken {
+    let path = site.service_lock();
+    if let Err(e) = site.ensure_layout() {
+        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %path.display(),
+            error = %e, "the lifetime lock's file is gone and cannot be made again yet");
+        return Retaken::NotYet;
+    }
+    match fsops::lock(&path, Some(Duration::ZERO)) {
+        Ok(Some(l)) => {
+            tracing::info!(event = crate::events::HEAL_REPAIRED, site = site.name(),
+                what = %path.display(), reason = "the lifetime lock's file was deleted; taken again",
+                "repaired");
+            Retaken::Yes(l)
+        }
+        Ok(None) => {
+            tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), path = %path.display(),
+                reason = "another release-keeper service took this site while its lifetime lock's file was gone; this service stops serving it",
+                "site taken over");
+            crate::service::set_status(site, "taken over by another service");
+            Retaken::Taken
+        }
+        Err(e) => {
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %path.display(),
+                error = %e, "cannot take the lifetime lock again yet");
+            Retaken::NotYet
+        }
+    }
 }
 
 /// What a worker keeps from one job to the next, so that an idle healing pass re-reads
