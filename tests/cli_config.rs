@@ -302,13 +302,7 @@ fn second_service_for_same_site_refuses_to_start() {
     let site = Site::new();
     let cfg = site.write_config("web", "", "");
     let mut first = Service::start_config(&cfg);
-    let second = Service::spawn(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "run",
-        "--log-format",
-        "json",
-    ]);
+    let second = Service::spawn_config(&cfg);
     let st = second.wait_exit(Duration::from_secs(10));
     assert!(
         !st.success(),
@@ -693,13 +687,7 @@ fn root_created_later_is_waited_for() {
             later.display()
         ),
     );
-    let mut svc = Service::spawn(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "run",
-        "--log-format",
-        "json",
-    ]);
+    let mut svc = Service::spawn_config(&cfg);
     std::thread::sleep(Duration::from_millis(300)); // give it time to start (not an assertion)
     assert!(
         svc.is_running(),
@@ -815,13 +803,7 @@ fn lifetime_lock_is_taken_again_after_the_root_is_recreated() {
         },
         WAIT,
     );
-    let second = Service::spawn(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "run",
-        "--log-format",
-        "json",
-    ]);
+    let second = Service::spawn_config(&cfg);
     let st = second.wait_exit(Duration::from_secs(10));
     assert!(
         !st.success() && second.log_text().contains("already running"),

@@ -160,13 +160,7 @@ fn hash_tree(dir: &Path) -> BTreeMap<String, Hash> {
 }
 
 fn start(cfg: &Path) -> Service {
-    let s = Service::spawn(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "run",
-        "--log-format",
-        "json",
-    ]);
+    let s = Service::spawn_config(cfg);
     // The first healing pass redoes the interrupted upload before `daemon.started`.
     s.wait_event("daemon.started", |_| true, Duration::from_secs(60));
     s

@@ -535,15 +535,20 @@ impl Service {
 
     /// Starts `--config FILE run --log-format json` and waits for `daemon.started`.
     pub fn start_config(config: &Path) -> Service {
-        let s = Service::spawn(&[
+        let s = Service::spawn_config(config);
+        s.wait_started();
+        s
+    }
+
+    /// `run` with `config` and JSON logs, not waiting for it to start (it may refuse to).
+    pub fn spawn_config(config: &Path) -> Service {
+        Service::spawn(&[
             "--config",
             config.to_str().unwrap(),
             "run",
             "--log-format",
             "json",
-        ]);
-        s.wait_started();
-        s
+        ])
     }
 
     /// Waits for `daemon.started` and returns it.
