@@ -99,9 +99,18 @@ pub fn init(format: Option<LogFormat>) {
     let journald = format.is_none() && stderr_is_journal();
     if journald {
         if let Ok(layer) = tracing_journald::layer() {
+            // Syslog's meaning of the levels: routine events are "info" (6), not
+            // "notice" (5, tracing-journald's default), so `journalctl -p notice` shows
+            // only what needs a look (warnings and errors).
+            let priorities = tracing_journald::PriorityMappings {
+                info: tracing_journald::Priority::Informational,
+                debug: tracing_journald::Priority::Debug,
+                ..tracing_journald::PriorityMappings::new()
+            };
             let layer = layer
                 .with_field_prefix(None)
-                .with_syslog_identifier("release-keeper".into());
+                .with_syslog_identifier("release-keeper".into())
+                .with_priority_mappings(priorities);
             let _ = tracing_subscriber::registry()
                 .with(filter)
                 .with(layer)
