@@ -128,10 +128,13 @@ pub enum Command {
         wait: Wait,
     },
     /// Process deploy-cache/ now, as if a marker were dropped.
+    ///
+    /// A marker already waiting in deploy-cache/ is used (consumed) for this release;
+    /// --id and --no-activate override its keys.
     Finalize {
         /// Site name.
         site: String,
-        /// Release id.
+        /// Release id (overrides the waiting marker's `id`).
         #[arg(long)]
         id: Option<String>,
         /// Stage the release without switching to it.

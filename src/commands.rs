@@ -526,7 +526,7 @@ pub fn finalize(
         usage_id(i)?;
     }
     let _lock = op_lock(&site, wait)?;
-    marker::claim_synthetic(
+    marker::claim_for_finalize(
         &site,
         &MarkerSpec {
             id: id.map(str::to_string),
