@@ -744,6 +744,44 @@ fn shared_entries_and_links_are_created() {
     svc.stop();
 }
 
+/// A shared file seeded from the upload (`.env` with the database password) keeps the
+/// uploader's read bits: a 0600 secret must not become world-readable in `shared/`.
+#[test]
+fn shared_file_seeded_from_the_upload_is_not_made_world_readable() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "shared = [\".env\", \"config/app.ini\"]");
+    let out = cli(&cfg, &["init", SITE]);
+    assert_ok(&out, "init");
+    clear_dir(&site.deploy_cache());
+    write_tree_modes(
+        &site.deploy_cache(),
+        &[
+            ("index.html", b"<p>hi</p>\n" as &[u8], 0o644),
+            (".env", b"DB_PASSWORD=hunter2\n", 0o600),
+            ("config/app.ini", b"[app]\n", 0o664),
+        ],
+    );
+    write_sha256sums(&site.deploy_cache());
+    let out = cli(&cfg, &["finalize", SITE, "--id", "v1"]);
+    assert_ok(&out, "finalize");
+    let shared = site.root.join("shared");
+    assert_eq!(
+        fs::read(shared.join(".env")).unwrap(),
+        b"DB_PASSWORD=hunter2\n",
+        "shared/.env seeded from the upload"
+    );
+    assert_eq!(
+        mode(&shared.join(".env")),
+        0o600,
+        "shared/.env keeps the upload's 0600"
+    );
+    assert_eq!(
+        mode(&shared.join("config/app.ini")),
+        0o644,
+        "no group or other write bit in shared/ (owner may edit it)"
+    );
+}
+
 /// Overwrites a file of a read-only release in place, keeping its mode.
 fn tamper(path: &Path, bytes: &[u8]) {
     use std::os::unix::fs::PermissionsExt;
