@@ -273,6 +273,7 @@ fn process_claim(
                 manifest = read_manifest(site)?;
                 wait_for_uploads(
                     site,
+                    id,
                     manifest.as_ref().map(|m| &m.entries),
                     deadline,
                     cancel,
@@ -440,9 +441,11 @@ fn read_manifest(site: &Site) -> Result<Option<Expected>> {
 }
 
 /// Waits while files of the upload still look in flight (temporary names of rsync, WinSCP
-/// and the like, not listed in the manifest), up to `upload_timeout`.
+/// and the like, not listed in the manifest), up to `upload_timeout`. `id` is the release
+/// the wait holds up, logged with it.
 fn wait_for_uploads(
     site: &Site,
+    id: &str,
     manifest: Option<&Entries>,
     deadline: Instant,
     cancel: &AtomicBool,
@@ -464,6 +467,7 @@ fn wait_for_uploads(
             tracing::info!(
                 event = events::UPLOAD_WAITING,
                 site = site.name(),
+                release = id,
                 files = busy.len(),
                 paths = %busy.join(", "),
                 timeout_ms = site.cfg.upload_timeout.as_millis() as u64,

@@ -320,7 +320,9 @@ fn in_flight_upload_waits_then_proceeds() {
     let dc = site.deploy_cache();
     fs::rename(dc.join("assets/app.js"), dc.join("assets/.app.js.Xy12Ab")).unwrap();
     site.drop_marker("id = \"v2\"\n");
-    svc.wait_event("upload.waiting", |_| true, WAIT);
+    let waiting = svc.wait_event("upload.waiting", |_| true, WAIT);
+    // Monitoring ties the wait to the release it holds up.
+    assert_eq!(release_of(&waiting), Some("v2"), "{waiting}");
     assert!(svc.events_for("release.rejected", "v2").is_empty());
     // The transfer completes.
     fs::rename(dc.join("assets/.app.js.Xy12Ab"), dc.join("assets/app.js")).unwrap();
