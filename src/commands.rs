@@ -396,11 +396,12 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
             if r.drift.is_empty() {
                 out(&format!("{} {}: OK", site.name(), r.release))?;
             } else {
+                let n = r.drift.len();
                 out(&format!(
-                    "{} {}: DRIFT ({} paths)",
+                    "{} {}: DRIFT ({n} {})",
                     site.name(),
                     r.release,
-                    r.drift.len()
+                    if n == 1 { "path" } else { "paths" }
                 ))?;
                 for d in &r.drift {
                     out(&format!("  {d}"))?;
