@@ -155,6 +155,10 @@ pub enum Command {
     Init {
         /// Site name.
         site: String,
+        /// Give the layout to this user (and its group): the user the service runs as.
+        /// Run as root without it, the `release-keeper` user is assumed when it exists.
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
     },
     /// Validate the config; errors name file, line and column.
     CheckConfig,

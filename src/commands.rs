@@ -588,16 +588,71 @@ fn fs_same(a: &Path, b: &Path) -> bool {
 }
 
 /// `init SITE`.
-pub fn init(cfg: &Config, name: &str) -> Result<()> {
+pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
     let site = site(cfg, name)?;
+    let owner = init_owner(owner)?;
     fsops::ensure_dir(site.root(), 0o755)?;
     site.ensure_layout()?;
+    let Some(user) = owner else {
+        return out(&format!(
+            "{}: layout ready at {} (uploaders write to {})",
+            site.name(),
+            site.root().display(),
+            site.deploy_cache().display()
+        ));
+    };
+    // `sudo release-keeper init shop` must leave a layout the service (`User=`) can work
+    // in: a root-owned `.release-keeper/` (0750) keeps it from even taking its lock. The
+    // root and the keeper's directories are its own; the state inside `.release-keeper/`
+    // too (a lock or journal made by an earlier command run as root).
+    let dirs = [
+        site.root().to_path_buf(),
+        site.deploy_cache(),
+        site.releases(),
+        site.shared(),
+    ];
+    for d in &dirs {
+        fsops::chown(d, user.uid, user.gid)?;
+    }
+    fsops::chown_tree(&site.state(), user.uid, user.gid)?;
+    // Uploaders reach deploy-cache/ through the group, whatever the umask it was made with.
+    fsops::set_mode(&site.deploy_cache(), 0o775)?;
     out(&format!(
-        "{}: layout ready at {} (uploaders write to {})",
+        "{}: layout ready at {}, owned by {} (uploaders write to {}, group {})",
         site.name(),
         site.root().display(),
-        site.deploy_cache().display()
+        user.name,
+        site.deploy_cache().display(),
+        nix::unistd::Group::from_gid(user.gid)
+            .ok()
+            .flatten()
+            .map_or_else(|| user.gid.to_string(), |g| g.name)
     ))
+}
+
+/// The user service runs as, by default, under the packaged unit (`User=`).
+const SERVICE_USER: &str = "release-keeper";
+
+/// Whom `init` gives the layout to: `--owner USER`, else (as root) the service's user when
+/// it exists, else nobody (the caller, presumably the service's user, owns what it makes).
+fn init_owner(flag: Option<&str>) -> Result<Option<nix::unistd::User>> {
+    let root = nix::unistd::geteuid().is_root();
+    let Some(name) = flag else {
+        if !root {
+            return Ok(None);
+        }
+        return nix::unistd::User::from_name(SERVICE_USER)
+            .map_err(|e| Error::Failed(format!("cannot look up user {SERVICE_USER:?}: {e}")));
+    };
+    let user = nix::unistd::User::from_name(name)
+        .map_err(|e| Error::Failed(format!("cannot look up user {name:?}: {e}")))?
+        .ok_or_else(|| Error::Usage(format!("--owner {name:?}: no such user")))?;
+    if !root && user.uid != nix::unistd::geteuid() {
+        return Err(Error::Failed(format!(
+            "--owner {name}: only root can give the layout to another user"
+        )));
+    }
+    Ok(Some(user))
 }
 
 /// `check-config`.

@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -386,6 +387,54 @@ fn init_creates_layout() {
     for d in ["deploy-cache", "releases", "shared", ".release-keeper"] {
         assert!(site.root.join(d).is_dir(), "init creates {d}/");
     }
+}
+
+/// `sudo release-keeper init shop`, as the install steps run it: the layout must be
+/// usable by the service's own user (`User=release-keeper`), not owned by root, and
+/// `deploy-cache/` group-writable for the uploaders' group whatever the caller's umask.
+#[test]
+fn init_as_root_hands_the_layout_to_the_service_user() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let out = cli(&cfg, &["init", "web", "--owner", "nobody"]);
+    if !nix::unistd::geteuid().is_root() {
+        // Only root can give files away: a plain user is told so.
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        return;
+    }
+    assert_ok(&out, "init web --owner nobody");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    for d in [
+        "",
+        "deploy-cache",
+        "releases",
+        "shared",
+        ".release-keeper",
+        ".release-keeper/manifests",
+        ".release-keeper/claims",
+    ] {
+        let m = fs::metadata(site.root.join(d)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (nobody.uid.as_raw(), nobody.gid.as_raw()),
+            "ROOT/{d} belongs to the service user; {}",
+            show(&out)
+        );
+    }
+    assert_eq!(
+        mode(&site.deploy_cache()),
+        0o775,
+        "deploy-cache/ is group-writable for uploaders"
+    );
+    let out = cli(&cfg, &["init", "web", "--owner", "no-such-user-rk"]);
+    assert_eq!(out.status.code(), Some(2), "unknown owner: {}", show(&out));
+    assert!(
+        output_text(&out).contains("no-such-user-rk"),
+        "{}",
+        show(&out)
+    );
 }
 
 #[test]
