@@ -75,6 +75,7 @@ fn require_root(site: &Site) -> Result<()> {
 /// Takes the site's operation lock, waiting as `--wait` says; busy is exit 75.
 pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     require_root(site)?;
+    act_as_site_owner(site)?;
     site.ensure_layout()?;
     heal::repair_locks(site, false)?;
     let limit = wait_limit(wait)?;
@@ -82,6 +83,46 @@ pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
         site: site.name().to_string(),
         lock: site.op_lock(),
     })
+}
+
+/// Run as root (`sudo release-keeper rollback shop`) on a site whose state belongs to
+/// another user (the service's `User=`), a command becomes that user for good, groups
+/// included, as the service is: what it makes stays the service's (it could never prune
+/// a root-owned release nor take a root-owned lock), and hooks run as under the service.
+/// Nothing changes when the state is root's (a service run as root) or not made yet.
+fn act_as_site_owner(site: &Site) -> Result<()> {
+    use nix::unistd::{Gid, Uid, User};
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(site.state()) else {
+        return Ok(());
+    };
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    let uid = Uid::from_raw(meta.uid());
+    let failed = |what: &str, e: nix::Error| {
+        Error::Failed(format!(
+            "site {}: cannot act as uid {uid}, the owner of {}: {what}: {e}",
+            site.name(),
+            site.state().display()
+        ))
+    };
+    let user = User::from_uid(uid).map_err(|e| failed("looking it up", e))?;
+    let gid = user.as_ref().map_or(Gid::from_raw(meta.gid()), |u| u.gid);
+    match user
+        .as_ref()
+        .and_then(|u| std::ffi::CString::new(u.name.as_bytes()).ok())
+    {
+        Some(name) => nix::unistd::initgroups(&name, gid),
+        None => nix::unistd::setgroups(&[gid]),
+    }
+    .map_err(|e| failed("setting its groups", e))?;
+    nix::unistd::setgid(gid).map_err(|e| failed("setgid", e))?;
+    nix::unistd::setuid(uid).map_err(|e| failed("setuid", e))?;
+    Ok(())
 }
 
 fn out(text: &str) -> Result<()> {
@@ -355,6 +396,8 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
     }
     let site = site(cfg, name)?;
     require_root(&site)?;
+    // It records what it found (drift state) beside the service's.
+    act_as_site_owner(&site)?;
     let journal = Journal::load(&site)?;
     let current = site.current_id();
     let ids: Vec<String> = if all {

@@ -437,6 +437,53 @@ fn init_as_root_hands_the_layout_to_the_service_user() {
     );
 }
 
+/// `sudo release-keeper finalize|rollback|...` on a site the service runs as its own
+/// user: what the command makes (releases, the lock, state files) must stay the service's,
+/// or the service can no longer prune those releases or take that lock. As root, the
+/// command acts as the owner of the site's `.release-keeper/`.
+#[test]
+fn commands_run_as_root_leave_files_the_service_user_owns() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let site = Site::new();
+    // The service user must be able to reach the root.
+    fs::set_permissions(
+        site.tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cfg = site.write_config("web", "", "");
+    assert_ok(&cli(&cfg, &["init", "web", "--owner", "nobody"]), "init");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    let out = cli(&cfg, &["finalize", "web", "--id", "v1"]);
+    assert_ok(&out, "finalize as root");
+    let out = cli(&cfg, &["pin", "web", "v1"]);
+    assert_ok(&out, "pin as root");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody")
+        .uid
+        .as_raw();
+    let mut owned_by_root = Vec::new();
+    for top in ["releases", ".release-keeper", "current"] {
+        let mut stack = vec![site.root.join(top)];
+        while let Some(p) = stack.pop() {
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.uid() != nobody {
+                owned_by_root.push(p.clone());
+            }
+            if m.is_dir() {
+                stack.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+    }
+    assert!(
+        owned_by_root.is_empty(),
+        "left to root, not the service user: {owned_by_root:?}"
+    );
+}
+
 #[test]
 fn manifest_command_output_passes_sha256sum_check() {
     let site = Site::new();
