@@ -128,10 +128,13 @@ pub enum Command {
         wait: Wait,
     },
     /// Process deploy-cache/ now, as if a marker were dropped.
+    ///
+    /// A marker already waiting in deploy-cache/ is used (consumed) for this release;
+    /// --id and --no-activate override its keys.
     Finalize {
         /// Site name.
         site: String,
-        /// Release id.
+        /// Release id (overrides the waiting marker's `id`).
         #[arg(long)]
         id: Option<String>,
         /// Stage the release without switching to it.
@@ -152,6 +155,10 @@ pub enum Command {
     Init {
         /// Site name.
         site: String,
+        /// Give the layout to this user (and its group): the user the service runs as.
+        /// Run as root without it, the `release-keeper` user is assumed when it exists.
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
     },
     /// Validate the config; errors name file, line and column.
     CheckConfig,

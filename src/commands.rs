@@ -75,6 +75,7 @@ fn require_root(site: &Site) -> Result<()> {
 /// Takes the site's operation lock, waiting as `--wait` says; busy is exit 75.
 pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     require_root(site)?;
+    act_as_site_owner(site)?;
     site.ensure_layout()?;
     heal::repair_locks(site, false)?;
     let limit = wait_limit(wait)?;
@@ -82,6 +83,46 @@ pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
         site: site.name().to_string(),
         lock: site.op_lock(),
     })
+}
+
+/// Run as root (`sudo release-keeper rollback shop`) on a site whose state belongs to
+/// another user (the service's `User=`), a command becomes that user for good, groups
+/// included, as the service is: what it makes stays the service's (it could never prune
+/// a root-owned release nor take a root-owned lock), and hooks run as under the service.
+/// Nothing changes when the state is root's (a service run as root) or not made yet.
+fn act_as_site_owner(site: &Site) -> Result<()> {
+    use nix::unistd::{Gid, Uid, User};
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(site.state()) else {
+        return Ok(());
+    };
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    let uid = Uid::from_raw(meta.uid());
+    let failed = |what: &str, e: nix::Error| {
+        Error::Failed(format!(
+            "site {}: cannot act as uid {uid}, the owner of {}: {what}: {e}",
+            site.name(),
+            site.state().display()
+        ))
+    };
+    let user = User::from_uid(uid).map_err(|e| failed("looking it up", e))?;
+    let gid = user.as_ref().map_or(Gid::from_raw(meta.gid()), |u| u.gid);
+    match user
+        .as_ref()
+        .and_then(|u| std::ffi::CString::new(u.name.as_bytes()).ok())
+    {
+        Some(name) => nix::unistd::initgroups(&name, gid),
+        None => nix::unistd::setgroups(&[gid]),
+    }
+    .map_err(|e| failed("setting its groups", e))?;
+    nix::unistd::setgid(gid).map_err(|e| failed("setgid", e))?;
+    nix::unistd::setuid(uid).map_err(|e| failed("setuid", e))?;
+    Ok(())
 }
 
 fn out(text: &str) -> Result<()> {
@@ -355,6 +396,8 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
     }
     let site = site(cfg, name)?;
     require_root(&site)?;
+    // It records what it found (drift state) beside the service's.
+    act_as_site_owner(&site)?;
     let journal = Journal::load(&site)?;
     let current = site.current_id();
     let ids: Vec<String> = if all {
@@ -396,11 +439,12 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
             if r.drift.is_empty() {
                 out(&format!("{} {}: OK", site.name(), r.release))?;
             } else {
+                let n = r.drift.len();
                 out(&format!(
-                    "{} {}: DRIFT ({} paths)",
+                    "{} {}: DRIFT ({n} {})",
                     site.name(),
                     r.release,
-                    r.drift.len()
+                    if n == 1 { "path" } else { "paths" }
                 ))?;
                 for d in &r.drift {
                     out(&format!("  {d}"))?;
@@ -526,7 +570,7 @@ pub fn finalize(
         usage_id(i)?;
     }
     let _lock = op_lock(&site, wait)?;
-    marker::claim_synthetic(
+    marker::claim_for_finalize(
         &site,
         &MarkerSpec {
             id: id.map(str::to_string),
@@ -587,16 +631,71 @@ fn fs_same(a: &Path, b: &Path) -> bool {
 }
 
 /// `init SITE`.
-pub fn init(cfg: &Config, name: &str) -> Result<()> {
+pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
     let site = site(cfg, name)?;
+    let owner = init_owner(owner)?;
     fsops::ensure_dir(site.root(), 0o755)?;
     site.ensure_layout()?;
+    let Some(user) = owner else {
+        return out(&format!(
+            "{}: layout ready at {} (uploaders write to {})",
+            site.name(),
+            site.root().display(),
+            site.deploy_cache().display()
+        ));
+    };
+    // `sudo release-keeper init shop` must leave a layout the service (`User=`) can work
+    // in: a root-owned `.release-keeper/` (0750) keeps it from even taking its lock. The
+    // root and the keeper's directories are its own; the state inside `.release-keeper/`
+    // too (a lock or journal made by an earlier command run as root).
+    let dirs = [
+        site.root().to_path_buf(),
+        site.deploy_cache(),
+        site.releases(),
+        site.shared(),
+    ];
+    for d in &dirs {
+        fsops::chown(d, user.uid, user.gid)?;
+    }
+    fsops::chown_tree(&site.state(), user.uid, user.gid)?;
+    // Uploaders reach deploy-cache/ through the group, whatever the umask it was made with.
+    fsops::set_mode(&site.deploy_cache(), 0o775)?;
     out(&format!(
-        "{}: layout ready at {} (uploaders write to {})",
+        "{}: layout ready at {}, owned by {} (uploaders write to {}, group {})",
         site.name(),
         site.root().display(),
-        site.deploy_cache().display()
+        user.name,
+        site.deploy_cache().display(),
+        nix::unistd::Group::from_gid(user.gid)
+            .ok()
+            .flatten()
+            .map_or_else(|| user.gid.to_string(), |g| g.name)
     ))
+}
+
+/// The user service runs as, by default, under the packaged unit (`User=`).
+const SERVICE_USER: &str = "release-keeper";
+
+/// Whom `init` gives the layout to: `--owner USER`, else (as root) the service's user when
+/// it exists, else nobody (the caller, presumably the service's user, owns what it makes).
+fn init_owner(flag: Option<&str>) -> Result<Option<nix::unistd::User>> {
+    let root = nix::unistd::geteuid().is_root();
+    let Some(name) = flag else {
+        if !root {
+            return Ok(None);
+        }
+        return nix::unistd::User::from_name(SERVICE_USER)
+            .map_err(|e| Error::Failed(format!("cannot look up user {SERVICE_USER:?}: {e}")));
+    };
+    let user = nix::unistd::User::from_name(name)
+        .map_err(|e| Error::Failed(format!("cannot look up user {name:?}: {e}")))?
+        .ok_or_else(|| Error::Usage(format!("--owner {name:?}: no such user")))?;
+    if !root && user.uid != nix::unistd::geteuid() {
+        return Err(Error::Failed(format!(
+            "--owner {name}: only root can give the layout to another user"
+        )));
+    }
+    Ok(Some(user))
 }
 
 /// `check-config`.

@@ -253,9 +253,37 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
                 .mode(mode)
                 .create(dir)
                 .at(dir)?;
+            // `mkdir` applies the umask: without this a 0775 `deploy-cache/` would come
+            // out 0755 under the unit's `UMask=0022`, closed to the uploaders' group.
+            set_mode(dir, mode)?;
             fsync_dir(parent_of(dir))
         }
     }
+}
+
+/// Sets the permission bits of `path` (followed if a symlink: only used on directories the
+/// keeper made or owns).
+pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).at(path)
+}
+
+/// Gives `path` itself (never a symlink's target) to `uid`:`gid`.
+pub fn chown(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid.as_raw()), Some(gid.as_raw())).at(path)
+}
+
+/// Gives `dir` and everything under it to `uid`:`gid`, without following symlinks.
+pub fn chown_tree(dir: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> Result<()> {
+    chown(dir, uid, gid)?;
+    if !fs::symlink_metadata(dir).at(dir)?.is_dir() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        chown_tree(&path, uid, gid)?;
+    }
+    Ok(())
 }
 
 use std::os::unix::fs::DirBuilderExt;

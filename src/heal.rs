@@ -579,12 +579,23 @@ fn heal_current(
     let current = site.current();
     // `readlink` first: it alone tells a missing `current` and one that is not a symlink
     // apart from a symlink, so the usual case (a good link) costs it and one `stat`.
+    // A link to a good release spelled another way (`ln -sfn /srv/shop/releases/v1`, a
+    // manual switch): only its form is repaired, the operator's choice of release is kept.
+    let mut keep = None;
     let (why, meta) = match fs::read_link(&current) {
         Ok(target) => {
             let problem = match site::release_id_of_target(&target, site.root()) {
                 None => Some("current points outside releases/"),
                 Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
-                Some(_) if target.is_absolute() => Some("current has an absolute target"),
+                Some(id) if target != Site::current_target_for(&id) => {
+                    let problem = if target.is_absolute() {
+                        "current has an absolute target"
+                    } else {
+                        "current has a non-canonical target"
+                    };
+                    keep = journal.state().is_good(&id).then_some(id);
+                    Some(problem)
+                }
                 Some(_) => None,
             };
             let Some(problem) = problem else {
@@ -601,12 +612,14 @@ fn heal_current(
     };
     let state = journal.state();
     let exists = |id: &str| site.release(id).is_dir();
-    let target = state.last_good_activated(exists).or_else(|| {
-        state
-            .live_newest_first()
-            .find(|r| r.failed.is_none() && exists(&r.id))
-            .map(|r| r.id.clone())
-    });
+    let target = keep
+        .or_else(|| state.last_good_activated(exists))
+        .or_else(|| {
+            state
+                .live_newest_first()
+                .find(|r| r.failed.is_none() && exists(&r.id))
+                .map(|r| r.id.clone())
+        });
     let Some(target) = target else {
         if meta.is_some() {
             out.reports.push(format!(

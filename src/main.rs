@@ -55,7 +55,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     no_activate,
                     wait,
                 } => commands::finalize(&cfg, site, id.as_deref(), *no_activate, &wait.wait),
-                Command::Init { site } => commands::init(&cfg, site),
+                Command::Init { site, owner } => commands::init(&cfg, site, owner.as_deref()),
                 Command::Run { .. }
                 | Command::Manifest { .. }
                 | Command::CheckConfig

@@ -226,7 +226,7 @@ fn process_claim(
     if !site.cfg.settle_time.is_zero() {
         sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
     }
-    let mut manifest = read_manifest(site)?;
+    let mut manifest = read_manifest(site, id, true)?;
     let link_from = link_source(site, journal);
 
     let existing = journal.state().get(id).cloned();
@@ -270,14 +270,15 @@ fn process_claim(
                         clock::format_duration(site.cfg.upload_timeout)
                     )));
                 }
-                manifest = read_manifest(site)?;
+                manifest = read_manifest(site, id, false)?;
                 wait_for_uploads(
                     site,
+                    id,
                     manifest.as_ref().map(|m| &m.entries),
                     deadline,
                     cancel,
                 )?;
-                manifest = read_manifest(site)?;
+                manifest = read_manifest(site, id, false)?;
             }
             other => break other?,
         }
@@ -396,8 +397,10 @@ fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
 }
 
 /// Reads and parses `deploy-cache/<manifest>` line by line (never whole in memory beside
-/// its parsed form). `None` when absent and not required.
-fn read_manifest(site: &Site) -> Result<Option<Expected>> {
+/// its parsed form). `None` when absent and not required, with a warning naming release
+/// `id` when `warn` (the first read of an upload: re-reads while in-flight files are
+/// waited for would repeat it).
+fn read_manifest(site: &Site, id: &str, warn: bool) -> Result<Option<Expected>> {
     let path = site.deploy_cache().join(&site.cfg.manifest);
     let name = &site.cfg.manifest;
     let file = match fsops::open_small_nofollow(&path, manifest::MAX_MANIFEST_BYTES) {
@@ -408,8 +411,10 @@ fn read_manifest(site: &Site) -> Result<Option<Expected>> {
                     "{name} is missing from the upload (require_manifest = true)"
                 )));
             }
-            tracing::warn!(event = crate::events::UPLOAD_UNVERIFIED, site = site.name(), manifest = %name,
-                "no manifest in the upload; recording the hashes as uploaded (require_manifest = false)");
+            if warn {
+                tracing::warn!(event = crate::events::UPLOAD_UNVERIFIED, site = site.name(), release = id, manifest = %name,
+                    "no manifest in the upload; recording the hashes as uploaded (require_manifest = false)");
+            }
             return Ok(None);
         }
         Err(Error::Rejected(r)) => return Err(Error::Rejected(format!("{name} {r}"))),
@@ -440,9 +445,11 @@ fn read_manifest(site: &Site) -> Result<Option<Expected>> {
 }
 
 /// Waits while files of the upload still look in flight (temporary names of rsync, WinSCP
-/// and the like, not listed in the manifest), up to `upload_timeout`.
+/// and the like, not listed in the manifest), up to `upload_timeout`. `id` is the release
+/// the wait holds up, logged with it.
 fn wait_for_uploads(
     site: &Site,
+    id: &str,
     manifest: Option<&Entries>,
     deadline: Instant,
     cancel: &AtomicBool,
@@ -464,6 +471,7 @@ fn wait_for_uploads(
             tracing::info!(
                 event = events::UPLOAD_WAITING,
                 site = site.name(),
+                release = id,
                 files = busy.len(),
                 paths = %busy.join(", "),
                 timeout_ms = site.cfg.upload_timeout.as_millis() as u64,

@@ -192,14 +192,17 @@ fn hex_path(p: &Path) -> String {
         .collect()
 }
 
-/// Extracts `<id>` from a `current` target `releases/<id>` (or its absolute equivalent).
+/// Extracts `<id>` from a `current` target `releases/<id>` (or its absolute equivalent, or
+/// `./releases/<id>/` as a hand-made link may spell it).
 pub fn release_id_of_target(target: &Path, root: &Path) -> Option<String> {
     let rel = if target.is_absolute() {
         target.strip_prefix(root).ok()?
     } else {
         target
     };
-    let mut comps = rel.components();
+    let mut comps = rel
+        .components()
+        .skip_while(|c| matches!(c, std::path::Component::CurDir));
     let first = comps.next()?;
     let second = comps.next()?;
     if comps.next().is_some() || first.as_os_str() != "releases" {

@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -380,6 +381,101 @@ fn init_creates_layout() {
     for d in ["deploy-cache", "releases", "shared", ".release-keeper"] {
         assert!(site.root.join(d).is_dir(), "init creates {d}/");
     }
+}
+
+/// `sudo release-keeper init shop`, as the install steps run it: the layout must be
+/// usable by the service's own user (`User=release-keeper`), not owned by root, and
+/// `deploy-cache/` group-writable for the uploaders' group whatever the caller's umask.
+#[test]
+fn init_as_root_hands_the_layout_to_the_service_user() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let out = cli(&cfg, &["init", "web", "--owner", "nobody"]);
+    if !nix::unistd::geteuid().is_root() {
+        // Only root can give files away: a plain user is told so.
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        return;
+    }
+    assert_ok(&out, "init web --owner nobody");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    for d in [
+        "",
+        "deploy-cache",
+        "releases",
+        "shared",
+        ".release-keeper",
+        ".release-keeper/manifests",
+        ".release-keeper/claims",
+    ] {
+        let m = fs::metadata(site.root.join(d)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (nobody.uid.as_raw(), nobody.gid.as_raw()),
+            "ROOT/{d} belongs to the service user; {}",
+            show(&out)
+        );
+    }
+    assert_eq!(
+        mode(&site.deploy_cache()),
+        0o775,
+        "deploy-cache/ is group-writable for uploaders"
+    );
+    let out = cli(&cfg, &["init", "web", "--owner", "no-such-user-rk"]);
+    assert_eq!(out.status.code(), Some(2), "unknown owner: {}", show(&out));
+    assert!(
+        output_text(&out).contains("no-such-user-rk"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// `sudo release-keeper finalize|rollback|...` on a site the service runs as its own
+/// user: what the command makes (releases, the lock, state files) must stay the service's,
+/// or the service can no longer prune those releases or take that lock. As root, the
+/// command acts as the owner of the site's `.release-keeper/`.
+#[test]
+fn commands_run_as_root_leave_files_the_service_user_owns() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let site = Site::new();
+    // The service user must be able to reach the root.
+    fs::set_permissions(
+        site.tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cfg = site.write_config("web", "", "");
+    assert_ok(&cli(&cfg, &["init", "web", "--owner", "nobody"]), "init");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    let out = cli(&cfg, &["finalize", "web", "--id", "v1"]);
+    assert_ok(&out, "finalize as root");
+    let out = cli(&cfg, &["pin", "web", "v1"]);
+    assert_ok(&out, "pin as root");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody")
+        .uid
+        .as_raw();
+    let mut owned_by_root = Vec::new();
+    for top in ["releases", ".release-keeper", "current"] {
+        let mut stack = vec![site.root.join(top)];
+        while let Some(p) = stack.pop() {
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.uid() != nobody {
+                owned_by_root.push(p.clone());
+            }
+            if m.is_dir() {
+                stack.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+    }
+    assert!(
+        owned_by_root.is_empty(),
+        "left to root, not the service user: {owned_by_root:?}"
+    );
 }
 
 #[test]

@@ -184,6 +184,35 @@ fn current_pointing_outside_releases_is_repaired() {
     svc.stop();
 }
 
+/// `ln -sfn /srv/shop/releases/v1 /srv/shop/current` (a manual switch, written the way
+/// many operators do, with an absolute path) names a good release: healing makes the
+/// link relative and keeps the operator's choice instead of switching the site back to
+/// the release that was current before.
+#[test]
+fn absolute_current_to_a_good_release_is_made_relative_not_switched() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    let abs_v1 = site.release("v1").display().to_string();
+    let dotted_v2 = "./releases/v2/".to_string();
+    for (target, id) in [(abs_v1.as_str(), "v1"), (dotted_v2.as_str(), "v2")] {
+        force_symlink(&site.current_path(), target);
+        wait_until(
+            WAIT,
+            || site.current_target().as_deref() != Some(Path::new(target)),
+            || format!("current -> {target} to be rewritten"),
+        );
+        // Never a switch to another release in between.
+        assert_eq!(
+            site.current_target().as_deref(),
+            Some(Path::new(&format!("releases/{id}"))),
+            "current -> {target} made relative, keeping {id}"
+        );
+    }
+    svc.stop();
+}
+
 /// A pid that cannot be a live process (above the kernel's pid_max).
 const DEAD_PID: u32 = 99_999_999;
 

@@ -487,6 +487,57 @@ fn finalize_cli_processes_deploy_cache_without_marker() {
     assert_eq!(states, pairs(&[("f2", "staged"), ("f1", "current")]));
 }
 
+/// An operator who finds an upload with its marker waiting (the service is stopped) and
+/// runs `finalize` gets one release, the one the marker asks for, not a second copy.
+#[test]
+fn finalize_cli_with_a_marker_waiting_makes_one_release_from_it() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let out = cli(&cfg, &["init", SITE]);
+    assert_ok(&out, "init");
+
+    site.deploy(
+        &as_refs(&small_build("m1")),
+        "id = \"m1\"\nmessage = \"from the marker\"\n",
+    );
+    let out = cli(&cfg, &["--log-format", "json", "finalize", SITE]);
+    assert_ok(&out, "finalize with a marker waiting");
+    assert!(!site.marker_path().exists(), "the marker is consumed");
+    assert_eq!(
+        site.release_ids(),
+        vec!["m1".to_string()],
+        "one release, named by the marker: {}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("m1"));
+    let detected: Vec<Value> = stderr_events(&out)
+        .into_iter()
+        .filter(|v| v["event"] == "upload.detected")
+        .collect();
+    assert_eq!(detected.len(), 1, "one upload: {}", show(&out));
+    assert_eq!(detected[0]["note"], "from the marker", "{}", show(&out));
+
+    // Flags given on the command line win over the marker's keys.
+    site.deploy(&as_refs(&small_build("m2")), "id = \"m2\"\n");
+    let out = cli(&cfg, &["finalize", SITE, "--id", "m2b", "--no-activate"]);
+    assert_ok(
+        &out,
+        "finalize --id m2b --no-activate with a marker waiting",
+    );
+    assert!(!site.marker_path().exists(), "the marker is consumed");
+    assert_eq!(
+        site.release_ids(),
+        vec!["m1".to_string(), "m2b".to_string()],
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("m1"),
+        "--no-activate wins"
+    );
+}
+
 #[test]
 fn marker_dropped_while_stopped_is_processed_at_start() {
     let site = Site::new();
@@ -691,6 +742,44 @@ fn shared_entries_and_links_are_created() {
         || "healing to recreate the htdocs link".into(),
     );
     svc.stop();
+}
+
+/// A shared file seeded from the upload (`.env` with the database password) keeps the
+/// uploader's read bits: a 0600 secret must not become world-readable in `shared/`.
+#[test]
+fn shared_file_seeded_from_the_upload_is_not_made_world_readable() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "shared = [\".env\", \"config/app.ini\"]");
+    let out = cli(&cfg, &["init", SITE]);
+    assert_ok(&out, "init");
+    clear_dir(&site.deploy_cache());
+    write_tree_modes(
+        &site.deploy_cache(),
+        &[
+            ("index.html", b"<p>hi</p>\n" as &[u8], 0o644),
+            (".env", b"DB_PASSWORD=hunter2\n", 0o600),
+            ("config/app.ini", b"[app]\n", 0o664),
+        ],
+    );
+    write_sha256sums(&site.deploy_cache());
+    let out = cli(&cfg, &["finalize", SITE, "--id", "v1"]);
+    assert_ok(&out, "finalize");
+    let shared = site.root.join("shared");
+    assert_eq!(
+        fs::read(shared.join(".env")).unwrap(),
+        b"DB_PASSWORD=hunter2\n",
+        "shared/.env seeded from the upload"
+    );
+    assert_eq!(
+        mode(&shared.join(".env")),
+        0o600,
+        "shared/.env keeps the upload's 0600"
+    );
+    assert_eq!(
+        mode(&shared.join("config/app.ini")),
+        0o644,
+        "no group or other write bit in shared/ (owner may edit it)"
+    );
 }
 
 /// Overwrites a file of a read-only release in place, keeping its mode.

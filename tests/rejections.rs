@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use serde_json::Value;
 use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -121,16 +122,23 @@ fn missing_manifest_is_accepted_with_warning_when_not_required() {
         tree(&site.deploy_cache(), &[]),
         "release equals the upload"
     );
-    let warned = svc.json_lines().iter().any(|v| {
-        v["level"]
-            .as_str()
-            .is_some_and(|l| l.eq_ignore_ascii_case("warn") || l.eq_ignore_ascii_case("warning"))
-    });
-    assert!(
-        warned,
-        "a missing manifest (require_manifest=false) logs a warning; log:\n{}",
+    let warned: Vec<Value> = svc
+        .json_lines()
+        .into_iter()
+        .filter(|v| {
+            v["level"].as_str().is_some_and(|l| {
+                l.eq_ignore_ascii_case("warn") || l.eq_ignore_ascii_case("warning")
+            })
+        })
+        .collect();
+    assert_eq!(
+        warned.len(),
+        1,
+        "a missing manifest (require_manifest=false) logs one warning; log:\n{}",
         svc.log_text()
     );
+    // It names the release whose hashes nobody vouched for.
+    assert_eq!(release_of(&warned[0]), Some("v2"), "{}", warned[0]);
     // The present-manifest rule still applies with require_manifest=false.
     site.stage_upload(&as_refs(&small_build("v3")));
     fs::write(site.deploy_cache().join("index.html"), b"corrupt\n").unwrap();
@@ -320,7 +328,9 @@ fn in_flight_upload_waits_then_proceeds() {
     let dc = site.deploy_cache();
     fs::rename(dc.join("assets/app.js"), dc.join("assets/.app.js.Xy12Ab")).unwrap();
     site.drop_marker("id = \"v2\"\n");
-    svc.wait_event("upload.waiting", |_| true, WAIT);
+    let waiting = svc.wait_event("upload.waiting", |_| true, WAIT);
+    // Monitoring ties the wait to the release it holds up.
+    assert_eq!(release_of(&waiting), Some("v2"), "{waiting}");
     assert!(svc.events_for("release.rejected", "v2").is_empty());
     // The transfer completes.
     fs::rename(dc.join("assets/.app.js.Xy12Ab"), dc.join("assets/app.js")).unwrap();

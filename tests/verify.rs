@@ -84,6 +84,11 @@ fn changed_byte_is_drift() {
     assert_clean(&cfg, &[]);
     flip_byte(&site.release("v2").join("index.html"));
     assert_drift(&cfg, &[], "index.html", "content");
+    let (_, stdout, shown) = verify(&cfg, &[]);
+    assert!(
+        stdout.contains("DRIFT (1 path)\n"),
+        "one drifted path is counted as `1 path`; {shown}"
+    );
 }
 
 #[test]

@@ -1124,6 +1124,14 @@ fn system_time(secs: i64, nsec: i64) -> std::time::SystemTime {
     }
 }
 
+/// The mode of a shared file seeded from the upload's file of mode `uploaded`. Shared data
+/// is often a secret (`.env`): the uploader's read bits are kept, never widened (a 0600
+/// file stays 0600); the owner may edit it (persistent data, not part of a release); no
+/// group or other write bit, and no special bits.
+fn shared_file_mode(uploaded: u32) -> u32 {
+    (uploaded & 0o755) | 0o200
+}
+
 /// Replaces each configured `shared` entry in the release by a symlink to
 /// `ROOT/shared/<entry>`, creating the shared entry when missing (seeded from the upload's
 /// file of that name, if any, else an empty directory).
@@ -1165,8 +1173,11 @@ fn link_shared(
                 Some(m) if m.is_file() => {
                     fs::copy(&in_release, &in_shared).at(&in_shared)?;
                     site.record_shared_file(entry)?;
-                    fs::set_permissions(&in_shared, fs::Permissions::from_mode(0o644))
-                        .at(&in_shared)?;
+                    fs::set_permissions(
+                        &in_shared,
+                        fs::Permissions::from_mode(shared_file_mode(m.permissions().mode())),
+                    )
+                    .at(&in_shared)?;
                 }
                 _ => fs::DirBuilder::new()
                     .mode(0o755)
@@ -1213,6 +1224,15 @@ fn link_shared(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_file_modes_keep_read_bits_never_widen() {
+        assert_eq!(shared_file_mode(0o100600), 0o600);
+        assert_eq!(shared_file_mode(0o100400), 0o600);
+        assert_eq!(shared_file_mode(0o100440), 0o640);
+        assert_eq!(shared_file_mode(0o100666), 0o644);
+        assert_eq!(shared_file_mode(0o104755), 0o755);
+    }
 
     #[test]
     fn modes_lose_write_and_special_bits() {

@@ -218,23 +218,23 @@ pub fn open_for_writing(path: &Path) -> std::io::Result<Option<bool>> {
 
 /// Moves the marker out of `deploy-cache/` into the claims directory, unless someone
 /// still has it open for writing (its close-write event will come), or, where that
-/// cannot be told, it changed less than `min_age` ago. `Ok(false)` when nothing was
-/// claimed.
-pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<bool> {
+/// cannot be told, it changed less than `min_age` ago. Returns the raw claim it made, or
+/// `None` when nothing was claimed.
+pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<Option<PathBuf>> {
     match open_for_writing(&site.marker()) {
         // No marker (every idle pass): one failed open, nothing more. One dropped right
         // after this wakes the worker by its own event.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Ok(Some(true)) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Ok(Some(true)) => return Ok(None),
         Ok(Some(false)) => {}
-        _ if marker_is_young(site, min_age) => return Ok(false),
+        _ if marker_is_young(site, min_age) => return Ok(None),
         _ => {}
     }
     let marker = site.marker();
-    let dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
+    let mut dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
     match fs::rename(&marker, &dest) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
             // deploy-cache/ on another filesystem (an sftp chroot bind mount): first a
             // rename inside deploy-cache/ (so a marker dropped again meanwhile is a new
@@ -247,18 +247,18 @@ pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<bool> {
                 .join(format!("{}{stem}", fsops::TMP_PREFIX));
             fs::rename(&marker, &hidden).at(&marker)?;
             fsops::fsync_dir(&site.deploy_cache())?;
-            claim_hidden(site, &hidden, &stem)?;
+            dest = claim_hidden(site, &hidden, &stem)?;
         }
         Err(e) => return Err(e).at(&marker),
     }
     fsops::fsync_dir(&site.deploy_cache())?;
     fsops::fsync_dir(&site.claims())?;
-    Ok(true)
+    Ok(Some(dest))
 }
 
 /// Turns the marker renamed to `hidden` (in `deploy-cache/`) into the claim named `stem`,
-/// then removes it: the second half of a claim across filesystems.
-fn claim_hidden(site: &Site, hidden: &Path, stem: &str) -> Result<()> {
+/// then removes it: the second half of a claim across filesystems. Returns the claim.
+fn claim_hidden(site: &Site, hidden: &Path, stem: &str) -> Result<PathBuf> {
     let bytes = match fsops::read_small_nofollow(hidden, MAX_MARKER_BYTES) {
         Ok(b) => b,
         Err(Error::Rejected(r)) => [&[REJECTED_TAG][..], r.as_bytes()].concat(),
@@ -266,7 +266,8 @@ fn claim_hidden(site: &Site, hidden: &Path, stem: &str) -> Result<()> {
     };
     let dest = site.claims().join(format!("{stem}.{RAW_EXT}"));
     fsops::write_atomic(&dest, &bytes)?;
-    fsops::remove_tree(hidden)
+    fsops::remove_tree(hidden)?;
+    Ok(dest)
 }
 
 /// The claim stem of a name in `deploy-cache/` that is a marker hidden by a claim across
@@ -316,15 +317,44 @@ pub fn finish_hidden_claims(site: &Site, paths: &[PathBuf], dry_run: bool) -> Re
     Ok(done)
 }
 
-/// Writes a claim for a `finalize` command (as if a marker had been dropped).
-pub fn claim_synthetic(site: &Site, spec: &MarkerSpec) -> Result<()> {
+/// The marker text that asks for `spec`.
+fn marker_text(spec: &MarkerSpec) -> String {
     let mut text = String::new();
     if let Some(id) = &spec.id {
         text.push_str(&format!("id = {}\n", toml_str(id)));
     }
     text.push_str(&format!("activate = {}\n", spec.activate));
+    if let Some(message) = &spec.message {
+        text.push_str(&format!("message = {}\n", toml_str(message)));
+    }
+    text
+}
+
+/// Writes the claim for a `finalize` command. A marker waiting in `deploy-cache/` (the
+/// service stopped, or the command run first) is that request: it is claimed, with the
+/// command's `--id` and `--no-activate` laid over its keys, so the upload becomes one
+/// release rather than one for the command and an identical second one for the marker.
+/// Without one (or with one that cannot be read, which is then rejected as usual), the
+/// claim is `spec`, as if that marker had been dropped. The caller holds the operation
+/// lock, so the service cannot claim the marker in between.
+pub fn claim_for_finalize(site: &Site, spec: &MarkerSpec) -> Result<()> {
+    if let Some(raw) = claim_marker(site, std::time::Duration::ZERO)? {
+        match read_raw(&raw, &site.marker_shown()) {
+            Ok(marker) => {
+                let merged = MarkerSpec {
+                    id: spec.id.clone().or(marker.id),
+                    activate: spec.activate && marker.activate,
+                    message: marker.message.or_else(|| spec.message.clone()),
+                };
+                // Rewritten in place: the claim keeps its place in arrival order.
+                return fsops::write_atomic(&raw, marker_text(&merged).as_bytes());
+            }
+            Err(Error::Rejected(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
     let dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
-    fsops::write_atomic(&dest, text.as_bytes())
+    fsops::write_atomic(&dest, marker_text(spec).as_bytes())
 }
 
 fn toml_str(s: &str) -> String {
