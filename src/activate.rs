@@ -51,7 +51,27 @@ fn log_hook_failure(site: &Site, id: &str, f: &HookFailure) {
 pub fn swap_current(site: &Site, id: &str) -> Result<()> {
     fsops::swap_symlink(&site.current(), &Site::current_target_for(id))?;
     ensure_links(site)?;
+    warn_dangling_links(site);
     Ok(())
+}
+
+/// Says which configured links lead nowhere now that `current` is in place: made anyway
+/// (what they point at may come later), but a nested link written as if from the root
+/// (`"web/htdocs" = "current/public"`) is a common slip. Once per activation.
+fn warn_dangling_links(site: &Site) {
+    for (link, target) in &site.cfg.links {
+        let path = site.root().join(link);
+        if std::fs::metadata(&path).is_ok() {
+            continue;
+        }
+        let resolved = path.parent().unwrap_or(site.root()).join(target);
+        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
+            link = %link.display(), target = %target.display(),
+            reason = %format!(
+                "link {} -> {} points at {}, which does not exist; a link's target is relative to the link's own directory",
+                link.display(), target.display(), resolved.display()),
+            "dangling link");
+    }
 }
 
 /// Creates or corrects each configured link (`ROOT/<link>` -> target). Returns what it

@@ -796,7 +796,7 @@ fn build_site(
             if target_text.starts_with('/') {
                 return Err(src.at(
                     target_at,
-                    format!("link target must be relative to the site root (e.g. \"current/public\"), got {target_text:?}"),
+                    format!("link target must be relative to the link's directory (e.g. \"current/public\" for a link at the top of the root), got {target_text:?}"),
                 ));
             }
             link_target_inside_root(&link, target_text).map_err(|m| src.at(target_at, m))?;

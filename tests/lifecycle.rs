@@ -1199,3 +1199,39 @@ fn staging_a_release_prunes_nothing() {
     );
     svc.stop();
 }
+
+/// A link's target is relative to the link's own directory, as for any symlink: a nested
+/// link written as if from the root dangles. It is made, but the operator is told where it
+/// points and why; the correctly written one is not warned about.
+#[test]
+fn a_nested_link_that_dangles_is_reported_with_where_it_points() {
+    let site = Site::new();
+    let extra = "[sites.web.links]\n\"web/htdocs\" = \"current/public\"\n\"www/htdocs\" = \"../current/public\"\n";
+    let (_cfg, mut svc) = start_site(&site, SITE, "", extra);
+    site.deploy(
+        &[("public/index.html", b"<p>pub</p>\n" as &[u8])],
+        "id = \"v1\"\n",
+    );
+    svc.wait_release_event("release.activated", "v1");
+    assert_eq!(
+        fs::read(site.root.join("www/htdocs/index.html")).unwrap(),
+        b"<p>pub</p>\n"
+    );
+    let ev = svc.wait_event(
+        "site.error",
+        |v| v["link"].as_str() == Some("web/htdocs"),
+        WAIT,
+    );
+    let reason = reason_of(&ev);
+    assert!(
+        reason.contains("web/current/public") && reason.contains("relative to the link"),
+        "{ev}"
+    );
+    assert!(
+        svc.events("site.error")
+            .iter()
+            .all(|v| v["link"].as_str() != Some("www/htdocs")),
+        "the link written from its own directory resolves: no warning"
+    );
+    svc.stop();
+}
