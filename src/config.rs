@@ -253,10 +253,14 @@ pub fn parse_main(text: &str, file: &Path) -> Result<BTreeMap<String, SiteConfig
     Ok(into_configs(main.sites))
 }
 
-/// Parses "500ms", "2s", "10m", "1h", "1d", "1h30m", "0s" (integers only, units ms/s/m/h/d, at least one unit; bare numbers are an error "missing unit").
+/// Parses "500ms", "2s", "10m", "1h", "1d", "1h30m", "0s" (integers only, units ms/s/m/h/d, at least one unit; bare numbers are an error "missing unit", but for a bare "0").
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("empty duration".to_owned());
+    }
+    // Zero is zero in any unit: `--wait 0` and `settle_time = "0"` mean what they say.
+    if s.bytes().all(|b| b == b'0') {
+        return Ok(Duration::ZERO);
     }
     let mut rest = s;
     let mut total_ms: u64 = 0;
@@ -1862,6 +1866,7 @@ marker = "DONE"
             ("1h30m", Duration::from_secs(5400)),
             ("1m500ms", Duration::from_millis(60_500)),
             ("0s", Duration::ZERO),
+            ("0", Duration::ZERO),
             ("007s", Duration::from_secs(7)),
         ];
         for (text, expected) in ok {
