@@ -1201,6 +1201,42 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
                 ),
             });
         }
+        // A root inside another site's keeper-owned directories would be uploaded,
+        // released or pruned as that site's data.
+        for (other, (other_name, other_at)) in &seen {
+            let ((inner, inner_name), (outer, outer_name)) =
+                if parsed.config.root.starts_with(other) {
+                    (
+                        (parsed.config.root.as_path(), name.as_str()),
+                        (*other, *other_name),
+                    )
+                } else if other.starts_with(&parsed.config.root) {
+                    (
+                        (*other, *other_name),
+                        (parsed.config.root.as_path(), name.as_str()),
+                    )
+                } else {
+                    continue;
+                };
+            let first = inner
+                .strip_prefix(outer)
+                .ok()
+                .and_then(|rest| rest.components().next());
+            if let Some(dir) = first.filter(|c| RESERVED_NAMES.iter().any(|r| c.as_os_str() == *r))
+            {
+                let at = &parsed.root_at;
+                return Err(ConfigError::At {
+                    file: at.file.clone(),
+                    line: at.line,
+                    column: at.column,
+                    message: format!(
+                        "the root {:?} of site {inner_name:?} is inside {}/ of site {outer_name:?}, which the keeper manages (the other site is at {other_at}); give each site a root of its own",
+                        inner.display().to_string(),
+                        outer.join(dir).display()
+                    ),
+                });
+            }
+        }
         seen.insert(&parsed.config.root, (name, &parsed.root_at));
     }
     Ok(())
@@ -1819,6 +1855,27 @@ marker = "DONE"
             "[sites.{max}]\nroot = \"/x\"\n[sites.\"A-1.b_c\"]\nroot = \"/y\"\n"
         ))
         .is_ok());
+    }
+
+    #[test]
+    fn a_root_inside_another_sites_managed_directories_is_an_error() {
+        let text = "[sites.a]\nroot = \"/srv/a\"\n[sites.b]\nroot = \"/srv/a/deploy-cache/b\"\n";
+        assert_error(
+            text,
+            4,
+            8,
+            "the root \"/srv/a/deploy-cache/b\" of site \"b\" is inside /srv/a/deploy-cache/ of site \"a\", which the keeper manages (the other site is at config.toml:2:8)",
+        );
+        // The other way round (the outer site named second) too.
+        let text = "[sites.b]\nroot = \"/srv/a/shared/b\"\n[sites.a]\nroot = \"/srv/a\"\n";
+        assert_error(
+            text,
+            4,
+            8,
+            "the root \"/srv/a/shared/b\" of site \"b\" is inside /srv/a/shared/ of site \"a\"",
+        );
+        // A site beside another's managed directories is its business.
+        assert!(parse("[sites.a]\nroot = \"/srv/a\"\n[sites.b]\nroot = \"/srv/a/blog\"\n").is_ok());
     }
 
     #[test]
