@@ -698,6 +698,25 @@ fn init_owner(flag: Option<&str>) -> Result<Option<nix::unistd::User>> {
     Ok(Some(user))
 }
 
+/// Why the program of a hook's argv cannot run as it stands, when that can be told now:
+/// an absolute path that is missing, not a file, or not executable. (A bare name is looked
+/// up in the service's PATH at run time, which may differ from this shell's.)
+fn program_problem(argv: &[String]) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let program = Path::new(argv.first()?);
+    if !program.is_absolute() {
+        return None;
+    }
+    match std::fs::metadata(program) {
+        Err(e) => Some(format!("{}: {e}", program.display())),
+        Ok(m) if !m.is_file() => Some(format!("{} is not a file", program.display())),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => {
+            Some(format!("{} is not executable", program.display()))
+        }
+        Ok(_) => None,
+    }
+}
+
 /// `check-config`.
 pub fn check_config(flag: Option<&Path>) -> Result<()> {
     let cfg = load_config(flag)?;
@@ -705,6 +724,17 @@ pub fn check_config(flag: Option<&Path>) -> Result<()> {
         if !s.root.is_dir() {
             tracing::warn!(event = crate::events::SITE_WAITING, site = %s.name, root = %s.root.display(),
                 "root does not exist yet; the service will wait for it");
+        }
+        for (key, argv) in [
+            ("before_activate", &s.before_activate),
+            ("after_activate", &s.after_activate),
+            ("health_check", &s.health_check),
+        ] {
+            if let Some(why) = argv.as_deref().and_then(program_problem) {
+                tracing::warn!(event = crate::events::SITE_ERROR, site = %s.name, key,
+                    reason = %format!("{key}: {why}; every activation would fail on it"),
+                    "hook program not runnable");
+            }
         }
     }
     out(&format!(

@@ -178,6 +178,30 @@ fn check_config_missing_root_is_only_a_warning() {
     );
 }
 
+/// A hook whose program is missing or not executable would fail every activation:
+/// check-config says so (a warning: it may be installed before the first deploy).
+#[test]
+fn check_config_warns_about_a_hook_program_that_cannot_run() {
+    let site = Site::new();
+    let not_exec = site.tmp_path("health.sh");
+    fs::write(&not_exec, "#!/bin/sh\n").unwrap();
+    let cfg = site.write_config(
+        "web",
+        "",
+        &format!(
+            "before_activate = [\"/nonexistent/migrate\", \"--force\"]\nhealth_check = [\"{}\"]\nafter_activate = [\"/bin/true\"]",
+            not_exec.display()
+        ),
+    );
+    let out = cli(&cfg, &["check-config"]);
+    assert_ok(&out, "check-config with hooks that cannot run yet");
+    let all = output_text(&out);
+    for needle in ["before_activate: /nonexistent/migrate", "is not executable"] {
+        assert!(all.contains(needle), "{needle:?}; {}", show(&out));
+    }
+    assert!(!all.contains("after_activate"), "{}", show(&out));
+}
+
 /// A site whose root does not exist yet keeps the `status --json` shape of every other
 /// site (monitoring reads `.failed`, `.pinned`), and the human output says the root is
 /// missing instead of looking like an empty, healthy site.
