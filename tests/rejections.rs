@@ -387,6 +387,32 @@ fn manifest_in_flight_past_upload_timeout_is_rejected_naming_it() {
     svc.stop();
 }
 
+/// `rsync --delay-updates` puts every updated file into a `.~tmp~/` directory beside it
+/// and renames them all into place at the end: while `.~tmp~/` exists, rsync is still
+/// at work (with the marker sent in the same run, it lands first, as names starting with
+/// `.` sort first).
+#[test]
+fn rsync_delay_updates_directory_is_waited_for() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"15s\"");
+    let dc = site.deploy_cache();
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::create_dir(dc.join("assets/.~tmp~")).unwrap();
+    fs::rename(dc.join("assets/app.js"), dc.join("assets/.~tmp~/app.js")).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let waiting = svc.wait_event("upload.waiting", |v| release_of(v) == Some("v2"), WAIT);
+    assert!(
+        waiting["paths"].as_str().unwrap_or("").contains(".~tmp~"),
+        "upload.waiting names rsync's holding directory: {waiting}"
+    );
+    assert!(svc.events_for("release.rejected", "v2").is_empty());
+    fs::rename(dc.join("assets/.~tmp~/app.js"), dc.join("assets/app.js")).unwrap();
+    fs::remove_dir(dc.join("assets/.~tmp~")).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
+
 #[test]
 fn in_flight_upload_is_rejected_after_upload_timeout() {
     let site = Site::new();
