@@ -226,6 +226,14 @@ fn process_claim(
     if !site.cfg.settle_time.is_zero() {
         sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
     }
+    // The deadline for files still in flight covers the manifest too.
+    let deadline = Instant::now() + site.cfg.upload_timeout;
+    if site.cfg.require_manifest && manifest_in_flight(site)? {
+        // The manifest is a file of the upload: still arriving under a temporary name
+        // (rsync's `.SHA256SUMS.XXXXXX`, parallel sftp/WinSCP transfers), it is waited for
+        // like any other file, not taken for a missing one.
+        wait_for_uploads(site, id, None, deadline, cancel)?;
+    }
     let mut manifest = read_manifest(site, id, true)?;
     let link_from = link_source(site, journal);
 
@@ -244,7 +252,6 @@ fn process_claim(
 
     // The build stops at the first file that still looks in flight; then the upload is
     // waited for (by cheap listings, up to upload_timeout) and the build starts over.
-    let deadline = Instant::now() + site.cfg.upload_timeout;
     let mut built = loop {
         // An emptied deploy-cache/ with a marker (a build step that produced nothing) must
         // not replace the live site by an empty release.
@@ -480,6 +487,18 @@ fn wait_for_uploads(
             logged = true;
         }
         sleep_unless_cancelled(Duration::from_millis(250), cancel)?;
+    }
+}
+
+/// True when the manifest is absent from `deploy-cache/` while something there still looks
+/// in flight (it may be the manifest itself, under a temporary name).
+fn manifest_in_flight(site: &Site) -> Result<bool> {
+    let path = site.deploy_cache().join(&site.cfg.manifest);
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(!in_flight(site, None)?.is_empty())
+        }
+        _ => Ok(false),
     }
 }
 

@@ -949,6 +949,41 @@ fn sighup_reloads_config_and_rejects_bad_one() {
     svc.stop();
 }
 
+/// A reload that changes a site restarts it at once: work in progress (here an upload
+/// waiting up to `upload_timeout` for a file in flight) is undone and redone under the
+/// new config, instead of holding the reload (and `systemctl reload`, and SIGTERM) for as
+/// long as that work takes.
+#[test]
+fn sighup_changing_a_busy_site_restarts_it_at_once_and_redoes_its_upload() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "keep = 5\nupload_timeout = \"60s\"", "");
+    let mut svc = Service::start_config(&cfg);
+    let pid = nix::unistd::Pid::from_raw(svc.pid());
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let dc = site.deploy_cache();
+    fs::rename(dc.join("index.html"), dc.join("index.html.part")).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("upload.waiting", "v2");
+
+    site.write_config(SITE, "keep = 4\nupload_timeout = \"60s\"", "");
+    let sent = std::time::Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    svc.wait_event("config.reloaded", |_| true, Duration::from_secs(10));
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "the reload waited {:?} for the site's upload",
+        sent.elapsed()
+    );
+    assert!(svc.events_for("release.rejected", "v2").is_empty());
+    // The upload completes: the restarted site finishes it.
+    fs::rename(dc.join("index.html.part"), dc.join("index.html")).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
+
 #[test]
 fn failed_releases_do_not_count_toward_keep_and_keep_failed_applies() {
     let site = Site::new();

@@ -339,6 +339,80 @@ fn in_flight_upload_waits_then_proceeds() {
     svc.stop();
 }
 
+/// The manifest is a file of the upload like any other: while it is still being written
+/// under a temporary name (rsync's `.SHA256SUMS.XXXXXX`, WinSCP's `SHA256SUMS.filepart`
+/// with parallel transfers), the keeper waits for it instead of rejecting the upload as
+/// having no manifest.
+#[test]
+fn manifest_still_in_flight_is_waited_for() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"15s\"");
+    let dc = site.deploy_cache();
+    for (id, temp) in [("v2", ".SHA256SUMS.Xy12Ab"), ("v3", "SHA256SUMS.filepart")] {
+        site.stage_upload(&as_refs(&small_build(id)));
+        fs::rename(dc.join(MANIFEST), dc.join(temp)).unwrap();
+        site.drop_marker(&format!("id = \"{id}\"\n"));
+        let waiting = svc.wait_event("upload.waiting", |v| release_of(v) == Some(id), WAIT);
+        assert!(
+            waiting["paths"].as_str().unwrap_or("").contains(temp),
+            "upload.waiting names the manifest in flight: {waiting}"
+        );
+        assert!(
+            svc.events_for("release.rejected", id).is_empty(),
+            "an upload whose manifest is still in flight ({temp}) must not be rejected: {:?}",
+            svc.events_for("release.rejected", id)
+        );
+        fs::rename(dc.join(temp), dc.join(MANIFEST)).unwrap();
+        svc.wait_release_event("release.activated", id);
+        assert_eq!(site.current_id().as_deref(), Some(id));
+    }
+    svc.stop();
+}
+
+/// With `require_manifest = true`, a manifest that never arrives while a temporary name
+/// stays is rejected at `upload_timeout`, naming the file in flight.
+#[test]
+fn manifest_in_flight_past_upload_timeout_is_rejected_naming_it() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"1s\"");
+    let dc = site.deploy_cache();
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::rename(dc.join(MANIFEST), dc.join(".SHA256SUMS.Xy12Ab")).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("upload_timeout") && reason.contains(".SHA256SUMS.Xy12Ab"),
+        "the reason names the timeout and the file in flight: {reason}"
+    );
+    svc.stop();
+}
+
+/// `rsync --delay-updates` puts every updated file into a `.~tmp~/` directory beside it
+/// and renames them all into place at the end: while `.~tmp~/` exists, rsync is still
+/// at work (with the marker sent in the same run, it lands first, as names starting with
+/// `.` sort first).
+#[test]
+fn rsync_delay_updates_directory_is_waited_for() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"15s\"");
+    let dc = site.deploy_cache();
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::create_dir(dc.join("assets/.~tmp~")).unwrap();
+    fs::rename(dc.join("assets/app.js"), dc.join("assets/.~tmp~/app.js")).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let waiting = svc.wait_event("upload.waiting", |v| release_of(v) == Some("v2"), WAIT);
+    assert!(
+        waiting["paths"].as_str().unwrap_or("").contains(".~tmp~"),
+        "upload.waiting names rsync's holding directory: {waiting}"
+    );
+    assert!(svc.events_for("release.rejected", "v2").is_empty());
+    fs::rename(dc.join("assets/.~tmp~/app.js"), dc.join("assets/app.js")).unwrap();
+    fs::remove_dir(dc.join("assets/.~tmp~")).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
+
 #[test]
 fn in_flight_upload_is_rejected_after_upload_timeout() {
     let site = Site::new();

@@ -7,7 +7,6 @@ pub mod worker;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -109,7 +108,6 @@ pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
 
 async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> {
     let watcher = Watcher::new()?;
-    let cancel = Arc::new(AtomicBool::new(false));
     let mut term = signal(SignalKind::terminate()).at(Path::new("SIGTERM"))?;
     let mut int = signal(SignalKind::interrupt()).at(Path::new("SIGINT"))?;
     let mut hup = signal(SignalKind::hangup()).at(Path::new("SIGHUP"))?;
@@ -119,12 +117,7 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
     for (name, site) in sites {
         workers.insert(
             name,
-            worker::spawn(
-                site,
-                Arc::clone(&watcher),
-                Arc::clone(&cancel),
-                ready_tx.clone(),
-            ),
+            worker::spawn(site, Arc::clone(&watcher), ready_tx.clone()),
         );
     }
     // systemd's watchdog runs from the start: fed during the first pass and shutdown too.
@@ -137,13 +130,12 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
                 waiting -= 1;
                 if let Err(e) = res {
                     tracing::error!(event = crate::events::SITE_ERROR, site = %name, error = %e, "site failed to start");
-                    cancel.store(true, Ordering::Relaxed);
                     stop_all(&mut workers).await;
                     return Err(e);
                 }
             }
-            _ = term.recv() => return shutdown(&cancel, &mut workers).await,
-            _ = int.recv() => return shutdown(&cancel, &mut workers).await,
+            _ = term.recv() => return shutdown(&mut workers).await,
+            _ = int.recv() => return shutdown(&mut workers).await,
         }
     }
     tracing::info!(
@@ -161,21 +153,20 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
             _ = int.recv() => break,
             _ = hup.recv() => {
                 systemd::reloading();
-                reload(&source, &mut workers, &watcher, &cancel, &ready_tx).await;
+                reload(&source, &mut workers, &watcher, &ready_tx).await;
                 systemd::ready();
             }
             // Site failures after start are logged by their workers.
             _ = ready_rx.recv() => {}
         }
     }
-    shutdown(&cancel, &mut workers).await
+    shutdown(&mut workers).await
 }
 
 async fn reload(
     source: &Source,
     workers: &mut BTreeMap<String, worker::Handle>,
     watcher: &Arc<Watcher>,
-    cancel: &Arc<AtomicBool>,
     ready: &worker::Ready,
 ) {
     let new = match source.load() {
@@ -194,20 +185,18 @@ async fn reload(
         .filter(|(n, h)| new.get(*n).is_none_or(|s| s.cfg != h.site.cfg))
         .map(|(n, _)| n.clone())
         .collect();
+    // A changed or removed site stops at once, its work in progress undone (a claimed
+    // upload is redone by the restarted site, under the new config): waiting for it could
+    // hold the reload, READY=1 and SIGTERM for up to upload_timeout or a slow hook.
     for name in &stale {
         if let Some(h) = workers.remove(name) {
-            h.stop().await;
+            h.abort().await;
         }
         forget_status(name);
     }
     for (name, site) in new {
         if let std::collections::btree_map::Entry::Vacant(slot) = workers.entry(name) {
-            slot.insert(worker::spawn(
-                site,
-                Arc::clone(watcher),
-                Arc::clone(cancel),
-                ready.clone(),
-            ));
+            slot.insert(worker::spawn(site, Arc::clone(watcher), ready.clone()));
         }
     }
     for h in workers.values() {
@@ -243,23 +232,25 @@ fn site_names(workers: &BTreeMap<String, worker::Handle>) -> String {
     workers.keys().cloned().collect::<Vec<_>>().join(",")
 }
 
+/// Undoes every site's work in progress and waits for every worker to exit. All flags
+/// are set before the first wait, so the sites wind down together.
 async fn stop_all(workers: &mut BTreeMap<String, worker::Handle>) {
-    for (_, h) in std::mem::take(workers) {
-        h.stop().await;
+    let handles = std::mem::take(workers);
+    for h in handles.values() {
+        h.cancel();
+    }
+    for (_, h) in handles {
+        h.abort().await;
     }
 }
 
-async fn shutdown(
-    cancel: &AtomicBool,
-    workers: &mut BTreeMap<String, worker::Handle>,
-) -> Result<()> {
+async fn shutdown(workers: &mut BTreeMap<String, worker::Handle>) -> Result<()> {
     tracing::info!(
         event = events::DAEMON_STOPPING,
         site = %site_names(workers),
         "stopping: finishing or undoing in-flight work"
     );
     systemd::stopping();
-    cancel.store(true, Ordering::Relaxed);
     stop_all(workers).await;
     Ok::<(), Error>(())
 }

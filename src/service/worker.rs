@@ -116,6 +116,9 @@ pub struct Handle {
     /// The site's config, to detect changes on reload.
     pub site: Site,
     mailbox: Arc<Mailbox>,
+    /// This worker's own cancel flag: a reload restarts one site without touching the
+    /// others, and a stop undoes every site's work.
+    cancel: Arc<AtomicBool>,
     /// Completes (with an error: the sender is dropped) when the worker's thread ends.
     done: oneshot::Receiver<()>,
 }
@@ -130,6 +133,21 @@ impl Handle {
     pub async fn stop(self) {
         self.mailbox.post(|f| f.stop = true);
         let _ = self.done.await;
+    }
+
+    /// Sets the worker's cancel flag without waiting (see [`Handle::abort`]).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.mailbox.post(|f| f.stop = true);
+    }
+
+    /// Undoes the worker's work in progress (as SIGTERM does: an interrupted upload keeps
+    /// its claim and is redone by the next worker of the site), then waits until it exits.
+    /// Used on SIGTERM and for a site a reload changes or removes, so neither waits for an
+    /// upload that may take up to `upload_timeout`, or for a slow hook.
+    pub async fn abort(self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.stop().await;
     }
 }
 
@@ -147,13 +165,14 @@ enum Job {
 }
 
 /// Starts the worker of `site` on a thread of its own.
-pub fn spawn(site: Site, watcher: Arc<Watcher>, cancel: Arc<AtomicBool>, ready: Ready) -> Handle {
+pub fn spawn(site: Site, watcher: Arc<Watcher>, ready: Ready) -> Handle {
     let mailbox = Arc::new(Mailbox::default());
+    let cancel = Arc::new(AtomicBool::new(false));
     let (done_tx, done) = oneshot::channel();
     let worker = Worker {
         site: site.clone(),
         watcher,
-        cancel,
+        cancel: Arc::clone(&cancel),
         mailbox: Arc::clone(&mailbox),
     };
     let name = site.name().to_string();
@@ -176,6 +195,7 @@ pub fn spawn(site: Site, watcher: Arc<Watcher>, cancel: Arc<AtomicBool>, ready: 
     Handle {
         site,
         mailbox,
+        cancel,
         done,
     }
 }

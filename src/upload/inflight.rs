@@ -4,9 +4,17 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-/// True for rsync temp names (`.<name>.XXXXXX`), `*.filepart` (WinSCP) and `*.part`.
+/// rsync `--delay-updates` holds every updated file in this directory beside its final
+/// place and renames them all into place at the end: while it exists rsync is at work.
+pub const RSYNC_DELAY_DIR: &[u8] = b".~tmp~";
+
+/// True for rsync temp names (`.<name>.XXXXXX`), rsync's `--delay-updates` holding
+/// directory (`.~tmp~`), `*.filepart` (WinSCP) and `*.part`.
 pub fn looks_in_flight(name: &OsStr) -> bool {
     let b = name.as_bytes();
+    if b == RSYNC_DELAY_DIR {
+        return true;
+    }
     if b.ends_with(b".filepart") || b.ends_with(b".part") {
         return true;
     }
@@ -28,6 +36,7 @@ mod tests {
             ".a.zzzzzz",
             "big.iso.filepart",
             "x.part",
+            ".~tmp~",
         ] {
             assert!(looks_in_flight(OsStr::new(yes)), "{yes}");
         }
@@ -39,6 +48,8 @@ mod tests {
             ".partial",
             "part",
             ".a.b",
+            "~tmp~",
+            ".~tmp~x",
         ] {
             assert!(!looks_in_flight(OsStr::new(no)), "{no}");
         }
