@@ -41,10 +41,16 @@ fn log_hook_failure(site: &Site, id: &str, f: &HookFailure) {
         release = id,
         hook = %f.hook,
         status = %f.status,
-        stderr = %f.stderr_tail.trim_end(),
+        stderr = non_empty(f.stderr_tail.trim_end()),
         reason = %f,
         "hook failed"
     );
+}
+
+/// `s`, or nothing when it is empty: a program that printed nothing gets no `stderr`
+/// field, rather than one a monitor would show as a blank error.
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }
 
 /// Points `current` at release `id` atomically and makes sure the configured links exist.
@@ -277,7 +283,7 @@ fn check(site: &Site, env: &HookEnv) -> Option<HookFailure> {
             site = site.name(),
             release = %env.release_id,
             status = %f.status,
-            stderr = %f.stderr_tail.trim_end(),
+            stderr = non_empty(f.stderr_tail.trim_end()),
             attempts,
             reason = %f,
             "health check failed"

@@ -287,7 +287,9 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 })
-                .unwrap_or_default()
+                .filter(|s| !s.is_empty())
+                // A blank after "pinned:" reads like a value that failed to print.
+                .unwrap_or_else(|| "(none)".to_string())
         };
         let drift = match &d["drift"] {
             Value::Null => "not checked yet".to_string(),

@@ -589,3 +589,21 @@ fn rollback_to_the_current_release_succeeds_without_switching() {
         show(&out)
     );
 }
+
+/// A check that prints nothing gets no `stderr` field, rather than an empty one a monitor
+/// would show as a blank error; the field is there when it printed something (above).
+#[test]
+fn a_silent_failed_health_check_has_no_empty_stderr_field() {
+    let site = Site::new();
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 1\n",
+        "health_check = [\"/bin/false\"]",
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy(&site, "v1");
+    let ev = svc.wait_release_event("health.failed", "v1");
+    assert!(ev.get("stderr").is_none(), "{ev}");
+    assert!(!reason_of(&ev).is_empty(), "{ev}");
+    svc.stop();
+}

@@ -455,6 +455,16 @@ fn status_json_reports_site() {
         let ids: Vec<&str> = rel.iter().filter_map(|r| r["id"].as_str()).collect();
         assert_eq!(ids, ["v2", "v1"], "{v}");
     }
+    // The human form: nothing pinned or failed is said, not left blank.
+    let out = cli_when_idle(&cfg, &["status", SITE]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for key in ["pinned:", "failed:"] {
+        let line = text.lines().find(|l| l.trim_start().starts_with(key));
+        assert!(
+            line.is_some_and(|l| l.ends_with("(none)")),
+            "{key} {line:?}\n{text}"
+        );
+    }
     svc.stop();
 }
 
