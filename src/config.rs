@@ -351,6 +351,18 @@ struct Loc {
     column: usize,
 }
 
+impl Loc {
+    /// An error at this place.
+    fn error(&self, message: String) -> ConfigError {
+        ConfigError::At {
+            file: self.file.clone(),
+            line: self.line,
+            column: self.column,
+            message,
+        }
+    }
+}
+
 impl fmt::Display for Loc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
@@ -1169,15 +1181,10 @@ fn check_unique_metrics_files(sites: &BTreeMap<String, Parsed>) -> Result<(), Co
             continue;
         };
         if let Some((other, other_at)) = seen.get(file.as_path()) {
-            return Err(ConfigError::At {
-                file: at.file.clone(),
-                line: at.line,
-                column: at.column,
-                message: format!(
-                    "sites {other:?} and {name:?} have the same metrics_file {:?} (see {other_at}); give each site its own file",
-                    file.display().to_string()
-                ),
-            });
+            return Err(at.error(format!(
+                "sites {other:?} and {name:?} have the same metrics_file {:?} (see {other_at}); give each site its own file",
+                file.display().to_string()
+            )));
         }
         seen.insert(file, (name, at));
     }
@@ -1191,15 +1198,10 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
     for (name, parsed) in in_order {
         if let Some((other, other_at)) = seen.get(parsed.config.root.as_path()) {
             let at = &parsed.root_at;
-            return Err(ConfigError::At {
-                file: at.file.clone(),
-                line: at.line,
-                column: at.column,
-                message: format!(
-                    "sites {other:?} and {name:?} have the same root {:?} (see {other_at}); each site needs its own root",
-                    parsed.config.root.display().to_string()
-                ),
-            });
+            return Err(at.error(format!(
+                "sites {other:?} and {name:?} have the same root {:?} (see {other_at}); each site needs its own root",
+                parsed.config.root.display().to_string()
+            )));
         }
         // A root inside another site's keeper-owned directories would be uploaded,
         // released or pruned as that site's data.
@@ -1225,16 +1227,11 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
             if let Some(dir) = first.filter(|c| RESERVED_NAMES.iter().any(|r| c.as_os_str() == *r))
             {
                 let at = &parsed.root_at;
-                return Err(ConfigError::At {
-                    file: at.file.clone(),
-                    line: at.line,
-                    column: at.column,
-                    message: format!(
-                        "the root {:?} of site {inner_name:?} is inside {}/ of site {outer_name:?}, which the keeper manages (the other site is at {other_at}); give each site a root of its own",
-                        inner.display().to_string(),
-                        outer.join(dir).display()
-                    ),
-                });
+                return Err(at.error(format!(
+                    "the root {:?} of site {inner_name:?} is inside {}/ of site {outer_name:?}, which the keeper manages (the other site is at {other_at}); give each site a root of its own",
+                    inner.display().to_string(),
+                    outer.join(dir).display()
+                )));
             }
         }
         seen.insert(&parsed.config.root, (name, &parsed.root_at));
