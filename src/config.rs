@@ -214,7 +214,18 @@ fn resolve_path_from(flag: Option<&Path>, env: Option<OsString>) -> PathBuf {
 
 /// Loads the config file plus every `*.toml` in `sites.d/` beside it (sorted by name; each file is one site named after the file stem; its keys are the site keys directly, no [sites.x] header).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = read_text(path)?;
+    let text = read_text(path).map_err(|e| match e {
+        // The first thing a new user meets after `run --root`: say how a config is found.
+        ConfigError::Io { file, source } if source.kind() == io::ErrorKind::NotFound => {
+            ConfigError::Invalid {
+                file,
+                message: "no such config file (name one with --config FILE or \
+                          RELEASE_KEEPER_CONFIG; `run --root DIR` serves one site without one)"
+                    .to_owned(),
+            }
+        }
+        other => other,
+    })?;
     let main = parse_main_doc(&text, path)?;
     let mut sites = main.sites;
     let dir = match path.parent() {
@@ -2017,8 +2028,11 @@ marker = "DONE"
         assert!(load(&main).expect("load").sites.is_empty());
         let missing = dir.path().join("nope.toml");
         match load(&missing) {
-            Err(ConfigError::Io { file, .. }) => assert_eq!(file, missing),
-            other => panic!("expected Io, got {other:?}"),
+            Err(ConfigError::Invalid { file, message }) => {
+                assert_eq!(file, missing);
+                assert!(message.contains("no such config file"), "{message}");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
         }
     }
 

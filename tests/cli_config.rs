@@ -937,3 +937,22 @@ fn lifetime_lock_is_taken_again_after_the_root_is_recreated() {
     first.wait_release_event("release.activated", "v1");
     first.stop();
 }
+
+/// After the README's `run --root`, the next command a new user types has no config:
+/// the error says which file was looked for and how to name one.
+#[test]
+fn a_missing_config_file_says_how_to_name_one() {
+    let site = Site::new();
+    let missing = site.tmp_path("nope.toml");
+    let out = cli(&missing, &["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(missing.to_str().unwrap())
+            && err.contains("no such config file")
+            && err.contains("--config")
+            && err.contains("RELEASE_KEEPER_CONFIG"),
+        "{}",
+        show(&out)
+    );
+}
