@@ -861,12 +861,14 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
 #[test]
 fn os_error_is_named_once_in_the_error_message() {
     let site = Site::new();
-    let missing = site.tmp_path("no-such-config.toml");
-    let out = cli(&missing, &["check-config"]);
+    // A directory where the file should be: EISDIR (a missing file has its own message).
+    let dir = site.tmp_path("config-dir.toml");
+    fs::create_dir(&dir).unwrap();
+    let out = cli(&dir, &["check-config"]);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
-        err.matches("os error 2").count(),
+        err.matches("os error 21").count(),
         1,
         "the cause is printed once, not repeated after itself; stderr: {err:?}"
     );
