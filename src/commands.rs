@@ -303,7 +303,11 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
                         v["checked"].as_str().unwrap_or("")
                     )
                 } else {
-                    format!("{n} paths in {}", v["release"].as_str().unwrap_or(""))
+                    format!(
+                        "{n} {} in {}",
+                        if n == 1 { "path" } else { "paths" },
+                        v["release"].as_str().unwrap_or("")
+                    )
                 }
             }
         };

@@ -113,7 +113,8 @@ pub struct SiteConfig {
     pub heal_interval: Duration,
     /// Period of re-hashing the current release (greater than zero).
     pub verify_interval: Duration,
-    /// Maximum number of files in an upload; `None` means no limit.
+    /// Maximum number of entries (files, directories, symlinks) in an upload; `None`
+    /// means no limit.
     pub max_files: Option<u64>,
     /// Maximum total bytes of an upload; `None` means no limit.
     pub max_bytes: Option<u64>,

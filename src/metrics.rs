@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::fsops;
@@ -29,15 +30,18 @@ pub const STATES: [&str; 5] = ["current", "previous", "good", "staged", "failed"
 
 /// Rewrites the site's metrics file, if it has one, from `journal` (the site's, current).
 /// Failures are logged (once per distinct error, not at every pass) and never fail the
-/// job. A file that would get the same content is left alone, so an idle service does not
-/// rewrite (and sync) it at every healing pass.
+/// job. A file that would get the same content is left alone for half a `heal_interval`, so
+/// a burst of passes does not rewrite (and sync) it each time; past that it is renewed even
+/// unchanged, since its mtime is how monitoring tells a live keeper from a dead or stuck
+/// one (README: `node_textfile_mtime_seconds`), and an idle keeper's only jobs are the
+/// periodic healing passes, `heal_interval` apart.
 pub fn update(site: &Site, journal: Result<&Journal>) {
     let Some(path) = site.cfg.metrics_file.as_deref() else {
         return;
     };
     let result = journal
         .and_then(|j| render(site, j))
-        .and_then(|text| write_if_changed(path, text));
+        .and_then(|text| write_if_changed(path, text, site.cfg.heal_interval / 2));
     static LAST_ERROR: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
     let Ok(mut last) = LAST_ERROR.get_or_init(Default::default).lock() else {
         return;
@@ -67,20 +71,22 @@ fn identity(path: &Path) -> Option<Written> {
 }
 
 /// Writes `text` to `path` atomically, unless this process last wrote exactly `text`
-/// there and the file is still the one it wrote (not deleted, replaced or edited since).
-fn write_if_changed(path: &Path, text: String) -> Result<()> {
-    static WRITTEN: OnceLock<Mutex<HashMap<PathBuf, (String, Written)>>> = OnceLock::new();
+/// there less than `renew_after` ago and the file is still the one it wrote (not deleted,
+/// replaced or edited since).
+fn write_if_changed(path: &Path, text: String, renew_after: Duration) -> Result<()> {
+    type Last = (String, Written, Instant);
+    static WRITTEN: OnceLock<Mutex<HashMap<PathBuf, Last>>> = OnceLock::new();
     let written = WRITTEN.get_or_init(Default::default);
     if let Ok(w) = written.lock() {
-        if let Some((last, id)) = w.get(path) {
-            if *last == text && identity(path).as_ref() == Some(id) {
+        if let Some((last, id, at)) = w.get(path) {
+            if *last == text && at.elapsed() < renew_after && identity(path).as_ref() == Some(id) {
                 return Ok(());
             }
         }
     }
     fsops::write_atomic(path, text.as_bytes())?;
     if let (Ok(mut w), Some(id)) = (written.lock(), identity(path)) {
-        w.insert(path.to_path_buf(), (text, id));
+        w.insert(path.to_path_buf(), (text, id, Instant::now()));
     }
     Ok(())
 }

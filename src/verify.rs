@@ -84,6 +84,10 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
                 ));
                 continue;
             }
+            // Everything that changed about this one path goes on one line: drift is
+            // counted in paths (`count`, `status`, `release_keeper_drift_paths`), and a
+            // file edited in place usually changed its size and its mode at once.
+            let mut changes = Vec::new();
             match kind {
                 Kind::Dir => {
                     stack.push(rel.clone());
@@ -101,31 +105,22 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
                 }
                 Kind::File => {
                     if meta.len() != w.size {
-                        drift.push(format!(
-                            "{}: size changed ({} -> {})",
-                            rel.display(),
-                            w.size,
-                            meta.len()
-                        ));
+                        changes.push(format!("size changed ({} -> {})", w.size, meta.len()));
                     } else {
                         match File::open(&path).and_then(|mut f| hash_reader(&mut f)) {
                             Ok((d, _)) if Some(d) == w.hash => {}
-                            Ok(_) => drift.push(format!("{}: content changed", rel.display())),
-                            Err(e) => {
-                                drift.push(format!("{}: cannot be read ({e})", rel.display()))
-                            }
+                            Ok(_) => changes.push("content changed".to_string()),
+                            Err(e) => changes.push(format!("cannot be read ({e})")),
                         }
                     }
                 }
             }
             let mode = meta.permissions().mode() & 0o7777;
             if mode != w.mode {
-                drift.push(format!(
-                    "{}: mode changed ({:04o} -> {:04o})",
-                    rel.display(),
-                    w.mode,
-                    mode
-                ));
+                changes.push(format!("mode changed ({:04o} -> {:04o})", w.mode, mode));
+            }
+            if !changes.is_empty() {
+                drift.push(format!("{}: {}", rel.display(), changes.join(", ")));
             }
         }
     }

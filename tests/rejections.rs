@@ -206,6 +206,31 @@ fn invalid_release_id_is_rejected() {
     svc.stop();
 }
 
+/// `max_files` bounds every entry of the upload (files, directories, symlinks; the manifest
+/// too), so a tree of empty directories cannot get around it. The reason must say so: "more
+/// than max_files = 4 files" for an upload of exactly 4 files sends the operator looking
+/// for a fifth file that does not exist.
+#[test]
+fn max_files_rejection_says_it_counts_entries() {
+    let site = Site::new();
+    // v1: index.html, assets/, assets/app.js, SHA256SUMS: four entries.
+    let (_cfg, mut svc) = start_with_v1(&site, "max_files = 4");
+    let mut build = small_build("v2");
+    build.push(("robots.txt".to_string(), b"User-agent: *\n".to_vec()));
+    // Four regular files (with SHA256SUMS) and one directory.
+    site.deploy(&as_refs(&build), "id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("max_files = 4") && reason.contains("entries"),
+        "reason must say max_files counts entries, not only files: {reason:?}"
+    );
+    assert!(
+        reason.contains("directories"),
+        "reason must say directories count: {reason:?}"
+    );
+    svc.stop();
+}
+
 #[test]
 fn absolute_symlink_is_rejected() {
     let site = Site::new();

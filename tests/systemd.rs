@@ -616,6 +616,39 @@ fn metrics_file_follows_the_journal_and_survives_restarts() {
     k.stop();
 }
 
+/// README's `ReleaseKeeperMetricsStale` alert (`time() - node_textfile_mtime_seconds > 600`)
+/// tells a stopped or stuck keeper by the file's age, and the README promises a rewrite at
+/// every healing pass, at least every `heal_interval`: an idle keeper with nothing new to
+/// say must still renew the file, or the alert fires on a healthy one.
+#[test]
+fn metrics_file_is_renewed_by_idle_healing_passes() {
+    let site = Site::new();
+    let prom = site.tmp_path("release-keeper-web.prom");
+    let cfg = site.write_config(
+        "web",
+        "heal_interval = \"1s\"",
+        &format!("metrics_file = \"{}\"", prom.display()),
+    );
+    let mut k = Keeper::start(site.tmp.path(), &["--config", cfg.to_str().unwrap(), "run"]);
+    k.wait_line(None, |l| is(l, "READY=1"), "READY=1");
+    let mtime = || fs::metadata(&prom).and_then(|m| m.modified()).ok();
+    let first = mtime().expect("metrics written after the first pass");
+    let text = fs::read_to_string(&prom).unwrap();
+    // Nothing happens on the site: only the periodic healing passes run.
+    wait_until(
+        Duration::from_secs(10),
+        || mtime().is_some_and(|t| t > first),
+        || {
+            format!(
+                "metrics file not rewritten by idle healing passes (heal_interval 1s); log:\n{}",
+                k.log_text()
+            )
+        },
+    );
+    assert_eq!(fs::read_to_string(&prom).unwrap(), text, "same content");
+    k.stop();
+}
+
 fn common_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

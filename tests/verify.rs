@@ -167,6 +167,44 @@ fn every_drifted_path_is_listed_and_ids_and_all_are_honoured() {
     );
 }
 
+/// README and SPEC speak of drifted *paths* (`drift.detected` `paths` and `count`,
+/// `status`'s "N paths", `release_keeper_drift_paths`): a file edited in place (new size,
+/// write bit added) is one path, listed once with everything that changed about it, not
+/// one line and one count per difference.
+#[test]
+fn a_file_changed_in_several_ways_is_one_drifted_path() {
+    let (site, cfg) = site_with_releases("");
+    let f = site.release("v2").join("index.html");
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&f, b"<h1>edited in place, longer</h1>\n").unwrap();
+
+    let out = cli(&cfg, &["--log-format", "json", "verify", SITE, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("verify --json");
+    let drift = v["releases"][0]["drift"]
+        .as_array()
+        .expect("drift list")
+        .clone();
+    assert_eq!(drift.len(), 1, "one line for index.html: {drift:?}");
+    let line = drift[0].as_str().unwrap_or_default();
+    assert!(
+        line.starts_with("index.html: ") && line.contains("size") && line.contains("mode"),
+        "the line names the path and both changes: {line:?}"
+    );
+    let ev = stderr_events(&out)
+        .into_iter()
+        .find(|e| e["event"] == "drift.detected")
+        .unwrap_or_else(|| panic!("drift.detected; {}", show(&out)));
+    assert_eq!(ev["count"], 1, "{ev}");
+
+    let out = cli(&cfg, &["status", SITE]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("drift:    1 path in v2"),
+        "status counts paths: {text}"
+    );
+}
+
 #[test]
 fn service_reverifies_current_and_status_shows_drift() {
     let site = Site::new();

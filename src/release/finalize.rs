@@ -782,8 +782,12 @@ fn check_limits(
     bytes: u64,
 ) -> Result<()> {
     if let Some(m) = max_files.filter(|&m| files > m) {
+        // `files` counts every entry, not only regular files (a tree of empty directories
+        // must not get around the limit): the reason says so, or an operator looks for
+        // files the upload does not have.
         return Err(Error::Rejected(format!(
-            "upload has more than max_files = {m} files"
+            "upload has more than max_files = {m} entries (files, directories and symlinks, \
+             the manifest included)"
         )));
     }
     if let Some(m) = max_bytes.filter(|&m| bytes > m) {
