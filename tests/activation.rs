@@ -607,3 +607,70 @@ fn a_silent_failed_health_check_has_no_empty_stderr_field() {
     assert!(!reason_of(&ev).is_empty(), "{ev}");
     svc.stop();
 }
+
+/// A hook whose descendant leaves the process group (`setsid`, as daemon launchers do) and
+/// keeps the hook's stdout/stderr open must not hold the keeper past `hook_timeout`: the
+/// hook is over when it exits (or is killed at the limit), not when every copy of its
+/// output pipes is closed. Before the fix the keeper waited for the detached process.
+#[test]
+fn a_detached_descendant_holding_the_hook_output_does_not_stall_activation() {
+    let site = Site::new();
+    let pids = site.tmp_path("detached.pids");
+    // Each hook starts a detached `sleep 30` that inherits stdout/stderr, then exits 0
+    // (after_activate) or hangs until the limit (before_activate of "slow").
+    let detach = format!(
+        "setsid sh -c 'echo $$ >> {}; exec sleep 30' & sleep 0.3",
+        pids.display()
+    );
+    let after = script(&site.tmp_path(""), "after.sh", &detach);
+    let before = script(
+        &site.tmp_path(""),
+        "before.sh",
+        &format!("[ \"$RELEASE_ID\" = slow ] || exit 0; {detach}; sleep 60"),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "hook_timeout = \"2s\"\n",
+        &format!(
+            "after_activate = [\"{}\"]\nbefore_activate = [\"{}\"]",
+            after.display(),
+            before.display()
+        ),
+    );
+    // Kills the detached sleeps however the test ends.
+    struct Reap(PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for pid in fs::read_to_string(&self.0).unwrap_or_default().lines() {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    let _reap = Reap(pids.clone());
+    let mut svc = Service::start_config(&cfg);
+    let t0 = std::time::Instant::now();
+    deploy(&site, "v1");
+    let ev = svc.wait_release_event("release.activated", "v1");
+    let took = t0.elapsed();
+    deploy(&site, "slow");
+    let hf = svc.wait_release_event("hook.failed", "slow");
+    let took_slow = t0.elapsed() - took;
+    svc.stop();
+    assert!(
+        took < Duration::from_secs(10),
+        "after_activate exited at once but activation took {took:?}: {ev}"
+    );
+    assert!(
+        hf["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("timed out after 2s"),
+        "{hf}"
+    );
+    assert!(
+        took_slow < Duration::from_secs(12),
+        "a hook killed at hook_timeout = 2s held the keeper {took_slow:?}: {hf}"
+    );
+}
