@@ -174,6 +174,14 @@ fn existing_id_rejected_unless_identical() {
         1,
         "the no-op must not re-activate v1"
     );
+    // The no-op is logged: a `release.finalized` of v1 marked unchanged.
+    assert!(
+        svc.events_for("release.finalized", "v1")
+            .iter()
+            .any(|e| e["unchanged"] == true),
+        "the identical re-upload of v1 must be logged as unchanged; log:\n{}",
+        svc.log_text()
+    );
     assert_eq!(site.release_ids(), ["v1", "v2"]);
     assert_eq!(tree(&site.release("v1"), &[]), v1_before, "v1 altered");
     svc.stop();
