@@ -762,3 +762,33 @@ fn hooks_run_in_spec_order_and_health_retries_are_spaced() {
     }
     assert_eq!(site.current_id().as_deref(), Some("v1"));
 }
+
+/// "A failed release is never chosen ... by healing": with `auto_rollback = false` a
+/// failed release stays current, yet when `current` is deleted healing points it at the
+/// last activated *good* release, not at the failed one activated after it.
+#[test]
+fn healing_never_points_current_at_a_failed_release() {
+    let site = Site::new();
+    let cfg = health_config(&site, "auto_rollback = false\n");
+    let mut svc = Service::start_config(&cfg);
+    deploy_in_turn(&site, &svc, &["v1"]);
+    deploy(&site, "bad1");
+    svc.wait_release_event("health.failed", "bad1");
+    wait_until(
+        WAIT,
+        || site.current_id().as_deref() == Some("bad1"),
+        || "bad1 stays current".into(),
+    );
+    fs::remove_file(site.current_path()).unwrap();
+    wait_until(
+        WAIT,
+        || site.current_target().is_some(),
+        || "current to be healed".into(),
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "healing chose a failed release"
+    );
+    svc.stop();
+}
