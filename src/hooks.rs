@@ -7,7 +7,6 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -54,24 +53,69 @@ impl std::fmt::Display for HookFailure {
     }
 }
 
-fn tail_reader(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut tail: Vec<u8> = Vec::new();
+/// The end of one of the hook's output pipes. The pipe is non-blocking and drained from
+/// the waiting loop, not by a thread reading to EOF: a descendant that left the process
+/// group (`setsid`, a daemon launcher) keeps its copy of the pipe open after the hook
+/// exits or is killed, and waiting for EOF would hold the keeper (and the site's lock)
+/// for as long as that process lives, far past `hook_timeout`.
+struct Tail {
+    pipe: Option<std::fs::File>,
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    fn new(pipe: Option<std::os::fd::OwnedFd>) -> Tail {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let pipe = pipe.and_then(|fd| {
+            // A pipe that cannot be made non-blocking is dropped (its output is lost, the
+            // hook then gets EPIPE) rather than risking a read that never returns.
+            fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .ok()
+                .map(|_| std::fs::File::from(fd))
+        });
+        Tail {
+            pipe,
+            bytes: Vec::new(),
+        }
+    }
+
+    /// Reads what the pipe holds now, keeping the last `TAIL_BYTES`.
+    fn drain(&mut self) {
+        let Some(pipe) = self.pipe.as_mut() else {
+            return;
+        };
         let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            tail.extend_from_slice(&buf[..n]);
-            if tail.len() > TAIL_BYTES * 2 {
-                tail.drain(..tail.len() - TAIL_BYTES);
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => {
+                    self.pipe = None;
+                    break;
+                }
+                Ok(n) => {
+                    self.bytes.extend_from_slice(&buf[..n]);
+                    if self.bytes.len() > TAIL_BYTES * 2 {
+                        self.bytes.drain(..self.bytes.len() - TAIL_BYTES);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.pipe = None;
+                    break;
+                }
             }
         }
-        if tail.len() > TAIL_BYTES {
-            tail.drain(..tail.len() - TAIL_BYTES);
+    }
+
+    /// What was read, as text; closes the pipe (a detached writer gets EPIPE from now on).
+    fn finish(mut self) -> String {
+        self.drain();
+        self.pipe = None;
+        if self.bytes.len() > TAIL_BYTES {
+            self.bytes.drain(..self.bytes.len() - TAIL_BYTES);
         }
-        tail
-    })
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
 }
 
 fn status_text(st: ExitStatus) -> String {
@@ -148,11 +192,14 @@ pub fn run(
     let mut child: Child = cmd
         .spawn()
         .map_err(|e| fail(format!("cannot start {program:?}: {e}"), String::new()))?;
-    let out = child.stdout.take().map(tail_reader);
-    let err = child.stderr.take().map(tail_reader);
+    let mut out = Tail::new(child.stdout.take().map(std::os::fd::OwnedFd::from));
+    let mut err = Tail::new(child.stderr.take().map(std::os::fd::OwnedFd::from));
     let pgid = Pid::from_raw(child.id() as i32);
     let deadline = Instant::now() + timeout;
     let status = loop {
+        // Drained while the hook runs so a chatty hook never blocks on a full pipe.
+        out.drain();
+        err.drain();
         match child.try_wait() {
             Ok(Some(st)) => break Ok(st),
             Ok(None) if Instant::now() >= deadline => {
@@ -169,13 +216,10 @@ pub fn run(
     };
     // Whatever the leader did, stray members of its group must not outlive the hook.
     let _ = killpg(pgid, Signal::SIGKILL);
-    let collect = |h: Option<JoinHandle<Vec<u8>>>| {
-        h.and_then(|h| h.join().ok())
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default()
-    };
-    let stdout = collect(out);
-    let stderr = collect(err);
+    // The hook has ended: what it wrote is in the pipes now. A detached descendant may
+    // still hold them open; its later output is not the hook's and is not waited for.
+    let stdout = out.finish();
+    let stderr = err.finish();
     let tail = if stderr.trim().is_empty() {
         stdout.clone()
     } else {
@@ -284,5 +328,48 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(1500));
         assert!(!marker.exists(), "a child of the hook outlived the timeout");
+    }
+
+    #[test]
+    fn a_detached_descendant_holding_the_pipes_is_not_waited_for() {
+        let d = tempfile::tempdir().unwrap();
+        let pid = d.path().join("pid");
+        let script = format!(
+            "echo visible; setsid sh -c 'echo $$ > {}; exec sleep 20' & sleep 0.2",
+            pid.display()
+        );
+        let t0 = Instant::now();
+        let r = run("t", &sh(&script), &env(d.path()), Duration::from_secs(10));
+        let took = t0.elapsed();
+        if let Ok(p) = std::fs::read_to_string(&pid) {
+            if let Ok(p) = p.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+        }
+        r.unwrap();
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+
+        // Killed at the limit: the failure still carries what the hook wrote.
+        let script = format!(
+            "echo before-hang >&2; setsid sh -c 'echo $$ > {}; exec sleep 20' & sleep 30",
+            pid.display()
+        );
+        let t0 = Instant::now();
+        let f = run(
+            "t",
+            &sh(&script),
+            &env(d.path()),
+            Duration::from_millis(500),
+        );
+        let took = t0.elapsed();
+        if let Ok(p) = std::fs::read_to_string(&pid) {
+            if let Ok(p) = p.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+        }
+        let f = f.unwrap_err();
+        assert!(f.status.starts_with("timed out"), "{}", f.status);
+        assert_eq!(f.stderr_tail.trim(), "before-hang");
+        assert!(took < Duration::from_secs(5), "took {took:?}");
     }
 }

@@ -193,8 +193,16 @@ fn hex_path(p: &Path) -> String {
 }
 
 /// Extracts `<id>` from a `current` target `releases/<id>` (or its absolute equivalent, or
-/// `./releases/<id>/` as a hand-made link may spell it).
+/// `./releases/<id>/` as a hand-made link may spell it). A target spelled any other way
+/// (`releases/../releases/<id>`, an absolute path through another name of the root: a
+/// symlinked `/srv`, a `pwd -P` path) is resolved as the kernel would; it names `<id>`
+/// when it lands on an entry of `releases/`, so healing keeps an operator's manual switch
+/// instead of taking it for a link outside `releases/`.
 pub fn release_id_of_target(target: &Path, root: &Path) -> Option<String> {
+    lexical_release_id(target, root).or_else(|| resolved_release_id(target, root))
+}
+
+fn lexical_release_id(target: &Path, root: &Path) -> Option<String> {
     let rel = if target.is_absolute() {
         target.strip_prefix(root).ok()?
     } else {
@@ -209,5 +217,17 @@ pub fn release_id_of_target(target: &Path, root: &Path) -> Option<String> {
         return None;
     }
     let id = second.as_os_str().to_str()?;
+    crate::upload::marker::valid_id(id).then(|| id.to_string())
+}
+
+/// `<id>` when `target`, followed from `root` (symlinks and `..` resolved), is the
+/// directory `releases/<id>` itself. A dangling target resolves to nothing: `None`.
+fn resolved_release_id(target: &Path, root: &Path) -> Option<String> {
+    let resolved = std::fs::canonicalize(root.join(target)).ok()?;
+    let releases = std::fs::canonicalize(root.join("releases")).ok()?;
+    if resolved.parent()? != releases {
+        return None;
+    }
+    let id = resolved.file_name()?.to_str()?;
     crate::upload::marker::valid_id(id).then(|| id.to_string())
 }

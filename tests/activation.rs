@@ -607,3 +607,188 @@ fn a_silent_failed_health_check_has_no_empty_stderr_field() {
     assert!(!reason_of(&ev).is_empty(), "{ev}");
     svc.stop();
 }
+
+/// A hook whose descendant leaves the process group (`setsid`, as daemon launchers do) and
+/// keeps the hook's stdout/stderr open must not hold the keeper past `hook_timeout`: the
+/// hook is over when it exits (or is killed at the limit), not when every copy of its
+/// output pipes is closed. Before the fix the keeper waited for the detached process.
+#[test]
+fn a_detached_descendant_holding_the_hook_output_does_not_stall_activation() {
+    let site = Site::new();
+    let pids = site.tmp_path("detached.pids");
+    // Each hook starts a detached `sleep 30` that inherits stdout/stderr, then exits 0
+    // (after_activate) or hangs until the limit (before_activate of "slow").
+    let detach = format!(
+        "setsid sh -c 'echo $$ >> {}; exec sleep 30' & sleep 0.3",
+        pids.display()
+    );
+    let after = script(&site.tmp_path(""), "after.sh", &detach);
+    let before = script(
+        &site.tmp_path(""),
+        "before.sh",
+        &format!("[ \"$RELEASE_ID\" = slow ] || exit 0; {detach}; sleep 60"),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "hook_timeout = \"2s\"\n",
+        &format!(
+            "after_activate = [\"{}\"]\nbefore_activate = [\"{}\"]",
+            after.display(),
+            before.display()
+        ),
+    );
+    // Kills the detached sleeps however the test ends.
+    struct Reap(PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for pid in fs::read_to_string(&self.0).unwrap_or_default().lines() {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    let _reap = Reap(pids.clone());
+    let mut svc = Service::start_config(&cfg);
+    let t0 = std::time::Instant::now();
+    deploy(&site, "v1");
+    let ev = svc.wait_release_event("release.activated", "v1");
+    let took = t0.elapsed();
+    deploy(&site, "slow");
+    let hf = svc.wait_release_event("hook.failed", "slow");
+    let took_slow = t0.elapsed() - took;
+    svc.stop();
+    assert!(
+        took < Duration::from_secs(10),
+        "after_activate exited at once but activation took {took:?}: {ev}"
+    );
+    assert!(
+        hf["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("timed out after 2s"),
+        "{hf}"
+    );
+    assert!(
+        took_slow < Duration::from_secs(12),
+        "a hook killed at hook_timeout = 2s held the keeper {took_slow:?}: {hf}"
+    );
+}
+
+/// The order SPEC gives: `before_activate` sees the old `current`, then the swap, then
+/// `after_activate` and the health check see the new one; the health check makes
+/// `health_retries` attempts in all, `health_interval` apart, before the rollback. The
+/// first release of a site has no previous one: `PREVIOUS_RELEASE_ID` is set and empty
+/// (so `set -u` scripts can use it).
+#[test]
+fn hooks_run_in_spec_order_and_health_retries_are_spaced() {
+    let site = Site::new();
+    let log = site.tmp_path("order.log");
+    let hook = script(
+        &site.tmp_path(""),
+        "hook.sh",
+        &format!(
+            "set -u\nprintf '%s %s %s %s %s\\n' \"$1\" \"$RELEASE_ID\" \"$(readlink \"$SITE_ROOT/current\" || echo none)\" \"${{PREVIOUS_RELEASE_ID-UNSET}}:\" \"$(date +%s%N)\" >> {}\n\
+             [ \"$1\" = health ] && [ \"$RELEASE_ID\" = bad ] && exit 1\nexit 0",
+            log.display()
+        ),
+    );
+    let h = hook.display();
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 3\nhealth_interval = \"700ms\"\n",
+        &format!(
+            "before_activate = [\"{h}\", \"before\"]\nafter_activate = [\"{h}\", \"after\"]\nhealth_check = [\"{h}\", \"health\"]"
+        ),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy_in_turn(&site, &svc, &["v1"]);
+    deploy(&site, "bad");
+    svc.wait_release_event("release.rolled_back", "bad");
+    svc.stop();
+    let text = fs::read_to_string(&log).unwrap();
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    let of = |id: &str| -> Vec<(String, String, String, u128)> {
+        rows.iter()
+            .filter(|r| r[1] == id)
+            .map(|r| {
+                (
+                    r[0].to_string(),
+                    r[2].to_string(),
+                    r[3].to_string(),
+                    r[4].parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let v1 = of("v1");
+    let phases: Vec<(&str, &str, &str)> = v1
+        .iter()
+        .take(3)
+        .map(|(p, c, prev, _)| (p.as_str(), c.as_str(), prev.as_str()))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("before", "none", ":"),
+            ("after", "releases/v1", ":"),
+            ("health", "releases/v1", ":")
+        ],
+        "first release: before_activate while there is no current yet, PREVIOUS_RELEASE_ID set and empty; log:\n{text}"
+    );
+    let bad = of("bad");
+    let phases: Vec<(&str, &str, &str)> = bad
+        .iter()
+        .take(5)
+        .map(|(p, c, prev, _)| (p.as_str(), c.as_str(), prev.as_str()))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("before", "releases/v1", "v1:"),
+            ("after", "releases/bad", "v1:"),
+            ("health", "releases/bad", "v1:"),
+            ("health", "releases/bad", "v1:"),
+            ("health", "releases/bad", "v1:"),
+        ],
+        "before_activate -> swap -> after_activate -> health_check x health_retries; log:\n{text}"
+    );
+    for w in bad[2..5].windows(2) {
+        let gap_ms = (w[1].3 - w[0].3) / 1_000_000;
+        assert!(
+            (650..3000).contains(&gap_ms),
+            "health attempts are health_interval = 700ms apart, were {gap_ms} ms; log:\n{text}"
+        );
+    }
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+}
+
+/// "A failed release is never chosen ... by healing": with `auto_rollback = false` a
+/// failed release stays current, yet when `current` is deleted healing points it at the
+/// last activated *good* release, not at the failed one activated after it.
+#[test]
+fn healing_never_points_current_at_a_failed_release() {
+    let site = Site::new();
+    let cfg = health_config(&site, "auto_rollback = false\n");
+    let mut svc = Service::start_config(&cfg);
+    deploy_in_turn(&site, &svc, &["v1"]);
+    deploy(&site, "bad1");
+    svc.wait_release_event("health.failed", "bad1");
+    wait_until(
+        WAIT,
+        || site.current_id().as_deref() == Some("bad1"),
+        || "bad1 stays current".into(),
+    );
+    fs::remove_file(site.current_path()).unwrap();
+    wait_until(
+        WAIT,
+        || site.current_target().is_some(),
+        || "current to be healed".into(),
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "healing chose a failed release"
+    );
+    svc.stop();
+}

@@ -196,7 +196,18 @@ fn absolute_current_to_a_good_release_is_made_relative_not_switched() {
     deploy_and_activate(&site, &svc, "v2");
     let abs_v1 = site.release("v1").display().to_string();
     let dotted_v2 = "./releases/v2/".to_string();
-    for (target, id) in [(abs_v1.as_str(), "v1"), (dotted_v2.as_str(), "v2")] {
+    // The same releases reached through another name of the root (a symlinked /srv, a
+    // `pwd -P` path) or through `..`: still inside releases/, still the operator's choice.
+    let alias = site.tmp_path("alias");
+    symlink(&site.root, &alias).unwrap();
+    let alias_v1 = alias.join("releases/v1").display().to_string();
+    let climbing_v2 = "releases/../releases/v2".to_string();
+    for (target, id) in [
+        (abs_v1.as_str(), "v1"),
+        (dotted_v2.as_str(), "v2"),
+        (alias_v1.as_str(), "v1"),
+        (climbing_v2.as_str(), "v2"),
+    ] {
         force_symlink(&site.current_path(), target);
         wait_until(
             WAIT,

@@ -174,6 +174,14 @@ fn existing_id_rejected_unless_identical() {
         1,
         "the no-op must not re-activate v1"
     );
+    // The no-op is logged: a `release.finalized` of v1 marked unchanged.
+    assert!(
+        svc.events_for("release.finalized", "v1")
+            .iter()
+            .any(|e| e["unchanged"] == true),
+        "the identical re-upload of v1 must be logged as unchanged; log:\n{}",
+        svc.log_text()
+    );
     assert_eq!(site.release_ids(), ["v1", "v2"]);
     assert_eq!(tree(&site.release("v1"), &[]), v1_before, "v1 altered");
     svc.stop();
@@ -1279,4 +1287,43 @@ fn a_nested_link_that_dangles_is_reported_with_where_it_points() {
         "the link written from its own directory resolves: no warning"
     );
     svc.stop();
+}
+
+/// Without an id the release is named by UTC time `YYYYMMDDTHHMMSSZ`, then `-2`, `-3` for
+/// more uploads in the same second. Three `finalize` runs inside one second (as measured
+/// by `date -u` around them; retried when they straddle a second) must give exactly
+/// `T`, `T-2`, `T-3`.
+#[test]
+fn generated_ids_are_utc_time_then_suffixed_2_and_3_in_the_same_second() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&small_build("t")));
+    let utc_now = || {
+        let out = sh(&site.root, "date -u +%Y%m%dT%H%M%SZ");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for _round in 0..5 {
+        let before_ids = site.release_ids();
+        let t0 = utc_now();
+        for _ in 0..3 {
+            let out = cli(&cfg, &["finalize", SITE, "--no-activate"]);
+            assert_ok(&out, "finalize --no-activate");
+        }
+        let t1 = utc_now();
+        let new: Vec<String> = site
+            .release_ids()
+            .into_iter()
+            .filter(|id| !before_ids.contains(id))
+            .collect();
+        if t0 != t1 {
+            continue;
+        }
+        assert_eq!(
+            new,
+            [t0.clone(), format!("{t0}-2"), format!("{t0}-3")],
+            "three releases in the UTC second {t0}"
+        );
+        return;
+    }
+    panic!("three finalize runs never fit in one second");
 }

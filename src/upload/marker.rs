@@ -452,7 +452,16 @@ mod tests {
 
     #[test]
     fn ids() {
-        for ok in ["v1", "2026.11.22-1", "A_b-c.d", &"a".repeat(128)] {
+        for ok in [
+            "v1",
+            "2026.11.22-1",
+            "A_b-c.d",
+            "9",
+            "a.",
+            "a-",
+            "a_",
+            &"a".repeat(128),
+        ] {
             assert!(valid_id(ok), "{ok} should be valid");
         }
         for bad in [
@@ -461,6 +470,7 @@ mod tests {
             "..",
             "../x",
             "-a",
+            "_a",
             ".hidden",
             "a/b",
             "a b",
