@@ -50,10 +50,40 @@ pub struct Outcome {
     /// Repairs made (or planned).
     pub repairs: Vec<Repair>,
     /// Problems reported but not touched.
-    pub reports: Vec<String>,
+    pub reports: Vec<Report>,
     /// Claims found pending: interrupted uploads the caller redoes after the pass.
     pub claims: usize,
 }
+
+/// A problem healing found and left for a person.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Report {
+    /// What is wrong and what to do.
+    pub note: String,
+    /// The release it concerns, if one.
+    pub release: Option<String>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.note)
+    }
+}
+
+impl Outcome {
+    fn report(&mut self, note: String, release: Option<&str>) {
+        self.reports.push(Report {
+            note,
+            release: release.map(str::to_string),
+        });
+    }
+}
+
+/// The problems the last pass reported, so the next pass logs only what is new: each
+/// pass (every inotify event in the root starts one) would otherwise repeat the same
+/// `heal.reported` for as long as nobody acts, which log-based alerts count.
+#[derive(Debug, Default)]
+pub struct Reported(BTreeSet<Report>);
 
 /// True when a temporary name `.rk-tmp.<name>.<pid>.<n>` belongs to a live process other
 /// than this one (it may be in use right now).
@@ -213,13 +243,37 @@ pub fn repair_locks_with(site: &Site, listings: &mut Listings) -> Result<Vec<Rep
 /// Runs one healing pass over `site`. The caller holds the site's operation lock, and
 /// processes the pending claims (`pipeline::run_pending`) right after a real pass.
 pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome> {
-    heal_with(site, journal, dry_run, &mut Listings::default())
+    heal_with(
+        site,
+        journal,
+        dry_run,
+        &mut Listings::default(),
+        &mut Reported::default(),
+    )
 }
 
 /// `heal`, reusing the directory listings of earlier passes over the same site where the
 /// directories did not change (the service keeps `listings` from one pass to the next, so
 /// an idle pass stats the site's directories instead of reading them).
 pub fn heal_with(
+    site: &Site,
+    journal: &mut Journal,
+    dry_run: bool,
+    listings: &mut Listings,
+    reported: &mut Reported,
+) -> Result<Outcome> {
+    let out = heal_pass(site, journal, dry_run, listings)?;
+    if !dry_run {
+        for r in out.reports.iter().filter(|r| !reported.0.contains(r)) {
+            tracing::warn!(event = events::HEAL_REPORTED, site = site.name(),
+                release = r.release.as_deref(), reason = %r.note, "left for an operator");
+        }
+        reported.0 = out.reports.iter().cloned().collect();
+    }
+    Ok(out)
+}
+
+fn heal_pass(
     site: &Site,
     journal: &mut Journal,
     dry_run: bool,
@@ -335,11 +389,14 @@ pub fn heal_with(
             continue;
         }
         match fs::symlink_metadata(&path) {
-            Ok(m) if !m.file_type().is_symlink() => out.reports.push(format!(
-                "{} is not a symlink; expected a link to {} (left alone)",
-                path.display(),
-                target.display()
-            )),
+            Ok(m) if !m.file_type().is_symlink() => out.report(
+                format!(
+                    "{} is not a symlink; expected a link to {} (left alone)",
+                    path.display(),
+                    target.display()
+                ),
+                None,
+            ),
             _ => {
                 if !dry_run {
                     activate::ensure_links(site)?;
@@ -366,12 +423,13 @@ pub fn heal_with(
         if fs::symlink_metadata(&p).is_err() && site.is_shared_file(entry) {
             // Recreating `.env` empty (or as a directory) would start the app with the
             // wrong settings; only a person can restore it.
-            out.reports.push(format!(
-                "{} (a shared file) is missing; not recreated, restore it",
-                p.display()
-            ));
-            tracing::warn!(event = crate::events::HEAL_REPORTED, site = site.name(), path = %p.display(),
-                "shared file missing; restore it");
+            out.report(
+                format!(
+                    "{} (a shared file) is missing; not recreated, restore it",
+                    p.display()
+                ),
+                None,
+            );
             continue;
         }
         if fs::symlink_metadata(&p).is_err() {
@@ -462,11 +520,7 @@ pub fn heal_with(
             let note = format!(
                 "releases/{id} was not made by release-keeper (not counted, never deleted)"
             );
-            if !dry_run {
-                tracing::warn!(event = crate::events::HEAL_REPORTED, site = site.name(), release = %id, reason = %note,
-                    "release not made by release-keeper");
-            }
-            out.reports.push(note);
+            out.report(note, Some(id));
         }
     }
 
@@ -622,9 +676,10 @@ fn heal_current(
         });
     let Some(target) = target else {
         if meta.is_some() {
-            out.reports.push(format!(
-                "{why}, and there is no good release to point it at"
-            ));
+            out.report(
+                format!("{why}, and there is no good release to point it at"),
+                None,
+            );
         }
         return Ok(());
     };

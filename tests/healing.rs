@@ -938,3 +938,63 @@ fn claim_across_filesystems_cut_short_by_a_crash_is_finished_at_start() {
     deploy_and_activate(&site, &svc, "v2");
     svc.stop();
 }
+
+/// What healing leaves for a person (a hand-made release, a real directory where a
+/// configured link belongs) is logged when it appears, once: every inotify event in the
+/// root starts a pass, and repeating the warning at each would flood log-based alerts.
+/// Put right and broken again, it is logged again.
+#[test]
+fn what_healing_leaves_alone_is_reported_once_per_appearance() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "links = { htdocs = \"current\" }");
+    deploy_and_activate(&site, &svc, "v1");
+    let reported = |svc: &Service, needle: &str| {
+        svc.events("heal.reported")
+            .into_iter()
+            .filter(|v| reason_of(v).contains(needle))
+            .count()
+    };
+    write_tree(
+        &site.releases_dir().join("handmade"),
+        &[("index.html", b"by hand\n" as &[u8])],
+    );
+    fs::remove_file(site.root.join("htdocs")).unwrap();
+    fs::create_dir(site.root.join("htdocs")).unwrap();
+    let ev = svc.wait_event("heal.reported", |v| reason_of(v).contains("handmade"), WAIT);
+    assert_eq!(release_of(&ev), Some("handmade"), "{ev}");
+    svc.wait_event(
+        "heal.reported",
+        |v| reason_of(v).contains("htdocs is not a symlink"),
+        WAIT,
+    );
+    // More passes: events in the root, each starting one.
+    for i in 0..5 {
+        fs::write(site.root.join(format!("stray-{i}")), b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert_eq!(reported(&svc, "handmade"), 1, "{}", svc.log_text());
+    assert_eq!(reported(&svc, "htdocs is not a symlink"), 1);
+    // Gone, then back: a new appearance, logged again.
+    fs::rename(
+        site.releases_dir().join("handmade"),
+        site.root.join("handmade-away"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    fs::rename(
+        site.root.join("handmade-away"),
+        site.releases_dir().join("handmade"),
+    )
+    .unwrap();
+    wait_until(
+        WAIT,
+        || reported(&svc, "handmade") == 2,
+        || {
+            format!(
+                "a second report after it came back; log:\n{}",
+                svc.log_text()
+            )
+        },
+    );
+    svc.stop();
+}

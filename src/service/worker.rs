@@ -462,6 +462,8 @@ struct Kept {
     journal: Option<Journal>,
     /// The healing pass's directory listings, re-read only when a directory changed.
     listings: Listings,
+    /// What the last healing pass left for an operator (logged once, not every pass).
+    reported: heal::Reported,
     /// Whether the marker was there at the end of the last job, when the job knows.
     marker: Option<bool>,
     /// The operation lock's file, kept open, with the stamp its directory had just before
@@ -538,11 +540,12 @@ fn run_job(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Resul
     match job {
         Job::FirstHeal => {
             let journal = current_journal(&mut kept.journal, site)?;
-            heal::heal_with(site, journal, false, &mut kept.listings)?;
+            heal::heal_with(site, journal, false, &mut kept.listings, &mut kept.reported)?;
         }
         Job::Heal => {
             let journal = current_journal(&mut kept.journal, site)?;
-            let outcome = heal::heal_with(site, journal, false, &mut kept.listings)?;
+            let outcome =
+                heal::heal_with(site, journal, false, &mut kept.listings, &mut kept.reported)?;
             // The pass saw every claim (uploads run under the same lock): with none, and
             // no marker a missed event could have left, there is nothing to process.
             if outcome.claims > 0 || marker_present(site) {
