@@ -721,36 +721,40 @@ fn hooks_run_in_spec_order_and_health_retries_are_spaced() {
             })
             .collect()
     };
-    let v1 = of("v1");
-    let phases: Vec<(&str, &str, &str)> = v1
-        .iter()
-        .take(3)
-        .map(|(p, c, prev, _)| (p.as_str(), c.as_str(), prev.as_str()))
-        .collect();
+    // (phase, what `current` was, PREVIOUS_RELEASE_ID) of the first `n` calls for `id`.
+    let phases =
+        |calls: &[(String, String, String, u128)], n: usize| -> Vec<(String, String, String)> {
+            calls
+                .iter()
+                .take(n)
+                .map(|(p, c, prev, _)| (p.clone(), c.clone(), prev.clone()))
+                .collect()
+        };
+    let owned = |rows: &[(&str, &str, &str)]| -> Vec<(String, String, String)> {
+        rows.iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect()
+    };
     assert_eq!(
-        phases,
+        phases(&of("v1"), 3),
+        owned(&
         [
             ("before", "none", ":"),
             ("after", "releases/v1", ":"),
             ("health", "releases/v1", ":")
-        ],
+        ]),
         "first release: before_activate while there is no current yet, PREVIOUS_RELEASE_ID set and empty; log:\n{text}"
     );
     let bad = of("bad");
-    let phases: Vec<(&str, &str, &str)> = bad
-        .iter()
-        .take(5)
-        .map(|(p, c, prev, _)| (p.as_str(), c.as_str(), prev.as_str()))
-        .collect();
     assert_eq!(
-        phases,
-        [
+        phases(&bad, 5),
+        owned(&[
             ("before", "releases/v1", "v1:"),
             ("after", "releases/bad", "v1:"),
             ("health", "releases/bad", "v1:"),
             ("health", "releases/bad", "v1:"),
             ("health", "releases/bad", "v1:"),
-        ],
+        ]),
         "before_activate -> swap -> after_activate -> health_check x health_retries; log:\n{text}"
     );
     for w in bad[2..5].windows(2) {
