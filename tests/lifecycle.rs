@@ -1291,7 +1291,8 @@ fn a_nested_link_that_dangles_is_reported_with_where_it_points() {
 
 /// Without an id the release is named by UTC time `YYYYMMDDTHHMMSSZ`, then `-2`, `-3` for
 /// more uploads in the same second. Three `finalize` runs inside one second (as measured
-/// by `date -u` around them; retried when they straddle a second) must give exactly
+/// by `date -u` around them, from the start of a fresh second; retried when they straddle
+/// a second) must give exactly
 /// `T`, `T-2`, `T-3`.
 #[test]
 fn generated_ids_are_utc_time_then_suffixed_2_and_3_in_the_same_second() {
@@ -1303,6 +1304,12 @@ fn generated_ids_are_utc_time_then_suffixed_2_and_3_in_the_same_second() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     for _round in 0..5 {
+        // Start at a fresh second: one an earlier, straddling round has used would go on
+        // with its suffixes.
+        let last = utc_now();
+        while utc_now() == last {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let before_ids = site.release_ids();
         let t0 = utc_now();
         for _ in 0..3 {
