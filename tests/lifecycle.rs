@@ -1292,8 +1292,7 @@ fn a_nested_link_that_dangles_is_reported_with_where_it_points() {
 /// Without an id the release is named by UTC time `YYYYMMDDTHHMMSSZ`, then `-2`, `-3` for
 /// more uploads in the same second. Three `finalize` runs inside one second (as measured
 /// by `date -u` around them, from the start of a fresh second; retried when they straddle
-/// a second) must give exactly
-/// `T`, `T-2`, `T-3`.
+/// a second) must give exactly `T`, `T-2`, `T-3`.
 #[test]
 fn generated_ids_are_utc_time_then_suffixed_2_and_3_in_the_same_second() {
     let site = Site::new();
