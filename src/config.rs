@@ -864,8 +864,7 @@ fn apply_tunables(
         config.marker = file_name(v.get_ref(), "marker").map_err(|m| src.at(v.span().start, m))?;
     }
     if let Some(v) = &raw.manifest {
-        config.manifest =
-            file_name(v.get_ref(), "manifest").map_err(|m| src.at(v.span().start, m))?;
+        config.manifest = manifest_name(v.get_ref()).map_err(|m| src.at(v.span().start, m))?;
     }
     if let Some(v) = raw.require_manifest {
         config.require_manifest = v;
@@ -1150,6 +1149,21 @@ fn file_name(s: &str, key: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_owned())
+}
+
+/// The manifest's name: a plain file name that does not look like an upload's temporary
+/// file. Such a name would always count as in flight, so every upload would wait for it
+/// up to `upload_timeout` and then be rejected. (The marker may: it is claimed before the
+/// upload is looked at, and skipped by every later look.)
+fn manifest_name(s: &str) -> Result<String, String> {
+    let name = file_name(s, "manifest")?;
+    if crate::upload::inflight::looks_in_flight(std::ffi::OsStr::new(&name)) {
+        return Err(format!(
+            "manifest {name:?} looks like a file still in flight (*.part, *.filepart, \
+             rsync's .NAME.XXXXXX, .~tmp~): every upload would wait for it and be rejected"
+        ));
+    }
+    Ok(name)
 }
 
 /// An absolute `*.prom` path, lexically normalized (no `.`, `..` or trailing `/`).
@@ -1650,6 +1664,7 @@ marker = "DONE"
         assert_error("[defaults]\nmarker = \"a/b\"\n", 2, 10, "plain file name");
         assert_error("[defaults]\nmanifest = \"..\"\n", 2, 12, "plain file name");
         assert_error("[defaults]\nmarker = \"\"\n", 2, 10, "plain file name");
+        assert_error("[defaults]\nmanifest = \"sums.part\"\n", 2, 12, "in flight");
         assert_error(
             "[defaults]\nmanifest = \".release-ready\"\n",
             2,

@@ -107,6 +107,27 @@ fn check_config_bad_duration_names_line() {
     assert_config_error(&cfg, 3);
 }
 
+/// A manifest named like an upload's temporary file (`checksums.part`, `SUMS.filepart`,
+/// rsync's `.SUMS.Ab3xY9`) would look in flight in every upload: each one waited for up
+/// to `upload_timeout` and then rejected. The config says so at the key instead.
+#[test]
+fn check_config_rejects_a_manifest_named_like_a_file_in_flight() {
+    let site = Site::new();
+    for name in ["checksums.part", "SUMS.filepart", ".SUMS.Ab3xY9", ".~tmp~"] {
+        let cfg = config_file(
+            &site,
+            &format!(
+                "[sites.web]\nroot = \"{}\"\nmanifest = \"{name}\"\n",
+                site.root.display()
+            ),
+        );
+        assert_config_error(&cfg, 3);
+        let out = cli(&cfg, &["check-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in flight"), "{name}: {}", show(&out));
+    }
+}
+
 #[test]
 fn check_config_relative_root_names_line() {
     let site = Site::new();
