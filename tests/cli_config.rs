@@ -979,3 +979,114 @@ fn a_missing_config_file_says_how_to_name_one() {
         show(&out)
     );
 }
+
+/// Writes `files` into `dir` with a manifest named `manifest` (real `sha256sum`), then
+/// the marker `marker` holding `id`.
+fn upload_named(dir: &Path, files: &[(&str, &[u8])], manifest: &str, marker: &str, id: &str) {
+    clear_dir(dir);
+    write_tree(dir, files);
+    let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+    sh(dir, &format!("sha256sum {} > {manifest}", names.join(" ")));
+    fs::write(dir.join(marker), format!("id = \"{id}\"\n")).unwrap();
+}
+
+/// `marker` and `manifest` set to other names take effect wherever they are set: in
+/// `[defaults]` (every site), in `[sites.NAME]` (that site only) and in a `sites.d/` file,
+/// and again after a SIGHUP changes them. The custom manifest is the one read and it stays
+/// in the release; with another marker name a `.release-ready` in the upload is an
+/// ordinary uploaded file: not consumed, and rejected as not in the manifest.
+#[test]
+fn custom_marker_and_manifest_names_apply_per_site_and_on_reload() {
+    let site = Site::new();
+    let beta = site.tmp_path("beta");
+    let gamma = site.tmp_path("gamma");
+    let sites_d = site.tmp_path("sites.d");
+    for d in [
+        &beta.join("deploy-cache"),
+        &gamma.join("deploy-cache"),
+        &sites_d,
+    ] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let cfg = site.config_path();
+    let main = |marker: &str| {
+        format!(
+            "[defaults]\nmarker = \"{marker}\"\nmanifest = \"checksums.sha256\"\n\n\
+             [sites.alpha]\nroot = \"{}\"\n\n[sites.beta]\nroot = \"{}\"\nmarker = \".ready\"\n",
+            site.root.display(),
+            beta.display()
+        )
+    };
+    fs::write(&cfg, main("DEPLOY_DONE")).unwrap();
+    fs::write(
+        sites_d.join("gamma.toml"),
+        format!("root = \"{}\"\nmanifest = \"SUMS\"\n", gamma.display()),
+    )
+    .unwrap();
+    let mut svc = Service::start_config(&cfg);
+    let files: &[(&str, &[u8])] = &[("index.html", b"<h1>hi</h1>\n"), ("a/b.txt", b"b\n")];
+
+    // alpha: a stray `.release-ready` beside the upload is a file like any other.
+    upload_named(
+        &site.deploy_cache(),
+        files,
+        "checksums.sha256",
+        "DEPLOY_DONE",
+        "a1",
+    );
+    fs::write(site.marker_path(), "id = \"a0\"\n").unwrap();
+    let rej = svc.wait_release_event("release.rejected", "a1");
+    let reason = reason_of(&rej);
+    assert!(
+        reason.contains(".release-ready") && reason.contains("checksums.sha256"),
+        "the default marker name is an unlisted file of the upload: {rej}"
+    );
+    assert!(
+        site.marker_path().exists(),
+        ".release-ready is not the marker here"
+    );
+    fs::remove_file(site.marker_path()).unwrap();
+    fs::write(site.deploy_cache().join("DEPLOY_DONE"), "id = \"a1\"\n").unwrap();
+    svc.wait_release_event("release.activated", "a1");
+    assert!(site.release("a1").join("checksums.sha256").is_file());
+    assert!(!site.release("a1").join("DEPLOY_DONE").exists());
+
+    // beta overrides the marker; gamma (sites.d) overrides the manifest, keeps the marker.
+    upload_named(
+        &beta.join("deploy-cache"),
+        files,
+        "checksums.sha256",
+        ".ready",
+        "b1",
+    );
+    upload_named(
+        &gamma.join("deploy-cache"),
+        files,
+        "SUMS",
+        "DEPLOY_DONE",
+        "g1",
+    );
+    let eb = svc.wait_release_event("release.activated", "b1");
+    let eg = svc.wait_release_event("release.activated", "g1");
+    assert_eq!(
+        (eb["site"].as_str(), eg["site"].as_str()),
+        (Some("beta"), Some("gamma"))
+    );
+    assert!(beta.join("releases/b1/checksums.sha256").is_file());
+    assert!(gamma.join("releases/g1/SUMS").is_file());
+    assert!(!gamma.join("releases/g1/checksums.sha256").exists());
+
+    // SIGHUP with another default marker: the new name is the one consumed.
+    fs::write(&cfg, main("GO")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(svc.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    svc.wait_count("config.reloaded", 1, Duration::from_secs(10));
+    upload_named(&site.deploy_cache(), files, "checksums.sha256", "GO", "a2");
+    svc.wait_release_event("release.activated", "a2");
+    upload_named(&gamma.join("deploy-cache"), files, "SUMS", "GO", "g2");
+    svc.wait_release_event("release.activated", "g2");
+    svc.stop();
+}
