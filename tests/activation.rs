@@ -229,6 +229,48 @@ fn before_activate_failure_keeps_the_release_unactivated_and_force_overrides() {
     svc.stop();
 }
 
+/// `hook_timeout` bounds each health-check attempt too (SPEC: "each bounded by
+/// `hook_timeout`"): a hanging check is cut at the limit, counts as one failed attempt,
+/// the next one follows, and after `health_retries` of them the release is rolled back,
+/// long before the check itself would have ended.
+#[test]
+fn hook_timeout_bounds_each_health_attempt() {
+    let site = Site::new();
+    let health = script(
+        &site.tmp_path(""),
+        "hang.sh",
+        "case \"$RELEASE_ID\" in bad*) exec sleep 60;; esac; exit 0",
+    );
+    let cfg = site.write_config(
+        SITE,
+        "hook_timeout = \"1s\"\nhealth_retries = 2\nhealth_interval = \"0\"\n",
+        &format!("health_check = [\"{}\"]", health.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy_in_turn(&site, &svc, &["v1"]);
+    let started = std::time::Instant::now();
+    deploy(&site, "bad1");
+    let rb = svc.wait_release_event("release.rolled_back", "bad1");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "two attempts of at most hook_timeout = 1s, rolled back after {took:?}: {rb}"
+    );
+    let attempts = svc.events_for("health.attempt_failed", "bad1");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    for a in &attempts {
+        assert!(
+            a["status"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("timed out after 1s"),
+            "{a}"
+        );
+    }
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    svc.stop();
+}
+
 #[test]
 fn hook_timeout_kills_the_whole_process_group() {
     let site = Site::new();
