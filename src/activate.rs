@@ -7,6 +7,7 @@
 //! the health check runs again against the release `current` points at, and the verdict
 //! is recorded as usual (rolling back if it fails). Never left undecided.
 
+use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -85,30 +86,39 @@ fn warn_dangling_links(site: &Site) {
 pub fn ensure_links(site: &Site) -> Result<Vec<String>> {
     let mut changed = Vec::new();
     for (link, target) in &site.cfg.links {
-        let path = site.root().join(link);
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                if std::fs::read_link(&path).ok().as_deref() == Some(target.as_path()) {
-                    continue;
-                }
-            }
-            Ok(_) => {
-                return Err(Error::Failed(format!(
-                    "{} exists and is not a symlink; not replacing it with a link to {}",
-                    path.display(),
-                    target.display()
-                )))
-            }
-            Err(_) => {
-                if let Some(parent) = path.parent() {
-                    fsops::ensure_dir(parent, 0o755)?;
-                }
-            }
+        if ensure_link(site, link, target)? {
+            changed.push(format!("{} -> {}", link.display(), target.display()));
         }
-        fsops::swap_symlink(&path, target)?;
-        changed.push(format!("{} -> {}", link.display(), target.display()));
     }
     Ok(changed)
+}
+
+/// Makes the one configured link `link` (relative to the root) point at `target`; true
+/// when it had to be made or corrected. One at a time, so healing can say which links it
+/// made: making them all at the first missing one would hide the others from its report.
+pub fn ensure_link(site: &Site, link: &Path, target: &Path) -> Result<bool> {
+    let path = site.root().join(link);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            if std::fs::read_link(&path).ok().as_deref() == Some(target) {
+                return Ok(false);
+            }
+        }
+        Ok(_) => {
+            return Err(Error::Failed(format!(
+                "{} exists and is not a symlink; not replacing it with a link to {}",
+                path.display(),
+                target.display()
+            )))
+        }
+        Err(_) => {
+            if let Some(parent) = path.parent() {
+                fsops::ensure_dir(parent, 0o755)?;
+            }
+        }
+    }
+    fsops::swap_symlink(&path, target)?;
+    Ok(true)
 }
 
 /// Activates release `id`: hooks, swap, health check, rollback on failure. Returns once

@@ -399,7 +399,7 @@ fn heal_pass(
             ),
             _ => {
                 if !dry_run {
-                    activate::ensure_links(site)?;
+                    activate::ensure_link(site, link, target)?;
                 }
                 repair(
                     format!(

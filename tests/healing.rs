@@ -490,6 +490,53 @@ fn stale_lock_of_a_killed_process_does_not_block() {
     assert_eq!(site.current_id().as_deref(), Some("slow"));
 }
 
+/// Every configured link a pass recreates is said, not only the first: `heal` reports
+/// (and the service logs `heal.repaired` for) each of them, as `heal --dry-run` lists them.
+/// Recreating the first missing link used to make all of them at once, so the pass then
+/// found the others in place and said nothing of them.
+#[test]
+fn heal_says_every_link_it_recreates() {
+    let site = Site::new();
+    let links =
+        "links = { htdocs = \"current\", \"web/root\" = \"../current\", api = \"current\" }";
+    let (cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", links);
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let names = ["htdocs", "web/root", "api"];
+    for l in names {
+        fs::remove_file(site.root.join(l)).unwrap();
+    }
+    let dry = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&dry, "heal --dry-run");
+    let out = cli(&cfg, &["heal", SITE, "--log-format", "json"]);
+    assert_ok(&out, "heal");
+    let repaired: Vec<String> = stderr_events(&out)
+        .iter()
+        .filter(|e| e["event"] == "heal.repaired")
+        .map(|e| e["what"].as_str().unwrap_or("").to_string())
+        .collect();
+    for l in names {
+        assert!(
+            stdout_of(&dry).contains(l),
+            "dry run lists {l}; {}",
+            show(&dry)
+        );
+        assert!(
+            stdout_of(&out).contains(&format!("{l} ->")),
+            "heal says it linked {l}; {}",
+            show(&out)
+        );
+        assert!(
+            repaired.iter().any(|w| w.contains(&format!("{l} ->"))),
+            "heal.repaired for {l}: {repaired:?}"
+        );
+        assert!(
+            site.root.join(l).join("index.html").is_file(),
+            "{l} leads to the current release again"
+        );
+    }
+}
+
 #[test]
 fn foreign_lock_paths_are_moved_aside() {
     let site = Site::new();
