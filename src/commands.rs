@@ -742,6 +742,22 @@ pub fn check_config(flag: Option<&Path>) -> Result<()> {
                     "hook program not runnable");
             }
         }
+        // Looked up when a hook runs (the user may be created before the first deploy),
+        // so only a warning here; but every hook would fail on it, hence every activation.
+        let has_hooks =
+            s.before_activate.is_some() || s.after_activate.is_some() || s.health_check.is_some();
+        if let Some(name) = s.hook_user.as_deref().filter(|_| has_hooks) {
+            let why = match nix::unistd::User::from_name(name) {
+                Ok(Some(_)) => None,
+                Ok(None) => Some(format!("hook_user {name:?} does not exist")),
+                Err(e) => Some(format!("cannot look up hook_user {name:?}: {e}")),
+            };
+            if let Some(why) = why {
+                tracing::warn!(event = crate::events::SITE_ERROR, site = %s.name, key = "hook_user",
+                    reason = %format!("{why}; every hook, so every activation, would fail on it"),
+                    "hook user not found");
+            }
+        }
     }
     out(&format!(
         "{}: OK ({})",

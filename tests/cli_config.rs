@@ -223,6 +223,37 @@ fn check_config_warns_about_a_hook_program_that_cannot_run() {
     assert!(!all.contains("after_activate"), "{}", show(&out));
 }
 
+/// A `hook_user` that does not exist (a typo, a user not created yet) fails every hook,
+/// so every activation: check-config warns, naming the site and the user, as it does for
+/// a hook program that cannot run. A site without hooks never uses it: no warning.
+#[test]
+fn check_config_warns_about_a_hook_user_that_does_not_exist() {
+    let site = Site::new();
+    let other = site.tmp_path("other");
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[defaults]\nhook_user = \"no-such-user-rk\"\n\n[sites.web]\nroot = \"{}\"\n\
+             health_check = [\"/bin/true\"]\n\n[sites.plain]\nroot = \"{}\"\n",
+            site.root.display(),
+            other.display()
+        ),
+    );
+    let out = cli(&cfg, &["check-config", "--log-format", "json"]);
+    assert_ok(&out, "check-config with an unknown hook_user");
+    let warned: Vec<Value> = stderr_events(&out)
+        .into_iter()
+        .filter(|e| e["event"] == "site.error")
+        .collect();
+    assert_eq!(warned.len(), 1, "one warning, for web only; {}", show(&out));
+    assert_eq!(warned[0]["site"], "web", "{}", show(&out));
+    assert!(
+        reason_of(&warned[0]).contains("no-such-user-rk"),
+        "{}",
+        show(&out)
+    );
+}
+
 /// A site whose root does not exist yet keeps the `status --json` shape of every other
 /// site (monitoring reads `.failed`, `.pinned`), and the human output says the root is
 /// missing instead of looking like an empty, healthy site.
