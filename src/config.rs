@@ -783,6 +783,19 @@ fn build_site(
             if let Some(other) = config.shared.iter().find(|o| nested(o, &path)) {
                 return Err(src.at(at, overlap_message("shared entry", &path, other)));
             }
+            // The manifest stays in every release as uploaded (SPEC); as a shared entry it
+            // would be a link to `shared/`, seeded once from the first upload's manifest.
+            if nested(&path, Path::new(&config.manifest)) {
+                return Err(src.at(
+                    at,
+                    format!(
+                        "shared entry {:?} would replace the manifest {:?}, which stays in \
+                         every release as uploaded; share another path or rename the manifest",
+                        path.display().to_string(),
+                        config.manifest
+                    ),
+                ));
+            }
             config.shared.push(path);
         }
     }

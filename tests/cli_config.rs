@@ -128,6 +128,37 @@ fn check_config_rejects_a_manifest_named_like_a_file_in_flight() {
     }
 }
 
+/// SPEC: the manifest "stays in the release (it is part of the upload)". A `shared` entry
+/// of the manifest's name replaced it by a link to `shared/`, seeded once from the first
+/// upload: every later release then showed that first manifest. A config error at the
+/// entry, whether the manifest name is the default, set in `[defaults]` or in the site.
+#[test]
+fn check_config_rejects_a_shared_entry_that_is_the_manifest() {
+    let site = Site::new();
+    let root = site.root.display();
+    for (text, line) in [
+        (format!("[sites.web]\nroot = \"{root}\"\nshared = [\"storage\", \"SHA256SUMS\"]\n"), 3),
+        (format!("[defaults]\nmanifest = \"SUMS\"\n[sites.web]\nroot = \"{root}\"\nshared = [\"SUMS\"]\n"), 5),
+        (format!("[sites.web]\nroot = \"{root}\"\nshared = [\"SUMS/x\"]\nmanifest = \"SUMS\"\n"), 3),
+    ] {
+        let cfg = config_file(&site, &text);
+        assert_config_error(&cfg, line);
+        let out = cli(&cfg, &["check-config"]);
+        assert!(output_text(&out).contains("manifest"), "{text}: {}", show(&out));
+    }
+    // The default manifest name is an ordinary shared entry once the manifest is renamed.
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[sites.web]\nroot = \"{root}\"\nmanifest = \"SUMS\"\nshared = [\"SHA256SUMS\"]\n"
+        ),
+    );
+    assert_ok(
+        &cli(&cfg, &["check-config"]),
+        "shared SHA256SUMS with manifest SUMS",
+    );
+}
+
 #[test]
 fn check_config_relative_root_names_line() {
     let site = Site::new();
