@@ -237,14 +237,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let name = site_name_of_file(&file)?;
         let site_text = read_text(&file)?;
         let parsed = parse_site_file(&site_text, &file, &name, &main.base)?;
-        if sites.contains_key(&name) {
-            return Err(ConfigError::Invalid {
-                file,
-                message: format!(
-                    "site {name:?} is already defined as [sites.{name}] in {}; remove one of them",
-                    path.display()
-                ),
-            });
+        if let Some(first) = sites.get(&name) {
+            // At the `[sites.NAME]` of the main config: a sites.d file has no one place to
+            // point at, and every config error names file, line and column.
+            return Err(first.root_at.error(format!(
+                "site {name:?} is defined twice: here as [sites.{name}] and by {}; remove one of them",
+                file.display()
+            )));
         }
         let order = sites.len();
         sites.insert(name, Parsed { order, ..parsed });
@@ -2116,10 +2115,16 @@ marker = "DONE"
         let shop = sites_d.join("shop.toml");
         write(&shop, "root = \"/srv/other\"\n");
         match load(&main) {
-            Err(ConfigError::Invalid { file, message }) => {
-                assert_eq!(file, shop);
+            Err(ConfigError::At {
+                file,
+                line,
+                message,
+                ..
+            }) => {
+                assert_eq!((file, line), (main.clone(), 2));
                 assert!(
-                    message.contains("site \"shop\" is already defined"),
+                    message.contains("site \"shop\" is defined twice")
+                        && message.contains("shop.toml"),
                     "{message}"
                 );
             }

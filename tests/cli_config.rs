@@ -169,6 +169,31 @@ fn check_config_relative_root_names_line() {
     assert_config_error(&cfg, 4);
 }
 
+/// A site defined both as `[sites.NAME]` and by `sites.d/NAME.toml` is a config error
+/// that, like every other, names file, line and column: the main config's `[sites.NAME]`
+/// (its `root`), with the sites.d file in the message.
+#[test]
+fn check_config_site_defined_twice_names_line_and_both_files() {
+    let site = Site::new();
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[defaults]\nkeep = 3\n\n[sites.blog]\nroot = \"{}\"\n",
+            site.root.display()
+        ),
+    );
+    let d = site.tmp_path("sites.d");
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("blog.toml"), "root = \"/srv/other\"\n").unwrap();
+    assert_config_error(&cfg, 5);
+    let out = cli(&cfg, &["check-config"]);
+    assert!(
+        output_text(&out).contains("sites.d/blog.toml"),
+        "{}",
+        show(&out)
+    );
+}
+
 #[test]
 fn check_config_error_in_sites_d_names_that_file() {
     let site = Site::new();
