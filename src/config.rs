@@ -873,10 +873,12 @@ fn apply_tunables(
         config.keep_failed = to_usize(count(v, "keep_failed", 0, src)?, v, "keep_failed", src)?;
     }
     if let Some(v) = &raw.marker {
-        config.marker = file_name(v.get_ref(), "marker").map_err(|m| src.at(v.span().start, m))?;
+        config.marker =
+            upload_file_name(v.get_ref(), "marker").map_err(|m| src.at(v.span().start, m))?;
     }
     if let Some(v) = &raw.manifest {
-        config.manifest = manifest_name(v.get_ref()).map_err(|m| src.at(v.span().start, m))?;
+        config.manifest =
+            upload_file_name(v.get_ref(), "manifest").map_err(|m| src.at(v.span().start, m))?;
     }
     if let Some(v) = raw.require_manifest {
         config.require_manifest = v;
@@ -1163,16 +1165,17 @@ fn file_name(s: &str, key: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
-/// The manifest's name: a plain file name that does not look like an upload's temporary
-/// file. Such a name would always count as in flight, so every upload would wait for it
-/// up to `upload_timeout` and then be rejected. (The marker may: it is claimed before the
-/// upload is looked at, and skipped by every later look.)
-fn manifest_name(s: &str) -> Result<String, String> {
-    let name = file_name(s, "manifest")?;
+/// The marker's or the manifest's name (`key`): a plain file name that does not look like
+/// an upload's temporary file. As the manifest, such a name would always count as in
+/// flight, so every upload would wait for it up to `upload_timeout` and then be rejected;
+/// as the marker, an uploader's temporary file (rsync's `.~tmp~` holding directory, a
+/// `*.part` still being written) would be claimed as the marker and removed mid-upload.
+fn upload_file_name(s: &str, key: &str) -> Result<String, String> {
+    let name = file_name(s, key)?;
     if crate::upload::inflight::looks_in_flight(std::ffi::OsStr::new(&name)) {
         return Err(format!(
-            "manifest {name:?} looks like a file still in flight (*.part, *.filepart, \
-             rsync's .NAME.XXXXXX, .~tmp~): every upload would wait for it and be rejected"
+            "{key} {name:?} looks like a file still in flight (*.part, *.filepart, \
+             rsync's .NAME.XXXXXX, .~tmp~), which the keeper waits for; choose another name"
         ));
     }
     Ok(name)

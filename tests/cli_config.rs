@@ -128,6 +128,28 @@ fn check_config_rejects_a_manifest_named_like_a_file_in_flight() {
     }
 }
 
+/// Likewise the marker: named `.~tmp~`, the directory rsync `--delay-updates` makes at the
+/// start of a transfer would be claimed as the marker (and removed, with the files rsync
+/// holds in it), and the half-sent upload published; named `DONE.part`, a marker still
+/// being written under an uploader's temporary name would be taken as dropped.
+#[test]
+fn check_config_rejects_a_marker_named_like_a_file_in_flight() {
+    let site = Site::new();
+    for name in [".~tmp~", "DONE.part", "ready.filepart", ".ready.Ab3xY9"] {
+        let cfg = config_file(
+            &site,
+            &format!(
+                "[defaults]\nmarker = \"{name}\"\n[sites.web]\nroot = \"{}\"\n",
+                site.root.display()
+            ),
+        );
+        assert_config_error(&cfg, 2);
+        let out = cli(&cfg, &["check-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in flight"), "{name}: {}", show(&out));
+    }
+}
+
 /// SPEC: the manifest "stays in the release (it is part of the upload)". A `shared` entry
 /// of the manifest's name replaced it by a link to `shared/`, seeded once from the first
 /// upload: every later release then showed that first manifest. A config error at the
