@@ -107,46 +107,46 @@ fn check_config_bad_duration_names_line() {
     assert_config_error(&cfg, 3);
 }
 
-/// A manifest named like an upload's temporary file (`checksums.part`, `SUMS.filepart`,
-/// rsync's `.SUMS.Ab3xY9`) would look in flight in every upload: each one waited for up
-/// to `upload_timeout` and then rejected. The config says so at the key instead.
+/// A manifest or marker named like an upload's temporary file is a config error at the
+/// key. A manifest `checksums.part`, `SUMS.filepart` or rsync's `.SUMS.Ab3xY9` would look
+/// in flight in every upload: each one waited for up to `upload_timeout`, then rejected.
+/// A marker `.~tmp~` would be the directory rsync `--delay-updates` makes at the start of
+/// a transfer, claimed (and removed, with the files rsync holds in it); a marker
+/// `DONE.part` would be taken as dropped while still being written.
 #[test]
-fn check_config_rejects_a_manifest_named_like_a_file_in_flight() {
+fn check_config_rejects_a_manifest_or_marker_named_like_a_file_in_flight() {
     let site = Site::new();
-    for name in ["checksums.part", "SUMS.filepart", ".SUMS.Ab3xY9", ".~tmp~"] {
-        let cfg = config_file(
-            &site,
-            &format!(
-                "[sites.web]\nroot = \"{}\"\nmanifest = \"{name}\"\n",
-                site.root.display()
-            ),
-        );
-        assert_config_error(&cfg, 3);
-        let out = cli(&cfg, &["check-config"]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("in flight"), "{name}: {}", show(&out));
-    }
-}
-
-/// Likewise the marker: named `.~tmp~`, the directory rsync `--delay-updates` makes at the
-/// start of a transfer would be claimed as the marker (and removed, with the files rsync
-/// holds in it), and the half-sent upload published; named `DONE.part`, a marker still
-/// being written under an uploader's temporary name would be taken as dropped.
-#[test]
-fn check_config_rejects_a_marker_named_like_a_file_in_flight() {
-    let site = Site::new();
-    for name in [".~tmp~", "DONE.part", "ready.filepart", ".ready.Ab3xY9"] {
-        let cfg = config_file(
-            &site,
-            &format!(
-                "[defaults]\nmarker = \"{name}\"\n[sites.web]\nroot = \"{}\"\n",
-                site.root.display()
-            ),
-        );
-        assert_config_error(&cfg, 2);
-        let out = cli(&cfg, &["check-config"]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("in flight"), "{name}: {}", show(&out));
+    let root = site.root.display();
+    let cases = [
+        (
+            "manifest",
+            ["checksums.part", "SUMS.filepart", ".SUMS.Ab3xY9", ".~tmp~"],
+        ),
+        (
+            "marker",
+            [".~tmp~", "DONE.part", "ready.filepart", ".ready.Ab3xY9"],
+        ),
+    ];
+    for (key, names) in cases {
+        for name in names {
+            // In the site, and in [defaults].
+            for (text, line) in [
+                (
+                    format!("[sites.web]\nroot = \"{root}\"\n{key} = \"{name}\"\n"),
+                    3,
+                ),
+                (
+                    format!("[defaults]\n{key} = \"{name}\"\n[sites.web]\nroot = \"{root}\"\n"),
+                    2,
+                ),
+            ] {
+                let cfg = config_file(&site, &text);
+                assert_config_error(&cfg, line);
+                let out = cli(&cfg, &["check-config"]);
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains("in flight"), "{key} {name}: {}", show(&out));
+            }
+        }
     }
 }
 
