@@ -240,7 +240,7 @@ async fn stop_all(workers: &mut BTreeMap<String, worker::Handle>) {
         h.cancel();
     }
     for (_, h) in handles {
-        h.abort().await;
+        h.exited().await;
     }
 }
 

@@ -129,16 +129,16 @@ impl Handle {
         self.mailbox.post(|f| f.heal = true);
     }
 
-    /// Asks the worker to exit after its current job, and waits until it has.
-    pub async fn stop(self) {
-        self.mailbox.post(|f| f.stop = true);
-        let _ = self.done.await;
-    }
-
-    /// Sets the worker's cancel flag without waiting (see [`Handle::abort`]).
+    /// Sets the worker's cancel flag and asks it to exit, without waiting (see
+    /// [`Handle::abort`]).
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
         self.mailbox.post(|f| f.stop = true);
+    }
+
+    /// Waits until the worker's thread has ended.
+    pub async fn exited(self) {
+        let _ = self.done.await;
     }
 
     /// Undoes the worker's work in progress (as SIGTERM does: an interrupted upload keeps
@@ -146,8 +146,8 @@ impl Handle {
     /// Used on SIGTERM and for a site a reload changes or removes, so neither waits for an
     /// upload that may take up to `upload_timeout`, or for a slow hook.
     pub async fn abort(self) {
-        self.cancel.store(true, Ordering::Relaxed);
-        self.stop().await;
+        self.cancel();
+        self.exited().await;
     }
 }
 
@@ -400,10 +400,17 @@ fn after(d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-fn take_lifetime_lock(site: &Site) -> Result<Lock> {
+/// The lifetime lock, taken without waiting: `None` when another service holds it. The
+/// layout and any foreign lock path are repaired first, at start as after the lock's file
+/// went away.
+fn try_lifetime_lock(site: &Site) -> Result<Option<Lock>> {
     site.ensure_layout()?;
     heal::repair_locks(site, false)?;
-    fsops::lock(&site.service_lock(), Some(Duration::ZERO))?.ok_or_else(|| {
+    fsops::lock(&site.service_lock(), Some(Duration::ZERO))
+}
+
+fn take_lifetime_lock(site: &Site) -> Result<Lock> {
+    try_lifetime_lock(site)?.ok_or_else(|| {
         Error::Failed(format!(
             "another release-keeper service is already running for site {} ({} is locked)",
             site.name(),
@@ -426,12 +433,7 @@ enum Retaken {
 /// recreated, or a hand edit), so that a second service still cannot start for the site.
 fn retake_lifetime_lock(site: &Site) -> Retaken {
     let path = site.service_lock();
-    if let Err(e) = site.ensure_layout() {
-        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %path.display(),
-            error = %e, "the lifetime lock's file is gone and cannot be made again yet");
-        return Retaken::NotYet;
-    }
-    match fsops::lock(&path, Some(Duration::ZERO)) {
+    match try_lifetime_lock(site) {
         Ok(Some(l)) => {
             tracing::info!(event = crate::events::HEAL_REPAIRED, site = site.name(),
                 what = %path.display(), reason = "the lifetime lock's file was deleted; taken again",
