@@ -125,9 +125,7 @@ pub fn ensure_link(site: &Site, link: &Path, target: &Path) -> Result<bool> {
 /// `current` has its final value.
 pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> Result<()> {
     let state = journal.state();
-    let info = state
-        .get(id)
-        .ok_or_else(|| Error::Failed(format!("no release {id:?} in site {}", site.name())))?;
+    let info = state.get(id).ok_or_else(|| site.no_release(id))?;
     if !site.release(id).is_dir() {
         return Err(Error::Failed(format!(
             "release {id} is missing from {}",
@@ -327,9 +325,7 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
                 ))
             })?,
     };
-    let info = state
-        .get(&target)
-        .ok_or_else(|| Error::Failed(format!("no release {target:?} in site {}", site.name())))?;
+    let info = state.get(&target).ok_or_else(|| site.no_release(&target))?;
     if let Some((reason, _)) = &info.failed {
         return Err(Error::Failed(format!(
             "release {target} failed ({reason}); it is not a rollback target"

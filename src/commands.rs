@@ -516,10 +516,7 @@ pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<Strin
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
     if journal.state().get(id).is_none() || !site.release(id).is_dir() {
-        return Err(Error::Failed(format!(
-            "no release {id:?} in site {}",
-            site.name()
-        )));
+        return Err(site.no_release(id));
     }
     let release = id.to_string();
     journal.append(if pinned {

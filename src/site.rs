@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::SiteConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fsops;
 
 /// Name of the keeper's own state directory under the root.
@@ -153,6 +153,11 @@ impl Site {
     /// The marker as uploaders know it, relative to the root (`deploy-cache/.release-ready`).
     pub fn marker_shown(&self) -> String {
         format!("deploy-cache/{}", self.cfg.marker)
+    }
+
+    /// The error for a release id this site does not have.
+    pub fn no_release(&self, id: &str) -> Error {
+        Error::Failed(format!("no release {id:?} in site {}", self.name()))
     }
 
     /// True when the root exists (a root that does not exist yet is waited for).

@@ -30,10 +30,7 @@ pub struct Report {
 pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     let root = site.release(id);
     if !root.is_dir() {
-        return Err(Error::Failed(format!(
-            "no release {id:?} in site {}",
-            site.name()
-        )));
+        return Err(site.no_release(id));
     }
     let expected = store::read_release_manifest(site, id)?;
     let mut want: HashMap<PathBuf, store::Entry> =

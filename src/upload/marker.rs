@@ -75,18 +75,12 @@ fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let Some(span) = span else {
         return String::new();
     };
-    let mut at = span.start.min(text.len());
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    let before = &text[..at];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line_end = text[line_start..]
-        .find('\n')
-        .map_or(text.len(), |i| line_start + i);
-    let line = before.matches('\n').count() + 1;
-    let column = before[line_start..].chars().count() + 1;
-    let shown = text[line_start..line_end].trim_end_matches('\r');
+    let (line, column) = crate::config::line_col(text, span.start);
+    let shown = text
+        .split('\n')
+        .nth(line - 1)
+        .unwrap_or("")
+        .trim_end_matches('\r');
     format!(" at line {line}, column {column}: `{shown}`")
 }
 
