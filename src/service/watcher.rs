@@ -165,9 +165,7 @@ impl Change {
 /// hear of now, not at the next periodic pass) or a second hard link to an existing file
 /// (`ln`). A new regular file with one link is being written by whoever created it.
 fn whole_at_birth(dir: &Path, name: &OsStr) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(dir.join(name))
-        .is_ok_and(|m| !m.file_type().is_file() || m.nlink() > 1)
+    fs::symlink_metadata(dir.join(name)).is_ok_and(|m| !m.file_type().is_file() || m.nlink() > 1)
 }
 
 /// Names the keeper creates and removes itself while working.
