@@ -10,7 +10,7 @@
 //! position to report.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
 use std::io;
@@ -1172,7 +1172,7 @@ fn file_name(s: &str, key: &str) -> Result<String, String> {
 /// `*.part` still being written) would be claimed as the marker and removed mid-upload.
 fn upload_file_name(s: &str, key: &str) -> Result<String, String> {
     let name = file_name(s, key)?;
-    if crate::upload::inflight::looks_in_flight(std::ffi::OsStr::new(&name)) {
+    if crate::upload::inflight::looks_in_flight(OsStr::new(&name)) {
         return Err(format!(
             "{key} {name:?} looks like a file still in flight (*.part, *.filepart, \
              rsync's .NAME.XXXXXX, .~tmp~), which the keeper waits for; choose another name"
@@ -1246,29 +1246,16 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
         }
         // A root inside another site's keeper-owned directories would be uploaded,
         // released or pruned as that site's data.
-        for (other, (other_name, other_at)) in &seen {
-            let ((inner, inner_name), (outer, outer_name)) =
-                if parsed.config.root.starts_with(other) {
-                    (
-                        (parsed.config.root.as_path(), name.as_str()),
-                        (*other, *other_name),
-                    )
-                } else if other.starts_with(&parsed.config.root) {
-                    (
-                        (*other, *other_name),
-                        (parsed.config.root.as_path(), name.as_str()),
-                    )
-                } else {
-                    continue;
-                };
-            let first = inner
-                .strip_prefix(outer)
-                .ok()
-                .and_then(|rest| rest.components().next());
-            if let Some(dir) = first.filter(|c| RESERVED_NAMES.iter().any(|r| c.as_os_str() == *r))
-            {
-                let at = &parsed.root_at;
-                return Err(at.error(format!(
+        let root = parsed.config.root.as_path();
+        for (&other, &(other_name, other_at)) in &seen {
+            let nested = managed_dir_holding(root, other)
+                .map(|dir| (root, name.as_str(), other, other_name, dir))
+                .or_else(|| {
+                    managed_dir_holding(other, root)
+                        .map(|dir| (other, other_name, root, name.as_str(), dir))
+                });
+            if let Some((inner, inner_name, outer, outer_name, dir)) = nested {
+                return Err(parsed.root_at.error(format!(
                     "the root {:?} of site {inner_name:?} is inside {}/ of site {outer_name:?}, which the keeper manages (the other site is at {other_at}); give each site a root of its own",
                     inner.display().to_string(),
                     outer.join(dir).display()
@@ -1278,6 +1265,18 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
         seen.insert(&parsed.config.root, (name, &parsed.root_at));
     }
     Ok(())
+}
+
+/// The keeper-managed directory of the root `outer` (`deploy-cache`, `releases`, ...) that
+/// `inner` lies in, if any.
+fn managed_dir_holding<'a>(inner: &'a Path, outer: &Path) -> Option<&'a OsStr> {
+    let first = inner
+        .strip_prefix(outer)
+        .ok()?
+        .components()
+        .next()?
+        .as_os_str();
+    RESERVED_NAMES.iter().any(|r| first == *r).then_some(first)
 }
 
 // ---------------------------------------------------------------------------------------------
