@@ -736,8 +736,7 @@ fn inotify_queue_overflow_triggers_a_full_rescan() {
     deploy_and_activate(&site, &svc, "v1");
     // Stopped, the service cannot read its inotify queue: flood it past its limit, then
     // drop the marker (its event is lost in the overflow).
-    signal(&svc, Signal::SIGSTOP);
-    let cont = scopeguard(svc.pid());
+    let cont = stop_until_continued(&svc);
     site.stage_upload(&as_refs(&small_build("v2")));
     flood_inotify_queue(&site.deploy_cache());
     site.drop_marker("id = \"v2\"\n");
@@ -774,8 +773,25 @@ impl Drop for Cont {
     }
 }
 
-fn scopeguard(pid: i32) -> Cont {
-    Cont(pid)
+/// Stops the service (SIGSTOP) and waits until every one of its threads is stopped, so
+/// that none reads its inotify queue any more; it continues when the guard is dropped.
+/// `kill` only queues the signal: a thread still running meanwhile (the machine busy with
+/// other tests) could drain part of a flood meant to overflow the queue.
+fn stop_until_continued(svc: &Service) -> Cont {
+    let pid = svc.pid();
+    let cont = Cont(pid);
+    signal(svc, Signal::SIGSTOP);
+    let all_stopped = || {
+        fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().all(|t| {
+                fs::read_to_string(t.path().join("stat"))
+                    // The state follows the parenthesised command name.
+                    .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| r.starts_with('T')))
+            })
+        })
+    };
+    wait_until(WAIT, all_stopped, || format!("service {pid} to be stopped"));
+    cont
 }
 
 /// A shared entry that was created as a file (seeded from the upload's `.env`) is never
@@ -875,8 +891,7 @@ fn inotify_overflow_is_logged_once_per_site_with_its_name() {
         &format!("\n[sites.api]\nroot = \"{}\"\n", other.display()),
     );
     let mut svc = Service::start_config(&cfg);
-    signal(&svc, Signal::SIGSTOP);
-    let cont = scopeguard(svc.pid());
+    let cont = stop_until_continued(&svc);
     flood_inotify_queue(&site.deploy_cache());
     drop(cont); // SIGCONT
     svc.wait_count("watch.overflow", 1, WAIT);
