@@ -57,7 +57,7 @@ fn non_empty(s: &str) -> Option<&str> {
 /// Points `current` at release `id` atomically and makes sure the configured links exist.
 pub fn swap_current(site: &Site, id: &str) -> Result<()> {
     fsops::swap_symlink(&site.current(), &Site::current_target_for(id))?;
-    ensure_links(site)?;
+    ensure_links(site);
     warn_dangling_links(site);
     Ok(())
 }
@@ -82,15 +82,21 @@ fn warn_dangling_links(site: &Site) {
 }
 
 /// Creates or corrects each configured link (`ROOT/<link>` -> target). Returns what it
-/// changed. A real file or directory in the way is left alone and reported.
-pub fn ensure_links(site: &Site) -> Result<Vec<String>> {
+/// changed. A link it cannot make (a real file or directory in the way) is left alone and
+/// logged: by then `current` has switched, and a link must not turn that switch into an
+/// error that skips the release's hooks and health check and leaves its trial open.
+pub fn ensure_links(site: &Site) -> Vec<String> {
     let mut changed = Vec::new();
     for (link, target) in &site.cfg.links {
-        if ensure_link(site, link, target)? {
-            changed.push(format!("{} -> {}", link.display(), target.display()));
+        match ensure_link(site, link, target) {
+            Ok(true) => changed.push(format!("{} -> {}", link.display(), target.display())),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
+                link = %link.display(), target = %target.display(), reason = %e,
+                "configured link not made"),
         }
     }
-    Ok(changed)
+    changed
 }
 
 /// Makes the one configured link `link` (relative to the root) point at `target`; true
@@ -141,7 +147,7 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
     }
     let previous = site.current_id();
     if previous.as_deref() == Some(id) {
-        ensure_links(site)?;
+        ensure_links(site);
         tracing::info!(
             event = crate::events::RELEASE_ALREADY_CURRENT,
             site = site.name(),
@@ -150,6 +156,7 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
         );
         return Ok(());
     }
+    current_replaceable(site)?;
     let started = Instant::now();
     let env = hook_env(site, id, previous.as_deref());
     if let Some(argv) = &site.cfg.before_activate {
@@ -166,8 +173,39 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
         release: id.to_string(),
         previous: previous.clone(),
     })?;
-    swap_current(site, id)?;
+    if let Err(e) = fsops::swap_symlink(&site.current(), &Site::current_target_for(id)) {
+        // Nothing switched: close the trial now, or the next healing pass would take it
+        // for a crash in the middle of an activation.
+        journal.append(Op::RolledBack {
+            release: id.to_string(),
+            to: previous.clone().unwrap_or_default(),
+            reason: format!("the switch of current failed: {e}"),
+        })?;
+        return Err(e);
+    }
+    ensure_links(site);
+    warn_dangling_links(site);
     trial(site, journal, id, previous.as_deref(), started)
+}
+
+/// Refuses a switch while `current` is a real file or directory rather than a symlink:
+/// `rename(2)` cannot put a link over it, and what it holds may be an operator's, so only
+/// healing moves it aside. Checked before any hook runs (a migration must not run for a
+/// switch that cannot happen).
+fn current_replaceable(site: &Site) -> Result<()> {
+    let path = site.current();
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if !m.file_type().is_symlink() => Err(Error::Failed(format!(
+            "site {}: {} is a real {}, not a symlink; nothing was switched. \
+             `release-keeper heal {}` moves it aside (into {}/), then retry",
+            site.name(),
+            path.display(),
+            if m.is_dir() { "directory" } else { "file" },
+            site.name(),
+            site.displaced().display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Runs `after_activate` and the health check for the release `current` now points at,
@@ -197,16 +235,34 @@ fn trial(
         );
         return Ok(());
     };
-    let reason = f.to_string();
-    journal.append(Op::Failed {
-        release: id.to_string(),
-        reason: reason.clone(),
-    })?;
     let state = journal.state();
     let back_to = previous
         .filter(|p| state.is_good(p) && site.release(p).is_dir())
         .map(str::to_string)
         .or_else(|| state.previous_good(Some(id), |r| site.release(r).is_dir()));
+    Err(fail_and_restore(
+        site, journal, id, previous, back_to, &f, started,
+    )?)
+}
+
+/// The verdict on a release that failed `after_activate` or its health check after
+/// `current` was switched to it: it is marked failed and, when `auto_rollback` allows and
+/// `back_to` names a good release, `current` goes back there (and `after_activate` runs for
+/// it). Returns the error the command reports.
+fn fail_and_restore(
+    site: &Site,
+    journal: &mut Journal,
+    id: &str,
+    previous: Option<&str>,
+    back_to: Option<String>,
+    f: &HookFailure,
+    started: Instant,
+) -> Result<Error> {
+    let reason = f.to_string();
+    journal.append(Op::Failed {
+        release: id.to_string(),
+        reason: reason.clone(),
+    })?;
     match back_to {
         Some(to) if site.cfg.auto_rollback => {
             swap_current(site, &to)?;
@@ -230,7 +286,7 @@ fn trial(
                 duration_ms = started.elapsed().as_millis() as u64,
                 "release failed its checks; rolled back"
             );
-            Err(Error::Failed(format!(
+            Ok(Error::Failed(format!(
                 "release {id} failed its checks ({reason}); rolled back to {to}"
             )))
         }
@@ -246,7 +302,7 @@ fn trial(
                 auto_rollback = site.cfg.auto_rollback,
                 "release failed its checks and stays current"
             );
-            Err(Error::Failed(format!(
+            Ok(Error::Failed(format!(
                 "release {id} failed its checks ({reason}) and stays current (no rollback)"
             )))
         }
@@ -310,14 +366,25 @@ pub struct Rollback {
 }
 
 /// Rolls `current` back to the previous good release (or `to`). Runs `after_activate` and
-/// the health check on the target; a failing target is reported but not rolled further.
+/// the health check on the target; a target that fails them is marked failed and, with
+/// `auto_rollback`, `current` returns to the release it was rolled back from.
 pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
     let state = journal.state();
     let current = site.current_id();
+    // With the `current` link gone (deleted by hand while no service healed it), the
+    // release the keeper last switched to is still the live one to step back from:
+    // stepping back from "nothing" picked that very release and called it a rollback.
+    let from = current.clone().or_else(|| {
+        state
+            .history
+            .last()
+            .filter(|id| site.release(id).is_dir())
+            .cloned()
+    });
     let target = match to {
         Some(t) => t.to_string(),
         None => state
-            .previous_good(current.as_deref(), |r| site.release(r).is_dir())
+            .previous_good(from.as_deref(), |r| site.release(r).is_dir())
             .ok_or_else(|| {
                 Error::Failed(format!(
                     "site {}: no previous good release to roll back to",
@@ -340,7 +407,7 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
         // Only `--to` can name current. Like `activate` of the current release, the wanted
         // state holds already: a script making sure a release is live must not see a
         // failure for it.
-        ensure_links(site)?;
+        ensure_links(site);
         tracing::info!(
             event = crate::events::RELEASE_ALREADY_CURRENT,
             site = site.name(),
@@ -352,6 +419,7 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
             switched: false,
         });
     }
+    current_replaceable(site)?;
     let started = Instant::now();
     swap_current(site, &target)?;
     journal.append(Op::RolledBack {
@@ -371,9 +439,24 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
     );
     let env = hook_env(site, &target, current.as_deref());
     if let Some(f) = check(site, &env) {
-        return Err(Error::Failed(format!(
-            "rolled back to {target}, but its checks failed: {f}"
-        )));
+        // The same verdict as an activation's: a release that fails its checks is marked
+        // failed (so no later rollback picks it again) and `current` goes back to where
+        // it was, never further: the command either switched to a healthy release or
+        // changed nothing but that mark.
+        let state = journal.state();
+        let back_to = current
+            .clone()
+            .filter(|c| state.is_good(c) && site.release(c).is_dir());
+        let e = fail_and_restore(
+            site,
+            journal,
+            &target,
+            current.as_deref(),
+            back_to,
+            &f,
+            started,
+        )?;
+        return Err(Error::Failed(format!("rollback to {target} failed: {e}")));
     }
     Ok(Rollback {
         to: target,

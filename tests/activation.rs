@@ -838,3 +838,182 @@ fn healing_never_points_current_at_a_failed_release() {
     );
     svc.stop();
 }
+
+/// Makes release `id` with `finalize` (no service), asserting the command's exit code.
+fn finalize_as(
+    site: &Site,
+    cfg: &Path,
+    id: &str,
+    extra: &[&str],
+    code: i32,
+) -> std::process::Output {
+    let b = build(id);
+    let files: Vec<(&str, &[u8])> = b.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
+    site.stage_upload(&files);
+    let mut args = vec!["finalize", SITE, "--id", id, "--log-format", "json"];
+    args.extend_from_slice(extra);
+    let out = cli(cfg, &args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "finalize {id}: {}",
+        show(&out)
+    );
+    out
+}
+
+/// A health check that fails while `<tmp>/fail-<RELEASE_ID>` exists, so a release can
+/// turn unhealthy after it was good.
+fn flag_health_config(site: &Site, defaults: &str, site_extra: &str) -> PathBuf {
+    let health = script(
+        &site.tmp_path(""),
+        "health.sh",
+        &format!(
+            "test ! -e \"{}/fail-$RELEASE_ID\"",
+            site.tmp_path("").display()
+        ),
+    );
+    site.write_config(
+        SITE,
+        &format!("health_retries = 1\nhealth_interval = \"0s\"\n{defaults}"),
+        &format!("health_check = [\"{}\"]\n{site_extra}", health.display()),
+    )
+}
+
+/// `rollback` returns "only after the health check has passed or rolled back": a target
+/// that fails it gets an activation's verdict, marked failed (so no later rollback picks
+/// it) with `current` back on the release the rollback started from. It used to stay
+/// current, still "good", and the next plain rollback chose it again.
+#[test]
+fn rollback_to_an_unhealthy_release_marks_it_failed_and_goes_back() {
+    let site = Site::new();
+    let cfg = flag_health_config(&site, "", "");
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &[], 0);
+    fs::write(site.tmp_path("fail-v1"), b"").unwrap();
+    let out = cli(&cfg, &["rollback", SITE, "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "current must return to v2 after v1 failed its health check: {}",
+        show(&out)
+    );
+    let l = list(&cfg);
+    assert_eq!(release_obj(&l, "v1")["state"], "failed", "{l}");
+    assert_eq!(release_obj(&l, "v2")["state"], "current", "{l}");
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.rolled_back"
+                && v["release"] == "v1"
+                && v["previous"] == "v2"),
+        "the return to v2 is logged as release.rolled_back: {}",
+        show(&out)
+    );
+    let again = cli(&cfg, &["rollback", SITE]);
+    assert_eq!(again.status.code(), Some(1), "{}", show(&again));
+    assert_eq!(site.current_id().as_deref(), Some("v2"), "{}", show(&again));
+}
+
+/// With the `current` link deleted by hand (no service to heal it), a plain `rollback`
+/// steps back from the release the keeper last made current, not onto it.
+#[test]
+fn rollback_with_the_current_link_deleted_steps_back_from_the_last_current() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    for id in ["v1", "v2", "v3"] {
+        finalize_as(&site, &cfg, id, &[], 0);
+    }
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "rollback");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "v3 was live; rolling back must not land on it: {}",
+        show(&out)
+    );
+}
+
+/// `current` a real directory: `rename(2)` cannot replace it, so `activate` refuses before
+/// any hook runs, says how to fix it, and leaves no open trial in the journal (which the
+/// next healing pass took for a crash and reported as one).
+#[test]
+fn activate_while_current_is_a_real_directory_refuses_before_hooks_and_leaves_no_trial() {
+    let site = Site::new();
+    let marker = site.tmp_path("before-ran");
+    let before = script(
+        &site.tmp_path(""),
+        "before.sh",
+        &format!("echo \"$RELEASE_ID\" >> \"{}\"", marker.display()),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "",
+        &format!("before_activate = [\"{}\"]", before.display()),
+    );
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &["--no-activate"], 0);
+    fs::remove_file(site.current_path()).unwrap();
+    fs::create_dir(site.current_path()).unwrap();
+    let out = cli(&cfg, &["activate", SITE, "v2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a symlink") && err.contains("heal"),
+        "the error says what is wrong and how to fix it: {}",
+        show(&out)
+    );
+    assert_eq!(
+        fs::read_to_string(&marker).unwrap_or_default(),
+        "v1\n",
+        "before_activate must not run for a switch that cannot happen"
+    );
+    let heal = cli(&cfg, &["heal", SITE]);
+    assert_ok(&heal, "heal");
+    assert!(
+        !String::from_utf8_lossy(&heal.stdout).contains("interrupted"),
+        "no activation was interrupted: {}",
+        show(&heal)
+    );
+    let out = cli(&cfg, &["activate", SITE, "v2"]);
+    assert_ok(&out, "activate after heal");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+}
+
+/// A real directory where a configured link belongs is reported, but once `current` has
+/// switched it must not abort the activation: it did, leaving `current` on the new
+/// release with no health check run, an open trial, and "not activated" printed.
+#[test]
+fn a_real_directory_where_a_link_belongs_does_not_abort_the_activation() {
+    let site = Site::new();
+    let cfg = flag_health_config(&site, "", "links = { htdocs = \"current/app\" }");
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    fs::remove_file(site.root.join("htdocs")).unwrap();
+    fs::create_dir(site.root.join("htdocs")).unwrap();
+    fs::write(site.tmp_path("fail-v2"), b"").unwrap();
+    let out = finalize_as(&site, &cfg, "v2", &[], 1);
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "v2's health check must run and roll it back: {}",
+        show(&out)
+    );
+    let out = finalize_as(&site, &cfg, "v3", &[], 0);
+    assert_eq!(site.current_id().as_deref(), Some("v3"), "{}", show(&out));
+    assert!(
+        site.root.join("htdocs").is_dir() && !site.root.join("htdocs").is_symlink(),
+        "the directory is left alone"
+    );
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "site.error" && v["link"] == "htdocs"),
+        "the link that could not be made is logged: {}",
+        show(&out)
+    );
+    let l = list(&cfg);
+    assert_eq!(release_obj(&l, "v3")["state"], "current", "{l}");
+    assert_eq!(release_obj(&l, "v2")["state"], "failed", "{l}");
+}
