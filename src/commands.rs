@@ -214,7 +214,9 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
             note.push_str("pinned ");
         }
         if let Some(reason) = r["reason"].as_str() {
-            note.push_str(reason);
+            // A reason quotes a hook's stderr, often several lines: one row per release,
+            // or the lines that follow read as rows of their own.
+            note.push_str(&reason.split_whitespace().collect::<Vec<_>>().join(" "));
         }
         out(&format!(
             "{:<28} {:<9} {:<20} {:>8} {:>12}  {}",

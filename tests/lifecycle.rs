@@ -1333,3 +1333,68 @@ fn generated_ids_are_utc_time_then_suffixed_2_and_3_in_the_same_second() {
     }
     panic!("three finalize runs never fit in one second");
 }
+
+/// Makes release `id` of `small_build(id)` with `finalize` (no service) and returns the
+/// command's output.
+fn finalize_release(site: &Site, cfg: &Path, id: &str) -> std::process::Output {
+    site.stage_upload(&as_refs(&small_build(id)));
+    cli(cfg, &["finalize", SITE, "--id", id, "--log-format", "json"])
+}
+
+/// A failure reason quotes a hook's stderr, often several lines: the human `list` keeps
+/// one row per release, or the reason's later lines read as rows of their own.
+#[test]
+fn human_list_keeps_a_multi_line_failure_reason_on_its_row() {
+    let site = Site::new();
+    let hook = r#"before_activate = ["/bin/sh", "-c", "case \"$RELEASE_ID\" in bad*) printf 'line one\nline two\n' >&2; exit 1;; esac"]"#;
+    let cfg = site.write_config(SITE, "", hook);
+    assert_ok(&finalize_release(&site, &cfg, "v1"), "finalize v1");
+    let out = finalize_release(&site, &cfg, "bad1");
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let out = cli(&cfg, &["list", SITE]);
+    assert_ok(&out, "list");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        text.lines().count(),
+        3,
+        "a header and one row per release:\n{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("bad1 "))
+        .unwrap_or_else(|| panic!("no row for bad1:\n{text}"));
+    assert!(
+        row.contains("line one line two"),
+        "the reason stays on bad1's row: {row:?}"
+    );
+}
+
+/// `release.pruned` carries what the deletion freed, `files` and `bytes` (SPEC: every
+/// event carries them where they apply), beside `release` and `reason`.
+#[test]
+fn release_pruned_event_names_the_files_and_bytes_deleted() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "keep = 1", "");
+    for id in ["v1", "v2"] {
+        assert_ok(&finalize_release(&site, &cfg, id), id);
+    }
+    let listed = list_json(&cfg);
+    let v1 = listed["releases"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["id"] == "v1").cloned())
+        .unwrap_or_else(|| panic!("v1 not listed: {listed}"));
+    let out = finalize_release(&site, &cfg, "v3");
+    assert_ok(&out, "finalize v3");
+    let ev = stderr_events(&out)
+        .into_iter()
+        .find(|v| v["event"] == "release.pruned")
+        .unwrap_or_else(|| panic!("no release.pruned: {}", show(&out)));
+    assert_eq!(ev["release"], "v1", "{ev}");
+    assert!(
+        ev["reason"].as_str().is_some_and(|r| r.contains("keep")),
+        "{ev}"
+    );
+    assert!(v1["files"].as_u64().is_some_and(|n| n > 0), "{v1}");
+    assert_eq!(ev["files"], v1["files"], "{ev}");
+    assert_eq!(ev["bytes"], v1["bytes"], "{ev}");
+}

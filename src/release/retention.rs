@@ -19,6 +19,10 @@ pub struct Doomed {
     pub id: String,
     /// Why it goes.
     pub why: String,
+    /// Its regular files, as the journal recorded them.
+    pub files: u64,
+    /// Their total size in bytes, which deleting it frees (less what is hard-linked).
+    pub bytes: u64,
 }
 
 /// The deletions the policy asks for. `on_disk` are the ids present in `releases/`.
@@ -45,6 +49,8 @@ pub fn plan(
                 out.push(Doomed {
                     id: r.id.clone(),
                     why: format!("failed release beyond keep_failed = {keep_failed}"),
+                    files: r.files,
+                    bytes: r.bytes,
                 });
             }
         } else {
@@ -53,6 +59,8 @@ pub fn plan(
                 out.push(Doomed {
                     id: r.id.clone(),
                     why: format!("older than the newest keep = {keep} good releases"),
+                    files: r.files,
+                    bytes: r.bytes,
                 });
             }
         }
@@ -97,6 +105,8 @@ pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
             site = site.name(),
             release = %d.id,
             reason = %d.why,
+            files = d.files,
+            bytes = d.bytes,
             "release pruned"
         );
     }
