@@ -371,16 +371,7 @@ pub struct Rollback {
 pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
     let state = journal.state();
     let current = site.current_id();
-    // With the `current` link gone (deleted by hand while no service healed it), the
-    // release the keeper last switched to is still the live one to step back from:
-    // stepping back from "nothing" picked that very release and called it a rollback.
-    let from = current.clone().or_else(|| {
-        state
-            .history
-            .last()
-            .filter(|id| site.release(id).is_dir())
-            .cloned()
-    });
+    let from = state.effective_current(current.clone(), |r| site.release(r).is_dir());
     let target = match to {
         Some(t) => t.to_string(),
         None => state

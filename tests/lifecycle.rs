@@ -1398,3 +1398,26 @@ fn release_pruned_event_names_the_files_and_bytes_deleted() {
     assert_eq!(ev["files"], v1["files"], "{ev}");
     assert_eq!(ev["bytes"], v1["bytes"], "{ev}");
 }
+
+/// With the `current` link deleted by hand and no service to heal it yet, `prune` still
+/// spares the release before the last current one: it took "no current" as the point to
+/// count from, protected only the last current as "previous", and deleted the release a
+/// rollback would go to.
+#[test]
+fn prune_with_the_current_link_deleted_keeps_the_rollback_target() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "keep = 1", "");
+    for id in ["v1", "v2", "v3"] {
+        assert_ok(&finalize_release(&site, &cfg, id), id);
+    }
+    assert_eq!(site.release_ids(), ["v2", "v3"]);
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["prune", SITE]);
+    assert_ok(&out, "prune");
+    assert_eq!(
+        site.release_ids(),
+        ["v2", "v3"],
+        "v3 was current and v2 its previous; neither may go: {}",
+        show(&out)
+    );
+}

@@ -267,6 +267,19 @@ impl State {
             .cloned()
     }
 
+    /// The release `current` should be taken for: what the link names (`link`), else, with
+    /// the link missing or dangling (a hand edit no healing pass has repaired yet), the
+    /// release the keeper last switched to, if it is still on disk. Rollback and pruning
+    /// reason from it, so a deleted link neither makes `rollback` "go back" to the live
+    /// release nor lets pruning delete the release a rollback would go to.
+    pub fn effective_current(
+        &self,
+        link: Option<String>,
+        exists: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        link.or_else(|| self.history.last().filter(|id| exists(id)).cloned())
+    }
+
     /// The last release `current` was switched to that is still good and exists.
     pub fn last_good_activated(&self, exists: impl Fn(&str) -> bool) -> Option<String> {
         self.history
