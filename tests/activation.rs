@@ -888,8 +888,9 @@ fn flag_health_config(site: &Site, defaults: &str, site_extra: &str) -> PathBuf 
 fn rollback_to_an_unhealthy_release_marks_it_failed_and_goes_back() {
     let site = Site::new();
     let cfg = flag_health_config(&site, "", "");
-    finalize_as(&site, &cfg, "v1", &[], 0);
-    finalize_as(&site, &cfg, "v2", &[], 0);
+    for id in ["v0", "v1", "v2"] {
+        finalize_as(&site, &cfg, id, &[], 0);
+    }
     fs::write(site.tmp_path("fail-v1"), b"").unwrap();
     let out = cli(&cfg, &["rollback", SITE, "--log-format", "json"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
@@ -911,9 +912,16 @@ fn rollback_to_an_unhealthy_release_marks_it_failed_and_goes_back() {
         "the return to v2 is logged as release.rolled_back: {}",
         show(&out)
     );
-    let again = cli(&cfg, &["rollback", SITE]);
-    assert_eq!(again.status.code(), Some(1), "{}", show(&again));
-    assert_eq!(site.current_id().as_deref(), Some("v2"), "{}", show(&again));
+    // v2 is current again: the next activation's previous (rollback target) is v2, and
+    // rolling back twice from there skips the failed v1.
+    finalize_as(&site, &cfg, "v3", &[], 0);
+    let l = list(&cfg);
+    assert_eq!(l["previous"], "v2", "{l}");
+    for to in ["v2", "v0"] {
+        let out = cli(&cfg, &["rollback", SITE]);
+        assert_ok(&out, "rollback");
+        assert_eq!(site.current_id().as_deref(), Some(to), "{}", show(&out));
+    }
 }
 
 /// With the `current` link deleted by hand (no service to heal it), a plain `rollback`

@@ -210,6 +210,12 @@ impl State {
                 if let Some(&i) = st.index.get(release) {
                     st.releases[i].rolled_back = true;
                 }
+                // Current again: when a rollback's target fails its checks, `current`
+                // returns to the release the rollback had left, which must again be the
+                // `previous` of the next activation rather than be stepped past.
+                if let Some(&i) = st.index.get(to) {
+                    st.releases[i].rolled_back = false;
+                }
                 st.history.push(to.clone());
                 st.open_trial = None;
             }
@@ -811,6 +817,47 @@ mod tests {
             st.previous_good(Some("a"), |_| true),
             Some("b".into()),
             "after two rollbacks b (current before a) is still a good release to go to"
+        );
+    }
+
+    #[test]
+    fn a_release_a_failed_rollback_returned_to_is_the_next_previous() {
+        let rolled = |seq, from: &str, to: &str| {
+            rec(
+                seq,
+                Op::RolledBack {
+                    release: from.into(),
+                    to: to.into(),
+                    reason: "r".into(),
+                },
+            )
+        };
+        let recs = vec![
+            rec(1, fin("z")),
+            rec(2, act("z", None)),
+            rec(3, fin("a")),
+            rec(4, act("a", Some("z"))),
+            rec(5, fin("b")),
+            rec(6, act("b", Some("a"))),
+            // `rollback` to a, whose health check fails: a is marked failed and current
+            // returns to b.
+            rolled(7, "b", "a"),
+            rec(
+                8,
+                Op::Failed {
+                    release: "a".into(),
+                    reason: "health".into(),
+                },
+            ),
+            rolled(9, "a", "b"),
+            rec(10, fin("c")),
+            rec(11, act("c", Some("b"))),
+        ];
+        let st = State::from_records(&recs);
+        assert_eq!(
+            st.previous_good(Some("c"), |_| true),
+            Some("b".into()),
+            "b was current right before c, not z"
         );
     }
 
