@@ -934,6 +934,11 @@ fn rollback_with_the_current_link_deleted_steps_back_from_the_last_current() {
         finalize_as(&site, &cfg, id, &[], 0);
     }
     fs::remove_file(site.current_path()).unwrap();
+    let l = list(&cfg);
+    assert_eq!(
+        l["previous"], "v2",
+        "list shows as previous the release rollback goes to: {l}"
+    );
     let out = cli(&cfg, &["rollback", SITE]);
     assert_ok(&out, "rollback");
     assert_eq!(
