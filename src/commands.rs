@@ -254,13 +254,17 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         let journal = Journal::load(&site)?;
         let mut doc = list_doc(&site, &journal);
         let state = journal.state();
-        doc["pinned"] = json!(state
-            .live_newest_first()
+        // The same releases as `releases`: one deleted by hand is in neither list.
+        let on_disk = || {
+            state
+                .live_newest_first()
+                .filter(|r| site.release(&r.id).is_dir())
+        };
+        doc["pinned"] = json!(on_disk()
             .filter(|r| r.pinned)
             .map(|r| r.id.clone())
             .collect::<Vec<_>>());
-        doc["failed"] = json!(state
-            .live_newest_first()
+        doc["failed"] = json!(on_disk()
             .filter(|r| r.failed.is_some())
             .map(|r| r.id.clone())
             .collect::<Vec<_>>());

@@ -1421,3 +1421,27 @@ fn prune_with_the_current_link_deleted_keeps_the_rollback_target() {
         show(&out)
     );
 }
+
+/// `status` lists pinned and failed releases among the releases it shows: one deleted by
+/// hand was gone from `releases` but still listed as pinned or failed.
+#[test]
+fn status_pinned_and_failed_lists_leave_out_releases_deleted_by_hand() {
+    let site = Site::new();
+    let hook =
+        r#"before_activate = ["/bin/sh", "-c", "case \"$RELEASE_ID\" in bad*) exit 1;; esac"]"#;
+    let cfg = site.write_config(SITE, "", hook);
+    assert_ok(&finalize_release(&site, &cfg, "v1"), "finalize v1");
+    assert_ok(&finalize_release(&site, &cfg, "v2"), "finalize v2");
+    assert_eq!(finalize_release(&site, &cfg, "bad1").status.code(), Some(1));
+    assert_ok(&cli(&cfg, &["pin", SITE, "v1"]), "pin v1");
+    for id in ["v1", "bad1"] {
+        make_writable(&site.release(id));
+        fs::remove_dir_all(site.release(id)).unwrap();
+    }
+    let out = cli(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status --json");
+    let doc = stdout_json(&out);
+    let s = &doc["sites"][0];
+    assert_eq!(s["pinned"], serde_json::json!([]), "{s}");
+    assert_eq!(s["failed"], serde_json::json!([]), "{s}");
+}
