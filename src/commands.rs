@@ -524,8 +524,25 @@ pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<Strin
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
-    if journal.state().get(id).is_none() || !site.release(id).is_dir() {
+    let Some(info) = journal
+        .state()
+        .get(id)
+        .filter(|_| site.release(id).is_dir())
+    else {
         return Err(site.no_release(id));
+    };
+    if info.pinned == pinned {
+        // The wanted state holds: exit 0, but say so rather than claim a change, and add
+        // no journal record (`last_event` would show a pin that changed nothing).
+        return out(&format!(
+            "{}: {id} is {} (nothing to do)",
+            site.name(),
+            if pinned {
+                "already pinned"
+            } else {
+                "not pinned"
+            }
+        ));
     }
     let release = id.to_string();
     journal.append(if pinned {

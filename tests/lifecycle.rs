@@ -1445,3 +1445,42 @@ fn status_pinned_and_failed_lists_leave_out_releases_deleted_by_hand() {
     assert_eq!(s["pinned"], serde_json::json!([]), "{s}");
     assert_eq!(s["failed"], serde_json::json!([]), "{s}");
 }
+
+/// Pinning a pinned release (or unpinning one that is not) succeeds and says the state
+/// already held, instead of reporting a change and journaling a record that changed
+/// nothing (which `status` then showed as the last event).
+#[test]
+fn pin_twice_says_already_pinned_and_records_nothing() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    assert_ok(&finalize_release(&site, &cfg, "v1"), "finalize v1");
+    assert_ok(&cli(&cfg, &["pin", SITE, "v1"]), "pin v1");
+    let last = |cfg: &Path| {
+        let out = cli(cfg, &["status", SITE, "--json"]);
+        assert_ok(&out, "status");
+        stdout_json(&out)["sites"][0]["last_event"]["seq"].clone()
+    };
+    let before = last(&cfg);
+    for (cmd, word) in [("pin", "already pinned"), ("unpin", "unpinned")] {
+        let out = cli(&cfg, &[cmd, SITE, "v1"]);
+        assert_ok(&out, cmd);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(word),
+            "{cmd}: {}",
+            show(&out)
+        );
+    }
+    let out = cli(&cfg, &["unpin", SITE, "v1"]);
+    assert_ok(&out, "unpin again");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("is not pinned"),
+        "{}",
+        show(&out)
+    );
+    let after = last(&cfg);
+    assert_eq!(
+        after.as_u64(),
+        before.as_u64().map(|s| s + 1),
+        "only the one real change (the unpin) is journaled"
+    );
+}
