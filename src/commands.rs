@@ -369,15 +369,26 @@ pub fn activate(
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
-    activate::activate(&site, &mut journal, id, activate::Options { force })?;
-    out(&format!("{}: current -> {id}", site.name()))?;
-    // SPEC prunes after each activation; a staged release activated here is one. The
-    // switch already happened, so a pruning failure is only reported.
-    if let Err(e) = retention::prune(&site, &mut journal) {
-        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
-            "pruning failed; will retry after the next release");
+    let failed_before = is_failed(&journal, id);
+    let result = activate::activate(&site, &mut journal, id, activate::Options { force });
+    // SPEC prunes after each activation; a staged release activated here is one, and so
+    // is one that its hooks or health check failed (as after an upload, where the new
+    // failure may push an older failed release past `keep_failed`). A refusal changed
+    // nothing and prunes nothing. The outcome is decided, so a pruning failure is only
+    // reported.
+    if result.is_ok() || (!failed_before && is_failed(&journal, id)) {
+        if let Err(e) = retention::prune(&site, &mut journal) {
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                "pruning failed; will retry after the next release");
+        }
     }
-    Ok(())
+    result?;
+    out(&format!("{}: current -> {id}", site.name()))
+}
+
+/// True when the journal has release `id` marked failed.
+fn is_failed(journal: &Journal, id: &str) -> bool {
+    journal.state().get(id).is_some_and(|r| r.failed.is_some())
 }
 
 /// `rollback SITE [--to ID]`.

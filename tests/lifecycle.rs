@@ -1484,3 +1484,33 @@ fn pin_twice_says_already_pinned_and_records_nothing() {
         "only the one real change (the unpin) is journaled"
     );
 }
+
+/// `activate` of a staged release that fails its checks applies the retention policy, as
+/// a failed activation after an upload does: the failed releases beyond `keep_failed`
+/// went only at the next successful activation.
+#[test]
+fn a_failed_activate_prunes_failed_releases_beyond_keep_failed() {
+    let site = Site::new();
+    let hook =
+        r#"before_activate = ["/bin/sh", "-c", "case \"$RELEASE_ID\" in bad*) exit 1;; esac"]"#;
+    let cfg = site.write_config(SITE, "keep_failed = 1", hook);
+    assert_ok(&finalize_release(&site, &cfg, "v1"), "finalize v1");
+    for bad in ["bad1", "bad2"] {
+        site.stage_upload(&as_refs(&small_build(bad)));
+        let out = cli(&cfg, &["finalize", SITE, "--id", bad, "--no-activate"]);
+        assert_ok(&out, "finalize --no-activate");
+    }
+    for bad in ["bad1", "bad2"] {
+        let out = cli(&cfg, &["activate", SITE, bad, "--log-format", "json"]);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    }
+    assert_eq!(
+        site.release_ids(),
+        ["bad2", "v1"],
+        "keep_failed = 1: bad1 goes once bad2 failed too"
+    );
+    // A refusal (a failed release without --force) changes nothing and prunes nothing.
+    let out = cli(&cfg, &["activate", SITE, "bad2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(site.release_ids(), ["bad2", "v1"]);
+}
