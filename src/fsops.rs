@@ -622,8 +622,9 @@ pub fn trash_and_remove(path: &Path, trash_dir: &Path) -> Result<()> {
     remove_tree(&dest)
 }
 
-/// The first half of a deletion: one rename of `path` into `trash_dir`, made durable.
-/// What is left in the trash after a failure is removed by the next healing pass.
+/// The first half of a deletion: one rename of `path` into `trash_dir`, made durable (or,
+/// across filesystems, to a temporary name beside it). What is left after a failure is
+/// removed by the next healing pass.
 pub fn move_to_trash(path: &Path, trash_dir: &Path) -> Result<PathBuf> {
     ensure_dir(trash_dir, 0o700)?;
     let name = path
@@ -641,7 +642,20 @@ pub fn move_to_trash(path: &Path, trash_dir: &Path) -> Result<PathBuf> {
         }
         n += 1;
     }
-    fs::rename(path, &dest).at(path)?;
+    match fs::rename(path, &dest) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            // `releases/` on a filesystem of its own (a volume mounted there): no rename
+            // reaches the trash, and every pruning failed while the disk filled. A hidden
+            // temporary name beside it takes the release out of `releases/<id>` just as
+            // atomically; healing removes such a leftover if the removal is cut short.
+            let beside = tmp_sibling(path);
+            fs::rename(path, &beside).at(path)?;
+            fsync_dir(parent_of(path))?;
+            return Ok(beside);
+        }
+        Err(e) => return Err(e).at(path),
+    }
     fsync_dir(parent_of(path))?;
     fsync_dir(trash_dir)?;
     Ok(dest)

@@ -1514,3 +1514,48 @@ fn a_failed_activate_prunes_failed_releases_beyond_keep_failed() {
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert_eq!(site.release_ids(), ["bad2", "v1"]);
 }
+
+/// Unmounts what it was given when dropped, so a failing test leaves no mount behind.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// `releases/` on a filesystem of its own (a volume mounted there): the rename into
+/// `.release-keeper/trash/` fails with EXDEV, so every pruning failed and old releases
+/// piled up until the disk was full. Needs root (a tmpfs mount); skipped without it.
+#[test]
+fn pruning_works_with_releases_on_its_own_filesystem() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "keep = 1", "");
+    fs::create_dir_all(site.releases_dir()).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(site.releases_dir())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _guard = Mounted(site.releases_dir());
+    for id in ["v1", "v2", "v3"] {
+        assert_ok(&finalize_release(&site, &cfg, id), id);
+    }
+    assert_eq!(
+        site.releases_entries(),
+        ["v2", "v3"],
+        "v1 pruned, nothing hidden left behind"
+    );
+    let l = list_json(&cfg);
+    assert_eq!(
+        list_states(&l),
+        pairs(&[("v3", "current"), ("v2", "previous")])
+    );
+}
