@@ -7,6 +7,7 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -126,6 +127,41 @@ fn status_text(st: ExitStatus) -> String {
     }
 }
 
+/// Process group of the hook running now (0: none), for `forward_interrupts`.
+static RUNNING_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// For a command run from a terminal or a script (not the service, which finishes or
+/// undoes its work on a signal): SIGINT, SIGTERM and SIGHUP are passed on to the running
+/// hook, then end the command as they would have. A hook runs in a process group of its
+/// own, which Ctrl-C at the terminal does not reach: an interrupted `activate` left its
+/// `before_activate` (a migration) running on, orphaned, with nothing to record how it
+/// ended. What the interruption leaves in the journal is resolved like a crash.
+pub fn forward_interrupts() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only makes async-signal-safe calls (an atomic load, kill,
+        // signal, raise).
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}
+
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    let group = RUNNING_GROUP.load(Ordering::SeqCst);
+    // SAFETY: kill, signal and raise are async-signal-safe.
+    unsafe {
+        if group > 0 {
+            libc::kill(-group, sig);
+        }
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
 /// Runs `argv` for hook `name`; `Ok(())` on exit status 0.
 pub fn run(
     name: &str,
@@ -195,6 +231,7 @@ pub fn run(
     let mut out = Tail::new(child.stdout.take().map(std::os::fd::OwnedFd::from));
     let mut err = Tail::new(child.stderr.take().map(std::os::fd::OwnedFd::from));
     let pgid = Pid::from_raw(child.id() as i32);
+    RUNNING_GROUP.store(pgid.as_raw(), Ordering::SeqCst);
     let deadline = Instant::now() + timeout;
     let status = loop {
         // Drained while the hook runs so a chatty hook never blocks on a full pipe.
@@ -216,6 +253,7 @@ pub fn run(
     };
     // Whatever the leader did, stray members of its group must not outlive the hook.
     let _ = killpg(pgid, Signal::SIGKILL);
+    RUNNING_GROUP.store(0, Ordering::SeqCst);
     // The hook has ended: what it wrote is in the pipes now. A detached descendant may
     // still hold them open; its later output is not the hook's and is not waited for.
     let stdout = out.finish();

@@ -16,6 +16,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Completions { shell } => return Ok(cli::print_completions(*shell)?),
         Command::Man { dir } => return Ok(cli::write_man(dir.as_deref())?),
         other => {
+            release_keeper::hooks::forward_interrupts();
             let cfg = commands::load_config(config)?;
             match other {
                 Command::Status { site, json } => commands::status(&cfg, site.as_deref(), *json),

@@ -1030,3 +1030,71 @@ fn a_real_directory_where_a_link_belongs_does_not_abort_the_activation() {
     assert_eq!(release_obj(&l, "v3")["state"], "current", "{l}");
     assert_eq!(release_obj(&l, "v2")["state"], "failed", "{l}");
 }
+
+/// Interrupting `activate` (Ctrl-C, or SIGTERM from a script's timeout) reaches its hook
+/// too: a hook runs in a process group of its own, which the terminal's Ctrl-C misses, so
+/// the `before_activate` (a migration) ran on, orphaned, after the command had died.
+#[test]
+fn interrupting_activate_stops_its_running_hook() {
+    let site = Site::new();
+    let pid_file = site.tmp_path("hook.pid");
+    let before = script(
+        &site.tmp_path(""),
+        "before.sh",
+        &format!(
+            "case \"$RELEASE_ID\" in slow) echo $$ > \"{}\"; exec sleep 30;; esac",
+            pid_file.display()
+        ),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "",
+        &format!("before_activate = [\"{}\"]", before.display()),
+    );
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "slow", &["--no-activate"], 0);
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        let _ = fs::remove_file(&pid_file);
+        let mut child = std::process::Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), "activate", SITE, "slow"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn release-keeper");
+        wait_until(
+            Duration::from_secs(10),
+            || fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n')),
+            || "the hook to start".to_string(),
+        );
+        let hook: i32 = fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Ends an orphaned hook even when an assertion below fails.
+        struct Reap(i32);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+            }
+        }
+        let _reap = Reap(hook);
+        kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "{sig}: {status:?}");
+        wait_until(
+            Duration::from_secs(5),
+            || {
+                // A zombie has ended too; it waits only for its new parent to reap it.
+                kill(Pid::from_raw(hook), None).is_err()
+                    || fs::read_to_string(format!("/proc/{hook}/stat")).is_ok_and(|st| {
+                        st.rsplit(')')
+                            .next()
+                            .is_some_and(|r| r.trim_start().starts_with('Z'))
+                    })
+            },
+            || format!("{sig}: the hook (pid {hook}) to end with the command"),
+        );
+        assert_eq!(site.current_id().as_deref(), Some("v1"), "{sig}");
+    }
+}
