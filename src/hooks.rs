@@ -146,7 +146,16 @@ pub fn forward_interrupts() {
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only makes async-signal-safe calls (an atomic load, kill,
         // signal, raise).
-        let _ = unsafe { sigaction(sig, &action) };
+        let old = unsafe { sigaction(sig, &action) };
+        // An ignored signal stays ignored (`nohup`, a background job of a script): it
+        // would not have ended the command, so it must not end the hook either.
+        if let Some(old) = old
+            .ok()
+            .filter(|o| matches!(o.handler(), SigHandler::SigIgn))
+        {
+            // SAFETY: restores the disposition the process was started with.
+            let _ = unsafe { sigaction(sig, &old) };
+        }
     }
 }
 

@@ -1042,7 +1042,8 @@ fn interrupting_activate_stops_its_running_hook() {
         &site.tmp_path(""),
         "before.sh",
         &format!(
-            "case \"$RELEASE_ID\" in slow) echo $$ > \"{}\"; exec sleep 30;; esac",
+            "case \"$RELEASE_ID\" in slow) echo $$ > \"{0}\"; exec sleep 30;; \
+             brief) echo $$ > \"{0}\"; sleep 1;; esac",
             pid_file.display()
         ),
     );
@@ -1097,4 +1098,32 @@ fn interrupting_activate_stops_its_running_hook() {
         );
         assert_eq!(site.current_id().as_deref(), Some("v1"), "{sig}");
     }
+    // A signal the command was started ignoring (`nohup`) stays ignored, for the hook too.
+    finalize_as(&site, &cfg, "brief", &["--no-activate"], 0);
+    let _ = fs::remove_file(&pid_file);
+    let mut child = std::process::Command::new("nohup")
+        .args([
+            BIN,
+            "--config",
+            cfg.to_str().unwrap(),
+            "activate",
+            SITE,
+            "brief",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn nohup release-keeper");
+    wait_until(
+        Duration::from_secs(10),
+        || fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n')),
+        || "the hook to start".to_string(),
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "under nohup, SIGHUP is ignored: {status:?}"
+    );
+    assert_eq!(site.current_id().as_deref(), Some("brief"));
 }
