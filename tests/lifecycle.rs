@@ -1559,3 +1559,29 @@ fn pruning_works_with_releases_on_its_own_filesystem() {
         pairs(&[("v3", "current"), ("v2", "previous")])
     );
 }
+
+/// `keep_failed` keeps the latest failures for inspection: a release staged earlier that
+/// fails when it is activated now is the one to look at, and was deleted by the pruning
+/// right after its own failure (it is older by release order than an earlier failure).
+#[test]
+fn keep_failed_keeps_the_release_that_failed_last() {
+    let site = Site::new();
+    let hook =
+        r#"before_activate = ["/bin/sh", "-c", "case \"$RELEASE_ID\" in bad*) exit 1;; esac"]"#;
+    let cfg = site.write_config(SITE, "keep_failed = 1", hook);
+    assert_ok(&finalize_release(&site, &cfg, "v1"), "finalize v1");
+    site.stage_upload(&as_refs(&small_build("bad-staged")));
+    let out = cli(
+        &cfg,
+        &["finalize", SITE, "--id", "bad-staged", "--no-activate"],
+    );
+    assert_ok(&out, "stage bad-staged");
+    assert_eq!(finalize_release(&site, &cfg, "bad1").status.code(), Some(1));
+    let out = cli(&cfg, &["activate", SITE, "bad-staged"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(
+        site.release_ids(),
+        ["bad-staged", "v1"],
+        "bad-staged failed last and is kept; bad1 goes"
+    );
+}

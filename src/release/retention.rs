@@ -1,7 +1,7 @@
 //! Which releases to keep. The policy is a pure function of the journal's state, so it is
 //! tested on its own: the newest `keep` good releases by journal order (never by mtime or
 //! name), plus `current`, the previous good release and pinned ones; failed releases do
-//! not count toward `keep`, the newest `keep_failed` of them are kept for inspection.
+//! not count toward `keep`, the `keep_failed` that failed last are kept for inspection.
 //! Directories the keeper did not make are never touched.
 
 use std::collections::BTreeSet;
@@ -34,8 +34,19 @@ pub fn plan(
     keep_failed: usize,
     on_disk: &BTreeSet<String>,
 ) -> Vec<Doomed> {
+    // The failures kept for inspection are the latest ones: a staged or older release
+    // that fails now must not be deleted by the very pruning that follows its failure.
+    let mut failures: Vec<_> = state
+        .live_newest_first()
+        .filter(|r| r.failed.is_some() && on_disk.contains(&r.id))
+        .collect();
+    failures.sort_by_key(|r| std::cmp::Reverse(r.failed_seq));
+    let inspected: BTreeSet<&str> = failures
+        .iter()
+        .take(keep_failed)
+        .map(|r| r.id.as_str())
+        .collect();
     let mut good = 0usize;
-    let mut failed = 0usize;
     let mut out = Vec::new();
     for r in state.live_newest_first() {
         if !on_disk.contains(&r.id) {
@@ -44,8 +55,7 @@ pub fn plan(
         let protected =
             Some(r.id.as_str()) == current || Some(r.id.as_str()) == previous || r.pinned;
         if r.failed.is_some() {
-            failed += 1;
-            if failed > keep_failed && !protected {
+            if !inspected.contains(r.id.as_str()) && !protected {
                 out.push(Doomed {
                     id: r.id.clone(),
                     why: format!("failed release beyond keep_failed = {keep_failed}"),
@@ -193,6 +203,24 @@ mod tests {
             2,
             1,
             &all(&["a", "b", "f1", "f2", "f3"]),
+        );
+        assert_eq!(ids(&d), vec!["f2", "f1"]);
+    }
+
+    #[test]
+    fn keep_failed_keeps_the_latest_failures_not_the_newest_releases() {
+        let mut st = state(&[("old", false), ("f1", true), ("f2", true), ("cur", false)]);
+        // "old" (staged long ago) is activated now and fails: the latest failure.
+        let seq = st.releases.iter().map(|r| r.failed_seq).max().unwrap_or(0) + 10;
+        st.releases[0].failed = Some(("x".into(), String::new()));
+        st.releases[0].failed_seq = seq;
+        let d = plan(
+            &st,
+            Some("cur"),
+            None,
+            5,
+            1,
+            &all(&["old", "f1", "f2", "cur"]),
         );
         assert_eq!(ids(&d), vec!["f2", "f1"]);
     }

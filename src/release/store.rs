@@ -120,6 +120,10 @@ pub struct ReleaseInfo {
     pub activated: bool,
     /// Failure reason and time, if failed.
     pub failed: Option<(String, String)>,
+    /// Sequence number of the record that marked it failed (0 when it is not): the order
+    /// of failures, which is not the order of releases when a staged or older release
+    /// fails later.
+    pub failed_seq: u64,
     /// Protected from pruning.
     pub pinned: bool,
     /// Deleted by retention.
@@ -201,6 +205,7 @@ impl State {
             Op::Failed { release, reason } => {
                 if let Some(&i) = st.index.get(release) {
                     st.releases[i].failed = Some((reason.clone(), rec.at.clone()));
+                    st.releases[i].failed_seq = rec.seq;
                 }
                 if st.open_trial.as_ref().is_some_and(|(t, _)| t == release) {
                     st.open_trial = None;
