@@ -82,6 +82,7 @@ pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     fsops::lock(&site.op_lock(), limit)?.ok_or_else(|| Error::Busy {
         site: site.name().to_string(),
         lock: site.op_lock(),
+        waited: wait.clone(),
     })
 }
 

@@ -25,12 +25,15 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     /// The site's operation lock is held by someone else.
-    #[error("site {site} is busy: another release-keeper operation holds {}", lock.display())]
+    #[error("site {site} is busy: another release-keeper operation holds {}; {}", lock.display(),
+        match waited { Some(w) => format!("still busy after waiting {w}"), None => "retry, or wait for it with --wait [DURATION]".to_string() })]
     Busy {
         /// Site name.
         site: String,
         /// The lock file.
         lock: PathBuf,
+        /// How long `--wait` waited, if it was given.
+        waited: Option<String>,
     },
     /// An upload was rejected; the reason is logged and shown.
     #[error("upload rejected: {0}")]

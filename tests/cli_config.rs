@@ -800,9 +800,19 @@ fn mutating_command_while_service_works_is_busy_75_unless_wait() {
         "pin while the service holds the op lock (hook running) exits 75; {}",
         show(&out)
     );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--wait"),
+        "the busy error says how to wait instead; {}",
+        show(&out)
+    );
     // `--wait 0`: a zero wait, written without a unit, is still busy, not a usage error.
     let out = cli(&cfg, &["pin", "web", "v1", "--wait", "0"]);
     assert_eq!(out.status.code(), Some(75), "pin --wait 0; {}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("after waiting 0"),
+        "the busy error says it waited; {}",
+        show(&out)
+    );
     let out = cli(&cfg, &["pin", "web", "v1", "--wait", "15s"]);
     assert_ok(&out, "pin --wait 15s");
     svc.wait_release_event("release.activated", "v2");
