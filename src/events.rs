@@ -133,6 +133,7 @@ pub fn init(format: Option<LogFormat>) {
             // Colour codes only for a person at a terminal: a pipe, a file or a journal
             // that fell back to stderr must get plain lines that grep and parsers read.
             let _ = tracing_subscriber::fmt()
+                .fmt_fields(one_line_fields())
                 .with_env_filter(filter)
                 .with_target(false)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -140,6 +141,24 @@ pub fn init(format: Option<LogFormat>) {
                 .try_init();
         }
     }
+}
+
+/// The text format's fields as the default writes them (`name=value`, the message bare),
+/// except that a line break inside a value is written `\n`: a reason quoting a hook's
+/// multi-line stderr split one event over several lines, and the lines after the first,
+/// without timestamp or `event=`, escaped `grep event=...` and line-based log readers.
+fn one_line_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}")
+            .replace('\r', "\\r")
+            .replace('\n', "\\n");
+        match field.name() {
+            "message" => write!(w, "{text}"),
+            name => write!(w, "{name}={text}"),
+        }
+    })
+    .delimited(" ")
 }
 
 #[cfg(test)]

@@ -998,6 +998,39 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
     );
 }
 
+/// One event, one line, in the text format too: a reason quoting a hook's multi-line
+/// stderr went out raw, and its later lines (no timestamp, no `event=`) escaped a `grep`
+/// for the event and any line-based log reader.
+#[test]
+fn text_logs_keep_a_multi_line_hook_failure_on_one_line() {
+    let site = Site::new();
+    let hook = r#"before_activate = ["/bin/sh", "-c", "case \"$RELEASE_ID\" in bad*) printf 'first line\nsecond line\n' >&2; exit 1;; esac"]"#;
+    let cfg = site.write_config("web", "", hook);
+    site.stage_upload(&as_refs(&small_build("bad1")));
+    let out = std::process::Command::new(BIN)
+        .args(["--log-format", "text", "--config", cfg.to_str().unwrap()])
+        .args(["finalize", "web", "--id", "bad1"])
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("event=\"hook.failed\""))
+        .unwrap_or_else(|| panic!("no hook.failed line; {}", show(&out)));
+    assert!(
+        line.contains("first line") && line.contains("second line"),
+        "the whole reason is on the event's line: {line:?}; {}",
+        show(&out)
+    );
+    assert!(
+        !err.lines().any(|l| l.starts_with("second line")),
+        "no line of an event starts without its timestamp; {}",
+        show(&out)
+    );
+}
+
 #[test]
 fn os_error_is_named_once_in_the_error_message() {
     let site = Site::new();
