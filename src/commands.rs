@@ -86,6 +86,36 @@ pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     })
 }
 
+/// The lock of a `--dry-run`, which must change nothing: no missing directory of the
+/// layout is made (run as root, a dry run left a root-owned `.release-keeper/` the
+/// service could not work in). Without a state directory there is no lock to take, and
+/// nothing the keeper made to look at.
+fn dry_run_lock(site: &Site, wait: &Option<String>) -> Result<Option<Lock>> {
+    require_root(site)?;
+    act_as_site_owner(site)?;
+    if !site.state().is_dir() {
+        return Ok(None);
+    }
+    let limit = wait_limit(wait)?;
+    match fsops::lock(&site.op_lock(), limit)? {
+        Some(lock) => Ok(Some(lock)),
+        None => Err(Error::Busy {
+            site: site.name().to_string(),
+            lock: site.op_lock(),
+            waited: wait.clone(),
+        }),
+    }
+}
+
+/// The operation lock, or for a dry run the lock of `dry_run_lock`.
+fn lock_for(site: &Site, dry_run: bool, wait: &Option<String>) -> Result<Option<Lock>> {
+    if dry_run {
+        dry_run_lock(site, wait)
+    } else {
+        op_lock(site, wait).map(Some)
+    }
+}
+
 /// Run as root (`sudo release-keeper rollback shop`) on a site whose state belongs to
 /// another user (the service's `User=`), a command becomes that user for good, groups
 /// included, as the service is: what it makes stays the service's (it could never prune
@@ -488,7 +518,7 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
 /// `prune SITE [--dry-run]`.
 pub fn prune(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> Result<()> {
     let site = site(cfg, name)?;
-    let _lock = op_lock(&site, wait)?;
+    let _lock = lock_for(&site, dry_run, wait)?;
     let mut journal = Journal::load(&site)?;
     let doomed = if dry_run {
         retention::plan_site(&site, &journal)?
@@ -508,7 +538,7 @@ pub fn prune(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> 
 /// `heal SITE [--dry-run]`.
 pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> Result<()> {
     let site = site(cfg, name)?;
-    let _lock = op_lock(&site, wait)?;
+    let _lock = lock_for(&site, dry_run, wait)?;
     let mut journal = Journal::load(&site)?;
     let outcome = heal::heal(&site, &mut journal, dry_run)?;
     let prefix = if dry_run { "would " } else { "" };

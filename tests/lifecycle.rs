@@ -1585,3 +1585,26 @@ fn keep_failed_keeps_the_release_that_failed_last() {
         "bad-staged failed last and is kept; bad1 goes"
     );
 }
+
+/// `prune --dry-run` and `heal --dry-run` change nothing, not even the layout of a root
+/// that was never initialised: run as root, they left a root-owned `.release-keeper/`
+/// (and lock) that the service's user could not work in.
+#[test]
+fn dry_runs_make_no_directory_in_an_uninitialised_root() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    fs::remove_dir(site.deploy_cache()).unwrap();
+    for cmd in ["prune", "heal"] {
+        let out = cli(&cfg, &[cmd, SITE, "--dry-run"]);
+        assert_ok(&out, &format!("{cmd} --dry-run"));
+        let left: Vec<_> = fs::read_dir(&site.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{cmd} --dry-run made {left:?}; {}",
+            show(&out)
+        );
+    }
+}
