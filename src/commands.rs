@@ -96,6 +96,12 @@ fn dry_run_lock(site: &Site, wait: &Option<String>) -> Result<Option<Lock>> {
     if !site.state().is_dir() {
         return Ok(None);
     }
+    // A lock path that is not a file cannot be locked until healing moves it aside,
+    // which `heal --dry-run` reports instead of doing.
+    let foreign = std::fs::symlink_metadata(site.op_lock()).is_ok_and(|m| !m.is_file());
+    if foreign {
+        return Ok(None);
+    }
     let limit = wait_limit(wait)?;
     match fsops::lock(&site.op_lock(), limit)? {
         Some(lock) => Ok(Some(lock)),
@@ -540,7 +546,12 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
     let site = site(cfg, name)?;
     let _lock = lock_for(&site, dry_run, wait)?;
     let mut journal = Journal::load(&site)?;
-    let outcome = heal::heal(&site, &mut journal, dry_run)?;
+    let mut outcome = heal::heal(&site, &mut journal, dry_run)?;
+    if dry_run {
+        // Done before the lock by every other command; here only said.
+        let locks = heal::repair_locks(&site, true)?;
+        outcome.repairs.splice(0..0, locks);
+    }
     let prefix = if dry_run { "would " } else { "" };
     for r in &outcome.repairs {
         out(&format!("{prefix}{} ({})", r.what, r.why))?;

@@ -1607,4 +1607,18 @@ fn dry_runs_make_no_directory_in_an_uninitialised_root() {
             show(&out)
         );
     }
+    // A directory where the lock file belongs: the dry run says it would be moved aside
+    // (as healing does), and leaves it.
+    assert_ok(&finalize_release(&site, &cfg, "v1"), "finalize v1");
+    let lock = site.root.join(".release-keeper/lock");
+    fs::remove_file(&lock).unwrap();
+    fs::create_dir(&lock).unwrap();
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&out, "heal --dry-run");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("would move"),
+        "{}",
+        show(&out)
+    );
+    assert!(lock.is_dir(), "the dry run moved the lock directory");
 }
