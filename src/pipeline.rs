@@ -508,16 +508,20 @@ fn manifest_in_flight(site: &Site) -> Result<bool> {
 fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
     let mut busy = Vec::new();
     let marker = std::ffi::OsString::from(&site.cfg.marker);
-    walk::names(&site.deploy_cache(), &[marker.as_os_str()], &mut |rel| {
-        let name = rel.file_name().unwrap_or_default();
-        if busy.len() < 10
-            && inflight::looks_in_flight(name)
-            && !manifest.is_some_and(|m| m.contains(rel.as_os_str().as_bytes()))
-        {
-            busy.push(rel.display().to_string());
-        }
-        Ok(())
-    })?;
+    walk::names(
+        &site.deploy_cache(),
+        &[marker.as_os_str()],
+        &mut |rel, is_dir| {
+            let name = rel.file_name().unwrap_or_default();
+            if busy.len() < 10
+                && inflight::looks_in_flight(name, is_dir)
+                && !manifest.is_some_and(|m| m.contains(rel.as_os_str().as_bytes()))
+            {
+                busy.push(rel.display().to_string());
+            }
+            Ok(())
+        },
+    )?;
     Ok(busy)
 }
 

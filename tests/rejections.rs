@@ -438,6 +438,37 @@ fn rsync_delay_updates_directory_is_waited_for() {
     svc.stop();
 }
 
+/// Uploaders write files under temporary names, never directories: a build directory
+/// named like one (`assets.part/`, `.cache.abcdef/`; directories are never listed in a
+/// manifest) is part of the upload, not a transfer to wait for until `upload_timeout`.
+#[test]
+fn directories_named_like_temporary_files_are_not_in_flight() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"1s\"");
+    site.stage_upload(&[
+        ("index.html", b"v2\n"),
+        ("assets.part/app.js", b"app\n"),
+        (".cache.abcdef/x", b"x\n"),
+        ("sub/chunk.filepart/y", b"y\n"),
+    ]);
+    site.drop_marker("id = \"v2\"\n");
+    let ev = svc.wait_event(
+        "release.activated",
+        |v| release_of(v) == Some("v2"),
+        Duration::from_secs(15),
+    );
+    assert!(
+        svc.events("upload.waiting").is_empty() && svc.events("release.rejected").is_empty(),
+        "nothing is in flight: {ev}\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        fs::read(site.release("v2").join("assets.part/app.js")).unwrap(),
+        b"app\n"
+    );
+    svc.stop();
+}
+
 #[test]
 fn in_flight_upload_is_rejected_after_upload_timeout() {
     let site = Site::new();

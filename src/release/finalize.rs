@@ -559,7 +559,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             w.seen_entries += 1;
             check_limits(cfg.max_files, None, w.seen_entries, 0)?;
             let rel_bytes = found.rel.as_os_str().as_bytes();
-            if inflight::looks_in_flight(found.name())
+            if inflight::looks_in_flight(found.name(), matches!(found.node, Node::Dir))
                 && !manifest.as_ref().is_some_and(|m| m.contains(rel_bytes))
             {
                 return Err(Error::InFlight(found.rel.display().to_string()));
@@ -932,7 +932,9 @@ fn file_stat(src: &OwnedFd, rel: &Path, known: Option<FileStat>) -> Result<FileS
 /// A name that vanished is an upload still at work when it looks like a temporary name.
 fn in_flight_or(e: Error, rel: &Path) -> Error {
     match e {
-        Error::Changed(_) if inflight::looks_in_flight(rel.file_name().unwrap_or_default()) => {
+        Error::Changed(_)
+            if inflight::looks_in_flight(rel.file_name().unwrap_or_default(), false) =>
+        {
             Error::InFlight(rel.display().to_string())
         }
         e => e,
