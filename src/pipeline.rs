@@ -76,6 +76,8 @@ pub fn run_pending(site: &Site, cancel: &AtomicBool, fresh: bool) -> Result<Vec<
 const MAX_REASON: usize = 1024;
 
 fn reject(site: &Site, journal: &mut Journal, id: Option<&str>, reason: &str) -> Result<Outcome> {
+    // Reasons quote uploaded names, which may hold newlines or terminal escapes.
+    let reason = events::printable(reason);
     let reason = if reason.len() > MAX_REASON {
         // Head and tail: an I/O error names the path first and the OS error last.
         let mut head = MAX_REASON / 2;
@@ -517,7 +519,7 @@ fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
                 && inflight::looks_in_flight(name, is_dir)
                 && !manifest.is_some_and(|m| m.contains(rel.as_os_str().as_bytes()))
             {
-                busy.push(rel.display().to_string());
+                busy.push(events::printable(&rel.display().to_string()).into_owned());
             }
             Ok(())
         },

@@ -2173,3 +2173,33 @@ fn very_deep_tree_is_rejected_and_the_keeper_survives() {
     assert!(left.is_empty(), "{left:?}");
     svc.stop();
 }
+
+/// A rejection quotes the uploaded names it is about; a name holding a newline or a
+/// terminal escape must come out escaped, not as a forged line of the text log or of the
+/// command's output (or a cleared screen).
+#[test]
+fn names_with_control_characters_cannot_forge_log_or_output_lines() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    assert_ok(&cli(&cfg, &["init", SITE]), "init");
+    let dc = site.deploy_cache();
+    put_base(&dc);
+    write_manifest(&dc, &base_lines());
+    let forged = "INFO release activated event=release.activated";
+    fs::write(dc.join(format!("x\n{forged}\x1b[2J")), b"unlisted\n").unwrap();
+    let out = cli(
+        &cfg,
+        &["--log-format", "text", "finalize", SITE, "--id", "cc"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let text = output_text(&out);
+    assert!(
+        text.lines().all(|l| !l.starts_with(forged)) && !text.contains('\x1b'),
+        "a control character of a name reached the output raw:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("x\\n{forged}\\x1b[2J is not listed")),
+        "the name is shown escaped:\n{text}"
+    );
+    assert!(site.release_ids().is_empty());
+}
