@@ -897,17 +897,17 @@ fn hostile_manifests_are_rejected() {
     }
 
     c.reject(
-        "duplicate entry, same digest",
-        Some("h-dup-same"),
+        "duplicate entry, other digest",
+        Some("h-dup-other"),
         |dc| {
             put_base(dc);
-            let m = [base_lines(), line(b"index.html", BASE[0].1)].concat();
+            let m = [base_lines(), line(b"index.html", b"other")].concat();
             write_manifest(dc, &m);
         },
-        Marker::Text(&id_marker("h-dup-same")),
+        Marker::Text(&id_marker("h-dup-other")),
         &[
             MANIFEST,
-            "duplicate entry \"index.html\"",
+            "duplicate entry \"index.html\" with another hash",
             "line 3",
             "line 1",
         ],
@@ -1382,6 +1382,32 @@ fn awkward_names_round_trip_with_sha256sum() {
     drop_marker(&site, "id = \"v3\"\n");
     svc.wait_release_event("release.activated", "v3");
     assert_eq!(raw_tree(&site.release("v3")), raw_tree(&build));
+
+    // `sha256sum -z`: NUL-terminated lines, names unescaped (a newline, CR or backslash
+    // of a name written raw).
+    sh(
+        &build,
+        "find . -type f ! -path ./SHA256SUMS -print0 | sort -z | xargs -0 sha256sum -z > SHA256SUMS",
+    );
+    rsync_upload(&build, &site.deploy_cache());
+    drop_marker(&site, "id = \"v4\"\n");
+    svc.wait_release_event("release.activated", "v4");
+    assert_eq!(raw_tree(&site.release("v4")), raw_tree(&build));
+
+    // Saved by a Windows editor (a byte-order mark first), with a few lines listed twice
+    // (two manifests concatenated), which `sha256sum -c` passes.
+    sh(
+        &build,
+        "find . -type f ! -path ./SHA256SUMS -print0 | sort -z | xargs -0 sha256sum > ../sums \\
+         && { printf '\\357\\273\\277'; cat ../sums; head -n 3 ../sums; } > SHA256SUMS",
+    );
+    assert!(fs::read(build.join(MANIFEST))
+        .unwrap()
+        .starts_with(b"\xef\xbb\xbf"));
+    rsync_upload(&build, &site.deploy_cache());
+    drop_marker(&site, "id = \"v5\"\n");
+    svc.wait_release_event("release.activated", "v5");
+    assert_eq!(raw_tree(&site.release("v5")), raw_tree(&build));
 
     assert!(
         svc.events("release.activated")
