@@ -254,15 +254,11 @@ fn process_claim(
 
     // The build stops at the first file that still looks in flight; then the upload is
     // waited for (by cheap listings, up to upload_timeout) and the build starts over.
+    let mut lists_none;
     let mut built = loop {
-        // An emptied deploy-cache/ with a marker (a build step that produced nothing) must
-        // not replace the live site by an empty release.
-        if manifest.as_ref().is_some_and(|m| m.entries.is_empty()) {
-            return Err(Error::Rejected(format!(
-                "the upload is empty: {} lists no files",
-                site.cfg.manifest
-            )));
-        }
+        // Checked once the build has seen the upload: files it holds that the manifest
+        // does not list are the reason then, not an "empty" upload.
+        lists_none = manifest.as_ref().is_some_and(|m| m.entries.is_empty());
         let files = manifest.as_ref().map(|m| m.entries.len());
         let input = finalize::Input {
             site,
@@ -292,12 +288,15 @@ fn process_claim(
             other => break other?,
         }
     };
-    // Without a manifest only the build knows whether anything was uploaded.
-    if built.files == 0 {
+    // An emptied deploy-cache/ with a marker (a build step that produced nothing) must
+    // not replace the live site by an empty release (or one of its manifest alone).
+    if built.files == 0 || lists_none {
         fsops::remove_tree(&site.partial(id))?;
-        return Err(Error::Rejected(
-            "the upload is empty: deploy-cache/ holds no files".into(),
-        ));
+        return Err(Error::Rejected(if lists_none {
+            format!("the upload is empty: {} lists no files", site.cfg.manifest)
+        } else {
+            "the upload is empty: deploy-cache/ holds no files".into()
+        }));
     }
 
     if existing.is_some() && on_disk {

@@ -344,6 +344,35 @@ fn manifest_without_dot_slash_and_binary_marker_is_accepted() {
     svc.stop();
 }
 
+/// A manifest listing nothing beside files of the upload (made before the build, or all
+/// comments) is rejected for the files it does not list: calling that upload "empty"
+/// sends the operator looking for files that are plainly there. An upload of the
+/// manifest alone is the empty one.
+#[test]
+fn empty_manifest_beside_files_names_them_not_an_empty_upload() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(
+        site.deploy_cache().join(MANIFEST),
+        b"# made before the build\n",
+    )
+    .unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("index.html is not listed in SHA256SUMS") && !reason.contains("empty"),
+        "{reason}"
+    );
+
+    clear_dir(&site.deploy_cache());
+    fs::write(site.deploy_cache().join(MANIFEST), b"").unwrap();
+    site.drop_marker("id = \"v3\"\n");
+    let reason = expect_rejected(&site, &svc, "v3");
+    assert!(reason.contains("the upload is empty"), "{reason}");
+    svc.stop();
+}
+
 #[test]
 fn in_flight_upload_waits_then_proceeds() {
     let site = Site::new();
