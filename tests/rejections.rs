@@ -619,6 +619,30 @@ fn symlink_listed_in_manifest_is_named_as_a_symlink_not_missing() {
     svc.stop();
 }
 
+/// `sha256sum $(find -L . -type f)` lists paths through a symlinked directory; one to
+/// `/etc` lists files of the host. The rejection must name the symlink and where it
+/// points, not call the (visible) path missing.
+#[test]
+fn path_through_a_symlink_listed_in_manifest_names_the_symlink() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let dc = site.deploy_cache();
+    std::os::unix::fs::symlink("/etc", dc.join("conf")).unwrap();
+    let mut sums = fs::read_to_string(dc.join(MANIFEST)).unwrap();
+    sums.push_str(&format!("{}  conf/hostname\n", sha256_hex(b"host\n")));
+    fs::write(dc.join(MANIFEST), sums).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("conf/hostname")
+            && reason.contains("conf is a symlink in the upload (-> /etc)")
+            && !reason.contains("missing"),
+        "reason should name the symlink conf -> /etc: {reason:?}"
+    );
+    svc.stop();
+}
+
 /// A marker that is not a regular file (`mkdir .release-ready`, `ln -s ... .release-ready`)
 /// gets no close-write event; it must still be answered at once, not at the next periodic
 /// pass (an hour by default), with a rejection that says what the marker is.
