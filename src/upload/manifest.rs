@@ -618,14 +618,14 @@ pub fn hash_reader(r: &mut impl Read) -> io::Result<(Digest, u64)> {
 /// excluding the top-level names in `exclude_top` (the caller passes the manifest name and the marker name).
 /// Hashes with `threads` worker threads (std::thread::scope; bounded work queue; deterministic output order).
 /// Symlinks and directories are skipped (not listed); fifos/sockets/devices are an error naming the path.
-/// Returns the number of files listed.
+/// Returns the number of files listed and the symlinks skipped.
 pub fn write_for_dir(
     dir: &Path,
     exclude_top: &[&OsStr],
     out: &mut dyn Write,
     threads: usize,
-) -> Result<usize, ManifestError> {
-    let files = collect_files(dir, exclude_top)?;
+) -> Result<Written, ManifestError> {
+    let (files, links) = collect_files(dir, exclude_top)?;
     let digests = hash_all(dir, &files, threads)?;
     let mut w = io::BufWriter::new(out);
     for (path, digest) in files.iter().zip(&digests) {
@@ -633,16 +633,33 @@ pub fn write_for_dir(
             .map_err(ManifestError::Write)?;
     }
     w.flush().map_err(ManifestError::Write)?;
-    Ok(files.len())
+    Ok(Written {
+        files: files.len(),
+        links,
+    })
 }
 
-/// Relative paths of the regular files under `dir`, sorted by bytes.
-fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Vec<PathBuf>, ManifestError> {
+/// What [`write_for_dir`] did.
+#[derive(Debug)]
+pub struct Written {
+    /// Regular files listed.
+    pub files: usize,
+    /// Symlinks found (relative path, target), sorted by path: not listed, but the caller
+    /// can tell whether the keeper would keep them.
+    pub links: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Relative paths of the regular files under `dir`, and its symlinks with their targets,
+/// each sorted by bytes.
+type Collected = (Vec<PathBuf>, Vec<(PathBuf, PathBuf)>);
+
+fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Collected, ManifestError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ManifestError::Io { path, source }
     };
     let mut files = Vec::new();
+    let mut links = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(rel) = pending.pop() {
         let abs = if rel.as_os_str().is_empty() {
@@ -661,13 +678,17 @@ fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Vec<PathBuf>, Man
                 files.push(rel.join(name));
             } else if kind.is_dir() {
                 pending.push(rel.join(name));
-            } else if !kind.is_symlink() {
+            } else if kind.is_symlink() {
+                let target = fs::read_link(entry.path()).map_err(io_err(&entry.path()))?;
+                links.push((rel.join(name), target));
+            } else {
                 return Err(ManifestError::SpecialFile { path: entry.path() });
             }
         }
     }
     files.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
-    Ok(files)
+    links.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
+    Ok((files, links))
 }
 
 /// Hashes `files` (relative to `dir`) on `threads` workers fed through a bounded queue.
@@ -1244,7 +1265,7 @@ SHA256 (c d) = 1111111111111111111111111111111111111111111111111111111111111111\
     fn write_to_vec(dir: &Path, threads: usize) -> Result<(usize, Vec<u8>), ManifestError> {
         let mut out = Vec::new();
         let excludes = [OsStr::new("SHA256SUMS"), OsStr::new(".release-ready")];
-        let n = write_for_dir(dir, &excludes, &mut out, threads)?;
+        let n = write_for_dir(dir, &excludes, &mut out, threads)?.files;
         Ok((n, out))
     }
 
