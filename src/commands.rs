@@ -685,8 +685,19 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
     names.extend(own);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut buf = Vec::new();
-    let n = manifest::write_for_dir(dir, &names, &mut buf, threads)
+    let written = manifest::write_for_dir(dir, &names, &mut buf, threads)
         .map_err(|e| Error::Failed(e.to_string()))?;
+    let n = written.files;
+    // Symlinks are not listed, so the manifest is right either way; but one the keeper
+    // would reject is better found now, in CI, than as a rejected deploy.
+    for (rel, target) in &written.links {
+        if let Err(why) = crate::release::symlinks::check_inside(dir, rel, target, &[]) {
+            eprintln!(
+                "warning: {}: the keeper rejects an upload holding it",
+                crate::events::printable(&why)
+            );
+        }
+    }
     match output {
         Some(p) if p == Path::new("-") => {
             std::io::stdout()

@@ -1172,7 +1172,7 @@ fn file_name(s: &str, key: &str) -> Result<String, String> {
 /// `*.part` still being written) would be claimed as the marker and removed mid-upload.
 fn upload_file_name(s: &str, key: &str) -> Result<String, String> {
     let name = file_name(s, key)?;
-    if crate::upload::inflight::looks_in_flight(OsStr::new(&name)) {
+    if crate::upload::inflight::looks_in_flight(OsStr::new(&name), false) {
         return Err(format!(
             "{key} {name:?} looks like a file still in flight (*.part, *.filepart, \
              rsync's .NAME.XXXXXX, .~tmp~), which the keeper waits for; choose another name"

@@ -78,6 +78,27 @@ pub enum LogFormat {
 /// True when stderr is the journal stream systemd gave us: `JOURNAL_STREAM` is
 /// `<dev>:<inode>` of that stream. A hook that runs the CLI inherits the variable but has
 /// its stderr on a pipe, and must log there, not to the journal.
+/// `s` with its control characters escaped (`\n`, `\r`, `\t`, `\x1b`), for reasons and
+/// fields that quote names an uploader chose: a file name holding a newline must not
+/// forge a line of a text log or of the command's output, nor an escape sequence drive
+/// the operator's terminal.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn stderr_is_journal() -> bool {
     let Some(v) = std::env::var("JOURNAL_STREAM").ok() else {
         return false;
@@ -164,6 +185,15 @@ fn one_line_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> +
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(super::printable("a b/ü.txt"), "a b/ü.txt");
+        assert_eq!(
+            super::printable("x\nINFO forged\r\t\u{1b}[2J\u{7f}"),
+            "x\\nINFO forged\\r\\t\\x1b[2J\\x7f"
+        );
+    }
 
     /// The top-level arguments of the macro call whose `(` is at `open` in `src`
     /// (string literals skipped, so parentheses and commas in messages do not count).

@@ -76,6 +76,8 @@ pub fn run_pending(site: &Site, cancel: &AtomicBool, fresh: bool) -> Result<Vec<
 const MAX_REASON: usize = 1024;
 
 fn reject(site: &Site, journal: &mut Journal, id: Option<&str>, reason: &str) -> Result<Outcome> {
+    // Reasons quote uploaded names, which may hold newlines or terminal escapes.
+    let reason = events::printable(reason);
     let reason = if reason.len() > MAX_REASON {
         // Head and tail: an I/O error names the path first and the OS error last.
         let mut head = MAX_REASON / 2;
@@ -252,15 +254,11 @@ fn process_claim(
 
     // The build stops at the first file that still looks in flight; then the upload is
     // waited for (by cheap listings, up to upload_timeout) and the build starts over.
+    let mut lists_none;
     let mut built = loop {
-        // An emptied deploy-cache/ with a marker (a build step that produced nothing) must
-        // not replace the live site by an empty release.
-        if manifest.as_ref().is_some_and(|m| m.entries.is_empty()) {
-            return Err(Error::Rejected(format!(
-                "the upload is empty: {} lists no files",
-                site.cfg.manifest
-            )));
-        }
+        // Checked once the build has seen the upload: files it holds that the manifest
+        // does not list are the reason then, not an "empty" upload.
+        lists_none = manifest.as_ref().is_some_and(|m| m.entries.is_empty());
         let files = manifest.as_ref().map(|m| m.entries.len());
         let input = finalize::Input {
             site,
@@ -290,12 +288,15 @@ fn process_claim(
             other => break other?,
         }
     };
-    // Without a manifest only the build knows whether anything was uploaded.
-    if built.files == 0 {
+    // An emptied deploy-cache/ with a marker (a build step that produced nothing) must
+    // not replace the live site by an empty release (or one of its manifest alone).
+    if built.files == 0 || lists_none {
         fsops::remove_tree(&site.partial(id))?;
-        return Err(Error::Rejected(
-            "the upload is empty: deploy-cache/ holds no files".into(),
-        ));
+        return Err(Error::Rejected(if lists_none {
+            format!("the upload is empty: {} lists no files", site.cfg.manifest)
+        } else {
+            "the upload is empty: deploy-cache/ holds no files".into()
+        }));
     }
 
     if existing.is_some() && on_disk {
@@ -508,16 +509,20 @@ fn manifest_in_flight(site: &Site) -> Result<bool> {
 fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
     let mut busy = Vec::new();
     let marker = std::ffi::OsString::from(&site.cfg.marker);
-    walk::names(&site.deploy_cache(), &[marker.as_os_str()], &mut |rel| {
-        let name = rel.file_name().unwrap_or_default();
-        if busy.len() < 10
-            && inflight::looks_in_flight(name)
-            && !manifest.is_some_and(|m| m.contains(rel.as_os_str().as_bytes()))
-        {
-            busy.push(rel.display().to_string());
-        }
-        Ok(())
-    })?;
+    walk::names(
+        &site.deploy_cache(),
+        &[marker.as_os_str()],
+        &mut |rel, is_dir| {
+            let name = rel.file_name().unwrap_or_default();
+            if busy.len() < 10
+                && inflight::looks_in_flight(name, is_dir)
+                && !manifest.is_some_and(|m| m.contains(rel.as_os_str().as_bytes()))
+            {
+                busy.push(events::printable(&rel.display().to_string()).into_owned());
+            }
+            Ok(())
+        },
+    )?;
     Ok(busy)
 }
 

@@ -672,6 +672,44 @@ fn manifest_command_output_passes_sha256sum_check() {
     sh(&build, "sha256sum -c --strict --quiet SHA256SUMS");
 }
 
+/// `manifest DIR` does not list symlinks, so its manifest is right either way; but a
+/// symlink the keeper rejects (absolute, or escaping the release) is flagged at once, in
+/// CI, not found later as a rejected deploy. In-tree ones are not.
+#[test]
+fn manifest_command_warns_about_symlinks_the_keeper_rejects() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(
+        &build,
+        &[("index.html", b"hi\n" as &[u8]), ("a/b.txt", b"b\n")],
+    );
+    write_symlink(&build, "home.html", "index.html");
+    write_symlink(&build, "a/up", "../index.html");
+    write_symlink(&build, "etc", "/etc/passwd");
+    write_symlink(&build, "a/out", "../../elsewhere");
+    let out = cli_raw(&["manifest", build.to_str().unwrap()]);
+    assert_ok(&out, "manifest DIR with symlinks");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: symlink etc -> /etc/passwd is absolute")
+            && err.contains("warning: symlink a/out -> ../../elsewhere points outside"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        !err.contains("home.html") && !err.contains("a/up"),
+        "in-tree symlinks are fine: {}",
+        show(&out)
+    );
+    assert_eq!(
+        fs::read_to_string(build.join(MANIFEST))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+}
+
 #[test]
 fn manifest_command_with_output_file_and_odd_names() {
     let site = Site::new();

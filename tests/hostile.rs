@@ -897,17 +897,17 @@ fn hostile_manifests_are_rejected() {
     }
 
     c.reject(
-        "duplicate entry, same digest",
-        Some("h-dup-same"),
+        "duplicate entry, other digest",
+        Some("h-dup-other"),
         |dc| {
             put_base(dc);
-            let m = [base_lines(), line(b"index.html", BASE[0].1)].concat();
+            let m = [base_lines(), line(b"index.html", b"other")].concat();
             write_manifest(dc, &m);
         },
-        Marker::Text(&id_marker("h-dup-same")),
+        Marker::Text(&id_marker("h-dup-other")),
         &[
             MANIFEST,
-            "duplicate entry \"index.html\"",
+            "duplicate entry \"index.html\" with another hash",
             "line 3",
             "line 1",
         ],
@@ -1008,7 +1008,12 @@ fn hostile_manifests_are_rejected() {
             write_manifest(dc, &line(b"alias/app.js", b"x"));
         },
         Marker::Text(&id_marker("h-via-link")),
-        &["real/app.js", "not listed", "alias/app.js", "missing"],
+        &[
+            "real/app.js",
+            "not listed",
+            "alias/app.js",
+            "alias is a symlink in the upload (-> real)",
+        ],
     );
     c.reject(
         "checksum mismatch",
@@ -1382,6 +1387,32 @@ fn awkward_names_round_trip_with_sha256sum() {
     drop_marker(&site, "id = \"v3\"\n");
     svc.wait_release_event("release.activated", "v3");
     assert_eq!(raw_tree(&site.release("v3")), raw_tree(&build));
+
+    // `sha256sum -z`: NUL-terminated lines, names unescaped (a newline, CR or backslash
+    // of a name written raw).
+    sh(
+        &build,
+        "find . -type f ! -path ./SHA256SUMS -print0 | sort -z | xargs -0 sha256sum -z > SHA256SUMS",
+    );
+    rsync_upload(&build, &site.deploy_cache());
+    drop_marker(&site, "id = \"v4\"\n");
+    svc.wait_release_event("release.activated", "v4");
+    assert_eq!(raw_tree(&site.release("v4")), raw_tree(&build));
+
+    // Saved by a Windows editor (a byte-order mark first), with a few lines listed twice
+    // (two manifests concatenated), which `sha256sum -c` passes.
+    sh(
+        &build,
+        "find . -type f ! -path ./SHA256SUMS -print0 | sort -z | xargs -0 sha256sum > ../sums \\
+         && { printf '\\357\\273\\277'; cat ../sums; head -n 3 ../sums; } > SHA256SUMS",
+    );
+    assert!(fs::read(build.join(MANIFEST))
+        .unwrap()
+        .starts_with(b"\xef\xbb\xbf"));
+    rsync_upload(&build, &site.deploy_cache());
+    drop_marker(&site, "id = \"v5\"\n");
+    svc.wait_release_event("release.activated", "v5");
+    assert_eq!(raw_tree(&site.release("v5")), raw_tree(&build));
 
     assert!(
         svc.events("release.activated")
@@ -2172,4 +2203,34 @@ fn very_deep_tree_is_rejected_and_the_keeper_survives() {
     let left = leftovers(&site);
     assert!(left.is_empty(), "{left:?}");
     svc.stop();
+}
+
+/// A rejection quotes the uploaded names it is about; a name holding a newline or a
+/// terminal escape must come out escaped, not as a forged line of the text log or of the
+/// command's output (or a cleared screen).
+#[test]
+fn names_with_control_characters_cannot_forge_log_or_output_lines() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    assert_ok(&cli(&cfg, &["init", SITE]), "init");
+    let dc = site.deploy_cache();
+    put_base(&dc);
+    write_manifest(&dc, &base_lines());
+    let forged = "INFO release activated event=release.activated";
+    fs::write(dc.join(format!("x\n{forged}\x1b[2J")), b"unlisted\n").unwrap();
+    let out = cli(
+        &cfg,
+        &["--log-format", "text", "finalize", SITE, "--id", "cc"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let text = output_text(&out);
+    assert!(
+        text.lines().all(|l| !l.starts_with(forged)) && !text.contains('\x1b'),
+        "a control character of a name reached the output raw:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("x\\n{forged}\\x1b[2J is not listed")),
+        "the name is shown escaped:\n{text}"
+    );
+    assert!(site.release_ids().is_empty());
 }

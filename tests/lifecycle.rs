@@ -556,6 +556,42 @@ fn finalize_cli_with_a_marker_waiting_makes_one_release_from_it() {
     );
 }
 
+/// A marker that cannot be read is the uploader's request too: `finalize` rejects it as
+/// the service would, and does not go on to deploy the upload against it (here: activate
+/// a release the marker wanted staged).
+#[test]
+fn finalize_cli_with_an_unreadable_marker_waiting_releases_nothing() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let out = cli(&cfg, &["init", SITE]);
+    assert_ok(&out, "init");
+    site.deploy(
+        &as_refs(&small_build("u1")),
+        "id = \"u1\"\nactivate = \"no\"\n",
+    );
+    let out = cli(&cfg, &["--log-format", "json", "finalize", SITE]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        output_text(&out).contains("activate"),
+        "the rejection names the bad key: {}",
+        show(&out)
+    );
+    assert!(!site.marker_path().exists(), "the marker is consumed");
+    assert!(
+        site.release_ids().is_empty(),
+        "nothing may be released against the marker: {:?}\n{}",
+        site.release_ids(),
+        show(&out)
+    );
+    assert_eq!(site.current_id(), None, "{}", show(&out));
+
+    // The marker is gone: finalize again processes the upload on the command's terms.
+    let out = cli(&cfg, &["finalize", SITE, "--id", "u1", "--no-activate"]);
+    assert_ok(&out, "finalize after the rejected marker");
+    assert_eq!(site.release_ids(), ["u1"]);
+    assert_eq!(site.current_id(), None);
+}
+
 #[test]
 fn marker_dropped_while_stopped_is_processed_at_start() {
     let site = Site::new();

@@ -344,6 +344,35 @@ fn manifest_without_dot_slash_and_binary_marker_is_accepted() {
     svc.stop();
 }
 
+/// A manifest listing nothing beside files of the upload (made before the build, or all
+/// comments) is rejected for the files it does not list: calling that upload "empty"
+/// sends the operator looking for files that are plainly there. An upload of the
+/// manifest alone is the empty one.
+#[test]
+fn empty_manifest_beside_files_names_them_not_an_empty_upload() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(
+        site.deploy_cache().join(MANIFEST),
+        b"# made before the build\n",
+    )
+    .unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("index.html is not listed in SHA256SUMS") && !reason.contains("empty"),
+        "{reason}"
+    );
+
+    clear_dir(&site.deploy_cache());
+    fs::write(site.deploy_cache().join(MANIFEST), b"").unwrap();
+    site.drop_marker("id = \"v3\"\n");
+    let reason = expect_rejected(&site, &svc, "v3");
+    assert!(reason.contains("the upload is empty"), "{reason}");
+    svc.stop();
+}
+
 #[test]
 fn in_flight_upload_waits_then_proceeds() {
     let site = Site::new();
@@ -435,6 +464,37 @@ fn rsync_delay_updates_directory_is_waited_for() {
     fs::remove_dir(dc.join("assets/.~tmp~")).unwrap();
     svc.wait_release_event("release.activated", "v2");
     assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
+
+/// Uploaders write files under temporary names, never directories: a build directory
+/// named like one (`assets.part/`, `.cache.abcdef/`; directories are never listed in a
+/// manifest) is part of the upload, not a transfer to wait for until `upload_timeout`.
+#[test]
+fn directories_named_like_temporary_files_are_not_in_flight() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"1s\"");
+    site.stage_upload(&[
+        ("index.html", b"v2\n"),
+        ("assets.part/app.js", b"app\n"),
+        (".cache.abcdef/x", b"x\n"),
+        ("sub/chunk.filepart/y", b"y\n"),
+    ]);
+    site.drop_marker("id = \"v2\"\n");
+    let ev = svc.wait_event(
+        "release.activated",
+        |v| release_of(v) == Some("v2"),
+        Duration::from_secs(15),
+    );
+    assert!(
+        svc.events("upload.waiting").is_empty() && svc.events("release.rejected").is_empty(),
+        "nothing is in flight: {ev}\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        fs::read(site.release("v2").join("assets.part/app.js")).unwrap(),
+        b"app\n"
+    );
     svc.stop();
 }
 
@@ -555,6 +615,30 @@ fn symlink_listed_in_manifest_is_named_as_a_symlink_not_missing() {
     assert!(
         reason.contains("latest.html") && reason.contains("symlink") && !reason.contains("missing"),
         "reason should say latest.html is a symlink: {reason:?}"
+    );
+    svc.stop();
+}
+
+/// `sha256sum $(find -L . -type f)` lists paths through a symlinked directory; one to
+/// `/etc` lists files of the host. The rejection must name the symlink and where it
+/// points, not call the (visible) path missing.
+#[test]
+fn path_through_a_symlink_listed_in_manifest_names_the_symlink() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let dc = site.deploy_cache();
+    std::os::unix::fs::symlink("/etc", dc.join("conf")).unwrap();
+    let mut sums = fs::read_to_string(dc.join(MANIFEST)).unwrap();
+    sums.push_str(&format!("{}  conf/hostname\n", sha256_hex(b"host\n")));
+    fs::write(dc.join(MANIFEST), sums).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("conf/hostname")
+            && reason.contains("conf is a symlink in the upload (-> /etc)")
+            && !reason.contains("missing"),
+        "reason should name the symlink conf -> /etc: {reason:?}"
     );
     svc.stop();
 }

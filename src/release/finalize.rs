@@ -17,7 +17,7 @@
 //!   batches complete (a bounded reorder window), straight to the files: no list of entries
 //!   is held.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -559,7 +559,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             w.seen_entries += 1;
             check_limits(cfg.max_files, None, w.seen_entries, 0)?;
             let rel_bytes = found.rel.as_os_str().as_bytes();
-            if inflight::looks_in_flight(found.name())
+            if inflight::looks_in_flight(found.name(), matches!(found.node, Node::Dir))
                 && !manifest.as_ref().is_some_and(|m| m.contains(rel_bytes))
             {
                 return Err(Error::InFlight(found.rel.display().to_string()));
@@ -678,16 +678,40 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     let mut problems = w.problems;
     problems.extend(ordered.rejected);
     // Whatever the walk did not consume is listed but not uploaded as a regular file.
+    // Looked up in sets: a wrong manifest can leave 200,000 paths beside 20,000 dirs.
+    let leftover = manifest.as_ref().map_or(0, Entries::len);
+    let links: HashMap<&Path, &Path> = match leftover {
+        0 => HashMap::new(),
+        _ => w
+            .links
+            .iter()
+            .map(|(r, t)| (r.as_path(), t.as_path()))
+            .collect(),
+    };
+    let dirs: HashSet<&Path> = match leftover {
+        0 => HashSet::new(),
+        _ => w.dirs.iter().map(|(r, _)| r.as_path()).collect(),
+    };
     for (p, _) in manifest.iter().flat_map(Entries::iter) {
         let path = Path::new(OsStr::from_bytes(p));
-        // `sha256sum *` lists symlinks too: "missing" would send the uploader looking
-        // for a file that is plainly there.
-        let is = if w.links.iter().any(|(rel, _)| rel == path) {
-            "is a symlink in the upload (list regular files only; in-tree symlinks are kept as they are)"
-        } else if w.dirs.iter().any(|(rel, _)| rel == path) {
-            "is a directory in the upload"
+        // `sha256sum *` lists symlinks too, and `sha256sum $(find -L .)` paths through
+        // them: "missing" would send the uploader looking for a file that is plainly there.
+        let through = path
+            .ancestors()
+            .skip(1)
+            .find_map(|a| links.get(a).map(|t| (a, t)));
+        let is = if links.contains_key(path) {
+            "is a symlink in the upload (list regular files only; in-tree symlinks are kept as they are)".to_string()
+        } else if let Some((link, target)) = through {
+            format!(
+                "{} is a symlink in the upload (-> {}): list regular files only, not paths through symlinks",
+                link.display(),
+                target.display()
+            )
+        } else if dirs.contains(path) {
+            "is a directory in the upload".to_string()
         } else {
-            "missing from the upload"
+            "missing from the upload".to_string()
         };
         problems.push(format!(
             "{} is listed in {} but {is}",
@@ -932,7 +956,9 @@ fn file_stat(src: &OwnedFd, rel: &Path, known: Option<FileStat>) -> Result<FileS
 /// A name that vanished is an upload still at work when it looks like a temporary name.
 fn in_flight_or(e: Error, rel: &Path) -> Error {
     match e {
-        Error::Changed(_) if inflight::looks_in_flight(rel.file_name().unwrap_or_default()) => {
+        Error::Changed(_)
+            if inflight::looks_in_flight(rel.file_name().unwrap_or_default(), false) =>
+        {
             Error::InFlight(rel.display().to_string())
         }
         e => e,

@@ -9,11 +9,18 @@ use std::os::unix::ffi::OsStrExt;
 pub const RSYNC_DELAY_DIR: &[u8] = b".~tmp~";
 
 /// True for rsync temp names (`.<name>.XXXXXX`), rsync's `--delay-updates` holding
-/// directory (`.~tmp~`), `*.filepart` (WinSCP) and `*.part`.
-pub fn looks_in_flight(name: &OsStr) -> bool {
+/// directory (`.~tmp~`), `*.filepart` (WinSCP) and `*.part`. A directory (`is_dir`) is in
+/// flight only as `.~tmp~`: uploaders write files under temporary names, never
+/// directories, and a directory is never listed in a manifest, so an `assets.part/` or
+/// `.cache.abcdef/` of the build would otherwise hold every upload up to
+/// `upload_timeout` and get it rejected.
+pub fn looks_in_flight(name: &OsStr, is_dir: bool) -> bool {
     let b = name.as_bytes();
     if b == RSYNC_DELAY_DIR {
         return true;
+    }
+    if is_dir {
+        return false;
     }
     if b.ends_with(b".filepart") || b.ends_with(b".part") {
         return true;
@@ -38,7 +45,7 @@ mod tests {
             "x.part",
             ".~tmp~",
         ] {
-            assert!(looks_in_flight(OsStr::new(yes)), "{yes}");
+            assert!(looks_in_flight(OsStr::new(yes), false), "{yes}");
         }
         for no in [
             "index.html",
@@ -51,7 +58,16 @@ mod tests {
             "~tmp~",
             ".~tmp~x",
         ] {
-            assert!(!looks_in_flight(OsStr::new(no)), "{no}");
+            assert!(!looks_in_flight(OsStr::new(no), false), "{no}");
+        }
+    }
+
+    #[test]
+    fn directories_are_in_flight_only_as_rsyncs_holding_directory() {
+        assert!(looks_in_flight(OsStr::new(".~tmp~"), true));
+        for no in ["assets.part", ".cache.abcdef", "x.filepart"] {
+            assert!(!looks_in_flight(OsStr::new(no), true), "{no}");
+            assert!(looks_in_flight(OsStr::new(no), false), "{no}");
         }
     }
 }

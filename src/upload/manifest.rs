@@ -8,7 +8,11 @@
 //!   and the name is written with `\\`, `\n`, `\r`. [`format_line`] writes exactly what
 //!   `sha256sum` writes, so our manifests check with `sha256sum -c` and vice versa.
 //! - What `sha256sum -c` tolerates we tolerate: blank lines, `#` comments, leading blanks,
-//!   a last line without LF, upper-case hex. The one exception is its guess at a single-space
+//!   a last line without LF, upper-case hex, a path listed twice with the same digest
+//!   (two manifests concatenated). Beyond it: a UTF-8 byte-order mark before the first line
+//!   (Windows editors write one; it can never start a checksum line), and `sha256sum -z`
+//!   output (NUL-terminated lines, names unescaped), told apart by a NUL ending its first
+//!   line: a NUL anywhere else is an error, as before. The one exception is its guess at a single-space
 //!   separator: we require the two characters `sha256sum` writes, so a name starting with a
 //!   space or `*` can never be misread. CRLF files (edited on Windows) are accepted by
 //!   dropping one raw trailing CR: `sha256sum` escapes a CR in a name, so a raw one at the
@@ -18,8 +22,8 @@
 //! - Manifest paths are later joined onto a release directory, so they must stay inside it:
 //!   absolute paths, `..`, `.` and empty components, trailing slashes and NUL bytes are
 //!   rejected rather than normalized. Only one leading `./` is stripped, because
-//!   `find . -type f -exec sha256sum {} +` produces it. Two lines for one path are rejected:
-//!   whichever digest won would be a guess.
+//!   `find . -type f -exec sha256sum {} +` produces it. Two lines for one path with different
+//!   digests are rejected: whichever digest won would be a guess.
 //! - The whole manifest is read into memory, so its size is capped ([`MAX_MANIFEST_BYTES`]).
 //! - [`write_for_dir`] sorts by raw path bytes (what `LC_ALL=C sort` does), so the same tree
 //!   always gives the same manifest, whatever the thread count.
@@ -45,6 +49,7 @@ pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 
 const BUF_SIZE: usize = 256 * 1024;
 const BSD_PREFIX: &[u8] = b"SHA256 (";
+const BOM: &[u8] = b"\xef\xbb\xbf";
 const BSD_SEP: &[u8] = b") = ";
 
 // `Entries` offsets are u32: a manifest within the cap can never overflow them, so `insert`
@@ -69,8 +74,8 @@ pub enum ManifestError {
         path: String,
         reason: &'static str,
     },
-    /// The same path is listed twice.
-    #[error("line {line}: duplicate entry {path:?} (first on line {first})")]
+    /// The same path is listed twice with different digests.
+    #[error("line {line}: duplicate entry {path:?} with another hash (first on line {first})")]
     Duplicate {
         line: usize,
         path: String,
@@ -299,15 +304,16 @@ pub fn parse(bytes: &[u8]) -> Result<Entries, ManifestError> {
         });
     }
     let mut entries = Entries::new();
-    for (idx, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+    let zero = zero_terminated(bytes);
+    for (idx, raw) in bytes.split(|&b| b == delimiter(zero)).enumerate() {
         let line = idx + 1;
-        let Some((name, digest)) = parse_line(raw, line)? else {
+        let Some((name, digest)) = parse_line(raw, line, zero)? else {
             continue;
         };
-        if !entries.insert(&name, digest) {
+        if !entries.insert(&name, digest) && entries.get(&name) != Some(digest) {
             // Only on this error path is the first line looked up again, so a 200,000-line
             // manifest is held once, not twice.
-            let first = first_line_of(bytes, &name, line);
+            let first = first_line_of(bytes, zero, &name, line);
             let path = lossy(&name);
             return Err(ManifestError::Duplicate { line, path, first });
         }
@@ -329,10 +335,17 @@ pub fn parse_reader(
     let mut total: u64 = 0;
     let mut buf = Vec::with_capacity(256);
     let mut line = 0;
+    let io_err = |source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    // The first buffer holds at least the first line, whose end tells the format.
+    let zero = zero_terminated(r.fill_buf().map_err(io_err)?);
+    let delim = delimiter(zero);
     loop {
         buf.clear();
         let n = r
-            .read_until(b'\n', &mut buf)
+            .read_until(delim, &mut buf)
             .map_err(|source| ManifestError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -348,11 +361,11 @@ pub fn parse_reader(
         }
         hasher.update(&buf);
         line += 1;
-        let raw = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let Some((name, digest)) = parse_line(raw, line)? else {
+        let raw = buf.strip_suffix(&[delim]).unwrap_or(&buf);
+        let Some((name, digest)) = parse_line(raw, line, zero)? else {
             continue;
         };
-        if !entries.insert(&name, digest) {
+        if !entries.insert(&name, digest) && entries.get(&name) != Some(digest) {
             return Err(ManifestError::Duplicate {
                 line,
                 path: lossy(&name),
@@ -364,13 +377,30 @@ pub fn parse_reader(
     Ok((entries, hasher.finalize().into()))
 }
 
+/// Whether `head`, the start of a manifest, is `sha256sum -z` output: its first line ends
+/// with NUL rather than LF.
+fn zero_terminated(head: &[u8]) -> bool {
+    head.iter()
+        .find(|&&b| b == 0 || b == b'\n')
+        .is_some_and(|&b| b == 0)
+}
+
+/// What ends a line: NUL in `sha256sum -z` output (`zero`), else LF.
+fn delimiter(zero: bool) -> u8 {
+    if zero {
+        0
+    } else {
+        b'\n'
+    }
+}
+
 /// The first line before `before` that lists `path`.
-fn first_line_of(bytes: &[u8], path: &[u8], before: usize) -> usize {
+fn first_line_of(bytes: &[u8], zero: bool, path: &[u8], before: usize) -> usize {
     bytes
-        .split(|&b| b == b'\n')
+        .split(|&b| b == delimiter(zero))
         .enumerate()
         .take(before - 1)
-        .find_map(|(idx, raw)| match parse_line(raw, idx + 1) {
+        .find_map(|(idx, raw)| match parse_line(raw, idx + 1, zero) {
             Ok(Some((name, _))) if *name == *path => Some(idx + 1),
             _ => None,
         })
@@ -381,9 +411,18 @@ fn first_line_of(bytes: &[u8], path: &[u8], before: usize) -> usize {
 /// and its digest.
 type Line<'a> = (Cow<'a, [u8]>, Digest);
 
-/// Parses one line (without its LF): `None` for blank and comment lines.
-fn parse_line(raw: &[u8], line: usize) -> Result<Option<Line<'_>>, ManifestError> {
-    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+/// Parses one line (without its LF, or its NUL when `zero`): `None` for blank and comment
+/// lines.
+fn parse_line(raw: &[u8], line: usize, zero: bool) -> Result<Option<Line<'_>>, ManifestError> {
+    let raw = match line {
+        1 => raw.strip_prefix(BOM).unwrap_or(raw),
+        _ => raw,
+    };
+    // `-z` output holds names raw: a CR there ends a name, not a line.
+    let raw = match zero {
+        true => raw,
+        false => raw.strip_suffix(b"\r").unwrap_or(raw),
+    };
     let start = raw.iter().position(|&b| b != b' ' && b != b'\t');
     let Some(s) = start.and_then(|i| raw.get(i..)) else {
         return Ok(None);
@@ -579,14 +618,14 @@ pub fn hash_reader(r: &mut impl Read) -> io::Result<(Digest, u64)> {
 /// excluding the top-level names in `exclude_top` (the caller passes the manifest name and the marker name).
 /// Hashes with `threads` worker threads (std::thread::scope; bounded work queue; deterministic output order).
 /// Symlinks and directories are skipped (not listed); fifos/sockets/devices are an error naming the path.
-/// Returns the number of files listed.
+/// Returns the number of files listed and the symlinks skipped.
 pub fn write_for_dir(
     dir: &Path,
     exclude_top: &[&OsStr],
     out: &mut dyn Write,
     threads: usize,
-) -> Result<usize, ManifestError> {
-    let files = collect_files(dir, exclude_top)?;
+) -> Result<Written, ManifestError> {
+    let (files, links) = collect_files(dir, exclude_top)?;
     let digests = hash_all(dir, &files, threads)?;
     let mut w = io::BufWriter::new(out);
     for (path, digest) in files.iter().zip(&digests) {
@@ -594,16 +633,33 @@ pub fn write_for_dir(
             .map_err(ManifestError::Write)?;
     }
     w.flush().map_err(ManifestError::Write)?;
-    Ok(files.len())
+    Ok(Written {
+        files: files.len(),
+        links,
+    })
 }
 
-/// Relative paths of the regular files under `dir`, sorted by bytes.
-fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Vec<PathBuf>, ManifestError> {
+/// What [`write_for_dir`] did.
+#[derive(Debug)]
+pub struct Written {
+    /// Regular files listed.
+    pub files: usize,
+    /// Symlinks found (relative path, target), sorted by path: not listed, but the caller
+    /// can tell whether the keeper would keep them.
+    pub links: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Relative paths of the regular files under `dir`, and its symlinks with their targets,
+/// each sorted by bytes.
+type Collected = (Vec<PathBuf>, Vec<(PathBuf, PathBuf)>);
+
+fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Collected, ManifestError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ManifestError::Io { path, source }
     };
     let mut files = Vec::new();
+    let mut links = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(rel) = pending.pop() {
         let abs = if rel.as_os_str().is_empty() {
@@ -622,13 +678,17 @@ fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Vec<PathBuf>, Man
                 files.push(rel.join(name));
             } else if kind.is_dir() {
                 pending.push(rel.join(name));
-            } else if !kind.is_symlink() {
+            } else if kind.is_symlink() {
+                let target = fs::read_link(entry.path()).map_err(io_err(&entry.path()))?;
+                links.push((rel.join(name), target));
+            } else {
                 return Err(ManifestError::SpecialFile { path: entry.path() });
             }
         }
     }
     files.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
-    Ok(files)
+    links.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
+    Ok((files, links))
 }
 
 /// Hashes `files` (relative to `dir`) on `threads` workers fed through a bounded queue.
@@ -712,7 +772,7 @@ SHA256 (c d) = 1111111111111111111111111111111111111111111111111111111111111111\
         let want: Digest = Sha256::digest(text).into();
         assert_eq!(digest, want);
         let dup = b"0000000000000000000000000000000000000000000000000000000000000000  x\n\
-0000000000000000000000000000000000000000000000000000000000000000  x\n";
+1111111111111111111111111111111111111111111111111111111111111111  x\n";
         assert!(matches!(
             parse_reader(&dup[..], Path::new("S")),
             Err(ManifestError::Duplicate { line: 2, .. })
@@ -986,9 +1046,78 @@ SHA256 (c d) = 1111111111111111111111111111111111111111111111111111111111111111\
     #[test]
     fn duplicates_name_both_lines() {
         let msg = err(&format!("{A}  a/b.txt\n{E}  c\n{E}  ./a/b.txt\n"));
-        assert_eq!(msg, "line 3: duplicate entry \"a/b.txt\" (first on line 1)");
-        let msg = err(&format!("{A}  x\nSHA256 (x) = {A}\n"));
-        assert_eq!(msg, "line 2: duplicate entry \"x\" (first on line 1)");
+        assert_eq!(
+            msg,
+            "line 3: duplicate entry \"a/b.txt\" with another hash (first on line 1)"
+        );
+        let msg = err(&format!("{A}  x\nSHA256 (x) = {E}\n"));
+        assert_eq!(
+            msg,
+            "line 2: duplicate entry \"x\" with another hash (first on line 1)"
+        );
+    }
+
+    /// `sha256sum -c` passes a path listed twice with one digest (two manifests
+    /// concatenated, or `sha256sum a b a`): nothing is ambiguous, so it is not refused.
+    #[test]
+    fn a_path_listed_twice_with_the_same_hash_is_one_entry() {
+        let text = format!("{A}  x\n{E}  y\nSHA256 (./x) = {}\n", A.to_uppercase());
+        let parsed = parse(text.as_bytes()).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed.get(b"x"), Some(d(A)));
+        let (streamed, _) = parse_reader(text.as_bytes(), Path::new("S")).unwrap();
+        assert_eq!(streamed.to_map(), parsed.to_map());
+    }
+
+    /// A manifest saved by a Windows editor starts with a UTF-8 byte-order mark.
+    #[test]
+    fn a_byte_order_mark_before_the_first_line_is_ignored() {
+        for text in [
+            format!("\u{feff}{A}  x\r\n{E}  y\r\n"),
+            format!("\u{feff}SHA256 (x) = {A}\n{E}  y\n"),
+            format!("\u{feff}\\{A}  x\n{E}  y\n"),
+        ] {
+            let parsed = parse(text.as_bytes()).unwrap();
+            assert_eq!(parsed.get(b"x"), Some(d(A)), "{text:?}");
+            let (streamed, _) = parse_reader(text.as_bytes(), Path::new("S")).unwrap();
+            assert_eq!(streamed.to_map(), parsed.to_map());
+        }
+        // Only before the first line: elsewhere it is as malformed as any other byte.
+        let msg = err(&format!("{A}  x\n\u{feff}{E}  y\n"));
+        assert!(msg.starts_with("line 2: malformed line"), "{msg}");
+    }
+
+    /// `sha256sum -z` ends each line with NUL and never escapes names: a newline, CR or
+    /// backslash in a name is the name's own byte.
+    #[test]
+    fn sha256sum_z_output_is_read_with_raw_names() {
+        let names: [&[u8]; 5] = [b"plain", b"new\nline", b"cr\r", b"back\\slash", b"./dot"];
+        let mut text = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            if i == 2 {
+                text.extend_from_slice(
+                    format!("SHA256 ({}) = {A}", String::from_utf8_lossy(n)).as_bytes(),
+                );
+            } else {
+                text.extend_from_slice(format!("{A}  ").as_bytes());
+                text.extend_from_slice(n);
+            }
+            text.push(0);
+        }
+        let parsed = parse(&text).unwrap();
+        let want: Vec<&[u8]> = vec![b"plain", b"new\nline", b"cr\r", b"back\\slash", b"dot"];
+        assert_eq!(parsed.len(), want.len());
+        for n in want {
+            assert_eq!(parsed.get(n), Some(d(A)), "{}", lossy(n));
+        }
+        let (streamed, _) = parse_reader(&text[..], Path::new("S")).unwrap();
+        assert_eq!(streamed.to_map(), parsed.to_map());
+        let mut dup = text.clone();
+        dup.extend_from_slice(format!("{E}  plain\0").as_bytes());
+        assert_eq!(
+            err_bytes(&dup),
+            "line 6: duplicate entry \"plain\" with another hash (first on line 1)"
+        );
     }
 
     #[test]
@@ -1136,7 +1265,7 @@ SHA256 (c d) = 1111111111111111111111111111111111111111111111111111111111111111\
     fn write_to_vec(dir: &Path, threads: usize) -> Result<(usize, Vec<u8>), ManifestError> {
         let mut out = Vec::new();
         let excludes = [OsStr::new("SHA256SUMS"), OsStr::new(".release-ready")];
-        let n = write_for_dir(dir, &excludes, &mut out, threads)?;
+        let n = write_for_dir(dir, &excludes, &mut out, threads)?.files;
         Ok((n, out))
     }
 

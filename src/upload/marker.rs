@@ -328,9 +328,12 @@ fn marker_text(spec: &MarkerSpec) -> String {
 /// service stopped, or the command run first) is that request: it is claimed, with the
 /// command's `--id` and `--no-activate` laid over its keys, so the upload becomes one
 /// release rather than one for the command and an identical second one for the marker.
-/// Without one (or with one that cannot be read, which is then rejected as usual), the
-/// claim is `spec`, as if that marker had been dropped. The caller holds the operation
-/// lock, so the service cannot claim the marker in between.
+/// Without one, the claim is `spec`, as if that marker had been dropped. A marker that
+/// cannot be read (a bad id, `activate = "no"`, a symlink) is the request too: it is
+/// left to be rejected as the service would, and no claim of the command's own is made,
+/// since going ahead would deploy the upload against what its marker asked (activate
+/// what it wanted staged, under another id). The caller holds the operation lock, so the
+/// service cannot claim the marker in between.
 pub fn claim_for_finalize(site: &Site, spec: &MarkerSpec) -> Result<()> {
     if let Some(raw) = claim_marker(site, std::time::Duration::ZERO)? {
         match read_raw(&raw, &site.marker_shown()) {
@@ -343,7 +346,7 @@ pub fn claim_for_finalize(site: &Site, spec: &MarkerSpec) -> Result<()> {
                 // Rewritten in place: the claim keeps its place in arrival order.
                 return fsops::write_atomic(&raw, marker_text(&merged).as_bytes());
             }
-            Err(Error::Rejected(_)) => {}
+            Err(Error::Rejected(_)) => return Ok(()),
             Err(e) => return Err(e),
         }
     }

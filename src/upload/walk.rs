@@ -240,13 +240,14 @@ pub fn open_file(dir: &OwnedFd, rel: &Path, stat: &FileStat) -> Result<File> {
 }
 
 /// Every path of `root`'s tree (depth-first, sorted) from the directory listings alone,
-/// without a stat per file, so a pre-check of a 200,000-file tree stays cheap.
+/// without a stat per file, so a pre-check of a 200,000-file tree stays cheap; `visit`
+/// also gets whether the entry is a directory.
 /// Directories are descended into without following symlinks; names that vanish or
 /// change type meanwhile are skipped (the walk proper will see them).
 pub fn names(
     root: &Path,
     skip_top: &[&OsStr],
-    visit: &mut dyn FnMut(&Path) -> Result<()>,
+    visit: &mut dyn FnMut(&Path, bool) -> Result<()>,
 ) -> Result<()> {
     let fd = open_root(root)?;
     names_dir(root, &fd, PathBuf::new(), 0, skip_top, visit)
@@ -258,16 +259,16 @@ fn names_dir(
     rel: PathBuf,
     depth: usize,
     skip_top: &[&OsStr],
-    visit: &mut dyn FnMut(&Path) -> Result<()>,
+    visit: &mut dyn FnMut(&Path, bool) -> Result<()>,
 ) -> Result<()> {
     for (name, kind) in list(fd, &root.join(&rel), depth, skip_top)? {
         let child_rel = rel.join(&name);
-        visit(&child_rel)?;
         let is_a_dir = match kind {
             Some(t) => t == nix::dir::Type::Directory,
             None => fstatat(fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
                 .is_ok_and(|s| is_dir(s.st_mode)),
         };
+        visit(&child_rel, is_a_dir)?;
         if is_a_dir && depth < MAX_DEPTH {
             if let Ok(sub) = open_dir_at(fd, name.as_os_str()) {
                 names_dir(root, &sub, child_rel, depth + 1, skip_top, visit)?;
