@@ -75,9 +75,6 @@ pub enum LogFormat {
     Text,
 }
 
-/// True when stderr is the journal stream systemd gave us: `JOURNAL_STREAM` is
-/// `<dev>:<inode>` of that stream. A hook that runs the CLI inherits the variable but has
-/// its stderr on a pipe, and must log there, not to the journal.
 /// `s` with its control characters escaped (`\n`, `\r`, `\t`, `\x1b`), for reasons and
 /// fields that quote names an uploader chose: a file name holding a newline must not
 /// forge a line of a text log or of the command's output, nor an escape sequence drive
@@ -99,6 +96,9 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// True when stderr is the journal stream systemd gave us: `JOURNAL_STREAM` is
+/// `<dev>:<inode>` of that stream. A hook that runs the CLI inherits the variable but has
+/// its stderr on a pipe, and must log there, not to the journal.
 fn stderr_is_journal() -> bool {
     let Some(v) = std::env::var("JOURNAL_STREAM").ok() else {
         return false;
@@ -165,15 +165,15 @@ pub fn init(format: Option<LogFormat>) {
 }
 
 /// The text format's fields as the default writes them (`name=value`, the message bare),
-/// except that a line break inside a value is written `\n`: a reason quoting a hook's
-/// multi-line stderr split one event over several lines, and the lines after the first,
-/// without timestamp or `event=`, escaped `grep event=...` and line-based log readers.
+/// except that control characters inside a value are escaped ([`printable`]): a reason
+/// quoting a hook's multi-line stderr split one event over several lines, and the lines
+/// after the first, without timestamp or `event=`, escaped `grep event=...` and
+/// line-based log readers.
 fn one_line_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
     use tracing_subscriber::field::MakeExt;
     tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-        let text = format!("{value:?}")
-            .replace('\r', "\\r")
-            .replace('\n', "\\n");
+        let text = format!("{value:?}");
+        let text = printable(&text);
         match field.name() {
             "message" => write!(w, "{text}"),
             name => write!(w, "{name}={text}"),
