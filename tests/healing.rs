@@ -829,6 +829,34 @@ fn missing_shared_file_is_reported_not_recreated_as_a_directory() {
     );
 }
 
+/// A shared file the operator put in `shared/` before the first deploy (the usual way to
+/// provide `.env`) is a file too: once deleted, healing reports it and never recreates it
+/// as a directory, which the app would fail to read as its settings.
+#[test]
+fn operator_provided_shared_file_is_not_recreated_as_a_directory() {
+    let site = Site::new();
+    let cfg = site.write_config("app", "", "shared = [\".env\"]");
+    let shared = site.root.join("shared");
+    fs::create_dir_all(&shared).unwrap();
+    fs::write(shared.join(".env"), "APP_KEY=1\n").unwrap();
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+
+    fs::remove_file(shared.join(".env")).unwrap();
+    let out = cli(&cfg, &["heal", "app"]);
+    assert_ok(&out, "heal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        fs::symlink_metadata(shared.join(".env")).is_err(),
+        "an operator's shared file must not come back as a directory: {text}"
+    );
+    assert!(
+        text.contains(".env") && text.contains("restore"),
+        "reported: {text}"
+    );
+}
+
 /// The `heal.repaired` events of repairs that concern a release name it in `release`:
 /// above all the release `current` is pointed at again, which a monitor needs to know
 /// what is being served.
