@@ -380,8 +380,6 @@ fn heal_pass(
         });
     }
 
-    heal_current(site, journal, dry_run, &mut out, &mut repair)?;
-
     for (link, target) in &site.cfg.links {
         let path = site.root().join(link);
         let ok = fs::read_link(&path).ok().as_deref() == Some(target.as_path());
@@ -509,20 +507,36 @@ fn heal_pass(
         );
     }
 
-    let state = journal.state();
     let on_disk = match releases_listing {
         Ok(names) => store::release_ids(names.iter().map(|(n, _)| n)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
         Err(e) => return Err(e).at(&releases),
     };
-    for id in &on_disk {
-        if state.get(id).is_none() && !redone.contains(id) {
-            let note = format!(
-                "releases/{id} was not made by release-keeper (not counted, never deleted)"
+    let unknown: Vec<&String> = on_disk
+        .iter()
+        .filter(|id| journal.state().get(id).is_none() && !redone.contains(*id))
+        .collect();
+    let (ours, foreign): (Vec<&String>, Vec<&String>) = unknown
+        .into_iter()
+        .partition(|id| store::has_manifest(site, id));
+    for id in foreign {
+        let note =
+            format!("releases/{id} was not made by release-keeper (not counted, never deleted)");
+        out.report(note, Some(id));
+    }
+    if !ours.is_empty() {
+        for id in recover_releases(site, journal, ours, dry_run)? {
+            repair(
+                format!("{} release {id} in the journal", verb("recorded", "record")),
+                "the journal lost its record (a stored manifest shows the release is the keeper's)",
+                Some(&id),
+                &mut out,
             );
-            out.report(note, Some(id));
         }
     }
+    // After the recovery, so a lost journal does not leave `current` without a target.
+    heal_current(site, journal, dry_run, &mut out, &mut repair)?;
+    let state = journal.state();
 
     // Stored manifests of releases that no longer exist (a crash between the journal's
     // `pruned` record and the manifest's removal). Listed again if a repair above may
@@ -552,6 +566,50 @@ fn heal_pass(
                 &mut out,
             );
         }
+    }
+    Ok(out)
+}
+
+/// Records again releases the journal lost (deleted by hand, truncated, restored from an
+/// old backup) whose stored manifest shows they are the keeper's: left unknown they would
+/// count as foreign, never pruned nor chosen by healing. They are recorded in the order
+/// their manifests were written (the keeper's own files, not the upload's mtimes) as
+/// finalized and not activated, since whether one failed is lost with the journal; the
+/// release `current` points at is recorded as activated. Returns the ids, in that order.
+fn recover_releases(
+    site: &Site,
+    journal: &mut Journal,
+    ids: Vec<&String>,
+    dry_run: bool,
+) -> Result<Vec<String>> {
+    let mut dated = Vec::with_capacity(ids.len());
+    for id in ids {
+        let path = site.manifest_of(id);
+        let written = fs::metadata(&path).and_then(|m| m.modified()).at(&path)?;
+        dated.push((written, id.clone()));
+    }
+    dated.sort();
+    let current = site.current_id();
+    let mut out = Vec::with_capacity(dated.len());
+    for (_, id) in dated {
+        if !dry_run {
+            let entries = store::read_release_manifest(site, &id)?;
+            let files = entries.iter().filter(|e| e.kind == store::Kind::File);
+            journal.append(Op::Finalized {
+                release: id.clone(),
+                files: files.clone().count() as u64,
+                bytes: files.map(|e| e.size).sum(),
+                activate: false,
+                message: Some("recovered: the journal had lost this release".into()),
+            })?;
+            if current.as_deref() == Some(id.as_str()) {
+                journal.append(Op::Activated {
+                    release: id.clone(),
+                    previous: None,
+                })?;
+            }
+        }
+        out.push(id);
     }
     Ok(out)
 }

@@ -607,6 +607,68 @@ fn foreign_releases_are_reported_never_deleted_or_counted() {
     svc.stop();
 }
 
+/// A lost or truncated journal (deleted by hand, a restore from an old backup) must not
+/// turn the keeper's own releases into foreign ones: those would never be pruned again
+/// (the disk fills) and `current` could no longer be healed. A release with a stored
+/// manifest under `.release-keeper/` is the keeper's: healing records it again, and the
+/// release `current` points at becomes the last activated one.
+#[test]
+fn releases_are_recovered_when_the_journal_is_lost() {
+    for damage in ["deleted", "truncated"] {
+        let site = Site::new();
+        let (cfg, mut svc) = start_site(&site, SITE, "keep = 3", "");
+        for id in ["v1", "v2", "v3"] {
+            deploy_and_activate(&site, &svc, id);
+        }
+        svc.stop();
+        let journal = site.root.join(".release-keeper/journal");
+        // Gone too: a target for it must come from the recovered releases.
+        fs::remove_file(site.current_path()).unwrap();
+        match damage {
+            "deleted" => fs::remove_file(&journal).unwrap(),
+            _ => {
+                // Only v1's finalized record survives.
+                let text = fs::read_to_string(&journal).unwrap();
+                fs::write(&journal, text.lines().next().unwrap().to_string() + "\n").unwrap();
+            }
+        }
+
+        let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+        assert_ok(&out, "heal --dry-run");
+        assert!(
+            stdout_of(&out).contains("v3") && !stdout_of(&out).contains("not made by"),
+            "{damage} journal: the dry run says it would recover the keeper's releases: {}",
+            show(&out)
+        );
+        let out = cli(&cfg, &["heal", SITE]);
+        assert_ok(&out, "heal");
+        let out = cli(&cfg, &["list", SITE, "--json"]);
+        assert_ok(&out, "list");
+        let list = stdout_json(&out);
+        let ids: Vec<&str> = list["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            ["v3", "v2", "v1"],
+            "{damage} journal: every release is the keeper's again: {}",
+            show(&out)
+        );
+        assert_eq!(list["current"], "v3", "{damage} journal: {}", show(&out));
+
+        // Healing `current` and pruning work on the recovered releases.
+        let mut svc = Service::start_config(&cfg);
+        fs::remove_file(site.current_path()).unwrap();
+        wait_current(&site, "v3", WAIT, "current healed to the recovered release");
+        deploy_and_activate(&site, &svc, "v4");
+        svc.wait_release_event("release.pruned", "v1");
+        svc.stop();
+    }
+}
+
 #[test]
 fn heal_dry_run_lists_everything_and_changes_nothing() {
     let site = Site::new();
