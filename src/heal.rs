@@ -724,18 +724,18 @@ fn heal_current(
     };
     let state = journal.state();
     let exists = |id: &str| site.release(id).is_dir();
-    let target = keep
-        .or_else(|| state.last_good_activated(exists))
-        .or_else(|| {
-            state
-                .live_newest_first()
-                .find(|r| r.failed.is_none() && exists(&r.id))
-                .map(|r| r.id.clone())
-        });
+    // Only a release that was activated: one that never was (staged, or a crash while its
+    // `before_activate` ran) has not had its hooks and health check, so healing making it
+    // current would put it live unchecked; its redone upload activates it properly.
+    let target = keep.or_else(|| state.last_good_activated(exists));
     let Some(target) = target else {
-        if meta.is_some() {
+        if meta.is_some() || !state.history.is_empty() {
             out.report(
-                format!("{why}, and there is no good release to point it at"),
+                format!(
+                    "{why}, and no good release that was activated is left to point it at; \
+                     choose one with `release-keeper activate {} ID`",
+                    site.name()
+                ),
                 None,
             );
         }
