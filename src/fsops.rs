@@ -227,6 +227,28 @@ pub fn swap_symlink(link: &Path, target: &Path) -> Result<()> {
     result
 }
 
+/// Puts a new symlink to `target` at `path` and moves what was there to `aside` (a free
+/// name on the same filesystem), in one `rename(2)` with `RENAME_EXCHANGE`: `path` is
+/// never missing, not even for the moment between moving the old entry away and linking
+/// the new one. A crash before the exchange leaves only a stray link at `aside`.
+pub fn exchange_with_symlink(path: &Path, aside: &Path, target: &Path) -> Result<()> {
+    std::os::unix::fs::symlink(target, aside).at(aside)?;
+    let exchanged = nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        aside,
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .at(path);
+    if let Err(e) = exchanged {
+        let _ = fs::remove_file(aside);
+        return Err(e);
+    }
+    fsync_dir(parent_of(aside))?;
+    fsync_dir(parent_of(path))
+}
+
 /// Renames `from` to `to`, failing with EEXIST instead of replacing `to`.
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     nix::fcntl::renameat2(

@@ -111,6 +111,26 @@ fn free_name(dir: &Path, name: &str) -> PathBuf {
         .unwrap_or(first)
 }
 
+/// Moves `path` aside into `.release-keeper/displaced/` and puts a symlink to `target` in
+/// its place in the same step (see `fsops::exchange_with_symlink`), so a real directory
+/// named `current` is replaced without a moment when `current` is missing.
+fn displace_by_link(site: &Site, path: &Path, label: &str, target: &Path) -> Result<PathBuf> {
+    fsops::ensure_dir(&site.displaced(), 0o750)?;
+    let mut dest = free_name(
+        &site.displaced(),
+        &format!("{label}.{}", crate::clock::Utc::now().release_id()),
+    );
+    loop {
+        match fsops::exchange_with_symlink(path, &dest, target) {
+            Ok(()) => return Ok(dest),
+            Err(crate::Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                dest = free_name(&site.displaced(), &format!("{label}.x"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Moves `path` aside into `.release-keeper/displaced/` (never deletes it), durably.
 fn displace(site: &Site, path: &Path, label: &str) -> Result<PathBuf> {
     fsops::ensure_dir(&site.displaced(), 0o750)?;
@@ -741,6 +761,7 @@ fn heal_current(
         }
         return Ok(());
     };
+    let mut linked = false;
     if let Some(m) = &meta {
         if !m.file_type().is_symlink() {
             let what = if dry_run {
@@ -750,7 +771,9 @@ fn heal_current(
                     site.displaced().display()
                 )
             } else {
-                let aside = displace(site, &current, "current")?;
+                let to = Site::current_target_for(&target);
+                let aside = displace_by_link(site, &current, "current", &to)?;
+                linked = true;
                 format!("moved {} aside to {}", current.display(), aside.display())
             };
             repair(
@@ -761,7 +784,7 @@ fn heal_current(
             );
         }
     }
-    if !dry_run {
+    if !dry_run && !linked {
         fsops::swap_symlink(&current, &Site::current_target_for(&target))?;
     }
     let verb = if dry_run { "point" } else { "pointed" };

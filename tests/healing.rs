@@ -151,6 +151,48 @@ fn current_directory_is_moved_aside_never_deleted() {
     svc.stop();
 }
 
+/// Replacing a real `current` directory by the link leaves no moment without `current`:
+/// a web server serving from it must never get "no such file" in between.
+#[test]
+fn current_directory_is_replaced_without_a_moment_missing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    fs::remove_file(site.current_path()).unwrap();
+    write_tree(
+        &site.current_path(),
+        &[("index.html", b"by hand\n" as &[u8])],
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let current = site.current_path();
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut missing = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if fs::symlink_metadata(&current).is_err() {
+                    missing += 1;
+                }
+            }
+            missing
+        })
+    };
+    let out = cli(&cfg, &["heal", SITE]);
+    stop.store(true, Ordering::Relaxed);
+    let missing = watcher.join().unwrap();
+    assert_ok(&out, "heal");
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{}", show(&out));
+    assert_eq!(displaced(&site).len(), 1, "{}", show(&out));
+    assert_eq!(
+        missing, 0,
+        "current was seen missing {missing} times while healing replaced the directory"
+    );
+}
+
 #[test]
 fn current_pointing_outside_releases_is_repaired() {
     let site = Site::new();
