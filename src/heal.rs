@@ -731,6 +731,21 @@ fn heal_current(
                 Some(_) => None,
             };
             let Some(problem) = problem else {
+                // Made current by hand (`ln -sfn`): a person's
+                // choice, kept, but said, since healing and rollbacks never choose it.
+                let failed = site::release_id_of_target(&target, site.root())
+                    .and_then(|id| journal.state().get(&id).cloned())
+                    .and_then(|r| r.failed.map(|(reason, _)| (r.id, reason)));
+                if let Some((id, reason)) = failed {
+                    out.report(
+                        format!(
+                            "current points at release {id}, which failed ({reason}); left as \
+                             chosen: `release-keeper rollback {}` goes back to the last good one",
+                            site.name()
+                        ),
+                        Some(&id),
+                    );
+                }
                 return Ok(());
             };
             (problem, fs::symlink_metadata(&current).ok())

@@ -193,6 +193,42 @@ fn current_directory_is_replaced_without_a_moment_missing() {
     );
 }
 
+/// `current` pointed by hand at a release that failed its checks: a person's choice, so
+/// healing keeps it, but says so (healing and rollbacks never choose a failed release,
+/// and nothing else would tell that the site now serves one).
+#[test]
+fn current_pointed_by_hand_at_a_failed_release_is_reported() {
+    let site = Site::new();
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 1",
+        "health_check = [\"/bin/sh\", \"-c\", \"test ! -e bad\"]",
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    site.deploy(
+        &[("index.html", b"v2" as &[u8]), ("bad", b"1")],
+        "id = \"v2\"\n",
+    );
+    svc.wait_release_event("release.rolled_back", "v2");
+    svc.stop();
+    force_symlink(&site.current_path(), "releases/v2");
+
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    let text = stdout_of(&out);
+    assert!(
+        text.contains("current points at release v2, which failed"),
+        "heal says current serves a failed release: {}",
+        show(&out)
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "the choice is kept"
+    );
+}
+
 #[test]
 fn current_pointing_outside_releases_is_repaired() {
     let site = Site::new();
