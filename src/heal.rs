@@ -548,7 +548,7 @@ fn heal_pass(
         for id in recover_releases(site, journal, ours, dry_run)? {
             repair(
                 format!("{} release {id} in the journal", verb("recorded", "record")),
-                "the journal lost its record (a stored manifest shows the release is the keeper's)",
+                "the journal lost its record; its stored manifest shows it is the keeper's",
                 Some(&id),
                 &mut out,
             );
