@@ -1226,3 +1226,40 @@ fn what_healing_leaves_alone_is_reported_once_per_appearance() {
     );
     svc.stop();
 }
+
+/// A site whose layout is broken (here `releases` is a file) must not take the whole
+/// service down: the service exited with an error, so systemd restarted it in a loop and
+/// no other site was served. The broken site is logged with the path, retried at each
+/// healing pass, and served once fixed.
+#[test]
+fn a_broken_site_does_not_stop_the_other_sites() {
+    let good = Site::new();
+    let broken = Site::new();
+    fs::write(broken.releases_dir(), "not a directory\n").unwrap();
+    let cfg = good.tmp_path("two.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[sites.good]\nroot = \"{}\"\n\n[sites.broken]\nroot = \"{}\"\nheal_interval = \"1s\"\n",
+            good.root.display(),
+            broken.root.display()
+        ),
+    )
+    .unwrap();
+    let mut svc = Service::start_config(&cfg);
+    let err = svc.wait_event(
+        "site.error",
+        |v| v["site"] == "broken" && v.to_string().contains("releases"),
+        WAIT,
+    );
+    assert!(
+        err.to_string().contains("not a directory"),
+        "the error says what is wrong: {err}"
+    );
+    deploy_and_activate(&good, &svc, "g1");
+
+    fs::remove_file(broken.releases_dir()).unwrap();
+    deploy_and_activate(&broken, &svc, "b1");
+    assert!(svc.is_running());
+    svc.stop();
+}
