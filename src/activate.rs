@@ -202,39 +202,14 @@ fn trial(
         release: id.to_string(),
         reason: reason.clone(),
     })?;
-    let state = journal.state();
-    let back_to = previous
-        .filter(|p| state.is_good(p) && site.release(p).is_dir())
-        .map(str::to_string)
-        .or_else(|| state.previous_good(Some(id), |r| site.release(r).is_dir()));
-    match back_to {
-        Some(to) if site.cfg.auto_rollback => {
-            swap_current(site, &to)?;
-            journal.append(Op::RolledBack {
-                release: id.to_string(),
-                to: to.clone(),
-                reason: reason.clone(),
-            })?;
-            // The server was told about the failed release (its after_activate ran, e.g.
-            // a php-fpm reload); it must be told about the restored one too, or it keeps
-            // serving what was rolled back. No health check: the release was good before,
-            // and a second failure must not start rolling around.
-            // Its failure is logged (`hook.failed`) and changes nothing more.
-            let _ = after_activate(site, &hook_env(site, &to, Some(id)));
-            tracing::warn!(
-                event = events::RELEASE_ROLLED_BACK,
-                site = site.name(),
-                release = id,
-                previous = %to,
-                reason = %reason,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "release failed its checks; rolled back"
-            );
+    match rollback_target(site, journal, id, previous) {
+        Some(to) => {
+            roll_back_failed(site, journal, id, &to, &reason, started)?;
             Err(Error::Failed(format!(
                 "release {id} failed its checks ({reason}); rolled back to {to}"
             )))
         }
-        _ => {
+        None => {
             // The failure was logged once where it happened (`health.failed` or
             // `hook.failed`); a second `health.failed` would count as another failure.
             tracing::warn!(
@@ -251,6 +226,81 @@ fn trial(
             )))
         }
     }
+}
+
+/// Where an automatic rollback from the failed release `id` goes: the release current
+/// before it when still good and on disk, else the previous good one. None when
+/// `auto_rollback` is off or there is nowhere to go.
+fn rollback_target(
+    site: &Site,
+    journal: &Journal,
+    id: &str,
+    previous: Option<&str>,
+) -> Option<String> {
+    if !site.cfg.auto_rollback {
+        return None;
+    }
+    let state = journal.state();
+    previous
+        .filter(|p| state.is_good(p) && site.release(p).is_dir())
+        .map(str::to_string)
+        .or_else(|| state.previous_good(Some(id), |r| site.release(r).is_dir()))
+}
+
+/// Switches `current` from the failed release `id` back to `to` and records it.
+fn roll_back_failed(
+    site: &Site,
+    journal: &mut Journal,
+    id: &str,
+    to: &str,
+    reason: &str,
+    started: Instant,
+) -> Result<()> {
+    swap_current(site, to)?;
+    journal.append(Op::RolledBack {
+        release: id.to_string(),
+        to: to.to_string(),
+        reason: reason.to_string(),
+    })?;
+    // The server was told about the failed release (its after_activate ran, e.g.
+    // a php-fpm reload); it must be told about the restored one too, or it keeps
+    // serving what was rolled back. No health check: the release was good before,
+    // and a second failure must not start rolling around.
+    // Its failure is logged (`hook.failed`) and changes nothing more.
+    let _ = after_activate(site, &hook_env(site, to, Some(id)));
+    tracing::warn!(
+        event = events::RELEASE_ROLLED_BACK,
+        site = site.name(),
+        release = id,
+        previous = %to,
+        reason = %reason,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "release failed its checks; rolled back"
+    );
+    Ok(())
+}
+
+/// Finishes an automatic rollback a crash cut short between the `failed` record and the
+/// switch back, which left `current` on the failed release. Returns the failed release
+/// when it did something.
+pub fn finish_rollback(site: &Site, journal: &mut Journal) -> Result<Option<String>> {
+    let Some((id, previous)) = journal.state().unfinished_rollback.clone() else {
+        return Ok(None);
+    };
+    if site.current_id().as_deref() != Some(id.as_str()) {
+        // Switched back already (only the record is missing), or by hand since.
+        return Ok(None);
+    }
+    let Some(to) = rollback_target(site, journal, &id, previous.as_deref()) else {
+        return Ok(None);
+    };
+    let reason = journal
+        .state()
+        .get(&id)
+        .and_then(|r| r.failed.as_ref())
+        .map_or_else(|| "failed its checks".to_string(), |(r, _)| r.clone());
+    roll_back_failed(site, journal, &id, &to, &reason, Instant::now())?;
+    Ok(Some(id))
 }
 
 /// Runs the site's `after_activate` hook, if any, for the release in `env`; a failure is

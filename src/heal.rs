@@ -393,11 +393,26 @@ fn heal_pass(
                 why: "crash between the switch and the health verdict".into(),
             });
         }
+        if let Some(id) = activate::finish_rollback(site, journal)? {
+            repair(
+                format!("finished the rollback from the failed release {id}"),
+                "crash between the failed verdict and the switch back",
+                Some(&id),
+                &mut out,
+            );
+        }
     } else if let Some((id, _)) = &journal.state().open_trial {
         out.repairs.push(Repair {
             what: format!("resolve the interrupted activation of {id}"),
             why: "crash between the switch and the health verdict".into(),
         });
+    } else if let Some((id, _)) = &journal.state().unfinished_rollback {
+        if site.current_id().as_deref() == Some(id.as_str()) && site.cfg.auto_rollback {
+            out.repairs.push(Repair {
+                what: format!("finish the rollback from the failed release {id}"),
+                why: "crash between the failed verdict and the switch back".into(),
+            });
+        }
     }
 
     for (link, target) in &site.cfg.links {
@@ -739,8 +754,8 @@ fn heal_current(
                 if let Some((id, reason)) = failed {
                     out.report(
                         format!(
-                            "current points at release {id}, which failed ({reason}); left as \
-                             chosen: `release-keeper rollback {}` goes back to the last good one",
+                            "current points at release {id}, which failed ({reason}); healing \
+                             leaves it: `release-keeper rollback {}` goes back to the last good one",
                             site.name()
                         ),
                         Some(&id),
