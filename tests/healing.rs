@@ -1263,3 +1263,35 @@ fn a_broken_site_does_not_stop_the_other_sites() {
     assert!(svc.is_running());
     svc.stop();
 }
+
+/// A journal whose last record lost only its newline (edited by hand with an editor that
+/// strips it) keeps that record at the next append: it was cut off as if torn by a crash,
+/// which here forgot the activation of the current release.
+#[test]
+fn journal_record_without_its_newline_is_kept_at_the_next_append() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let path = site.root.join(".release-keeper/journal");
+    let text = fs::read_to_string(&path).unwrap();
+    let records = text.lines().count();
+    fs::write(&path, text.trim_end_matches('\n')).unwrap();
+
+    let mut svc = Service::start_config(&site.config_path());
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+    let text = fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > records, "the journal grew: {text}");
+    assert!(
+        lines[records - 1].contains("\"op\":\"activated\"") && lines[records - 1].contains("v1"),
+        "v1's activation is still recorded: {text}"
+    );
+    for l in &lines {
+        assert!(
+            serde_json::from_str::<Value>(l).is_ok(),
+            "every line parses: {l:?}"
+        );
+    }
+}
