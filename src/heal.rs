@@ -23,6 +23,7 @@
 //!   locks are `flock(2)`, which the kernel drops when the holder dies.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -497,6 +498,27 @@ fn heal_pass(
             None,
             &mut out,
         );
+    }
+
+    // A resolved claim that is not a file (a directory made by hand) made every pass fail
+    // reading it, which blocked the site's uploads for good.
+    if let Ok(names) = &claims_listing {
+        let mut odd: Vec<&OsStr> = names
+            .iter()
+            .filter(|(n, kind)| marker::is_bogus_claim(n, Some(*kind)))
+            .map(|(n, _)| n.as_os_str())
+            .collect();
+        odd.sort_unstable();
+        for name in odd {
+            let path = claims.join(name);
+            let what = if dry_run {
+                format!("move {} aside", path.display())
+            } else {
+                let dest = displace(site, &path, "claim")?;
+                format!("moved {} aside to {}", path.display(), dest.display())
+            };
+            repair(what, "a resolved claim that is not a file", None, &mut out);
+        }
     }
 
     // Every claim seen here is interrupted work (uploads run under the same lock). Claims

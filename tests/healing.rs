@@ -1295,3 +1295,31 @@ fn journal_record_without_its_newline_is_kept_at_the_next_append() {
         );
     }
 }
+
+/// A directory in `.release-keeper/claims/` (a hand edit) is not a claim: it made every
+/// healing pass and every upload fail on reading it, so the site deployed nothing more.
+/// It is moved aside, never deleted, and uploads go on.
+#[test]
+fn a_directory_among_the_claims_does_not_block_uploads() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let odd = site
+        .root
+        .join(".release-keeper/claims/000001796290000000000001-1.claim");
+    fs::create_dir(&odd).unwrap();
+    fs::write(odd.join("keep.txt"), "mine\n").unwrap();
+
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+    assert!(!odd.exists(), "moved out of the claims");
+    assert!(
+        displaced(&site)
+            .iter()
+            .any(|p| p.join("keep.txt").is_file()),
+        "kept, with its content, under displaced/: {:?}",
+        displaced(&site)
+    );
+}
