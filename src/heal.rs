@@ -623,6 +623,23 @@ fn heal_pass(
                 &mut out,
             );
         }
+        // From the listing already taken: an idle pass makes no call for this.
+        let stored: BTreeSet<&OsStr> = names.iter().map(|(n, _)| n.as_os_str()).collect();
+        for id in &on_disk {
+            if state.get(id).is_some()
+                && !redone.contains(id)
+                && !stored.contains(OsStr::new(id.as_str()))
+            {
+                out.report(
+                    format!(
+                        "releases/{id} has no stored manifest ({} is gone); it cannot be \
+                         verified, and drift in it goes unnoticed",
+                        site.manifest_of(id).display()
+                    ),
+                    Some(id),
+                );
+            }
+        }
     }
     Ok(out)
 }

@@ -1323,3 +1323,22 @@ fn a_directory_among_the_claims_does_not_block_uploads() {
         displaced(&site)
     );
 }
+
+/// A release whose stored manifest was deleted can no longer be verified: healing says so
+/// (it said "nothing to heal", and drift in the live release would go unnoticed).
+#[test]
+fn a_deleted_stored_manifest_is_reported() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    fs::remove_file(site.root.join(".release-keeper/manifests/v1")).unwrap();
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    let text = stdout_of(&out);
+    assert!(
+        text.contains("releases/v1 has no stored manifest"),
+        "{}",
+        show(&out)
+    );
+}
