@@ -235,19 +235,15 @@ fn trial(
         );
         return Ok(());
     };
-    let state = journal.state();
-    let back_to = previous
-        .filter(|p| state.is_good(p) && site.release(p).is_dir())
-        .map(str::to_string)
-        .or_else(|| state.previous_good(Some(id), |r| site.release(r).is_dir()));
+    let back_to = rollback_target(site, journal, id, previous);
     Err(fail_and_restore(
         site, journal, id, previous, back_to, &f, started,
     )?)
 }
 
 /// The verdict on a release that failed `after_activate` or its health check after
-/// `current` was switched to it: it is marked failed and, when `auto_rollback` allows and
-/// `back_to` names a good release, `current` goes back there (and `after_activate` runs for
+/// `current` was switched to it: it is marked failed and, when `back_to` names a release
+/// (see [`rollback_target`]), `current` goes back there (and `after_activate` runs for
 /// it). Returns the error the command reports.
 fn fail_and_restore(
     site: &Site,
@@ -264,33 +260,13 @@ fn fail_and_restore(
         reason: reason.clone(),
     })?;
     match back_to {
-        Some(to) if site.cfg.auto_rollback => {
-            swap_current(site, &to)?;
-            journal.append(Op::RolledBack {
-                release: id.to_string(),
-                to: to.clone(),
-                reason: reason.clone(),
-            })?;
-            // The server was told about the failed release (its after_activate ran, e.g.
-            // a php-fpm reload); it must be told about the restored one too, or it keeps
-            // serving what was rolled back. No health check: the release was good before,
-            // and a second failure must not start rolling around.
-            // Its failure is logged (`hook.failed`) and changes nothing more.
-            let _ = after_activate(site, &hook_env(site, &to, Some(id)));
-            tracing::warn!(
-                event = events::RELEASE_ROLLED_BACK,
-                site = site.name(),
-                release = id,
-                previous = %to,
-                reason = %reason,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "release failed its checks; rolled back"
-            );
+        Some(to) => {
+            roll_back_failed(site, journal, id, &to, &reason, started)?;
             Ok(Error::Failed(format!(
                 "release {id} failed its checks ({reason}); rolled back to {to}"
             )))
         }
-        _ => {
+        None => {
             // The failure was logged once where it happened (`health.failed` or
             // `hook.failed`); a second `health.failed` would count as another failure.
             tracing::warn!(
@@ -307,6 +283,81 @@ fn fail_and_restore(
             )))
         }
     }
+}
+
+/// Where an automatic rollback from the failed release `id` goes: the release current
+/// before it when still good and on disk, else the previous good one. None when
+/// `auto_rollback` is off or there is nowhere to go.
+fn rollback_target(
+    site: &Site,
+    journal: &Journal,
+    id: &str,
+    previous: Option<&str>,
+) -> Option<String> {
+    if !site.cfg.auto_rollback {
+        return None;
+    }
+    let state = journal.state();
+    previous
+        .filter(|p| state.is_good(p) && site.release(p).is_dir())
+        .map(str::to_string)
+        .or_else(|| state.previous_good(Some(id), |r| site.release(r).is_dir()))
+}
+
+/// Switches `current` from the failed release `id` back to `to` and records it.
+fn roll_back_failed(
+    site: &Site,
+    journal: &mut Journal,
+    id: &str,
+    to: &str,
+    reason: &str,
+    started: Instant,
+) -> Result<()> {
+    swap_current(site, to)?;
+    journal.append(Op::RolledBack {
+        release: id.to_string(),
+        to: to.to_string(),
+        reason: reason.to_string(),
+    })?;
+    // The server was told about the failed release (its after_activate ran, e.g.
+    // a php-fpm reload); it must be told about the restored one too, or it keeps
+    // serving what was rolled back. No health check: the release was good before,
+    // and a second failure must not start rolling around.
+    // Its failure is logged (`hook.failed`) and changes nothing more.
+    let _ = after_activate(site, &hook_env(site, to, Some(id)));
+    tracing::warn!(
+        event = events::RELEASE_ROLLED_BACK,
+        site = site.name(),
+        release = id,
+        previous = %to,
+        reason = %reason,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "release failed its checks; rolled back"
+    );
+    Ok(())
+}
+
+/// Finishes an automatic rollback a crash cut short between the `failed` record and the
+/// switch back, which left `current` on the failed release. Returns the failed release
+/// when it did something.
+pub fn finish_rollback(site: &Site, journal: &mut Journal) -> Result<Option<String>> {
+    let Some((id, previous)) = journal.state().unfinished_rollback.clone() else {
+        return Ok(None);
+    };
+    if site.current_id().as_deref() != Some(id.as_str()) {
+        // Switched back already (only the record is missing), or by hand since.
+        return Ok(None);
+    }
+    let Some(to) = rollback_target(site, journal, &id, previous.as_deref()) else {
+        return Ok(None);
+    };
+    let reason = journal
+        .state()
+        .get(&id)
+        .and_then(|r| r.failed.as_ref())
+        .map_or_else(|| "failed its checks".to_string(), |(r, _)| r.clone());
+    roll_back_failed(site, journal, &id, &to, &reason, Instant::now())?;
+    Ok(Some(id))
 }
 
 /// Runs the site's `after_activate` hook, if any, for the release in `env`; a failure is
@@ -437,7 +488,7 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
         let state = journal.state();
         let back_to = current
             .clone()
-            .filter(|c| state.is_good(c) && site.release(c).is_dir());
+            .filter(|c| site.cfg.auto_rollback && state.is_good(c) && site.release(c).is_dir());
         let e = fail_and_restore(
             site,
             journal,

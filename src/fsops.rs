@@ -227,6 +227,28 @@ pub fn swap_symlink(link: &Path, target: &Path) -> Result<()> {
     result
 }
 
+/// Puts a new symlink to `target` at `path` and moves what was there to `aside` (a free
+/// name on the same filesystem), in one `rename(2)` with `RENAME_EXCHANGE`: `path` is
+/// never missing, not even for the moment between moving the old entry away and linking
+/// the new one. A crash before the exchange leaves only a stray link at `aside`.
+pub fn exchange_with_symlink(path: &Path, aside: &Path, target: &Path) -> Result<()> {
+    std::os::unix::fs::symlink(target, aside).at(aside)?;
+    let exchanged = nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        aside,
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .at(path);
+    if let Err(e) = exchanged {
+        let _ = fs::remove_file(aside);
+        return Err(e);
+    }
+    fsync_dir(parent_of(aside))?;
+    fsync_dir(parent_of(path))
+}
+
 /// Renames `from` to `to`, failing with EEXIST instead of replacing `to`.
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     nix::fcntl::renameat2(
@@ -502,7 +524,8 @@ impl LockFile {
 }
 
 /// Appends one line (a `\n` is added) to the journal at `path` durably. A torn tail left
-/// by a crash mid-append is cut off first so every complete line stays parseable.
+/// by a crash mid-append is cut off first so every complete line stays parseable; a last
+/// line that is complete but lacks its newline gets one.
 pub fn append_line(path: &Path, line: &[u8]) -> Result<()> {
     let mut f = OpenOptions::new()
         .read(true)
@@ -512,16 +535,30 @@ pub fn append_line(path: &Path, line: &[u8]) -> Result<()> {
         .open(path)
         .at(path)?;
     let len = f.metadata().at(path)?.len();
+    let mut prefix_newline = false;
     if len > 0 {
         let mut last = [0u8; 1];
         f.seek(SeekFrom::Start(len - 1)).at(path)?;
         f.read_exact(&mut last).at(path)?;
         if last[0] != b'\n' {
             let keep = last_newline_end(path)?;
-            f.set_len(keep).at(path)?;
+            // A torn write never forms a complete JSON value (its closing brace comes
+            // last): a complete one lost only its newline (a hand edit, an editor that
+            // strips it) and is a record to keep, not to cut off.
+            let mut tail = Vec::new();
+            f.seek(SeekFrom::Start(keep)).at(path)?;
+            f.read_to_end(&mut tail).at(path)?;
+            if serde_json::from_slice::<serde_json::Value>(&tail).is_ok() {
+                prefix_newline = true;
+            } else {
+                f.set_len(keep).at(path)?;
+            }
         }
     }
-    let mut buf = Vec::with_capacity(line.len() + 1);
+    let mut buf = Vec::with_capacity(line.len() + 2);
+    if prefix_newline {
+        buf.push(b'\n');
+    }
     buf.extend_from_slice(line);
     buf.push(b'\n');
     f.write_all(&buf).at(path)?;

@@ -23,6 +23,7 @@
 //!   locks are `flock(2)`, which the kernel drops when the holder dies.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,26 @@ fn free_name(dir: &Path, name: &str) -> PathBuf {
         .map(|n| dir.join(format!("{name}.{n}")))
         .find(|p| fs::symlink_metadata(p).is_err())
         .unwrap_or(first)
+}
+
+/// Moves `path` aside into `.release-keeper/displaced/` and puts a symlink to `target` in
+/// its place in the same step (see `fsops::exchange_with_symlink`), so a real directory
+/// named `current` is replaced without a moment when `current` is missing.
+fn displace_by_link(site: &Site, path: &Path, label: &str, target: &Path) -> Result<PathBuf> {
+    fsops::ensure_dir(&site.displaced(), 0o750)?;
+    let mut dest = free_name(
+        &site.displaced(),
+        &format!("{label}.{}", crate::clock::Utc::now().release_id()),
+    );
+    loop {
+        match fsops::exchange_with_symlink(path, &dest, target) {
+            Ok(()) => return Ok(dest),
+            Err(crate::Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                dest = free_name(&site.displaced(), &format!("{label}.x"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Moves `path` aside into `.release-keeper/displaced/` (never deletes it), durably.
@@ -373,14 +394,27 @@ fn heal_pass(
                 why: "crash between the switch and the health verdict".into(),
             });
         }
+        if let Some(id) = activate::finish_rollback(site, journal)? {
+            repair(
+                format!("finished the rollback from the failed release {id}"),
+                "crash between the failed verdict and the switch back",
+                Some(&id),
+                &mut out,
+            );
+        }
     } else if let Some((id, _)) = &journal.state().open_trial {
         out.repairs.push(Repair {
             what: format!("resolve the interrupted activation of {id}"),
             why: "crash between the switch and the health verdict".into(),
         });
+    } else if let Some((id, _)) = &journal.state().unfinished_rollback {
+        if site.current_id().as_deref() == Some(id.as_str()) && site.cfg.auto_rollback {
+            out.repairs.push(Repair {
+                what: format!("finish the rollback from the failed release {id}"),
+                why: "crash between the failed verdict and the switch back".into(),
+            });
+        }
     }
-
-    heal_current(site, journal, dry_run, &mut out, &mut repair)?;
 
     for (link, target) in &site.cfg.links {
         let path = site.root().join(link);
@@ -466,6 +500,27 @@ fn heal_pass(
         );
     }
 
+    // A resolved claim that is not a file (a directory made by hand) made every pass fail
+    // reading it, which blocked the site's uploads for good.
+    if let Ok(names) = &claims_listing {
+        let mut odd: Vec<&OsStr> = names
+            .iter()
+            .filter(|(n, kind)| marker::is_bogus_claim(n, Some(*kind)))
+            .map(|(n, _)| n.as_os_str())
+            .collect();
+        odd.sort_unstable();
+        for name in odd {
+            let path = claims.join(name);
+            let what = if dry_run {
+                format!("move {} aside", path.display())
+            } else {
+                let dest = displace(site, &path, "claim")?;
+                format!("moved {} aside to {}", path.display(), dest.display())
+            };
+            repair(what, "a resolved claim that is not a file", None, &mut out);
+        }
+    }
+
     // Every claim seen here is interrupted work (uploads run under the same lock). Claims
     // are read only when there are any (every name `pending` considers is visible).
     let mut redone = BTreeSet::new();
@@ -509,20 +564,36 @@ fn heal_pass(
         );
     }
 
-    let state = journal.state();
     let on_disk = match releases_listing {
         Ok(names) => store::release_ids(names.iter().map(|(n, _)| n)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
         Err(e) => return Err(e).at(&releases),
     };
-    for id in &on_disk {
-        if state.get(id).is_none() && !redone.contains(id) {
-            let note = format!(
-                "releases/{id} was not made by release-keeper (not counted, never deleted)"
+    let unknown: Vec<&String> = on_disk
+        .iter()
+        .filter(|id| journal.state().get(id).is_none() && !redone.contains(*id))
+        .collect();
+    let (ours, foreign): (Vec<&String>, Vec<&String>) = unknown
+        .into_iter()
+        .partition(|id| store::has_manifest(site, id));
+    for id in foreign {
+        let note =
+            format!("releases/{id} was not made by release-keeper (not counted, never deleted)");
+        out.report(note, Some(id));
+    }
+    if !ours.is_empty() {
+        for id in recover_releases(site, journal, ours, dry_run)? {
+            repair(
+                format!("{} release {id} in the journal", verb("recorded", "record")),
+                "the journal lost its record; its stored manifest shows it is the keeper's",
+                Some(&id),
+                &mut out,
             );
-            out.report(note, Some(id));
         }
     }
+    // After the recovery, so a lost journal does not leave `current` without a target.
+    heal_current(site, journal, dry_run, &mut out, &mut repair)?;
+    let state = journal.state();
 
     // Stored manifests of releases that no longer exist (a crash between the journal's
     // `pruned` record and the manifest's removal). Listed again if a repair above may
@@ -552,6 +623,67 @@ fn heal_pass(
                 &mut out,
             );
         }
+        // From the listing already taken: an idle pass makes no call for this.
+        let stored: BTreeSet<&OsStr> = names.iter().map(|(n, _)| n.as_os_str()).collect();
+        for id in &on_disk {
+            if state.get(id).is_some()
+                && !redone.contains(id)
+                && !stored.contains(OsStr::new(id.as_str()))
+            {
+                out.report(
+                    format!(
+                        "releases/{id} has no stored manifest ({} is gone); it cannot be \
+                         verified, and drift in it goes unnoticed",
+                        site.manifest_of(id).display()
+                    ),
+                    Some(id),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Records again releases the journal lost (deleted by hand, truncated, restored from an
+/// old backup) whose stored manifest shows they are the keeper's: left unknown they would
+/// count as foreign, never pruned nor chosen by healing. They are recorded in the order
+/// their manifests were written (the keeper's own files, not the upload's mtimes) as
+/// finalized and not activated, since whether one failed is lost with the journal; the
+/// release `current` points at is recorded as activated. Returns the ids, in that order.
+fn recover_releases(
+    site: &Site,
+    journal: &mut Journal,
+    ids: Vec<&String>,
+    dry_run: bool,
+) -> Result<Vec<String>> {
+    let mut dated = Vec::with_capacity(ids.len());
+    for id in ids {
+        let path = site.manifest_of(id);
+        let written = fs::metadata(&path).and_then(|m| m.modified()).at(&path)?;
+        dated.push((written, id.clone()));
+    }
+    dated.sort();
+    let current = site.current_id();
+    let mut out = Vec::with_capacity(dated.len());
+    for (_, id) in dated {
+        if !dry_run {
+            let entries = store::read_release_manifest(site, &id)?;
+            let files = entries.iter().filter(|e| e.kind == store::Kind::File);
+            journal.append(Op::Finalized {
+                release: id.clone(),
+                files: files.clone().count() as u64,
+                bytes: files.map(|e| e.size).sum(),
+                activate: false,
+                message: Some("recovered: the journal had lost this release".into()),
+            })?;
+            if current.as_deref() == Some(id.as_str()) {
+                journal.append(Op::Activated {
+                    release: id.clone(),
+                    previous: None,
+                })?;
+            }
+        }
+        out.push(id);
     }
     Ok(out)
 }
@@ -653,6 +785,21 @@ fn heal_current(
                 Some(_) => None,
             };
             let Some(problem) = problem else {
+                // Made current by hand (`ln -sfn`): a person's
+                // choice, kept, but said, since healing and rollbacks never choose it.
+                let failed = site::release_id_of_target(&target, site.root())
+                    .and_then(|id| journal.state().get(&id).cloned())
+                    .and_then(|r| r.failed.map(|(reason, _)| (r.id, reason)));
+                if let Some((id, reason)) = failed {
+                    out.report(
+                        format!(
+                            "current points at release {id}, which failed ({reason}); healing \
+                             leaves it: `release-keeper rollback {}` goes back to the last good one",
+                            site.name()
+                        ),
+                        Some(&id),
+                    );
+                }
                 return Ok(());
             };
             (problem, fs::symlink_metadata(&current).ok())
@@ -666,23 +813,24 @@ fn heal_current(
     };
     let state = journal.state();
     let exists = |id: &str| site.release(id).is_dir();
-    let target = keep
-        .or_else(|| state.last_good_activated(exists))
-        .or_else(|| {
-            state
-                .live_newest_first()
-                .find(|r| r.failed.is_none() && exists(&r.id))
-                .map(|r| r.id.clone())
-        });
+    // Only a release that was activated: one that never was (staged, or a crash while its
+    // `before_activate` ran) has not had its hooks and health check, so healing making it
+    // current would put it live unchecked; its redone upload activates it properly.
+    let target = keep.or_else(|| state.last_good_activated(exists));
     let Some(target) = target else {
-        if meta.is_some() {
+        if meta.is_some() || !state.history.is_empty() {
             out.report(
-                format!("{why}, and there is no good release to point it at"),
+                format!(
+                    "{why}, and no good release that was activated is left to point it at; \
+                     choose one with `release-keeper activate {} ID`",
+                    site.name()
+                ),
                 None,
             );
         }
         return Ok(());
     };
+    let mut linked = false;
     if let Some(m) = &meta {
         if !m.file_type().is_symlink() {
             let what = if dry_run {
@@ -692,7 +840,9 @@ fn heal_current(
                     site.displaced().display()
                 )
             } else {
-                let aside = displace(site, &current, "current")?;
+                let to = Site::current_target_for(&target);
+                let aside = displace_by_link(site, &current, "current", &to)?;
+                linked = true;
                 format!("moved {} aside to {}", current.display(), aside.display())
             };
             repair(
@@ -703,7 +853,7 @@ fn heal_current(
             );
         }
     }
-    if !dry_run {
+    if !dry_run && !linked {
         fsops::swap_symlink(&current, &Site::current_target_for(&target))?;
     }
     let verb = if dry_run { "point" } else { "pointed" };

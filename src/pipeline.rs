@@ -178,9 +178,16 @@ fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome
             marker::remove(&path)?;
             reject(site, &mut journal, Some(&claim.id), &e.to_string())
         }
-        Err(e) if e.is_no_space() => {
+        Err(e) if e.is_no_space() || keeper_denied(site, &e) => {
             let _ = fsops::remove_tree(&site.partial(&claim.id));
-            let reason = format!("{e}; the upload is kept and retried when space is available");
+            let reason = if e.is_no_space() {
+                format!("{e}; the upload is kept and retried when space is available")
+            } else {
+                format!(
+                    "{e}; the keeper cannot write its own directories (check their owner and \
+                     mode); the upload is kept and retried at the next healing pass"
+                )
+            };
             tracing::error!(
                 event = events::RELEASE_REJECTED,
                 site = site.name(),
@@ -203,6 +210,31 @@ fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome
             Ok(o)
         }
     }
+}
+
+/// True when `e` is the keeper's own directories refusing a write (permissions, a
+/// read-only mount): the server's fault, not the upload's. Such an upload is kept and
+/// retried like one that found the disk full; rejecting it consumed a good upload, which
+/// was then not deployed once an operator fixed the permissions. Only entries made
+/// directly in the site's own directories count, whose names no uploader chooses, so an
+/// upload that cannot be built can never be retried forever in front of later ones.
+fn keeper_denied(site: &Site, e: &Error) -> bool {
+    let Error::Io { path, source } = e else {
+        return false;
+    };
+    let denied = matches!(
+        source.raw_os_error(),
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)
+    );
+    let own = [
+        site.root().to_path_buf(),
+        site.releases(),
+        site.state(),
+        site.manifests(),
+        site.claims(),
+        site.trash(),
+    ];
+    denied && path.parent().is_some_and(|p| own.iter().any(|d| d == p))
 }
 
 fn process_claim(

@@ -429,3 +429,102 @@ fn kill_9_during_finalize_swap_and_prune() {
         "only {kills} kill points fit in the time budget (at least {min} wanted)"
     );
 }
+
+/// A crash while `before_activate` runs for the very first release leaves it finalized
+/// but never activated, and no `current`. Healing must not make it current (its
+/// `before_activate`, e.g. the migrations, never completed, and no health check ran):
+/// the redone upload runs the activation, hooks and health check included.
+#[test]
+fn crash_in_before_activate_of_the_first_release_redoes_the_activation() {
+    let site = Site::new();
+    let runs = site.tmp_path("before-runs");
+    let go = site.tmp_path("go");
+    // Each run is counted, then waits until `go` exists.
+    let hook = format!(
+        "before_activate = [\"/bin/sh\", \"-c\", \"echo run >> {}; while [ ! -e {} ]; do sleep 0.05; done\"]",
+        runs.display(),
+        go.display()
+    );
+    let cfg = site.write_config(SITE, "", &hook);
+    let svc = start(&cfg);
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    wait_until(WAIT, || runs.exists(), || "before_activate to start".into());
+    sigkill(&svc);
+    // The hook's own process group outlives the service; let it end.
+    fs::write(&go, "").unwrap();
+    assert!(
+        site.current_target().is_none(),
+        "no current before the restart"
+    );
+
+    let mut svc = start(&cfg);
+    svc.wait_release_event("release.activated", "v1");
+    assert!(
+        svc.events_for("release.already_current", "v1").is_empty(),
+        "the redo must activate v1, not find it made current by healing"
+    );
+    let runs = fs::read_to_string(&runs).unwrap();
+    assert_eq!(
+        runs.lines().count(),
+        2,
+        "before_activate runs again after the crash: {runs:?}"
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    svc.stop();
+}
+
+/// A crash after a failed health check was journaled but before `current` was switched
+/// back leaves `current` on the failed release (the state is made here by hand: the
+/// journal without its `rolled_back` record, `current` on the failed release). Healing
+/// must finish the rollback, not leave the site on a release known to be broken.
+#[test]
+fn crash_between_failed_verdict_and_switch_back_finishes_the_rollback() {
+    let site = Site::new();
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 1",
+        "health_check = [\"/bin/sh\", \"-c\", \"test ! -e bad\"]",
+    );
+    let mut svc = start(&cfg);
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    site.deploy(
+        &[("index.html", b"v2" as &[u8]), ("bad", b"1")],
+        "id = \"v2\"\n",
+    );
+    svc.wait_release_event("release.rolled_back", "v2");
+    svc.stop();
+
+    let path = site.root.join(".release-keeper/journal");
+    let text = fs::read_to_string(&path).unwrap();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("\"op\":\"rolled_back\""))
+        .collect();
+    assert_eq!(kept.len() + 1, text.lines().count(), "one rollback record");
+    fs::write(&path, kept.join("\n") + "\n").unwrap();
+    fs::remove_file(site.current_path()).unwrap();
+    std::os::unix::fs::symlink("releases/v2", site.current_path()).unwrap();
+
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&out, "heal --dry-run");
+    assert!(
+        output_text(&out).contains("finish the rollback from the failed release v2"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "a dry run changes nothing"
+    );
+    let mut svc = start(&cfg);
+    svc.wait_release_event("release.rolled_back", "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    let rolled = journal(&site.root)
+        .iter()
+        .filter(|r| r["op"] == "rolled_back")
+        .count();
+    assert_eq!(rolled, 1, "the rollback is journaled");
+    svc.stop();
+}

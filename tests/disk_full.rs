@@ -1,6 +1,8 @@
-//! A disk too small for the upload: the release is deferred (not dropped), nothing is left
-//! behind, `current` is untouched, and the upload is finalized once space returns.
-//! Needs root (it mounts a small tmpfs as the site root); skipped otherwise.
+//! A disk too small for the upload, or the keeper's own directories refusing writes (a
+//! read-only mount, wrong permissions): the release is deferred (not dropped), nothing is
+//! left behind, `current` is untouched, and the upload is finalized once the server is
+//! fixed. Needs root (it mounts a small tmpfs or a read-only bind mount); skipped
+//! otherwise.
 
 mod common;
 
@@ -97,4 +99,55 @@ fn upload_larger_than_free_space_is_deferred_then_finalized_when_space_returns()
     );
     svc.stop();
     drop(mount);
+}
+
+/// `releases/` refusing writes is the server's fault, not the upload's: rejecting the
+/// upload consumed it, so it was not deployed once the operator fixed the mount or the
+/// permissions. It is kept and finalized at the next healing pass after the fix.
+#[test]
+fn releases_dir_refusing_writes_defers_the_upload_until_fixed() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    deploy_and_activate(&site, &svc, "v1");
+    let releases = site.releases_dir();
+    let bind = Command::new("mount")
+        .arg("--bind")
+        .arg(&releases)
+        .arg(&releases)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !bind {
+        eprintln!("skipped: cannot bind-mount here (needs root)");
+        svc.stop();
+        return;
+    }
+    let mount = Mount(releases.clone());
+    let ro = Command::new("mount")
+        .args(["-o", "remount,ro,bind"])
+        .arg(&releases)
+        .status()
+        .unwrap();
+    assert!(ro.success(), "remount read-only failed");
+
+    site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
+    let ev = svc.wait_event("release.rejected", |v| v["retrying"] == true, WAIT);
+    assert!(
+        reason_of(&ev).contains("releases"),
+        "the reason names the directory that refused: {ev}"
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    let claims = fs::read_dir(site.root.join(".release-keeper/claims"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        claims, 1,
+        "the upload must be kept for a retry, not dropped"
+    );
+
+    drop(mount);
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
 }

@@ -151,6 +151,84 @@ fn current_directory_is_moved_aside_never_deleted() {
     svc.stop();
 }
 
+/// Replacing a real `current` directory by the link leaves no moment without `current`:
+/// a web server serving from it must never get "no such file" in between.
+#[test]
+fn current_directory_is_replaced_without_a_moment_missing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    fs::remove_file(site.current_path()).unwrap();
+    write_tree(
+        &site.current_path(),
+        &[("index.html", b"by hand\n" as &[u8])],
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let current = site.current_path();
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut missing = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if fs::symlink_metadata(&current).is_err() {
+                    missing += 1;
+                }
+            }
+            missing
+        })
+    };
+    let out = cli(&cfg, &["heal", SITE]);
+    stop.store(true, Ordering::Relaxed);
+    let missing = watcher.join().unwrap();
+    assert_ok(&out, "heal");
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{}", show(&out));
+    assert_eq!(displaced(&site).len(), 1, "{}", show(&out));
+    assert_eq!(
+        missing, 0,
+        "current was seen missing {missing} times while healing replaced the directory"
+    );
+}
+
+/// `current` pointed by hand at a release that failed its checks: a person's choice, so
+/// healing keeps it, but says so (healing and rollbacks never choose a failed release,
+/// and nothing else would tell that the site now serves one).
+#[test]
+fn current_pointed_by_hand_at_a_failed_release_is_reported() {
+    let site = Site::new();
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 1",
+        "health_check = [\"/bin/sh\", \"-c\", \"test ! -e bad\"]",
+    );
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    site.deploy(
+        &[("index.html", b"v2" as &[u8]), ("bad", b"1")],
+        "id = \"v2\"\n",
+    );
+    svc.wait_release_event("release.rolled_back", "v2");
+    svc.stop();
+    force_symlink(&site.current_path(), "releases/v2");
+
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    let text = stdout_of(&out);
+    assert!(
+        text.contains("current points at release v2, which failed"),
+        "heal says current serves a failed release: {}",
+        show(&out)
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "the choice is kept"
+    );
+}
+
 #[test]
 fn current_pointing_outside_releases_is_repaired() {
     let site = Site::new();
@@ -607,6 +685,66 @@ fn foreign_releases_are_reported_never_deleted_or_counted() {
     svc.stop();
 }
 
+/// A lost or truncated journal (deleted by hand, a restore from an old backup) must not
+/// turn the keeper's own releases into foreign ones: those would never be pruned again
+/// (the disk fills) and `current` could no longer be healed. A release with a stored
+/// manifest under `.release-keeper/` is the keeper's: healing records it again, and the
+/// release `current` points at becomes the last activated one.
+#[test]
+fn releases_are_recovered_when_the_journal_is_lost() {
+    for damage in ["deleted", "truncated"] {
+        let site = Site::new();
+        let (cfg, mut svc) = start_site(&site, SITE, "keep = 3", "");
+        for id in ["v1", "v2", "v3"] {
+            deploy_and_activate(&site, &svc, id);
+        }
+        svc.stop();
+        let journal = site.root.join(".release-keeper/journal");
+        match damage {
+            "deleted" => fs::remove_file(&journal).unwrap(),
+            _ => {
+                // Only v1's finalized record survives.
+                let text = fs::read_to_string(&journal).unwrap();
+                fs::write(&journal, text.lines().next().unwrap().to_string() + "\n").unwrap();
+            }
+        }
+
+        let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+        assert_ok(&out, "heal --dry-run");
+        assert!(
+            stdout_of(&out).contains("v3") && !stdout_of(&out).contains("not made by"),
+            "{damage} journal: the dry run says it would recover the keeper's releases: {}",
+            show(&out)
+        );
+        let out = cli(&cfg, &["heal", SITE]);
+        assert_ok(&out, "heal");
+        let out = cli(&cfg, &["list", SITE, "--json"]);
+        assert_ok(&out, "list");
+        let list = stdout_json(&out);
+        let ids: Vec<&str> = list["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            ["v3", "v2", "v1"],
+            "{damage} journal: every release is the keeper's again: {}",
+            show(&out)
+        );
+        assert_eq!(list["current"], "v3", "{damage} journal: {}", show(&out));
+
+        // Healing `current` and pruning work on the recovered releases.
+        let mut svc = Service::start_config(&cfg);
+        fs::remove_file(site.current_path()).unwrap();
+        wait_current(&site, "v3", WAIT, "current healed to the recovered release");
+        deploy_and_activate(&site, &svc, "v4");
+        svc.wait_release_event("release.pruned", "v1");
+        svc.stop();
+    }
+}
+
 #[test]
 fn heal_dry_run_lists_everything_and_changes_nothing() {
     let site = Site::new();
@@ -822,6 +960,34 @@ fn missing_shared_file_is_reported_not_recreated_as_a_directory() {
     assert!(
         std::fs::symlink_metadata(shared.join(".env")).is_err(),
         "a shared file must not come back as a directory or empty file: {text}"
+    );
+    assert!(
+        text.contains(".env") && text.contains("restore"),
+        "reported: {text}"
+    );
+}
+
+/// A shared file the operator put in `shared/` before the first deploy (the usual way to
+/// provide `.env`) is a file too: once deleted, healing reports it and never recreates it
+/// as a directory, which the app would fail to read as its settings.
+#[test]
+fn operator_provided_shared_file_is_not_recreated_as_a_directory() {
+    let site = Site::new();
+    let cfg = site.write_config("app", "", "shared = [\".env\"]");
+    let shared = site.root.join("shared");
+    fs::create_dir_all(&shared).unwrap();
+    fs::write(shared.join(".env"), "APP_KEY=1\n").unwrap();
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+
+    fs::remove_file(shared.join(".env")).unwrap();
+    let out = cli(&cfg, &["heal", "app"]);
+    assert_ok(&out, "heal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        fs::symlink_metadata(shared.join(".env")).is_err(),
+        "an operator's shared file must not come back as a directory: {text}"
     );
     assert!(
         text.contains(".env") && text.contains("restore"),
@@ -1059,4 +1225,120 @@ fn what_healing_leaves_alone_is_reported_once_per_appearance() {
         },
     );
     svc.stop();
+}
+
+/// A site whose layout is broken (here `releases` is a file) must not take the whole
+/// service down: the service exited with an error, so systemd restarted it in a loop and
+/// no other site was served. The broken site is logged with the path, retried at each
+/// healing pass, and served once fixed.
+#[test]
+fn a_broken_site_does_not_stop_the_other_sites() {
+    let good = Site::new();
+    let broken = Site::new();
+    fs::write(broken.releases_dir(), "not a directory\n").unwrap();
+    let cfg = good.tmp_path("two.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[sites.good]\nroot = \"{}\"\n\n[sites.broken]\nroot = \"{}\"\nheal_interval = \"1s\"\n",
+            good.root.display(),
+            broken.root.display()
+        ),
+    )
+    .unwrap();
+    let mut svc = Service::start_config(&cfg);
+    let err = svc.wait_event(
+        "site.error",
+        |v| v["site"] == "broken" && v.to_string().contains("releases"),
+        WAIT,
+    );
+    assert!(
+        err.to_string().contains("not a directory"),
+        "the error says what is wrong: {err}"
+    );
+    deploy_and_activate(&good, &svc, "g1");
+
+    fs::remove_file(broken.releases_dir()).unwrap();
+    deploy_and_activate(&broken, &svc, "b1");
+    assert!(svc.is_running());
+    svc.stop();
+}
+
+/// A journal whose last record lost only its newline (edited by hand with an editor that
+/// strips it) keeps that record at the next append: it was cut off as if torn by a crash,
+/// which here forgot the activation of the current release.
+#[test]
+fn journal_record_without_its_newline_is_kept_at_the_next_append() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let path = site.root.join(".release-keeper/journal");
+    let text = fs::read_to_string(&path).unwrap();
+    let records = text.lines().count();
+    fs::write(&path, text.trim_end_matches('\n')).unwrap();
+
+    let mut svc = Service::start_config(&site.config_path());
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+    let text = fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > records, "the journal grew: {text}");
+    assert!(
+        lines[records - 1].contains("\"op\":\"activated\"") && lines[records - 1].contains("v1"),
+        "v1's activation is still recorded: {text}"
+    );
+    for l in &lines {
+        assert!(
+            serde_json::from_str::<Value>(l).is_ok(),
+            "every line parses: {l:?}"
+        );
+    }
+}
+
+/// A directory in `.release-keeper/claims/` (a hand edit) is not a claim: it made every
+/// healing pass and every upload fail on reading it, so the site deployed nothing more.
+/// It is moved aside, never deleted, and uploads go on.
+#[test]
+fn a_directory_among_the_claims_does_not_block_uploads() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let odd = site
+        .root
+        .join(".release-keeper/claims/000001796290000000000001-1.claim");
+    fs::create_dir(&odd).unwrap();
+    fs::write(odd.join("keep.txt"), "mine\n").unwrap();
+
+    let mut svc = Service::start_config(&cfg);
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+    assert!(!odd.exists(), "moved out of the claims");
+    assert!(
+        displaced(&site)
+            .iter()
+            .any(|p| p.join("keep.txt").is_file()),
+        "kept, with its content, under displaced/: {:?}",
+        displaced(&site)
+    );
+}
+
+/// A release whose stored manifest was deleted can no longer be verified: healing says so
+/// (it said "nothing to heal", and drift in the live release would go unnoticed).
+#[test]
+fn a_deleted_stored_manifest_is_reported() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    fs::remove_file(site.root.join(".release-keeper/manifests/v1")).unwrap();
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    let text = stdout_of(&out);
+    assert!(
+        text.contains("releases/v1 has no stored manifest"),
+        "{}",
+        show(&out)
+    );
 }

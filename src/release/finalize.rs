@@ -1195,7 +1195,13 @@ fn link_shared(
         let in_release = partial.join(entry);
         let in_shared = site.shared().join(entry);
         let uploaded = fs::symlink_metadata(&in_release).ok();
-        if fs::symlink_metadata(&in_shared).is_err() {
+        let existing = fs::symlink_metadata(&in_shared).ok();
+        if existing.as_ref().is_some_and(fs::Metadata::is_file) {
+            // A file the operator put there (the usual `.env`) is remembered like a seeded
+            // one, so healing never recreates it as a directory once it goes missing.
+            site.record_shared_file(entry)?;
+        }
+        if existing.is_none() {
             if let Some(parent) = in_shared.parent() {
                 fsops::ensure_dir(parent, 0o755)?;
             }

@@ -142,6 +142,10 @@ pub struct State {
     pub history: Vec<String>,
     /// A trial (swap done, verdict pending) that never got a verdict.
     pub open_trial: Option<(String, Option<String>)>,
+    /// A trial that failed and whose rollback was not recorded: the release and what was
+    /// current before it. A crash between the `failed` record and the switch back leaves
+    /// `current` on the failed release; healing finishes the rollback.
+    pub unfinished_rollback: Option<(String, Option<String>)>,
     /// The last record.
     pub last: Option<Record>,
     /// Index in `releases` of the newest `Finalized` record of each id, so replaying a
@@ -191,6 +195,7 @@ impl State {
             }
             Op::Trial { release, previous } => {
                 st.open_trial = Some((release.clone(), previous.clone()));
+                st.unfinished_rollback = None;
             }
             Op::Activated { release, .. } => {
                 if let Some(&i) = st.index.get(release) {
@@ -201,6 +206,7 @@ impl State {
                 }
                 st.history.push(release.clone());
                 st.open_trial = None;
+                st.unfinished_rollback = None;
             }
             Op::Failed { release, reason } => {
                 if let Some(&i) = st.index.get(release) {
@@ -208,7 +214,7 @@ impl State {
                     st.releases[i].failed_seq = rec.seq;
                 }
                 if st.open_trial.as_ref().is_some_and(|(t, _)| t == release) {
-                    st.open_trial = None;
+                    st.unfinished_rollback = st.open_trial.take();
                 }
             }
             Op::RolledBack { release, to, .. } => {
@@ -223,6 +229,7 @@ impl State {
                 }
                 st.history.push(to.clone());
                 st.open_trial = None;
+                st.unfinished_rollback = None;
             }
             Op::Pinned { release } | Op::Unpinned { release } => {
                 if let Some(&i) = st.index.get(release) {

@@ -266,11 +266,44 @@ impl Worker {
             }
         }
 
-        let mut lifetime = match take_lifetime_lock(site) {
-            Ok(l) => l,
-            Err(e) => {
-                report(Err(e));
-                return;
+        // A second service for the site is refused (SPEC); a layout it cannot set up (a
+        // file where `releases/` belongs) is this site's problem only: logged with the
+        // path and retried at each healing pass, while the other sites are served. Ending
+        // the whole service for it made systemd restart it in a loop, serving no site.
+        let mut failing: Option<String> = None;
+        let mut lifetime = loop {
+            match try_lifetime_lock(site) {
+                Ok(Some(l)) => break l,
+                Ok(None) => {
+                    let e = already_running(site);
+                    if failing.is_some() {
+                        // Started already (reported as such): say why the site is not served.
+                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                            "site not served");
+                    }
+                    report(Err(e));
+                    return;
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if failing.as_deref() != Some(text.as_str()) {
+                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                            "cannot set up the site; retrying at each healing pass");
+                        crate::service::set_status(site, "cannot set up the site");
+                        failing = Some(text);
+                    }
+                    report(Ok(()));
+                    if let Err(e) =
+                        self.watcher
+                            .watch(site.root(), None, site.name(), Arc::clone(heal_wake))
+                    {
+                        tracing::debug!(site = site.name(), error = %e, "cannot watch the root");
+                    }
+                    let mail = self.mailbox.wait(after(heal_interval));
+                    if mail.stop || self.cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
             }
         };
         let watch = || {
@@ -295,9 +328,11 @@ impl Worker {
         // The first pass only heals, so READY=1 is not held back by redoing a big
         // interrupted upload (systemd would time the start out); pending claims follow.
         let mut kept = Kept::default();
-        let first = self.work(Job::FirstHeal, &mut kept);
+        // A first pass that fails (a journal that cannot be read) is logged like any
+        // failed pass and retried by the next one; the service still starts.
+        self.work_logged(Job::FirstHeal, &mut kept);
         watch();
-        report(first);
+        report(Ok(()));
         self.work_logged(Job::Rescan, &mut kept);
 
         let mut rescan_at = young_marker(site);
@@ -409,14 +444,13 @@ fn try_lifetime_lock(site: &Site) -> Result<Option<Lock>> {
     fsops::lock(&site.service_lock(), Some(Duration::ZERO))
 }
 
-fn take_lifetime_lock(site: &Site) -> Result<Lock> {
-    try_lifetime_lock(site)?.ok_or_else(|| {
-        Error::Failed(format!(
-            "another release-keeper service is already running for site {} ({} is locked)",
-            site.name(),
-            site.service_lock().display()
-        ))
-    })
+/// The error of a site whose lifetime lock another service holds.
+fn already_running(site: &Site) -> Error {
+    Error::Failed(format!(
+        "another release-keeper service is already running for site {} ({} is locked)",
+        site.name(),
+        site.service_lock().display()
+    ))
 }
 
 /// The outcome of taking the lifetime lock again after its file went away.

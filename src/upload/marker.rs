@@ -363,8 +363,13 @@ fn toml_str(s: &str) -> String {
 pub fn pending(site: &Site) -> Result<Vec<Pending>> {
     let dir = site.claims();
     let mut names: Vec<PathBuf> = match fs::read_dir(&dir) {
+        // A resolved claim is a file the keeper wrote: anything else under that name is
+        // not one (healing moves it aside). A claimed marker may be anything the uploader
+        // made (a directory, a fifo), and is rejected as such.
         Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|e| e.ok())
+            .filter(|e| !is_bogus_claim(&e.file_name(), e.file_type().ok()))
+            .map(|e| e.path())
             .filter(|p| {
                 !p.file_name()
                     .and_then(|n| n.to_str())
@@ -400,6 +405,13 @@ pub fn pending(site: &Site) -> Result<Vec<Pending>> {
         }
     }
     Ok(out)
+}
+
+/// True for an entry of the claims directory named like a resolved claim that is not a
+/// regular file (a hand edit): reading it fails, or hangs on a fifo.
+pub fn is_bogus_claim(name: &std::ffi::OsStr, kind: Option<fs::FileType>) -> bool {
+    Path::new(name).extension().and_then(|e| e.to_str()) == Some(CLAIM_EXT)
+        && !kind.is_some_and(|k| k.is_file())
 }
 
 /// Reads a raw claimed marker; `shown` is the marker as the uploader named it
