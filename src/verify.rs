@@ -148,12 +148,15 @@ pub fn log_drift(site: &Site, report: &Report) {
     }
 }
 
-/// Logs `drift.detected` for a report with drift and stores the latest result for `status`.
+/// Stores the latest result for `status`, then logs `drift.detected` for a report with
+/// drift: in that order, so whoever reacts to the event (an alert, an operator running
+/// `status`) finds the drift already shown.
 pub fn record(site: &Site, report: &Report) -> Result<()> {
-    log_drift(site, report);
     let bytes = serde_json::to_vec(report)
         .map_err(|e| Error::Failed(format!("cannot encode drift report: {e}")))?;
-    fsops::write_atomic(&site.drift_file(), &bytes)
+    fsops::write_atomic(&site.drift_file(), &bytes)?;
+    log_drift(site, report);
+    Ok(())
 }
 
 /// The last stored verify result, if any.
