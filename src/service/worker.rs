@@ -123,6 +123,8 @@ pub struct Handle {
     cancel: Arc<AtomicBool>,
     /// Completes (with an error: the sender is dropped) when the worker's thread ends.
     done: oneshot::Receiver<()>,
+    /// Set while the worker runs a job.
+    busy: Arc<AtomicBool>,
 }
 
 impl Handle {
@@ -134,8 +136,15 @@ impl Handle {
     /// Sets the worker's cancel flag and asks it to exit, without waiting (see
     /// [`Handle::abort`]).
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
+        // SeqCst, like `busy`: see `Worker::work`.
+        self.cancel.store(true, Ordering::SeqCst);
         self.mailbox.post(|f| f.stop = true);
+    }
+
+    /// True while the worker runs a job. Once [`Handle::cancel`] has been called, a worker
+    /// that is not busy starts no job any more.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
     }
 
     /// Waits until the worker's thread has ended.
@@ -170,12 +179,14 @@ enum Job {
 pub fn spawn(site: Site, watcher: Arc<Watcher>, ready: Ready) -> Handle {
     let mailbox = Arc::new(Mailbox::default());
     let cancel = Arc::new(AtomicBool::new(false));
+    let busy = Arc::new(AtomicBool::new(false));
     let (done_tx, done) = oneshot::channel();
     let worker = Worker {
         site: site.clone(),
         watcher,
         cancel: Arc::clone(&cancel),
         mailbox: Arc::clone(&mailbox),
+        busy: Arc::clone(&busy),
     };
     let name = site.name().to_string();
     let failed = ready.clone();
@@ -199,6 +210,7 @@ pub fn spawn(site: Site, watcher: Arc<Watcher>, ready: Ready) -> Handle {
         mailbox,
         cancel,
         done,
+        busy,
     }
 }
 
@@ -208,6 +220,7 @@ struct Worker {
     watcher: Arc<Watcher>,
     cancel: Arc<AtomicBool>,
     mailbox: Arc<Mailbox>,
+    busy: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -405,15 +418,25 @@ impl Worker {
     /// Runs `job`. A panic fails the job, not the worker; what the worker kept is then
     /// dropped (read again by the next job), as it may be half-updated.
     fn work(&self, job: Job, kept: &mut Kept) -> Result<()> {
-        match catch_unwind(AssertUnwindSafe(|| {
-            work_blocking(&self.site, &self.cancel, job, kept)
-        })) {
-            Ok(result) => result,
-            Err(_) => {
-                *kept = Kept::default();
-                Err(Error::Failed(format!("{job:?} job panicked")))
+        // Busy is set before the cancel flag is read, and a stop reads busy after setting
+        // that flag (both SeqCst): either this job sees the stop and does not start, or
+        // the stop sees the job and asks systemd for the time it may still take.
+        self.busy.store(true, Ordering::SeqCst);
+        let result = if self.cancel.load(Ordering::SeqCst) {
+            Err(Error::Interrupted)
+        } else {
+            match catch_unwind(AssertUnwindSafe(|| {
+                work_blocking(&self.site, &self.cancel, job, kept)
+            })) {
+                Ok(result) => result,
+                Err(_) => {
+                    *kept = Kept::default();
+                    Err(Error::Failed(format!("{job:?} job panicked")))
+                }
             }
-        }
+        };
+        self.busy.store(false, Ordering::SeqCst);
+        result
     }
 }
 
