@@ -8,8 +8,9 @@
 //! is recorded as usual (rolling back if it fails). Never left undecided.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::config::SiteConfig;
 use crate::error::{Error, Result};
 use crate::events;
 use crate::fsops;
@@ -22,6 +23,36 @@ use crate::site::Site;
 pub struct Options {
     /// Allow activating a release that failed before.
     pub force: bool,
+}
+
+/// The longest an activation for a site configured by `cfg` can take once it has started,
+/// by the bounds its config sets: `before_activate`, `after_activate`, every health check
+/// attempt and the intervals between them, and `after_activate` again for the release an
+/// automatic rollback restores (each hook bounded by `hook_timeout`). A stop waits for an
+/// activation rather than leave it undecided: this is what it may have to wait.
+pub fn longest(cfg: &SiteConfig) -> Duration {
+    let hook = |argv: &Option<Vec<String>>| {
+        if argv.is_some() {
+            cfg.hook_timeout
+        } else {
+            Duration::ZERO
+        }
+    };
+    let attempts = cfg.health_retries.max(1);
+    let health = if cfg.health_check.is_some() {
+        cfg.hook_timeout.saturating_mul(attempts) + cfg.health_interval.saturating_mul(attempts - 1)
+    } else {
+        Duration::ZERO
+    };
+    let restore = if cfg.auto_rollback {
+        hook(&cfg.after_activate)
+    } else {
+        Duration::ZERO
+    };
+    hook(&cfg.before_activate)
+        .saturating_add(hook(&cfg.after_activate))
+        .saturating_add(health)
+        .saturating_add(restore)
 }
 
 fn hook_env(site: &Site, id: &str, previous: Option<&str>) -> HookEnv {
@@ -526,4 +557,39 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
             reason = "interrupted before the switch; not activated", "trial closed");
     }
     Ok(Some(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv() -> Option<Vec<String>> {
+        Some(vec!["/bin/true".to_string()])
+    }
+
+    #[test]
+    fn longest_activation_adds_every_bounded_step() {
+        let mut cfg = SiteConfig::with_defaults("shop", "/srv/shop".into());
+        cfg.hook_timeout = Duration::from_secs(60);
+        cfg.health_retries = 3;
+        cfg.health_interval = Duration::from_secs(2);
+        cfg.auto_rollback = true;
+        assert_eq!(longest(&cfg), Duration::ZERO, "no hooks, no health check");
+        cfg.before_activate = argv();
+        cfg.after_activate = argv();
+        cfg.health_check = argv();
+        // before + after + 3 attempts 2 s apart + after again for the restored release.
+        assert_eq!(
+            longest(&cfg),
+            Duration::from_secs(60 + 60 + 3 * 60 + 2 * 2 + 60)
+        );
+        cfg.auto_rollback = false;
+        assert_eq!(longest(&cfg), Duration::from_secs(60 + 60 + 3 * 60 + 2 * 2));
+        cfg.health_retries = 0;
+        assert_eq!(
+            longest(&cfg),
+            Duration::from_secs(60 + 60 + 60),
+            "zero retries still makes one attempt"
+        );
+    }
 }

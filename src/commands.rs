@@ -560,10 +560,19 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
         out(&format!("note: {r}"))?;
     }
     if !dry_run {
-        report_outcomes(
-            &site,
-            &pipeline::run_pending(&site, &AtomicBool::new(false), false)?,
-        )?;
+        // An upload still waiting for files in flight is left to the service: a healing
+        // pass must not hold the lock, and keep a rollback out, for up to upload_timeout.
+        let run = pipeline::run_pending_yielding(&site, &AtomicBool::new(false), false, None)?;
+        report_outcomes(&site, &run.outcomes)?;
+        if let Some(w) = run.waiting {
+            out(&format!(
+                "{}: upload {} is waiting for files still in flight ({}); the service \
+                 finishes it once they are complete",
+                site.name(),
+                w.id,
+                w.paths.join(", ")
+            ))?;
+        }
     }
     if outcome.repairs.is_empty() && outcome.reports.is_empty() {
         out(&format!("{}: nothing to heal", site.name()))?;

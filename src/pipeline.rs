@@ -1,9 +1,18 @@
 //! The flow for one site: claim the marker, resolve the claim, read the manifest, wait for
 //! in-flight files, build the release, rename it into place, activate, prune. The caller
 //! holds the site's operation lock; claims are processed one at a time in arrival order.
+//!
+//! Waiting for files in flight can take up to `upload_timeout`. A command waits in place,
+//! under the lock (the operator asked for that upload). The service must not: it would keep
+//! `rollback` and every other command out for as long as a stale temporary file stays. So
+//! [`run_pending_yielding`] hands the wait back as a [`Waiting`]; the service waits
+//! without the lock ([`wait_unlocked`]) and then runs the claims again under it. Everything
+//! is read again then (the claims, the journal, `current`, the manifest): a command may
+//! have processed the claim or switched `current` meanwhile. Only the claim's deadline is
+//! carried over, so `upload_timeout` still counts from the first look.
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -36,11 +45,86 @@ pub enum Outcome {
     Deferred(String),
 }
 
-/// Claims the marker if present and processes every pending claim. Stops early (leaving
-/// the claim for the next start) when `cancel` is set. `fresh` says the marker was just
-/// announced by its close-write or rename event, so it is complete and claimed at once;
-/// a marker found by a scan is claimed only once settled (`marker::MARKER_SETTLE`).
+/// Claims the marker if present and processes every pending claim, waiting in place (and
+/// so under the caller's lock) for files still in flight. Stops early (leaving the claim
+/// for the next start) when `cancel` is set. `fresh` says the marker was just announced by
+/// its close-write or rename event, so it is complete and claimed at once; a marker found
+/// by a scan is claimed only once settled (`marker::MARKER_SETTLE`).
 pub fn run_pending(site: &Site, cancel: &AtomicBool, fresh: bool) -> Result<Vec<Outcome>> {
+    Ok(run(site, cancel, fresh, Patience::Hold, None)?.outcomes)
+}
+
+/// Like [`run_pending`], but an upload whose files are still in flight is not waited for:
+/// the run stops there (later claims wait their turn) and hands back a [`Waiting`], for the
+/// caller to wait without the operation lock ([`wait_unlocked`]) and pass to the next run as
+/// `resume`.
+pub fn run_pending_yielding(
+    site: &Site,
+    cancel: &AtomicBool,
+    fresh: bool,
+    resume: Option<Waiting>,
+) -> Result<Run> {
+    run(site, cancel, fresh, Patience::Yield, resume)
+}
+
+/// What a run of the pending claims did.
+pub struct Run {
+    /// How each claim processed ended, in order.
+    pub outcomes: Vec<Outcome>,
+    /// The claim the run stopped at because its files are still in flight.
+    pub waiting: Option<Waiting>,
+}
+
+/// An upload whose files still looked in flight when a yielding run stopped at it.
+pub struct Waiting {
+    /// Its resolved claim: a later run resumes the wait only for this very claim.
+    claim: PathBuf,
+    /// Its release id.
+    pub id: String,
+    /// When its `upload_timeout` runs out, counted from the first look.
+    deadline: Instant,
+    /// The manifest's entries when last read: files it lists are never in flight.
+    manifest: Option<Entries>,
+    /// Up to 10 of the names still in flight.
+    pub paths: Vec<String>,
+}
+
+impl std::fmt::Debug for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The manifest's entries are left out: there may be hundreds of thousands.
+        f.debug_struct("Waiting")
+            .field("claim", &self.claim)
+            .field("id", &self.id)
+            .field("deadline", &self.deadline)
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How files still in flight are waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// In place, under the caller's lock.
+    Hold,
+    /// Not at all: the run stops and hands the wait back.
+    Yield,
+}
+
+/// The next step of one claim.
+enum Step {
+    /// Done with, one way or another.
+    Done(Outcome),
+    /// Its files are still in flight (yielding runs only); the claim stays.
+    Wait(Waiting),
+}
+
+fn run(
+    site: &Site,
+    cancel: &AtomicBool,
+    fresh: bool,
+    patience: Patience,
+    mut resume: Option<Waiting>,
+) -> Result<Run> {
     let mut outcomes = Vec::new();
     let mut min_age = if fresh {
         Duration::ZERO
@@ -54,22 +138,57 @@ pub fn run_pending(site: &Site, cancel: &AtomicBool, fresh: bool) -> Result<Vec<
         min_age = marker::MARKER_SETTLE;
         let pending = marker::pending(site)?;
         if pending.is_empty() {
-            return Ok(outcomes);
+            return Ok(Run {
+                outcomes,
+                waiting: None,
+            });
         }
         for p in pending {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
-            let outcome = process(site, p, cancel)?;
+            // Only the first claim can be the one waited for: claims go in arrival order,
+            // and a command that ran meanwhile may have processed it.
+            let step = process(site, p, cancel, patience, resume.take())?;
+            let outcome = match step {
+                Step::Done(o) => o,
+                Step::Wait(w) => {
+                    return Ok(Run {
+                        outcomes,
+                        waiting: Some(w),
+                    })
+                }
+            };
             let deferred = matches!(outcome, Outcome::Deferred(_));
             outcomes.push(outcome);
             if deferred {
                 // Retrying at once would spin on a full disk.
-                return Ok(outcomes);
+                return Ok(Run {
+                    outcomes,
+                    waiting: None,
+                });
             }
         }
     }
 }
+
+/// Waits, without any lock, until the files of `waiting` no longer look in flight, its
+/// deadline passes, or its claim is gone (a command processed it). What comes of it is
+/// decided by the next run, under the lock.
+pub fn wait_unlocked(site: &Site, waiting: &Waiting, cancel: &AtomicBool) -> Result<()> {
+    loop {
+        if Instant::now() >= waiting.deadline
+            || std::fs::symlink_metadata(&waiting.claim).is_err()
+            || in_flight(site, waiting.manifest.as_ref())?.is_empty()
+        {
+            return Ok(());
+        }
+        sleep_unless_cancelled(POLL_IN_FLIGHT, cancel)?;
+    }
+}
+
+/// How often files in flight are looked for again while an upload waits.
+const POLL_IN_FLIGHT: Duration = Duration::from_millis(250);
 
 /// Longest reason logged and journaled; the rest is cut (a reason can quote uploader
 /// names, and a 4 KiB path must not flood the log).
@@ -132,7 +251,13 @@ fn generated_id(site: &Site, journal: &Journal) -> String {
         .unwrap_or(base)
 }
 
-fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome> {
+fn process(
+    site: &Site,
+    pending: Pending,
+    cancel: &AtomicBool,
+    patience: Patience,
+    resume: Option<Waiting>,
+) -> Result<Step> {
     let mut journal = Journal::load(site)?;
     let (path, claim) = match pending {
         Pending::Resolved(path, claim) => (path, claim),
@@ -158,13 +283,26 @@ fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome
                     "upload detected"
                 );
                 marker::remove(&raw)?;
-                return reject(site, &mut journal, None, &reason);
+                return reject(site, &mut journal, None, &reason).map(Step::Done);
             }
             Err(e) => return Err(e),
         },
     };
-    let outcome = process_claim(site, &mut journal, &path, &claim, cancel);
-    match outcome {
+    let resumed = resume.filter(|w| w.claim == path).map(|w| w.deadline);
+    let wait = Wait {
+        patience,
+        resumed,
+        claim: &path,
+        cancel,
+    };
+    let outcome = match process_claim(site, &mut journal, &path, &claim, wait) {
+        // Nothing was built (a build that meets a file in flight removes its partial
+        // tree), and the claim stays for the next run.
+        Ok(Step::Wait(w)) => return Ok(Step::Wait(w)),
+        Ok(Step::Done(o)) => Ok(o),
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
         Err(Error::Interrupted) => {
             // The claim stays: the upload is redone at the next start.
             let _ = fsops::remove_tree(&site.partial(&claim.id));
@@ -209,7 +347,8 @@ fn process(site: &Site, pending: Pending, cancel: &AtomicBool) -> Result<Outcome
             marker::remove(&path)?;
             Ok(o)
         }
-    }
+    };
+    outcome.map(Step::Done)
 }
 
 /// True when `e` is the keeper's own directories refusing a write (permissions, a
@@ -237,38 +376,93 @@ fn keeper_denied(site: &Site, e: &Error) -> bool {
     denied && path.parent().is_some_and(|p| own.iter().any(|d| d == p))
 }
 
+/// How one claim waits for its files in flight.
+struct Wait<'a> {
+    patience: Patience,
+    /// The deadline set by an earlier run that stopped at this claim: the upload was
+    /// announced, settled and its wait logged then.
+    resumed: Option<Instant>,
+    /// The resolved claim.
+    claim: &'a Path,
+    cancel: &'a AtomicBool,
+}
+
+impl Wait<'_> {
+    /// Waits for the files of release `id` still in flight (none listed in `manifest`) as
+    /// the patience says: in place until none is left (`None`), or, when some are, hands
+    /// the wait back. Past the deadline, the upload is rejected naming them.
+    fn wait(
+        &self,
+        site: &Site,
+        id: &str,
+        manifest: Option<Entries>,
+        deadline: Instant,
+    ) -> Result<Option<Waiting>> {
+        // Logged by the run that first stopped at this claim.
+        let logged = self.resumed.is_some();
+        match self.patience {
+            Patience::Hold => {
+                wait_for_uploads(site, id, manifest.as_ref(), deadline, logged, self.cancel)?;
+                Ok(None)
+            }
+            Patience::Yield => {
+                let paths = still_in_flight(site, id, manifest.as_ref(), deadline, logged)?;
+                if paths.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(Waiting {
+                    claim: self.claim.to_path_buf(),
+                    id: id.to_string(),
+                    deadline,
+                    manifest,
+                    paths,
+                }))
+            }
+        }
+    }
+}
+
 fn process_claim(
     site: &Site,
     journal: &mut Journal,
     claim_path: &Path,
     claim: &Claim,
-    cancel: &AtomicBool,
-) -> Result<Outcome> {
+    wait: Wait<'_>,
+) -> Result<Step> {
     let id = claim.id.as_str();
+    let cancel = wait.cancel;
     let started = Instant::now();
     if claim.finalized && journal.state().get(id).is_some() {
-        return activate_and_prune(site, journal, claim);
+        return activate_and_prune(site, journal, claim).map(Step::Done);
     }
-    tracing::info!(
-        event = events::UPLOAD_DETECTED,
-        site = site.name(),
-        release = id,
-        note = claim.message.as_deref(),
-        activate = claim.activate,
-        "upload detected"
-    );
-    if !site.cfg.settle_time.is_zero() {
-        sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
-    }
+    let first_look = wait.resumed.is_none();
     // The deadline for files still in flight covers the manifest too.
-    let deadline = Instant::now() + site.cfg.upload_timeout;
+    let deadline = match wait.resumed {
+        Some(deadline) => deadline,
+        None => {
+            tracing::info!(
+                event = events::UPLOAD_DETECTED,
+                site = site.name(),
+                release = id,
+                note = claim.message.as_deref(),
+                activate = claim.activate,
+                "upload detected"
+            );
+            if !site.cfg.settle_time.is_zero() {
+                sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
+            }
+            Instant::now() + site.cfg.upload_timeout
+        }
+    };
     if site.cfg.require_manifest && manifest_in_flight(site)? {
         // The manifest is a file of the upload: still arriving under a temporary name
         // (rsync's `.SHA256SUMS.XXXXXX`, parallel sftp/WinSCP transfers), it is waited for
         // like any other file, not taken for a missing one.
-        wait_for_uploads(site, id, None, deadline, cancel)?;
+        if let Some(w) = wait.wait(site, id, None, deadline)? {
+            return Ok(Step::Wait(w));
+        }
     }
-    let mut manifest = read_manifest(site, id, true)?;
+    let mut manifest = read_manifest(site, id, first_look)?;
     let link_from = link_source(site, journal);
 
     let existing = journal.state().get(id).cloned();
@@ -307,14 +501,10 @@ fn process_claim(
                         clock::format_duration(site.cfg.upload_timeout)
                     )));
                 }
-                manifest = read_manifest(site, id, false)?;
-                wait_for_uploads(
-                    site,
-                    id,
-                    manifest.as_ref().map(|m| &m.entries),
-                    deadline,
-                    cancel,
-                )?;
+                let listed = read_manifest(site, id, false)?.map(|m| m.entries);
+                if let Some(w) = wait.wait(site, id, listed, deadline)? {
+                    return Ok(Step::Wait(w));
+                }
                 manifest = read_manifest(site, id, false)?;
             }
             other => break other?,
@@ -345,7 +535,7 @@ fn process_claim(
                 bytes = built.bytes,
                 "upload identical to the existing release; nothing to do"
             );
-            return Ok(Outcome::Unchanged(id.to_string()));
+            return Ok(Step::Done(Outcome::Unchanged(id.to_string())));
         }
         return Err(Error::Rejected(format!(
             "release id {id} already exists with different content"
@@ -388,7 +578,7 @@ fn process_claim(
             tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "cannot save the hash cache");
         }
     }
-    outcome
+    outcome.map(Step::Done)
 }
 
 fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Result<Outcome> {
@@ -485,42 +675,58 @@ fn read_manifest(site: &Site, id: &str, warn: bool) -> Result<Option<Expected>> 
 }
 
 /// Waits while files of the upload still look in flight (temporary names of rsync, WinSCP
-/// and the like, not listed in the manifest), up to `upload_timeout`. `id` is the release
-/// the wait holds up, logged with it.
+/// and the like, not listed in the manifest), up to `deadline`. `id` is the release the
+/// wait holds up; `logged` says `upload.waiting` was logged for it already.
 fn wait_for_uploads(
     site: &Site,
     id: &str,
     manifest: Option<&Entries>,
     deadline: Instant,
+    mut logged: bool,
     cancel: &AtomicBool,
 ) -> Result<()> {
-    let mut logged = false;
     loop {
-        let busy = in_flight(site, manifest)?;
-        if busy.is_empty() {
+        if still_in_flight(site, id, manifest, deadline, logged)?.is_empty() {
             return Ok(());
         }
-        if Instant::now() >= deadline {
-            return Err(Error::Rejected(format!(
-                "files still in flight after upload_timeout = {}: {}",
-                clock::format_duration(site.cfg.upload_timeout),
-                busy.join(", ")
-            )));
-        }
-        if !logged {
-            tracing::info!(
-                event = events::UPLOAD_WAITING,
-                site = site.name(),
-                release = id,
-                files = busy.len(),
-                paths = %busy.join(", "),
-                timeout_ms = site.cfg.upload_timeout.as_millis() as u64,
-                "waiting for files still being uploaded"
-            );
-            logged = true;
-        }
-        sleep_unless_cancelled(Duration::from_millis(250), cancel)?;
+        logged = true;
+        sleep_unless_cancelled(POLL_IN_FLIGHT, cancel)?;
     }
+}
+
+/// The files of release `id`'s upload that still look in flight (see [`in_flight`]); when
+/// there are any, `upload.waiting` is logged unless `logged` says it was, and past
+/// `deadline` the upload is rejected naming them.
+fn still_in_flight(
+    site: &Site,
+    id: &str,
+    manifest: Option<&Entries>,
+    deadline: Instant,
+    logged: bool,
+) -> Result<Vec<String>> {
+    let busy = in_flight(site, manifest)?;
+    if busy.is_empty() {
+        return Ok(busy);
+    }
+    if Instant::now() >= deadline {
+        return Err(Error::Rejected(format!(
+            "files still in flight after upload_timeout = {}: {}",
+            clock::format_duration(site.cfg.upload_timeout),
+            busy.join(", ")
+        )));
+    }
+    if !logged {
+        tracing::info!(
+            event = events::UPLOAD_WAITING,
+            site = site.name(),
+            release = id,
+            files = busy.len(),
+            paths = %busy.join(", "),
+            timeout_ms = site.cfg.upload_timeout.as_millis() as u64,
+            "waiting for files still being uploaded"
+        );
+    }
+    Ok(busy)
 }
 
 /// True when the manifest is absent from `deploy-cache/` while something there still looks

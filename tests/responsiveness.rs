@@ -97,3 +97,114 @@ fn marker_close_to_current_swapped_has_no_delay_but_the_work() {
     );
     svc.stop();
 }
+
+/// An upload waiting for a file still in flight (here a stale `*.part`) must not keep the
+/// operator out: the service waits without the operation lock, so an emergency rollback,
+/// a pin and a healing pass run at once (no exit 75) instead of up to `upload_timeout`
+/// later. The upload then completes as one release, on top of what the rollback did.
+#[test]
+fn commands_run_while_an_upload_waits_for_files_in_flight() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+
+    site.stage_upload(&as_refs(&small_build("v3")));
+    let dc = site.deploy_cache();
+    fs::write(dc.join("big.iso.part"), b"half a transfer").unwrap();
+    site.drop_marker("id = \"v3\"\n");
+    svc.wait_release_event("upload.waiting", "v3");
+
+    let started = Instant::now();
+    let out = cli(&cfg, &["rollback", SITE]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "rollback while an upload waits for files in flight: {}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "rolled back");
+    let out = cli(&cfg, &["pin", SITE, "v2"]);
+    assert_eq!(out.status.code(), Some(0), "pin: {}", show(&out));
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_eq!(out.status.code(), Some(0), "heal: {}", show(&out));
+    assert!(
+        output_text(&out).contains("waiting for files still in flight"),
+        "heal leaves the waiting upload to the service and says so: {}",
+        show(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the commands took {:?}: they waited for the upload",
+        started.elapsed()
+    );
+    assert!(svc.events_for("release.rejected", "v3").is_empty());
+
+    fs::remove_file(dc.join("big.iso.part")).unwrap();
+    svc.wait_release_event("release.activated", "v3");
+    assert_eq!(site.current_id().as_deref(), Some("v3"));
+    let ev = svc.wait_release_event("release.activated", "v3");
+    assert_eq!(
+        ev["previous"], "v1",
+        "the activation saw the rollback done while it waited: {ev}"
+    );
+    for event in ["upload.detected", "upload.waiting", "release.finalized"] {
+        assert_eq!(
+            svc.events_for(event, "v3").len(),
+            1,
+            "{event} once for the one upload:\n{}",
+            svc.log_text()
+        );
+    }
+    assert_eq!(site.release_ids(), ["v1", "v2", "v3"]);
+    svc.stop();
+}
+
+/// While the service waits for an upload's files without the lock, `finalize` may take
+/// the lock and process that very claim (waiting for the files itself): the service then
+/// finds the claim gone and neither builds the release again nor loses track of it.
+#[test]
+fn a_claim_finalized_by_a_command_during_the_wait_is_not_processed_again() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let dc = site.deploy_cache();
+    fs::write(dc.join("late.bin.filepart"), b"partial").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("upload.waiting", "v2");
+
+    let finalize = {
+        let cfg = cfg.clone();
+        // --wait: the probes below take the lock for a moment too.
+        std::thread::spawn(move || cli(&cfg, &["finalize", SITE, "--id", "v2", "--wait=15s"]))
+    };
+    // The command holds the lock while it waits for the file; then it completes.
+    wait_until(
+        WAIT,
+        || {
+            let out = cli(&cfg, &["pin", SITE, "v1"]);
+            out.status.code() == Some(75)
+        },
+        || "finalize to hold the operation lock".into(),
+    );
+    fs::remove_file(dc.join("late.bin.filepart")).unwrap();
+    let out = finalize.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "finalize: {}", show(&out));
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+
+    // The service gets the lock back and must find nothing left to do for v2.
+    let out = cli_when_idle(&cfg, &["unpin", SITE, "v1"]);
+    assert_ok(&out, "unpin after the service's next round");
+    deploy_and_activate(&site, &svc, "v3");
+    for event in ["release.finalized", "release.activated", "release.rejected"] {
+        assert!(
+            svc.events_for(event, "v2").is_empty(),
+            "the service processed v2 again ({event}):\n{}",
+            svc.log_text()
+        );
+    }
+    assert_eq!(site.release_ids(), ["v1", "v2", "v3"]);
+    svc.stop();
+}

@@ -450,6 +450,63 @@ fn sigterm_during_a_finalize_undoes_it_and_exits_0_then_it_is_redone() {
     k2.stop();
 }
 
+/// A stop finishes an activation it finds running (SPEC: in-flight work is finished or
+/// cleanly undone), and hooks and health checks can take far longer than the unit's
+/// `TimeoutStopSec`: after STOPPING=1 the keeper asks systemd for the time that may still
+/// take (EXTEND_TIMEOUT_USEC), or systemd would SIGKILL it halfway through the trial.
+#[test]
+fn sigterm_during_a_slow_health_check_extends_the_stop_timeout_and_finishes_it() {
+    let site = Site::new();
+    let started = site.tmp_path("health-check-started");
+    let check = format!(
+        r#"health_check = ["/bin/sh", "-c", "touch '{}'; sleep 3"]"#,
+        started.display()
+    );
+    let cfg = site.write_config(
+        "shop",
+        "hook_timeout = \"30s\"\nhealth_retries = 2\nhealth_interval = \"1s\"",
+        &check,
+    );
+    let mut k = Keeper::start(site.tmp.path(), &["--config", cfg.to_str().unwrap(), "run"]);
+    k.wait_line(None, |l| is(l, "READY=1"), "READY=1");
+    deploy(&site, "v1");
+    wait_until(
+        WAIT,
+        || started.exists(),
+        || format!("the health check of v1 to start; log:\n{}", k.log_text()),
+    );
+
+    let before = k.lines().len();
+    k.signal(Signal::SIGTERM);
+    let stopping = k.wait_line(before.checked_sub(1), |l| is(l, "STOPPING=1"), "STOPPING=1");
+    let extend = k.wait_line(
+        Some(stopping),
+        |l| l.starts_with("EXTEND_TIMEOUT_USEC="),
+        "EXTEND_TIMEOUT_USEC= while the health check runs",
+    );
+    let usec: u64 = k.lines()[extend]["EXTEND_TIMEOUT_USEC=".len()..]
+        .parse()
+        .unwrap();
+    // What may be left: both attempts (30 s each) and the interval between them.
+    assert!(
+        usec >= 61_000_000,
+        "EXTEND_TIMEOUT_USEC={usec} does not cover the rest of the trial"
+    );
+    let st = k.wait_exit(Duration::from_secs(15));
+    assert!(st.success(), "exit 0, got {st:?}; log:\n{}", k.log_text());
+    // Finished, not cut short: the verdict is in, and current is the checked release.
+    assert_eq!(
+        k.events("release.activated")
+            .iter()
+            .filter(|v| v["release"] == "v1")
+            .count(),
+        1,
+        "log:\n{}",
+        k.log_text()
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+}
+
 /// Parses a node_exporter textfile into (series, value), checking every line's syntax.
 fn parse_prom(text: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();

@@ -8,6 +8,7 @@ pub mod worker;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -244,6 +245,10 @@ async fn stop_all(workers: &mut BTreeMap<String, worker::Handle>) {
     }
 }
 
+/// What a stop may still have to do once a site's activation is over: its verdict in the
+/// journal, pruning, and undoing the rest (an interrupted build is removed).
+const STOP_MARGIN: Duration = Duration::from_secs(30);
+
 async fn shutdown(workers: &mut BTreeMap<String, worker::Handle>) -> Result<()> {
     tracing::info!(
         event = events::DAEMON_STOPPING,
@@ -251,6 +256,55 @@ async fn shutdown(workers: &mut BTreeMap<String, worker::Handle>) -> Result<()> 
         "stopping: finishing or undoing in-flight work"
     );
     systemd::stopping();
-    stop_all(workers).await;
+    let names = site_names(workers);
+    let handles = std::mem::take(workers);
+    for h in handles.values() {
+        h.cancel();
+    }
+    // A stop finishes an activation it finds running (hooks, health check, rollback)
+    // rather than leave the site undecided; that can outlast the unit's TimeoutStopSec,
+    // after which systemd would SIGKILL it halfway. The sites still at work are asked
+    // now, after the cancel: the others start nothing more.
+    let longest = handles
+        .values()
+        .filter(|h| h.busy())
+        .map(|h| crate::activate::longest(&h.site.cfg))
+        .max();
+    let exited = async {
+        for (_, h) in handles {
+            h.exited().await;
+        }
+    };
+    match longest {
+        Some(work) => {
+            let until = Instant::now() + work.saturating_add(STOP_MARGIN);
+            tracing::debug!(site = %names, extend_ms = (until - Instant::now()).as_millis() as u64,
+                "waiting for work in progress; asking systemd for the time it may take");
+            extend_stop_until(exited, until).await;
+        }
+        None => exited.await,
+    }
     Ok::<(), Error>(())
+}
+
+/// Waits for `done` while telling systemd the stop may last until `until`
+/// (`EXTEND_TIMEOUT_USEC=`), renewed only when one message cannot cover the whole wait.
+/// Past `until` nothing more is asked: systemd's own timeout applies again.
+async fn extend_stop_until(done: impl std::future::Future<Output = ()>, until: Instant) {
+    tokio::pin!(done);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let covered = systemd::extend_timeout(left);
+        if covered >= left {
+            break;
+        }
+        tokio::select! {
+            _ = &mut done => return,
+            _ = tokio::time::sleep(covered / 2) => {}
+        }
+    }
+    done.await;
 }

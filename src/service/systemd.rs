@@ -7,7 +7,9 @@
 //! been healed; `STATUS=` whenever a site starts or finishes a job; `WATCHDOG=1` every half
 //! `WATCHDOG_USEC` from the start to the exit; on SIGHUP `RELOADING=1` +
 //! `MONOTONIC_USEC`, then `READY=1` when the new config is in use (or was rejected);
-//! on SIGTERM/SIGINT `STOPPING=1`.
+//! on SIGTERM/SIGINT `STOPPING=1`, then, while a site is still at work that a stop does
+//! not cut short (an activation's hooks and health check), `EXTEND_TIMEOUT_USEC=` for the
+//! longest that work can still take, so systemd does not SIGKILL it halfway.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -71,6 +73,16 @@ pub fn stopping() {
         NotifyState::Stopping,
         NotifyState::Status("stopping: finishing or undoing in-flight work"),
     ]);
+}
+
+/// `EXTEND_TIMEOUT_USEC=`: the current state (here, stopping) may take `more` from now
+/// before systemd gives up on it. Returns how much of `more` the message covers: the field
+/// holds at most `u32::MAX` microseconds (about 71 minutes), so a longer wait needs the
+/// message again before that runs out.
+pub fn extend_timeout(more: Duration) -> Duration {
+    let usec = u32::try_from(more.as_micros()).unwrap_or(u32::MAX);
+    send(&[NotifyState::ExtendTimeoutUsec(usec)]);
+    Duration::from_micros(u64::from(usec))
 }
 
 /// `WATCHDOG=1`.

@@ -1,6 +1,8 @@
 //! One worker per site: a thread of its own that owns the site's lifetime lock, waits for
 //! wake-ups (marker events, root events, SIGHUP, its timers), and does the work while
-//! holding the site's operation lock, so CLI commands interleave safely between jobs.
+//! holding the site's operation lock, so CLI commands interleave safely between jobs. An
+//! upload whose files are still in flight is waited for without the lock, between two
+//! rounds of the job (see `pipeline`), so commands also run while it waits.
 //!
 //! A thread, not an async task: the periodic healing pass then runs where its timer
 //! fires, and an idle site costs one timed wait per `heal_interval` and the pass itself.
@@ -121,6 +123,8 @@ pub struct Handle {
     cancel: Arc<AtomicBool>,
     /// Completes (with an error: the sender is dropped) when the worker's thread ends.
     done: oneshot::Receiver<()>,
+    /// Set while the worker runs a job.
+    busy: Arc<AtomicBool>,
 }
 
 impl Handle {
@@ -132,8 +136,15 @@ impl Handle {
     /// Sets the worker's cancel flag and asks it to exit, without waiting (see
     /// [`Handle::abort`]).
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
+        // SeqCst, like `busy`: see `Worker::work`.
+        self.cancel.store(true, Ordering::SeqCst);
         self.mailbox.post(|f| f.stop = true);
+    }
+
+    /// True while the worker runs a job. Once [`Handle::cancel`] has been called, a worker
+    /// that is not busy starts no job any more.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
     }
 
     /// Waits until the worker's thread has ended.
@@ -168,12 +179,14 @@ enum Job {
 pub fn spawn(site: Site, watcher: Arc<Watcher>, ready: Ready) -> Handle {
     let mailbox = Arc::new(Mailbox::default());
     let cancel = Arc::new(AtomicBool::new(false));
+    let busy = Arc::new(AtomicBool::new(false));
     let (done_tx, done) = oneshot::channel();
     let worker = Worker {
         site: site.clone(),
         watcher,
         cancel: Arc::clone(&cancel),
         mailbox: Arc::clone(&mailbox),
+        busy: Arc::clone(&busy),
     };
     let name = site.name().to_string();
     let failed = ready.clone();
@@ -197,6 +210,7 @@ pub fn spawn(site: Site, watcher: Arc<Watcher>, ready: Ready) -> Handle {
         mailbox,
         cancel,
         done,
+        busy,
     }
 }
 
@@ -206,6 +220,7 @@ struct Worker {
     watcher: Arc<Watcher>,
     cancel: Arc<AtomicBool>,
     mailbox: Arc<Mailbox>,
+    busy: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -403,15 +418,25 @@ impl Worker {
     /// Runs `job`. A panic fails the job, not the worker; what the worker kept is then
     /// dropped (read again by the next job), as it may be half-updated.
     fn work(&self, job: Job, kept: &mut Kept) -> Result<()> {
-        match catch_unwind(AssertUnwindSafe(|| {
-            work_blocking(&self.site, &self.cancel, job, kept)
-        })) {
-            Ok(result) => result,
-            Err(_) => {
-                *kept = Kept::default();
-                Err(Error::Failed(format!("{job:?} job panicked")))
+        // Busy is set before the cancel flag is read, and a stop reads busy after setting
+        // that flag (both SeqCst): either this job sees the stop and does not start, or
+        // the stop sees the job and asks systemd for the time it may still take.
+        self.busy.store(true, Ordering::SeqCst);
+        let result = if self.cancel.load(Ordering::SeqCst) {
+            Err(Error::Interrupted)
+        } else {
+            match catch_unwind(AssertUnwindSafe(|| {
+                work_blocking(&self.site, &self.cancel, job, kept)
+            })) {
+                Ok(result) => result,
+                Err(_) => {
+                    *kept = Kept::default();
+                    Err(Error::Failed(format!("{job:?} job panicked")))
+                }
             }
-        }
+        };
+        self.busy.store(false, Ordering::SeqCst);
+        result
     }
 }
 
@@ -505,6 +530,9 @@ struct Kept {
     /// The operation lock's file, kept open, with the stamp its directory had just before
     /// it was opened: while the directory keeps that stamp, the path still names it.
     op_lock: Option<(fsops::LockFile, fsops::Stamp)>,
+    /// The upload the last round stopped at, its files still in flight, for the next
+    /// round (which always follows at once) to resume.
+    waiting: Option<pipeline::Waiting>,
 }
 
 /// The site's journal from `kept`, current (loaded if there is none yet).
@@ -520,6 +548,30 @@ fn current_journal<'a>(kept: &'a mut Option<Journal>, site: &Site) -> Result<&'a
 }
 
 fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Result<()> {
+    let mut job = job;
+    loop {
+        let Some(waiting) = locked_round(site, cancel, job, kept)? else {
+            return Ok(());
+        };
+        // The lock is free while the upload's files are still in flight: a rollback must
+        // not wait up to upload_timeout behind a stale temporary file. The next round runs
+        // the claims again under the lock and so sees what commands did meanwhile.
+        crate::service::set_status(site, "waiting for files in flight");
+        pipeline::wait_unlocked(site, &waiting, cancel)?;
+        kept.waiting = Some(waiting);
+        job = Job::Rescan;
+    }
+}
+
+/// One round of `job` under the operation lock, the lock file checked first (it may have
+/// been replaced while the lock was free). Returns the upload the round stopped at because
+/// its files are still in flight.
+fn locked_round(
+    site: &Site,
+    cancel: &AtomicBool,
+    job: Job,
+    kept: &mut Kept,
+) -> Result<Option<pipeline::Waiting>> {
     kept.marker = None;
     heal::repair_locks_with(site, &mut kept.listings)?;
     // The state directory was just listed (or stat'ed), before the lock file is opened.
@@ -541,7 +593,7 @@ fn locked(
     job: Job,
     kept: &mut Kept,
     lock_file: &fsops::LockFile,
-) -> Result<()> {
+) -> Result<Option<pipeline::Waiting>> {
     // Wait for a CLI command holding the lock, but stay responsive to shutdown.
     let _lock = loop {
         if cancel.load(Ordering::Relaxed) {
@@ -572,7 +624,17 @@ fn locked(
     result
 }
 
-fn run_job(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Result<()> {
+/// Runs `job`; returns the upload it stopped at because its files are still in flight.
+fn run_job(
+    site: &Site,
+    cancel: &AtomicBool,
+    job: Job,
+    kept: &mut Kept,
+) -> Result<Option<pipeline::Waiting>> {
+    // A wait handed back by the previous round, resumed if its claim is still first.
+    let resume = kept.waiting.take();
+    let uploads =
+        |fresh| pipeline::run_pending_yielding(site, cancel, fresh, resume).map(|run| run.waiting);
     match job {
         Job::FirstHeal => {
             let journal = current_journal(&mut kept.journal, site)?;
@@ -585,17 +647,12 @@ fn run_job(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Resul
             // The pass saw every claim (uploads run under the same lock): with none, and
             // no marker a missed event could have left, there is nothing to process.
             if outcome.claims > 0 || marker_present(site) {
-                pipeline::run_pending(site, cancel, false)?;
-            } else {
-                kept.marker = Some(false);
+                return uploads(false);
             }
+            kept.marker = Some(false);
         }
-        Job::Uploads => {
-            pipeline::run_pending(site, cancel, true)?;
-        }
-        Job::Rescan => {
-            pipeline::run_pending(site, cancel, false)?;
-        }
+        Job::Uploads => return uploads(true),
+        Job::Rescan => return uploads(false),
         Job::Verify => {
             if let Some(id) = site.current_id() {
                 let report = verify::verify_release(site, &id)?;
@@ -603,5 +660,5 @@ fn run_job(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Resul
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
