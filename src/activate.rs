@@ -368,6 +368,16 @@ pub fn finish_rollback(site: &Site, journal: &mut Journal) -> Result<Option<Stri
     Ok(Some(id))
 }
 
+/// Tells the server about a switch healing made from release `from` to `to` (the live
+/// release was deleted, or `current` was lost): `after_activate` runs for `to`, as after
+/// an automatic rollback, since a server caching resolved paths (php-fpm's realpath
+/// cache, opcache) otherwise keeps serving the release that was left. No health check
+/// and no verdict: `to` was activated and good before, and a failure here is only logged
+/// (`hook.failed`), so healing never loops on it.
+pub fn after_heal_switch(site: &Site, to: &str, from: &str) {
+    let _ = after_activate(site, &hook_env(site, to, Some(from)));
+}
+
 /// Runs the site's `after_activate` hook, if any, for the release in `env`; a failure is
 /// logged as `hook.failed`.
 fn after_activate(site: &Site, env: &HookEnv) -> std::result::Result<(), HookFailure> {

@@ -757,7 +757,7 @@ fn heal_trash(
 
 fn heal_current(
     site: &Site,
-    journal: &Journal,
+    journal: &mut Journal,
     dry_run: bool,
     out: &mut Outcome,
     repair: &mut impl FnMut(String, &str, Option<&str>, &mut Outcome),
@@ -768,8 +768,11 @@ fn heal_current(
     // A link to a good release spelled another way (`ln -sfn /srv/shop/releases/v1`, a
     // manual switch): only its form is repaired, the operator's choice of release is kept.
     let mut keep = None;
+    // The release the link names, even when it is dangling: the one being left.
+    let mut named = None;
     let (why, meta) = match fs::read_link(&current) {
         Ok(target) => {
+            named = site::release_id_of_target(&target, site.root());
             let problem = match site::release_id_of_target(&target, site.root()) {
                 None => Some("current points outside releases/"),
                 Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
@@ -830,6 +833,21 @@ fn heal_current(
         }
         return Ok(());
     };
+    // The release `current` leaves: the one its link named, else the one the keeper last
+    // switched it to. A switch to another release is journaled like a rollback, so that
+    // `previous`, `last_event` and the next rollback reason from where `current` really
+    // is; the same record keeps the left release from being gone back to first. It is
+    // written before the swap: a crash in between leaves a link the next pass repairs
+    // (and records) again, never a switch the journal does not know.
+    let left = named.or_else(|| journal.state().history.last().cloned());
+    let switched = left.filter(|l| !l.is_empty() && *l != target);
+    if let (Some(from), false) = (&switched, dry_run) {
+        journal.append(Op::RolledBack {
+            release: from.clone(),
+            to: target.clone(),
+            reason: format!("healing: {why}"),
+        })?;
+    }
     let mut linked = false;
     if let Some(m) = &meta {
         if !m.file_type().is_symlink() {
@@ -857,11 +875,13 @@ fn heal_current(
         fsops::swap_symlink(&current, &Site::current_target_for(&target))?;
     }
     let verb = if dry_run { "point" } else { "pointed" };
-    repair(
-        format!("{verb} current at releases/{target}"),
-        why,
-        Some(&target),
-        out,
-    );
+    let what = match &switched {
+        Some(from) => format!("{verb} current at releases/{target} (it was at {from})"),
+        None => format!("{verb} current at releases/{target}"),
+    };
+    repair(what, why, Some(&target), out);
+    if let (Some(from), false) = (&switched, dry_run) {
+        activate::after_heal_switch(site, &target, from);
+    }
     Ok(())
 }
