@@ -449,35 +449,6 @@ fn heal_pass(
             }
         }
     }
-    // Before the first release nothing links to shared entries yet, and the first upload
-    // decides whether each is a file (seeded from it) or a directory.
-    let linked = journal.state().live_newest_first().next().is_some();
-    for entry in site.cfg.shared.iter().filter(|_| linked) {
-        let p = site.shared().join(entry);
-        if fs::symlink_metadata(&p).is_err() && site.is_shared_file(entry) {
-            // Recreating `.env` empty (or as a directory) would start the app with the
-            // wrong settings; only a person can restore it.
-            out.report(
-                format!(
-                    "{} (a shared file) is missing; not recreated, restore it",
-                    p.display()
-                ),
-                None,
-            );
-            continue;
-        }
-        if fs::symlink_metadata(&p).is_err() {
-            if !dry_run {
-                fsops::ensure_dir(&p, 0o755)?;
-            }
-            repair(
-                format!("{} {}", verb("created", "create"), p.display()),
-                "configured shared entry missing",
-                None,
-                &mut out,
-            );
-        }
-    }
 
     // A marker hidden by a claim across filesystems that a crash cut short: made its claim
     // now, or the upload would be lost and the hidden file break the next release.
@@ -581,7 +552,9 @@ fn heal_pass(
             format!("releases/{id} was not made by release-keeper (not counted, never deleted)");
         out.report(note, Some(id));
     }
-    if !ours.is_empty() {
+    // A recovered release links to the shared entries as much as a journaled one does.
+    let recovering = !ours.is_empty();
+    if recovering {
         for id in recover_releases(site, journal, ours, dry_run)? {
             repair(
                 format!("{} release {id} in the journal", verb("recorded", "record")),
@@ -594,6 +567,10 @@ fn heal_pass(
     // After the recovery, so a lost journal does not leave `current` without a target.
     heal_current(site, journal, dry_run, &mut out, &mut repair)?;
     let state = journal.state();
+    // After the recovery too: with the journal lost, a missing shared entry was seen as
+    // "no release yet" and only recreated by the next pass.
+    let linked = recovering || state.live_newest_first().next().is_some();
+    heal_shared(site, linked, dry_run, &mut out, &mut repair)?;
 
     // Stored manifests of releases that no longer exist (a crash between the journal's
     // `pruned` record and the manifest's removal). Listed again if a repair above may
@@ -642,6 +619,47 @@ fn heal_pass(
         }
     }
     Ok(out)
+}
+
+/// Recreates missing shared directories (a missing shared *file* is only reported). Only
+/// once some release exists (`linked`): before the first one nothing links to shared
+/// entries yet, and the first upload decides whether each is a file (seeded from it) or a
+/// directory.
+fn heal_shared(
+    site: &Site,
+    linked: bool,
+    dry_run: bool,
+    out: &mut Outcome,
+    repair: &mut impl FnMut(String, &str, Option<&str>, &mut Outcome),
+) -> Result<()> {
+    let verb = |done: &str, todo: &str| if dry_run { todo } else { done }.to_string();
+    for entry in site.cfg.shared.iter().filter(|_| linked) {
+        let p = site.shared().join(entry);
+        if fs::symlink_metadata(&p).is_err() && site.is_shared_file(entry) {
+            // Recreating `.env` empty (or as a directory) would start the app with the
+            // wrong settings; only a person can restore it.
+            out.report(
+                format!(
+                    "{} (a shared file) is missing; not recreated, restore it",
+                    p.display()
+                ),
+                None,
+            );
+            continue;
+        }
+        if fs::symlink_metadata(&p).is_err() {
+            if !dry_run {
+                fsops::ensure_dir(&p, 0o755)?;
+            }
+            repair(
+                format!("{} {}", verb("created", "create"), p.display()),
+                "configured shared entry missing",
+                None,
+                out,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Records again releases the journal lost (deleted by hand, truncated, restored from an

@@ -1440,3 +1440,43 @@ fn healing_that_switches_current_records_it_and_runs_after_activate_once() {
     assert_ok(&out, "rollback");
     assert_eq!(site.current_id().as_deref(), Some("v0"), "{}", show(&out));
 }
+
+/// With `.release-keeper/journal` lost, the "is there a release yet?" check for shared
+/// entries ran before the pass recovered the releases, so a missing shared directory was
+/// only recreated by the second pass. One pass (and its dry run) must do it.
+#[test]
+fn shared_entry_is_recreated_by_one_pass_after_the_journal_is_lost() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(
+        &site,
+        SITE,
+        "heal_interval = \"1h\"",
+        "shared = [\"storage\"]",
+    );
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let storage = site.root.join("shared/storage");
+    assert!(storage.is_dir(), "made with the first release");
+    fs::remove_file(site.root.join(".release-keeper/journal")).unwrap();
+    fs::remove_dir_all(&storage).unwrap();
+
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&out, "heal --dry-run");
+    assert!(
+        stdout_of(&out).contains(&format!("create {}", storage.display())),
+        "the dry run says it would recreate shared/storage: {}",
+        show(&out)
+    );
+    assert!(!storage.exists(), "a dry run changes nothing");
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    assert!(
+        storage.is_dir(),
+        "one pass recovers the release and recreates its shared entry: {}",
+        show(&out)
+    );
+    assert!(
+        site.release("v1").join("storage").is_dir(),
+        "the release's shared link resolves again"
+    );
+}
