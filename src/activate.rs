@@ -176,8 +176,9 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
             )));
         }
     }
-    let previous = site.current_id();
-    if previous.as_deref() == Some(id) {
+    let link = site.current_id();
+    let by_hand = link.as_deref() == Some(id);
+    if by_hand && state.is_settled_current(id) {
         ensure_links(site);
         tracing::info!(
             event = crate::events::RELEASE_ALREADY_CURRENT,
@@ -187,6 +188,13 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
         );
         return Ok(());
     }
+    // `current` pointed at `id` by hand (a staged release made live with `ln -sfn`): the
+    // activation still runs its hooks and checks and is recorded; only the swap is a no-op.
+    let previous = if by_hand {
+        state.switched_from(id, |r| site.release(r).is_dir())
+    } else {
+        link
+    };
     current_replaceable(site)?;
     let started = Instant::now();
     let env = hook_env(site, id, previous.as_deref());
@@ -391,6 +399,16 @@ pub fn finish_rollback(site: &Site, journal: &mut Journal) -> Result<Option<Stri
     Ok(Some(id))
 }
 
+/// Tells the server about a switch healing made from release `from` to `to` (the live
+/// release was deleted, or `current` was lost): `after_activate` runs for `to`, as after
+/// an automatic rollback, since a server caching resolved paths (php-fpm's realpath
+/// cache, opcache) otherwise keeps serving the release that was left. No health check
+/// and no verdict: `to` was activated and good before, and a failure here is only logged
+/// (`hook.failed`), so healing never loops on it.
+pub fn after_heal_switch(site: &Site, to: &str, from: &str) {
+    let _ = after_activate(site, &hook_env(site, to, Some(from)));
+}
+
 /// Runs the site's `after_activate` hook, if any, for the release in `env`; a failure is
 /// logged as `hook.failed`.
 fn after_activate(site: &Site, env: &HookEnv) -> std::result::Result<(), HookFailure> {
@@ -443,7 +461,9 @@ fn check(site: &Site, env: &HookEnv) -> Option<HookFailure> {
 pub struct Rollback {
     /// The release `current` points at.
     pub to: String,
-    /// False when `to` was current already (nothing was switched, no hook ran).
+    /// False when `to` was current already as the keeper's last switch left it (nothing
+    /// was switched, no hook ran). True, with hooks and checks run, when `current` had been
+    /// pointed at `to` by hand.
     pub switched: bool,
 }
 
@@ -452,8 +472,8 @@ pub struct Rollback {
 /// `auto_rollback`, `current` returns to the release it was rolled back from.
 pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
     let state = journal.state();
-    let current = site.current_id();
-    let from = state.effective_current(current.clone(), |r| site.release(r).is_dir());
+    let link = site.current_id();
+    let from = state.effective_current(link.clone(), |r| site.release(r).is_dir());
     let target = match to {
         Some(t) => t.to_string(),
         None => state
@@ -476,7 +496,8 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
             "release {target} is missing on disk"
         )));
     }
-    if current.as_deref() == Some(target.as_str()) {
+    let by_hand = link.as_deref() == Some(target.as_str());
+    if by_hand && state.is_settled_current(&target) {
         // Only `--to` can name current. Like `activate` of the current release, the wanted
         // state holds already: a script making sure a release is live must not see a
         // failure for it.
@@ -492,6 +513,13 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
             switched: false,
         });
     }
+    // Pointed at `target` by hand (`ln -sfn`): as in `activate`, the rollback still runs
+    // its checks and is recorded, leaving the release the keeper last made current.
+    let current = if by_hand {
+        state.switched_from(&target, |r| site.release(r).is_dir())
+    } else {
+        link
+    };
     current_replaceable(site)?;
     let started = Instant::now();
     swap_current(site, &target)?;

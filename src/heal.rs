@@ -449,35 +449,6 @@ fn heal_pass(
             }
         }
     }
-    // Before the first release nothing links to shared entries yet, and the first upload
-    // decides whether each is a file (seeded from it) or a directory.
-    let linked = journal.state().live_newest_first().next().is_some();
-    for entry in site.cfg.shared.iter().filter(|_| linked) {
-        let p = site.shared().join(entry);
-        if fs::symlink_metadata(&p).is_err() && site.is_shared_file(entry) {
-            // Recreating `.env` empty (or as a directory) would start the app with the
-            // wrong settings; only a person can restore it.
-            out.report(
-                format!(
-                    "{} (a shared file) is missing; not recreated, restore it",
-                    p.display()
-                ),
-                None,
-            );
-            continue;
-        }
-        if fs::symlink_metadata(&p).is_err() {
-            if !dry_run {
-                fsops::ensure_dir(&p, 0o755)?;
-            }
-            repair(
-                format!("{} {}", verb("created", "create"), p.display()),
-                "configured shared entry missing",
-                None,
-                &mut out,
-            );
-        }
-    }
 
     // A marker hidden by a claim across filesystems that a crash cut short: made its claim
     // now, or the upload would be lost and the hidden file break the next release.
@@ -581,7 +552,9 @@ fn heal_pass(
             format!("releases/{id} was not made by release-keeper (not counted, never deleted)");
         out.report(note, Some(id));
     }
-    if !ours.is_empty() {
+    // A recovered release links to the shared entries as much as a journaled one does.
+    let recovering = !ours.is_empty();
+    if recovering {
         for id in recover_releases(site, journal, ours, dry_run)? {
             repair(
                 format!("{} release {id} in the journal", verb("recorded", "record")),
@@ -594,6 +567,10 @@ fn heal_pass(
     // After the recovery, so a lost journal does not leave `current` without a target.
     heal_current(site, journal, dry_run, &mut out, &mut repair)?;
     let state = journal.state();
+    // After the recovery too: with the journal lost, a missing shared entry was seen as
+    // "no release yet" and only recreated by the next pass.
+    let linked = recovering || state.live_newest_first().next().is_some();
+    heal_shared(site, linked, dry_run, &mut out, &mut repair)?;
 
     // Stored manifests of releases that no longer exist (a crash between the journal's
     // `pruned` record and the manifest's removal). Listed again if a repair above may
@@ -642,6 +619,47 @@ fn heal_pass(
         }
     }
     Ok(out)
+}
+
+/// Recreates missing shared directories (a missing shared *file* is only reported). Only
+/// once some release exists (`linked`): before the first one nothing links to shared
+/// entries yet, and the first upload decides whether each is a file (seeded from it) or a
+/// directory.
+fn heal_shared(
+    site: &Site,
+    linked: bool,
+    dry_run: bool,
+    out: &mut Outcome,
+    repair: &mut impl FnMut(String, &str, Option<&str>, &mut Outcome),
+) -> Result<()> {
+    let verb = |done: &str, todo: &str| if dry_run { todo } else { done }.to_string();
+    for entry in site.cfg.shared.iter().filter(|_| linked) {
+        let p = site.shared().join(entry);
+        if fs::symlink_metadata(&p).is_err() && site.is_shared_file(entry) {
+            // Recreating `.env` empty (or as a directory) would start the app with the
+            // wrong settings; only a person can restore it.
+            out.report(
+                format!(
+                    "{} (a shared file) is missing; not recreated, restore it",
+                    p.display()
+                ),
+                None,
+            );
+            continue;
+        }
+        if fs::symlink_metadata(&p).is_err() {
+            if !dry_run {
+                fsops::ensure_dir(&p, 0o755)?;
+            }
+            repair(
+                format!("{} {}", verb("created", "create"), p.display()),
+                "configured shared entry missing",
+                None,
+                out,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Records again releases the journal lost (deleted by hand, truncated, restored from an
@@ -757,7 +775,7 @@ fn heal_trash(
 
 fn heal_current(
     site: &Site,
-    journal: &Journal,
+    journal: &mut Journal,
     dry_run: bool,
     out: &mut Outcome,
     repair: &mut impl FnMut(String, &str, Option<&str>, &mut Outcome),
@@ -768,8 +786,11 @@ fn heal_current(
     // A link to a good release spelled another way (`ln -sfn /srv/shop/releases/v1`, a
     // manual switch): only its form is repaired, the operator's choice of release is kept.
     let mut keep = None;
+    // The release the link names, even when it is dangling: the one being left.
+    let mut named = None;
     let (why, meta) = match fs::read_link(&current) {
         Ok(target) => {
+            named = site::release_id_of_target(&target, site.root());
             let problem = match site::release_id_of_target(&target, site.root()) {
                 None => Some("current points outside releases/"),
                 Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
@@ -830,6 +851,21 @@ fn heal_current(
         }
         return Ok(());
     };
+    // The release `current` leaves: the one its link named, else the one the keeper last
+    // switched it to. A switch to another release is journaled like a rollback, so that
+    // `previous`, `last_event` and the next rollback reason from where `current` really
+    // is; the same record keeps the left release from being gone back to first. It is
+    // written before the swap: a crash in between leaves a link the next pass repairs
+    // (and records) again, never a switch the journal does not know.
+    let left = named.or_else(|| journal.state().history.last().cloned());
+    let switched = left.filter(|l| !l.is_empty() && *l != target);
+    if let (Some(from), false) = (&switched, dry_run) {
+        journal.append(Op::RolledBack {
+            release: from.clone(),
+            to: target.clone(),
+            reason: format!("healing: {why}"),
+        })?;
+    }
     let mut linked = false;
     if let Some(m) = &meta {
         if !m.file_type().is_symlink() {
@@ -857,11 +893,13 @@ fn heal_current(
         fsops::swap_symlink(&current, &Site::current_target_for(&target))?;
     }
     let verb = if dry_run { "point" } else { "pointed" };
-    repair(
-        format!("{verb} current at releases/{target}"),
-        why,
-        Some(&target),
-        out,
-    );
+    let what = match &switched {
+        Some(from) => format!("{verb} current at releases/{target} (it was at {from})"),
+        None => format!("{verb} current at releases/{target}"),
+    };
+    repair(what, why, Some(&target), out);
+    if let (Some(from), false) = (&switched, dry_run) {
+        activate::after_heal_switch(site, &target, from);
+    }
     Ok(())
 }

@@ -233,6 +233,22 @@ fn reject(site: &Site, journal: &mut Journal, id: Option<&str>, reason: &str) ->
     Ok(Outcome::Rejected(reason.to_string()))
 }
 
+/// Rejects the upload claimed at `claim`, then removes the claim. Only in this order: the
+/// claim is the upload's only trace until `reject` has logged and journaled it, so a crash
+/// or a journal that cannot be written in between leaves the claim, and the upload is
+/// rejected again at the next pass (a duplicate rejection) instead of silently dropped.
+fn reject_then_drop(
+    site: &Site,
+    journal: &mut Journal,
+    claim: &Path,
+    id: Option<&str>,
+    reason: &str,
+) -> Result<Outcome> {
+    let outcome = reject(site, journal, id, reason)?;
+    marker::remove(claim)?;
+    Ok(outcome)
+}
+
 /// A fresh timestamp id, suffixed `-2`, `-3` when taken.
 fn generated_id(site: &Site, journal: &Journal) -> String {
     let base = clock::Utc::now().release_id();
@@ -282,8 +298,7 @@ fn process(
                     site = site.name(),
                     "upload detected"
                 );
-                marker::remove(&raw)?;
-                return reject(site, &mut journal, None, &reason).map(Step::Done);
+                return reject_then_drop(site, &mut journal, &raw, None, &reason).map(Step::Done);
             }
             Err(e) => return Err(e),
         },
@@ -309,21 +324,27 @@ fn process(
             Err(Error::Interrupted)
         }
         Err(Error::Rejected(reason)) => {
-            marker::remove(&path)?;
-            reject(site, &mut journal, Some(&claim.id), &reason)
+            reject_then_drop(site, &mut journal, &path, Some(&claim.id), &reason)
         }
         Err(e @ Error::Changed(_)) => {
-            marker::remove(&path)?;
-            reject(site, &mut journal, Some(&claim.id), &e.to_string())
+            reject_then_drop(site, &mut journal, &path, Some(&claim.id), &e.to_string())
         }
         Err(e) if e.is_no_space() || keeper_denied(site, &e) => {
             let _ = fsops::remove_tree(&site.partial(&claim.id));
-            let reason = if e.is_no_space() {
-                format!("{e}; the upload is kept and retried when space is available")
+            // The message names the cause: an operator told "not enough space" about a
+            // read-only mount or a wrong owner looks at the wrong thing.
+            let (reason, message) = if e.is_no_space() {
+                (
+                    format!("{e}; the upload is kept and retried when space is available"),
+                    "not enough space for the release; the upload is kept for a retry",
+                )
             } else {
-                format!(
-                    "{e}; the keeper cannot write its own directories (check their owner and \
-                     mode); the upload is kept and retried at the next healing pass"
+                (
+                    format!(
+                        "{e}; the keeper cannot write its own directories (check their owner \
+                         and mode); the upload is kept and retried at the next healing pass"
+                    ),
+                    "the keeper cannot write its own directories; the upload is kept for a retry",
                 )
             };
             tracing::error!(
@@ -332,16 +353,16 @@ fn process(
                 release = %claim.id,
                 reason = %reason,
                 retrying = true,
-                "not enough space for the release"
+                "{message}"
             );
             Ok(Outcome::Deferred(reason))
         }
         Err(e) => {
             // Not the upload's fault (I/O, disk full): reported as a rejection so the
-            // uploader sees it; the claim is dropped so a broken disk does not loop.
-            marker::remove(&path)?;
+            // uploader sees it; the claim is dropped (once the rejection is recorded) so a
+            // broken disk does not loop.
             let _ = fsops::remove_tree(&site.partial(&claim.id));
-            reject(site, &mut journal, Some(&claim.id), &e.to_string())
+            reject_then_drop(site, &mut journal, &path, Some(&claim.id), &e.to_string())
         }
         Ok(o) => {
             marker::remove(&path)?;

@@ -1127,3 +1127,185 @@ fn interrupting_activate_stops_its_running_hook() {
     );
     assert_eq!(site.current_id().as_deref(), Some("brief"));
 }
+
+/// Journal records of the site, as JSON.
+fn journal_records(site: &Site) -> Vec<Value> {
+    fs::read_to_string(site.root.join(".release-keeper/journal"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("journal line {l}: {e}")))
+        .collect()
+}
+
+/// A config whose three hooks append `<phase> <RELEASE_ID> <PREVIOUS_RELEASE_ID>` to
+/// `<tmp>/hooks.log`; the health check fails while `<tmp>/fail-<RELEASE_ID>` exists.
+fn logging_hooks_config(site: &Site) -> (PathBuf, PathBuf) {
+    let log = site.tmp_path("hooks.log");
+    let hook = script(
+        &site.tmp_path(""),
+        "hook.sh",
+        &format!(
+            "echo \"$1 $RELEASE_ID $PREVIOUS_RELEASE_ID\" >> {}\n\
+             [ \"$1\" = health ] && [ -e \"{}/fail-$RELEASE_ID\" ] && exit 1\nexit 0",
+            log.display(),
+            site.tmp_path("").display()
+        ),
+    );
+    let h = hook.display();
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 1\nhealth_interval = \"0s\"\n",
+        &format!(
+            "before_activate = [\"{h}\", \"before\"]\nafter_activate = [\"{h}\", \"after\"]\nhealth_check = [\"{h}\", \"health\"]"
+        ),
+    );
+    (cfg, log)
+}
+
+/// Hook calls logged for release `id`, as `(phase, previous)`.
+fn hook_calls(log: &Path, id: &str) -> Vec<(String, String)> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let (phase, rel, prev) = (f.next()?, f.next()?, f.next().unwrap_or(""));
+            (rel == id).then(|| (phase.to_string(), prev.to_string()))
+        })
+        .collect()
+}
+
+/// Points `current` at release `id` the way an operator does by hand.
+fn ln_sfn(site: &Site, id: &str) {
+    sh(&site.root, &format!("ln -sfn releases/{id} current"));
+    assert_eq!(site.current_id().as_deref(), Some(id));
+}
+
+/// A staged release an operator made live by hand (`ln -sfn`) never had its hooks and
+/// health check, and nothing recorded the switch. `activate` of it answered "already
+/// current" and did nothing; it must run the activation (the swap alone is a no-op) and
+/// record it. Asked again, it is then already current.
+#[test]
+fn activate_of_a_staged_release_made_current_by_hand_runs_its_hooks_and_is_recorded() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &["--no-activate"], 0);
+    assert!(hook_calls(&log, "v2").is_empty(), "v2 is only staged");
+    ln_sfn(&site, "v2");
+
+    let out = cli(&cfg, &["activate", SITE, "v2", "--log-format", "json"]);
+    assert_ok(&out, "activate of the release current points at by hand");
+    let calls: Vec<(String, String)> = ["before", "after", "health"]
+        .iter()
+        .map(|p| (p.to_string(), "v1".to_string()))
+        .collect();
+    assert_eq!(
+        hook_calls(&log, "v2"),
+        calls,
+        "every hook runs for v2, with the release the keeper last made current as previous; {}",
+        show(&out)
+    );
+    let events = stderr_events(&out);
+    assert!(
+        events
+            .iter()
+            .any(|v| v["event"] == "release.activated" && v["release"] == "v2"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|v| v["event"] == "release.already_current"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        journal_records(&site)
+            .iter()
+            .any(|r| r["op"] == "activated" && r["release"] == "v2" && r["previous"] == "v1"),
+        "the activation is journaled"
+    );
+    let l = list(&cfg);
+    assert_eq!(release_obj(&l, "v2")["state"], "current", "{l}");
+    assert_eq!(l["previous"], "v1", "{l}");
+
+    // Now recorded as the keeper's last switch: already current, no hook runs again.
+    let out = cli(&cfg, &["activate", SITE, "v2", "--log-format", "json"]);
+    assert_ok(&out, "activate of the current release");
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.already_current" && v["release"] == "v2"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(hook_calls(&log, "v2").len(), 3, "no hook ran again");
+}
+
+/// The same, with a health check that fails: the release made current by hand is marked
+/// failed and `current` goes back to the release the keeper last made current, not
+/// "back" to the failed release itself.
+#[test]
+fn activate_of_an_unhealthy_release_made_current_by_hand_rolls_back_to_the_last_activated() {
+    let site = Site::new();
+    let (cfg, _log) = logging_hooks_config(&site);
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &["--no-activate"], 0);
+    ln_sfn(&site, "v2");
+    fs::write(site.tmp_path("fail-v2"), b"").unwrap();
+
+    let out = cli(&cfg, &["activate", SITE, "v2", "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "rolled back to v1; {}",
+        show(&out)
+    );
+    let l = list(&cfg);
+    assert_eq!(release_obj(&l, "v2")["state"], "failed", "{l}");
+    assert_eq!(release_obj(&l, "v1")["state"], "current", "{l}");
+}
+
+/// `rollback --to` the release `current` was pointed at by hand runs the target's checks
+/// and records the rollback, as `activate` does.
+#[test]
+fn rollback_to_a_release_made_current_by_hand_runs_its_checks_and_is_recorded() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    for id in ["v1", "v2"] {
+        finalize_as(&site, &cfg, id, &[], 0);
+    }
+    ln_sfn(&site, "v1");
+    let before = hook_calls(&log, "v1").len();
+
+    let out = cli(
+        &cfg,
+        &["rollback", SITE, "--to", "v1", "--log-format", "json"],
+    );
+    assert_ok(&out, "rollback --to the release current points at by hand");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rolled back"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        hook_calls(&log, "v1")[before..],
+        [
+            ("after".to_string(), "v2".to_string()),
+            ("health".to_string(), "v2".to_string())
+        ],
+        "after_activate and the health check run for v1, leaving v2; {}",
+        show(&out)
+    );
+    assert!(
+        journal_records(&site)
+            .iter()
+            .any(|r| r["op"] == "rolled_back" && r["release"] == "v2" && r["to"] == "v1"),
+        "the rollback is journaled"
+    );
+    let l = list(&cfg);
+    assert_eq!(l["previous"], "v2", "{l}");
+}

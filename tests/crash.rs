@@ -528,3 +528,106 @@ fn crash_between_failed_verdict_and_switch_back_finishes_the_rollback() {
     assert_eq!(rolled, 1, "the rollback is journaled");
     svc.stop();
 }
+
+/// Undoes `chattr +i` on a path when the test ends, whatever happens.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    /// Makes `path` immutable; None (the test is skipped) where that is not possible.
+    fn set(path: &Path) -> Option<Immutable> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Immutable(path.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The claim is a rejected upload's only trace until its rejection is journaled. The
+/// claim used to be removed first, so a crash, or a journal write that failed (here an
+/// immutable journal), dropped the upload with no record. It must stay, and the rejection
+/// be made again once the journal can be written.
+#[test]
+fn rejection_whose_journal_record_fails_keeps_the_claim_and_is_retried() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "heal_interval = \"1h\"", "");
+    let mut svc = start(&cfg);
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    let path = site.root.join(".release-keeper/journal");
+    let Some(immutable) = Immutable::set(&path) else {
+        eprintln!("skipped: chattr +i is not possible here (needs root and a filesystem that supports it)");
+        svc.stop();
+        return;
+    };
+    let rejected = |records: &[Value]| {
+        records
+            .iter()
+            .filter(|r| r["op"] == "rejected" && r["release"] == "bad")
+            .count()
+    };
+
+    // No manifest: rejected.
+    site.stage_upload(&as_refs(&small_build("bad")));
+    fs::remove_file(site.deploy_cache().join(MANIFEST)).unwrap();
+    site.drop_marker("id = \"bad\"\n");
+    svc.wait_event(
+        "site.error",
+        |v| v["error"].as_str().is_some_and(|e| e.contains("journal")),
+        WAIT,
+    );
+    let claims = site.root.join(".release-keeper/claims");
+    let visible = || -> Vec<String> {
+        entries(&claims)
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    };
+    assert_eq!(
+        visible().len(),
+        1,
+        "the claim must stay while the rejection is not journaled; log:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        rejected(&journal(&site.root)),
+        0,
+        "the journal was immutable"
+    );
+
+    drop(immutable);
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    wait_until(
+        WAIT,
+        || rejected(&journal(&site.root)) == 1 && visible().is_empty(),
+        || {
+            format!(
+                "the retried rejection to be journaled and its claim removed (claims: {:?}); log:\n{}",
+                visible(),
+                svc.log_text()
+            )
+        },
+    );
+    assert!(
+        svc.events_for("release.rejected", "bad")
+            .iter()
+            .any(|v| reason_of(v).contains(MANIFEST)),
+        "the retry logs the rejection with its reason; log:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    svc.stop();
+}

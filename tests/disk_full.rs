@@ -57,6 +57,12 @@ fn upload_larger_than_free_space_is_deferred_then_finalized_when_space_returns()
         reason_of(&ev).contains("not enough free space"),
         "reason should say why: {ev}"
     );
+    assert!(
+        ev["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not enough space")),
+        "the message names the cause: {ev}"
+    );
     assert_eq!(site.current_id(), None, "current must stay untouched");
     // Nothing but a trigger (SIGHUP, the heal timer, a marker) retries: the keeper's own
     // claim of the marker once woke a second attempt at once, racing the checks below.
@@ -135,6 +141,13 @@ fn releases_dir_refusing_writes_defers_the_upload_until_fixed() {
     assert!(
         reason_of(&ev).contains("releases"),
         "the reason names the directory that refused: {ev}"
+    );
+    // The message said "not enough space for the release" whatever the cause, sending
+    // the operator to look at free space instead of the mount or the permissions.
+    let message = ev["message"].as_str().unwrap_or_default();
+    assert!(
+        !message.contains("space") && message.contains("cannot write its own directories"),
+        "the message names the cause: {ev}"
     );
     assert_eq!(site.current_id().as_deref(), Some("v1"));
     let claims = fs::read_dir(site.root.join(".release-keeper/claims"))

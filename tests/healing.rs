@@ -1342,3 +1342,141 @@ fn a_deleted_stored_manifest_is_reported() {
         show(&out)
     );
 }
+
+/// Journal records of the site, as JSON.
+fn journal_records(site: &Site) -> Vec<Value> {
+    fs::read_to_string(site.root.join(".release-keeper/journal"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("journal line {l}: {e}")))
+        .collect()
+}
+
+/// Healing that points `current` at another release (the live one was deleted by hand)
+/// wrote no journal record: `status` showed a stale `last_event`, and the journal still
+/// took the deleted release for current. The switch is recorded like a rollback, and
+/// `after_activate` runs for the release now current (a server caching resolved paths
+/// must be told); its failure is only logged, once, and never retried.
+#[test]
+fn healing_that_switches_current_records_it_and_runs_after_activate_once() {
+    let site = Site::new();
+    let log = site.tmp_path("after.log");
+    let fail = site.tmp_path("after-fails");
+    let after = format!(
+        "after_activate = [\"/bin/sh\", \"-c\", \"echo \\\"$RELEASE_ID $PREVIOUS_RELEASE_ID\\\" >> {}; test ! -e {}\"]",
+        log.display(),
+        fail.display()
+    );
+    let (cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", &after);
+    for id in ["v0", "v1", "v2"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    let calls = || fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(calls().lines().count(), 3, "{}", calls());
+    fs::write(&fail, b"").unwrap();
+
+    // The live release deleted by hand: healing goes back to v1.
+    make_writable(&site.release("v2"));
+    fs::remove_dir_all(site.release("v2")).unwrap();
+    wait_current(
+        &site,
+        "v1",
+        WAIT,
+        "current healed after its release was deleted",
+    );
+    let failed = svc.wait_event(
+        "hook.failed",
+        |v| release_of(v) == Some("v1") && v["hook"] == "after_activate",
+        WAIT,
+    );
+    assert_eq!(failed["site"], SITE, "{failed}");
+    assert_eq!(
+        calls().lines().last(),
+        Some("v1 v2"),
+        "after_activate runs for v1, leaving v2: {}",
+        calls()
+    );
+    svc.stop();
+    assert!(
+        svc.events("release.rolled_back").is_empty(),
+        "healing is not logged as a rollback: {}",
+        svc.log_text()
+    );
+    let records = journal_records(&site);
+    let last = records.last().unwrap();
+    assert_eq!(
+        (&last["op"], &last["release"], &last["to"]),
+        (
+            &Value::from("rolled_back"),
+            &Value::from("v2"),
+            &Value::from("v1")
+        ),
+        "the switch is journaled: {last}"
+    );
+
+    let out = cli(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status --json");
+    let doc = stdout_json(&out);
+    let st = find_site_obj(&doc, SITE, "last_event").unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(st["current"], "v1", "{st}");
+    assert_eq!(st["last_event"]["to"], "v1", "{st}");
+    assert_eq!(st["previous"], "v0", "{st}");
+    // The failed after_activate changed nothing more: v1 is good and already current,
+    // and another pass has nothing to do (no second hook run).
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    let out = cli(&cfg, &["activate", SITE, "v1", "--log-format", "json"]);
+    assert_ok(&out, "activate v1");
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.already_current"),
+        "the journal knows v1 is current: {}",
+        show(&out)
+    );
+    assert_eq!(calls().lines().count(), 4, "no retry: {}", calls());
+    fs::remove_file(&fail).unwrap();
+    let out = cli(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "rollback");
+    assert_eq!(site.current_id().as_deref(), Some("v0"), "{}", show(&out));
+}
+
+/// With `.release-keeper/journal` lost, the "is there a release yet?" check for shared
+/// entries ran before the pass recovered the releases, so a missing shared directory was
+/// only recreated by the second pass. One pass (and its dry run) must do it.
+#[test]
+fn shared_entry_is_recreated_by_one_pass_after_the_journal_is_lost() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(
+        &site,
+        SITE,
+        "heal_interval = \"1h\"",
+        "shared = [\"storage\"]",
+    );
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+    let storage = site.root.join("shared/storage");
+    assert!(storage.is_dir(), "made with the first release");
+    fs::remove_file(site.root.join(".release-keeper/journal")).unwrap();
+    fs::remove_dir_all(&storage).unwrap();
+
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&out, "heal --dry-run");
+    assert!(
+        stdout_of(&out).contains(&format!("create {}", storage.display())),
+        "the dry run says it would recreate shared/storage: {}",
+        show(&out)
+    );
+    assert!(!storage.exists(), "a dry run changes nothing");
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    assert!(
+        storage.is_dir(),
+        "one pass recovers the release and recreates its shared entry: {}",
+        show(&out)
+    );
+    assert!(
+        site.release("v1").join("storage").is_dir(),
+        "the release's shared link resolves again"
+    );
+}

@@ -548,6 +548,14 @@ fn raw_lines(svc: &Service) -> usize {
 /// Half-done state the keeper must never leave: partial releases, temporary names,
 /// claims, trash, the marker.
 fn leftovers(site: &Site) -> Vec<String> {
+    // A rejection is logged (and journaled) before its claim is removed, since the claim
+    // is the upload's only trace until then: the removal may follow the event a moment
+    // later, so a claim still there is only a leftover once this bounded wait is over.
+    let claims = site.root.join(".release-keeper/claims");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !names(&claims).is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
     let mut out = Vec::new();
     for n in site.hidden_release_entries() {
         out.push(format!("left behind in releases/: {n}"));

@@ -298,6 +298,26 @@ impl State {
         link.or_else(|| self.history.last().filter(|id| exists(id)).cloned())
     }
 
+    /// True when the keeper's last switch of `current` (an activation, or a rollback's
+    /// target) went to `id` and `id` is still good: only then is a request to make `id`
+    /// current already satisfied. A link pointed at `id` by hand (`ln -sfn`) is not:
+    /// `id` never had its hooks and health check for that switch, and nothing recorded it.
+    pub fn is_settled_current(&self, id: &str) -> bool {
+        self.history.last().is_some_and(|h| h == id) && self.is_good(id)
+    }
+
+    /// The release `current` is taken to leave when it already points at `id` by hand and
+    /// the keeper activates `id` (or rolls back to it): the one the keeper last switched to
+    /// other than `id`, if still on disk. `id` itself would make an automatic rollback
+    /// "go back" to the very release that just failed.
+    pub fn switched_from(&self, id: &str, exists: impl Fn(&str) -> bool) -> Option<String> {
+        self.history
+            .iter()
+            .rev()
+            .find(|h| h.as_str() != id && !h.is_empty() && exists(h))
+            .cloned()
+    }
+
     /// The last release `current` was switched to that is still good and exists.
     pub fn last_good_activated(&self, exists: impl Fn(&str) -> bool) -> Option<String> {
         self.history
@@ -870,6 +890,30 @@ mod tests {
             st.previous_good(Some("c"), |_| true),
             Some("b".into()),
             "b was current right before c, not z"
+        );
+    }
+
+    #[test]
+    fn only_the_last_switch_is_settled_and_a_hand_switch_leaves_it() {
+        let recs = vec![rec(1, fin("a")), rec(2, act("a", None)), rec(3, fin("b"))];
+        let st = State::from_records(&recs);
+        assert!(st.is_settled_current("a"));
+        // b staged, then made current by hand: not settled, and it leaves a.
+        assert!(!st.is_settled_current("b"));
+        assert_eq!(st.switched_from("b", |_| true), Some("a".into()));
+        assert_eq!(st.switched_from("a", |_| true), None);
+        let mut recs = recs;
+        recs.push(rec(
+            4,
+            Op::Failed {
+                release: "a".into(),
+                reason: "health".into(),
+            },
+        ));
+        let st = State::from_records(&recs);
+        assert!(
+            !st.is_settled_current("a"),
+            "a failed release is never settled"
         );
     }
 
