@@ -164,6 +164,49 @@ fn commands_run_while_an_upload_waits_for_files_in_flight() {
 /// the lock and process that very claim (waiting for the files itself): the service then
 /// finds the claim gone and neither builds the release again nor loses track of it.
 #[test]
+fn finalize_during_the_services_wait_takes_over_its_claim_and_makes_one_release() {
+    // The marker names no id: a second claim of the command's own would become a second,
+    // identical release under another generated id.
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.stage_upload(&as_refs(&small_build("v2")));
+    let dc = site.deploy_cache();
+    fs::write(dc.join("late.bin.part"), b"partial").unwrap();
+    site.drop_marker("");
+    svc.wait_event("upload.waiting", |_| true, WAIT);
+
+    let finalize = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || cli(&cfg, &["finalize", SITE, "--wait=15s"]))
+    };
+    wait_until(
+        WAIT,
+        || cli(&cfg, &["pin", SITE, "v1"]).status.code() == Some(75),
+        || "finalize to hold the operation lock".into(),
+    );
+    fs::remove_file(dc.join("late.bin.part")).unwrap();
+    let out = finalize.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "finalize: {}", show(&out));
+
+    let out = cli_when_idle(&cfg, &["list", SITE, "--json"]);
+    assert_ok(&out, "list --json");
+    let ids = site.release_ids();
+    assert_eq!(
+        ids.len(),
+        2,
+        "one upload, one release besides v1: {ids:?}\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        ids.iter().find(|i| *i != "v1").map(String::as_str)
+    );
+    svc.stop();
+}
+
+#[test]
 fn a_claim_finalized_by_a_command_during_the_wait_is_not_processed_again() {
     let site = Site::new();
     let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");

@@ -324,8 +324,10 @@ fn marker_text(spec: &MarkerSpec) -> String {
     text
 }
 
-/// Writes the claim for a `finalize` command. A marker waiting in `deploy-cache/` (the
-/// service stopped, or the command run first) is that request: it is claimed, with the
+/// Writes the claim for a `finalize` command. An upload already announced is that
+/// request: a marker waiting in `deploy-cache/` (the service stopped, or the command run
+/// first), or a claim the service took and has not processed yet (it may be waiting,
+/// without the lock, for files still in flight). The newest such is taken, with the
 /// command's `--id` and `--no-activate` laid over its keys, so the upload becomes one
 /// release rather than one for the command and an identical second one for the marker.
 /// Without one, the claim is `spec`, as if that marker had been dropped. A marker that
@@ -333,10 +335,11 @@ fn marker_text(spec: &MarkerSpec) -> String {
 /// left to be rejected as the service would, and no claim of the command's own is made,
 /// since going ahead would deploy the upload against what its marker asked (activate
 /// what it wanted staged, under another id). The caller holds the operation lock, so the
-/// service cannot claim the marker in between.
+/// service cannot claim or process anything in between.
 pub fn claim_for_finalize(site: &Site, spec: &MarkerSpec) -> Result<()> {
-    if let Some(raw) = claim_marker(site, std::time::Duration::ZERO)? {
-        match read_raw(&raw, &site.marker_shown()) {
+    claim_marker(site, std::time::Duration::ZERO)?;
+    match pending(site)?.pop() {
+        Some(Pending::Raw(raw)) => match read_raw(&raw, &site.marker_shown()) {
             Ok(marker) => {
                 let merged = MarkerSpec {
                     id: spec.id.clone().or(marker.id),
@@ -344,14 +347,29 @@ pub fn claim_for_finalize(site: &Site, spec: &MarkerSpec) -> Result<()> {
                     message: marker.message.or_else(|| spec.message.clone()),
                 };
                 // Rewritten in place: the claim keeps its place in arrival order.
-                return fsops::write_atomic(&raw, marker_text(&merged).as_bytes());
+                fsops::write_atomic(&raw, marker_text(&merged).as_bytes())
             }
-            Err(Error::Rejected(_)) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(Error::Rejected(_)) => Ok(()),
+            Err(e) => Err(e),
+        },
+        // A finalized claim is a release built and only waiting to be activated: the
+        // upload behind it was consumed, so the command's request is a new one.
+        Some(Pending::Resolved(path, mut claim)) if !claim.finalized => {
+            if let Some(id) = &spec.id {
+                claim.id = id.clone();
+                claim.explicit = true;
+            }
+            claim.activate &= spec.activate;
+            if claim.message.is_none() {
+                claim.message = spec.message.clone();
+            }
+            save(&path, &claim)
+        }
+        _ => {
+            let dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
+            fsops::write_atomic(&dest, marker_text(spec).as_bytes())
         }
     }
-    let dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
-    fsops::write_atomic(&dest, marker_text(spec).as_bytes())
 }
 
 fn toml_str(s: &str) -> String {
