@@ -559,7 +559,16 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
     for r in &outcome.reports {
         out(&format!("note: {r}"))?;
     }
-    if !dry_run {
+    if !outcome.in_service.is_empty() {
+        // Redoing them here would log a second `upload.detected` for one upload and could
+        // build it while its files are still arriving; the service resumes them once the
+        // lock is free.
+        out(&format!(
+            "{}: upload {} claimed by the running service, left to it",
+            site.name(),
+            outcome.in_service.join(", ")
+        ))?;
+    } else if !dry_run {
         // An upload still waiting for files in flight is left to the service: a healing
         // pass must not hold the lock, and keep a rollback out, for up to upload_timeout.
         let run = pipeline::run_pending_yielding(&site, &AtomicBool::new(false), false, None)?;
@@ -574,7 +583,7 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
             ))?;
         }
     }
-    if outcome.repairs.is_empty() && outcome.reports.is_empty() {
+    if outcome.repairs.is_empty() && outcome.reports.is_empty() && outcome.in_service.is_empty() {
         out(&format!("{}: nothing to heal", site.name()))?;
     }
     Ok(())

@@ -54,6 +54,9 @@ pub struct Outcome {
     pub reports: Vec<Report>,
     /// Claims found pending: interrupted uploads the caller redoes after the pass.
     pub claims: usize,
+    /// Uploads claimed by a running service (`heal` run beside it): its work in progress,
+    /// left to it rather than redone.
+    pub in_service: Vec<String>,
 }
 
 /// A problem healing found and left for a person.
@@ -264,13 +267,19 @@ pub fn repair_locks_with(site: &Site, listings: &mut Listings) -> Result<Vec<Rep
 /// Runs one healing pass over `site`. The caller holds the site's operation lock, and
 /// processes the pending claims (`pipeline::run_pending`) right after a real pass.
 pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome> {
-    heal_with(
-        site,
-        journal,
-        dry_run,
-        &mut Listings::default(),
-        &mut Reported::default(),
-    )
+    let live = service_running(site);
+    let out = heal_pass(site, journal, dry_run, &mut Listings::default(), live)?;
+    log_reports(site, &out, dry_run, &mut Reported::default());
+    Ok(out)
+}
+
+/// Whether a service holds the site's lifetime lock. Its claims are then its own work in
+/// progress (it waits for files in flight without the operation lock), not uploads a
+/// crash interrupted. Only meaningful outside the service, which holds that lock itself.
+fn service_running(site: &Site) -> bool {
+    // Opened without creating it: a dry run must not write, and no file means no service.
+    std::fs::File::open(site.service_lock())
+        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// `heal`, reusing the directory listings of earlier passes over the same site where the
@@ -283,7 +292,12 @@ pub fn heal_with(
     listings: &mut Listings,
     reported: &mut Reported,
 ) -> Result<Outcome> {
-    let out = heal_pass(site, journal, dry_run, listings)?;
+    let out = heal_pass(site, journal, dry_run, listings, false)?;
+    log_reports(site, &out, dry_run, reported);
+    Ok(out)
+}
+
+fn log_reports(site: &Site, out: &Outcome, dry_run: bool, reported: &mut Reported) {
     if !dry_run {
         for r in out.reports.iter().filter(|r| !reported.0.contains(r)) {
             tracing::warn!(event = events::HEAL_REPORTED, site = site.name(),
@@ -291,7 +305,6 @@ pub fn heal_with(
         }
         reported.0 = out.reports.iter().cloned().collect();
     }
-    Ok(out)
 }
 
 fn heal_pass(
@@ -299,6 +312,7 @@ fn heal_pass(
     journal: &mut Journal,
     dry_run: bool,
     listings: &mut Listings,
+    service_live: bool,
 ) -> Result<Outcome> {
     let mut out = Outcome::default();
     // `release` names the release a repair concerns (for `current`: the one it now
@@ -506,6 +520,16 @@ fn heal_pass(
     };
     out.claims = claims.len();
     for p in claims {
+        if service_live {
+            out.in_service.push(match &p {
+                marker::Pending::Raw(path) => path.display().to_string(),
+                marker::Pending::Resolved(_, claim) => {
+                    redone.insert(claim.id.clone());
+                    claim.id.clone()
+                }
+            });
+            continue;
+        }
         let (what, release) = match &p {
             marker::Pending::Raw(path) => (
                 format!(

@@ -129,10 +129,19 @@ fn commands_run_while_an_upload_waits_for_files_in_flight() {
     let out = cli(&cfg, &["heal", SITE]);
     assert_eq!(out.status.code(), Some(0), "heal: {}", show(&out));
     assert!(
-        output_text(&out).contains("waiting for files still in flight"),
+        output_text(&out).contains("upload v3 claimed by the running service, left to it"),
         "heal leaves the waiting upload to the service and says so: {}",
         show(&out)
     );
+    // The service's upload is not an interrupted one: no repair claimed, and no second
+    // `upload.detected` / `upload.waiting` for it from the command.
+    for event in ["heal.repaired", "upload.detected", "upload.waiting"] {
+        assert!(
+            !output_text(&out).contains(event),
+            "heal logged {event} for the service's upload: {}",
+            show(&out)
+        );
+    }
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "the commands took {:?}: they waited for the upload",
