@@ -573,6 +573,7 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
     };
     if site.current_id().as_deref() == Some(id.as_str()) {
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
+            what = %format!("resumed the interrupted activation of {id}"),
             reason = "interrupted activation trial: checks re-run", "resuming trial");
         let _ = trial(site, journal, &id, previous.as_deref(), Instant::now());
     } else {
@@ -582,6 +583,7 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
             reason: "interrupted before the switch".into(),
         })?;
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
+            what = %format!("closed the interrupted activation of {id}"),
             reason = "interrupted before the switch; not activated", "trial closed");
     }
     Ok(Some(id))

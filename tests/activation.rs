@@ -389,6 +389,16 @@ fn crash_during_trial(passes_after_restart: bool) {
         assert_eq!(site.current_id().as_deref(), Some("v1"));
         assert_eq!(release_obj(&list(&cfg), "v2")["state"], "failed");
     }
+    // README: every heal.repaired carries `what` and `reason`, the trial's resumption too.
+    let repaired = svc.events("heal.repaired");
+    assert!(
+        repaired.iter().any(|e| e["message"] == "resuming trial")
+            && repaired
+                .iter()
+                .all(|e| e["what"].is_string() && e["reason"].is_string()),
+        "heal.repaired without what or reason:\n{}",
+        svc.log_text()
+    );
     // The claim of v2 is done: a later restart changes nothing.
     svc.stop();
     let mut svc = Service::start_config(&cfg);
