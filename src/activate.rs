@@ -159,8 +159,9 @@ pub fn ensure_link(site: &Site, link: &Path, target: &Path) -> Result<bool> {
 }
 
 /// Activates release `id`: hooks, swap, health check, rollback on failure. Returns once
-/// `current` has its final value.
-pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> Result<()> {
+/// `current` has its final value: `false` when `id` was already the settled current
+/// release and nothing ran.
+pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> Result<bool> {
     let state = journal.state();
     let info = state.get(id).ok_or_else(|| site.no_release(id))?;
     if !site.release(id).is_dir() {
@@ -186,7 +187,7 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
             release = id,
             "release is already current"
         );
-        return Ok(());
+        return Ok(false);
     }
     // `current` pointed at `id` by hand (a staged release made live with `ln -sfn`): the
     // activation still runs its hooks and checks and is recorded; only the swap is a no-op.
@@ -224,7 +225,7 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
     }
     ensure_links(site);
     warn_dangling_links(site);
-    trial(site, journal, id, previous.as_deref(), started)
+    trial(site, journal, id, previous.as_deref(), started).map(|()| true)
 }
 
 /// Refuses a switch while `current` is a real file or directory rather than a symlink:

@@ -419,8 +419,12 @@ pub fn activate(
                 "pruning failed; will retry after the next release");
         }
     }
-    result?;
-    out(&format!("{}: current -> {id}", site.name()))
+    if result? {
+        out(&format!("{}: current -> {id}", site.name()))
+    } else {
+        // Said as `rollback --to` says it: nothing switched, no hook ran.
+        out(&format!("{}: release {id} is already current", site.name()))
+    }
 }
 
 /// True when the journal has release `id` marked failed.

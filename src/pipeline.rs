@@ -612,7 +612,7 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
             .is_some_and(|r| r.activated || r.failed.is_some());
         if !decided {
             match activate::activate(site, journal, id, activate::Options::default()) {
-                Ok(()) => {}
+                Ok(_) => {}
                 Err(Error::Failed(reason)) => {
                     outcome = Outcome::ActivationFailed(id.to_string(), reason);
                 }

@@ -610,6 +610,30 @@ fn rollback_with_current_missing_logs_no_empty_release_field() {
 /// `rollback --to` the release that is already current is a no-op that succeeds, as
 /// `activate` of it is: a script making sure a release is live must not see exit 1.
 #[test]
+fn activate_the_current_release_says_it_is_already_current() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_in_turn(&site, &svc, &["v1", "v2"]);
+    svc.stop();
+    let out = cli(&cfg, &["activate", SITE, "v2"]);
+    assert_ok(&out, "activate the current release");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("release v2 is already current") && !stdout.contains("current -> v2"),
+        "no switch claimed when none happened: {}",
+        show(&out)
+    );
+    let out = cli(&cfg, &["activate", SITE, "v1"]);
+    assert_ok(&out, "activate the previous release");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("current -> v1"),
+        "{}",
+        show(&out)
+    );
+}
+
+#[test]
 fn rollback_to_the_current_release_succeeds_without_switching() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
