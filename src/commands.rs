@@ -867,6 +867,16 @@ pub fn check_config(flag: Option<&Path>) -> Result<()> {
                     "hook user not found");
             }
         }
+        // The collector's directory comes with node_exporter, which may not be installed
+        // yet: a warning, as the service keeps working and writes the file once it exists.
+        if let Some(dir) = s.metrics_file.as_deref().and_then(Path::parent) {
+            if !dir.is_dir() {
+                tracing::warn!(event = crate::events::SITE_ERROR, site = %s.name, key = "metrics_file",
+                    reason = %format!("metrics_file: directory {} does not exist; the metrics file cannot be written",
+                        dir.display()),
+                    "metrics directory missing");
+            }
+        }
     }
     out(&format!(
         "{}: OK ({})",

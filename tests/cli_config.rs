@@ -332,6 +332,34 @@ fn check_config_warns_about_a_hook_user_that_does_not_exist() {
     );
 }
 
+/// A `metrics_file` in a directory that does not exist (node_exporter not installed yet,
+/// a typo) is never written: check-config warns, naming the site and the directory.
+#[test]
+fn check_config_warns_about_a_metrics_file_whose_directory_does_not_exist() {
+    let site = Site::new();
+    let missing = site.tmp_path("no-collector-dir");
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[sites.web]\nroot = \"{}\"\nmetrics_file = \"{}/rk.prom\"\n",
+            site.root.display(),
+            missing.display()
+        ),
+    );
+    let out = cli(&cfg, &["check-config", "--log-format", "json"]);
+    assert_ok(&out, "check-config with a missing metrics directory");
+    let warned: Vec<Value> = stderr_events(&out)
+        .into_iter()
+        .filter(|e| e["event"] == "site.error" && e["key"] == "metrics_file")
+        .collect();
+    assert_eq!(warned.len(), 1, "{}", show(&out));
+    assert!(
+        reason_of(&warned[0]).contains("no-collector-dir"),
+        "{}",
+        show(&out)
+    );
+}
+
 /// A site whose root does not exist yet keeps the `status --json` shape of every other
 /// site (monitoring reads `.failed`, `.pinned`), and the human output says the root is
 /// missing instead of looking like an empty, healthy site.
