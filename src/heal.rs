@@ -277,9 +277,15 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
 /// progress (it waits for files in flight without the operation lock), not uploads a
 /// crash interrupted. Only meaningful outside the service, which holds that lock itself.
 fn service_running(site: &Site) -> bool {
+    // Probed only when there is a claim to judge: the probe takes the lock for an instant
+    // when it is free.
+    let claimed = std::fs::read_dir(site.claims()).is_ok_and(|mut rd| {
+        rd.any(|e| e.is_ok_and(|e| !e.file_name().as_encoded_bytes().starts_with(b".")))
+    });
     // Opened without creating it: a dry run must not write, and no file means no service.
-    std::fs::File::open(site.service_lock())
-        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+    claimed
+        && std::fs::File::open(site.service_lock())
+            .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// `heal`, reusing the directory listings of earlier passes over the same site where the
