@@ -88,6 +88,9 @@ pub struct Waiting {
     manifest: Listed,
     /// Up to 10 of the names still in flight.
     pub paths: Vec<String>,
+    /// A shared lock on the claim while the upload waits: a healing pass a command runs
+    /// meanwhile must not report it as interrupted work.
+    _hold: Option<fsops::Hold>,
 }
 
 impl std::fmt::Debug for Waiting {
@@ -480,6 +483,7 @@ impl Wait<'_> {
                     deadline,
                     manifest,
                     paths,
+                    _hold: fsops::hold(self.claim),
                 }))
             }
         }

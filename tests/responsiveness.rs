@@ -325,3 +325,37 @@ fn finalize_sees_a_manifest_rewritten_while_it_waits() {
     assert_eq!(site.current_id().as_deref(), Some("v2"));
     svc.stop();
 }
+
+/// `heal` run while the service waits for an upload's files in flight saw the claim and
+/// reported it as a crash to repair (`heal.repaired`, "consumed marker whose release never
+/// completed"): a false alarm for monitoring and for the operator at the terminal.
+#[test]
+fn heal_during_the_wait_does_not_report_the_waiting_upload_as_interrupted() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join("late.bin.part"), b"partial").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("upload.waiting", "v2");
+
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_eq!(out.status.code(), Some(0), "heal: {}", show(&out));
+    let text = output_text(&out);
+    assert!(
+        !text.contains("never completed") && !text.contains("heal.repaired"),
+        "heal reported the upload the service waits for as interrupted: {}",
+        show(&out)
+    );
+    assert!(
+        text.contains("waiting for files still in flight"),
+        "heal says the upload waits: {}",
+        show(&out)
+    );
+
+    fs::remove_file(site.deploy_cache().join("late.bin.part")).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.release_ids(), ["v1", "v2"]);
+    svc.stop();
+}
