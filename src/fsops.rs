@@ -436,6 +436,39 @@ impl Lock {
     }
 }
 
+/// A shared `flock` on an existing file, held until dropped: the service holds one on the
+/// claim of an upload it waits for without the operation lock, so that a healing pass run
+/// meanwhile by a command tells that upload from one a crash interrupted.
+#[derive(Debug)]
+pub struct Hold {
+    _file: File,
+}
+
+/// Takes a shared lock on the existing file `path`, without waiting; `None` when it cannot
+/// (the file is gone, or someone holds it exclusively).
+pub fn hold(path: &Path) -> Option<Hold> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    file.try_lock_shared().ok()?;
+    Some(Hold { _file: file })
+}
+
+/// True when another open file holds a lock on `path` (see [`hold`]). False when the file
+/// cannot be opened: there is nothing to wait for then.
+pub fn held(path: &Path) -> bool {
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return false;
+    };
+    matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock))
+}
+
 /// Takes the exclusive lock on `path` (creating the file). `None` waits forever,
 /// `Some(d)` waits up to `d` (zero: do not wait). Returns `Ok(None)` when still busy.
 pub fn lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {

@@ -11,7 +11,8 @@
 //!   journal still has `<id>` live and `releases/<id>` is gone, the pruning is recorded.
 //! - `.release-keeper/claims/*`: a consumed marker whose release never completed (crash or
 //!   SIGTERM). Healing runs under the operation lock, when no upload is in progress, so every
-//!   claim it sees is interrupted work; the caller redoes it right after the pass.
+//!   claim it sees is interrupted work, except one the service holds (`fsops::hold`) while
+//!   it waits for the upload's files in flight; the caller redoes them right after the pass.
 //! - `deploy-cache/.rk-tmp.<time>-<pid>`: a marker hidden by a claim across filesystems
 //!   (`marker::claim_marker`) that stopped before its claim was written: the claim is
 //!   finished, so the upload is processed, not lost.
@@ -545,8 +546,13 @@ fn heal_pass(
                 ),
                 None,
             ),
-            marker::Pending::Resolved(_, claim) => {
+            marker::Pending::Resolved(path, claim) => {
                 redone.insert(claim.id.clone());
+                if fsops::held(path) {
+                    // The service waits, without the lock, for this upload's files in
+                    // flight: work in progress, not a crash to repair.
+                    continue;
+                }
                 (
                     format!(
                         "{} the upload of release {}",

@@ -83,10 +83,14 @@ pub struct Waiting {
     pub id: String,
     /// When its `upload_timeout` runs out, counted from the first look.
     deadline: Instant,
-    /// The manifest's entries when last read: files it lists are never in flight.
-    manifest: Option<Entries>,
+    /// The manifest's entries, read again whenever the file changes: files it lists are
+    /// never in flight.
+    manifest: Listed,
     /// Up to 10 of the names still in flight.
     pub paths: Vec<String>,
+    /// A shared lock on the claim while the upload waits: a healing pass a command runs
+    /// meanwhile must not report it as interrupted work.
+    _hold: Option<fsops::Hold>,
 }
 
 impl std::fmt::Debug for Waiting {
@@ -115,7 +119,7 @@ enum Step {
     /// Done with, one way or another.
     Done(Outcome),
     /// Its files are still in flight (yielding runs only); the claim stays.
-    Wait(Waiting),
+    Wait(Box<Waiting>),
 }
 
 fn run(
@@ -155,7 +159,7 @@ fn run(
                 Step::Wait(w) => {
                     return Ok(Run {
                         outcomes,
-                        waiting: Some(w),
+                        waiting: Some(*w),
                     })
                 }
             };
@@ -175,16 +179,58 @@ fn run(
 /// Waits, without any lock, until the files of `waiting` no longer look in flight, its
 /// deadline passes, or its claim is gone (a command processed it). What comes of it is
 /// decided by the next run, under the lock.
-pub fn wait_unlocked(site: &Site, waiting: &Waiting, cancel: &AtomicBool) -> Result<()> {
+pub fn wait_unlocked(site: &Site, waiting: &mut Waiting, cancel: &AtomicBool) -> Result<()> {
     loop {
         if Instant::now() >= waiting.deadline
             || std::fs::symlink_metadata(&waiting.claim).is_err()
-            || in_flight(site, waiting.manifest.as_ref())?.is_empty()
+            || in_flight(site, waiting.manifest.refresh(site))?.is_empty()
         {
             return Ok(());
         }
         sleep_unless_cancelled(POLL_IN_FLIGHT, cancel)?;
     }
+}
+
+/// The manifest's entries as an upload waits, read again whenever the file changes: an
+/// uploader may send a file under a name that looks in flight (`.env.abcdef`) and list it
+/// in a manifest that arrives later. Entries read once at the start of the wait kept such
+/// a file in flight until `upload_timeout`: the service waited that long for nothing, and
+/// a `finalize` rejected the upload.
+#[derive(Default)]
+struct Listed {
+    entries: Option<Entries>,
+    /// The stamp of the manifest file the entries were read from (`None`: no file).
+    stamp: Option<fsops::Stamp>,
+}
+
+impl Listed {
+    /// The entries read from the manifest file at `stamp`.
+    fn new(entries: Option<Entries>, stamp: Option<fsops::Stamp>) -> Listed {
+        Listed { entries, stamp }
+    }
+
+    /// The entries, read again first if the manifest file changed since. A manifest that
+    /// cannot be read (being rewritten in place, or bad) leaves the entries as they were:
+    /// the build reads it again and rejects a bad one with the reason.
+    fn refresh(&mut self, site: &Site) -> Option<&Entries> {
+        let now = manifest_stamp(site);
+        if now != self.stamp {
+            self.stamp = now;
+            if now.is_some() {
+                if let Ok(Some(m)) = read_manifest(site, "", false) {
+                    self.entries = Some(m.entries);
+                }
+            }
+        }
+        self.entries.as_ref()
+    }
+}
+
+/// The stamp of `deploy-cache/<manifest>`, `None` when there is none.
+fn manifest_stamp(site: &Site) -> Option<fsops::Stamp> {
+    std::fs::symlink_metadata(site.deploy_cache().join(&site.cfg.manifest))
+        .ok()
+        .map(|m| fsops::Stamp::of(&m))
 }
 
 /// How often files in flight are looked for again while an upload waits.
@@ -416,18 +462,18 @@ impl Wait<'_> {
         &self,
         site: &Site,
         id: &str,
-        manifest: Option<Entries>,
+        mut manifest: Listed,
         deadline: Instant,
     ) -> Result<Option<Waiting>> {
         // Logged by the run that first stopped at this claim.
         let logged = self.resumed.is_some();
         match self.patience {
             Patience::Hold => {
-                wait_for_uploads(site, id, manifest.as_ref(), deadline, logged, self.cancel)?;
+                wait_for_uploads(site, id, &mut manifest, deadline, logged, self.cancel)?;
                 Ok(None)
             }
             Patience::Yield => {
-                let paths = still_in_flight(site, id, manifest.as_ref(), deadline, logged)?;
+                let paths = still_in_flight(site, id, manifest.refresh(site), deadline, logged)?;
                 if paths.is_empty() {
                     return Ok(None);
                 }
@@ -437,6 +483,7 @@ impl Wait<'_> {
                     deadline,
                     manifest,
                     paths,
+                    _hold: fsops::hold(self.claim),
                 }))
             }
         }
@@ -479,8 +526,8 @@ fn process_claim(
         // The manifest is a file of the upload: still arriving under a temporary name
         // (rsync's `.SHA256SUMS.XXXXXX`, parallel sftp/WinSCP transfers), it is waited for
         // like any other file, not taken for a missing one.
-        if let Some(w) = wait.wait(site, id, None, deadline)? {
-            return Ok(Step::Wait(w));
+        if let Some(w) = wait.wait(site, id, Listed::default(), deadline)? {
+            return Ok(Step::Wait(Box::new(w)));
         }
     }
     let mut manifest = read_manifest(site, id, first_look)?;
@@ -522,9 +569,11 @@ fn process_claim(
                         clock::format_duration(site.cfg.upload_timeout)
                     )));
                 }
-                let listed = read_manifest(site, id, false)?.map(|m| m.entries);
+                // Stamped before it is read: a change in between is read again.
+                let stamp = manifest_stamp(site);
+                let listed = Listed::new(read_manifest(site, id, false)?.map(|m| m.entries), stamp);
                 if let Some(w) = wait.wait(site, id, listed, deadline)? {
-                    return Ok(Step::Wait(w));
+                    return Ok(Step::Wait(Box::new(w)));
                 }
                 manifest = read_manifest(site, id, false)?;
             }
@@ -701,13 +750,13 @@ fn read_manifest(site: &Site, id: &str, warn: bool) -> Result<Option<Expected>> 
 fn wait_for_uploads(
     site: &Site,
     id: &str,
-    manifest: Option<&Entries>,
+    manifest: &mut Listed,
     deadline: Instant,
     mut logged: bool,
     cancel: &AtomicBool,
 ) -> Result<()> {
     loop {
-        if still_in_flight(site, id, manifest, deadline, logged)?.is_empty() {
+        if still_in_flight(site, id, manifest.refresh(site), deadline, logged)?.is_empty() {
             return Ok(());
         }
         logged = true;

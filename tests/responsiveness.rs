@@ -260,3 +260,111 @@ fn a_claim_finalized_by_a_command_during_the_wait_is_not_processed_again() {
     assert_eq!(site.release_ids(), ["v1", "v2", "v3"]);
     svc.stop();
 }
+
+/// Rewrites the manifest of `deploy-cache/` so that it lists every file there, files
+/// named like temporary ones too (as `release-keeper manifest` does), by one rename.
+fn relist_everything(site: &Site) {
+    let dc = site.deploy_cache();
+    let out = sh(
+        &dc,
+        "find . -type f ! -name SHA256SUMS ! -name .release-ready ! -name .relisted -print0 | sort -z \
+         | xargs -0 -r sha256sum > .relisted && mv .relisted SHA256SUMS",
+    );
+    assert!(out.status.success(), "relisting: {out:?}");
+}
+
+/// A file of the build named like an rsync temporary (`.env.abcdef`) is in flight until
+/// the manifest lists it. Listed by a manifest rewritten while the service waits, it is a
+/// file of the upload: the service read the manifest once and waited the whole
+/// `upload_timeout` for nothing.
+#[test]
+fn a_file_listed_by_a_manifest_rewritten_during_the_wait_ends_the_wait() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join(".env.abcdef"), b"KEY=1\n").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("upload.waiting", "v2");
+
+    relist_everything(&site);
+    // WAIT is a third of upload_timeout: the manifest must end the wait, not the timeout.
+    svc.wait_release_event("release.activated", "v2");
+    assert!(svc.events_for("release.rejected", "v2").is_empty());
+    assert!(
+        site.release("v2").join(".env.abcdef").is_file(),
+        "the listed file is part of the release"
+    );
+    svc.stop();
+}
+
+/// The same for `finalize`, which waits for the files itself, holding the lock: with the
+/// manifest read once, it waited until `upload_timeout` and rejected the upload.
+#[test]
+fn finalize_sees_a_manifest_rewritten_while_it_waits() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"40s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join(".env.abcdef"), b"KEY=1\n").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("upload.waiting", "v2");
+
+    let started = Instant::now();
+    let finalize = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || cli(&cfg, &["finalize", SITE, "--wait=15s"]))
+    };
+    // The command holds the lock while it waits for the file.
+    wait_until(
+        WAIT,
+        || cli(&cfg, &["pin", SITE, "v1"]).status.code() == Some(75),
+        || "finalize to hold the operation lock".into(),
+    );
+    relist_everything(&site);
+    let out = finalize.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "finalize: {}", show(&out));
+    assert!(
+        started.elapsed() < WAIT,
+        "finalize took {:?}: it waited for a file the manifest lists",
+        started.elapsed()
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
+
+/// `heal` run while the service waits for an upload's files in flight saw the claim and
+/// reported it as a crash to repair (`heal.repaired`, "consumed marker whose release never
+/// completed"): a false alarm for monitoring and for the operator at the terminal.
+#[test]
+fn heal_during_the_wait_does_not_report_the_waiting_upload_as_interrupted() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join("late.bin.part"), b"partial").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_release_event("upload.waiting", "v2");
+
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_eq!(out.status.code(), Some(0), "heal: {}", show(&out));
+    let text = output_text(&out);
+    assert!(
+        !text.contains("never completed") && !text.contains("heal.repaired"),
+        "heal reported the upload the service waits for as interrupted: {}",
+        show(&out)
+    );
+    assert!(
+        text.contains("waiting for files still in flight"),
+        "heal says the upload waits: {}",
+        show(&out)
+    );
+
+    fs::remove_file(site.deploy_cache().join("late.bin.part")).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.release_ids(), ["v1", "v2"]);
+    svc.stop();
+}

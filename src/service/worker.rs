@@ -553,14 +553,14 @@ fn current_journal<'a>(kept: &'a mut Option<Journal>, site: &Site) -> Result<&'a
 fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) -> Result<()> {
     let mut job = job;
     loop {
-        let Some(waiting) = locked_round(site, cancel, job, kept)? else {
+        let Some(mut waiting) = locked_round(site, cancel, job, kept)? else {
             return Ok(());
         };
         // The lock is free while the upload's files are still in flight: a rollback must
         // not wait up to upload_timeout behind a stale temporary file. The next round runs
         // the claims again under the lock and so sees what commands did meanwhile.
         crate::service::set_status(site, "waiting for files in flight");
-        pipeline::wait_unlocked(site, &waiting, cancel)?;
+        pipeline::wait_unlocked(site, &mut waiting, cancel)?;
         kept.waiting = Some(waiting);
         job = Job::Rescan;
     }
