@@ -11,8 +11,9 @@
 //!   journal still has `<id>` live and `releases/<id>` is gone, the pruning is recorded.
 //! - `.release-keeper/claims/*`: a consumed marker whose release never completed (crash or
 //!   SIGTERM). Healing runs under the operation lock, when no upload is in progress, so every
-//!   claim it sees is interrupted work, except one the service holds (`fsops::hold`) while
-//!   it waits for the upload's files in flight; the caller redoes them right after the pass.
+//!   claim it sees is interrupted work, unless the service holds one (`fsops::hold`) while
+//!   it waits for the upload's files in flight: then they are all left to it. The caller
+//!   redoes them right after the pass.
 //! - `deploy-cache/.rk-tmp.<time>-<pid>`: a marker hidden by a claim across filesystems
 //!   (`marker::claim_marker`) that stopped before its claim was written: the claim is
 //!   finished, so the upload is processed, not lost.
@@ -274,19 +275,15 @@ pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome
     Ok(out)
 }
 
-/// Whether a service holds the site's lifetime lock. Its claims are then its own work in
-/// progress (it waits for files in flight without the operation lock), not uploads a
-/// crash interrupted. Only meaningful outside the service, which holds that lock itself.
+/// Whether the running service is waiting, without the operation lock, for the files in
+/// flight of an upload it claimed: it holds a shared lock on that claim (`fsops::hold`).
+/// Every claim is then its work in progress, not an upload a crash interrupted: a command
+/// holding the operation lock sees claims only while the service waits.
 fn service_running(site: &Site) -> bool {
-    // Probed only when there is a claim to judge: the probe takes the lock for an instant
-    // when it is free.
-    let claimed = std::fs::read_dir(site.claims()).is_ok_and(|mut rd| {
-        rd.any(|e| e.is_ok_and(|e| !e.file_name().as_encoded_bytes().starts_with(b".")))
-    });
-    // Opened without creating it: a dry run must not write, and no file means no service.
-    claimed
-        && std::fs::File::open(site.service_lock())
-            .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+    std::fs::read_dir(site.claims()).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok())
+            .any(|e| !e.file_name().as_encoded_bytes().starts_with(b".") && fsops::held(&e.path()))
+    })
 }
 
 /// `heal`, reusing the directory listings of earlier passes over the same site where the
@@ -546,13 +543,8 @@ fn heal_pass(
                 ),
                 None,
             ),
-            marker::Pending::Resolved(path, claim) => {
+            marker::Pending::Resolved(_, claim) => {
                 redone.insert(claim.id.clone());
-                if fsops::held(path) {
-                    // The service waits, without the lock, for this upload's files in
-                    // flight: work in progress, not a crash to repair.
-                    continue;
-                }
                 (
                     format!(
                         "{} the upload of release {}",

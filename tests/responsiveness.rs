@@ -358,8 +358,8 @@ fn heal_during_the_wait_does_not_report_the_waiting_upload_as_interrupted() {
         show(&out)
     );
     assert!(
-        text.contains("waiting for files still in flight"),
-        "heal says the upload waits: {}",
+        text.contains("upload v2 claimed by the running service, left to it"),
+        "heal says the upload is the service's: {}",
         show(&out)
     );
 

@@ -466,10 +466,7 @@ fn after(d: Duration) -> Instant {
 fn try_lifetime_lock(site: &Site) -> Result<Option<Lock>> {
     site.ensure_layout()?;
     heal::repair_locks(site, false)?;
-    // A short grace, not none: `heal` probes this lock (taking it for an instant when no
-    // service holds it) to tell a live service's uploads from a crash's, and a service
-    // starting at that instant must not take the probe for a second service.
-    fsops::lock(&site.service_lock(), Some(Duration::from_millis(300)))
+    fsops::lock(&site.service_lock(), Some(Duration::ZERO))
 }
 
 /// The error of a site whose lifetime lock another service holds.
