@@ -1162,15 +1162,6 @@ fn interrupting_activate_stops_its_running_hook() {
     assert_eq!(site.current_id().as_deref(), Some("brief"));
 }
 
-/// Journal records of the site, as JSON.
-fn journal_records(site: &Site) -> Vec<Value> {
-    fs::read_to_string(site.root.join(".release-keeper/journal"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("journal line {l}: {e}")))
-        .collect()
-}
-
 /// A config whose three hooks append `<phase> <RELEASE_ID> <PREVIOUS_RELEASE_ID>` to
 /// `<tmp>/hooks.log`; the health check fails while `<tmp>/fail-<RELEASE_ID>` exists.
 fn logging_hooks_config(site: &Site) -> (PathBuf, PathBuf) {
@@ -1256,7 +1247,7 @@ fn activate_of_a_staged_release_made_current_by_hand_runs_its_hooks_and_is_recor
         show(&out)
     );
     assert!(
-        journal_records(&site)
+        site.journal_records()
             .iter()
             .any(|r| r["op"] == "activated" && r["release"] == "v2" && r["previous"] == "v1"),
         "the activation is journaled"
@@ -1335,7 +1326,7 @@ fn rollback_to_a_release_made_current_by_hand_runs_its_checks_and_is_recorded() 
         show(&out)
     );
     assert!(
-        journal_records(&site)
+        site.journal_records()
             .iter()
             .any(|r| r["op"] == "rolled_back" && r["release"] == "v2" && r["to"] == "v1"),
         "the rollback is journaled"

@@ -81,11 +81,9 @@ fn upload_larger_than_free_space_is_deferred_then_finalized_when_space_returns()
         "no partial or release left behind: {:?}",
         site.releases_entries()
     );
-    let claims = fs::read_dir(site.root.join(".release-keeper/claims"))
-        .unwrap()
-        .count();
     assert_eq!(
-        claims, 1,
+        site.claim_count(),
+        1,
         "the upload must be kept for a retry, not dropped"
     );
 
@@ -150,11 +148,9 @@ fn releases_dir_refusing_writes_defers_the_upload_until_fixed() {
         "the message names the cause: {ev}"
     );
     assert_eq!(site.current_id().as_deref(), Some("v1"));
-    let claims = fs::read_dir(site.root.join(".release-keeper/claims"))
-        .unwrap()
-        .count();
     assert_eq!(
-        claims, 1,
+        site.claim_count(),
+        1,
         "the upload must be kept for a retry, not dropped"
     );
 

@@ -1343,15 +1343,6 @@ fn a_deleted_stored_manifest_is_reported() {
     );
 }
 
-/// Journal records of the site, as JSON.
-fn journal_records(site: &Site) -> Vec<Value> {
-    fs::read_to_string(site.root.join(".release-keeper/journal"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("journal line {l}: {e}")))
-        .collect()
-}
-
 /// Healing that points `current` at another release (the live one was deleted by hand)
 /// wrote no journal record: `status` showed a stale `last_event`, and the journal still
 /// took the deleted release for current. The switch is recorded like a rollback, and
@@ -1402,7 +1393,7 @@ fn healing_that_switches_current_records_it_and_runs_after_activate_once() {
         "healing is not logged as a rollback: {}",
         svc.log_text()
     );
-    let records = journal_records(&site);
+    let records = site.journal_records();
     let last = records.last().unwrap();
     assert_eq!(
         (&last["op"], &last["release"], &last["to"]),

@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -177,14 +178,8 @@ fn finalize_during_the_services_wait_takes_over_its_claim_and_makes_one_release(
     // The marker names no id: a second claim of the command's own would become a second,
     // identical release under another generated id.
     let site = Site::new();
-    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
-    deploy_and_activate(&site, &svc, "v1");
-
-    site.stage_upload(&as_refs(&small_build("v2")));
+    let (cfg, mut svc) = service_waiting_for(&site, "", "late.bin.part");
     let dc = site.deploy_cache();
-    fs::write(dc.join("late.bin.part"), b"partial").unwrap();
-    site.drop_marker("");
-    svc.wait_event("upload.waiting", |_| true, WAIT);
 
     let finalize = {
         let cfg = cfg.clone();
@@ -218,14 +213,8 @@ fn finalize_during_the_services_wait_takes_over_its_claim_and_makes_one_release(
 #[test]
 fn a_claim_finalized_by_a_command_during_the_wait_is_not_processed_again() {
     let site = Site::new();
-    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
-    deploy_and_activate(&site, &svc, "v1");
-
-    site.stage_upload(&as_refs(&small_build("v2")));
+    let (cfg, mut svc) = service_waiting_for(&site, "id = \"v2\"\n", "late.bin.filepart");
     let dc = site.deploy_cache();
-    fs::write(dc.join("late.bin.filepart"), b"partial").unwrap();
-    site.drop_marker("id = \"v2\"\n");
-    svc.wait_release_event("upload.waiting", "v2");
 
     let finalize = {
         let cfg = cfg.clone();
@@ -280,13 +269,7 @@ fn relist_everything(site: &Site) {
 #[test]
 fn a_file_listed_by_a_manifest_rewritten_during_the_wait_ends_the_wait() {
     let site = Site::new();
-    let (_cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
-    deploy_and_activate(&site, &svc, "v1");
-
-    site.stage_upload(&as_refs(&small_build("v2")));
-    fs::write(site.deploy_cache().join(".env.abcdef"), b"KEY=1\n").unwrap();
-    site.drop_marker("id = \"v2\"\n");
-    svc.wait_release_event("upload.waiting", "v2");
+    let (_cfg, mut svc) = service_waiting_for(&site, "id = \"v2\"\n", ".env.abcdef");
 
     relist_everything(&site);
     // WAIT is a third of upload_timeout: the manifest must end the wait, not the timeout.
@@ -341,13 +324,7 @@ fn finalize_sees_a_manifest_rewritten_while_it_waits() {
 #[test]
 fn heal_during_the_wait_does_not_report_the_waiting_upload_as_interrupted() {
     let site = Site::new();
-    let (cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"60s\"", "");
-    deploy_and_activate(&site, &svc, "v1");
-
-    site.stage_upload(&as_refs(&small_build("v2")));
-    fs::write(site.deploy_cache().join("late.bin.part"), b"partial").unwrap();
-    site.drop_marker("id = \"v2\"\n");
-    svc.wait_release_event("upload.waiting", "v2");
+    let (cfg, mut svc) = service_waiting_for(&site, "id = \"v2\"\n", "late.bin.part");
 
     let out = cli(&cfg, &["heal", SITE]);
     assert_eq!(out.status.code(), Some(0), "heal: {}", show(&out));
@@ -367,4 +344,16 @@ fn heal_during_the_wait_does_not_report_the_waiting_upload_as_interrupted() {
     svc.wait_release_event("release.activated", "v2");
     assert_eq!(site.release_ids(), ["v1", "v2"]);
     svc.stop();
+}
+
+/// A service with v1 live and the upload of v2 (marker `marker`) waiting for the file
+/// `in_flight`, still in flight.
+fn service_waiting_for(site: &Site, marker: &str, in_flight: &str) -> (PathBuf, Service) {
+    let (cfg, svc) = start_site(site, SITE, "upload_timeout = \"60s\"", "");
+    deploy_and_activate(site, &svc, "v1");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join(in_flight), b"partial").unwrap();
+    site.drop_marker(marker);
+    svc.wait_event("upload.waiting", |_| true, WAIT);
+    (cfg, svc)
 }

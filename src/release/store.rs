@@ -775,6 +775,18 @@ mod tests {
         }
     }
 
+    /// A rollback from `from` to `to`, as record `seq`.
+    fn rolled(seq: u64, from: &str, to: &str) -> Record {
+        rec(
+            seq,
+            Op::RolledBack {
+                release: from.into(),
+                to: to.into(),
+                reason: "rollback requested".into(),
+            },
+        )
+    }
+
     fn act(id: &str, prev: Option<&str>) -> Op {
         Op::Activated {
             release: id.into(),
@@ -819,16 +831,6 @@ mod tests {
 
     #[test]
     fn repeated_rollbacks_step_back_then_keep_a_previous() {
-        let rolled = |seq, from: &str, to: &str| {
-            rec(
-                seq,
-                Op::RolledBack {
-                    release: from.into(),
-                    to: to.into(),
-                    reason: "rollback requested".into(),
-                },
-            )
-        };
         let mut recs = vec![
             rec(1, fin("a")),
             rec(2, act("a", None)),
@@ -854,16 +856,6 @@ mod tests {
 
     #[test]
     fn a_release_a_failed_rollback_returned_to_is_the_next_previous() {
-        let rolled = |seq, from: &str, to: &str| {
-            rec(
-                seq,
-                Op::RolledBack {
-                    release: from.into(),
-                    to: to.into(),
-                    reason: "r".into(),
-                },
-            )
-        };
         let recs = vec![
             rec(1, fin("z")),
             rec(2, act("z", None)),

@@ -153,6 +153,20 @@ impl Site {
         Some(id.to_string())
     }
 
+    /// The site's journal records, as JSON.
+    pub fn journal_records(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.root.join(".release-keeper/journal"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("journal line {l}: {e}")))
+            .collect()
+    }
+
+    /// Entries of `.release-keeper/claims/`: uploads claimed and not yet done with.
+    pub fn claim_count(&self) -> usize {
+        fs::read_dir(self.root.join(".release-keeper/claims")).map_or(0, |d| d.count())
+    }
+
     /// Visible entries (release ids) of `releases/`, sorted.
     pub fn release_ids(&self) -> Vec<String> {
         self.releases_entries()
