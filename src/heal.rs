@@ -663,7 +663,10 @@ fn heal_shared(
     let verb = |done: &str, todo: &str| if dry_run { todo } else { done }.to_string();
     for entry in site.cfg.shared.iter().filter(|_| linked) {
         let p = site.shared().join(entry);
-        if fs::symlink_metadata(&p).is_err() && site.is_shared_file(entry) {
+        if fs::symlink_metadata(&p).is_ok() {
+            continue;
+        }
+        if site.is_shared_file(entry) {
             // Recreating `.env` empty (or as a directory) would start the app with the
             // wrong settings; only a person can restore it.
             out.report(
@@ -675,17 +678,15 @@ fn heal_shared(
             );
             continue;
         }
-        if fs::symlink_metadata(&p).is_err() {
-            if !dry_run {
-                fsops::ensure_dir(&p, 0o755)?;
-            }
-            repair(
-                format!("{} {}", verb("created", "create"), p.display()),
-                "configured shared entry missing",
-                None,
-                out,
-            );
+        if !dry_run {
+            fsops::ensure_dir(&p, 0o755)?;
         }
+        repair(
+            format!("{} {}", verb("created", "create"), p.display()),
+            "configured shared entry missing",
+            None,
+            out,
+        );
     }
     Ok(())
 }
@@ -819,7 +820,7 @@ fn heal_current(
     let (why, meta) = match fs::read_link(&current) {
         Ok(target) => {
             named = site::release_id_of_target(&target, site.root());
-            let problem = match site::release_id_of_target(&target, site.root()) {
+            let problem = match named.clone() {
                 None => Some("current points outside releases/"),
                 Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
                 Some(id) if target != Site::current_target_for(&id) => {
@@ -836,7 +837,7 @@ fn heal_current(
             let Some(problem) = problem else {
                 // Made current by hand (`ln -sfn`): a person's
                 // choice, kept, but said, since healing and rollbacks never choose it.
-                let failed = site::release_id_of_target(&target, site.root())
+                let failed = named
                     .and_then(|id| journal.state().get(&id).cloned())
                     .and_then(|r| r.failed.map(|(reason, _)| (r.id, reason)));
                 if let Some((id, reason)) = failed {
