@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::events;
 use crate::fsops;
 use crate::hooks::{self, HookEnv, HookFailure};
-use crate::release::store::{Journal, Op};
+use crate::release::store::{Journal, Op, State};
 use crate::site::Site;
 
 /// Options of an activation.
@@ -177,24 +177,8 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
             )));
         }
     }
-    let link = site.current_id();
-    let by_hand = link.as_deref() == Some(id);
-    if by_hand && state.is_settled_current(id) {
-        ensure_links(site);
-        tracing::info!(
-            event = crate::events::RELEASE_ALREADY_CURRENT,
-            site = site.name(),
-            release = id,
-            "release is already current"
-        );
+    let Switch::From(previous) = switch_to(site, state, site.current_id(), id) else {
         return Ok(false);
-    }
-    // `current` pointed at `id` by hand (a staged release made live with `ln -sfn`): the
-    // activation still runs its hooks and checks and is recorded; only the swap is a no-op.
-    let previous = if by_hand {
-        state.switched_from(id, |r| site.release(r).is_dir())
-    } else {
-        link
     };
     current_replaceable(site)?;
     let started = Instant::now();
@@ -213,7 +197,7 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
         release: id.to_string(),
         previous: previous.clone(),
     })?;
-    if let Err(e) = fsops::swap_symlink(&site.current(), &Site::current_target_for(id)) {
+    if let Err(e) = swap_current(site, id) {
         // Nothing switched: close the trial now, or the next healing pass would take it
         // for a crash in the middle of an activation.
         journal.append(Op::RolledBack {
@@ -223,9 +207,37 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
         })?;
         return Err(e);
     }
-    ensure_links(site);
-    warn_dangling_links(site);
     trial(site, journal, id, previous.as_deref(), started).map(|()| true)
+}
+
+/// Where a switch of `current` to `id` starts.
+enum Switch {
+    /// `id` is current by the keeper's own last switch: nothing to do.
+    AlreadyCurrent,
+    /// The release being left, if any.
+    From(Option<String>),
+}
+
+/// Where switching `current` (now naming `link`) to `id` starts, for `activate` and
+/// `rollback`. `AlreadyCurrent` (logged, links made sure of) only when the keeper's own
+/// last switch put `id` there. When `current` was pointed at `id` by hand (a staged
+/// release made live with `ln -sfn`), the switch still runs its hooks and checks and is
+/// recorded, leaving the release the keeper last made current; only the swap is a no-op.
+fn switch_to(site: &Site, state: &State, link: Option<String>, id: &str) -> Switch {
+    if link.as_deref() != Some(id) {
+        return Switch::From(link);
+    }
+    if state.is_settled_current(id) {
+        ensure_links(site);
+        tracing::info!(
+            event = crate::events::RELEASE_ALREADY_CURRENT,
+            site = site.name(),
+            release = id,
+            "release is already current"
+        );
+        return Switch::AlreadyCurrent;
+    }
+    Switch::From(state.switched_from(id, |r| site.release(r).is_dir()))
 }
 
 /// Refuses a switch while `current` is a real file or directory rather than a symlink:
@@ -497,29 +509,14 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
             "release {target} is missing on disk"
         )));
     }
-    let by_hand = link.as_deref() == Some(target.as_str());
-    if by_hand && state.is_settled_current(&target) {
-        // Only `--to` can name current. Like `activate` of the current release, the wanted
-        // state holds already: a script making sure a release is live must not see a
-        // failure for it.
-        ensure_links(site);
-        tracing::info!(
-            event = crate::events::RELEASE_ALREADY_CURRENT,
-            site = site.name(),
-            release = %target,
-            "release is already current"
-        );
+    // Only `--to` can name current. Like `activate` of the current release, the wanted
+    // state holds already: a script making sure a release is live must not see a failure
+    // for it.
+    let Switch::From(current) = switch_to(site, state, link, &target) else {
         return Ok(Rollback {
             to: target,
             switched: false,
         });
-    }
-    // Pointed at `target` by hand (`ln -sfn`): as in `activate`, the rollback still runs
-    // its checks and is recorded, leaving the release the keeper last made current.
-    let current = if by_hand {
-        state.switched_from(&target, |r| site.release(r).is_dir())
-    } else {
-        link
     };
     current_replaceable(site)?;
     let started = Instant::now();
