@@ -447,11 +447,7 @@ pub struct Hold {
 /// Takes a shared lock on the existing file `path`, without waiting; `None` when it cannot
 /// (the file is gone, or someone holds it exclusively).
 pub fn hold(path: &Path) -> Option<Hold> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .ok()?;
+    let file = open_nofollow(path).ok()?;
     file.try_lock_shared().ok()?;
     Some(Hold { _file: file })
 }
@@ -459,11 +455,7 @@ pub fn hold(path: &Path) -> Option<Hold> {
 /// True when another open file holds a lock on `path` (see [`hold`]). False when the file
 /// cannot be opened: there is nothing to wait for then.
 pub fn held(path: &Path) -> bool {
-    let Ok(file) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-    else {
+    let Ok(file) = open_nofollow(path) else {
         return false;
     };
     matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock))
@@ -737,21 +729,26 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
+/// Opens `path` for reading without following a symlink there, and without blocking on a
+/// fifo.
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Opens a file an uploader controls for reading, refusing symlinks (O_NOFOLLOW), anything
 /// but a regular file (a fifo would block: O_NONBLOCK) and files over `limit` bytes. The
 /// rejection reasons do not name the path: callers name the file as users know it.
 pub fn open_small_nofollow(path: &Path, limit: u64) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => Error::Rejected("is a symlink".into()),
-            _ => Error::Io {
-                path: path.to_path_buf(),
-                source: e,
-            },
-        })?;
+    let f = open_nofollow(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => Error::Rejected("is a symlink".into()),
+        _ => Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
     let meta = f.metadata().at(path)?;
     if !meta.is_file() {
         return Err(Error::Rejected(format!(
