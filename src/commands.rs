@@ -78,6 +78,12 @@ pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     act_as_site_owner(site)?;
     site.ensure_layout()?;
     heal::repair_locks(site, false)?;
+    take_op_lock(site, wait)
+}
+
+/// The operation lock on a layout that has it, within `--wait`; `Error::Busy` (exit 75)
+/// when it stays taken.
+fn take_op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     let limit = wait_limit(wait)?;
     fsops::lock(&site.op_lock(), limit)?.ok_or_else(|| Error::Busy {
         site: site.name().to_string(),
@@ -102,15 +108,7 @@ fn dry_run_lock(site: &Site, wait: &Option<String>) -> Result<Option<Lock>> {
     if foreign {
         return Ok(None);
     }
-    let limit = wait_limit(wait)?;
-    match fsops::lock(&site.op_lock(), limit)? {
-        Some(lock) => Ok(Some(lock)),
-        None => Err(Error::Busy {
-            site: site.name().to_string(),
-            lock: site.op_lock(),
-            waited: wait.clone(),
-        }),
-    }
+    take_op_lock(site, wait).map(Some)
 }
 
 /// The operation lock, or for a dry run the lock of `dry_run_lock`.
