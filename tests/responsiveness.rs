@@ -6,7 +6,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -170,26 +171,16 @@ fn commands_run_while_an_upload_waits_for_files_in_flight() {
     svc.stop();
 }
 
-/// While the service waits for an upload's files without the lock, `finalize` may take
-/// the lock and process that very claim (waiting for the files itself): the service then
-/// finds the claim gone and neither builds the release again nor loses track of it.
+/// `finalize` run while the service waits takes over the service's claim: with a marker
+/// that names no id, a claim of the command's own made a second, identical release under
+/// another generated id.
 #[test]
 fn finalize_during_the_services_wait_takes_over_its_claim_and_makes_one_release() {
-    // The marker names no id: a second claim of the command's own would become a second,
-    // identical release under another generated id.
     let site = Site::new();
     let (cfg, mut svc) = service_waiting_for(&site, "", "late.bin.part");
     let dc = site.deploy_cache();
 
-    let finalize = {
-        let cfg = cfg.clone();
-        std::thread::spawn(move || cli(&cfg, &["finalize", SITE, "--wait=15s"]))
-    };
-    wait_until(
-        WAIT,
-        || cli(&cfg, &["pin", SITE, "v1"]).status.code() == Some(75),
-        || "finalize to hold the operation lock".into(),
-    );
+    let finalize = finalize_holding_the_lock(&cfg, &[]);
     fs::remove_file(dc.join("late.bin.part")).unwrap();
     let out = finalize.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "finalize: {}", show(&out));
@@ -210,26 +201,17 @@ fn finalize_during_the_services_wait_takes_over_its_claim_and_makes_one_release(
     svc.stop();
 }
 
+/// While the service waits for an upload's files without the lock, `finalize` may take
+/// the lock and process that very claim (waiting for the files itself): the service then
+/// finds the claim gone and neither builds the release again nor loses track of it.
 #[test]
 fn a_claim_finalized_by_a_command_during_the_wait_is_not_processed_again() {
     let site = Site::new();
     let (cfg, mut svc) = service_waiting_for(&site, "id = \"v2\"\n", "late.bin.filepart");
     let dc = site.deploy_cache();
 
-    let finalize = {
-        let cfg = cfg.clone();
-        // --wait: the probes below take the lock for a moment too.
-        std::thread::spawn(move || cli(&cfg, &["finalize", SITE, "--id", "v2", "--wait=15s"]))
-    };
     // The command holds the lock while it waits for the file; then it completes.
-    wait_until(
-        WAIT,
-        || {
-            let out = cli(&cfg, &["pin", SITE, "v1"]);
-            out.status.code() == Some(75)
-        },
-        || "finalize to hold the operation lock".into(),
-    );
+    let finalize = finalize_holding_the_lock(&cfg, &["--id", "v2"]);
     fs::remove_file(dc.join("late.bin.filepart")).unwrap();
     let out = finalize.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "finalize: {}", show(&out));
@@ -356,4 +338,23 @@ fn service_waiting_for(site: &Site, marker: &str, in_flight: &str) -> (PathBuf, 
     site.drop_marker(marker);
     svc.wait_event("upload.waiting", |_| true, WAIT);
     (cfg, svc)
+}
+
+/// Starts `finalize SITE ARGS` in a thread and returns once it holds the operation lock
+/// (a `pin` of v1 is busy), as it does while it waits for files in flight.
+fn finalize_holding_the_lock(cfg: &Path, args: &[&str]) -> std::thread::JoinHandle<Output> {
+    let finalize = {
+        let cfg = cfg.to_path_buf();
+        let mut argv: Vec<String> = vec!["finalize".into(), SITE.into()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        // --wait: the probes below take the lock for a moment too.
+        argv.push("--wait=15s".into());
+        std::thread::spawn(move || cli(&cfg, &argv.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    wait_until(
+        WAIT,
+        || cli(cfg, &["pin", SITE, "v1"]).status.code() == Some(75),
+        || "finalize to hold the operation lock".into(),
+    );
+    finalize
 }
