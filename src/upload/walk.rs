@@ -4,6 +4,7 @@
 //! uploader who swaps a directory for a symlink between our check and our use gets an
 //! error, never a read outside the site.
 
+use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -16,6 +17,7 @@ use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 
 use crate::error::{Error, IoContext, Result};
+use crate::upload::lookahead::{self, ListError, Lookahead, Slot};
 
 /// What an entry is.
 #[derive(Debug)]
@@ -111,7 +113,21 @@ pub fn walk(
     visit: &mut dyn FnMut(Found) -> Result<bool>,
 ) -> Result<()> {
     let fd = Arc::new(open_root(root)?);
-    walk_dir(root, fd, PathBuf::new(), 0, skip_top, visit)
+    let names = list(&fd, root, 0, skip_top)?;
+    let ahead = Lookahead::new(|fd, here| list(fd, here, 1, &[]));
+    std::thread::scope(|s| {
+        for _ in 0..lookahead::HELPERS {
+            s.spawn(|| ahead.help());
+        }
+        let walked = Walk {
+            root,
+            ahead: &ahead,
+            visit,
+        }
+        .dir(fd, PathBuf::new(), 0, names);
+        ahead.finish();
+        walked
+    })
 }
 
 /// A directory entry's name and, when `getdents` tells it, its type.
@@ -135,34 +151,96 @@ fn list(fd: &OwnedFd, here: &Path, depth: usize, skip_top: &[&OsStr]) -> Result<
     Ok(names)
 }
 
-fn walk_dir(
-    root: &Path,
-    fd: Arc<OwnedFd>,
-    rel: PathBuf,
-    depth: usize,
-    skip_top: &[&OsStr],
-    visit: &mut dyn FnMut(Found) -> Result<bool>,
-) -> Result<()> {
-    for (name, kind) in list(&fd, &root.join(&rel), depth, skip_top)? {
-        let child_rel = rel.join(&name);
+/// One walk: its root, the helpers listing directories ahead of it, and the visitor.
+struct Walk<'a, 'v> {
+    root: &'a Path,
+    ahead: &'a Lookahead<Vec<Listed>>,
+    visit: &'a mut (dyn FnMut(Found) -> Result<bool> + 'v),
+}
+
+impl Walk<'_, '_> {
+    /// Visits `names`, the entries of the directory open at `fd` (`rel` below the root),
+    /// and the subtrees of its directories.
+    fn dir(
+        &mut self,
+        fd: Arc<OwnedFd>,
+        rel: PathBuf,
+        depth: usize,
+        names: Vec<Listed>,
+    ) -> Result<()> {
+        // The entries the listing says are directories are listed ahead, in order, at most
+        // `WINDOW` at a time: each one the walk reaches makes room for the next.
+        let mut dirs = names
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, kind))| *kind == Some(nix::dir::Type::Directory))
+            .map(|(i, _)| i);
+        let mut window: VecDeque<(usize, Arc<Slot<Vec<Listed>>>)> = VecDeque::new();
+        let result = (|| {
+            for (i, (name, kind)) in names.iter().enumerate() {
+                while window.len() < lookahead::WINDOW {
+                    let Some(j) = dirs.next() else { break };
+                    let name = &names[j].0;
+                    let path = self.root.join(&rel).join(name);
+                    window.push_back((j, self.ahead.ahead(&fd, name.clone(), path)));
+                }
+                let slot = match window.front() {
+                    Some((j, _)) if *j == i => window.pop_front().map(|(_, s)| s),
+                    _ => None,
+                };
+                self.entry(&fd, &rel, depth, name, *kind, slot)?;
+            }
+            Ok(())
+        })();
+        for (_, slot) in &window {
+            self.ahead.cancel(slot);
+        }
+        result
+    }
+
+    /// Visits one entry, and its subtree when it is a directory to descend into; `slot`
+    /// is its listing made ahead, if it has one.
+    fn entry(
+        &mut self,
+        fd: &Arc<OwnedFd>,
+        rel: &Path,
+        depth: usize,
+        name: &OsStr,
+        kind: Option<nix::dir::Type>,
+        slot: Option<Arc<Slot<Vec<Listed>>>>,
+    ) -> Result<()> {
+        let child_rel = rel.join(name);
         if kind == Some(nix::dir::Type::File) {
-            visit(Found {
+            return (self.visit)(Found {
                 rel: child_rel,
                 depth,
-                dir: Arc::clone(&fd),
+                dir: Arc::clone(fd),
                 stat: None,
                 node: Node::File,
-            })?;
-            continue;
+            })
+            .map(drop);
         }
-        let stat = stat_at(&fd, &child_rel)?;
+        // Given up unless the walk enters it below.
+        let cancel = |ahead: &Lookahead<Vec<Listed>>, slot: &Option<Arc<Slot<_>>>| {
+            if let Some(s) = slot {
+                ahead.cancel(s);
+            }
+        };
+        let stat = match stat_at(fd, &child_rel) {
+            Ok(s) => s,
+            Err(e) => {
+                cancel(self.ahead, &slot);
+                return Err(e);
+            }
+        };
         let mode = stat.st_mode;
         let node = if is_dir(mode) {
             Node::Dir
         } else if is_file(mode) {
             Node::File
         } else if is_symlink(mode) {
-            let target = readlinkat(fd.as_ref(), name.as_os_str()).at(&root.join(&child_rel))?;
+            cancel(self.ahead, &slot);
+            let target = readlinkat(fd.as_ref(), name).at(&self.root.join(&child_rel))?;
             Node::Symlink(target)
         } else {
             Node::Special(kind_name(mode))
@@ -171,26 +249,42 @@ fn walk_dir(
         let found = Found {
             rel: child_rel,
             depth,
-            dir: Arc::clone(&fd),
+            dir: Arc::clone(fd),
             stat: Some(stat),
             node,
         };
-        if !visit(found)? {
-            continue;
+        let descend = (self.visit)(found);
+        let Some(sub_rel) = sub_rel.filter(|_| matches!(descend, Ok(true))) else {
+            cancel(self.ahead, &slot);
+            return descend.map(drop);
+        };
+        if depth >= MAX_DEPTH {
+            cancel(self.ahead, &slot);
+            let top: PathBuf = sub_rel.iter().take(3).collect();
+            return Err(Error::Rejected(format!(
+                "{}/... nests directories more than {MAX_DEPTH} levels deep",
+                top.display()
+            )));
         }
-        if let Some(sub_rel) = sub_rel {
-            if depth >= MAX_DEPTH {
-                let top: PathBuf = sub_rel.iter().take(3).collect();
-                return Err(Error::Rejected(format!(
-                    "{}/... nests directories more than {MAX_DEPTH} levels deep",
-                    top.display()
-                )));
+        let listing = match slot {
+            Some(s) => self.ahead.take(&s),
+            None => {
+                let here = self.root.join(&sub_rel);
+                open_dir_at(fd, name)
+                    .map_err(ListError::Open)
+                    .and_then(|sub| {
+                        list(&sub, &here, depth + 1, &[])
+                            .map(|names| (sub, names))
+                            .map_err(ListError::Read)
+                    })
             }
-            let sub = open_dir_at(&fd, name.as_os_str()).map_err(|e| swapped(e, &sub_rel))?;
-            walk_dir(root, Arc::new(sub), sub_rel, depth + 1, skip_top, visit)?;
-        }
+        };
+        let (sub, names) = listing.map_err(|e| match e {
+            ListError::Open(errno) => swapped(errno, &sub_rel),
+            ListError::Read(e) => e,
+        })?;
+        self.dir(Arc::new(sub), sub_rel, depth + 1, names)
     }
-    Ok(())
 }
 
 /// Status of the entry `rel` of the open directory `dir`, not followed.
@@ -292,5 +386,125 @@ fn swapped(e: nix::errno::Errno, rel: &Path) -> Error {
             path: rel.to_path_buf(),
             source: std::io::Error::from(other),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// A tree with more subdirectories per directory than the lookahead window, at three
+    /// levels, with files, symlinks and empty directories among them.
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        for a in 0..(lookahead::WINDOW * 2 + 3) {
+            for b in 0..3 {
+                let d = t.path().join(format!("d{a:02}/e{b}"));
+                fs::create_dir_all(d.join("empty")).unwrap();
+                fs::write(d.join("f.txt"), format!("{a}/{b}")).unwrap();
+                fs::write(t.path().join(format!("d{a:02}/top{b}.js")), "x").unwrap();
+            }
+            std::os::unix::fs::symlink("e0/f.txt", t.path().join(format!("d{a:02}/link"))).unwrap();
+        }
+        fs::write(t.path().join("SHA256SUMS"), "").unwrap();
+        t
+    }
+
+    /// The same walk made the plain way: sorted names, depth-first, `/` for directories.
+    fn reference(root: &Path, rel: &Path, out: &mut Vec<String>) {
+        let mut names: Vec<_> = fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let r = rel.join(&n);
+            let meta = fs::symlink_metadata(root.join(&r)).unwrap();
+            if meta.is_dir() {
+                out.push(format!("{}/", r.display()));
+                reference(root, &r, out);
+            } else {
+                out.push(r.display().to_string());
+            }
+        }
+    }
+
+    fn walked(root: &Path, descend: impl Fn(&Path) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        walk(root, &[], &mut |f: Found| {
+            let is_dir = matches!(f.node, Node::Dir);
+            seen.push(if is_dir {
+                format!("{}/", f.rel.display())
+            } else {
+                f.rel.display().to_string()
+            });
+            Ok(is_dir && descend(&f.rel))
+        })
+        .unwrap();
+        seen
+    }
+
+    #[test]
+    fn listings_made_ahead_keep_the_walk_order_and_miss_nothing() {
+        let t = tree();
+        let mut want = Vec::new();
+        reference(t.path(), Path::new(""), &mut want);
+        // Several times: which thread lists which directory varies from run to run.
+        for _ in 0..20 {
+            assert_eq!(walked(t.path(), |_| true), want);
+        }
+    }
+
+    #[test]
+    fn directories_the_visitor_skips_are_not_entered() {
+        let t = tree();
+        let seen = walked(t.path(), |rel| {
+            !rel.starts_with("d03") && rel != Path::new("d07/e1")
+        });
+        assert!(seen.contains(&"d03/".to_string()));
+        let under = |dir: &str| seen.iter().any(|p| p.starts_with(dir) && p != dir);
+        assert!(!under("d03/"), "{seen:?}");
+        assert!(seen.contains(&"d07/e1/".to_string()));
+        assert!(!under("d07/e1/"), "{seen:?}");
+        assert!(seen.contains(&"d07/e2/f.txt".to_string()));
+    }
+
+    #[test]
+    fn an_error_midway_stops_the_walk_and_its_helpers() {
+        let t = tree();
+        let mut n = 0;
+        let r = walk(t.path(), &[], &mut |f: Found| {
+            n += 1;
+            if f.rel == Path::new("d05/e1") {
+                return Err(Error::Rejected("stop here".into()));
+            }
+            Ok(matches!(f.node, Node::Dir))
+        });
+        assert!(matches!(r, Err(Error::Rejected(m)) if m == "stop here"));
+        assert!(n > 5);
+    }
+
+    #[test]
+    fn a_directory_gone_before_it_is_listed_is_a_change_of_the_upload() {
+        let t = tree();
+        let fd = Arc::new(open_root(t.path()).unwrap());
+        let ahead = Lookahead::new(|fd, here| list(fd, here, 1, &[]));
+        // No helpers: `take` lists it itself.
+        let slot = ahead.ahead(&fd, "d01".into(), t.path().join("d01"));
+        let (_, names) = ahead.take(&slot).unwrap();
+        assert_eq!(names.len(), 7, "{names:?}");
+        let gone = ahead.ahead(&fd, "nope".into(), t.path().join("nope"));
+        match ahead.take(&gone) {
+            Err(ListError::Open(e)) => {
+                assert!(matches!(swapped(e, Path::new("nope")), Error::Changed(_)))
+            }
+            other => panic!("{:?}", other.map(|(_, n)| n)),
+        }
+        // Given up: never listed, by anyone.
+        let skipped = ahead.ahead(&fd, "d02".into(), t.path().join("d02"));
+        ahead.cancel(&skipped);
+        assert!(matches!(ahead.take(&skipped), Err(ListError::Read(_))));
+        ahead.finish();
     }
 }
