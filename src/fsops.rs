@@ -22,8 +22,9 @@
 //! 1. claim: the marker is renamed into `.release-keeper/claims/`, both directories
 //!    fsynced [claim present: the upload is redone];
 //! 2. the claim is resolved to an id (`write_atomic`) [same];
-//! 3. `releases/.partial.<id>` is built, made read-only, flushed (`syncfs`, or for a
-//!    small upload an fsync per copied file and per directory); its full manifest is
+//! 3. `releases/.partial.<id>` is built, made read-only, flushed (`syncfs`, or, for a
+//!    small upload while much else awaits writeback, an fsync per copied file and per
+//!    directory); its full manifest is
 //!    written meanwhile to a temporary name beside its final one (`AtomicWriter`)
 //!    [leftover partial or temporary manifest: removed by healing, claim redone];
 //! 4. the release's full manifest is put in place (fsync, rename, fsync of the directory);
@@ -93,6 +94,23 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 pub fn syncfs(path: &Path) -> Result<()> {
     let f = File::open(path).at(path)?;
     nix::unistd::syncfs(&f).at(path)
+}
+
+/// Bytes the whole system has yet to write back (`Dirty` and `Writeback` in
+/// `/proc/meminfo`): what a [`syncfs`] may wait for besides the caller's own writes (an
+/// over-estimate: other filesystems count too).
+pub fn unwritten_bytes() -> Option<u64> {
+    parse_unwritten(&fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_unwritten(meminfo: &str) -> Option<u64> {
+    let kib = |key: &str| {
+        meminfo.lines().find_map(|l| {
+            let value = l.strip_prefix(key)?.strip_prefix(':')?;
+            value.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+    };
+    Some((kib("Dirty")? + kib("Writeback")?) * 1024)
 }
 
 /// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, fsync dir).
@@ -802,6 +820,17 @@ pub fn path_from_bytes(b: Vec<u8>) -> PathBuf {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn unwritten_bytes_are_dirty_plus_writeback() {
+        let meminfo = "MemTotal:       24000000 kB\nDirty:              1200 kB\n\
+                       Writeback:            34 kB\nWritebackTmp:          9 kB\n";
+        assert_eq!(parse_unwritten(meminfo), Some((1200 + 34) * 1024));
+        assert_eq!(parse_unwritten("Dirty: 5 kB\n"), None);
+        assert_eq!(parse_unwritten("Dirty: x kB\nWriteback: 0 kB\n"), None);
+        // This machine's own file reads the same way.
+        assert!(unwritten_bytes().is_some());
+    }
 
     #[test]
     fn swap_symlink_replaces_without_gap() {

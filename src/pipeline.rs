@@ -559,7 +559,7 @@ fn process_claim(
             id,
             link_from: link_from.as_ref(),
             cancel,
-            durability: finalize::Durability::for_upload(files),
+            durability: finalize::Durability::for_upload(files, fsops::unwritten_bytes()),
         };
         match finalize::build(&input, manifest) {
             Err(Error::InFlight(name)) => {

@@ -73,6 +73,14 @@ pub struct Lookahead<L> {
     list: fn(&OwnedFd, &std::path::Path) -> crate::error::Result<L>,
 }
 
+/// Blocks this thread has read from disk so far (`ru_inblock`), if the kernel says.
+pub fn thread_block_reads() -> Option<i64> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_THREAD)
+        .ok()
+        .map(|u| u.block_reads())
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves only plain data behind.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -112,22 +112,83 @@ pub fn walk(
     skip_top: &[&OsStr],
     visit: &mut dyn FnMut(Found) -> Result<bool>,
 ) -> Result<()> {
+    walk_helped(root, skip_top, visit, None)
+}
+
+/// [`walk`], with the helpers started from the beginning when `helpers` says so (tests:
+/// their trees are always cached) instead of when the tree turns out to be cold.
+fn walk_helped(
+    root: &Path,
+    skip_top: &[&OsStr],
+    visit: &mut dyn FnMut(Found) -> Result<bool>,
+    helpers: Option<Cold>,
+) -> Result<()> {
     let fd = Arc::new(open_root(root)?);
     let names = list(&fd, root, 0, skip_top)?;
     let ahead = Lookahead::new(|fd, here| list(fd, here, 1, &[]));
     std::thread::scope(|s| {
-        for _ in 0..lookahead::HELPERS {
-            s.spawn(|| ahead.help());
-        }
+        let start_helpers = || {
+            for _ in 0..lookahead::HELPERS {
+                s.spawn(|| ahead.help());
+            }
+        };
         let walked = Walk {
             root,
             ahead: &ahead,
             visit,
+            cold: ColdCheck::new(&start_helpers, helpers),
         }
         .dir(fd, PathBuf::new(), 0, names);
         ahead.finish();
         walked
     })
+}
+
+/// Whether the walk reads from the disk, and so needs its listings made ahead. On a warm
+/// cache a listing takes microseconds, and handing it to another thread would cost more
+/// than it saves (measured: a tenth of a warm incremental release); so the helpers start
+/// only once this thread has had to read a block (`ru_inblock`), which a cached tree never
+/// makes it do.
+struct ColdCheck<'a> {
+    state: Cold,
+    start_helpers: &'a dyn Fn(),
+}
+
+enum Cold {
+    /// All cached so far: this thread had made this many block reads when the walk began.
+    Watching(i64),
+    /// The helpers run.
+    Helping,
+    /// The count cannot be had: the walk lists everything itself.
+    Unknown,
+}
+
+impl<'a> ColdCheck<'a> {
+    fn new(start_helpers: &'a dyn Fn(), state: Option<Cold>) -> Self {
+        let state = state.unwrap_or_else(|| {
+            lookahead::thread_block_reads().map_or(Cold::Unknown, Cold::Watching)
+        });
+        ColdCheck {
+            state,
+            start_helpers,
+        }
+    }
+
+    /// True when listings are to be made ahead: the helpers were started, now or before.
+    fn helping(&mut self) -> bool {
+        match self.state {
+            Cold::Helping => true,
+            Cold::Unknown => false,
+            Cold::Watching(at_start) => {
+                if lookahead::thread_block_reads().is_some_and(|now| now > at_start) {
+                    self.state = Cold::Helping;
+                    (self.start_helpers)();
+                    return true;
+                }
+                false
+            }
+        }
+    }
 }
 
 /// A directory entry's name and, when `getdents` tells it, its type.
@@ -156,6 +217,7 @@ struct Walk<'a, 'v> {
     root: &'a Path,
     ahead: &'a Lookahead<Vec<Listed>>,
     visit: &'a mut (dyn FnMut(Found) -> Result<bool> + 'v),
+    cold: ColdCheck<'a>,
 }
 
 impl Walk<'_, '_> {
@@ -176,9 +238,10 @@ impl Walk<'_, '_> {
             .filter(|(_, (_, kind))| *kind == Some(nix::dir::Type::Directory))
             .map(|(i, _)| i);
         let mut window: VecDeque<(usize, Arc<Slot<Vec<Listed>>>)> = VecDeque::new();
+        let helping = self.cold.helping();
         let result = (|| {
             for (i, (name, kind)) in names.iter().enumerate() {
-                while window.len() < lookahead::WINDOW {
+                while helping && window.len() < lookahead::WINDOW {
                     let Some(j) = dirs.next() else { break };
                     let name = &names[j].0;
                     let path = self.root.join(&rel).join(name);
@@ -432,15 +495,21 @@ mod tests {
 
     fn walked(root: &Path, descend: impl Fn(&Path) -> bool) -> Vec<String> {
         let mut seen = Vec::new();
-        walk(root, &[], &mut |f: Found| {
-            let is_dir = matches!(f.node, Node::Dir);
-            seen.push(if is_dir {
-                format!("{}/", f.rel.display())
-            } else {
-                f.rel.display().to_string()
-            });
-            Ok(is_dir && descend(&f.rel))
-        })
+        let helped = Some(Cold::Watching(i64::MIN));
+        walk_helped(
+            root,
+            &[],
+            &mut |f: Found| {
+                let is_dir = matches!(f.node, Node::Dir);
+                seen.push(if is_dir {
+                    format!("{}/", f.rel.display())
+                } else {
+                    f.rel.display().to_string()
+                });
+                Ok(is_dir && descend(&f.rel))
+            },
+            helped,
+        )
         .unwrap();
         seen
     }
@@ -474,15 +543,40 @@ mod tests {
     fn an_error_midway_stops_the_walk_and_its_helpers() {
         let t = tree();
         let mut n = 0;
-        let r = walk(t.path(), &[], &mut |f: Found| {
-            n += 1;
-            if f.rel == Path::new("d05/e1") {
-                return Err(Error::Rejected("stop here".into()));
-            }
-            Ok(matches!(f.node, Node::Dir))
-        });
+        let r = walk_helped(
+            t.path(),
+            &[],
+            &mut |f: Found| {
+                n += 1;
+                if f.rel == Path::new("d05/e1") {
+                    return Err(Error::Rejected("stop here".into()));
+                }
+                Ok(matches!(f.node, Node::Dir))
+            },
+            Some(Cold::Helping),
+        );
         assert!(matches!(r, Err(Error::Rejected(m)) if m == "stop here"));
         assert!(n > 5);
+    }
+
+    #[test]
+    fn helpers_start_only_once_the_walk_has_read_from_the_disk() {
+        let started = std::cell::Cell::new(0);
+        let start = || started.set(started.get() + 1);
+        // Cached all along: no block read since the walk began.
+        let mut warm = ColdCheck::new(&start, Some(Cold::Watching(i64::MAX)));
+        assert!(!warm.helping() && !warm.helping());
+        assert_eq!(started.get(), 0);
+        // Reads since: the helpers start once and stay on.
+        let mut cold = ColdCheck::new(&start, Some(Cold::Watching(i64::MIN)));
+        assert!(cold.helping() && cold.helping() && cold.helping());
+        assert_eq!(started.get(), 1);
+        let mut unknown = ColdCheck::new(&start, Some(Cold::Unknown));
+        assert!(!unknown.helping());
+        // A fresh walk starts from this thread's real count, which only grows.
+        let mut real = ColdCheck::new(&start, None);
+        assert!(matches!(real.state, Cold::Watching(_)));
+        let _ = real.helping();
     }
 
     #[test]
