@@ -24,8 +24,8 @@
 //! 2. the claim is resolved to an id (`write_atomic`) [same];
 //! 3. `releases/.partial.<id>` is built, made read-only, flushed (`syncfs`, or, for a
 //!    small upload while much else awaits writeback, an fsync per copied file and per
-//!    directory); its full manifest is
-//!    written meanwhile to a temporary name beside its final one (`AtomicWriter`)
+//!    directory); its full manifest is written meanwhile to a temporary name beside its
+//!    final one (`AtomicWriter`)
 //!    [leftover partial or temporary manifest: removed by healing, claim redone];
 //! 4. the release's full manifest is put in place (fsync, rename, fsync of the directory);
 //! 5. `rename_noreplace` into `releases/<id>`, fsync of `releases/` [release on disk with a
