@@ -196,10 +196,7 @@ fn state_word(
 pub fn list_doc(site: &Site, journal: &Journal) -> Value {
     let state = journal.state();
     let current = site.current_id();
-    // The rollback target, which `rollback` computes from the release the keeper last
-    // made current when the link itself is gone.
-    let effective = state.effective_current(current.clone(), |r| site.release(r).is_dir());
-    let previous = state.previous_good(effective.as_deref(), |r| site.release(r).is_dir());
+    let (_, previous) = state.current_and_previous(current.clone(), |r| site.release(r).is_dir());
     let releases: Vec<Value> = state
         .live_newest_first()
         .filter(|r| site.release(&r.id).is_dir())
