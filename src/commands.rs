@@ -267,6 +267,20 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The `status --json` document: `{"sites": [...]}`; with a SITE named, that site's object
+/// at the top level (as `list --json` prints it), its `sites` key kept for scripts written
+/// against the list-only shape.
+fn status_doc(named: bool, docs: Vec<Value>) -> Value {
+    match docs.as_slice() {
+        [one] if named => {
+            let mut doc = one.clone();
+            doc["sites"] = json!(docs);
+            doc
+        }
+        _ => json!({ "sites": docs }),
+    }
+}
+
 /// `status [SITE] [--json]`.
 pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
     let names: Vec<String> = match only {
@@ -311,7 +325,7 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         docs.push(doc);
     }
     if as_json {
-        return print_json(&json!({ "sites": docs }));
+        return print_json(&status_doc(only.is_some(), docs));
     }
     if docs.is_empty() {
         return out(&format!(
