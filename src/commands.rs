@@ -599,6 +599,17 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
     if outcome.repairs.is_empty() && outcome.reports.is_empty() && outcome.in_service.is_empty() {
         out(&format!("{}: nothing to heal", site.name()))?;
     }
+    // A problem healing must leave to an operator is one found and not fixed: exit 1
+    // (SPEC), so a script or timer running `heal` notices it. A dry run only says what a
+    // pass would do, and succeeds.
+    if !dry_run && !outcome.reports.is_empty() {
+        let n = outcome.reports.len();
+        return Err(Error::Failed(format!(
+            "site {}: {n} {} left for an operator (the notes above)",
+            site.name(),
+            if n == 1 { "problem" } else { "problems" }
+        )));
+    }
     Ok(())
 }
 
