@@ -91,6 +91,9 @@ pub struct Waiting {
     /// A shared lock on the claim while the upload waits: a healing pass a command runs
     /// meanwhile must not report it as interrupted work.
     _hold: Option<fsops::Hold>,
+    /// Sequence number of the journal's last record when the claim was read: a command
+    /// that takes the claim over during the wait records its outcome after it.
+    seen: u64,
 }
 
 impl std::fmt::Debug for Waiting {
@@ -130,6 +133,9 @@ fn run(
     mut resume: Option<Waiting>,
 ) -> Result<Run> {
     let mut outcomes = Vec::new();
+    if let Some(gone) = resume.take_if(|w| std::fs::symlink_metadata(&w.claim).is_err()) {
+        outcomes.extend(claim_gone(site, gone)?);
+    }
     let mut min_age = if fresh {
         Duration::ZERO
     } else {
@@ -189,6 +195,37 @@ pub fn wait_unlocked(site: &Site, waiting: &mut Waiting, cancel: &AtomicBool) ->
         }
         sleep_unless_cancelled(POLL_IN_FLIGHT, cancel)?;
     }
+}
+
+/// The claim of the upload `waiting` is gone after the wait. A command (`finalize`) that
+/// took the lock meanwhile processed it and recorded how that ended; with no such record,
+/// the claim was removed by hand, and the upload, its marker consumed, vanished without a
+/// word: the uploader saw no rejection to act on, monitoring nothing to count. It is
+/// rejected then, logged and journaled like any other rejection, and the files stay in
+/// `deploy-cache/` for a new marker. Waiting on was no option: the claim was the upload's
+/// only trace, and making it again would undo what the operator just did.
+fn claim_gone(site: &Site, waiting: Waiting) -> Result<Option<Outcome>> {
+    let mut journal = Journal::load(site)?;
+    let recorded = journal.records().iter().any(|r| {
+        r.seq > waiting.seen && matches!(r.op, Op::Finalized { .. } | Op::Rejected { .. })
+    });
+    // An identical upload of an existing release leaves no record when a command
+    // processes it ("unchanged"): the release being there is all that shows.
+    if recorded || journal.state().get(&waiting.id).is_some() {
+        tracing::debug!(
+            site = site.name(),
+            release = %waiting.id,
+            "the claim waited for was processed by a command meanwhile"
+        );
+        return Ok(None);
+    }
+    let reason = format!(
+        "the claimed marker {} was removed while the upload waited for files in flight ({}); \
+         nothing was released: drop the marker again to release the upload",
+        waiting.claim.display(),
+        waiting.paths.join(", ")
+    );
+    reject(site, &mut journal, Some(&waiting.id), &reason).map(Some)
 }
 
 /// The manifest's entries as an upload waits, read again whenever the file changes: an
@@ -355,6 +392,7 @@ fn process(
         resumed,
         claim: &path,
         cancel,
+        seen: journal.state().last.as_ref().map_or(0, |r| r.seq),
     };
     let outcome = match process_claim(site, &mut journal, &path, &claim, wait) {
         // Nothing was built (a build that meets a file in flight removes its partial
@@ -452,6 +490,8 @@ struct Wait<'a> {
     /// The resolved claim.
     claim: &'a Path,
     cancel: &'a AtomicBool,
+    /// See [`Waiting::seen`].
+    seen: u64,
 }
 
 impl Wait<'_> {
@@ -484,6 +524,7 @@ impl Wait<'_> {
                     manifest,
                     paths,
                     _hold: fsops::hold(self.claim),
+                    seen: self.seen,
                 }))
             }
         }

@@ -198,6 +198,12 @@ fn finalize_during_the_services_wait_takes_over_its_claim_and_makes_one_release(
         site.current_id().as_deref(),
         ids.iter().find(|i| *i != "v1").map(String::as_str)
     );
+    // The service found the claim gone, and the command's record says why: no rejection.
+    assert!(
+        svc.events("release.rejected").is_empty(),
+        "a claim a command processed is not a claim removed by hand:\n{}",
+        svc.log_text()
+    );
     svc.stop();
 }
 
@@ -229,6 +235,50 @@ fn a_claim_finalized_by_a_command_during_the_wait_is_not_processed_again() {
         );
     }
     assert_eq!(site.release_ids(), ["v1", "v2", "v3"]);
+    svc.stop();
+}
+
+/// A claim removed by hand while the service waits for the upload's files in flight (an
+/// operator cancelling a stuck upload) ended the wait, and the next round, finding no
+/// claim, dropped the upload without a word: its marker was consumed, so the uploader had
+/// nothing to act on and monitoring nothing to count. It is a rejection, logged and
+/// journaled, and the service goes on.
+#[test]
+fn a_claim_removed_by_hand_during_the_wait_is_rejected_not_dropped_silently() {
+    let site = Site::new();
+    let (cfg, mut svc) = service_waiting_for(&site, "id = \"v2\"\n", "late.bin.part");
+    let claims = site.root.join(".release-keeper/claims");
+    let mut removed = 0;
+    for entry in fs::read_dir(&claims).unwrap() {
+        fs::remove_file(entry.unwrap().path()).unwrap();
+        removed += 1;
+    }
+    assert_eq!(removed, 1, "the one claim of v2");
+
+    let ev = svc.wait_release_event("release.rejected", "v2");
+    let reason = reason_of(&ev);
+    assert!(
+        reason.contains("removed while the upload waited") && reason.contains("late.bin.part"),
+        "the rejection says why and names what was waited for: {ev}"
+    );
+    let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status");
+    let status = stdout_json(&out);
+    let last = find_site_obj(&status, SITE, "last_event").unwrap()["last_event"].clone();
+    assert_eq!(
+        (last["op"].as_str(), last["release"].as_str()),
+        (Some("rejected"), Some("v2")),
+        "journaled: {status}"
+    );
+    assert!(
+        site.deploy_cache().join("late.bin.part").exists(),
+        "the upload's files are left for a new marker"
+    );
+    assert_eq!(site.release_ids(), ["v1"]);
+    assert_eq!(svc.events_for("release.rejected", "v2").len(), 1);
+
+    deploy_and_activate(&site, &svc, "v3");
+    assert_eq!(site.release_ids(), ["v1", "v3"]);
     svc.stop();
 }
 
