@@ -282,6 +282,61 @@ fn a_claim_removed_by_hand_during_the_wait_is_rejected_not_dropped_silently() {
     svc.stop();
 }
 
+/// A reload that changes the site's config restarts its worker, undoing the work in
+/// progress; the upload waiting for files in flight was then taken up as a new one, its
+/// `upload_timeout` counted afresh (and `upload.detected` logged again). An operator
+/// reloading for another reason must not hold a stale upload longer: the rejection comes
+/// when it would have without the reload.
+#[test]
+fn a_reload_during_the_wait_does_not_restart_upload_timeout() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"5s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join("stale.bin.part"), b"partial").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_event("upload.waiting", |_| true, WAIT);
+    let waiting_since = Instant::now();
+
+    std::thread::sleep(Duration::from_millis(1200));
+    // A reload with the same config, then one that changes the site (its worker restarts).
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    svc.wait_count("config.reloaded", 1, WAIT);
+    std::thread::sleep(Duration::from_millis(1200));
+    site.write_config(SITE, "upload_timeout = \"5s\"\nhealth_retries = 2", "");
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    svc.wait_count("config.reloaded", 2, WAIT);
+
+    let ev = svc.wait_release_event("release.rejected", "v2");
+    let took = waiting_since.elapsed();
+    assert!(
+        reason_of(&ev).contains("after upload_timeout = 5s"),
+        "rejected for the timeout: {ev}"
+    );
+    // Counted from the first look: 5s. Restarted by the second reload: 2.4s + 5s at least.
+    assert!(
+        took < Duration::from_millis(6500),
+        "rejected {took:?} after the wait began; upload_timeout is 5s:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        svc.events_for("upload.detected", "v2").len(),
+        1,
+        "one upload, detected once:\n{}",
+        svc.log_text()
+    );
+    // The restarted worker's first pass found the claim of a wait, not interrupted work.
+    assert!(
+        svc.events_for("heal.repaired", "v2").is_empty(),
+        "the waiting upload is no crash to repair:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(site.release_ids(), ["v1"]);
+    svc.stop();
+}
+
 /// Rewrites the manifest of `deploy-cache/` so that it lists every file there, files
 /// named like temporary ones too (as `release-keeper manifest` does), by one rename.
 fn relist_everything(site: &Site) {
