@@ -486,17 +486,15 @@ pub struct Rollback {
 pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
     let state = journal.state();
     let link = site.current_id();
-    let from = state.effective_current(link.clone(), |r| site.release(r).is_dir());
+    let (_, previous) = state.current_and_previous(link.clone(), |r| site.release(r).is_dir());
     let target = match to {
         Some(t) => t.to_string(),
-        None => state
-            .previous_good(from.as_deref(), |r| site.release(r).is_dir())
-            .ok_or_else(|| {
-                Error::Failed(format!(
-                    "site {}: no previous good release to roll back to",
-                    site.name()
-                ))
-            })?,
+        None => previous.ok_or_else(|| {
+            Error::Failed(format!(
+                "site {}: no previous good release to roll back to",
+                site.name()
+            ))
+        })?,
     };
     let info = state.get(&target).ok_or_else(|| site.no_release(&target))?;
     if let Some((reason, _)) = &info.failed {

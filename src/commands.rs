@@ -196,10 +196,7 @@ fn state_word(
 pub fn list_doc(site: &Site, journal: &Journal) -> Value {
     let state = journal.state();
     let current = site.current_id();
-    // The rollback target, which `rollback` computes from the release the keeper last
-    // made current when the link itself is gone.
-    let effective = state.effective_current(current.clone(), |r| site.release(r).is_dir());
-    let previous = state.previous_good(effective.as_deref(), |r| site.release(r).is_dir());
+    let (_, previous) = state.current_and_previous(current.clone(), |r| site.release(r).is_dir());
     let releases: Vec<Value> = state
         .live_newest_first()
         .filter(|r| site.release(&r.id).is_dir())
@@ -270,6 +267,20 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The `status --json` document: `{"sites": [...]}`; with a SITE named, that site's object
+/// at the top level (as `list --json` prints it), its `sites` key kept for scripts written
+/// against the list-only shape.
+fn status_doc(named: bool, docs: Vec<Value>) -> Value {
+    match docs.as_slice() {
+        [one] if named => {
+            let mut doc = one.clone();
+            doc["sites"] = json!(docs);
+            doc
+        }
+        _ => json!({ "sites": docs }),
+    }
+}
+
 /// `status [SITE] [--json]`.
 pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
     let names: Vec<String> = match only {
@@ -314,7 +325,7 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         docs.push(doc);
     }
     if as_json {
-        return print_json(&json!({ "sites": docs }));
+        return print_json(&status_doc(only.is_some(), docs));
     }
     if docs.is_empty() {
         return out(&format!(
@@ -587,6 +598,17 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
     }
     if outcome.repairs.is_empty() && outcome.reports.is_empty() && outcome.in_service.is_empty() {
         out(&format!("{}: nothing to heal", site.name()))?;
+    }
+    // A problem healing must leave to an operator is one found and not fixed: exit 1
+    // (SPEC), so a script or timer running `heal` notices it. A dry run only says what a
+    // pass would do, and succeeds.
+    if !dry_run && !outcome.reports.is_empty() {
+        let n = outcome.reports.len();
+        return Err(Error::Failed(format!(
+            "site {}: {n} {} left for an operator (the notes above)",
+            site.name(),
+            if n == 1 { "problem" } else { "problems" }
+        )));
     }
     Ok(())
 }

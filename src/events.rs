@@ -164,27 +164,159 @@ pub fn init(format: Option<LogFormat>) {
     }
 }
 
-/// The text format's fields as the default writes them (`name=value`, the message bare),
-/// except that control characters inside a value are escaped ([`printable`]): a reason
-/// quoting a hook's multi-line stderr split one event over several lines, and the lines
-/// after the first, without timestamp or `event=`, escaped `grep event=...` and
-/// line-based log readers.
+/// The text format's fields: the message bare, every other field `name=value`, with one
+/// rule for every value whatever its type or how it was recorded (`%`, `?` or a plain
+/// `&str`): see [`text_value`]. The default quoted `&str` fields and left `%` ones bare,
+/// so `site="shop"` sat beside `reason=no manifest` and no parser could split the line.
+/// Control characters are escaped in the message too ([`printable`]): a reason quoting a
+/// hook's multi-line stderr split one event over several lines, and the lines after the
+/// first escaped `grep event=...` and line-based log readers.
 fn one_line_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
-    use tracing_subscriber::field::MakeExt;
-    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-        let text = format!("{value:?}");
-        let text = printable(&text);
-        match field.name() {
-            "message" => write!(w, "{text}"),
-            name => write!(w, "{name}={text}"),
+    OneLineFields
+}
+
+struct OneLineFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for OneLineFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = TextVisitor {
+            writer,
+            result: Ok(()),
+            first: true,
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct TextVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    result: std::fmt::Result,
+    first: bool,
+}
+
+impl TextVisitor<'_> {
+    fn write(&mut self, name: &str, value: &str) {
+        if self.result.is_err() {
+            return;
         }
-    })
-    .delimited(" ")
+        let sep = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = match name {
+            "message" => write!(self.writer, "{sep}{}", printable(value)),
+            name => write!(self.writer, "{sep}{name}={}", text_value(value)),
+        };
+    }
+}
+
+impl tracing::field::Visit for TextVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.write(field.name(), value);
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.write(field.name(), &format!("{value:?}"));
+    }
+}
+
+/// A field value of the text format: bare when it is a plain word, else in double quotes.
+/// Quoted exactly when it is empty or holds whitespace, `"`, `=`, `\` or a control
+/// character; inside the quotes `\` and `"` are backslash-escaped and control characters
+/// written as [`printable`] does. So a bare value never needs unescaping, and a quoted one
+/// reads back unambiguously.
+fn text_value(v: &str) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '"' | '=' | '\\');
+    if !v.is_empty() && !v.chars().any(special) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                out.push_str(&printable(c.encode_utf8(&mut buf)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    #[test]
+    fn text_values_are_quoted_exactly_when_they_are_not_a_plain_word() {
+        use super::text_value;
+        for bare in ["release.rejected", "shop", "v1.4.2", "/srv/shop", "42", "ü"] {
+            assert_eq!(text_value(bare), bare);
+        }
+        assert_eq!(text_value(""), r#""""#);
+        assert_eq!(text_value("no manifest"), r#""no manifest""#);
+        assert_eq!(text_value("a=b"), r#""a=b""#);
+        assert_eq!(text_value(r#"say "hi""#), r#""say \"hi\"""#);
+        assert_eq!(text_value(r"C:\x"), r#""C:\\x""#);
+        assert_eq!(text_value("tab\there"), r#""tab\there""#);
+        assert_eq!(
+            text_value("x\nINFO forged\u{1b}[2J"),
+            r#""x\nINFO forged\x1b[2J""#
+        );
+    }
+
+    /// A `&str` field, a `%` field and a number follow the one rule, however recorded.
+    #[test]
+    fn text_lines_quote_fields_the_same_way_whatever_their_type() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(super::one_line_fields())
+            .with_target(false)
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let reason = "no manifest";
+            tracing::warn!(
+                event = super::RELEASE_REJECTED,
+                site = "shop",
+                release = "v1",
+                reason = %reason,
+                files = 3u64,
+                note = "",
+                "upload rejected"
+            );
+        });
+        let line = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            line.trim(),
+            r#"WARN upload rejected event=release.rejected site=shop release=v1 reason="no manifest" files=3 note="""#
+        );
+    }
 
     #[test]
     fn printable_escapes_control_characters_only() {

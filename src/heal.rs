@@ -524,7 +524,12 @@ fn heal_pass(
     };
     out.claims = claims.len();
     for p in claims {
-        if service_live {
+        let path = match &p {
+            marker::Pending::Raw(path) | marker::Pending::Resolved(path, _) => path,
+        };
+        // A wait this process keeps across a reload's restart of the site's worker is no
+        // crash: "redoing" it was a false alarm at every reload during a wait.
+        if service_live || crate::pipeline::waits_in_this_process(path) {
             out.in_service.push(match &p {
                 marker::Pending::Raw(path) => path.display().to_string(),
                 marker::Pending::Resolved(_, claim) => {

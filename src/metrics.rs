@@ -211,7 +211,10 @@ pub fn render(site: &Site, journal: &Journal) -> Result<String> {
 
 /// Counts of live releases present on disk, in the order of `STATES`.
 fn release_counts(site: &Site, state: &State, current: Option<&str>) -> [u64; 5] {
-    let previous = state.previous_good(current, |r| site.release(r).is_dir());
+    // Not `previous_good(current)`: with the link deleted by hand that counted the
+    // release it had named as `previous`, where `list` and `rollback` skip it.
+    let (_, previous) =
+        state.current_and_previous(current.map(str::to_string), |r| site.release(r).is_dir());
     let mut counts = [0u64; 5];
     for r in state
         .live_newest_first()

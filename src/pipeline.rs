@@ -8,12 +8,15 @@
 //! [`run_pending_yielding`] hands the wait back as a [`Waiting`]; the service waits
 //! without the lock ([`wait_unlocked`]) and then runs the claims again under it. Everything
 //! is read again then (the claims, the journal, `current`, the manifest): a command may
-//! have processed the claim or switched `current` meanwhile. Only the claim's deadline is
-//! carried over, so `upload_timeout` still counts from the first look.
+//! have processed the claim or switched `current` meanwhile. Only the claim's first look is
+//! carried over, so `upload_timeout` still counts from it, also across a reload that
+//! restarts the site's worker ([`WAIT_STARTS`]).
 
+use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::activate;
@@ -81,6 +84,8 @@ pub struct Waiting {
     claim: PathBuf,
     /// Its release id.
     pub id: String,
+    /// When the upload was first looked at.
+    since: Instant,
     /// When its `upload_timeout` runs out, counted from the first look.
     deadline: Instant,
     /// The manifest's entries, read again whenever the file changes: files it lists are
@@ -91,6 +96,9 @@ pub struct Waiting {
     /// A shared lock on the claim while the upload waits: a healing pass a command runs
     /// meanwhile must not report it as interrupted work.
     _hold: Option<fsops::Hold>,
+    /// Sequence number of the journal's last record when the claim was read: a command
+    /// that takes the claim over during the wait records its outcome after it.
+    seen: u64,
 }
 
 impl std::fmt::Debug for Waiting {
@@ -130,6 +138,9 @@ fn run(
     mut resume: Option<Waiting>,
 ) -> Result<Run> {
     let mut outcomes = Vec::new();
+    if let Some(gone) = resume.take_if(|w| std::fs::symlink_metadata(&w.claim).is_err()) {
+        outcomes.extend(claim_gone(site, gone)?);
+    }
     let mut min_age = if fresh {
         Duration::ZERO
     } else {
@@ -189,6 +200,58 @@ pub fn wait_unlocked(site: &Site, waiting: &mut Waiting, cancel: &AtomicBool) ->
         }
         sleep_unless_cancelled(POLL_IN_FLIGHT, cancel)?;
     }
+}
+
+/// The claim of the upload `waiting` is gone after the wait. A command (`finalize`) that
+/// took the lock meanwhile processed it and recorded how that ended; with no such record,
+/// the claim was removed by hand, and the upload, its marker consumed, vanished without a
+/// word: the uploader saw no rejection to act on, monitoring nothing to count. It is
+/// rejected then, logged and journaled like any other rejection, and the files stay in
+/// `deploy-cache/` for a new marker. Waiting on was no option: the claim was the upload's
+/// only trace, and making it again would undo what the operator just did.
+fn claim_gone(site: &Site, waiting: Waiting) -> Result<Option<Outcome>> {
+    wait_starts().remove(&waiting.claim);
+    let mut journal = Journal::load(site)?;
+    let recorded = journal.records().iter().any(|r| {
+        r.seq > waiting.seen && matches!(r.op, Op::Finalized { .. } | Op::Rejected { .. })
+    });
+    // An identical upload of an existing release leaves no record when a command
+    // processes it ("unchanged"): the release being there is all that shows.
+    if recorded || journal.state().get(&waiting.id).is_some() {
+        tracing::debug!(
+            site = site.name(),
+            release = %waiting.id,
+            "the claim waited for was processed by a command meanwhile"
+        );
+        return Ok(None);
+    }
+    let reason = format!(
+        "the claimed marker {} was removed while the upload waited for files in flight ({}); \
+         nothing was released: drop the marker again to release the upload",
+        waiting.claim.display(),
+        waiting.paths.join(", ")
+    );
+    reject(site, &mut journal, Some(&waiting.id), &reason).map(Some)
+}
+
+/// When this process first looked at each upload it waited for, by claim path. A reload
+/// that changes a site's config restarts the site's worker and undoes its work in
+/// progress, the wait included: the claim stays, and the new worker took it up as a new
+/// upload, counting `upload_timeout` afresh (and logging `upload.detected` again), so each
+/// reload put the rejection of a stale upload off. The new worker resumes from the first
+/// look kept here instead. A new process starts afresh: it cannot tell how long the upload
+/// sat while no service ran.
+static WAIT_STARTS: Mutex<BTreeMap<PathBuf, Instant>> = Mutex::new(BTreeMap::new());
+
+fn wait_starts() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, Instant>> {
+    // The map is never left half-updated: a panic elsewhere must not end the bookkeeping.
+    WAIT_STARTS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// True while an upload of this process waits for files in flight under `claim` (its
+/// worker may have been restarted by a reload since): it is not interrupted work.
+pub fn waits_in_this_process(claim: &Path) -> bool {
+    wait_starts().contains_key(claim)
 }
 
 /// The manifest's entries as an upload waits, read again whenever the file changes: an
@@ -349,12 +412,16 @@ fn process(
             Err(e) => return Err(e),
         },
     };
-    let resumed = resume.filter(|w| w.claim == path).map(|w| w.deadline);
+    let resumed = resume
+        .filter(|w| w.claim == path)
+        .map(|w| w.since)
+        .or_else(|| wait_starts().get(&path).copied());
     let wait = Wait {
         patience,
         resumed,
         claim: &path,
         cancel,
+        seen: journal.state().last.as_ref().map_or(0, |r| r.seq),
     };
     let outcome = match process_claim(site, &mut journal, &path, &claim, wait) {
         // Nothing was built (a build that meets a file in flight removes its partial
@@ -363,6 +430,10 @@ fn process(
         Ok(Step::Done(o)) => Ok(o),
         Err(e) => Err(e),
     };
+    // Interrupted, the claim stays, and so does its wait for the worker that takes it up.
+    if !matches!(outcome, Err(Error::Interrupted)) {
+        wait_starts().remove(&path);
+    }
     let outcome = match outcome {
         Err(Error::Interrupted) => {
             // The claim stays: the upload is redone at the next start.
@@ -446,12 +517,14 @@ fn keeper_denied(site: &Site, e: &Error) -> bool {
 /// How one claim waits for its files in flight.
 struct Wait<'a> {
     patience: Patience,
-    /// The deadline set by an earlier run that stopped at this claim: the upload was
+    /// The first look of an earlier run that stopped at this claim: the upload was
     /// announced, settled and its wait logged then.
     resumed: Option<Instant>,
     /// The resolved claim.
     claim: &'a Path,
     cancel: &'a AtomicBool,
+    /// See [`Waiting::seen`].
+    seen: u64,
 }
 
 impl Wait<'_> {
@@ -463,8 +536,9 @@ impl Wait<'_> {
         site: &Site,
         id: &str,
         mut manifest: Listed,
-        deadline: Instant,
+        since: Instant,
     ) -> Result<Option<Waiting>> {
+        let deadline = since + site.cfg.upload_timeout;
         // Logged by the run that first stopped at this claim.
         let logged = self.resumed.is_some();
         match self.patience {
@@ -477,13 +551,16 @@ impl Wait<'_> {
                 if paths.is_empty() {
                     return Ok(None);
                 }
+                wait_starts().insert(self.claim.to_path_buf(), since);
                 Ok(Some(Waiting {
                     claim: self.claim.to_path_buf(),
                     id: id.to_string(),
+                    since,
                     deadline,
                     manifest,
                     paths,
                     _hold: fsops::hold(self.claim),
+                    seen: self.seen,
                 }))
             }
         }
@@ -505,8 +582,8 @@ fn process_claim(
     }
     let first_look = wait.resumed.is_none();
     // The deadline for files still in flight covers the manifest too.
-    let deadline = match wait.resumed {
-        Some(deadline) => deadline,
+    let since = match wait.resumed {
+        Some(since) => since,
         None => {
             tracing::info!(
                 event = events::UPLOAD_DETECTED,
@@ -519,14 +596,15 @@ fn process_claim(
             if !site.cfg.settle_time.is_zero() {
                 sleep_unless_cancelled(site.cfg.settle_time, cancel)?;
             }
-            Instant::now() + site.cfg.upload_timeout
+            Instant::now()
         }
     };
+    let deadline = since + site.cfg.upload_timeout;
     if site.cfg.require_manifest && manifest_in_flight(site)? {
         // The manifest is a file of the upload: still arriving under a temporary name
         // (rsync's `.SHA256SUMS.XXXXXX`, parallel sftp/WinSCP transfers), it is waited for
         // like any other file, not taken for a missing one.
-        if let Some(w) = wait.wait(site, id, Listed::default(), deadline)? {
+        if let Some(w) = wait.wait(site, id, Listed::default(), since)? {
             return Ok(Step::Wait(Box::new(w)));
         }
     }
@@ -572,7 +650,7 @@ fn process_claim(
                 // Stamped before it is read: a change in between is read again.
                 let stamp = manifest_stamp(site);
                 let listed = Listed::new(read_manifest(site, id, false)?.map(|m| m.entries), stamp);
-                if let Some(w) = wait.wait(site, id, listed, deadline)? {
+                if let Some(w) = wait.wait(site, id, listed, since)? {
                     return Ok(Step::Wait(Box::new(w)));
                 }
                 manifest = read_manifest(site, id, false)?;

@@ -27,6 +27,17 @@ fn wait_repaired(svc: &Service, needles: &[&str]) -> Value {
     )
 }
 
+/// `heal` that reported a problem it must leave to an operator: it exits 1 (SPEC: "found
+/// a problem").
+fn assert_left_a_problem(out: &std::process::Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "heal left a problem unrepaired: exit 1; {}",
+        show(out)
+    );
+}
+
 /// Replaces `path` by a symlink to `target` the way an operator's `ln -sfn` would not:
 /// atomically (so the test itself never observes a missing link).
 fn force_symlink(path: &Path, target: &str) {
@@ -215,7 +226,7 @@ fn current_pointed_by_hand_at_a_failed_release_is_reported() {
     force_symlink(&site.current_path(), "releases/v2");
 
     let out = cli(&cfg, &["heal", SITE]);
-    assert_ok(&out, "heal");
+    assert_left_a_problem(&out);
     let text = stdout_of(&out);
     assert!(
         text.contains("current points at release v2, which failed"),
@@ -615,6 +626,57 @@ fn heal_says_every_link_it_recreates() {
     }
 }
 
+/// SPEC: exit 1 when an operation "found a problem". `heal` exited 0 after reporting a
+/// problem it must leave to an operator (a hand-made directory in `releases/`), so a timer
+/// or script running it never noticed. What it repaired, or a tree with nothing wrong, is
+/// success; a dry run only says what a pass would do, and succeeds too.
+#[test]
+fn heal_exits_1_when_it_leaves_a_problem_unrepaired_and_0_when_it_repaired_all() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+
+    // Only repairs: success.
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal that repaired `current`");
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{}", show(&out));
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal with nothing to heal");
+    assert!(
+        stdout_of(&out).contains("nothing to heal"),
+        "{}",
+        show(&out)
+    );
+
+    // A repair and a problem left alone: the problem decides.
+    write_tree(
+        &site.releases_dir().join("handmade"),
+        &[("index.html", b"by hand\n" as &[u8])],
+    );
+    fs::remove_file(site.current_path()).unwrap();
+    let dry = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&dry, "heal --dry-run only says what it would do");
+    assert!(stdout_of(&dry).contains("not made by"), "{}", show(&dry));
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "heal found a problem it did not repair: {}",
+        show(&out)
+    );
+    assert!(stdout_of(&out).contains("not made by"), "{}", show(&out));
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "repaired all the same"
+    );
+    // Still there at the next pass: still a failure.
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+}
+
 #[test]
 fn foreign_lock_paths_are_moved_aside() {
     let site = Site::new();
@@ -663,7 +725,7 @@ fn foreign_releases_are_reported_never_deleted_or_counted() {
     svc.wait_release_event("release.pruned", "v2");
     assert_eq!(site.release_ids(), ["handmade", "v3", "v4"]);
     let out = cli_when_idle(&cfg, &["heal", SITE]);
-    assert_ok(&out, "heal");
+    assert_left_a_problem(&out);
     assert!(
         stdout_of(&out).contains("handmade") && stdout_of(&out).contains("not made by"),
         "heal reports the foreign release; {}",
@@ -951,7 +1013,7 @@ fn missing_shared_file_is_reported_not_recreated_as_a_directory() {
     std::fs::remove_file(shared.join(".env")).unwrap();
     std::fs::remove_dir(shared.join("storage")).unwrap();
     let out = cli(&cfg, &["heal", "app"]);
-    assert_ok(&out, "heal");
+    assert_left_a_problem(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         shared.join("storage").is_dir(),
@@ -983,7 +1045,7 @@ fn operator_provided_shared_file_is_not_recreated_as_a_directory() {
 
     fs::remove_file(shared.join(".env")).unwrap();
     let out = cli(&cfg, &["heal", "app"]);
-    assert_ok(&out, "heal");
+    assert_left_a_problem(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         fs::symlink_metadata(shared.join(".env")).is_err(),
@@ -1334,7 +1396,7 @@ fn a_deleted_stored_manifest_is_reported() {
     svc.stop();
     fs::remove_file(site.root.join(".release-keeper/manifests/v1")).unwrap();
     let out = cli(&cfg, &["heal", SITE]);
-    assert_ok(&out, "heal");
+    assert_left_a_problem(&out);
     let text = stdout_of(&out);
     assert!(
         text.contains("releases/v1 has no stored manifest"),

@@ -439,6 +439,46 @@ fn list_json_shape() {
     svc.stop();
 }
 
+/// SPEC: `status --json` holds per site what `list --json` holds, plus `drift` and
+/// `last_event`. With a SITE named it printed `{"sites": [...]}` only, so a script had to
+/// dig the one site out of a list; the site's object is now at the top level, with the
+/// `sites` list kept beside it for scripts written against that shape.
+#[test]
+fn status_json_of_one_site_is_that_sites_object_with_the_sites_list_kept() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    let out = cli_when_idle(&cfg, &["list", SITE, "--json"]);
+    assert_ok(&out, "list --json");
+    let list = stdout_json(&out);
+
+    let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status SITE --json");
+    let v = stdout_json(&out);
+    for (key, want) in list.as_object().unwrap() {
+        assert_eq!(&v[key], want, "`{key}` as in list --json: {v}");
+    }
+    for key in ["drift", "last_event", "pinned", "failed"] {
+        assert!(v.get(key).is_some(), "status SITE --json has `{key}`: {v}");
+    }
+    assert_eq!(v["last_event"]["release"], "v2", "{v}");
+    let sites = v["sites"].as_array().expect("the `sites` list is kept");
+    assert_eq!(sites.len(), 1, "{v}");
+    let mut top = v.clone();
+    top.as_object_mut().unwrap().remove("sites");
+    assert_eq!(sites[0], top, "`sites` holds the same object");
+
+    // Without SITE: the list of every site, as before.
+    let out = cli_when_idle(&cfg, &["status", "--json"]);
+    assert_ok(&out, "status --json");
+    let all = stdout_json(&out);
+    let keys: Vec<&String> = all.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["sites"], "{all}");
+    assert_eq!(all["sites"][0], top, "{all}");
+    svc.stop();
+}
+
 #[test]
 fn status_json_reports_site() {
     let site = Site::new();

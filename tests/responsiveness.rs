@@ -198,6 +198,12 @@ fn finalize_during_the_services_wait_takes_over_its_claim_and_makes_one_release(
         site.current_id().as_deref(),
         ids.iter().find(|i| *i != "v1").map(String::as_str)
     );
+    // The service found the claim gone, and the command's record says why: no rejection.
+    assert!(
+        svc.events("release.rejected").is_empty(),
+        "a claim a command processed is not a claim removed by hand:\n{}",
+        svc.log_text()
+    );
     svc.stop();
 }
 
@@ -229,6 +235,105 @@ fn a_claim_finalized_by_a_command_during_the_wait_is_not_processed_again() {
         );
     }
     assert_eq!(site.release_ids(), ["v1", "v2", "v3"]);
+    svc.stop();
+}
+
+/// A claim removed by hand while the service waits for the upload's files in flight (an
+/// operator cancelling a stuck upload) ended the wait, and the next round, finding no
+/// claim, dropped the upload without a word: its marker was consumed, so the uploader had
+/// nothing to act on and monitoring nothing to count. It is a rejection, logged and
+/// journaled, and the service goes on.
+#[test]
+fn a_claim_removed_by_hand_during_the_wait_is_rejected_not_dropped_silently() {
+    let site = Site::new();
+    let (cfg, mut svc) = service_waiting_for(&site, "id = \"v2\"\n", "late.bin.part");
+    let claims = site.root.join(".release-keeper/claims");
+    let mut removed = 0;
+    for entry in fs::read_dir(&claims).unwrap() {
+        fs::remove_file(entry.unwrap().path()).unwrap();
+        removed += 1;
+    }
+    assert_eq!(removed, 1, "the one claim of v2");
+
+    let ev = svc.wait_release_event("release.rejected", "v2");
+    let reason = reason_of(&ev);
+    assert!(
+        reason.contains("removed while the upload waited") && reason.contains("late.bin.part"),
+        "the rejection says why and names what was waited for: {ev}"
+    );
+    let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+    assert_ok(&out, "status");
+    let status = stdout_json(&out);
+    let last = find_site_obj(&status, SITE, "last_event").unwrap()["last_event"].clone();
+    assert_eq!(
+        (last["op"].as_str(), last["release"].as_str()),
+        (Some("rejected"), Some("v2")),
+        "journaled: {status}"
+    );
+    assert!(
+        site.deploy_cache().join("late.bin.part").exists(),
+        "the upload's files are left for a new marker"
+    );
+    assert_eq!(site.release_ids(), ["v1"]);
+    assert_eq!(svc.events_for("release.rejected", "v2").len(), 1);
+
+    deploy_and_activate(&site, &svc, "v3");
+    assert_eq!(site.release_ids(), ["v1", "v3"]);
+    svc.stop();
+}
+
+/// A reload that changes the site's config restarts its worker, undoing the work in
+/// progress; the upload waiting for files in flight was then taken up as a new one, its
+/// `upload_timeout` counted afresh (and `upload.detected` logged again). An operator
+/// reloading for another reason must not hold a stale upload longer: the rejection comes
+/// when it would have without the reload.
+#[test]
+fn a_reload_during_the_wait_does_not_restart_upload_timeout() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "upload_timeout = \"5s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join("stale.bin.part"), b"partial").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    svc.wait_event("upload.waiting", |_| true, WAIT);
+    let waiting_since = Instant::now();
+
+    std::thread::sleep(Duration::from_millis(1200));
+    // A reload with the same config, then one that changes the site (its worker restarts).
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    svc.wait_count("config.reloaded", 1, WAIT);
+    std::thread::sleep(Duration::from_millis(1200));
+    site.write_config(SITE, "upload_timeout = \"5s\"\nhealth_retries = 2", "");
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    svc.wait_count("config.reloaded", 2, WAIT);
+
+    let ev = svc.wait_release_event("release.rejected", "v2");
+    let took = waiting_since.elapsed();
+    assert!(
+        reason_of(&ev).contains("after upload_timeout = 5s"),
+        "rejected for the timeout: {ev}"
+    );
+    // Counted from the first look: 5s. Restarted by the second reload: 2.4s + 5s at least.
+    assert!(
+        took < Duration::from_millis(6500),
+        "rejected {took:?} after the wait began; upload_timeout is 5s:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        svc.events_for("upload.detected", "v2").len(),
+        1,
+        "one upload, detected once:\n{}",
+        svc.log_text()
+    );
+    // The restarted worker's first pass found the claim of a wait, not interrupted work.
+    assert!(
+        svc.events_for("heal.repaired", "v2").is_empty(),
+        "the waiting upload is no crash to repair:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(site.release_ids(), ["v1"]);
     svc.stop();
 }
 

@@ -706,6 +706,54 @@ fn metrics_file_is_renewed_by_idle_healing_passes() {
     k.stop();
 }
 
+/// With `current` deleted by hand (no healing pass has run yet), the metrics counted the
+/// release `current` had named as `previous`, taking the rollback target from the missing
+/// link, while `list --json` (and `rollback`) take it from the release the keeper last made
+/// current: the two reported different releases states.
+#[test]
+fn metrics_previous_agrees_with_list_when_current_was_deleted_by_hand() {
+    use release_keeper::release::store::Journal;
+    let site = Site::new();
+    let prom = site.tmp_path("release-keeper-web.prom");
+    let cfg = site.write_config("web", "", &format!("metrics_file = \"{}\"", prom.display()));
+    site.stage_upload(&as_refs(&small_build("v1")));
+    assert_ok(
+        &cli(&cfg, &["finalize", "web", "--id", "v1"]),
+        "finalize v1",
+    );
+    // Staged: the only good release besides v1 is not a rollback target.
+    site.stage_upload(&as_refs(&small_build("v2")));
+    assert_ok(
+        &cli(&cfg, &["finalize", "web", "--id", "v2", "--no-activate"]),
+        "finalize v2 --no-activate",
+    );
+    fs::remove_file(site.current_path()).unwrap();
+
+    let out = cli(&cfg, &["list", "web", "--json"]);
+    assert_ok(&out, "list --json");
+    let list = stdout_json(&out);
+    let config = release_keeper::commands::load_config(Some(&cfg)).expect("load the config");
+    let rsite = release_keeper::commands::site(&config, "web").expect("the site");
+    let journal = Journal::load(&rsite).expect("load the journal");
+    let text = release_keeper::metrics::render(&rsite, &journal).expect("render the metrics");
+    for state in release_keeper::metrics::STATES {
+        let in_list = list["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == state)
+            .count() as f64;
+        assert_eq!(
+            prom_value(
+                &text,
+                &format!("release_keeper_releases{{site=\"web\",state=\"{state}\"}}")
+            ),
+            Some(in_list),
+            "releases in state {state}: metrics vs list --json {list}\nmetrics:\n{text}"
+        );
+    }
+}
+
 fn common_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -81,8 +81,8 @@ pub fn plan(
 /// The plan for `site` now.
 pub fn plan_site(site: &Site, journal: &Journal) -> Result<Vec<Doomed>> {
     let state = journal.state();
-    let current = state.effective_current(site.current_id(), |r| site.release(r).is_dir());
-    let previous = state.previous_good(current.as_deref(), |r| site.release(r).is_dir());
+    let (current, previous) =
+        state.current_and_previous(site.current_id(), |r| site.release(r).is_dir());
     let on_disk = store::release_dirs_on_disk(site)?;
     Ok(plan(
         state,

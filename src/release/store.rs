@@ -285,12 +285,27 @@ impl State {
             .cloned()
     }
 
+    /// The release `current` is taken for, and the previous good release from it: the one
+    /// answer `list`, `status`, the metrics, pruning and `rollback` all use, so what they
+    /// call `previous` cannot differ. `link` is what the `current` link names; `exists`
+    /// says whether a release is on disk.
+    pub fn current_and_previous(
+        &self,
+        link: Option<String>,
+        exists: impl Fn(&str) -> bool,
+    ) -> (Option<String>, Option<String>) {
+        let current = self.effective_current(link, &exists);
+        let previous = self.previous_good(current.as_deref(), &exists);
+        (current, previous)
+    }
+
     /// The release `current` should be taken for: what the link names (`link`), else, with
     /// the link missing or dangling (a hand edit no healing pass has repaired yet), the
     /// release the keeper last switched to, if it is still on disk. Rollback and pruning
     /// reason from it, so a deleted link neither makes `rollback` "go back" to the live
-    /// release nor lets pruning delete the release a rollback would go to.
-    pub fn effective_current(
+    /// release nor lets pruning delete the release a rollback would go to. Private: taking
+    /// `previous` from the raw link instead is how the metrics once disagreed with `list`.
+    fn effective_current(
         &self,
         link: Option<String>,
         exists: impl Fn(&str) -> bool,
@@ -827,6 +842,26 @@ mod tests {
         assert_eq!(st.previous_good(Some("a"), |_| true), Some("b".into()));
         assert_eq!(st.previous_good(Some("a"), |id| id != "b"), None);
         assert_eq!(st.last_good_activated(|_| true), Some("a".into()));
+    }
+
+    #[test]
+    fn a_missing_link_is_taken_for_the_last_switch_when_finding_previous() {
+        let recs = vec![
+            rec(1, fin("a")),
+            rec(2, act("a", None)),
+            rec(3, fin("b")),
+            rec(4, act("b", Some("a"))),
+        ];
+        let st = State::from_records(&recs);
+        let link = st.current_and_previous(Some("b".into()), |_| true);
+        assert_eq!(link, (Some("b".into()), Some("a".into())));
+        assert_eq!(st.current_and_previous(None, |_| true), link);
+        // The release last switched to is gone from disk too: nothing is taken for
+        // current, and a is still the way back.
+        assert_eq!(
+            st.current_and_previous(None, |id| id != "b"),
+            (None, Some("a".into()))
+        );
     }
 
     #[test]
