@@ -25,6 +25,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 pub const HELPERS: usize = 3;
 /// Subdirectories of one directory listed ahead of the walk.
 pub const WINDOW: usize = 8;
+/// Listings ahead of the walk in all, each holding an open directory: a deep tree must
+/// not run the process out of descriptors (`WINDOW` per level, 128 levels, would be over
+/// the usual limit of 1024).
+pub const MAX_AHEAD: usize = 64;
 
 /// What listing a directory gives: its descriptor and its sorted entries, or why not.
 pub type Listing<L> = std::result::Result<(OwnedFd, L), ListError>;
@@ -46,8 +50,10 @@ enum State<L> {
     Running,
     /// Finished, not yet taken.
     Done(Listing<L>),
-    /// Taken by the walk (made by it, or collected from a helper).
+    /// Taken by the walk (made by it, or collected from a helper), or given up.
     Taken,
+    /// Given up while a helper was at it: the helper drops what it makes.
+    Abandoned,
 }
 
 /// One subdirectory to list: where it is, and what became of it.
@@ -69,6 +75,8 @@ pub struct Lookahead<L> {
     more: Condvar,
     /// Helpers waiting on `more`: a wake-up is a syscall, spent only when one is.
     idle: AtomicUsize,
+    /// Slots handed out and not yet taken or given up (at most `MAX_AHEAD`).
+    outstanding: AtomicUsize,
     stop: AtomicBool,
     list: fn(&OwnedFd, &std::path::Path) -> crate::error::Result<L>,
 }
@@ -94,14 +102,25 @@ impl<L: Send> Lookahead<L> {
             queue: Mutex::new(BTreeMap::new()),
             more: Condvar::new(),
             idle: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             list,
         }
     }
 
     /// A slot for the subdirectory `name` of `parent` (full path `path`), queued for a
-    /// helper.
-    pub fn ahead(&self, parent: &Arc<OwnedFd>, name: OsString, path: PathBuf) -> Arc<Slot<L>> {
+    /// helper; `None` while `MAX_AHEAD` are out (the walk lists that one itself).
+    pub fn ahead(
+        &self,
+        parent: &Arc<OwnedFd>,
+        name: OsString,
+        path: PathBuf,
+    ) -> Option<Arc<Slot<L>>> {
+        // Only the walk hands slots out, so the check and the increment cannot race.
+        if self.outstanding.load(Ordering::Relaxed) >= MAX_AHEAD {
+            return None;
+        }
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(Slot {
             parent: Arc::clone(parent),
             name,
@@ -115,12 +134,15 @@ impl<L: Send> Lookahead<L> {
         if self.idle.load(Ordering::SeqCst) > 0 {
             self.more.notify_one();
         }
-        slot
+        Some(slot)
     }
 
     /// The listing of `slot`: a helper's, waited for if one is making it, or made now.
     pub fn take(&self, slot: &Slot<L>) -> Listing<L> {
         let mut st = lock(&slot.state);
+        if !matches!(*st, State::Taken | State::Abandoned) {
+            self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
         loop {
             match std::mem::replace(&mut *st, State::Taken) {
                 State::Queued => {
@@ -135,7 +157,7 @@ impl<L: Send> Lookahead<L> {
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
                 State::Done(listing) => return listing,
-                State::Taken => {
+                State::Taken | State::Abandoned => {
                     // Taken twice: a caller's bug, answered as a failed read.
                     return Err(ListError::Read(crate::error::Error::Failed(format!(
                         "{} was listed twice",
@@ -180,7 +202,12 @@ impl<L: Send> Lookahead<L> {
                 *st = State::Running;
             }
             let listing = self.make(&slot);
-            *lock(&slot.state) = State::Done(listing);
+            let mut st = lock(&slot.state);
+            *st = match *st {
+                State::Abandoned => State::Taken,
+                _ => State::Done(listing),
+            };
+            drop(st);
             slot.done.notify_all();
         }
     }
@@ -188,9 +215,14 @@ impl<L: Send> Lookahead<L> {
     /// Gives up `slot`: the walk will not enter it (skipped, or no longer a directory).
     pub fn cancel(&self, slot: &Slot<L>) {
         let mut st = lock(&slot.state);
-        if matches!(*st, State::Queued | State::Done(_)) {
-            *st = State::Taken;
-        }
+        let next = match *st {
+            State::Taken | State::Abandoned => return,
+            State::Running => State::Abandoned,
+            State::Queued | State::Done(_) => State::Taken,
+        };
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        // A finished listing (and its descriptor) is dropped here.
+        *st = next;
     }
 
     /// Stops the helpers; what is still queued is dropped (the walk has ended).

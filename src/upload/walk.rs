@@ -236,16 +236,23 @@ impl Walk<'_, '_> {
             .iter()
             .enumerate()
             .filter(|(_, (_, kind))| *kind == Some(nix::dir::Type::Directory))
-            .map(|(i, _)| i);
+            .map(|(i, _)| i)
+            .peekable();
         let mut window: VecDeque<(usize, Arc<Slot<Vec<Listed>>>)> = VecDeque::new();
         let helping = self.cold.helping();
         let result = (|| {
             for (i, (name, kind)) in names.iter().enumerate() {
+                // Directories reached without a slot (all were out) are listed inline.
+                while dirs.next_if(|&j| j <= i && window.is_empty()).is_some() {}
                 while helping && window.len() < lookahead::WINDOW {
-                    let Some(j) = dirs.next() else { break };
+                    let Some(&j) = dirs.peek() else { break };
                     let name = &names[j].0;
                     let path = self.root.join(&rel).join(name);
-                    window.push_back((j, self.ahead.ahead(&fd, name.clone(), path)));
+                    let Some(slot) = self.ahead.ahead(&fd, name.clone(), path) else {
+                        break;
+                    };
+                    dirs.next();
+                    window.push_back((j, slot));
                 }
                 let slot = match window.front() {
                     Some((j, _)) if *j == i => window.pop_front().map(|(_, s)| s),
@@ -526,6 +533,51 @@ mod tests {
     }
 
     #[test]
+    fn a_deep_wide_tree_is_walked_whole_with_listings_ahead_capped() {
+        // Twelve levels of nine subdirectories each: a full window at every level would
+        // be more listings ahead than `MAX_AHEAD`.
+        let t = tempfile::tempdir().unwrap();
+        let mut d = t.path().to_path_buf();
+        for level in 0..12 {
+            for k in 0..=lookahead::WINDOW {
+                fs::create_dir_all(d.join(format!("s{k}"))).unwrap();
+                fs::write(d.join(format!("s{k}/f{level}")), "x").unwrap();
+            }
+            d = d.join("s0");
+        }
+        assert!(12 * lookahead::WINDOW > lookahead::MAX_AHEAD);
+        let mut want = Vec::new();
+        reference(t.path(), Path::new(""), &mut want);
+        for _ in 0..10 {
+            assert_eq!(walked(t.path(), |_| true), want);
+        }
+    }
+
+    #[test]
+    fn listings_ahead_stop_at_the_cap_and_resume_as_they_are_taken() {
+        let t = tree();
+        let fd = Arc::new(open_root(t.path()).unwrap());
+        let ahead = Lookahead::new(|fd, here| list(fd, here, 1, &[]));
+        let slot = |n: usize| {
+            let name = format!("d{:02}", n % 19);
+            ahead.ahead(&fd, name.clone().into(), t.path().join(name))
+        };
+        let out: Vec<_> = (0..lookahead::MAX_AHEAD)
+            .map(|n| slot(n).unwrap())
+            .collect();
+        assert!(slot(99).is_none());
+        assert!(ahead.take(&out[0]).is_ok());
+        let again = slot(1).unwrap();
+        assert!(slot(2).is_none());
+        ahead.cancel(&out[1]);
+        ahead.cancel(&out[1]);
+        assert!(slot(3).is_some());
+        assert!(slot(4).is_none());
+        assert!(ahead.take(&again).is_ok());
+        ahead.finish();
+    }
+
+    #[test]
     fn directories_the_visitor_skips_are_not_entered() {
         let t = tree();
         let seen = walked(t.path(), |rel| {
@@ -585,10 +637,14 @@ mod tests {
         let fd = Arc::new(open_root(t.path()).unwrap());
         let ahead = Lookahead::new(|fd, here| list(fd, here, 1, &[]));
         // No helpers: `take` lists it itself.
-        let slot = ahead.ahead(&fd, "d01".into(), t.path().join("d01"));
+        let slot = ahead
+            .ahead(&fd, "d01".into(), t.path().join("d01"))
+            .unwrap();
         let (_, names) = ahead.take(&slot).unwrap();
         assert_eq!(names.len(), 7, "{names:?}");
-        let gone = ahead.ahead(&fd, "nope".into(), t.path().join("nope"));
+        let gone = ahead
+            .ahead(&fd, "nope".into(), t.path().join("nope"))
+            .unwrap();
         match ahead.take(&gone) {
             Err(ListError::Open(e)) => {
                 assert!(matches!(swapped(e, Path::new("nope")), Error::Changed(_)))
@@ -596,7 +652,9 @@ mod tests {
             other => panic!("{:?}", other.map(|(_, n)| n)),
         }
         // Given up: never listed, by anyone.
-        let skipped = ahead.ahead(&fd, "d02".into(), t.path().join("d02"));
+        let skipped = ahead
+            .ahead(&fd, "d02".into(), t.path().join("d02"))
+            .unwrap();
         ahead.cancel(&skipped);
         assert!(matches!(ahead.take(&skipped), Err(ListError::Read(_))));
         ahead.finish();
