@@ -545,7 +545,7 @@ mod tests {
             }
             d = d.join("s0");
         }
-        assert!(12 * lookahead::WINDOW > lookahead::MAX_AHEAD);
+        const { assert!(12 * lookahead::WINDOW > lookahead::MAX_AHEAD) };
         let mut want = Vec::new();
         reference(t.path(), Path::new(""), &mut want);
         for _ in 0..10 {
