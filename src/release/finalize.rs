@@ -1301,6 +1301,85 @@ mod tests {
         );
     }
 
+    use std::os::unix::ffi::OsStringExt;
+
+    /// Every entry of the tree at `root`: path, mode and content (files) or target (links).
+    fn snapshot(root: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut todo = vec![PathBuf::new()];
+        while let Some(rel) = todo.pop() {
+            for e in fs::read_dir(root.join(&rel)).unwrap() {
+                let e = e.unwrap();
+                let r = rel.join(e.file_name());
+                let m = fs::symlink_metadata(root.join(&r)).unwrap();
+                let body = if m.is_dir() {
+                    todo.push(r.clone());
+                    Vec::new()
+                } else if m.file_type().is_symlink() {
+                    fs::read_link(root.join(&r))
+                        .unwrap()
+                        .into_os_string()
+                        .into_vec()
+                } else {
+                    fs::read(root.join(&r)).unwrap()
+                };
+                out.push((r, m.permissions().mode() & 0o7777, body));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn both_ways_of_flushing_build_the_same_verified_release() {
+        let t = tempfile::tempdir().unwrap();
+        let site = Site::new(crate::config::SiteConfig::with_defaults(
+            "t",
+            t.path().to_path_buf(),
+        ));
+        site.ensure_layout().unwrap();
+        let up = site.deploy_cache();
+        let mut sums = String::new();
+        for i in 0..40 {
+            let rel = format!("d{}/f{i}.txt", i % 3);
+            fs::create_dir_all(up.join(format!("d{}", i % 3))).unwrap();
+            let body = format!("file {i}\n").repeat(i + 1);
+            fs::write(up.join(&rel), &body).unwrap();
+            sums.push_str(&format!(
+                "{}  {rel}\n",
+                to_hex(&Sha256::digest(&body).into())
+            ));
+        }
+        std::os::unix::fs::symlink("d0/f0.txt", up.join("link")).unwrap();
+        fs::write(up.join("SHA256SUMS"), &sums).unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut trees = Vec::new();
+        for (id, durability) in [("a", Durability::PerFile), ("b", Durability::Syncfs)] {
+            let manifest = crate::upload::manifest::parse(sums.as_bytes()).unwrap();
+            let input = Input {
+                site: &site,
+                id,
+                link_from: None,
+                cancel: &cancel,
+                durability,
+            };
+            let expected = Expected {
+                entries: manifest,
+                manifest_digest: Sha256::digest(sums.as_bytes()).into(),
+            };
+            let out = build(&input, Some(expected)).unwrap();
+            assert_eq!((out.files, out.hashed), (41, 41), "{durability:?}");
+            trees.push(snapshot(&site.partial(id)));
+        }
+        assert_eq!(trees[0], trees[1]);
+        // Read-only, the symlink aside (its mode means nothing).
+        let link = Path::new("link");
+        assert!(trees[0]
+            .iter()
+            .all(|(p, mode, _)| p == link || mode & 0o222 == 0));
+        assert_eq!(trees[0].len(), 45);
+    }
+
     #[test]
     fn shared_file_modes_keep_read_bits_never_widen() {
         assert_eq!(shared_file_mode(0o100600), 0o600);
