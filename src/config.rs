@@ -250,6 +250,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
     check_unique_roots(&sites)?;
     check_unique_metrics_files(&sites)?;
+    check_roots_are_directories(&sites)?;
     Ok(Config {
         path: path.to_path_buf(),
         sites: into_configs(sites),
@@ -1263,6 +1264,32 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
             }
         }
         seen.insert(&parsed.config.root, (name, &parsed.root_at));
+    }
+    Ok(())
+}
+
+/// A root that exists but is not a directory (a file, a symlink to one, or a path through
+/// a file) can never be served: unlike a root that does not exist yet (a mount to come,
+/// waited for), nothing the keeper does would make it one, and the service would wait for
+/// it forever saying it does not exist. Only what the filesystem says for sure counts: a
+/// root that cannot be looked at (permissions) is left to the service.
+fn check_roots_are_directories(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigError> {
+    let mut in_order: Vec<_> = sites.iter().collect();
+    in_order.sort_by_key(|(_, parsed)| parsed.order);
+    for (name, parsed) in in_order {
+        let root = &parsed.config.root;
+        let why = match fs::metadata(root) {
+            Ok(meta) if !meta.is_dir() => "exists and is not a directory",
+            Err(err) if err.raw_os_error() == Some(libc::ENOTDIR) => {
+                "is inside a file, not a directory"
+            }
+            _ => continue,
+        };
+        return Err(parsed.root_at.error(format!(
+            "the root {:?} of site {name:?} {why}; a site's root must be a directory \
+             (or not exist yet, then the service waits for it)",
+            root.display().to_string()
+        )));
     }
     Ok(())
 }

@@ -1308,3 +1308,55 @@ fn custom_marker_and_manifest_names_apply_per_site_and_on_reload() {
     svc.wait_release_event("release.activated", "g2");
     svc.stop();
 }
+
+/// A root that exists but is not a directory (a file, or a path through a file) can never
+/// be served: it is a bad path, reported at the `root` key (file:line:column, exit 2) by
+/// `check-config`, by `run` and by every command that loads the config, instead of
+/// "root does not exist yet" and a service waiting for it forever.
+#[test]
+fn a_root_that_is_a_file_is_a_config_error_naming_the_line() {
+    let site = Site::new();
+    let file = site.tmp_path("a-file");
+    fs::write(&file, b"not a directory").unwrap();
+    for (root, what) in [
+        (file.clone(), "exists and is not a directory"),
+        (file.join("below"), "is inside a file"),
+    ] {
+        let cfg = config_file(
+            &site,
+            &format!(
+                "# shop\n[sites.shop]\nkeep = 2\nroot = \"{}\"\n",
+                root.display()
+            ),
+        );
+        assert_config_error(&cfg, 4);
+        let out = cli(&cfg, &["check-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(what) && !err.contains("does not exist yet"),
+            "check-config should say the root {what}; {}",
+            show(&out)
+        );
+        let out = cli(&cfg, &["status"]);
+        assert_eq!(out.status.code(), Some(2), "status: {}", show(&out));
+        let prefix = format!("{}:4:", cfg.display());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&prefix),
+            "status names {prefix}; {}",
+            show(&out)
+        );
+        let svc = Service::spawn_config(&cfg);
+        let status = svc.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "run refuses a root that is not a directory; log:\n{}",
+            svc.log_text()
+        );
+        assert!(
+            svc.log_text().contains(&prefix),
+            "run names {prefix}; log:\n{}",
+            svc.log_text()
+        );
+    }
+}
