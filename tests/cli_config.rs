@@ -1360,3 +1360,39 @@ fn a_root_that_is_a_file_is_a_config_error_naming_the_line() {
         );
     }
 }
+
+/// The largest durations and counts a config accepts are the operator's to choose: a stop
+/// during an activation adds them up (the time that work may still take) and must not
+/// overflow and panic, leaving the site undecided and the service dead with no exit 0.
+#[test]
+fn the_largest_accepted_timeouts_do_not_crash_a_stop_during_an_activation() {
+    let site = Site::new();
+    let started = site.tmp_path("health-check-started");
+    let check = format!(
+        "health_check = [\"/bin/sh\", \"-c\", \"touch '{}'; sleep 2\"]\n\
+         after_activate = [\"/bin/true\"]\nbefore_activate = [\"/bin/true\"]",
+        started.display()
+    );
+    let cfg = site.write_config(
+        "shop",
+        "hook_timeout = \"18446744073709551615ms\"\nhealth_retries = 4294967295\n\
+         health_interval = \"18446744073709551615ms\"",
+        &check,
+    );
+    let out = cli(&cfg, &["check-config"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let mut svc = Service::start_config(&cfg);
+    site.deploy(&[("index.html", b"v1")], "id = \"v1\"\n");
+    wait_until(
+        Duration::from_secs(20),
+        || started.exists(),
+        || format!("the health check of v1 to start; log:\n{}", svc.log_text()),
+    );
+    svc.stop(); // asserts exit 0
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "the activation under way is finished; log:\n{}",
+        svc.log_text()
+    );
+}

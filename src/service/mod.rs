@@ -277,7 +277,13 @@ async fn shutdown(workers: &mut BTreeMap<String, worker::Handle>) -> Result<()> 
     };
     match longest {
         Some(work) => {
-            let until = Instant::now() + work.saturating_add(STOP_MARGIN);
+            // The durations are the operator's (up to u64::MAX ms each, times
+            // health_retries): past what an Instant can hold, a year is as good as forever.
+            let now = Instant::now();
+            let until = now
+                .checked_add(work.saturating_add(STOP_MARGIN))
+                .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+                .unwrap_or(now);
             tracing::debug!(site = %names, extend_ms = (until - Instant::now()).as_millis() as u64,
                 "waiting for work in progress; asking systemd for the time it may take");
             extend_stop_until(exited, until).await;
