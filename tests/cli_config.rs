@@ -1396,3 +1396,25 @@ fn the_largest_accepted_timeouts_do_not_crash_a_stop_during_an_activation() {
         svc.log_text()
     );
 }
+
+/// A hook program named without a `/` is looked up in the hooks' fixed PATH when the hook
+/// runs: check-config warns when it is not there (every activation would fail on it),
+/// as it does for a missing absolute program, and stays quiet for one that is.
+#[test]
+fn check_config_warns_about_a_bare_hook_program_not_in_the_hooks_path() {
+    let site = Site::new();
+    let cfg = site.write_config(
+        "web",
+        "",
+        "before_activate = [\"no-such-program-rk\", \"--force\"]\nafter_activate = [\"true\"]",
+    );
+    let out = cli(&cfg, &["check-config"]);
+    assert_ok(&out, "check-config with a bare hook program");
+    let all = output_text(&out);
+    assert!(
+        all.contains("before_activate: no-such-program-rk: not found in the hooks' PATH"),
+        "{}",
+        show(&out)
+    );
+    assert!(!all.contains("after_activate"), "{}", show(&out));
+}
