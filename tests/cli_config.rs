@@ -1418,3 +1418,22 @@ fn check_config_warns_about_a_bare_hook_program_not_in_the_hooks_path() {
     );
     assert!(!all.contains("after_activate"), "{}", show(&out));
 }
+
+/// `run --root` given a file (or a path through one) is a bad argument, exit 2 like a
+/// config `root` that is not a directory, not an operation that failed (1).
+#[test]
+fn run_root_that_is_a_file_is_a_usage_error() {
+    let site = Site::new();
+    let file = site.tmp_path("a-file");
+    fs::write(&file, b"not a directory").unwrap();
+    for root in [file.clone(), file.join("below")] {
+        let out = cli_raw(&["run", "--root", root.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(root.to_str().unwrap()) && err.contains("not a directory"),
+            "{}",
+            show(&out)
+        );
+    }
+}

@@ -93,6 +93,19 @@ pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
         }
         Some(r) => {
             let abs = std::path::absolute(r).at(r)?;
+            // A bad argument, like a config `root` that is not a directory (exit 2), not
+            // an operation that failed.
+            let not_dir = match std::fs::metadata(&abs) {
+                Ok(meta) => !meta.is_dir(),
+                Err(e) => e.raw_os_error() == Some(libc::ENOTDIR),
+            };
+            if not_dir {
+                return Err(Error::Usage(format!(
+                    "run --root {}: a file is in the way, not a directory; give a site's \
+                     root directory, or a path to create",
+                    r.display()
+                )));
+            }
             fsops::ensure_dir(&abs, 0o755)?;
             Source::Root(abs)
         }
