@@ -1437,3 +1437,42 @@ fn run_root_that_is_a_file_is_a_usage_error() {
         );
     }
 }
+
+/// A site a reload adds whose root another service already serves cannot start (the
+/// lifetime lock): the reloaded service says so (`site.error` naming the site) instead of
+/// listing it as served and silently ignoring it, and a later reload, once the other
+/// service is gone, starts it.
+#[test]
+fn a_site_added_by_reload_that_another_service_holds_is_reported_and_retried_next_reload() {
+    let site = Site::new();
+    let cfg_a = site.write_config("x", "", "");
+    let mut a = Service::start_config(&cfg_a);
+    let other = tempfile::tempdir().unwrap();
+    let cfg_b = other.path().join("config.toml");
+    fs::write(&cfg_b, "").unwrap();
+    let mut b = Service::start_config(&cfg_b);
+    let hup = |svc: &Service| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(svc.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    fs::write(
+        &cfg_b,
+        format!("[sites.y]\nroot = \"{}\"\n", site.root.display()),
+    )
+    .unwrap();
+    hup(&b);
+    let err = b.wait_event("site.error", |v| v["site"] == "y", Duration::from_secs(10));
+    assert!(
+        err.to_string().contains("already running"),
+        "the error says why: {err}; log:\n{}",
+        b.log_text()
+    );
+    a.stop();
+    hup(&b);
+    b.wait_count("config.reloaded", 2, Duration::from_secs(10));
+    deploy_and_activate(&site, &b, "v1");
+    b.stop();
+}

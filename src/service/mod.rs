@@ -170,8 +170,26 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
                 reload(&source, &mut workers, &watcher, &ready_tx).await;
                 systemd::ready();
             }
-            // Site failures after start are logged by their workers.
-            _ = ready_rx.recv() => {}
+            // A site a reload added that cannot start (another service holds its lifetime
+            // lock): its worker reports it and ends. Said here, or the site would be
+            // silently unserved while `config.reloaded` lists it; other failures after
+            // start are logged by their workers.
+            msg = ready_rx.recv() => {
+                if let Some((name, Err(e))) = msg {
+                    tracing::error!(event = events::SITE_ERROR, site = %name, error = %e,
+                        "site not served");
+                    // Only the worker that failed is dropped, not one a later reload
+                    // started under the same name (that one keeps running).
+                    let ended = match workers.get_mut(&name) {
+                        Some(h) => h.exits_within(Duration::from_secs(1)).await,
+                        None => false,
+                    };
+                    if ended {
+                        workers.remove(&name);
+                        forget_status(&name);
+                    }
+                }
+            }
         }
     }
     shutdown(&mut workers).await
