@@ -348,11 +348,74 @@ impl Src<'_> {
         let mut message = err.message().trim().replace('\n', "; ");
         if message == "duplicate key" {
             if let Some(key) = self.text.get(span.clone()) {
-                message = format!("duplicate key {key:?}: each key may appear only once per table");
+                message = match first_definition(self.text, span.start, key) {
+                    Some(Defined::Table(header, line)) => format!(
+                        "{header} is defined twice: here and at line {line}; merge them into one"
+                    ),
+                    Some(Defined::Key(line)) => format!(
+                        "duplicate key {key:?}: already set at line {line}; each key may appear only once per table"
+                    ),
+                    None => format!(
+                        "duplicate key {key:?}: each key may appear only once per table"
+                    ),
+                };
             }
         }
         self.at(span.start, message)
     }
+}
+
+/// Where a duplicated key was first written, as far as the text shows it plainly.
+enum Defined {
+    /// A table header (`[sites.shop]`) written twice, and the line of the first one.
+    Table(String, usize),
+    /// A key written twice in the same table, and the line of the first one.
+    Key(usize),
+}
+
+/// The earlier definition of the duplicate `key` toml reported at byte `at`: an identical
+/// table header before it, or, for a plain `key = ...` line, the same key at the start of
+/// an earlier line of the same table. `None` when the text does not say it plainly
+/// (dotted keys, inline tables): the error then names only the second place.
+fn first_definition(text: &str, at: usize, key: &str) -> Option<Defined> {
+    let line_start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    let line_no = text[..line_start].matches('\n').count() + 1;
+    let earlier: Vec<&str> = text[..line_start].lines().collect();
+    let current = text[line_start..].lines().next().unwrap_or("");
+    let header = |line: &str| -> Option<String> {
+        let line = line.trim_start();
+        if !line.starts_with('[') || line.starts_with("[[") {
+            return None;
+        }
+        let end = line.find(']')?;
+        Some(
+            line[..=end]
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect(),
+        )
+    };
+    if let Some(this) = header(current) {
+        let first = earlier
+            .iter()
+            .position(|l| header(l).as_deref() == Some(this.as_str()))?;
+        return Some(Defined::Table(this, first + 1));
+    }
+    let sets_key = |line: &str| {
+        line.trim_start()
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(['=', '.']))
+    };
+    if !sets_key(current) {
+        return None;
+    }
+    // The table this line is in starts after the last header before it.
+    let table_start = earlier
+        .iter()
+        .rposition(|l| l.trim_start().starts_with('['))
+        .map_or(0, |i| i + 1);
+    let first = (table_start..earlier.len()).find(|&i| sets_key(earlier[i]))?;
+    (first + 1 < line_no).then_some(Defined::Key(first + 1))
 }
 
 /// A resolved position, kept to mention it in a later error about another site.
@@ -1626,6 +1689,30 @@ marker = "DONE"
         assert_error("[sites]\nshop = 1\n", 2, 8, "site \"shop\" must be a table");
         assert_error("defaults = 3\n", 1, 12, "\"defaults\" must be a table");
         assert_error("sites = [1]\n", 1, 9, "\"sites\" must be a table");
+    }
+
+    #[test]
+    fn a_duplicate_names_its_first_definition_where_the_text_shows_it() {
+        assert_error(
+            "[sites.a]\nroot = \"/a\"\n[ sites.a ] # again\nkeep = 2\n",
+            3,
+            9,
+            "[sites.a] is defined twice: here and at line 1",
+        );
+        assert_error(
+            "[sites.a]\nroot = \"/a\"\n[sites.b]\nroot = \"/b\"\nkeep = 1\nroot = \"/c\"\n",
+            6,
+            1,
+            "already set at line 4",
+        );
+        // Dotted keys: only the second place, but still a clear error.
+        let err = error("[sites.a]\nroot = \"/a\"\n[sites]\na.keep = 3\n");
+        assert!(
+            err.contains("duplicate key \"a\"") && !err.contains("line 1"),
+            "{err}"
+        );
+        let err = error("sites.\"é\".root = \"/a\"\n[sites.\"é\"]\nkeep = 1\n");
+        assert!(err.contains("duplicate key"), "{err}");
     }
 
     #[test]

@@ -1476,3 +1476,39 @@ fn a_site_added_by_reload_that_another_service_holds_is_reported_and_retried_nex
     deploy_and_activate(&site, &b, "v1");
     b.stop();
 }
+
+/// A site (or any table) written twice in one file, say a block pasted in again at the
+/// end of a long config, is an error naming both places: the second at file:line:column,
+/// the first by its line. So is a key set twice in one table.
+#[test]
+fn check_config_site_defined_twice_in_one_file_names_both_lines() {
+    let site = Site::new();
+    let root = site.root.display();
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[sites.shop]\nroot = \"{root}\"\n\n[sites.blog]\nroot = \"/srv/blog\"\n\n[sites.shop]\nkeep = 3\n"
+        ),
+    );
+    assert_config_error(&cfg, 7);
+    let out = cli(&cfg, &["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[sites.shop] is defined twice") && err.contains("at line 1"),
+        "both places named; {}",
+        show(&out)
+    );
+
+    let cfg = config_file(
+        &site,
+        &format!("[sites.shop]\nroot = \"{root}\"\nkeep = 2\nkeep_failed = 1\nkeep = 3\n"),
+    );
+    assert_config_error(&cfg, 5);
+    let out = cli(&cfg, &["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("duplicate key \"keep\"") && err.contains("already set at line 3"),
+        "both places named; {}",
+        show(&out)
+    );
+}
