@@ -181,7 +181,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A file or directory could not be read.
-    #[error("{file}: {source}")]
+    #[error("{file}: cannot read the config: {source}")]
     Io {
         /// The file or directory that could not be read.
         file: PathBuf,

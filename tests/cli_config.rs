@@ -1512,3 +1512,32 @@ fn check_config_site_defined_twice_in_one_file_names_both_lines() {
         show(&out)
     );
 }
+
+/// A config that cannot be read (here a directory where the file should be, or a file
+/// where `sites.d/` should be) says it is the config that could not be read, with the path
+/// and the OS error, and exits 2.
+#[test]
+fn an_unreadable_config_says_it_cannot_read_the_config() {
+    let site = Site::new();
+    let dir = site.tmp_path("config-dir.toml");
+    fs::create_dir(&dir).unwrap();
+    let out = cli(&dir, &["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}: cannot read the config: ", dir.display())),
+        "{}",
+        show(&out)
+    );
+
+    let cfg = config_file(&site, "");
+    fs::write(site.tmp_path("sites.d"), "not a directory").unwrap();
+    let out = cli(&cfg, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sites.d: cannot read the config: "),
+        "{}",
+        show(&out)
+    );
+}
