@@ -1394,6 +1394,15 @@ fn site_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
         if hidden || !is_toml || path.is_dir() {
             continue;
         }
+        // Reading a FIFO would block check-config, and the service's reload, for good.
+        if fs::metadata(&path).is_ok_and(|m| !m.is_file()) {
+            return Err(ConfigError::Invalid {
+                file: path,
+                message: "not a regular file (a FIFO, socket or device): a site file in \
+                          sites.d/ must be a regular file"
+                    .to_owned(),
+            });
+        }
         files.push(path);
     }
     files.sort();

@@ -1541,3 +1541,28 @@ fn an_unreadable_config_says_it_cannot_read_the_config() {
         show(&out)
     );
 }
+
+/// A `*.toml` in `sites.d/` that is not a regular file (a FIFO left by a tool) is an
+/// error naming it, not a check-config (or a reload) blocked for good reading it.
+#[test]
+fn a_fifo_in_sites_d_is_an_error_not_a_hang() {
+    let site = Site::new();
+    let cfg = config_file(&site, "");
+    let d = site.tmp_path("sites.d");
+    fs::create_dir(&d).unwrap();
+    let fifo = d.join("blog.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let started = std::time::Instant::now();
+    let out = cli(&cfg, &["check-config"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "check-config blocked on the FIFO"
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(fifo.to_str().unwrap()) && err.contains("not a regular file"),
+        "{}",
+        show(&out)
+    );
+}
