@@ -289,8 +289,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let letters = after.bytes().take_while(u8::is_ascii_alphabetic).count();
         let (unit, after) = after.split_at(letters);
         if unit.is_empty() {
+            // "10 minutes": the unit the operator meant, written as the keeper reads it.
+            let spaced = after.trim_start();
+            let word_len = spaced.bytes().take_while(u8::is_ascii_alphabetic).count();
             return Err(if after.starts_with(['.', ',']) {
                 "integers only (write \"1500ms\", not \"1.5s\")".to_owned()
+            } else if let (true, Some(short)) =
+                (spaced.len() < after.len(), unit_meant(&spaced[..word_len]))
+            {
+                format!("missing unit right after the number (no space; write \"{number}{short}\")")
             } else {
                 "missing unit (ms, s, m, h or d)".to_owned()
             });
@@ -301,7 +308,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            _ => return Err(format!("unknown unit {unit:?} (use ms, s, m, h or d)")),
+            _ => {
+                return Err(match unit_meant(unit) {
+                    Some(short) => format!(
+                        "unknown unit {unit:?} (use ms, s, m, h or d: write \"{number}{short}\")"
+                    ),
+                    None => format!("unknown unit {unit:?} (use ms, s, m, h or d)"),
+                })
+            }
         };
         let too_large = || "duration is too large".to_owned();
         let value: u64 = number.parse().map_err(|_| too_large())?;
@@ -312,6 +326,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         rest = after;
     }
     Ok(Duration::from_millis(total_ms))
+}
+
+/// The unit a spelled-out word means ("minutes" -> "m"), to suggest what to write instead.
+fn unit_meant(word: &str) -> Option<&'static str> {
+    // "Minutes" is clear; "M" (months?) and "H" are not: short words are taken as written.
+    let word = if word.len() > 2 {
+        word.to_ascii_lowercase()
+    } else {
+        word.to_owned()
+    };
+    Some(match word.as_str() {
+        "ms" | "msec" | "msecs" | "millis" | "millisecond" | "milliseconds" => "ms",
+        "s" | "sec" | "secs" | "second" | "seconds" => "s",
+        "m" | "min" | "mins" | "minute" | "minutes" => "m",
+        "h" | "hr" | "hrs" | "hour" | "hours" => "h",
+        "d" | "day" | "days" => "d",
+        _ => return None,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1741,7 +1773,7 @@ marker = "DONE"
             "[sites.shop]\nroot = \"/srv/shop\"\nupload_timeout = \"10 minutes\"\n",
             3,
             18,
-            r#"bad duration "10 minutes" for upload_timeout: missing unit (ms, s, m, h or d); expected e.g. "500ms", "2s", "10m", "1h""#,
+            r#"bad duration "10 minutes" for upload_timeout: missing unit right after the number (no space; write "10m"); expected e.g. "500ms", "2s", "10m", "1h""#,
         );
         assert_error(
             "[defaults]\nhook_timeout = \"0s\"\n",

@@ -1566,3 +1566,21 @@ fn a_fifo_in_sites_d_is_an_error_not_a_hang() {
         show(&out)
     );
 }
+
+/// A duration spelled out, "10 minutes" or "30sec", is an error at the value that says
+/// what to write instead ("10m", "30s"), not only that a unit is missing or unknown.
+#[test]
+fn check_config_bad_duration_suggests_what_to_write() {
+    let site = Site::new();
+    for (value, suggestion) in [
+        ("10 minutes", "write \"10m\""),
+        ("30sec", "write \"30s\""),
+        ("2 Hours", "write \"2h\""),
+    ] {
+        let cfg = site.write_config("web", "", &format!("upload_timeout = \"{value}\""));
+        assert_config_error(&cfg, 6);
+        let out = cli(&cfg, &["check-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(suggestion), "{value}: {}", show(&out));
+    }
+}
