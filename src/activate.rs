@@ -40,7 +40,9 @@ pub fn longest(cfg: &SiteConfig) -> Duration {
     };
     let attempts = cfg.health_retries.max(1);
     let health = if cfg.health_check.is_some() {
-        cfg.hook_timeout.saturating_mul(attempts) + cfg.health_interval.saturating_mul(attempts - 1)
+        cfg.hook_timeout
+            .saturating_mul(attempts)
+            .saturating_add(cfg.health_interval.saturating_mul(attempts - 1))
     } else {
         Duration::ZERO
     };
@@ -617,5 +619,17 @@ mod tests {
             Duration::from_secs(60 + 60 + 60),
             "zero retries still makes one attempt"
         );
+    }
+
+    #[test]
+    fn longest_activation_saturates_instead_of_overflowing() {
+        let mut cfg = SiteConfig::with_defaults("shop", "/srv/shop".into());
+        cfg.hook_timeout = Duration::from_millis(u64::MAX);
+        cfg.health_interval = Duration::from_millis(u64::MAX);
+        cfg.health_retries = u32::MAX;
+        cfg.before_activate = argv();
+        cfg.after_activate = argv();
+        cfg.health_check = argv();
+        assert_eq!(longest(&cfg), Duration::MAX);
     }
 }

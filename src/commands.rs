@@ -838,8 +838,24 @@ fn init_owner(flag: Option<&str>) -> Result<Option<nix::unistd::User>> {
 /// up in the service's PATH at run time, which may differ from this shell's.)
 fn program_problem(argv: &[String]) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
-    let program = Path::new(argv.first()?);
+    let name = argv.first()?;
+    let program = Path::new(name);
+    if !name.contains('/') {
+        // Looked up in the hooks' fixed PATH, not the caller's: what runs the hook is the
+        // service, whose environment a shell's `which` says nothing about.
+        let found = crate::hooks::HOOK_PATH.split(':').any(|dir| {
+            std::fs::metadata(Path::new(dir).join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        });
+        return (!found).then(|| {
+            format!(
+                "{name}: not found in the hooks' PATH ({}); give its absolute path",
+                crate::hooks::HOOK_PATH
+            )
+        });
+    }
     if !program.is_absolute() {
+        // Relative to the release (the hook's working directory): only known per release.
         return None;
     }
     match std::fs::metadata(program) {

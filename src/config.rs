@@ -181,7 +181,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A file or directory could not be read.
-    #[error("{file}: {source}")]
+    #[error("{file}: cannot read the config: {source}")]
     Io {
         /// The file or directory that could not be read.
         file: PathBuf,
@@ -250,6 +250,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
     check_unique_roots(&sites)?;
     check_unique_metrics_files(&sites)?;
+    check_roots_are_directories(&sites)?;
     Ok(Config {
         path: path.to_path_buf(),
         sites: into_configs(sites),
@@ -288,8 +289,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let letters = after.bytes().take_while(u8::is_ascii_alphabetic).count();
         let (unit, after) = after.split_at(letters);
         if unit.is_empty() {
+            // "10 minutes": the unit the operator meant, written as the keeper reads it.
+            let spaced = after.trim_start();
+            let word_len = spaced.bytes().take_while(u8::is_ascii_alphabetic).count();
             return Err(if after.starts_with(['.', ',']) {
                 "integers only (write \"1500ms\", not \"1.5s\")".to_owned()
+            } else if let (true, Some(short)) =
+                (spaced.len() < after.len(), unit_meant(&spaced[..word_len]))
+            {
+                format!("missing unit right after the number (no space; write \"{number}{short}\")")
             } else {
                 "missing unit (ms, s, m, h or d)".to_owned()
             });
@@ -300,7 +308,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            _ => return Err(format!("unknown unit {unit:?} (use ms, s, m, h or d)")),
+            _ => {
+                return Err(match unit_meant(unit) {
+                    Some(short) => format!(
+                        "unknown unit {unit:?} (use ms, s, m, h or d: write \"{number}{short}\")"
+                    ),
+                    None => format!("unknown unit {unit:?} (use ms, s, m, h or d)"),
+                })
+            }
         };
         let too_large = || "duration is too large".to_owned();
         let value: u64 = number.parse().map_err(|_| too_large())?;
@@ -311,6 +326,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         rest = after;
     }
     Ok(Duration::from_millis(total_ms))
+}
+
+/// The unit a spelled-out word means ("minutes" -> "m"), to suggest what to write instead.
+fn unit_meant(word: &str) -> Option<&'static str> {
+    // "Minutes" is clear; "M" (months?) and "H" are not: short words are taken as written.
+    let word = if word.len() > 2 {
+        word.to_ascii_lowercase()
+    } else {
+        word.to_owned()
+    };
+    Some(match word.as_str() {
+        "ms" | "msec" | "msecs" | "millis" | "millisecond" | "milliseconds" => "ms",
+        "s" | "sec" | "secs" | "second" | "seconds" => "s",
+        "m" | "min" | "mins" | "minute" | "minutes" => "m",
+        "h" | "hr" | "hrs" | "hour" | "hours" => "h",
+        "d" | "day" | "days" => "d",
+        _ => return None,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,11 +380,74 @@ impl Src<'_> {
         let mut message = err.message().trim().replace('\n', "; ");
         if message == "duplicate key" {
             if let Some(key) = self.text.get(span.clone()) {
-                message = format!("duplicate key {key:?}: each key may appear only once per table");
+                message = match first_definition(self.text, span.start, key) {
+                    Some(Defined::Table(header, line)) => format!(
+                        "{header} is defined twice: here and at line {line}; merge them into one"
+                    ),
+                    Some(Defined::Key(line)) => format!(
+                        "duplicate key {key:?}: already set at line {line}; each key may appear only once per table"
+                    ),
+                    None => format!(
+                        "duplicate key {key:?}: each key may appear only once per table"
+                    ),
+                };
             }
         }
         self.at(span.start, message)
     }
+}
+
+/// Where a duplicated key was first written, as far as the text shows it plainly.
+enum Defined {
+    /// A table header (`[sites.shop]`) written twice, and the line of the first one.
+    Table(String, usize),
+    /// A key written twice in the same table, and the line of the first one.
+    Key(usize),
+}
+
+/// The earlier definition of the duplicate `key` toml reported at byte `at`: an identical
+/// table header before it, or, for a plain `key = ...` line, the same key at the start of
+/// an earlier line of the same table. `None` when the text does not say it plainly
+/// (dotted keys, inline tables): the error then names only the second place.
+fn first_definition(text: &str, at: usize, key: &str) -> Option<Defined> {
+    let line_start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    let line_no = text[..line_start].matches('\n').count() + 1;
+    let earlier: Vec<&str> = text[..line_start].lines().collect();
+    let current = text[line_start..].lines().next().unwrap_or("");
+    let header = |line: &str| -> Option<String> {
+        let line = line.trim_start();
+        if !line.starts_with('[') || line.starts_with("[[") {
+            return None;
+        }
+        let end = line.find(']')?;
+        Some(
+            line[..=end]
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect(),
+        )
+    };
+    if let Some(this) = header(current) {
+        let first = earlier
+            .iter()
+            .position(|l| header(l).as_deref() == Some(this.as_str()))?;
+        return Some(Defined::Table(this, first + 1));
+    }
+    let sets_key = |line: &str| {
+        line.trim_start()
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(['=', '.']))
+    };
+    if !sets_key(current) {
+        return None;
+    }
+    // The table this line is in starts after the last header before it.
+    let table_start = earlier
+        .iter()
+        .rposition(|l| l.trim_start().starts_with('['))
+        .map_or(0, |i| i + 1);
+    let first = (table_start..earlier.len()).find(|&i| sets_key(earlier[i]))?;
+    (first + 1 < line_no).then_some(Defined::Key(first + 1))
 }
 
 /// A resolved position, kept to mention it in a later error about another site.
@@ -1267,6 +1363,32 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
     Ok(())
 }
 
+/// A root that exists but is not a directory (a file, a symlink to one, or a path through
+/// a file) can never be served: unlike a root that does not exist yet (a mount to come,
+/// waited for), nothing the keeper does would make it one, and the service would wait for
+/// it forever saying it does not exist. Only what the filesystem says for sure counts: a
+/// root that cannot be looked at (permissions) is left to the service.
+fn check_roots_are_directories(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigError> {
+    let mut in_order: Vec<_> = sites.iter().collect();
+    in_order.sort_by_key(|(_, parsed)| parsed.order);
+    for (name, parsed) in in_order {
+        let root = &parsed.config.root;
+        let why = match fs::metadata(root) {
+            Ok(meta) if !meta.is_dir() => "exists and is not a directory",
+            Err(err) if err.raw_os_error() == Some(libc::ENOTDIR) => {
+                "is inside a file, not a directory"
+            }
+            _ => continue,
+        };
+        return Err(parsed.root_at.error(format!(
+            "the root {:?} of site {name:?} {why}; a site's root must be a directory \
+             (or not exist yet, then the service waits for it)",
+            root.display().to_string()
+        )));
+    }
+    Ok(())
+}
+
 /// The keeper-managed directory of the root `outer` (`deploy-cache`, `releases`, ...) that
 /// `inner` lies in, if any.
 fn managed_dir_holding<'a>(inner: &'a Path, outer: &Path) -> Option<&'a OsStr> {
@@ -1303,6 +1425,15 @@ fn site_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
         let is_toml = path.extension().is_some_and(|ext| ext == "toml");
         if hidden || !is_toml || path.is_dir() {
             continue;
+        }
+        // Reading a FIFO would block check-config, and the service's reload, for good.
+        if fs::metadata(&path).is_ok_and(|m| !m.is_file()) {
+            return Err(ConfigError::Invalid {
+                file: path,
+                message: "not a regular file (a FIFO, socket or device): a site file in \
+                          sites.d/ must be a regular file"
+                    .to_owned(),
+            });
         }
         files.push(path);
     }
@@ -1602,6 +1733,30 @@ marker = "DONE"
     }
 
     #[test]
+    fn a_duplicate_names_its_first_definition_where_the_text_shows_it() {
+        assert_error(
+            "[sites.a]\nroot = \"/a\"\n[ sites.a ] # again\nkeep = 2\n",
+            3,
+            9,
+            "[sites.a] is defined twice: here and at line 1",
+        );
+        assert_error(
+            "[sites.a]\nroot = \"/a\"\n[sites.b]\nroot = \"/b\"\nkeep = 1\nroot = \"/c\"\n",
+            6,
+            1,
+            "already set at line 4",
+        );
+        // Dotted keys: only the second place, but still a clear error.
+        let err = error("[sites.a]\nroot = \"/a\"\n[sites]\na.keep = 3\n");
+        assert!(
+            err.contains("duplicate key \"a\"") && !err.contains("line 1"),
+            "{err}"
+        );
+        let err = error("sites.\"é\".root = \"/a\"\n[sites.\"é\"]\nkeep = 1\n");
+        assert!(err.contains("duplicate key"), "{err}");
+    }
+
+    #[test]
     fn syntax_errors_have_positions() {
         assert_error("[sites.shop\nroot = \"/x\"\n", 1, 12, "");
         assert_error(
@@ -1618,7 +1773,7 @@ marker = "DONE"
             "[sites.shop]\nroot = \"/srv/shop\"\nupload_timeout = \"10 minutes\"\n",
             3,
             18,
-            r#"bad duration "10 minutes" for upload_timeout: missing unit (ms, s, m, h or d); expected e.g. "500ms", "2s", "10m", "1h""#,
+            r#"bad duration "10 minutes" for upload_timeout: missing unit right after the number (no space; write "10m"); expected e.g. "500ms", "2s", "10m", "1h""#,
         );
         assert_error(
             "[defaults]\nhook_timeout = \"0s\"\n",

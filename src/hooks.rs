@@ -16,6 +16,9 @@ use nix::unistd::Pid;
 /// Bytes of stderr/stdout kept for the log.
 const TAIL_BYTES: usize = 2048;
 
+/// The fixed `PATH` hooks run with; a program named without a `/` is looked up in it.
+pub const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The variables a hook sees (besides a fixed PATH).
 #[derive(Debug, Clone)]
 pub struct HookEnv {
@@ -190,10 +193,7 @@ pub fn run(
     cmd.args(args)
         .current_dir(&env.release_path)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", HOOK_PATH)
         .env("LANG", "C.UTF-8")
         .env("RELEASE_ID", &env.release_id)
         .env("RELEASE_PATH", &env.release_path)

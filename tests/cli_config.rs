@@ -1308,3 +1308,279 @@ fn custom_marker_and_manifest_names_apply_per_site_and_on_reload() {
     svc.wait_release_event("release.activated", "g2");
     svc.stop();
 }
+
+/// A root that exists but is not a directory (a file, or a path through a file) can never
+/// be served: it is a bad path, reported at the `root` key (file:line:column, exit 2) by
+/// `check-config`, by `run` and by every command that loads the config, instead of
+/// "root does not exist yet" and a service waiting for it forever.
+#[test]
+fn a_root_that_is_a_file_is_a_config_error_naming_the_line() {
+    let site = Site::new();
+    let file = site.tmp_path("a-file");
+    fs::write(&file, b"not a directory").unwrap();
+    for (root, what) in [
+        (file.clone(), "exists and is not a directory"),
+        (file.join("below"), "is inside a file"),
+    ] {
+        let cfg = config_file(
+            &site,
+            &format!(
+                "# shop\n[sites.shop]\nkeep = 2\nroot = \"{}\"\n",
+                root.display()
+            ),
+        );
+        assert_config_error(&cfg, 4);
+        let out = cli(&cfg, &["check-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(what) && !err.contains("does not exist yet"),
+            "check-config should say the root {what}; {}",
+            show(&out)
+        );
+        let out = cli(&cfg, &["status"]);
+        assert_eq!(out.status.code(), Some(2), "status: {}", show(&out));
+        let prefix = format!("{}:4:", cfg.display());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&prefix),
+            "status names {prefix}; {}",
+            show(&out)
+        );
+        let svc = Service::spawn_config(&cfg);
+        let status = svc.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "run refuses a root that is not a directory; log:\n{}",
+            svc.log_text()
+        );
+        assert!(
+            svc.log_text().contains(&prefix),
+            "run names {prefix}; log:\n{}",
+            svc.log_text()
+        );
+    }
+}
+
+/// The largest durations and counts a config accepts are the operator's to choose: a stop
+/// during an activation adds them up (the time that work may still take) and must not
+/// overflow and panic, leaving the site undecided and the service dead with no exit 0.
+#[test]
+fn the_largest_accepted_timeouts_do_not_crash_a_stop_during_an_activation() {
+    let site = Site::new();
+    let started = site.tmp_path("health-check-started");
+    let check = format!(
+        "health_check = [\"/bin/sh\", \"-c\", \"touch '{}'; sleep 2\"]\n\
+         after_activate = [\"/bin/true\"]\nbefore_activate = [\"/bin/true\"]",
+        started.display()
+    );
+    let cfg = site.write_config(
+        "shop",
+        "hook_timeout = \"18446744073709551615ms\"\nhealth_retries = 4294967295\n\
+         health_interval = \"18446744073709551615ms\"",
+        &check,
+    );
+    let out = cli(&cfg, &["check-config"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let mut svc = Service::start_config(&cfg);
+    site.deploy(&[("index.html", b"v1")], "id = \"v1\"\n");
+    wait_until(
+        Duration::from_secs(20),
+        || started.exists(),
+        || format!("the health check of v1 to start; log:\n{}", svc.log_text()),
+    );
+    svc.stop(); // asserts exit 0
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "the activation under way is finished; log:\n{}",
+        svc.log_text()
+    );
+}
+
+/// A hook program named without a `/` is looked up in the hooks' fixed PATH when the hook
+/// runs: check-config warns when it is not there (every activation would fail on it),
+/// as it does for a missing absolute program, and stays quiet for one that is.
+#[test]
+fn check_config_warns_about_a_bare_hook_program_not_in_the_hooks_path() {
+    let site = Site::new();
+    let cfg = site.write_config(
+        "web",
+        "",
+        "before_activate = [\"no-such-program-rk\", \"--force\"]\nafter_activate = [\"true\"]",
+    );
+    let out = cli(&cfg, &["check-config"]);
+    assert_ok(&out, "check-config with a bare hook program");
+    let all = output_text(&out);
+    assert!(
+        all.contains("before_activate: no-such-program-rk: not found in the hooks' PATH"),
+        "{}",
+        show(&out)
+    );
+    assert!(!all.contains("after_activate"), "{}", show(&out));
+}
+
+/// `run --root` given a file (or a path through one) is a bad argument, exit 2 like a
+/// config `root` that is not a directory, not an operation that failed (1).
+#[test]
+fn run_root_that_is_a_file_is_a_usage_error() {
+    let site = Site::new();
+    let file = site.tmp_path("a-file");
+    fs::write(&file, b"not a directory").unwrap();
+    for root in [file.clone(), file.join("below")] {
+        let out = cli_raw(&["run", "--root", root.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(root.to_str().unwrap()) && err.contains("not a directory"),
+            "{}",
+            show(&out)
+        );
+    }
+}
+
+/// A site a reload adds whose root another service already serves cannot start (the
+/// lifetime lock): the reloaded service says so (`site.error` naming the site) instead of
+/// listing it as served and silently ignoring it, and a later reload, once the other
+/// service is gone, starts it.
+#[test]
+fn a_site_added_by_reload_that_another_service_holds_is_reported_and_retried_next_reload() {
+    let site = Site::new();
+    let cfg_a = site.write_config("x", "", "");
+    let mut a = Service::start_config(&cfg_a);
+    let other = tempfile::tempdir().unwrap();
+    let cfg_b = other.path().join("config.toml");
+    fs::write(&cfg_b, "").unwrap();
+    let mut b = Service::start_config(&cfg_b);
+    let hup = |svc: &Service| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(svc.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    fs::write(
+        &cfg_b,
+        format!("[sites.y]\nroot = \"{}\"\n", site.root.display()),
+    )
+    .unwrap();
+    hup(&b);
+    let err = b.wait_event("site.error", |v| v["site"] == "y", Duration::from_secs(10));
+    assert!(
+        err.to_string().contains("already running"),
+        "the error says why: {err}; log:\n{}",
+        b.log_text()
+    );
+    a.stop();
+    hup(&b);
+    b.wait_count("config.reloaded", 2, Duration::from_secs(10));
+    deploy_and_activate(&site, &b, "v1");
+    b.stop();
+}
+
+/// A site (or any table) written twice in one file, say a block pasted in again at the
+/// end of a long config, is an error naming both places: the second at file:line:column,
+/// the first by its line. So is a key set twice in one table.
+#[test]
+fn check_config_site_defined_twice_in_one_file_names_both_lines() {
+    let site = Site::new();
+    let root = site.root.display();
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[sites.shop]\nroot = \"{root}\"\n\n[sites.blog]\nroot = \"/srv/blog\"\n\n[sites.shop]\nkeep = 3\n"
+        ),
+    );
+    assert_config_error(&cfg, 7);
+    let out = cli(&cfg, &["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[sites.shop] is defined twice") && err.contains("at line 1"),
+        "both places named; {}",
+        show(&out)
+    );
+
+    let cfg = config_file(
+        &site,
+        &format!("[sites.shop]\nroot = \"{root}\"\nkeep = 2\nkeep_failed = 1\nkeep = 3\n"),
+    );
+    assert_config_error(&cfg, 5);
+    let out = cli(&cfg, &["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("duplicate key \"keep\"") && err.contains("already set at line 3"),
+        "both places named; {}",
+        show(&out)
+    );
+}
+
+/// A config that cannot be read (here a directory where the file should be, or a file
+/// where `sites.d/` should be) says it is the config that could not be read, with the path
+/// and the OS error, and exits 2.
+#[test]
+fn an_unreadable_config_says_it_cannot_read_the_config() {
+    let site = Site::new();
+    let dir = site.tmp_path("config-dir.toml");
+    fs::create_dir(&dir).unwrap();
+    let out = cli(&dir, &["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}: cannot read the config: ", dir.display())),
+        "{}",
+        show(&out)
+    );
+
+    let cfg = config_file(&site, "");
+    fs::write(site.tmp_path("sites.d"), "not a directory").unwrap();
+    let out = cli(&cfg, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sites.d: cannot read the config: "),
+        "{}",
+        show(&out)
+    );
+}
+
+/// A `*.toml` in `sites.d/` that is not a regular file (a FIFO left by a tool) is an
+/// error naming it, not a check-config (or a reload) blocked for good reading it.
+#[test]
+fn a_fifo_in_sites_d_is_an_error_not_a_hang() {
+    let site = Site::new();
+    let cfg = config_file(&site, "");
+    let d = site.tmp_path("sites.d");
+    fs::create_dir(&d).unwrap();
+    let fifo = d.join("blog.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let started = std::time::Instant::now();
+    let out = cli(&cfg, &["check-config"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "check-config blocked on the FIFO"
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(fifo.to_str().unwrap()) && err.contains("not a regular file"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// A duration spelled out, "10 minutes" or "30sec", is an error at the value that says
+/// what to write instead ("10m", "30s"), not only that a unit is missing or unknown.
+#[test]
+fn check_config_bad_duration_suggests_what_to_write() {
+    let site = Site::new();
+    for (value, suggestion) in [
+        ("10 minutes", "write \"10m\""),
+        ("30sec", "write \"30s\""),
+        ("2 Hours", "write \"2h\""),
+    ] {
+        let cfg = site.write_config("web", "", &format!("upload_timeout = \"{value}\""));
+        assert_config_error(&cfg, 6);
+        let out = cli(&cfg, &["check-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(suggestion), "{value}: {}", show(&out));
+    }
+}

@@ -93,6 +93,19 @@ pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
         }
         Some(r) => {
             let abs = std::path::absolute(r).at(r)?;
+            // A bad argument, like a config `root` that is not a directory (exit 2), not
+            // an operation that failed.
+            let not_dir = match std::fs::metadata(&abs) {
+                Ok(meta) => !meta.is_dir(),
+                Err(e) => e.raw_os_error() == Some(libc::ENOTDIR),
+            };
+            if not_dir {
+                return Err(Error::Usage(format!(
+                    "run --root {}: a file is in the way, not a directory; give a site's \
+                     root directory, or a path to create",
+                    r.display()
+                )));
+            }
             fsops::ensure_dir(&abs, 0o755)?;
             Source::Root(abs)
         }
@@ -157,8 +170,26 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
                 reload(&source, &mut workers, &watcher, &ready_tx).await;
                 systemd::ready();
             }
-            // Site failures after start are logged by their workers.
-            _ = ready_rx.recv() => {}
+            // A site a reload added that cannot start (another service holds its lifetime
+            // lock): its worker reports it and ends. Said here, or the site would be
+            // silently unserved while `config.reloaded` lists it; other failures after
+            // start are logged by their workers.
+            msg = ready_rx.recv() => {
+                if let Some((name, Err(e))) = msg {
+                    tracing::error!(event = events::SITE_ERROR, site = %name, error = %e,
+                        "site not served");
+                    // Only the worker that failed is dropped, not one a later reload
+                    // started under the same name (that one keeps running).
+                    let ended = match workers.get_mut(&name) {
+                        Some(h) => h.exits_within(Duration::from_secs(1)).await,
+                        None => false,
+                    };
+                    if ended {
+                        workers.remove(&name);
+                        forget_status(&name);
+                    }
+                }
+            }
         }
     }
     shutdown(&mut workers).await
@@ -277,7 +308,13 @@ async fn shutdown(workers: &mut BTreeMap<String, worker::Handle>) -> Result<()> 
     };
     match longest {
         Some(work) => {
-            let until = Instant::now() + work.saturating_add(STOP_MARGIN);
+            // The durations are the operator's (up to u64::MAX ms each, times
+            // health_retries): past what an Instant can hold, a year is as good as forever.
+            let now = Instant::now();
+            let until = now
+                .checked_add(work.saturating_add(STOP_MARGIN))
+                .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+                .unwrap_or(now);
             tracing::debug!(site = %names, extend_ms = (until - Instant::now()).as_millis() as u64,
                 "waiting for work in progress; asking systemd for the time it may take");
             extend_stop_until(exited, until).await;

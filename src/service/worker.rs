@@ -152,6 +152,11 @@ impl Handle {
         let _ = self.done.await;
     }
 
+    /// True when the worker's thread ends within `limit` (false: it is still running).
+    pub async fn exits_within(&mut self, limit: std::time::Duration) -> bool {
+        tokio::time::timeout(limit, &mut self.done).await.is_ok()
+    }
+
     /// Undoes the worker's work in progress (as SIGTERM does: an interrupted upload keeps
     /// its claim and is redone by the next worker of the site), then waits until it exits.
     /// Used on SIGTERM and for a site a reload changes or removes, so neither waits for an
