@@ -279,3 +279,51 @@ fn status_says_which_release_the_clean_drift_check_was_of() {
         show(&out)
     );
 }
+
+/// A release file edited in place (drift) must not be hard-linked into the next release:
+/// that release would then hold content its upload never had, and share the edit. Found
+/// by a hand edit (`chmod u+w; echo >>`) of `current` followed by a deploy with the file
+/// unchanged in `deploy-cache/`: the new release linked the edited inode.
+#[test]
+fn an_edited_release_file_is_not_linked_into_the_next_release() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    let edited = site.release("v1").join("docs/readme.txt");
+    fs::set_permissions(&edited, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&edited, b"read me\nand this was added by hand\n").unwrap();
+    fs::set_permissions(&edited, fs::Permissions::from_mode(0o444)).unwrap();
+
+    // deploy-cache/ is the same persistent mirror: the file is unchanged there.
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
+    let fresh = site.release("v2").join("docs/readme.txt");
+    assert_eq!(
+        fs::read(&fresh).unwrap(),
+        b"read me\n",
+        "v2 holds what was uploaded, not v1's hand edit"
+    );
+    assert_clean(&cfg, &["v2"]);
+    assert_drift(&cfg, &["v1"], "docs/readme.txt", "size");
+}
+
+/// Same, for an edit that kept the size and mode (only a re-hash sees it): once a drift
+/// check has found it, the drifted release is no source of hard links.
+#[test]
+fn a_release_with_detected_drift_is_not_a_source_of_hard_links() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    let edited = site.release("v1").join("docs/readme.txt");
+    flip_byte(&edited);
+    assert_drift(&cfg, &[], "docs/readme.txt", "content");
+
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
+    assert_eq!(
+        fs::read(site.release("v2").join("docs/readme.txt")).unwrap(),
+        b"read me\n",
+        "v2 holds what was uploaded, not v1's drifted content"
+    );
+    assert_clean(&cfg, &["v2"]);
+}

@@ -1132,10 +1132,27 @@ fn link_into(
         return false;
     };
     let no_follow = AtFlags::empty();
+    // The earlier release's manifest says what its file was when it was made; what is on
+    // disk now may have been edited since (drift). Only a file that still has the recorded
+    // type, mode and size is shared: an edited file must not spread into a new release.
+    let intact = |st: nix::Result<FileStat>| {
+        st.is_ok_and(|st| {
+            st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && st.st_mode & 0o7777 == want.mode
+                && st.st_size as u64 == want.size
+        })
+    };
     let linked = match (same_path, ctx.prev()) {
-        (Some(p), Some(prev)) if p == *want => linkat(prev, name, dst, new_name, no_follow).is_ok(),
+        (Some(p), Some(prev)) if p == *want => {
+            intact(nix::sys::stat::fstatat(
+                prev,
+                name,
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )) && linkat(prev, name, dst, new_name, no_follow).is_ok()
+        }
         _ => source.find(want).is_some_and(|from| {
-            linkat(nix::fcntl::AT_FDCWD, &from, dst, new_name, no_follow).is_ok()
+            intact(nix::sys::stat::lstat(&from))
+                && linkat(nix::fcntl::AT_FDCWD, &from, dst, new_name, no_follow).is_ok()
         }),
     };
     if !linked || !replace {
