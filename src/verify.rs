@@ -36,6 +36,15 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     let mut want: HashMap<PathBuf, store::Entry> =
         expected.into_iter().map(|e| (e.path.clone(), e)).collect();
     let mut drift = Vec::new();
+    // The release's own directory is not a manifest line (its mode follows
+    // `deploy-cache/`'s, read-only); a write or special bit on it is drift all the same:
+    // it lets anyone with that bit add files to the release.
+    let root_mode = fs::symlink_metadata(&root).at(&root)?.permissions().mode() & 0o7777;
+    if root_mode & 0o7222 != 0 {
+        drift.push(format!(
+            ".: mode changed ({root_mode:04o}: the release's directory must be read-only)"
+        ));
+    }
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);

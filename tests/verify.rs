@@ -327,3 +327,17 @@ fn a_release_with_detected_drift_is_not_a_source_of_hard_links() {
     );
     assert_clean(&cfg, &["v2"]);
 }
+
+/// The release's own directory made writable is drift too (it is not a manifest line, so
+/// `verify` used to say OK while anyone with that bit could add files to the release).
+#[test]
+fn a_writable_release_directory_is_drift() {
+    let (site, cfg) = site_with_releases("");
+    let r = site.release("v2");
+    let m = mode(&r);
+    assert_eq!(m & 0o7222, 0, "a release's directory is read-only: {m:o}");
+    fs::set_permissions(&r, fs::Permissions::from_mode(0o775)).unwrap();
+    assert_drift(&cfg, &[], ".", "mode");
+    fs::set_permissions(&r, fs::Permissions::from_mode(m)).unwrap();
+    assert_clean(&cfg, &[]);
+}
