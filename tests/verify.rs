@@ -341,3 +341,40 @@ fn a_writable_release_directory_is_drift() {
     fs::set_permissions(&r, fs::Permissions::from_mode(m)).unwrap();
     assert_clean(&cfg, &[]);
 }
+
+/// Drift found in one release must not go on being shown once another is `current`: the
+/// service checks a new `current` at once instead of after a whole `verify_interval` (an
+/// hour by default), so a deploy that replaces a tampered release clears the report.
+#[test]
+fn a_new_current_release_is_checked_at_once_and_clears_the_old_drift() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "verify_interval = \"1h\"", "");
+    let mut svc = Service::start_config(&cfg);
+    site.deploy(&as_refs(&build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    flip_byte(&site.release("v1").join("docs/readme.txt"));
+    let out = cli_when_idle(&cfg, &["verify", SITE]);
+    assert_eq!(out.status.code(), Some(1), "drift in v1; {}", show(&out));
+
+    site.deploy(&as_refs(&build("v2")), "id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+    wait_until(
+        WAIT,
+        || {
+            let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+            let v = stdout_json(&out);
+            find_site_obj(&v, SITE, "drift").is_some_and(|s| {
+                s["drift"]["release"] == "v2"
+                    && s["drift"]["paths"].as_array().is_some_and(Vec::is_empty)
+            })
+        },
+        || {
+            let out = cli(&cfg, &["status", SITE, "--json"]);
+            format!(
+                "status to show v2 checked and clean: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        },
+    );
+    svc.stop();
+}
