@@ -495,8 +495,19 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
         }
     };
     let mut reports = Vec::new();
+    // With --all, a release that cannot be verified (no stored manifest) is reported and
+    // the others are still checked; the command then fails.
+    let mut unverifiable = Vec::new();
     for i in &ids {
-        let report = verify::verify_release(&site, i)?;
+        let report = match verify::verify_release(&site, i) {
+            Ok(r) => r,
+            Err(e) if all => {
+                tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %i, error = %e, "cannot verify release");
+                unverifiable.push((i.clone(), e.to_string()));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if current.as_deref() == Some(i.as_str()) {
             verify::record(&site, &report)?;
         } else {
@@ -506,10 +517,16 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
     }
     let drifted = reports.iter().any(|r| !r.drift.is_empty());
     if as_json {
-        print_json(
-            &json!({"site": site.name(), "releases": reports.iter().map(|r| json!({
-            "id": r.release, "ok": r.drift.is_empty(), "drift": r.drift})).collect::<Vec<_>>()}),
-        )?;
+        let mut releases: Vec<Value> = reports
+            .iter()
+            .map(|r| json!({"id": r.release, "ok": r.drift.is_empty(), "drift": r.drift}))
+            .collect();
+        releases.extend(
+            unverifiable
+                .iter()
+                .map(|(i, e)| json!({"id": i, "ok": false, "drift": [], "error": e})),
+        );
+        print_json(&json!({"site": site.name(), "releases": releases}))?;
     } else {
         for r in &reports {
             if r.drift.is_empty() {
@@ -527,9 +544,18 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
                 }
             }
         }
+        for (i, e) in &unverifiable {
+            out(&format!("{} {i}: CANNOT VERIFY: {e}", site.name()))?;
+        }
     }
     if drifted {
         return Err(Error::Failed("drift detected".into()));
+    }
+    if !unverifiable.is_empty() {
+        return Err(Error::Failed(format!(
+            "{} release(s) could not be verified",
+            unverifiable.len()
+        )));
     }
     Ok(())
 }

@@ -32,6 +32,13 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     if !root.is_dir() {
         return Err(site.no_release(id));
     }
+    if !store::has_manifest(site, id) {
+        return Err(Error::Failed(format!(
+            "release {id} has no stored manifest ({}): it was not made by the keeper, or its \
+             manifest was deleted, so it cannot be verified",
+            site.manifest_of(id).display()
+        )));
+    }
     let expected = store::read_release_manifest(site, id)?;
     let mut want: HashMap<PathBuf, store::Entry> =
         expected.into_iter().map(|e| (e.path.clone(), e)).collect();

@@ -378,3 +378,31 @@ fn a_new_current_release_is_checked_at_once_and_clears_the_old_drift() {
     );
     svc.stop();
 }
+
+/// A directory in `releases/` without a stored manifest (not the keeper's, or its manifest
+/// deleted) cannot be verified: `verify SITE ID` says so plainly instead of a bare
+/// "No such file or directory", and `verify --all` still checks the others, then fails.
+#[test]
+fn a_release_without_stored_manifest_is_a_clear_error_and_all_checks_the_rest() {
+    let (site, cfg) = site_with_releases("");
+    let manifests = site.root.join(".release-keeper/manifests");
+    fs::rename(manifests.join("v1"), site.tmp_path("v1.manifest")).unwrap();
+
+    let (code, _, shown) = verify(&cfg, &["v1"]);
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("no stored manifest"), "says why: {shown}");
+
+    let (code, stdout, shown) = verify(&cfg, &["--all"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "an unverifiable release fails --all; {shown}"
+    );
+    assert!(stdout.contains("web v2: OK"), "v2 still checked: {shown}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("v1") && l.contains("no stored manifest")),
+        "v1 reported: {shown}"
+    );
+}
