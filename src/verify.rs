@@ -46,8 +46,11 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     // The release's own directory is not a manifest line (its mode follows
     // `deploy-cache/`'s, read-only); a write or special bit on it is drift all the same:
     // it lets anyone with that bit add files to the release.
-    let root_mode = fs::symlink_metadata(&root).at(&root)?.permissions().mode() & 0o7777;
-    if root_mode & 0o7222 != 0 {
+    let root_meta = fs::symlink_metadata(&root).at(&root)?;
+    let root_mode = root_meta.permissions().mode() & 0o7777;
+    if root_meta.file_type().is_symlink() {
+        drift.push(".: type changed (the release's directory is now a symlink)".to_string());
+    } else if root_mode & 0o7222 != 0 {
         drift.push(format!(
             ".: mode changed ({root_mode:04o}: the release's directory must be read-only)"
         ));

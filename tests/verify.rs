@@ -406,3 +406,21 @@ fn a_release_without_stored_manifest_is_a_clear_error_and_all_checks_the_rest() 
         "v1 reported: {shown}"
     );
 }
+
+/// `releases/<id>` swapped for a symlink to a copy elsewhere is drift, even when the copy
+/// is identical today: whoever owns the copy can change the live site at will.
+#[test]
+fn a_release_directory_swapped_for_a_symlink_is_drift() {
+    let (site, cfg) = site_with_releases("");
+    let r = site.release("v2");
+    let copy = site.tmp_path("v2-copy");
+    let out = sh(
+        site.tmp.path(),
+        &format!("cp -a {} {}", r.display(), copy.display()),
+    );
+    assert!(out.status.success(), "cp -a");
+    make_writable(&r);
+    fs::remove_dir_all(&r).unwrap();
+    std::os::unix::fs::symlink(&copy, &r).unwrap();
+    assert_drift(&cfg, &["v2"], ".", "symlink");
+}
