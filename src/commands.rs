@@ -417,6 +417,7 @@ pub fn activate(
     let mut journal = Journal::load(&site)?;
     let failed_before = is_failed(&journal, id);
     let result = activate::activate(&site, &mut journal, id, activate::Options { force });
+    verify::recheck_after_switch(&site);
     // SPEC prunes after each activation; a staged release activated here is one, and so
     // is one that its hooks or health check failed (as after an upload, where the new
     // failure may push an older failed release past `keep_failed`). A refusal changed
@@ -449,7 +450,9 @@ pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
-    let done = activate::rollback(&site, &mut journal, to)?;
+    let done = activate::rollback(&site, &mut journal, to);
+    verify::recheck_after_switch(&site);
+    let done = done?;
     if done.switched {
         out(&format!(
             "{}: rolled back, current -> {}",

@@ -178,6 +178,26 @@ pub fn record(site: &Site, report: &Report) -> Result<()> {
     Ok(())
 }
 
+/// After `current` may have switched: when the last check found drift in a release that is
+/// no longer current, re-hashes the one that is and records that, so `status` stops
+/// reporting drift that is no longer live (a deploy or a rollback is how an operator
+/// answers drift) instead of showing it for up to `verify_interval`. Costs nothing
+/// otherwise. Failures are logged: the periodic check retries.
+pub fn recheck_after_switch(site: &Site) {
+    let Some(current) = site.current_id() else {
+        return;
+    };
+    match last(site) {
+        Some(r) if r.release != current && !r.drift.is_empty() => {}
+        _ => return,
+    }
+    let result = verify_release(site, &current).and_then(|r| record(site, &r));
+    if let Err(e) = result {
+        tracing::warn!(event = events::SITE_ERROR, site = site.name(), release = %current, error = %e,
+            "cannot check the new current release for drift");
+    }
+}
+
 /// The last stored verify result, if any.
 pub fn last(site: &Site) -> Option<Report> {
     let bytes = fs::read(site.drift_file()).ok()?;

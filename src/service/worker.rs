@@ -353,19 +353,7 @@ impl Worker {
         let mut rescan_at = young_marker(site);
         let mut next_heal = after(heal_interval);
         let mut next_verify = after(site.cfg.verify_interval);
-        // The `current` whose drift check is known to be scheduled or on record.
-        let mut checked_for: Option<String> = None;
         loop {
-            // A new `current` (activated here, by a command, by healing) has no drift check
-            // of its own: the last one is of another release, and `status` would show its
-            // drift (or its clean bill) for up to `verify_interval`. Check the new one now.
-            let current = site.current_id();
-            if current.is_some() && current != checked_for {
-                if verify::last(site).map(|r| r.release) != current {
-                    next_verify = Instant::now();
-                }
-                checked_for = current;
-            }
             let deadline = rescan_at.map_or(next_heal, |r| r.min(next_heal));
             let mail = self.mailbox.wait(deadline.min(next_verify));
             if mail.stop || self.cancel.load(Ordering::Relaxed) {
