@@ -417,6 +417,7 @@ pub fn activate(
     let mut journal = Journal::load(&site)?;
     let failed_before = is_failed(&journal, id);
     let result = activate::activate(&site, &mut journal, id, activate::Options { force });
+    verify::recheck_after_switch(&site);
     // SPEC prunes after each activation; a staged release activated here is one, and so
     // is one that its hooks or health check failed (as after an upload, where the new
     // failure may push an older failed release past `keep_failed`). A refusal changed
@@ -449,7 +450,9 @@ pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
-    let done = activate::rollback(&site, &mut journal, to)?;
+    let done = activate::rollback(&site, &mut journal, to);
+    verify::recheck_after_switch(&site);
+    let done = done?;
     if done.switched {
         out(&format!(
             "{}: rolled back, current -> {}",
@@ -495,8 +498,19 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
         }
     };
     let mut reports = Vec::new();
+    // With --all, a release that cannot be verified (no stored manifest) is reported and
+    // the others are still checked; the command then fails.
+    let mut unverifiable = Vec::new();
     for i in &ids {
-        let report = verify::verify_release(&site, i)?;
+        let report = match verify::verify_release(&site, i) {
+            Ok(r) => r,
+            Err(e) if all => {
+                tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %i, error = %e, "cannot verify release");
+                unverifiable.push((i.clone(), e.to_string()));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if current.as_deref() == Some(i.as_str()) {
             verify::record(&site, &report)?;
         } else {
@@ -506,10 +520,16 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
     }
     let drifted = reports.iter().any(|r| !r.drift.is_empty());
     if as_json {
-        print_json(
-            &json!({"site": site.name(), "releases": reports.iter().map(|r| json!({
-            "id": r.release, "ok": r.drift.is_empty(), "drift": r.drift})).collect::<Vec<_>>()}),
-        )?;
+        let mut releases: Vec<Value> = reports
+            .iter()
+            .map(|r| json!({"id": r.release, "ok": r.drift.is_empty(), "drift": r.drift}))
+            .collect();
+        releases.extend(
+            unverifiable
+                .iter()
+                .map(|(i, e)| json!({"id": i, "ok": false, "drift": [], "error": e})),
+        );
+        print_json(&json!({"site": site.name(), "releases": releases}))?;
     } else {
         for r in &reports {
             if r.drift.is_empty() {
@@ -527,9 +547,18 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
                 }
             }
         }
+        for (i, e) in &unverifiable {
+            out(&format!("{} {i}: CANNOT VERIFY: {e}", site.name()))?;
+        }
     }
     if drifted {
         return Err(Error::Failed("drift detected".into()));
+    }
+    if !unverifiable.is_empty() {
+        return Err(Error::Failed(format!(
+            "{} release(s) could not be verified",
+            unverifiable.len()
+        )));
     }
     Ok(())
 }

@@ -738,7 +738,9 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
             .get(id)
             .is_some_and(|r| r.activated || r.failed.is_some());
         if !decided {
-            match activate::activate(site, journal, id, activate::Options::default()) {
+            let result = activate::activate(site, journal, id, activate::Options::default());
+            crate::verify::recheck_after_switch(site);
+            match result {
                 Ok(_) => {}
                 Err(Error::Failed(reason)) => {
                     outcome = Outcome::ActivationFailed(id.to_string(), reason);
@@ -759,14 +761,23 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
     Ok(outcome)
 }
 
-/// The newest live release with a stored manifest, as a source of hard links.
+/// The newest live release with a stored manifest, as a source of hard links. A release
+/// whose last drift check found drift is skipped: its files no longer match its manifest,
+/// and a hard link would carry the edit into the new release.
 fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
     let state = journal.state();
     let current = site.current_id();
+    let drifted = crate::verify::last(site)
+        .filter(|r| !r.drift.is_empty())
+        .map(|r| r.release);
     let candidates = current
         .into_iter()
         .chain(state.live_newest_first().map(|r| r.id.clone()));
     for id in candidates {
+        if drifted.as_deref() == Some(id.as_str()) {
+            tracing::debug!(site = site.name(), release = %id, "not a source of hard links: it has drifted");
+            continue;
+        }
         if store::has_manifest(site, &id) && site.release(&id).is_dir() {
             return Some(LinkSource::new(site.release(&id), site.manifest_of(&id)));
         }

@@ -32,10 +32,29 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     if !root.is_dir() {
         return Err(site.no_release(id));
     }
+    if !store::has_manifest(site, id) {
+        return Err(Error::Failed(format!(
+            "release {id} has no stored manifest ({}): it was not made by the keeper, or its \
+             manifest was deleted, so it cannot be verified",
+            site.manifest_of(id).display()
+        )));
+    }
     let expected = store::read_release_manifest(site, id)?;
     let mut want: HashMap<PathBuf, store::Entry> =
         expected.into_iter().map(|e| (e.path.clone(), e)).collect();
     let mut drift = Vec::new();
+    // The release's own directory is not a manifest line (its mode follows
+    // `deploy-cache/`'s, read-only); a write or special bit on it is drift all the same:
+    // it lets anyone with that bit add files to the release.
+    let root_meta = fs::symlink_metadata(&root).at(&root)?;
+    let root_mode = root_meta.permissions().mode() & 0o7777;
+    if root_meta.file_type().is_symlink() {
+        drift.push(".: type changed (the release's directory is now a symlink)".to_string());
+    } else if root_mode & 0o7222 != 0 {
+        drift.push(format!(
+            ".: mode changed ({root_mode:04o}: the release's directory must be read-only)"
+        ));
+    }
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
@@ -157,6 +176,26 @@ pub fn record(site: &Site, report: &Report) -> Result<()> {
     fsops::write_atomic(&site.drift_file(), &bytes)?;
     log_drift(site, report);
     Ok(())
+}
+
+/// After `current` may have switched: when the last check found drift in a release that is
+/// no longer current, re-hashes the one that is and records that, so `status` stops
+/// reporting drift that is no longer live (a deploy or a rollback is how an operator
+/// answers drift) instead of showing it for up to `verify_interval`. Costs nothing
+/// otherwise. Failures are logged: the periodic check retries.
+pub fn recheck_after_switch(site: &Site) {
+    let Some(current) = site.current_id() else {
+        return;
+    };
+    match last(site) {
+        Some(r) if r.release != current && !r.drift.is_empty() => {}
+        _ => return,
+    }
+    let result = verify_release(site, &current).and_then(|r| record(site, &r));
+    if let Err(e) = result {
+        tracing::warn!(event = events::SITE_ERROR, site = site.name(), release = %current, error = %e,
+            "cannot check the new current release for drift");
+    }
 }
 
 /// The last stored verify result, if any.

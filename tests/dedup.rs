@@ -273,3 +273,37 @@ fn manifest_and_hash_cache_are_in_walk_order() {
     }
     svc.stop();
 }
+
+/// An uploader that seeds `deploy-cache/` with hard links to the live release (`cp -al`,
+/// `rsync --link-dest=../current`) hands the keeper an earlier release's own inode: the
+/// new release must still get a copy, never that inode, or the uploader writing in place
+/// would alter it.
+#[test]
+fn an_upload_hard_linked_to_a_release_does_not_share_its_inode_with_the_new_release() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    site.stage_upload(&[("a.txt", b"alpha"), ("lib/b.js", b"bravo")]);
+    assert_ok(
+        &cli(&cfg, &["finalize", "web", "--id", "v1"]),
+        "finalize v1",
+    );
+
+    let dc = site.deploy_cache();
+    clear_dir(&dc);
+    fs::create_dir(dc.join("lib")).unwrap();
+    for f in ["a.txt", "lib/b.js"] {
+        fs::hard_link(site.release("v1").join(f), dc.join(f)).unwrap();
+    }
+    write_sha256sums(&dc);
+    assert_ok(
+        &cli(&cfg, &["finalize", "web", "--id", "v2"]),
+        "finalize v2",
+    );
+    for f in ["a.txt", "lib/b.js"] {
+        assert_ne!(
+            ino(&site.release("v2").join(f)),
+            ino(&dc.join(f)),
+            "v2/{f} shares its inode with deploy-cache/{f}"
+        );
+    }
+}

@@ -279,3 +279,160 @@ fn status_says_which_release_the_clean_drift_check_was_of() {
         show(&out)
     );
 }
+
+/// A release file edited in place (drift) must not be hard-linked into the next release:
+/// that release would then hold content its upload never had, and share the edit. Found
+/// by a hand edit (`chmod u+w; echo >>`) of `current` followed by a deploy with the file
+/// unchanged in `deploy-cache/`: the new release linked the edited inode.
+#[test]
+fn an_edited_release_file_is_not_linked_into_the_next_release() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    let edited = site.release("v1").join("docs/readme.txt");
+    fs::set_permissions(&edited, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&edited, b"read me\nand this was added by hand\n").unwrap();
+    fs::set_permissions(&edited, fs::Permissions::from_mode(0o444)).unwrap();
+
+    // deploy-cache/ is the same persistent mirror: the file is unchanged there.
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
+    let fresh = site.release("v2").join("docs/readme.txt");
+    assert_eq!(
+        fs::read(&fresh).unwrap(),
+        b"read me\n",
+        "v2 holds what was uploaded, not v1's hand edit"
+    );
+    assert_clean(&cfg, &["v2"]);
+    assert_drift(&cfg, &["v1"], "docs/readme.txt", "size");
+}
+
+/// Same, for an edit that kept the size and mode (only a re-hash sees it): once a drift
+/// check has found it, the drifted release is no source of hard links.
+#[test]
+fn a_release_with_detected_drift_is_not_a_source_of_hard_links() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    let edited = site.release("v1").join("docs/readme.txt");
+    flip_byte(&edited);
+    assert_drift(&cfg, &[], "docs/readme.txt", "content");
+
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
+    assert_eq!(
+        fs::read(site.release("v2").join("docs/readme.txt")).unwrap(),
+        b"read me\n",
+        "v2 holds what was uploaded, not v1's drifted content"
+    );
+    assert_clean(&cfg, &["v2"]);
+}
+
+/// The release's own directory made writable is drift too (it is not a manifest line, so
+/// `verify` used to say OK while anyone with that bit could add files to the release).
+#[test]
+fn a_writable_release_directory_is_drift() {
+    let (site, cfg) = site_with_releases("");
+    let r = site.release("v2");
+    let m = mode(&r);
+    assert_eq!(m & 0o7222, 0, "a release's directory is read-only: {m:o}");
+    fs::set_permissions(&r, fs::Permissions::from_mode(0o775)).unwrap();
+    assert_drift(&cfg, &[], ".", "mode");
+    fs::set_permissions(&r, fs::Permissions::from_mode(m)).unwrap();
+    assert_clean(&cfg, &[]);
+}
+
+/// Drift found in one release must not go on being shown once another is `current`: a
+/// deploy that replaces a tampered release clears the report at once, not after a whole
+/// `verify_interval` (an hour by default).
+#[test]
+fn a_deployed_release_clears_the_drift_of_the_one_it_replaced() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "verify_interval = \"1h\"", "");
+    let mut svc = Service::start_config(&cfg);
+    site.deploy(&as_refs(&build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    flip_byte(&site.release("v1").join("docs/readme.txt"));
+    let out = cli_when_idle(&cfg, &["verify", SITE]);
+    assert_eq!(out.status.code(), Some(1), "drift in v1; {}", show(&out));
+
+    site.deploy(&as_refs(&build("v2")), "id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+    wait_until(
+        WAIT,
+        || {
+            let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
+            let v = stdout_json(&out);
+            find_site_obj(&v, SITE, "drift").is_some_and(|s| {
+                s["drift"]["release"] == "v2"
+                    && s["drift"]["paths"].as_array().is_some_and(Vec::is_empty)
+            })
+        },
+        || {
+            let out = cli(&cfg, &["status", SITE, "--json"]);
+            format!(
+                "status to show v2 checked and clean: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        },
+    );
+    svc.stop();
+
+    // The same after a rollback, the other answer to drift: v2 tampered with, back to v1.
+    flip_byte(&site.release("v2").join("docs/readme.txt"));
+    let out = cli(&cfg, &["verify", SITE]);
+    assert_eq!(out.status.code(), Some(1), "drift in v2; {}", show(&out));
+    assert_ok(&cli(&cfg, &["rollback", SITE]), "rollback to v1");
+    let v = stdout_json(&cli(&cfg, &["status", SITE, "--json"]));
+    let s = find_site_obj(&v, SITE, "drift").unwrap_or_else(|| panic!("no drift: {v}"));
+    assert_eq!(
+        s["drift"]["release"], "v1",
+        "v1 checked after the rollback: {v}"
+    );
+}
+
+/// A directory in `releases/` without a stored manifest (not the keeper's, or its manifest
+/// deleted) cannot be verified: `verify SITE ID` says so plainly instead of a bare
+/// "No such file or directory", and `verify --all` still checks the others, then fails.
+#[test]
+fn a_release_without_stored_manifest_is_a_clear_error_and_all_checks_the_rest() {
+    let (site, cfg) = site_with_releases("");
+    let manifests = site.root.join(".release-keeper/manifests");
+    fs::rename(manifests.join("v1"), site.tmp_path("v1.manifest")).unwrap();
+
+    let (code, _, shown) = verify(&cfg, &["v1"]);
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("no stored manifest"), "says why: {shown}");
+
+    let (code, stdout, shown) = verify(&cfg, &["--all"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "an unverifiable release fails --all; {shown}"
+    );
+    assert!(stdout.contains("web v2: OK"), "v2 still checked: {shown}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("v1") && l.contains("no stored manifest")),
+        "v1 reported: {shown}"
+    );
+}
+
+/// `releases/<id>` swapped for a symlink to a copy elsewhere is drift, even when the copy
+/// is identical today: whoever owns the copy can change the live site at will.
+#[test]
+fn a_release_directory_swapped_for_a_symlink_is_drift() {
+    let (site, cfg) = site_with_releases("");
+    let r = site.release("v2");
+    let copy = site.tmp_path("v2-copy");
+    let out = sh(
+        site.tmp.path(),
+        &format!("cp -a {} {}", r.display(), copy.display()),
+    );
+    assert!(out.status.success(), "cp -a");
+    make_writable(&r);
+    fs::remove_dir_all(&r).unwrap();
+    std::os::unix::fs::symlink(&copy, &r).unwrap();
+    assert_drift(&cfg, &["v2"], ".", "symlink");
+}

@@ -1020,7 +1020,7 @@ fn process_file(
                 mode,
                 size,
             };
-            if link_into(input, ctx, name, &want, job.same_path, false) {
+            if link_into(input, ctx, name, &want, job.same_path, stat, false) {
                 return Ok(Done {
                     digest: cached,
                     mode,
@@ -1097,7 +1097,7 @@ fn process_file(
     // read once for the hash anyway; share the earlier release's inode instead of keeping
     // a second copy. The link replaces the copy by rename, so the file never goes missing.
     let want = Linkable { digest, mode, size };
-    let linked = link_into(input, ctx, name, &want, job.same_path, true);
+    let linked = link_into(input, ctx, name, &want, job.same_path, stat, true);
     Ok(Done {
         digest,
         mode,
@@ -1109,13 +1109,17 @@ fn process_file(
 /// Hard-links `name` in the new release's directory to a file of the link source with
 /// the content `want`: the one at the same path when it matches, else any. `replace`:
 /// over an existing copy (by rename, so the name never goes missing). False when there is
-/// no such file or linking fails (the caller copies, or keeps its copy).
+/// no such file or linking fails (the caller copies, or keeps its copy). `upload` is the
+/// file's stat in `deploy-cache/`: an earlier release's file that is that very inode (the
+/// uploader hard-linked it there, `cp -al`, `rsync --link-dest`) is never linked, or the
+/// new release would share an inode with `deploy-cache/`.
 fn link_into(
     input: &Input<'_>,
     ctx: &DirCtx,
     name: &OsStr,
     want: &Linkable,
     same_path: Option<Linkable>,
+    upload: &FileStat,
     replace: bool,
 ) -> bool {
     let Some(source) = input.link_from else {
@@ -1132,10 +1136,29 @@ fn link_into(
         return false;
     };
     let no_follow = AtFlags::empty();
+    // The earlier release's manifest says what its file was when it was made; what is on
+    // disk now may have been edited since (drift). Only a file that still has the recorded
+    // type, mode and size is shared: an edited file must not spread into a new release.
+    // Nor is the upload's own inode.
+    let intact = |st: nix::Result<FileStat>| {
+        st.is_ok_and(|st| {
+            st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && st.st_mode & 0o7777 == want.mode
+                && st.st_size as u64 == want.size
+                && (st.st_dev, st.st_ino) != (upload.st_dev, upload.st_ino)
+        })
+    };
     let linked = match (same_path, ctx.prev()) {
-        (Some(p), Some(prev)) if p == *want => linkat(prev, name, dst, new_name, no_follow).is_ok(),
+        (Some(p), Some(prev)) if p == *want => {
+            intact(nix::sys::stat::fstatat(
+                prev,
+                name,
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )) && linkat(prev, name, dst, new_name, no_follow).is_ok()
+        }
         _ => source.find(want).is_some_and(|from| {
-            linkat(nix::fcntl::AT_FDCWD, &from, dst, new_name, no_follow).is_ok()
+            intact(nix::sys::stat::lstat(&from))
+                && linkat(nix::fcntl::AT_FDCWD, &from, dst, new_name, no_follow).is_ok()
         }),
     };
     if !linked || !replace {
