@@ -2,7 +2,9 @@
 # Checks the systemd units in packaging/ without a running systemd:
 #   - `systemd-analyze verify` (syntax, directives, the binary exists and is executable),
 #   - `systemd-analyze security --offline=yes`: the overall exposure of every unit must be
-#     at most MAX_EXPOSURE (default 1.5).
+#     at most MAX_EXPOSURE (default 1.5),
+#   - the directives the keeper's behaviour relies on are there (Type=notify for READY=1,
+#     check-config before a reload, no restart loop on a config error's exit 2).
 #
 # Usage: scripts/check-units.sh [BINARY]
 # BINARY (default: target/debug/release-keeper, under $CARGO_TARGET_DIR if set) stands in
@@ -42,6 +44,19 @@ for unit in packaging/*.service; do
     else
         echo FAILED
         printf '%s\n' "$out" | sed 's/^/    /'
+        failed=1
+    fi
+
+    printf '%s: directives ... ' "$name"
+    missing=()
+    for want in '^Type=notify$' '^ExecReload=.* check-config$' '^Restart=on-failure$' \
+        '^RestartPreventExitStatus=2$' '^WatchdogSec='; do
+        grep -Eq "$want" "$unit" || missing+=("$want")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        echo ok
+    else
+        echo "FAILED: missing ${missing[*]}"
         failed=1
     fi
 
