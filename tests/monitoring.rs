@@ -1,0 +1,152 @@
+//! What monitoring and scripts see (SPEC "Logs", "Command line"): the events a command
+//! logs for what it did, its human output and its exit code.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+const SITE: &str = "mon";
+
+/// Writes an executable shell script and returns its path.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    let mut perm = fs::metadata(&p).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    fs::set_permissions(&p, perm).unwrap();
+    p
+}
+
+/// A config whose health check fails while `<tmp>/fail-<RELEASE_ID>` exists.
+fn flag_health_config(site: &Site, defaults: &str, site_extra: &str) -> PathBuf {
+    let health = script(
+        &site.tmp_path(""),
+        "health.sh",
+        &format!(
+            "test ! -e \"{}/fail-$RELEASE_ID\"",
+            site.tmp_path("").display()
+        ),
+    );
+    site.write_config(
+        SITE,
+        &format!("health_retries = 1\nhealth_interval = \"0s\"\n{defaults}"),
+        &format!("health_check = [\"{}\"]\n{site_extra}", health.display()),
+    )
+}
+
+/// Stages a small build and runs `finalize --id ID` (json logs), asserting its exit code.
+fn finalize_as(site: &Site, cfg: &Path, id: &str, code: i32) -> std::process::Output {
+    let b = small_build(id);
+    site.stage_upload(&as_refs(&b));
+    let out = cli(cfg, &["finalize", SITE, "--id", id, "--log-format", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "finalize {id}: {}",
+        show(&out)
+    );
+    out
+}
+
+fn events_named(out: &std::process::Output, name: &str) -> Vec<Value> {
+    stderr_events(out)
+        .into_iter()
+        .filter(|v| v["event"] == name)
+        .collect()
+}
+
+/// `release.rolled_back` means `current` went back to an earlier release. A `rollback`
+/// whose target then failed its health check logged it before the check ran, so a
+/// monitor counted a rollback to v1 that never held (v1 failed, `current` returned to v2)
+/// and read `current` as v1. Only the return to v2 may be logged as a rollback.
+#[test]
+fn rollback_whose_target_fails_its_checks_logs_no_rollback_to_it() {
+    let site = Site::new();
+    let cfg = flag_health_config(&site, "", "");
+    for id in ["v1", "v2"] {
+        finalize_as(&site, &cfg, id, 0);
+    }
+    fs::write(site.tmp_path("fail-v1"), b"").unwrap();
+    let out = cli(&cfg, &["rollback", SITE, "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(site.current_id().as_deref(), Some("v2"), "{}", show(&out));
+    let rolled = events_named(&out, "release.rolled_back");
+    assert!(
+        !rolled.iter().any(|v| v["previous"] == "v1"),
+        "no release.rolled_back to v1: it failed its health check; {}",
+        show(&out)
+    );
+    assert!(
+        rolled
+            .iter()
+            .any(|v| v["release"] == "v1" && v["previous"] == "v2"),
+        "the return to v2 is logged; {}",
+        show(&out)
+    );
+
+    // A rollback that holds is logged once, after its checks, with the fields of SPEC.
+    fs::remove_file(site.tmp_path("fail-v1")).unwrap();
+    finalize_as(&site, &cfg, "v3", 0);
+    let out = cli(&cfg, &["rollback", SITE, "--log-format", "json"]);
+    assert_ok(&out, "rollback v3 -> v2");
+    let all = stderr_events(&out);
+    let rolled: Vec<&Value> = all
+        .iter()
+        .filter(|v| v["event"] == "release.rolled_back")
+        .collect();
+    assert_eq!(rolled.len(), 1, "{}", show(&out));
+    let ev = rolled[0];
+    assert_eq!(ev["site"], SITE, "{ev}");
+    assert_eq!(ev["release"], "v3", "{ev}");
+    assert_eq!(ev["previous"], "v2", "{ev}");
+    assert!(ev["reason"].is_string(), "{ev}");
+    assert!(ev["duration_ms"].is_u64(), "{ev}");
+}
+
+/// `finalize` whose release fails its checks with nowhere to roll back to: `current` is
+/// on the release, so the output must not say it was "not activated", and the error names
+/// what failed instead of "finalize did not complete".
+#[test]
+fn finalize_with_failed_activation_says_what_happened() {
+    let site = Site::new();
+    let cfg = flag_health_config(&site, "", "");
+    fs::write(site.tmp_path("fail-v1"), b"").unwrap();
+    let out = finalize_as(&site, &cfg, "v1", 1);
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("not activated") && stdout.contains("v1 finalized; activation failed"),
+        "stdout contradicts where current is: {}",
+        show(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("did not complete")
+            && stderr.contains(&format!(
+                "site {SITE}: release v1 was finalized but its activation failed"
+            )),
+        "the error names the site, the release and what failed: {}",
+        show(&out)
+    );
+
+    // A rejected upload says so on stderr too.
+    let b = small_build("v2");
+    site.stage_upload(&as_refs(&b));
+    fs::write(
+        site.deploy_cache().join("extra.txt"),
+        b"not in the manifest",
+    )
+    .unwrap();
+    let out = cli(&cfg, &["finalize", SITE, "--id", "v2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("site {SITE}: the upload was rejected")),
+        "{}",
+        show(&out)
+    );
+}
