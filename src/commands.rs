@@ -652,8 +652,10 @@ pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<Strin
     ))
 }
 
-fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<bool> {
-    let mut ok = true;
+/// Prints one line per outcome; returns what went wrong, for the command's error (exit 1),
+/// or None when every upload was finalized (and activated when asked).
+fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<Option<String>> {
+    let mut problems = Vec::new();
     for o in outcomes {
         match o {
             Outcome::Released(id) => out(&format!("{}: release {id} finalized", site.name()))?,
@@ -662,23 +664,28 @@ fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<bool> {
                 site.name()
             ))?,
             Outcome::Rejected(r) => {
-                ok = false;
+                problems.push("the upload was rejected".to_string());
                 out(&format!("{}: upload rejected: {r}", site.name()))?
             }
             Outcome::Deferred(r) => {
-                ok = false;
+                problems.push("the upload was deferred".to_string());
                 out(&format!("{}: upload deferred: {r}", site.name()))?
             }
             Outcome::ActivationFailed(id, r) => {
-                ok = false;
+                // The release exists whatever its checks said; the reason says where
+                // `current` is now (rolled back, stays on it, or never switched), so the
+                // line must not claim "not activated" when it is current.
+                problems.push(format!(
+                    "release {id} was finalized but its activation failed"
+                ));
                 out(&format!(
-                    "{}: release {id} finalized but not activated: {r}",
+                    "{}: release {id} finalized; activation failed: {r}",
                     site.name()
                 ))?
             }
         }
     }
-    Ok(ok)
+    Ok((!problems.is_empty()).then(|| format!("site {}: {}", site.name(), problems.join("; "))))
 }
 
 /// `finalize SITE [--id ID] [--no-activate]`.
@@ -703,10 +710,10 @@ pub fn finalize(
         },
     )?;
     let outcomes = pipeline::run_pending(&site, &AtomicBool::new(false), false)?;
-    if !report_outcomes(&site, &outcomes)? {
-        return Err(Error::Failed("finalize did not complete".into()));
+    match report_outcomes(&site, &outcomes)? {
+        Some(problem) => Err(Error::Failed(problem)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// `manifest DIR [-o FILE]`.
