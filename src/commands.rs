@@ -757,7 +757,9 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
             let path = other.map_or_else(|| dir.join(&defaults.manifest), Path::to_path_buf);
             fsops::write_atomic(&path, &buf)?;
             let noun = if n == 1 { "file" } else { "files" };
-            eprintln!("wrote {} ({n} {noun})", path.display());
+            // Human output goes to stdout (SPEC); only with `-o -`, where stdout is the
+            // manifest itself, is there nothing to say.
+            out(&format!("wrote {} ({n} {noun})", path.display()))?;
         }
     }
     Ok(())

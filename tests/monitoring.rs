@@ -150,3 +150,31 @@ fn finalize_with_failed_activation_says_what_happened() {
         show(&out)
     );
 }
+
+/// SPEC: "human output goes to stdout, logs to stderr". `manifest DIR` said what it
+/// wrote on stderr, where a script capturing the command's output did not see it.
+#[test]
+fn manifest_says_what_it_wrote_on_stdout() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(&build, &as_refs(&small_build("m1")));
+    let out = cli_raw(&["manifest", build.to_str().unwrap()]);
+    assert_ok(&out, "manifest DIR");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("wrote {}", build.join(MANIFEST).display()))
+            && stdout.contains("(2 files)"),
+        "{}",
+        show(&out)
+    );
+    assert!(out.stderr.is_empty(), "nothing on stderr: {}", show(&out));
+    // `-o -`: stdout is the manifest and nothing else.
+    let out = cli_raw(&["manifest", build.to_str().unwrap(), "-o", "-"]);
+    assert_ok(&out, "manifest DIR -o -");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().count() == 2 && !text.contains("wrote"),
+        "{}",
+        show(&out)
+    );
+}
