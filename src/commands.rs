@@ -230,7 +230,21 @@ pub fn list_doc(site: &Site, journal: &Journal) -> Value {
 /// `list SITE [--json]`.
 pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
     let site = site(cfg, name)?;
-    require_root(&site)?;
+    if !site.root_exists() {
+        // A root not made yet is waited for, not an error (SPEC): the site has no
+        // releases, and says so in the shape `status` gives it, exit 0, so a script
+        // listing every configured site does not fail on one not deployed yet.
+        if as_json {
+            return print_json(&json!({"site": site.name(), "root_missing": true,
+                "current": null, "previous": null, "releases": []}));
+        }
+        return out(&format!(
+            "{}: no releases (root {} does not exist yet; `release-keeper init {}` creates it)",
+            site.name(),
+            site.root().display(),
+            site.name()
+        ));
+    }
     let doc = list_doc(&site, &Journal::load(&site)?);
     if as_json {
         return print_json(&doc);

@@ -178,3 +178,29 @@ fn manifest_says_what_it_wrote_on_stdout() {
         show(&out)
     );
 }
+
+/// A configured site whose root does not exist yet is waited for, not an error (SPEC);
+/// `status` showed it with no releases, but `list` failed with exit 1 and printed no
+/// JSON, so a script listing every configured site broke on one not deployed yet.
+#[test]
+fn list_of_a_site_whose_root_is_not_made_yet_is_an_empty_list() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    fs::remove_dir_all(site.root.clone()).unwrap();
+    let out = cli(&cfg, &["list", SITE, "--json"]);
+    assert_ok(&out, "list --json of a site without its root");
+    let doc = stdout_json(&out);
+    assert_eq!(doc["site"], SITE, "{doc}");
+    assert_eq!(doc["current"], Value::Null, "{doc}");
+    assert_eq!(doc["releases"], serde_json::json!([]), "{doc}");
+    let out = cli(&cfg, &["list", SITE]);
+    assert_ok(&out, "list of a site without its root");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("no releases") && stdout.contains("does not exist yet"),
+        "{}",
+        show(&out)
+    );
+    // Nothing was created by looking.
+    assert!(!site.root.exists());
+}
