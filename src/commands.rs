@@ -525,6 +525,10 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
             "id": r.release, "ok": r.drift.is_empty(), "drift": r.drift})).collect::<Vec<_>>()}),
         )?;
     } else {
+        if reports.is_empty() {
+            // `--all` on a site without releases: say so rather than print nothing.
+            out(&format!("{}: no releases to verify", site.name()))?;
+        }
         for r in &reports {
             if r.drift.is_empty() {
                 out(&format!("{} {}: OK", site.name(), r.release))?;

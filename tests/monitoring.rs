@@ -204,3 +204,22 @@ fn list_of_a_site_whose_root_is_not_made_yet_is_an_empty_list() {
     // Nothing was created by looking.
     assert!(!site.root.exists());
 }
+
+/// `verify --all` of a site without releases printed nothing at all, which reads like a
+/// command that did not run; it says there was nothing to verify (exit 0, no drift).
+#[test]
+fn verify_all_without_releases_says_so() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    assert_ok(&cli(&cfg, &["init", SITE]), "init");
+    let out = cli(&cfg, &["verify", SITE, "--all"]);
+    assert_ok(&out, "verify --all of an empty site");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{SITE}: no releases to verify")),
+        "{}",
+        show(&out)
+    );
+    let out = cli(&cfg, &["verify", SITE, "--all", "--json"]);
+    assert_ok(&out, "verify --all --json of an empty site");
+    assert_eq!(stdout_json(&out)["releases"], serde_json::json!([]));
+}
