@@ -438,7 +438,7 @@ pub fn activate(
     // reported.
     if result.is_ok() || (!failed_before && is_failed(&journal, id)) {
         if let Err(e) = retention::prune(&site, &mut journal) {
-            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                 "pruning failed; will retry after the next release");
         }
     }

@@ -223,3 +223,25 @@ fn verify_all_without_releases_says_so() {
     assert_ok(&out, "verify --all --json of an empty site");
     assert_eq!(stdout_json(&out)["releases"], serde_json::json!([]));
 }
+
+/// SPEC "Logs": what went wrong is the `reason` field. A second service for a site logged
+/// `site.error` with the cause in `error`, where a monitor reading `reason` saw nothing.
+#[test]
+fn a_refused_second_service_logs_its_reason_as_reason() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    let out = cli(&cfg, &["run", "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let ev = stderr_events(&out)
+        .into_iter()
+        .find(|v| v["event"] == "site.error")
+        .unwrap_or_else(|| panic!("no site.error: {}", show(&out)));
+    assert_eq!(ev["site"], SITE, "{ev}");
+    assert!(
+        reason_of(&ev).contains("already running"),
+        "the cause is in `reason`: {ev}"
+    );
+    assert!(ev.get("error").is_none(), "{ev}");
+    svc.stop();
+}

@@ -269,7 +269,7 @@ impl Worker {
                     .watcher
                     .watch(parent, None, site.name(), Arc::clone(heal_wake))
                 {
-                    tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                    tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                         "cannot watch the root's parent");
                 }
             }
@@ -293,7 +293,7 @@ impl Worker {
                     let e = already_running(site);
                     if failing.is_some() {
                         // Started already (reported as such): say why the site is not served.
-                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                             "site not served");
                     }
                     report(Err(e));
@@ -302,7 +302,7 @@ impl Worker {
                 Err(e) => {
                     let text = e.to_string();
                     if failing.as_deref() != Some(text.as_str()) {
-                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                             "cannot set up the site; retrying at each healing pass");
                         crate::service::set_status(site, "cannot set up the site");
                         failing = Some(text);
@@ -312,7 +312,7 @@ impl Worker {
                         self.watcher
                             .watch(site.root(), None, site.name(), Arc::clone(heal_wake))
                     {
-                        tracing::debug!(site = site.name(), error = %e, "cannot watch the root");
+                        tracing::debug!(site = site.name(), reason = %e, "cannot watch the root");
                     }
                     let mail = self.mailbox.wait(after(heal_interval));
                     if mail.stop || self.cancel.load(Ordering::Relaxed) {
@@ -335,7 +335,7 @@ impl Worker {
                     .watcher
                     .watch(&dir, name, site.name(), Arc::clone(wake))
                 {
-                    tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "cannot watch");
+                    tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "cannot watch");
                 }
             }
         };
@@ -410,7 +410,7 @@ impl Worker {
     fn work_logged(&self, job: Job, kept: &mut Kept) {
         if let Err(e) = self.work(job, kept) {
             if !matches!(e, Error::Interrupted) {
-                tracing::error!(event = crate::events::SITE_ERROR, site = self.site.name(), error = %e, job = ?job, "work failed");
+                tracing::error!(event = crate::events::SITE_ERROR, site = self.site.name(), reason = %e, job = ?job, "work failed");
             }
         }
     }
@@ -508,7 +508,7 @@ fn retake_lifetime_lock(site: &Site) -> Retaken {
         }
         Err(e) => {
             tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %path.display(),
-                error = %e, "cannot take the lifetime lock again yet");
+                reason = %e, "cannot take the lifetime lock again yet");
             Retaken::NotYet
         }
     }
