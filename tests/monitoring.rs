@@ -245,3 +245,34 @@ fn a_refused_second_service_logs_its_reason_as_reason() {
     assert!(ev.get("error").is_none(), "{ev}");
     svc.stop();
 }
+
+/// `--wait` takes the next word as its optional DURATION, so `pin --wait SITE ID` took
+/// the site for a duration and complained that ID was missing. The error now names the
+/// value `--wait` got and says how to write it (still exit 2, a usage error).
+#[test]
+fn wait_before_the_positional_arguments_names_the_mistake() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let out = cli(&cfg, &["pin", "--wait", SITE, "v1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("'{SITE}'")) && stderr.contains("--wait=DURATION"),
+        "{}",
+        show(&out)
+    );
+    assert!(!stderr.contains("<ID>"), "{}", show(&out));
+    // The forms that work still do.
+    assert_ok(&cli(&cfg, &["init", SITE]), "init");
+    let out = cli(&cfg, &["pin", "--wait=1s", SITE, "nope"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no such release: {}",
+        show(&out)
+    );
+    let out = cli(&cfg, &["prune", SITE, "--wait"]);
+    assert_ok(&out, "prune --wait");
+    let out = cli(&cfg, &["prune", SITE, "--wait", "2s"]);
+    assert_ok(&out, "prune --wait 2s");
+}
