@@ -567,7 +567,7 @@ pub fn prune(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> 
     }
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in doomed {
-        out(&format!("{verb} {} ({})", d.id, d.why))?;
+        out(&format!("{}: {verb} {} ({})", site.name(), d.id, d.why))?;
     }
     Ok(())
 }
@@ -584,11 +584,13 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
         outcome.repairs.splice(0..0, locks);
     }
     let prefix = if dry_run { "would " } else { "" };
+    // Every line names the site, as the other commands' lines do, so the output of a
+    // loop over sites still says which site each repair was in.
     for r in &outcome.repairs {
-        out(&format!("{prefix}{} ({})", r.what, r.why))?;
+        out(&format!("{}: {prefix}{} ({})", site.name(), r.what, r.why))?;
     }
     for r in &outcome.reports {
-        out(&format!("note: {r}"))?;
+        out(&format!("{}: note: {r}", site.name()))?;
     }
     if !outcome.in_service.is_empty() {
         // Redoing them here would log a second `upload.detected` for one upload and could

@@ -276,3 +276,52 @@ fn wait_before_the_positional_arguments_names_the_mistake() {
     let out = cli(&cfg, &["prune", SITE, "--wait", "2s"]);
     assert_ok(&out, "prune --wait 2s");
 }
+
+/// `prune` and `heal` printed their lines without the site ("deleted v1 (...)",
+/// "linked htdocs -> ..."), unlike every other command and their own "SITE: nothing to
+/// prune": a loop over sites could not tell which site a line was about.
+#[test]
+fn prune_and_heal_lines_name_the_site() {
+    let site = Site::new();
+    let links = "links = { htdocs = \"current\" }";
+    let cfg = site.write_config(SITE, "", links);
+    for id in ["v1", "v2", "v3"] {
+        finalize_as(&site, &cfg, id, 0);
+    }
+    // With keep = 1, and v2 the previous good release, v1 goes at the next prune.
+    let cfg = site.write_config(SITE, "keep = 1\n", links);
+    for (args, what) in [
+        (&["prune", SITE, "--dry-run"][..], "would delete v1"),
+        (&["prune", SITE], "deleted v1"),
+    ] {
+        let out = cli(&cfg, args);
+        assert_ok(&out, what);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{SITE}: {what} ("))),
+            "{}",
+            show(&out)
+        );
+    }
+    fs::remove_file(site.root.join("htdocs")).unwrap();
+    fs::create_dir(site.releases_dir().join("handmade")).ok();
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !stdout.is_empty() && stdout.lines().all(|l| l.starts_with(&format!("{SITE}: "))),
+        "{}",
+        show(&out)
+    );
+    assert!(stdout.contains("would link htdocs"), "{}", show(&out));
+    let out = cli(&cfg, &["heal", SITE]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        stdout.lines().all(|l| l.starts_with(&format!("{SITE}: ")))
+            && stdout.contains(&format!("{SITE}: linked htdocs"))
+            && stdout.contains(&format!("{SITE}: note: ")),
+        "{}",
+        show(&out)
+    );
+}
