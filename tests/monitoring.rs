@@ -325,3 +325,22 @@ fn prune_and_heal_lines_name_the_site() {
         show(&out)
     );
 }
+
+/// Exit 2 is for usage errors (SPEC): `run --root FILE` names a directory that cannot be
+/// one, a wrong argument, and exited 1 as if the service had failed at its work.
+#[test]
+fn run_root_naming_a_file_is_a_usage_error() {
+    let site = Site::new();
+    let file = site.tmp_path("not-a-dir");
+    fs::write(&file, b"x").unwrap();
+    let out = cli_raw(&["run", "--root", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "--root {}: exists but is not a directory",
+            file.display()
+        )),
+        "{}",
+        show(&out)
+    );
+}

@@ -93,6 +93,14 @@ pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
         }
         Some(r) => {
             let abs = std::path::absolute(r).at(r)?;
+            // A --root that names a file is a wrong argument (exit 2), not a failure of
+            // the service.
+            if std::fs::metadata(&abs).is_ok_and(|m| !m.is_dir()) {
+                return Err(Error::Usage(format!(
+                    "--root {}: exists but is not a directory",
+                    abs.display()
+                )));
+            }
             fsops::ensure_dir(&abs, 0o755)?;
             Source::Root(abs)
         }
