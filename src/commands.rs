@@ -738,6 +738,23 @@ pub fn finalize(
 
 /// `manifest DIR [-o FILE]`.
 pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
+    // A DIR that is no directory is a wrong argument (exit 2), as `run --root FILE` is.
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Usage(format!(
+                "manifest {}: not a directory",
+                dir.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Usage(format!(
+                "manifest {}: no such directory",
+                dir.display()
+            )))
+        }
+        Err(_) => {}
+    }
     let defaults = SiteConfig::with_defaults("manifest", PathBuf::from("/"));
     let mut names = vec![
         std::ffi::OsStr::new(&defaults.manifest),

@@ -344,3 +344,30 @@ fn run_root_naming_a_file_is_a_usage_error() {
         show(&out)
     );
 }
+
+/// `manifest DIR` with a DIR that does not exist or is a file is a wrong argument: exit 2
+/// naming it, not 1 with a bare OS error.
+#[test]
+fn manifest_of_a_missing_dir_is_a_usage_error() {
+    let site = Site::new();
+    let missing = site.tmp_path("no-such-build");
+    let out = cli_raw(&["manifest", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "manifest {}: no such directory",
+            missing.display()
+        )),
+        "{}",
+        show(&out)
+    );
+    let file = site.tmp_path("a-file");
+    fs::write(&file, b"x").unwrap();
+    let out = cli_raw(&["manifest", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a directory"),
+        "{}",
+        show(&out)
+    );
+}
