@@ -65,6 +65,9 @@ pub const SITE_WAITING: &str = "site.waiting";
 pub const SITE_ERROR: &str = "site.error";
 /// inotify lost events (queue overflow or read error); every site is rescanned.
 pub const WATCH_OVERFLOW: &str = "watch.overflow";
+/// A command (or the service) ended with an error; with `--log-format json` the error is
+/// logged as this event instead of a plain line, so stderr stays one object per line.
+pub const COMMAND_FAILED: &str = "command.failed";
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

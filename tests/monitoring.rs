@@ -371,3 +371,50 @@ fn manifest_of_a_missing_dir_is_a_usage_error() {
         show(&out)
     );
 }
+
+/// SPEC "Logs": with `--log-format json` the output is one JSON object per line. A failing
+/// command ended its stderr with a plain `release-keeper: ...` line, so `2>&1 | jq`
+/// stopped at the one line that said what went wrong. It is a `command.failed` event now,
+/// with the reason and the exit code; text mode keeps the plain line.
+#[test]
+fn with_json_logs_a_failing_command_ends_with_a_json_line() {
+    let site = Site::new();
+    let cfg = flag_health_config(&site, "", "");
+    finalize_as(&site, &cfg, "v1", 0);
+    fs::write(site.tmp_path("fail-v2"), b"").unwrap();
+    let out = finalize_as(&site, &cfg, "v2", 1);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok_and(|v| v.is_object()),
+            "not a JSON object: {line:?}; {}",
+            show(&out)
+        );
+    }
+    let ev = stderr_events(&out)
+        .into_iter()
+        .find(|v| v["event"] == "command.failed")
+        .unwrap_or_else(|| panic!("no command.failed: {}", show(&out)));
+    assert_eq!(ev["site"], SITE, "{ev}");
+    assert_eq!(ev["exit_code"], 1, "{ev}");
+    assert!(reason_of(&ev).contains("activation failed"), "{ev}");
+
+    // Usage errors too (exit 2), and the text format keeps its plain line.
+    let out = cli(&cfg, &["--log-format", "json", "list", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let events = stderr_events(&out);
+    assert!(
+        events.len() == String::from_utf8_lossy(&out.stderr).lines().count()
+            && events
+                .iter()
+                .any(|v| v["event"] == "command.failed" && v["exit_code"] == 2),
+        "{}",
+        show(&out)
+    );
+    let out = cli(&cfg, &["list", "nosuch"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("release-keeper: unknown site"),
+        "{}",
+        show(&out)
+    );
+}
