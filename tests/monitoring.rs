@@ -418,3 +418,34 @@ fn with_json_logs_a_failing_command_ends_with_a_json_line() {
         show(&out)
     );
 }
+
+/// A site whose `root` names a file: `check-config`, `status`, `list` and the command
+/// errors said it "does not exist yet", sending the operator to look for a missing
+/// directory (or run `init`, which cannot help) instead of at the file in its place.
+#[test]
+fn a_root_that_is_a_file_is_not_reported_as_missing() {
+    let site = Site::new();
+    let file = site.tmp_path("root-is-a-file");
+    fs::write(&file, b"x").unwrap();
+    let cfg = site.tmp_path("file-root.toml");
+    fs::write(
+        &cfg,
+        format!("[sites.{SITE}]\nroot = \"{}\"\n", file.display()),
+    )
+    .unwrap();
+    for args in [
+        &["check-config"][..],
+        &["status"],
+        &["list", SITE],
+        &["prune", SITE],
+    ] {
+        let out = cli(&cfg, args);
+        let all = output_text(&out);
+        assert!(
+            all.contains("exists but is not a directory") && !all.contains("does not exist"),
+            "`{}`: {}",
+            args.join(" "),
+            show(&out)
+        );
+    }
+}
