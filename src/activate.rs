@@ -526,16 +526,6 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
         to: target.clone(),
         reason: "rollback requested".into(),
     })?;
-    tracing::info!(
-        event = events::RELEASE_ROLLED_BACK,
-        site = site.name(),
-        // Absent when `current` was missing: there is no release it moved away from.
-        release = current.as_deref(),
-        previous = %target,
-        reason = "rollback requested",
-        duration_ms = started.elapsed().as_millis() as u64,
-        "rolled back"
-    );
     let env = hook_env(site, &target, current.as_deref());
     if let Some(f) = check(site, &env) {
         // The same verdict as an activation's: a release that fails its checks is marked
@@ -557,6 +547,20 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
         )?;
         return Err(Error::Failed(format!("rollback to {target} failed: {e}")));
     }
+    // Logged once the target passed its checks, as `release.activated` is: a rollback
+    // whose target fails them is not one a monitor should count (`health.failed` or
+    // `hook.failed` and the return to `current`'s release are logged instead), and
+    // `duration_ms` covers the checks.
+    tracing::info!(
+        event = events::RELEASE_ROLLED_BACK,
+        site = site.name(),
+        // Absent when `current` was missing: there is no release it moved away from.
+        release = current.as_deref(),
+        previous = %target,
+        reason = "rollback requested",
+        duration_ms = started.elapsed().as_millis() as u64,
+        "rolled back"
+    );
     Ok(Rollback {
         to: target,
         switched: true,

@@ -25,8 +25,26 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Wait {
     /// Wait for a busy site (forever, or up to DURATION) instead of exiting 75.
-    #[arg(long, num_args = 0..=1, default_missing_value = "forever", value_name = "DURATION")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "forever", value_name = "DURATION",
+        value_parser = wait_duration)]
     pub wait: Option<String>,
+}
+
+/// Checks `--wait`'s optional value when it is parsed. `--wait` takes the word after it
+/// when there is one, so `activate --wait shop v1` took `shop` for the DURATION and then
+/// complained that ID was missing, pointing away from the real mistake.
+fn wait_duration(s: &str) -> Result<String, String> {
+    if s == "forever" {
+        return Ok(s.to_string());
+    }
+    crate::config::parse_duration(s)
+        .map(|_| s.to_string())
+        .map_err(|e| {
+            format!(
+                "{e} (--wait takes the word after it as its DURATION: put --wait after the \
+                 positional arguments, or write --wait=DURATION)"
+            )
+        })
 }
 
 /// The commands of SPEC.md.

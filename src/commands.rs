@@ -64,9 +64,10 @@ fn require_root(site: &Site) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Failed(format!(
-            "site {}: root {} does not exist (run `release-keeper init {}`)",
+            "site {}: root {} {} (`release-keeper init {}` creates it)",
             site.name(),
             site.root().display(),
+            site.root_missing_why(),
             site.name()
         )))
     }
@@ -230,7 +231,22 @@ pub fn list_doc(site: &Site, journal: &Journal) -> Value {
 /// `list SITE [--json]`.
 pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
     let site = site(cfg, name)?;
-    require_root(&site)?;
+    if !site.root_exists() {
+        // A root not made yet is waited for, not an error (SPEC): the site has no
+        // releases, and says so in the shape `status` gives it, exit 0, so a script
+        // listing every configured site does not fail on one not deployed yet.
+        if as_json {
+            return print_json(&json!({"site": site.name(), "root_missing": true,
+                "current": null, "previous": null, "releases": []}));
+        }
+        return out(&format!(
+            "{}: no releases (root {} {}; `release-keeper init {}` creates it)",
+            site.name(),
+            site.root().display(),
+            site.root_missing_why(),
+            site.name()
+        ));
+    }
     let doc = list_doc(&site, &Journal::load(&site)?);
     if as_json {
         return print_json(&doc);
@@ -379,10 +395,12 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
             let root = cfg
                 .sites
                 .get(d["site"].as_str().unwrap_or(""))
-                .map(|c| c.root.display().to_string())
+                .map(|c| c.root.clone())
                 .unwrap_or_default();
+            let why = crate::site::root_missing_why(&root);
+            let root = root.display();
             out(&format!(
-                "site {}\n  root:     {root} does not exist yet (the service waits for it; `release-keeper init {}` creates it)",
+                "site {}\n  root:     {root} {why} (the service waits for it; `release-keeper init {}` creates it)",
                 d["site"].as_str().unwrap_or(""),
                 d["site"].as_str().unwrap_or(""),
             ))?;
@@ -425,7 +443,7 @@ pub fn activate(
     // reported.
     if result.is_ok() || (!failed_before && is_failed(&journal, id)) {
         if let Err(e) = retention::prune(&site, &mut journal) {
-            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                 "pruning failed; will retry after the next release");
         }
     }
@@ -531,6 +549,10 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
         );
         print_json(&json!({"site": site.name(), "releases": releases}))?;
     } else {
+        if reports.is_empty() {
+            // `--all` on a site without releases: say so rather than print nothing.
+            out(&format!("{}: no releases to verify", site.name()))?;
+        }
         for r in &reports {
             if r.drift.is_empty() {
                 out(&format!("{} {}: OK", site.name(), r.release))?;
@@ -578,7 +600,7 @@ pub fn prune(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> 
     }
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in doomed {
-        out(&format!("{verb} {} ({})", d.id, d.why))?;
+        out(&format!("{}: {verb} {} ({})", site.name(), d.id, d.why))?;
     }
     Ok(())
 }
@@ -595,11 +617,13 @@ pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> R
         outcome.repairs.splice(0..0, locks);
     }
     let prefix = if dry_run { "would " } else { "" };
+    // Every line names the site, as the other commands' lines do, so the output of a
+    // loop over sites still says which site each repair was in.
     for r in &outcome.repairs {
-        out(&format!("{prefix}{} ({})", r.what, r.why))?;
+        out(&format!("{}: {prefix}{} ({})", site.name(), r.what, r.why))?;
     }
     for r in &outcome.reports {
-        out(&format!("note: {r}"))?;
+        out(&format!("{}: note: {r}", site.name()))?;
     }
     if !outcome.in_service.is_empty() {
         // Redoing them here would log a second `upload.detected` for one upload and could
@@ -681,8 +705,10 @@ pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<Strin
     ))
 }
 
-fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<bool> {
-    let mut ok = true;
+/// Prints one line per outcome; returns what went wrong, for the command's error (exit 1),
+/// or None when every upload was finalized (and activated when asked).
+fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<Option<String>> {
+    let mut problems = Vec::new();
     for o in outcomes {
         match o {
             Outcome::Released(id) => out(&format!("{}: release {id} finalized", site.name()))?,
@@ -691,23 +717,28 @@ fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<bool> {
                 site.name()
             ))?,
             Outcome::Rejected(r) => {
-                ok = false;
+                problems.push("the upload was rejected".to_string());
                 out(&format!("{}: upload rejected: {r}", site.name()))?
             }
             Outcome::Deferred(r) => {
-                ok = false;
+                problems.push("the upload was deferred".to_string());
                 out(&format!("{}: upload deferred: {r}", site.name()))?
             }
             Outcome::ActivationFailed(id, r) => {
-                ok = false;
+                // The release exists whatever its checks said; the reason says where
+                // `current` is now (rolled back, stays on it, or never switched), so the
+                // line must not claim "not activated" when it is current.
+                problems.push(format!(
+                    "release {id} was finalized but its activation failed"
+                ));
                 out(&format!(
-                    "{}: release {id} finalized but not activated: {r}",
+                    "{}: release {id} finalized; activation failed: {r}",
                     site.name()
                 ))?
             }
         }
     }
-    Ok(ok)
+    Ok((!problems.is_empty()).then(|| format!("site {}: {}", site.name(), problems.join("; "))))
 }
 
 /// `finalize SITE [--id ID] [--no-activate]`.
@@ -732,14 +763,31 @@ pub fn finalize(
         },
     )?;
     let outcomes = pipeline::run_pending(&site, &AtomicBool::new(false), false)?;
-    if !report_outcomes(&site, &outcomes)? {
-        return Err(Error::Failed("finalize did not complete".into()));
+    match report_outcomes(&site, &outcomes)? {
+        Some(problem) => Err(Error::Failed(problem)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// `manifest DIR [-o FILE]`.
 pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
+    // A DIR that is no directory is a wrong argument (exit 2), as `run --root FILE` is.
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Usage(format!(
+                "manifest {}: not a directory",
+                dir.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Usage(format!(
+                "manifest {}: no such directory",
+                dir.display()
+            )))
+        }
+        Err(_) => {}
+    }
     let defaults = SiteConfig::with_defaults("manifest", PathBuf::from("/"));
     let mut names = vec![
         std::ffi::OsStr::new(&defaults.manifest),
@@ -779,7 +827,9 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
             let path = other.map_or_else(|| dir.join(&defaults.manifest), Path::to_path_buf);
             fsops::write_atomic(&path, &buf)?;
             let noun = if n == 1 { "file" } else { "files" };
-            eprintln!("wrote {} ({n} {noun})", path.display());
+            // Human output goes to stdout (SPEC); only with `-o -`, where stdout is the
+            // manifest itself, is there nothing to say.
+            out(&format!("wrote {} ({n} {noun})", path.display()))?;
         }
     }
     Ok(())
@@ -902,8 +952,10 @@ pub fn check_config(flag: Option<&Path>) -> Result<()> {
     let cfg = load_config(flag)?;
     for s in cfg.sites.values() {
         if !s.root.is_dir() {
+            let why = crate::site::root_missing_why(&s.root);
             tracing::warn!(event = crate::events::SITE_WAITING, site = %s.name, root = %s.root.display(),
-                "root does not exist yet; the service will wait for it");
+                reason = %format!("root {} {why}", s.root.display()),
+                "root {why}; the service will wait for it");
         }
         for (key, argv) in [
             ("before_activate", &s.before_activate),

@@ -65,6 +65,9 @@ pub const SITE_WAITING: &str = "site.waiting";
 pub const SITE_ERROR: &str = "site.error";
 /// inotify lost events (queue overflow or read error); every site is rescanned.
 pub const WATCH_OVERFLOW: &str = "watch.overflow";
+/// A command (or the service) ended with an error; with `--log-format json` the error is
+/// logged as this event instead of a plain line, so stderr stays one object per line.
+pub const COMMAND_FAILED: &str = "command.failed";
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -377,18 +380,15 @@ mod tests {
         }
     }
 
-    /// SPEC "Logs": every event carries `site`, so a monitor can tell which site a line
-    /// is about. A diagnostic logged where the site is not known (deep in `fsops`, or the
-    /// process-wide inotify reader) breaks that; this finds every `tracing` call with an
-    /// `event` field and requires a `site` field beside it.
-    #[test]
-    fn every_event_logged_in_the_source_names_its_site() {
+    /// Every `tracing` call in the source that has an `event` field and lacks one of
+    /// `required` or has one of `forbidden`, as `file:line`.
+    fn events_breaking(required: &[&str], forbidden: &[&str]) -> Vec<String> {
         let mut files = Vec::new();
         rust_files(
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
             &mut files,
         );
-        let mut missing = Vec::new();
+        let mut found = Vec::new();
         for file in files {
             let src = std::fs::read_to_string(&file).unwrap();
             for level in ["trace", "debug", "info", "warn", "error"] {
@@ -402,16 +402,41 @@ mod tests {
                                 .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '=']))
                         })
                     };
-                    if field("event") && !field("site") {
+                    if field("event")
+                        && (required.iter().any(|f| !field(f))
+                            || forbidden.iter().any(|f| field(f)))
+                    {
                         let line = src[..at].matches('\n').count() + 1;
-                        missing.push(format!("{}:{line}", file.display()));
+                        found.push(format!("{}:{line}", file.display()));
                     }
                 }
             }
         }
+        found
+    }
+
+    /// SPEC "Logs": every event carries `site`, so a monitor can tell which site a line
+    /// is about. A diagnostic logged where the site is not known (deep in `fsops`, or the
+    /// process-wide inotify reader) breaks that; this finds every `tracing` call with an
+    /// `event` field and requires a `site` field beside it.
+    #[test]
+    fn every_event_logged_in_the_source_names_its_site() {
+        let missing = events_breaking(&["site"], &[]);
         assert!(
             missing.is_empty(),
             "events without a `site` field: {missing:?}"
+        );
+    }
+
+    /// SPEC "Logs": events carry what went wrong as `reason`. `site.error` and
+    /// `watch.overflow` named it `error`, so a monitor showing the `reason` of every
+    /// warning showed nothing for them.
+    #[test]
+    fn every_event_says_what_went_wrong_as_reason_not_error() {
+        let found = events_breaking(&[], &["error"]);
+        assert!(
+            found.is_empty(),
+            "events with an `error` field instead of `reason`: {found:?}"
         );
     }
 }

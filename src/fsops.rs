@@ -545,7 +545,7 @@ impl Drop for Held<'_> {
         // Closing would release it too; unlocking keeps the file open for the next use.
         if let Err(e) = self.0.file.unlock() {
             tracing::warn!(event = crate::events::SITE_ERROR, site = %self.0.site,
-                path = %self.0.path.display(), error = %e, "cannot unlock");
+                path = %self.0.path.display(), reason = %e, "cannot unlock");
         }
     }
 }

@@ -784,7 +784,7 @@ fn heal_trash(
                 // stop the pass before `current` is looked at; it stays out of
                 // `releases/` and the next pass tries again.
                 tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
-                    release = trashed_id(name), path = %path.display(), error = %e,
+                    release = trashed_id(name), path = %path.display(), reason = %e,
                     "cannot finish deleting a trashed release yet; will retry");
                 continue;
             }

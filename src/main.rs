@@ -68,16 +68,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(result?)
 }
 
+/// The site a command is about, if it names one.
+fn site_of(command: &Command) -> Option<&str> {
+    match command {
+        Command::Status { site, .. } => site.as_deref(),
+        Command::List { site, .. }
+        | Command::Activate { site, .. }
+        | Command::Rollback { site, .. }
+        | Command::Verify { site, .. }
+        | Command::Prune { site, .. }
+        | Command::Heal { site, .. }
+        | Command::Pin { site, .. }
+        | Command::Unpin { site, .. }
+        | Command::Finalize { site, .. }
+        | Command::Init { site, .. } => Some(site),
+        Command::Run { root: Some(_) } => Some(service::DEFAULT_SITE),
+        Command::Run { root: None }
+        | Command::Manifest { .. }
+        | Command::CheckConfig
+        | Command::Completions { .. }
+        | Command::Man { .. } => None,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     events::init(cli.log_format);
+    let json = cli.log_format == Some(events::LogFormat::Json);
+    let site = site_of(&cli.command).unwrap_or("").to_string();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{e}`, not `{e:#}`: the library's errors already end with their cause, and
-            // the alternate form would print the OS error a second time.
-            eprintln!("release-keeper: {e}");
             let code = e.downcast_ref::<Error>().map_or(1, Error::exit_code);
+            if json {
+                // With `--log-format json` every line on stderr is one JSON object
+                // (SPEC): a plain "release-keeper: ..." line after the events broke
+                // `2>&1 | jq` at the very line that said what went wrong.
+                tracing::error!(
+                    event = events::COMMAND_FAILED,
+                    site = %site,
+                    reason = %e,
+                    exit_code = code,
+                    "{e}"
+                );
+            } else {
+                // `{e}`, not `{e:#}`: the library's errors already end with their cause,
+                // and the alternate form would print the OS error a second time.
+                eprintln!("release-keeper: {e}");
+            }
             ExitCode::from(code as u8)
         }
     }

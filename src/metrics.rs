@@ -53,7 +53,7 @@ pub fn update(site: &Site, journal: Result<&Journal>) {
         Err(e) => {
             let msg = e.to_string();
             if last.get(site.name()) != Some(&msg) {
-                tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %path.display(), error = %msg,
+                tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %path.display(), reason = %msg,
                     "cannot write the metrics file");
                 last.insert(site.name().to_string(), msg);
             }

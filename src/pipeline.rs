@@ -723,7 +723,7 @@ fn process_claim(
     // The cache only speeds up the next release: it is saved off the path to `current`.
     if let Some(w) = built.cache {
         if let Err(e) = w.commit() {
-            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "cannot save the hash cache");
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "cannot save the hash cache");
         }
     }
     outcome.map(Step::Done)
@@ -756,7 +756,7 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
     }
     // Pruning never decides the outcome of a deploy.
     if let Err(e) = retention::prune(site, journal) {
-        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "pruning failed; will retry after the next release");
+        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "pruning failed; will retry after the next release");
     }
     Ok(outcome)
 }

@@ -790,7 +790,7 @@ fn manifest_output_inside_the_build_dir_does_not_list_itself() {
             &format!("manifest DIR -o DIR/MANIFEST.sha256 (run {run})"),
         );
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains("(1 file)"),
+            String::from_utf8_lossy(&out.stdout).contains("(1 file)"),
             "one file is counted as \"1 file\": {}",
             show(&out)
         );

@@ -586,7 +586,7 @@ fn rejection_whose_journal_record_fails_keeps_the_claim_and_is_retried() {
     site.drop_marker("id = \"bad\"\n");
     svc.wait_event(
         "site.error",
-        |v| v["error"].as_str().is_some_and(|e| e.contains("journal")),
+        |v| v["reason"].as_str().is_some_and(|e| e.contains("journal")),
         WAIT,
     );
     let claims = site.root.join(".release-keeper/claims");

@@ -468,7 +468,7 @@ pub fn build(input: &Input<'_>, manifest: Option<Expected>) -> Result<Output> {
     let result = build_into(input, manifest, &partial);
     if result.is_err() {
         if let Err(e) = fsops::remove_tree(&partial) {
-            tracing::warn!(event = crate::events::SITE_ERROR, site = input.site.name(), path = %partial.display(), error = %e,
+            tracing::warn!(event = crate::events::SITE_ERROR, site = input.site.name(), path = %partial.display(), reason = %e,
                 "cannot remove partial release; healing will retry");
         }
     }

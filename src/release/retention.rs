@@ -107,7 +107,7 @@ pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
         })?;
         let _ = std::fs::remove_file(site.manifest_of(&d.id));
         if let Err(e) = fsops::at_idle_io(|| fsops::remove_tree(&trashed)) {
-            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %d.id, error = %e,
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %d.id, reason = %e,
                 "pruned release left the releases/ directory but could not be removed fully; healing retries");
         }
         tracing::info!(

@@ -422,7 +422,7 @@ impl Journal {
                             site = %self.site,
                             path = %path.display(),
                             line = n + 1,
-                            error = %e,
+                            reason = %e,
                             "skipping unreadable journal line"
                         ),
                     }

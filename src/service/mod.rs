@@ -143,7 +143,7 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
                 let Some((name, res)) = msg else { break };
                 waiting -= 1;
                 if let Err(e) = res {
-                    tracing::error!(event = crate::events::SITE_ERROR, site = %name, error = %e, "site failed to start");
+                    tracing::error!(event = crate::events::SITE_ERROR, site = %name, reason = %e, "site failed to start");
                     stop_all(&mut workers).await;
                     return Err(e);
                 }

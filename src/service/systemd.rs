@@ -29,7 +29,7 @@ fn send(states: &[NotifyState<'_>]) {
         return;
     }
     if let Err(e) = sd_notify::notify(states) {
-        tracing::debug!(error = %e, "sd_notify failed");
+        tracing::debug!(reason = %e, "sd_notify failed");
     }
 }
 

@@ -209,7 +209,7 @@ fn read_loop(inotify: &Inotify, table: &Mutex<Table>) {
                 // No more events: wake everyone once; the heal timer is the backstop.
                 if let Ok(table) = table.lock() {
                     for site in table.sites() {
-                        tracing::error!(event = crate::events::WATCH_OVERFLOW, site, error = %e,
+                        tracing::error!(event = crate::events::WATCH_OVERFLOW, site, reason = %e,
                             "cannot read inotify events; rescanning the site, relying on \
                              the heal timer from now on");
                     }

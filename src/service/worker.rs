@@ -266,7 +266,8 @@ impl Worker {
         // picked up as soon as it appears, with the heal timer as a backstop.
         if !site.root_exists() {
             tracing::warn!(event = crate::events::SITE_WAITING, site = site.name(), root = %site.root().display(),
-                "site root does not exist yet; waiting for it");
+                reason = %format!("root {} {}", site.root().display(), site.root_missing_why()),
+                "site root {}; waiting for it", site.root_missing_why());
             crate::service::set_status(site, "waiting for its root");
             report(Ok(()));
             if let Some(parent) = site.root().parent() {
@@ -274,7 +275,7 @@ impl Worker {
                     .watcher
                     .watch(parent, None, site.name(), Arc::clone(heal_wake))
                 {
-                    tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                    tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                         "cannot watch the root's parent");
                 }
             }
@@ -298,7 +299,7 @@ impl Worker {
                     let e = already_running(site);
                     if failing.is_some() {
                         // Started already (reported as such): say why the site is not served.
-                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                             "site not served");
                     }
                     report(Err(e));
@@ -307,7 +308,7 @@ impl Worker {
                 Err(e) => {
                     let text = e.to_string();
                     if failing.as_deref() != Some(text.as_str()) {
-                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e,
+                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                             "cannot set up the site; retrying at each healing pass");
                         crate::service::set_status(site, "cannot set up the site");
                         failing = Some(text);
@@ -317,7 +318,7 @@ impl Worker {
                         self.watcher
                             .watch(site.root(), None, site.name(), Arc::clone(heal_wake))
                     {
-                        tracing::debug!(site = site.name(), error = %e, "cannot watch the root");
+                        tracing::debug!(site = site.name(), reason = %e, "cannot watch the root");
                     }
                     let mail = self.mailbox.wait(after(heal_interval));
                     if mail.stop || self.cancel.load(Ordering::Relaxed) {
@@ -340,7 +341,7 @@ impl Worker {
                     .watcher
                     .watch(&dir, name, site.name(), Arc::clone(wake))
                 {
-                    tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), error = %e, "cannot watch");
+                    tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "cannot watch");
                 }
             }
         };
@@ -415,7 +416,7 @@ impl Worker {
     fn work_logged(&self, job: Job, kept: &mut Kept) {
         if let Err(e) = self.work(job, kept) {
             if !matches!(e, Error::Interrupted) {
-                tracing::error!(event = crate::events::SITE_ERROR, site = self.site.name(), error = %e, job = ?job, "work failed");
+                tracing::error!(event = crate::events::SITE_ERROR, site = self.site.name(), reason = %e, job = ?job, "work failed");
             }
         }
     }
@@ -513,7 +514,7 @@ fn retake_lifetime_lock(site: &Site) -> Retaken {
         }
         Err(e) => {
             tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %path.display(),
-                error = %e, "cannot take the lifetime lock again yet");
+                reason = %e, "cannot take the lifetime lock again yet");
             Retaken::NotYet
         }
     }

@@ -298,7 +298,7 @@ pub fn finish_hidden_claims(site: &Site, paths: &[PathBuf], dry_run: bool) -> Re
             if let Err(e) = claim_hidden(site, hidden, stem) {
                 // Kept for the next pass; the rest of the pass goes on.
                 tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
-                    path = %hidden.display(), error = %e, "cannot finish an interrupted claim yet");
+                    path = %hidden.display(), reason = %e, "cannot finish an interrupted claim yet");
                 continue;
             }
         }
@@ -413,7 +413,7 @@ pub fn pending(site: &Site) -> Result<Vec<Pending>> {
                 match serde_json::from_slice::<Claim>(&bytes) {
                     Ok(c) => out.push(Pending::Resolved(p, c)),
                     Err(e) => {
-                        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %p.display(), error = %e,
+                        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), path = %p.display(), reason = %e,
                             "removing unreadable claim");
                         let _ = fs::remove_file(&p);
                     }
