@@ -523,7 +523,7 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
         let report = match verify::verify_release(&site, i) {
             Ok(r) => r,
             Err(e) if all => {
-                tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %i, error = %e, "cannot verify release");
+                tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %i, reason = %e, "cannot verify release");
                 unverifiable.push((i.clone(), e.to_string()));
                 continue;
             }

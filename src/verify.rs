@@ -193,7 +193,7 @@ pub fn recheck_after_switch(site: &Site) {
     }
     let result = verify_release(site, &current).and_then(|r| record(site, &r));
     if let Err(e) = result {
-        tracing::warn!(event = events::SITE_ERROR, site = site.name(), release = %current, error = %e,
+        tracing::warn!(event = events::SITE_ERROR, site = site.name(), release = %current, reason = %e,
             "cannot check the new current release for drift");
     }
 }

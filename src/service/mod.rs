@@ -176,7 +176,7 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
             // start are logged by their workers.
             msg = ready_rx.recv() => {
                 if let Some((name, Err(e))) = msg {
-                    tracing::error!(event = events::SITE_ERROR, site = %name, error = %e,
+                    tracing::error!(event = events::SITE_ERROR, site = %name, reason = %e,
                         "site not served");
                     // Only the worker that failed is dropped, not one a later reload
                     // started under the same name (that one keeps running).
