@@ -64,10 +64,9 @@ fn require_root(site: &Site) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Failed(format!(
-            "site {}: root {} {} (`release-keeper init {}` creates it)",
+            "site {}: root {} does not exist (run `release-keeper init {}`)",
             site.name(),
             site.root().display(),
-            site.root_missing_why(),
             site.name()
         )))
     }
@@ -240,10 +239,9 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
                 "current": null, "previous": null, "releases": []}));
         }
         return out(&format!(
-            "{}: no releases (root {} {}; `release-keeper init {}` creates it)",
+            "{}: no releases (root {} does not exist yet; `release-keeper init {}` creates it)",
             site.name(),
             site.root().display(),
-            site.root_missing_why(),
             site.name()
         ));
     }
@@ -395,12 +393,10 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
             let root = cfg
                 .sites
                 .get(d["site"].as_str().unwrap_or(""))
-                .map(|c| c.root.clone())
+                .map(|c| c.root.display().to_string())
                 .unwrap_or_default();
-            let why = crate::site::root_missing_why(&root);
-            let root = root.display();
             out(&format!(
-                "site {}\n  root:     {root} {why} (the service waits for it; `release-keeper init {}` creates it)",
+                "site {}\n  root:     {root} does not exist yet (the service waits for it; `release-keeper init {}` creates it)",
                 d["site"].as_str().unwrap_or(""),
                 d["site"].as_str().unwrap_or(""),
             ))?;
@@ -952,10 +948,8 @@ pub fn check_config(flag: Option<&Path>) -> Result<()> {
     let cfg = load_config(flag)?;
     for s in cfg.sites.values() {
         if !s.root.is_dir() {
-            let why = crate::site::root_missing_why(&s.root);
             tracing::warn!(event = crate::events::SITE_WAITING, site = %s.name, root = %s.root.display(),
-                reason = %format!("root {} {why}", s.root.display()),
-                "root {why}; the service will wait for it");
+                "root does not exist yet; the service will wait for it");
         }
         for (key, argv) in [
             ("before_activate", &s.before_activate),

@@ -165,13 +165,6 @@ impl Site {
         self.root().is_dir()
     }
 
-    /// What is wrong with a root that is not a directory, for messages: a root that
-    /// does not exist yet is waited for, but a file in its place is an operator's mistake
-    /// and must not be reported as "does not exist".
-    pub fn root_missing_why(&self) -> &'static str {
-        root_missing_why(self.root())
-    }
-
     /// Creates the missing directories of the layout (not the root itself).
     pub fn ensure_layout(&self) -> Result<()> {
         fsops::ensure_dir(&self.deploy_cache(), 0o775)?;
@@ -242,13 +235,4 @@ fn resolved_release_id(target: &Path, root: &Path) -> Option<String> {
     }
     let id = resolved.file_name()?.to_str()?;
     crate::upload::marker::valid_id(id).then(|| id.to_string())
-}
-
-/// See [`Site::root_missing_why`].
-pub fn root_missing_why(root: &Path) -> &'static str {
-    if std::fs::symlink_metadata(root).is_ok() && !root.is_dir() {
-        "exists but is not a directory"
-    } else {
-        "does not exist yet"
-    }
 }

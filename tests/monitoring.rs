@@ -402,7 +402,8 @@ fn with_json_logs_a_failing_command_ends_with_a_json_line() {
 
 /// A site whose `root` names a file: `check-config`, `status`, `list` and the command
 /// errors said it "does not exist yet", sending the operator to look for a missing
-/// directory (or run `init`, which cannot help) instead of at the file in its place.
+/// directory (or run `init`, which cannot help) instead of at the file in its place. It is
+/// a config error now, the same from every command that loads the config.
 #[test]
 fn a_root_that_is_a_file_is_not_reported_as_missing() {
     let site = Site::new();
@@ -423,7 +424,10 @@ fn a_root_that_is_a_file_is_not_reported_as_missing() {
         let out = cli(&cfg, args);
         let all = output_text(&out);
         assert!(
-            all.contains("exists but is not a directory") && !all.contains("does not exist"),
+            out.status.code() == Some(2)
+                && all.contains("file-root.toml:2:")
+                && all.contains("is not a directory")
+                && !all.contains("does not exist"),
             "`{}`: {}",
             args.join(" "),
             show(&out)

@@ -266,8 +266,7 @@ impl Worker {
         // picked up as soon as it appears, with the heal timer as a backstop.
         if !site.root_exists() {
             tracing::warn!(event = crate::events::SITE_WAITING, site = site.name(), root = %site.root().display(),
-                reason = %format!("root {} {}", site.root().display(), site.root_missing_why()),
-                "site root {}; waiting for it", site.root_missing_why());
+                "site root does not exist yet; waiting for it");
             crate::service::set_status(site, "waiting for its root");
             report(Ok(()));
             if let Some(parent) = site.root().parent() {
