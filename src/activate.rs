@@ -504,6 +504,17 @@ pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<
             "release {target} failed ({reason}); it is not a rollback target"
         )));
     }
+    // A rollback goes back to a release that was live: one the keeper never switched to
+    // (staged, or interrupted before its `before_activate` finished) has not had its
+    // `before_activate` (migrations), which a rollback does not run. `activate` does.
+    if !state.was_current(&target) {
+        return Err(Error::Failed(format!(
+            "release {target} was never activated (staged, or its activation was \
+             interrupted); it is not a rollback target: `release-keeper activate {} {target}` \
+             runs its before_activate, then the switch and the checks",
+            site.name()
+        )));
+    }
     if !site.release(&target).is_dir() {
         return Err(Error::Failed(format!(
             "release {target} is missing on disk"

@@ -333,6 +333,13 @@ impl State {
             .cloned()
     }
 
+    /// True when the keeper ever switched `current` to `id` (an activation, or a
+    /// rollback's target): false for a release only staged, or one whose activation was
+    /// interrupted before the swap, which never had its `before_activate`.
+    pub fn was_current(&self, id: &str) -> bool {
+        self.history.iter().any(|h| h == id)
+    }
+
     /// The last release `current` was switched to that is still good and exists.
     pub fn last_good_activated(&self, exists: impl Fn(&str) -> bool) -> Option<String> {
         self.history
