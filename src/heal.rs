@@ -846,11 +846,22 @@ fn heal_current(
                     .and_then(|id| journal.state().get(&id).cloned())
                     .and_then(|r| r.failed.map(|(reason, _)| (r.id, reason)));
                 if let Some((id, reason)) = failed {
+                    // What the operator can do: roll back while a good release exists; the
+                    // first release failing its checks has none (nothing was live before).
+                    let exists = |r: &str| site.release(r).is_dir();
+                    let next = match journal.state().previous_good(Some(&id), exists) {
+                        Some(good) => format!(
+                            "`release-keeper rollback {}` goes back to the last good one ({good})",
+                            site.name()
+                        ),
+                        None => "there is no good release to go back to: \
+                                 deploy a fixed release"
+                            .to_string(),
+                    };
                     out.report(
                         format!(
                             "current points at release {id}, which failed ({reason}); healing \
-                             leaves it: `release-keeper rollback {}` goes back to the last good one",
-                            site.name()
+                             leaves it: {next}"
                         ),
                         Some(&id),
                     );

@@ -1334,3 +1334,117 @@ fn rollback_to_a_release_made_current_by_hand_runs_its_checks_and_is_recorded() 
     let l = list(&cfg);
     assert_eq!(l["previous"], "v2", "{l}");
 }
+
+/// A rollback goes back to a release that was live. `rollback --to` a staged release (never
+/// activated) made it current with only `after_activate` and the health check: its
+/// `before_activate` (migrations) never ran, and the log called it "rolled back". It is
+/// refused before any hook runs, pointing at `activate`, which runs every step.
+#[test]
+fn rollback_to_a_staged_release_is_refused_before_any_hook_runs() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &[], 0);
+    finalize_as(&site, &cfg, "v3", &["--no-activate"], 0);
+
+    let out = cli(
+        &cfg,
+        &["rollback", SITE, "--to", "v3", "--log-format", "json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let text = output_text(&out);
+    assert!(
+        text.contains("never activated") && text.contains("release-keeper activate app v3"),
+        "the refusal says why and what to run instead: {}",
+        show(&out)
+    );
+    assert!(
+        hook_calls(&log, "v3").is_empty(),
+        "no hook ran for the staged release; {}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v2"), "{}", show(&out));
+    assert!(
+        !stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.rolled_back"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(release_obj(&list(&cfg), "v3")["state"], "staged");
+
+    // `activate` is the way to make it live: every hook runs, before_activate first.
+    let out = cli(&cfg, &["activate", SITE, "v3", "--log-format", "json"]);
+    assert_ok(&out, "activate of the staged release");
+    let phases: Vec<String> = hook_calls(&log, "v3").into_iter().map(|c| c.0).collect();
+    assert_eq!(phases, ["before", "after", "health"], "{}", show(&out));
+    assert_eq!(site.current_id().as_deref(), Some("v3"));
+}
+
+/// The first release ever failing its health check: there is nothing to go back to, so it
+/// stays current (a site with no `current` would serve nothing either), marked failed,
+/// said by `release.stays_current`, exit 1. Its hooks saw an empty `PREVIOUS_RELEASE_ID`.
+/// `heal` pointed the operator at a `rollback` that can only fail here.
+#[test]
+fn first_release_failing_its_health_check_stays_current_and_heal_says_there_is_no_good_one() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    fs::write(site.tmp_path("fail-v1"), b"").unwrap();
+    let out = finalize_as(&site, &cfg, "v1", &[], 1);
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{}", show(&out));
+    let calls = hook_calls(&log, "v1");
+    assert_eq!(
+        calls,
+        [
+            ("before".to_string(), String::new()),
+            ("after".to_string(), String::new()),
+            ("health".to_string(), String::new())
+        ],
+        "every hook ran once with an empty PREVIOUS_RELEASE_ID; {}",
+        show(&out)
+    );
+    let events = stderr_events(&out);
+    let stays: Vec<&Value> = events
+        .iter()
+        .filter(|v| v["event"] == "release.stays_current" && v["release"] == "v1")
+        .collect();
+    assert_eq!(stays.len(), 1, "{}", show(&out));
+    assert!(
+        reason_of(stays[0]).contains("health_check failed"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        !events.iter().any(|v| v["event"] == "release.rolled_back"),
+        "{}",
+        show(&out)
+    );
+    let l = list(&cfg);
+    let v1 = release_obj(&l, "v1");
+    assert_eq!(v1["state"], "current", "{l}");
+    assert!(v1["reason"].as_str().is_some_and(|r| !r.is_empty()), "{l}");
+    assert!(l["previous"].is_null(), "{l}");
+
+    let out = cli(&cfg, &["rollback", SITE]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        output_text(&out).contains("no previous good release"),
+        "{}",
+        show(&out)
+    );
+
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "left for an operator: {}",
+        show(&out)
+    );
+    let text = output_text(&out);
+    assert!(
+        text.contains("no good release to go back to") && !text.contains("rollback app"),
+        "heal must not suggest a rollback that has nowhere to go: {}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+}
