@@ -631,3 +631,56 @@ fn rejection_whose_journal_record_fails_keeps_the_claim_and_is_retried() {
     assert_eq!(site.current_id().as_deref(), Some("v1"));
     svc.stop();
 }
+
+/// A marker the keeper cannot consume (here an immutable `deploy-cache/`; in production a
+/// `deploy-cache/` the keeper's user may not write) was retried every second, and each
+/// retry logged the same `site.error`: an ERROR line a second in the journal for as long
+/// as it lasted. The failure is logged once (again after `heal_interval` if it persists),
+/// retried quietly, and the marker is processed once it can be consumed.
+#[test]
+fn a_marker_that_cannot_be_consumed_is_reported_once_not_every_second() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "heal_interval = \"1h\"", "");
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    let Some(immutable) = Immutable::set(&site.deploy_cache()) else {
+        eprintln!("skipped: chattr +i is not possible here (needs root and a filesystem that supports it)");
+        return;
+    };
+    let mut svc = start(&cfg);
+    let errors = |svc: &Service| {
+        svc.events("site.error")
+            .into_iter()
+            .filter(|v| reason_of(v).contains(".release-ready"))
+            .count()
+    };
+    wait_until(
+        WAIT,
+        || errors(&svc) >= 1,
+        || {
+            format!(
+                "the marker's failure to be logged; log:\n{}",
+                svc.log_text()
+            )
+        },
+    );
+    // The marker is retried once a second: a few retries' worth of time.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(
+        errors(&svc),
+        1,
+        "the same failure must be logged once, not at every retry; log:\n{}",
+        svc.log_text()
+    );
+    assert!(
+        site.marker_path().exists(),
+        "the marker could not be consumed"
+    );
+
+    drop(immutable);
+    svc.wait_release_event("release.activated", "v1");
+    assert!(
+        !site.marker_path().exists(),
+        "marker consumed once it could be"
+    );
+    svc.stop();
+}

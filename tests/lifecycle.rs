@@ -1698,3 +1698,47 @@ fn dry_runs_make_no_directory_in_an_uninitialised_root() {
     );
     assert!(lock.is_dir(), "the dry run moved the lock directory");
 }
+
+/// An id finalized again after its release was deleted by hand is one release: its older
+/// journal record stayed live, so `list` showed the id twice, the stale record counted
+/// toward `keep` on its own, and pruning it deleted the new release of that id.
+#[test]
+fn an_id_reused_after_its_release_was_deleted_by_hand_is_one_release_and_kept() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "keep = 2", "");
+    assert_ok(&finalize_release(&site, &cfg, "old"), "finalize old");
+    site.stage_upload(&as_refs(&small_build("reused")));
+    let stage = |what: &str| {
+        let out = cli(&cfg, &["finalize", SITE, "--id", "reused", "--no-activate"]);
+        assert_ok(&out, what);
+    };
+    stage("stage reused");
+    make_writable(&site.release("reused"));
+    fs::remove_dir_all(site.release("reused")).unwrap();
+    site.stage_upload(&as_refs(&small_build("reused, rebuilt")));
+    stage("stage reused again");
+    let ids = |v: &Value| -> Vec<String> { list_states(v).into_iter().map(|(id, _)| id).collect() };
+    assert_eq!(
+        ids(&list_json(&cfg)),
+        ["reused", "old"],
+        "the reused id must be listed once"
+    );
+
+    // keep = 2: n1 (current) and the staged reused are the newest two good releases, old is
+    // the previous one; nothing is to be pruned.
+    assert_ok(&finalize_release(&site, &cfg, "n1"), "finalize n1");
+    assert!(
+        site.release("reused").is_dir(),
+        "the re-uploaded release `reused` was pruned although it is among the newest keep = 2; \
+         releases left: {:?}",
+        site.release_ids()
+    );
+    assert_eq!(
+        list_states(&list_json(&cfg)),
+        [
+            ("n1".to_string(), "current".to_string()),
+            ("reused".to_string(), "staged".to_string()),
+            ("old".to_string(), "previous".to_string()),
+        ]
+    );
+}

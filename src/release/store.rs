@@ -182,6 +182,14 @@ impl State {
                 message,
                 ..
             } => {
+                // An id finalized again replaces its older record: the keeper only
+                // builds an id whose directory is gone (removed by hand, or a stored
+                // manifest whose journal record was lost), so one directory is one
+                // release. Left live, the older record listed the id twice and counted
+                // toward `keep` on its own, and pruning it deleted the new release.
+                if let Some(&old) = st.index.get(release) {
+                    st.releases[old].pruned = true;
+                }
                 st.index.insert(release.clone(), st.releases.len());
                 st.releases.push(ReleaseInfo {
                     id: release.clone(),
@@ -814,6 +822,31 @@ mod tests {
             release: id.into(),
             previous: prev.map(Into::into),
         }
+    }
+
+    #[test]
+    fn an_id_finalized_again_replaces_its_older_record() {
+        let recs = vec![
+            rec(1, fin("a")),
+            rec(
+                2,
+                Op::Pinned {
+                    release: "a".into(),
+                },
+            ),
+            rec(3, fin("b")),
+            rec(4, fin("a")),
+        ];
+        let st = State::from_records(&recs);
+        let live: Vec<_> = st
+            .live_newest_first()
+            .map(|r| (r.id.as_str(), r.seq))
+            .collect();
+        assert_eq!(live, [("a", 4), ("b", 3)]);
+        assert!(
+            !st.get("a").is_some_and(|r| r.pinned),
+            "the new release is not the pinned one"
+        );
     }
 
     #[test]

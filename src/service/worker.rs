@@ -192,6 +192,7 @@ pub fn spawn(site: Site, watcher: Arc<Watcher>, ready: Ready) -> Handle {
         cancel: Arc::clone(&cancel),
         mailbox: Arc::clone(&mailbox),
         busy: Arc::clone(&busy),
+        failing: Mutex::new(None),
     };
     let name = site.name().to_string();
     let failed = ready.clone();
@@ -226,6 +227,10 @@ struct Worker {
     cancel: Arc<AtomicBool>,
     mailbox: Arc<Mailbox>,
     busy: Arc<AtomicBool>,
+    /// The last failure logged and when: the same failure again (a marker the keeper may
+    /// not consume is retried every second) is logged again only after `heal_interval`
+    /// (or once a job succeeded in between); the retries in between log at debug level.
+    failing: Mutex<Option<(String, Instant)>>,
 }
 
 impl Worker {
@@ -413,10 +418,23 @@ impl Worker {
     }
 
     fn work_logged(&self, job: Job, kept: &mut Kept) {
-        if let Err(e) = self.work(job, kept) {
-            if !matches!(e, Error::Interrupted) {
-                tracing::error!(event = crate::events::SITE_ERROR, site = self.site.name(), reason = %e, job = ?job, "work failed");
+        let result = self.work(job, kept);
+        let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Err(Error::Interrupted) => {}
+            Err(e) => {
+                let text = e.to_string();
+                let repeat = failing.as_ref().is_some_and(|(last, at)| {
+                    *last == text && at.elapsed() < self.site.cfg.heal_interval
+                });
+                if repeat {
+                    tracing::debug!(site = self.site.name(), reason = %e, job = ?job, "work failed again");
+                } else {
+                    tracing::error!(event = crate::events::SITE_ERROR, site = self.site.name(), reason = %e, job = ?job, "work failed");
+                    *failing = Some((text, Instant::now()));
+                }
             }
+            Ok(()) => *failing = None,
         }
     }
 
