@@ -708,10 +708,30 @@ fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<Option<String>> 
     for o in outcomes {
         match o {
             Outcome::Released(id) => out(&format!("{}: release {id} finalized", site.name()))?,
-            Outcome::Unchanged(id) => out(&format!(
-                "{}: release {id} unchanged (identical upload)",
-                site.name()
-            ))?,
+            Outcome::Unchanged(id) => {
+                // A no-op, but not a success when that release failed its checks: a CI
+                // job retrying a failed deploy must not report it as done.
+                let journal = Journal::load(site)?;
+                let failed = journal.state().get(id).and_then(|r| r.failed.clone());
+                match failed {
+                    Some((reason, _)) => {
+                        problems.push(format!(
+                            "release {id} failed before ({reason}); an identical upload \
+                             changes nothing: fix the build and upload it under a new id \
+                             (or `release-keeper activate {} {id} --force` to retry it)",
+                            site.name()
+                        ));
+                        out(&format!(
+                            "{}: release {id} unchanged (identical upload), and failed: {reason}",
+                            site.name()
+                        ))?
+                    }
+                    None => out(&format!(
+                        "{}: release {id} unchanged (identical upload)",
+                        site.name()
+                    ))?,
+                }
+            }
             Outcome::Rejected(r) => {
                 problems.push("the upload was rejected".to_string());
                 out(&format!("{}: upload rejected: {r}", site.name()))?

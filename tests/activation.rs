@@ -1448,3 +1448,37 @@ fn first_release_failing_its_health_check_stays_current_and_heal_says_there_is_n
     );
     assert_eq!(site.current_id().as_deref(), Some("v1"));
 }
+
+/// SPEC: an existing id uploaded again with identical content is a no-op. For a release
+/// that failed its checks that no-op is no success: `finalize` said "unchanged" and exited
+/// 0, so a CI job retrying a failed deploy reported it done while `current` stayed where
+/// the rollback had put it. It exits 1 now, saying the release failed and what to do; the
+/// same re-upload of a good release still exits 0.
+#[test]
+fn identical_reupload_of_a_failed_release_is_no_success() {
+    let site = Site::new();
+    let cfg = flag_health_config(&site, "", "");
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    fs::write(site.tmp_path("fail-v2"), b"").unwrap();
+    finalize_as(&site, &cfg, "v2", &[], 1);
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+
+    let out = finalize_as(&site, &cfg, "v2", &[], 1);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("release v2 unchanged (identical upload), and failed")
+            && stderr.contains("new id")
+            && stderr.contains("--force"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+
+    let out = finalize_as(&site, &cfg, "v1", &[], 0);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("release v1 unchanged (identical upload)"),
+        "{}",
+        show(&out)
+    );
+}
