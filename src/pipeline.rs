@@ -719,14 +719,15 @@ fn process_claim(
         duration_ms = started.elapsed().as_millis() as u64,
         "release finalized"
     );
-    let outcome = activate_and_prune(site, journal, &done);
-    // The cache only speeds up the next release: it is saved off the path to `current`.
+    // The cache only speeds up the next release, so it is not flushed (a torn one costs
+    // reads, never a wrong release) and putting it in place is a rename: done before the
+    // activation, so that whoever sees `release.activated` finds the state complete.
     if let Some(w) = built.cache {
         if let Err(e) = w.commit() {
             tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "cannot save the hash cache");
         }
     }
-    outcome.map(Step::Done)
+    activate_and_prune(site, journal, &done).map(Step::Done)
 }
 
 fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Result<Outcome> {
