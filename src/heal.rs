@@ -270,7 +270,14 @@ pub fn repair_locks_with(site: &Site, listings: &mut Listings) -> Result<Vec<Rep
 /// processes the pending claims (`pipeline::run_pending`) right after a real pass.
 pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome> {
     let live = service_running(site);
-    let out = heal_pass(site, journal, dry_run, &mut Listings::default(), live)?;
+    let out = heal_pass(
+        site,
+        journal,
+        dry_run,
+        &mut Listings::default(),
+        live,
+        Uploads::Recreate,
+    )?;
     log_reports(site, &out, dry_run, &mut Reported::default());
     Ok(out)
 }
@@ -286,6 +293,19 @@ fn service_running(site: &Site) -> bool {
     })
 }
 
+/// What a healing pass does about a missing `deploy-cache/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uploads {
+    /// Makes it again (at start, and for the `heal` command).
+    Recreate,
+    /// Leaves it to the uploader: the passes inotify events start while the service runs.
+    /// Made again the moment it went, it was in the way of the uploader's own
+    /// `rm -rf deploy-cache && mkdir deploy-cache` ("File exists") or
+    /// `mv build deploy-cache` (which then landed in `deploy-cache/build/`). Whatever
+    /// makes it again is seen (the root is watched), and its watch renewed.
+    Leave,
+}
+
 /// `heal`, reusing the directory listings of earlier passes over the same site where the
 /// directories did not change (the service keeps `listings` from one pass to the next, so
 /// an idle pass stats the site's directories instead of reading them).
@@ -295,8 +315,9 @@ pub fn heal_with(
     dry_run: bool,
     listings: &mut Listings,
     reported: &mut Reported,
+    uploads: Uploads,
 ) -> Result<Outcome> {
-    let out = heal_pass(site, journal, dry_run, listings, false)?;
+    let out = heal_pass(site, journal, dry_run, listings, false, uploads)?;
     log_reports(site, &out, dry_run, reported);
     Ok(out)
 }
@@ -317,6 +338,7 @@ fn heal_pass(
     dry_run: bool,
     listings: &mut Listings,
     service_live: bool,
+    uploads: Uploads,
 ) -> Result<Outcome> {
     let mut out = Outcome::default();
     // `release` names the release a repair concerns (for `current`: the one it now
@@ -344,17 +366,12 @@ fn heal_pass(
         site.state(),
     );
     let (manifests, claims) = (site.manifests(), site.claims());
-    let layout_ok = has_dirs(
-        &root_listing,
-        &[
-            name_of(&deploy_cache),
-            name_of(&releases),
-            name_of(&shared),
-            name_of(&state),
-        ],
-    ) && has_dirs(&state_listing, &[name_of(&manifests), name_of(&claims)]);
+    let keeper_dirs = [name_of(&releases), name_of(&shared), name_of(&state)];
+    let layout_ok = has_dirs(&root_listing, &keeper_dirs)
+        && has_dirs(&state_listing, &[name_of(&manifests), name_of(&claims)])
+        && (uploads == Uploads::Leave || has_dirs(&root_listing, &[name_of(&deploy_cache)]));
     if !dry_run && !layout_ok {
-        site.ensure_layout()?;
+        site.ensure_layout(uploads == Uploads::Recreate)?;
     }
 
     let releases_listing = listings.names(&releases);

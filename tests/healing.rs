@@ -895,6 +895,53 @@ fn deploy_cache_deleted_and_recreated_keeps_working() {
     svc.stop();
 }
 
+/// The uploader's own ways of emptying `deploy-cache/` between deploys work while the
+/// service runs: `rm -rf deploy-cache && mkdir deploy-cache`, and `mv build deploy-cache`.
+/// The keeper used to make the directory again the moment it went (healing runs on every
+/// event in the root), so the `mkdir` failed with "File exists" and the `mv` put the build
+/// into `deploy-cache/build/`. It leaves that to the uploader now, and watches the new one.
+#[test]
+fn deploy_cache_removed_while_running_is_left_to_the_uploader() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+
+    for round in 0..3 {
+        make_writable(&site.deploy_cache());
+        fs::remove_dir_all(site.deploy_cache()).unwrap();
+        // Long enough for the healing pass the removal starts.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !site.deploy_cache().exists(),
+            "round {round}: the keeper made deploy-cache/ again; log:\n{}",
+            svc.log_text()
+        );
+        fs::create_dir(site.deploy_cache()).unwrap();
+    }
+    deploy_and_activate(&site, &svc, "v2");
+
+    // A build renamed into place as a whole.
+    let build = site.tmp_path("build");
+    write_tree(&build, &as_refs(&small_build("v3")));
+    write_sha256sums(&build);
+    make_writable(&site.deploy_cache());
+    fs::remove_dir_all(site.deploy_cache()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fs::rename(&build, site.deploy_cache()).unwrap();
+    site.drop_marker("id = \"v3\"\n");
+    svc.wait_release_event("release.activated", "v3");
+    assert_eq!(
+        fs::read(site.release("v3").join("index.html")).unwrap(),
+        b"<h1>v3</h1>\n"
+    );
+    assert!(
+        svc.events("site.error").is_empty(),
+        "no error for a deploy-cache/ the uploader is replacing; log:\n{}",
+        svc.log_text()
+    );
+    svc.stop();
+}
+
 #[test]
 fn root_that_appears_after_start_is_served() {
     let site = Site::new();

@@ -1360,7 +1360,7 @@ mod tests {
             "t",
             t.path().to_path_buf(),
         ));
-        site.ensure_layout().unwrap();
+        site.ensure_layout(true).unwrap();
         let up = site.deploy_cache();
         let mut sums = String::new();
         for i in 0..40 {

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::fsops::{self, Listings, Lock};
-use crate::heal;
+use crate::heal::{self, Uploads};
 use crate::pipeline;
 use crate::release::store::Journal;
 use crate::service::watcher::{Wake, Watcher};
@@ -341,6 +341,12 @@ impl Worker {
                 (site.root().to_path_buf(), None, heal_wake),
                 (site.releases(), None, heal_wake),
             ] {
+                // A deploy-cache/ removed while the service runs is left to the uploader
+                // to make again (`heal::Uploads::Leave`): the root's watch sees it come
+                // back, and the next pass watches it then.
+                if !dir.is_dir() && dir == site.deploy_cache() {
+                    continue;
+                }
                 if let Err(e) = self
                     .watcher
                     .watch(&dir, name, site.name(), Arc::clone(wake))
@@ -487,7 +493,7 @@ fn after(d: Duration) -> Instant {
 /// layout and any foreign lock path are repaired first, at start as after the lock's file
 /// went away.
 fn try_lifetime_lock(site: &Site) -> Result<Option<Lock>> {
-    site.ensure_layout()?;
+    site.ensure_layout(true)?;
     heal::repair_locks(site, false)?;
     fsops::lock(&site.service_lock(), Some(Duration::ZERO))
 }
@@ -661,12 +667,14 @@ fn run_job(
     match job {
         Job::FirstHeal => {
             let journal = current_journal(&mut kept.journal, site)?;
-            heal::heal_with(site, journal, false, &mut kept.listings, &mut kept.reported)?;
+            let (listings, reported) = (&mut kept.listings, &mut kept.reported);
+            heal::heal_with(site, journal, false, listings, reported, Uploads::Recreate)?;
         }
         Job::Heal => {
             let journal = current_journal(&mut kept.journal, site)?;
+            let (listings, reported) = (&mut kept.listings, &mut kept.reported);
             let outcome =
-                heal::heal_with(site, journal, false, &mut kept.listings, &mut kept.reported)?;
+                heal::heal_with(site, journal, false, listings, reported, Uploads::Leave)?;
             // The pass saw every claim (uploads run under the same lock): with none, and
             // no marker a missed event could have left, there is nothing to process.
             if outcome.claims > 0 || marker_present(site) {
