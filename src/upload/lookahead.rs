@@ -14,9 +14,9 @@
 //! each directory on the walk's current path are listed ahead.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -78,7 +78,7 @@ pub struct Lookahead<L> {
     /// Slots handed out and not yet taken or given up (at most `MAX_AHEAD`).
     outstanding: AtomicUsize,
     stop: AtomicBool,
-    list: fn(&OwnedFd, &std::path::Path) -> crate::error::Result<L>,
+    list: fn(&OwnedFd, &Path) -> crate::error::Result<L>,
 }
 
 /// Blocks this thread has read from disk so far (`ru_inblock`), if the kernel says.
@@ -97,7 +97,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl<L: Send> Lookahead<L> {
     /// A queue whose directories are listed by `list` (given the open directory and its
     /// full path).
-    pub fn new(list: fn(&OwnedFd, &std::path::Path) -> crate::error::Result<L>) -> Self {
+    pub fn new(list: fn(&OwnedFd, &Path) -> crate::error::Result<L>) -> Self {
         Lookahead {
             queue: Mutex::new(BTreeMap::new()),
             more: Condvar::new(),
@@ -169,8 +169,15 @@ impl<L: Send> Lookahead<L> {
     }
 
     fn make(&self, slot: &Slot<L>) -> Listing<L> {
-        let fd = super::walk::open_dir_at(&slot.parent, &slot.name).map_err(ListError::Open)?;
-        let entries = (self.list)(&fd, &slot.path).map_err(ListError::Read)?;
+        self.list_now(&slot.parent, &slot.name, &slot.path)
+    }
+
+    /// Opens and lists the subdirectory `name` of `parent` (full path `path`) on this
+    /// thread: what a helper does for a slot, and what the walk does for a directory it
+    /// reaches without one.
+    pub fn list_now(&self, parent: &OwnedFd, name: &OsStr, path: &Path) -> Listing<L> {
+        let fd = super::walk::open_dir_at(parent, name).map_err(ListError::Open)?;
+        let entries = (self.list)(&fd, path).map_err(ListError::Read)?;
         Ok((fd, entries))
     }
 

@@ -258,7 +258,12 @@ impl Walk<'_, '_> {
                     Some((j, _)) if *j == i => window.pop_front().map(|(_, s)| s),
                     _ => None,
                 };
-                self.entry(&fd, &rel, depth, name, *kind, slot)?;
+                let entered = self.entry(&fd, &rel, depth, name, *kind, slot.as_deref());
+                // Given up unless the entry was entered (then it was taken: a no-op).
+                if let Some(s) = &slot {
+                    self.ahead.cancel(s);
+                }
+                entered?;
             }
             Ok(())
         })();
@@ -277,7 +282,7 @@ impl Walk<'_, '_> {
         depth: usize,
         name: &OsStr,
         kind: Option<nix::dir::Type>,
-        slot: Option<Arc<Slot<Vec<Listed>>>>,
+        slot: Option<&Slot<Vec<Listed>>>,
     ) -> Result<()> {
         let child_rel = rel.join(name);
         if kind == Some(nix::dir::Type::File) {
@@ -290,26 +295,13 @@ impl Walk<'_, '_> {
             })
             .map(drop);
         }
-        // Given up unless the walk enters it below.
-        let cancel = |ahead: &Lookahead<Vec<Listed>>, slot: &Option<Arc<Slot<_>>>| {
-            if let Some(s) = slot {
-                ahead.cancel(s);
-            }
-        };
-        let stat = match stat_at(fd, &child_rel) {
-            Ok(s) => s,
-            Err(e) => {
-                cancel(self.ahead, &slot);
-                return Err(e);
-            }
-        };
+        let stat = stat_at(fd, &child_rel)?;
         let mode = stat.st_mode;
         let node = if is_dir(mode) {
             Node::Dir
         } else if is_file(mode) {
             Node::File
         } else if is_symlink(mode) {
-            cancel(self.ahead, &slot);
             let target = readlinkat(fd.as_ref(), name).at(&self.root.join(&child_rel))?;
             Node::Symlink(target)
         } else {
@@ -325,11 +317,9 @@ impl Walk<'_, '_> {
         };
         let descend = (self.visit)(found);
         let Some(sub_rel) = sub_rel.filter(|_| matches!(descend, Ok(true))) else {
-            cancel(self.ahead, &slot);
             return descend.map(drop);
         };
         if depth >= MAX_DEPTH {
-            cancel(self.ahead, &slot);
             let top: PathBuf = sub_rel.iter().take(3).collect();
             return Err(Error::Rejected(format!(
                 "{}/... nests directories more than {MAX_DEPTH} levels deep",
@@ -337,17 +327,8 @@ impl Walk<'_, '_> {
             )));
         }
         let listing = match slot {
-            Some(s) => self.ahead.take(&s),
-            None => {
-                let here = self.root.join(&sub_rel);
-                open_dir_at(fd, name)
-                    .map_err(ListError::Open)
-                    .and_then(|sub| {
-                        list(&sub, &here, depth + 1, &[])
-                            .map(|names| (sub, names))
-                            .map_err(ListError::Read)
-                    })
-            }
+            Some(s) => self.ahead.take(s),
+            None => self.ahead.list_now(fd, name, &self.root.join(&sub_rel)),
         };
         let (sub, names) = listing.map_err(|e| match e {
             ListError::Open(errno) => swapped(errno, &sub_rel),
