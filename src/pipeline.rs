@@ -84,10 +84,8 @@ pub struct Waiting {
     claim: PathBuf,
     /// Its release id.
     pub id: String,
-    /// When the upload was first looked at.
+    /// When the upload was first looked at: its `upload_timeout` counts from then.
     since: Instant,
-    /// When its `upload_timeout` runs out, counted from the first look.
-    deadline: Instant,
     /// The manifest's entries, read again whenever the file changes: files it lists are
     /// never in flight.
     manifest: Listed,
@@ -107,7 +105,7 @@ impl std::fmt::Debug for Waiting {
         f.debug_struct("Waiting")
             .field("claim", &self.claim)
             .field("id", &self.id)
-            .field("deadline", &self.deadline)
+            .field("since", &self.since)
             .field("paths", &self.paths)
             .finish_non_exhaustive()
     }
@@ -192,7 +190,7 @@ fn run(
 /// decided by the next run, under the lock.
 pub fn wait_unlocked(site: &Site, waiting: &mut Waiting, cancel: &AtomicBool) -> Result<()> {
     loop {
-        if Instant::now() >= waiting.deadline
+        if Instant::now() >= waiting.since + site.cfg.upload_timeout
             || std::fs::symlink_metadata(&waiting.claim).is_err()
             || in_flight(site, waiting.manifest.refresh(site))?.is_empty()
         {
@@ -556,7 +554,6 @@ impl Wait<'_> {
                     claim: self.claim.to_path_buf(),
                     id: id.to_string(),
                     since,
-                    deadline,
                     manifest,
                     paths,
                     _hold: fsops::hold(self.claim),
