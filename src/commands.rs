@@ -76,7 +76,7 @@ fn require_root(site: &Site) -> Result<()> {
 pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     require_root(site)?;
     act_as_site_owner(site)?;
-    site.ensure_layout(true)?;
+    site.ensure_layout()?;
     heal::repair_locks(site, false)?;
     take_op_lock(site, wait)
 }
@@ -865,7 +865,7 @@ pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
     let site = site(cfg, name)?;
     let owner = init_owner(owner)?;
     fsops::ensure_dir(site.root(), 0o755)?;
-    site.ensure_layout(true)?;
+    site.ensure_layout()?;
     let Some(user) = owner else {
         return out(&format!(
             "{}: layout ready at {} (uploaders write to {})",

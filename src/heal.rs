@@ -371,7 +371,10 @@ fn heal_pass(
         && has_dirs(&state_listing, &[name_of(&manifests), name_of(&claims)])
         && (uploads == Uploads::Leave || has_dirs(&root_listing, &[name_of(&deploy_cache)]));
     if !dry_run && !layout_ok {
-        site.ensure_layout(uploads == Uploads::Recreate)?;
+        match uploads {
+            Uploads::Recreate => site.ensure_layout()?,
+            Uploads::Leave => site.ensure_keeper_dirs()?,
+        }
     }
 
     let releases_listing = listings.names(&releases);

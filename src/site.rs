@@ -165,12 +165,15 @@ impl Site {
         self.root().is_dir()
     }
 
-    /// Creates the missing directories of the layout (not the root itself); `deploy-cache/`
-    /// only when `uploads` says so (see `heal::Uploads`).
-    pub fn ensure_layout(&self, uploads: bool) -> Result<()> {
-        if uploads {
-            fsops::ensure_dir(&self.deploy_cache(), 0o775)?;
-        }
+    /// Creates the missing directories of the layout (not the root itself).
+    pub fn ensure_layout(&self) -> Result<()> {
+        fsops::ensure_dir(&self.deploy_cache(), 0o775)?;
+        self.ensure_keeper_dirs()
+    }
+
+    /// Creates the missing directories of the layout but `deploy-cache/`, which while the
+    /// service runs is the uploader's to replace (see `heal::Uploads`).
+    pub fn ensure_keeper_dirs(&self) -> Result<()> {
         fsops::ensure_dir(&self.releases(), 0o755)?;
         fsops::ensure_dir(&self.shared(), 0o755)?;
         fsops::ensure_dir(&self.state(), 0o750)?;

@@ -182,11 +182,10 @@ impl Durability {
     /// The choice for an upload of `files` files (as its manifest lists them, if known)
     /// while `unwritten` bytes of the whole system await writeback (if known).
     pub fn for_upload(files: Option<usize>, unwritten: Option<u64>) -> Durability {
-        match (files, unwritten) {
-            (Some(n), Some(backlog)) if n <= PER_FILE_MAX && backlog > SYNCFS_BACKLOG_MAX => {
-                Durability::PerFile
-            }
-            (Some(n), None) if n <= PER_FILE_MAX => Durability::PerFile,
+        // Not knowing the backlog, a small upload does not risk waiting for it.
+        let busy = unwritten.is_none_or(|backlog| backlog > SYNCFS_BACKLOG_MAX);
+        match files {
+            Some(n) if n <= PER_FILE_MAX && busy => Durability::PerFile,
             _ => Durability::Syncfs,
         }
     }
@@ -1296,6 +1295,7 @@ fn link_shared(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStringExt;
 
     #[test]
     fn small_uploads_flush_once_unless_much_else_awaits_writeback() {
@@ -1323,8 +1323,6 @@ mod tests {
             Durability::PerFile
         );
     }
-
-    use std::os::unix::ffi::OsStringExt;
 
     /// Every entry of the tree at `root`: path, mode and content (files) or target (links).
     fn snapshot(root: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
@@ -1360,7 +1358,7 @@ mod tests {
             "t",
             t.path().to_path_buf(),
         ));
-        site.ensure_layout(true).unwrap();
+        site.ensure_layout().unwrap();
         let up = site.deploy_cache();
         let mut sums = String::new();
         for i in 0..40 {

@@ -493,7 +493,7 @@ fn after(d: Duration) -> Instant {
 /// layout and any foreign lock path are repaired first, at start as after the lock's file
 /// went away.
 fn try_lifetime_lock(site: &Site) -> Result<Option<Lock>> {
-    site.ensure_layout(true)?;
+    site.ensure_layout()?;
     heal::repair_locks(site, false)?;
     fsops::lock(&site.service_lock(), Some(Duration::ZERO))
 }
