@@ -162,8 +162,15 @@ pub fn ensure_link(site: &Site, link: &Path, target: &Path) -> Result<bool> {
 
 /// Activates release `id`: hooks, swap, health check, rollback on failure. Returns once
 /// `current` has its final value: `false` when `id` was already the settled current
-/// release and nothing ran.
+/// release and nothing ran. The drift shown for a release no longer live is then cleared
+/// (`verify::recheck_after_switch`), whatever the outcome.
 pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> Result<bool> {
+    let result = activate_once(site, journal, id, opts);
+    crate::verify::recheck_after_switch(site);
+    result
+}
+
+fn activate_once(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> Result<bool> {
     let state = journal.state();
     let info = state.get(id).ok_or_else(|| site.no_release(id))?;
     if !site.release(id).is_dir() {
@@ -484,8 +491,15 @@ pub struct Rollback {
 
 /// Rolls `current` back to the previous good release (or `to`). Runs `after_activate` and
 /// the health check on the target; a target that fails them is marked failed and, with
-/// `auto_rollback`, `current` returns to the release it was rolled back from.
+/// `auto_rollback`, `current` returns to the release it was rolled back from. Drift is
+/// then seen to as after [`activate`].
 pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
+    let result = rollback_once(site, journal, to);
+    crate::verify::recheck_after_switch(site);
+    result
+}
+
+fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
     let state = journal.state();
     let link = site.current_id();
     let (_, previous) = state.current_and_previous(link.clone(), |r| site.release(r).is_dir());

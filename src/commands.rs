@@ -431,7 +431,6 @@ pub fn activate(
     let mut journal = Journal::load(&site)?;
     let failed_before = is_failed(&journal, id);
     let result = activate::activate(&site, &mut journal, id, activate::Options { force });
-    verify::recheck_after_switch(&site);
     // SPEC prunes after each activation; a staged release activated here is one, and so
     // is one that its hooks or health check failed (as after an upload, where the new
     // failure may push an older failed release past `keep_failed`). A refusal changed
@@ -464,9 +463,7 @@ pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
-    let done = activate::rollback(&site, &mut journal, to);
-    verify::recheck_after_switch(&site);
-    let done = done?;
+    let done = activate::rollback(&site, &mut journal, to)?;
     if done.switched {
         out(&format!(
             "{}: rolled back, current -> {}",

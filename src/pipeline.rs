@@ -736,9 +736,7 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
             .get(id)
             .is_some_and(|r| r.activated || r.failed.is_some());
         if !decided {
-            let result = activate::activate(site, journal, id, activate::Options::default());
-            crate::verify::recheck_after_switch(site);
-            match result {
+            match activate::activate(site, journal, id, activate::Options::default()) {
                 Ok(_) => {}
                 Err(Error::Failed(reason)) => {
                     outcome = Outcome::ActivationFailed(id.to_string(), reason);
