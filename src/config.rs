@@ -1363,6 +1363,18 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
     Ok(())
 }
 
+/// Why `root` can never be a site's root: it exists and is not a directory, or it lies
+/// inside a file. `None` when it is a directory, does not exist yet, or cannot be looked at.
+pub fn root_not_a_directory(root: &Path) -> Option<&'static str> {
+    match fs::metadata(root) {
+        Ok(meta) if !meta.is_dir() => Some("exists and is not a directory"),
+        Err(err) if err.raw_os_error() == Some(libc::ENOTDIR) => {
+            Some("is inside a file, not a directory")
+        }
+        _ => None,
+    }
+}
+
 /// A root that exists but is not a directory (a file, a symlink to one, or a path through
 /// a file) can never be served: unlike a root that does not exist yet (a mount to come,
 /// waited for), nothing the keeper does would make it one, and the service would wait for
@@ -1373,12 +1385,8 @@ fn check_roots_are_directories(sites: &BTreeMap<String, Parsed>) -> Result<(), C
     in_order.sort_by_key(|(_, parsed)| parsed.order);
     for (name, parsed) in in_order {
         let root = &parsed.config.root;
-        let why = match fs::metadata(root) {
-            Ok(meta) if !meta.is_dir() => "exists and is not a directory",
-            Err(err) if err.raw_os_error() == Some(libc::ENOTDIR) => {
-                "is inside a file, not a directory"
-            }
-            _ => continue,
+        let Some(why) = root_not_a_directory(root) else {
+            continue;
         };
         return Err(parsed.root_at.error(format!(
             "the root {:?} of site {name:?} {why}; a site's root must be a directory \

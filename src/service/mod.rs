@@ -95,11 +95,7 @@ pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
             let abs = std::path::absolute(r).at(r)?;
             // A bad argument, like a config `root` that is not a directory (exit 2), not
             // an operation that failed.
-            let not_dir = match std::fs::metadata(&abs) {
-                Ok(meta) => !meta.is_dir(),
-                Err(e) => e.raw_os_error() == Some(libc::ENOTDIR),
-            };
-            if not_dir {
+            if config::root_not_a_directory(&abs).is_some() {
                 return Err(Error::Usage(format!(
                     "run --root {}: a file is in the way, not a directory; give a site's \
                      root directory, or a path to create",
@@ -308,13 +304,7 @@ async fn shutdown(workers: &mut BTreeMap<String, worker::Handle>) -> Result<()> 
     };
     match longest {
         Some(work) => {
-            // The durations are the operator's (up to u64::MAX ms each, times
-            // health_retries): past what an Instant can hold, a year is as good as forever.
-            let now = Instant::now();
-            let until = now
-                .checked_add(work.saturating_add(STOP_MARGIN))
-                .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
-                .unwrap_or(now);
+            let until = worker::after(work.saturating_add(STOP_MARGIN));
             tracing::debug!(site = %names, extend_ms = (until - Instant::now()).as_millis() as u64,
                 "waiting for work in progress; asking systemd for the time it may take");
             extend_stop_until(exited, until).await;

@@ -481,8 +481,9 @@ fn marker_present(site: &Site) -> bool {
     fs::symlink_metadata(site.marker()).is_ok()
 }
 
-/// The instant `d` from now (a year from now for a `d` too long to represent).
-fn after(d: Duration) -> Instant {
+/// The instant `d` from now (a year from now for a `d` too long to represent: the
+/// durations are the operator's, up to `u64::MAX` ms, and a year is as good as forever).
+pub(crate) fn after(d: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(d)
         .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
