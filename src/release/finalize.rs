@@ -163,9 +163,9 @@ pub enum Durability {
     /// for small uploads while the system has much else to write back, which a `syncfs`
     /// would wait for.
     PerFile,
-    /// Writeback of each copied file is started as soon as it is written
-    /// (`sync_file_range`), then one `syncfs` waits for what is left: one disk flush
-    /// instead of one per file.
+    /// Writeback of each copied file past the first [`WRITEBACK_AT_SYNCFS`] bytes is
+    /// started as soon as it is written (`sync_file_range`), then one `syncfs` waits for
+    /// what is left: one disk flush instead of one per file.
     Syncfs,
 }
 
@@ -178,7 +178,20 @@ const PER_FILE_MAX: usize = 2_000;
 /// time those flushes take, so waiting for it costs no more than they would.
 const SYNCFS_BACKLOG_MAX: u64 = 16 * 1024 * 1024;
 
+/// Copied bytes whose writeback is left to the final `syncfs` instead of being started
+/// file by file: each `sync_file_range` submits its own I/O (on a virtual disk, an exit to
+/// the hypervisor), which for the few small files of an incremental release cost more CPU
+/// than the flush it saves. Past this, a big release's writeback still starts as it is
+/// written, so `syncfs` never waits for more than this much.
+const WRITEBACK_AT_SYNCFS: u64 = 8 * 1024 * 1024;
+
 impl Durability {
+    /// Whether a file just copied, which brings the build's copied bytes to `copied`,
+    /// should have its writeback started now.
+    fn starts_writeback(self, copied: u64) -> bool {
+        self == Durability::Syncfs && copied > WRITEBACK_AT_SYNCFS
+    }
+
     /// The choice for an upload of `files` files (as its manifest lists them, if known)
     /// while `unwritten` bytes of the whole system await writeback (if known).
     pub fn for_upload(files: Option<usize>, unwritten: Option<u64>) -> Durability {
@@ -1055,7 +1068,7 @@ fn process_file(
         out.write_all(&buf[..n]).at(&dest())?;
         copied += n as u64;
     }
-    if input.durability == Durability::Syncfs {
+    if input.durability.starts_writeback(needed) {
         start_writeback(&out);
     }
     let after = fstat(&file).at(&input.site.deploy_cache().join(rel))?;
@@ -1296,6 +1309,17 @@ fn link_shared(
 mod tests {
     use super::*;
     use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn only_copies_past_the_first_mebibytes_start_their_own_writeback() {
+        let mib = 1024 * 1024;
+        assert!(!Durability::Syncfs.starts_writeback(3 * mib));
+        assert!(!Durability::Syncfs.starts_writeback(8 * mib));
+        assert!(Durability::Syncfs.starts_writeback(8 * mib + 1));
+        assert!(Durability::Syncfs.starts_writeback(300 * mib));
+        // Per-file durability fsyncs each file instead.
+        assert!(!Durability::PerFile.starts_writeback(300 * mib));
+    }
 
     #[test]
     fn small_uploads_flush_once_unless_much_else_awaits_writeback() {
