@@ -328,6 +328,77 @@ fn a_release_with_detected_drift_is_not_a_source_of_hard_links() {
     assert_clean(&cfg, &["v2"]);
 }
 
+/// An edit in place that keeps the size and mode, made before any drift check: the next
+/// release must not share it either. Only the mtime tells it apart without a re-hash, so
+/// the stored manifest records each release file's mtime and `finalize` compares it.
+#[test]
+fn an_edit_keeping_size_and_mode_is_not_linked_even_before_a_drift_check() {
+    use std::os::unix::fs::MetadataExt;
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    let edited = site.release("v1").join("docs/readme.txt");
+    flip_byte(&edited);
+
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
+    let fresh = site.release("v2").join("docs/readme.txt");
+    assert_eq!(
+        fs::read(&fresh).unwrap(),
+        b"read me\n",
+        "v2 holds what was uploaded, not v1's hand edit"
+    );
+    assert_ne!(
+        fs::metadata(&fresh).unwrap().ino(),
+        fs::metadata(&edited).unwrap().ino(),
+        "v2 shares the edited inode"
+    );
+    // The unedited files are still shared.
+    let other = "index.html";
+    assert_eq!(
+        fs::metadata(site.release("v1").join(other)).unwrap().ino(),
+        fs::metadata(site.release("v2").join(other)).unwrap().ino(),
+        "an unchanged file was copied, not linked"
+    );
+    assert_clean(&cfg, &["v2"]);
+}
+
+/// A release made by an older version has no mtimes in its stored manifest: its files are
+/// still shared (checked by type, mode and size as before), and the new release's manifest
+/// records them.
+#[test]
+fn releases_whose_manifest_has_no_mtimes_are_still_a_source_of_hard_links() {
+    use std::os::unix::fs::MetadataExt;
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    let stored = site.root.join(".release-keeper/manifests/v1");
+    let text = fs::read_to_string(&stored).unwrap();
+    assert!(text.contains("\tmtime="), "no mtimes recorded: {text}");
+    let old: String = text
+        .lines()
+        .map(|l| format!("{}\n", l.split("\tmtime=").next().unwrap()))
+        .collect();
+    fs::write(&stored, old).unwrap();
+
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
+    for f in ["index.html", "docs/readme.txt"] {
+        assert_eq!(
+            fs::metadata(site.release("v1").join(f)).unwrap().ino(),
+            fs::metadata(site.release("v2").join(f)).unwrap().ino(),
+            "{f} was copied, not linked"
+        );
+    }
+    let v2 = fs::read_to_string(site.root.join(".release-keeper/manifests/v2")).unwrap();
+    assert_eq!(
+        v2.lines().filter(|l| l.starts_with("f ")).count(),
+        v2.matches("\tmtime=").count(),
+        "{v2}"
+    );
+    assert_clean(&cfg, &["--all"]);
+}
+
 /// The release's own directory made writable is drift too (it is not a manifest line, so
 /// `verify` used to say OK while anyone with that bit could add files to the release).
 #[test]

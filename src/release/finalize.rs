@@ -39,7 +39,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsops::{self, AtomicWriter};
 use crate::release::hashcache::{self, HashCache, StatKey};
 use crate::release::ordered::Merge;
-use crate::release::store::{self, Entry, Kind};
+use crate::release::store::{self, Entry, Kind, Mtime};
 use crate::release::symlinks;
 use crate::site::Site;
 use crate::upload::inflight;
@@ -54,10 +54,26 @@ struct Linkable {
     size: u64,
 }
 
-fn parse_linkable(line: &[u8], path: &mut Vec<u8>) -> Option<Linkable> {
-    let (mode, size, digest, rest) = store::parse_file_fields(line)?;
-    store::unescape_path_into(rest, path)?;
-    Some(Linkable { digest, mode, size })
+/// A file of the link source as its manifest recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Recorded {
+    /// Its content and mode.
+    what: Linkable,
+    /// The modification time it was given (unknown in manifests of older versions).
+    mtime: Option<Mtime>,
+}
+
+fn parse_linkable(line: &[u8], path: &mut Vec<u8>) -> Option<Recorded> {
+    let f = store::parse_file_fields(line)?;
+    store::unescape_path_into(f.path, path)?;
+    Some(Recorded {
+        what: Linkable {
+            digest: f.digest,
+            mode: f.mode,
+            size: f.size,
+        },
+        mtime: f.mtime,
+    })
 }
 
 /// Where unchanged files can be hard-linked from: an earlier release and its stored
@@ -87,12 +103,13 @@ impl LinkSource {
     }
 
     /// Its files, read alongside the walk.
-    fn merge(&self) -> Merge<Linkable> {
+    fn merge(&self) -> Merge<Recorded> {
         Merge::open(&self.manifest, parse_linkable)
     }
 
-    /// A file of the release with this content and mode, wherever it is (absolute path).
-    fn find(&self, want: &Linkable) -> Option<PathBuf> {
+    /// A file of the release with this content and mode, wherever it is (absolute path),
+    /// and the mtime it was given.
+    fn find(&self, want: &Linkable) -> Option<(PathBuf, Option<Mtime>)> {
         let index = self.by_digest.get_or_init(|| self.index());
         let offset = *index.get(&(digest_prefix(&want.digest), want.mode))?;
         let f = self
@@ -109,7 +126,7 @@ impl LinkSource {
         let line = buf[..n].split(|&b| b == b'\n').next()?;
         let mut path = Vec::new();
         let found = parse_linkable(line, &mut path)?;
-        (found == *want).then(|| self.dir.join(OsStr::from_bytes(&path)))
+        (found.what == *want).then(|| (self.dir.join(OsStr::from_bytes(&path)), found.mtime))
     }
 
     fn index(&self) -> HashMap<(u64, u32), u64> {
@@ -124,9 +141,9 @@ impl LinkSource {
         // Only the digest and mode: `find` reads the path of the one line it picks.
         while let Ok(n @ 1..) = reader.read_until(b'\n', &mut line) {
             let text = line.strip_suffix(b"\n").unwrap_or(&line);
-            if let Some((mode, _, digest, _)) = store::parse_file_fields(text) {
+            if let Some(f) = store::parse_file_fields(text) {
                 index
-                    .entry((digest_prefix(&digest), mode))
+                    .entry((digest_prefix(&f.digest), f.mode))
                     .or_insert(offset);
             }
             offset += n as u64;
@@ -341,7 +358,7 @@ struct FileJob {
     /// What the hash cache says it held, with the stat key it had then.
     cached: Option<(StatKey, Digest)>,
     /// The link source's file at the same path.
-    same_path: Option<Linkable>,
+    same_path: Option<Recorded>,
     /// Under a shared entry: built (it may seed `shared/`), but not part of the manifest.
     hidden: bool,
 }
@@ -390,7 +407,7 @@ impl Batch {
 
     fn push_line(&mut self, kind: Kind, mode: u32, path: &Path, target: Option<&Path>) {
         let start = self.lines.len();
-        store::format_line(&mut self.lines, kind, mode, 0, None, path, target);
+        store::format_line(&mut self.lines, kind, mode, 0, None, path, target, None);
         self.items.push(Item::Line(start..self.lines.len()));
     }
 }
@@ -820,7 +837,7 @@ fn line(
     target: Option<&Path>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    store::format_line(&mut out, kind, mode, size, hash, path, target);
+    store::format_line(&mut out, kind, mode, size, hash, path, target, None);
     out
 }
 
@@ -921,6 +938,7 @@ fn worker(
                             Some(&done.digest),
                             rel,
                             None,
+                            Some(done.mtime),
                         );
                         out.files += 1;
                         out.bytes += size;
@@ -994,6 +1012,8 @@ fn in_flight_or(e: Error, rel: &Path) -> Error {
 struct Done {
     digest: Digest,
     mode: u32,
+    /// The mtime its inode in the release has, for the manifest.
+    mtime: Mtime,
     linked: bool,
     /// Read and hashed (not known from the hash cache).
     hashed: bool,
@@ -1032,10 +1052,11 @@ fn process_file(
                 mode,
                 size,
             };
-            if link_into(input, ctx, name, &want, job.same_path, stat, false) {
+            if let Some(mtime) = link_into(input, ctx, name, &want, job.same_path, stat, false) {
                 return Ok(Done {
                     digest: cached,
                     mode,
+                    mtime,
                     linked: true,
                     hashed: false,
                 });
@@ -1100,6 +1121,8 @@ fn process_file(
         .at(&dest())?;
     let times = fs::FileTimes::new().set_modified(system_time(after.st_mtime, after.st_mtime_nsec));
     out.set_times(times).at(&dest())?;
+    // What the filesystem kept (it may round), for the next build's check of this file.
+    let copied_mtime = Mtime::of(&fstat(&out).at(&dest())?);
     if input.durability == Durability::PerFile {
         // After chmod and utimes, so the file's metadata is durable too.
         out.sync_all().at(&dest())?;
@@ -1113,30 +1136,30 @@ fn process_file(
     Ok(Done {
         digest,
         mode,
-        linked,
+        mtime: linked.unwrap_or(copied_mtime),
+        linked: linked.is_some(),
         hashed: true,
     })
 }
 
 /// Hard-links `name` in the new release's directory to a file of the link source with
 /// the content `want`: the one at the same path when it matches, else any. `replace`:
-/// over an existing copy (by rename, so the name never goes missing). False when there is
-/// no such file or linking fails (the caller copies, or keeps its copy). `upload` is the
-/// file's stat in `deploy-cache/`: an earlier release's file that is that very inode (the
-/// uploader hard-linked it there, `cp -al`, `rsync --link-dest`) is never linked, or the
-/// new release would share an inode with `deploy-cache/`.
+/// over an existing copy (by rename, so the name never goes missing). Returns the linked
+/// inode's mtime; `None` when there is no such file or linking fails (the caller copies,
+/// or keeps its copy). `upload` is the file's stat in `deploy-cache/`: an earlier
+/// release's file that is that very inode (the uploader hard-linked it there, `cp -al`,
+/// `rsync --link-dest`) is never linked, or the new release would share an inode with
+/// `deploy-cache/`.
 fn link_into(
     input: &Input<'_>,
     ctx: &DirCtx,
     name: &OsStr,
     want: &Linkable,
-    same_path: Option<Linkable>,
+    same_path: Option<Recorded>,
     upload: &FileStat,
     replace: bool,
-) -> bool {
-    let Some(source) = input.link_from else {
-        return false;
-    };
+) -> Option<Mtime> {
+    let source = input.link_from?;
     let tmp;
     let new_name: &OsStr = if replace {
         tmp = fsops::tmp_sibling(Path::new(name));
@@ -1144,43 +1167,39 @@ fn link_into(
     } else {
         name
     };
-    let Ok(dst) = ctx.dst() else {
-        return false;
-    };
+    let dst = ctx.dst().ok()?;
     let no_follow = AtFlags::empty();
     // The earlier release's manifest says what its file was when it was made; what is on
     // disk now may have been edited since (drift). Only a file that still has the recorded
-    // type, mode and size is shared: an edited file must not spread into a new release.
-    // Nor is the upload's own inode.
-    let intact = |st: nix::Result<FileStat>| {
-        st.is_ok_and(|st| {
-            st.st_mode & libc::S_IFMT == libc::S_IFREG
-                && st.st_mode & 0o7777 == want.mode
-                && st.st_size as u64 == want.size
-                && (st.st_dev, st.st_ino) != (upload.st_dev, upload.st_ino)
-        })
+    // type, mode, size and mtime is shared: an edited file must not spread into a new
+    // release (an edit in place keeps the size as often as not, never the mtime, unless
+    // whoever made it also set the mtime back). Nor is the upload's own inode.
+    let intact = |st: nix::Result<FileStat>, recorded: Option<Mtime>| {
+        let st = st.ok()?;
+        let mtime = Mtime::of(&st);
+        (st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_mode & 0o7777 == want.mode
+            && st.st_size as u64 == want.size
+            && recorded.is_none_or(|r| r == mtime)
+            && (st.st_dev, st.st_ino) != (upload.st_dev, upload.st_ino))
+            .then_some(mtime)
     };
     let linked = match (same_path, ctx.prev()) {
-        (Some(p), Some(prev)) if p == *want => {
-            intact(nix::sys::stat::fstatat(
-                prev,
-                name,
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            )) && linkat(prev, name, dst, new_name, no_follow).is_ok()
+        (Some(p), Some(prev)) if p.what == *want => {
+            let st = nix::sys::stat::fstatat(prev, name, AtFlags::AT_SYMLINK_NOFOLLOW);
+            intact(st, p.mtime).filter(|_| linkat(prev, name, dst, new_name, no_follow).is_ok())
         }
-        _ => source.find(want).is_some_and(|from| {
-            intact(nix::sys::stat::lstat(&from))
-                && linkat(nix::fcntl::AT_FDCWD, &from, dst, new_name, no_follow).is_ok()
+        _ => source.find(want).and_then(|(from, recorded)| {
+            intact(nix::sys::stat::lstat(&from), recorded)
+                .filter(|_| linkat(nix::fcntl::AT_FDCWD, &from, dst, new_name, no_follow).is_ok())
         }),
     };
-    if !linked || !replace {
-        return linked;
-    }
-    if renameat(dst, new_name, dst, name).is_err() {
+    let mtime = linked?;
+    if replace && renameat(dst, new_name, dst, name).is_err() {
         let _ = nix::unistd::unlinkat(dst, new_name, nix::unistd::UnlinkatFlags::NoRemoveDir);
-        return false;
+        return None;
     }
-    true
+    Some(mtime)
 }
 
 /// Starts writing `f`'s dirty pages to disk without waiting, so the final `syncfs` finds

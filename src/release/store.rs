@@ -493,6 +493,60 @@ pub enum Kind {
     Symlink,
 }
 
+/// A file's modification time, as `stat` gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mtime {
+    /// Seconds since the epoch.
+    pub secs: i64,
+    /// Nanoseconds within the second.
+    pub nsecs: i64,
+}
+
+impl Mtime {
+    /// The modification time in `st`.
+    pub fn of(st: &nix::sys::stat::FileStat) -> Mtime {
+        Mtime {
+            secs: st.st_mtime,
+            nsecs: st.st_mtime_nsec,
+        }
+    }
+
+    /// Appends the manifest trailer of a file line: `\tmtime=<secs>.<9-digit nsecs>`.
+    fn push_trailer(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"\tmtime=");
+        push_i64(out, self.secs);
+        out.push(b'.');
+        let n = self.nsecs.clamp(0, 999_999_999) as u64;
+        let start = out.len();
+        push_u64(out, n);
+        let digits = out.len() - start;
+        out.splice(start..start, std::iter::repeat_n(b'0', 9 - digits));
+    }
+
+    /// Parses what follows the tab of a file line, written by `push_trailer`.
+    fn parse_trailer(field: &[u8]) -> Option<Mtime> {
+        let value = field.strip_prefix(b"mtime=")?;
+        let dot = value.iter().position(|&b| b == b'.')?;
+        let nsecs = &value[dot + 1..];
+        if nsecs.len() != 9 {
+            return None;
+        }
+        Some(Mtime {
+            secs: parse_i64(&value[..dot])?,
+            nsecs: i64::try_from(parse_u64(nsecs)?).ok()?,
+        })
+    }
+}
+
+/// Splits the rest of a file line after its hash into the escaped path and the
+/// modification time its release file was given (absent in lines of older versions).
+fn split_file_rest(rest: &[u8]) -> Option<(&[u8], Option<Mtime>)> {
+    match rest.iter().position(|&b| b == b'\t') {
+        Some(i) => Some((&rest[..i], Some(Mtime::parse_trailer(&rest[i + 1..])?))),
+        None => Some((rest, None)),
+    }
+}
+
 /// One entry of a release's full manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -508,6 +562,11 @@ pub struct Entry {
     pub hash: Option<Digest>,
     /// Link target (symlinks only).
     pub target: Option<PathBuf>,
+    /// The modification time the release's file was given (files only; not part of its
+    /// content, and unknown in manifests of older versions): what `finalize` checks
+    /// before it hard-links the file into a new release, so an in-place edit of the
+    /// same size is not shared.
+    pub mtime: Option<Mtime>,
 }
 
 /// Escapes a path for one field of a manifest line (`\\`, `\n`, `\t`, `\r`).
@@ -604,20 +663,37 @@ pub fn parse_i64(field: &[u8]) -> Option<i64> {
     }
 }
 
-/// Parses the leading fields of a file's manifest line, `f <mode> <size> <hex> `, and
-/// returns them with the rest of the line (the escaped path); `None` for any other line.
-pub fn parse_file_fields(line: &[u8]) -> Option<(u32, u64, Digest, &[u8])> {
+/// The fields of a file's manifest line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileFields<'a> {
+    /// Permission bits.
+    pub mode: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the content.
+    pub digest: Digest,
+    /// The path, still escaped.
+    pub path: &'a [u8],
+    /// The modification time the release file was given, if recorded.
+    pub mtime: Option<Mtime>,
+}
+
+/// Parses a file's manifest line, `f <mode> <size> <hex> <path>[\tmtime=...]`, without
+/// unescaping its path; `None` for any other line.
+pub fn parse_file_fields(line: &[u8]) -> Option<FileFields<'_>> {
     let rest = line.strip_prefix(b"f ")?;
     let (mode, rest) = split_field(rest)?;
     let (size, rest) = split_field(rest)?;
     let (hash, rest) = split_field(rest)?;
     let mode = std::str::from_utf8(mode).ok()?;
-    Some((
-        u32::from_str_radix(mode, 8).ok()?,
-        parse_u64(size)?,
-        from_hex(hash)?,
-        rest,
-    ))
+    let (path, mtime) = split_file_rest(rest)?;
+    Some(FileFields {
+        mode: u32::from_str_radix(mode, 8).ok()?,
+        size: parse_u64(size)?,
+        digest: from_hex(hash)?,
+        path,
+        mtime,
+    })
 }
 
 fn split_field(s: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -634,7 +710,8 @@ fn unescape(field: &[u8]) -> Option<PathBuf> {
 }
 
 impl Entry {
-    /// One line: `<f|d|l> <mode octal> <size> <hex|-> <path>[\t<target>]\n`.
+    /// One line: `<f|d|l> <mode octal> <size> <hex|-> <path>[\t<target>]\n`; a file's
+    /// line ends in `\tmtime=<secs>.<nsecs>` instead when its mtime is known.
     pub fn to_line(&self, out: &mut Vec<u8>) {
         format_line(
             out,
@@ -644,6 +721,7 @@ impl Entry {
             self.hash.as_ref(),
             &self.path,
             self.target.as_deref(),
+            self.mtime,
         );
     }
 
@@ -663,9 +741,14 @@ impl Entry {
             h => Some(from_hex(h)?),
         };
         let rest = parts.next()?;
-        let (path, target) = match rest.iter().position(|&b| b == b'\t') {
-            Some(i) => (unescape(&rest[..i])?, Some(unescape(&rest[i + 1..])?)),
-            None => (unescape(rest)?, None),
+        let (path, target, mtime) = if kind == Kind::File {
+            let (path, mtime) = split_file_rest(rest)?;
+            (unescape(path)?, None, mtime)
+        } else {
+            match rest.iter().position(|&b| b == b'\t') {
+                Some(i) => (unescape(&rest[..i])?, Some(unescape(&rest[i + 1..])?), None),
+                None => (unescape(rest)?, None, None),
+            }
         };
         Some(Entry {
             path,
@@ -674,11 +757,13 @@ impl Entry {
             size,
             hash,
             target,
+            mtime,
         })
     }
 }
 
 /// Appends one manifest line (the format of [`Entry::to_line`]) without making an `Entry`.
+#[allow(clippy::too_many_arguments)]
 pub fn format_line(
     out: &mut Vec<u8>,
     kind: Kind,
@@ -687,13 +772,14 @@ pub fn format_line(
     hash: Option<&Digest>,
     path: &Path,
     target: Option<&Path>,
+    mtime: Option<Mtime>,
 ) {
-    let kind = match kind {
+    let letter = match kind {
         Kind::File => b'f',
         Kind::Dir => b'd',
         Kind::Symlink => b'l',
     };
-    out.extend_from_slice(&[kind, b' ']);
+    out.extend_from_slice(&[letter, b' ']);
     if mode > 0o7777 {
         let _ = write!(out, "{mode:o}");
     } else {
@@ -712,6 +798,9 @@ pub fn format_line(
     if let Some(t) = target {
         out.push(b'\t');
         escape(t, out);
+    }
+    if let Some(m) = mtime.filter(|_| kind == Kind::File) {
+        m.push_trailer(out);
     }
     out.push(b'\n');
 }
@@ -775,7 +864,17 @@ pub fn same_content(a: &[Entry], b: &[Entry]) -> bool {
     let mut b: Vec<&Entry> = b.iter().collect();
     a.sort_by(|x, y| x.path.cmp(&y.path));
     b.sort_by(|x, y| x.path.cmp(&y.path));
-    a == b
+    // The mtime a release's file was given is not its content: a re-upload of the same
+    // bytes touched since is the same release.
+    a.iter().zip(&b).all(|(x, y)| {
+        Entry {
+            mtime: None,
+            ..(*x).clone()
+        } == Entry {
+            mtime: None,
+            ..(*y).clone()
+        }
+    })
 }
 
 /// The manifest path helper for callers that only need to know whether it exists.
@@ -1005,6 +1104,7 @@ mod tests {
             size: 0,
             hash: None,
             target: Some(PathBuf::from("../c d")),
+            mtime: None,
         };
         let mut buf = Vec::new();
         e.to_line(&mut buf);
@@ -1017,10 +1117,45 @@ mod tests {
             size: 3,
             hash: Some([7u8; 32]),
             target: None,
+            mtime: Some(Mtime {
+                secs: 1_733_212_345,
+                nsecs: 1_500,
+            }),
         };
         let mut buf = Vec::new();
         f.to_line(&mut buf);
-        assert_eq!(Entry::from_line(&buf[..buf.len() - 1]), Some(f));
+        assert!(
+            buf.ends_with(b" x\tmtime=1733212345.000001500\n"),
+            "{buf:?}"
+        );
+        assert_eq!(Entry::from_line(&buf[..buf.len() - 1]), Some(f.clone()));
+        // A line of an older version, without the mtime, still reads.
+        let old = format!("f 0444 3 {} x", "07".repeat(32));
+        let e = Entry::from_line(old.as_bytes()).expect("old line");
+        assert_eq!(
+            e,
+            Entry {
+                mtime: None,
+                ..f.clone()
+            }
+        );
+        assert_eq!(
+            parse_file_fields(old.as_bytes()).map(|f| f.mtime),
+            Some(None)
+        );
+        // Its content is all that counts for an identical re-upload.
+        assert!(same_content(std::slice::from_ref(&f), &[e]));
+        // A trailer that is not a well-formed mtime makes the line unreadable.
+        for bad in [
+            "\tmtime=1.5",
+            "\tmtime=x.000000001",
+            "\tsize=3",
+            "\tmtime=1",
+        ] {
+            let line = format!("{old}{bad}");
+            assert_eq!(Entry::from_line(line.as_bytes()), None, "{bad}");
+            assert_eq!(parse_file_fields(line.as_bytes()), None, "{bad}");
+        }
     }
 
     proptest::proptest! {
@@ -1037,18 +1172,19 @@ mod tests {
         }
 
         #[test]
-        fn lines_round_trip_with_any_path(path in proptest::collection::vec(1u8..=255, 1..40), mode in 0u32..0o10000, size in proptest::num::u64::ANY) {
+        fn lines_round_trip_with_any_path(path in proptest::collection::vec(1u8..=255, 1..40), mode in 0u32..0o10000, size in proptest::num::u64::ANY, secs in proptest::num::i64::ANY, nsecs in 0i64..1_000_000_000, with_mtime in proptest::bool::ANY) {
             let p = fsops::path_from_bytes(path.clone());
             let hash = [7u8; 32];
+            let mtime = with_mtime.then_some(Mtime { secs, nsecs });
             let mut line = Vec::new();
-            format_line(&mut line, Kind::File, mode, size, Some(&hash), &p, None);
+            format_line(&mut line, Kind::File, mode, size, Some(&hash), &p, None, mtime);
             let text = &line[..line.len() - 1];
             let e = Entry::from_line(text).expect("parses");
-            proptest::prop_assert_eq!((e.mode, e.size, e.hash, &e.path), (mode, size, Some(hash), &p));
-            let (m, sz, h, rest) = parse_file_fields(text).expect("file fields");
-            proptest::prop_assert_eq!((m, sz, h), (mode, size, hash));
+            proptest::prop_assert_eq!((e.mode, e.size, e.hash, &e.path, e.mtime), (mode, size, Some(hash), &p, mtime));
+            let f = parse_file_fields(text).expect("file fields");
+            proptest::prop_assert_eq!((f.mode, f.size, f.digest, f.mtime), (mode, size, hash, mtime));
             let mut back = Vec::new();
-            proptest::prop_assert!(unescape_path_into(rest, &mut back).is_some());
+            proptest::prop_assert!(unescape_path_into(f.path, &mut back).is_some());
             proptest::prop_assert_eq!(back, path);
         }
     }
