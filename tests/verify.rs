@@ -280,66 +280,21 @@ fn status_says_which_release_the_clean_drift_check_was_of() {
     );
 }
 
-/// A release file edited in place (drift) must not be hard-linked into the next release:
-/// that release would then hold content its upload never had, and share the edit. Found
-/// by a hand edit (`chmod u+w; echo >>`) of `current` followed by a deploy with the file
-/// unchanged in `deploy-cache/`: the new release linked the edited inode.
-#[test]
-fn an_edited_release_file_is_not_linked_into_the_next_release() {
-    let site = Site::new();
-    let cfg = site.write_config(SITE, "", "");
-    site.stage_upload(&as_refs(&build("v1")));
-    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
-    let edited = site.release("v1").join("docs/readme.txt");
-    fs::set_permissions(&edited, fs::Permissions::from_mode(0o644)).unwrap();
-    fs::write(&edited, b"read me\nand this was added by hand\n").unwrap();
-    fs::set_permissions(&edited, fs::Permissions::from_mode(0o444)).unwrap();
-
-    // deploy-cache/ is the same persistent mirror: the file is unchanged there.
-    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
-    let fresh = site.release("v2").join("docs/readme.txt");
-    assert_eq!(
-        fs::read(&fresh).unwrap(),
-        b"read me\n",
-        "v2 holds what was uploaded, not v1's hand edit"
-    );
-    assert_clean(&cfg, &["v2"]);
-    assert_drift(&cfg, &["v1"], "docs/readme.txt", "size");
-}
-
-/// Same, for an edit that kept the size and mode (only a re-hash sees it): once a drift
-/// check has found it, the drifted release is no source of hard links.
-#[test]
-fn a_release_with_detected_drift_is_not_a_source_of_hard_links() {
-    let site = Site::new();
-    let cfg = site.write_config(SITE, "", "");
-    site.stage_upload(&as_refs(&build("v1")));
-    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
-    let edited = site.release("v1").join("docs/readme.txt");
-    flip_byte(&edited);
-    assert_drift(&cfg, &[], "docs/readme.txt", "content");
-
-    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
-    assert_eq!(
-        fs::read(site.release("v2").join("docs/readme.txt")).unwrap(),
-        b"read me\n",
-        "v2 holds what was uploaded, not v1's drifted content"
-    );
-    assert_clean(&cfg, &["v2"]);
-}
-
-/// An edit in place that keeps the size and mode, made before any drift check: the next
-/// release must not share it either. Only the mtime tells it apart without a re-hash, so
-/// the stored manifest records each release file's mtime and `finalize` compares it.
-#[test]
-fn an_edit_keeping_size_and_mode_is_not_linked_even_before_a_drift_check() {
+/// Finalizes v1 from `build("v1")`, lets `edit` change v1's `docs/readme.txt` by hand,
+/// then finalizes v2 from the unchanged `deploy-cache/` (the same persistent mirror) and
+/// checks v2 holds what was uploaded, not the edit, and shares no inode with it; and,
+/// when v1 is still `a_link_source`, that its unedited files are shared.
+fn edit_v1_then_finalize_v2(
+    a_link_source: bool,
+    edit: impl FnOnce(&Path, &Path),
+) -> (Site, PathBuf) {
     use std::os::unix::fs::MetadataExt;
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
     site.stage_upload(&as_refs(&build("v1")));
     assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
     let edited = site.release("v1").join("docs/readme.txt");
-    flip_byte(&edited);
+    edit(&cfg, &edited);
 
     assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
     let fresh = site.release("v2").join("docs/readme.txt");
@@ -353,14 +308,52 @@ fn an_edit_keeping_size_and_mode_is_not_linked_even_before_a_drift_check() {
         fs::metadata(&edited).unwrap().ino(),
         "v2 shares the edited inode"
     );
-    // The unedited files are still shared.
-    let other = "index.html";
+    let same_inode = |f: &str| {
+        fs::metadata(site.release("v1").join(f)).unwrap().ino()
+            == fs::metadata(site.release("v2").join(f)).unwrap().ino()
+    };
     assert_eq!(
-        fs::metadata(site.release("v1").join(other)).unwrap().ino(),
-        fs::metadata(site.release("v2").join(other)).unwrap().ino(),
-        "an unchanged file was copied, not linked"
+        same_inode("index.html"),
+        a_link_source,
+        "an unedited file shared with v1"
     );
     assert_clean(&cfg, &["v2"]);
+    (site, cfg)
+}
+
+/// A release file edited in place (drift) must not be hard-linked into the next release:
+/// that release would then hold content its upload never had, and share the edit. Found
+/// by a hand edit (`chmod u+w; echo >>`) of `current` followed by a deploy with the file
+/// unchanged in `deploy-cache/`: the new release linked the edited inode.
+#[test]
+fn an_edited_release_file_is_not_linked_into_the_next_release() {
+    let (_site, cfg) = edit_v1_then_finalize_v2(true, |_, edited| {
+        fs::set_permissions(edited, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(edited, b"read me\nand this was added by hand\n").unwrap();
+        fs::set_permissions(edited, fs::Permissions::from_mode(0o444)).unwrap();
+    });
+    assert_drift(&cfg, &["v1"], "docs/readme.txt", "size");
+}
+
+/// Same, for an edit that kept the size, the mode and even the mtime (only a re-hash sees
+/// it): once a drift check has found it, the drifted release is no source of hard links.
+#[test]
+fn a_release_with_detected_drift_is_not_a_source_of_hard_links() {
+    edit_v1_then_finalize_v2(false, |cfg, edited| {
+        let mtime = fs::metadata(edited).unwrap().modified().unwrap();
+        flip_byte(edited);
+        let f = fs::File::options().write(true).open(edited).unwrap();
+        f.set_modified(mtime).unwrap();
+        assert_drift(cfg, &[], "docs/readme.txt", "content");
+    });
+}
+
+/// An edit in place that keeps the size and mode, made before any drift check: the next
+/// release must not share it either. Only the mtime tells it apart without a re-hash, so
+/// the stored manifest records each release file's mtime and `finalize` compares it.
+#[test]
+fn an_edit_keeping_size_and_mode_is_not_linked_even_before_a_drift_check() {
+    edit_v1_then_finalize_v2(true, |_, edited| flip_byte(edited));
 }
 
 /// A release made by an older version has no mtimes in its stored manifest: its files are
