@@ -3,7 +3,8 @@
 //! One pass per file: each byte is read once, hashed and written together. A file whose
 //! stat key is unchanged since the hash cache saw it is not read at all: it becomes a hard
 //! link to the identical (same digest, same mode) file of the previous release, which was
-//! verified when that release was made. Nothing is ever linked to `deploy-cache/` itself,
+//! verified when that release was made and still has the size and mtime its manifest
+//! records (so it was not edited since). Nothing is ever linked to `deploy-cache/` itself,
 //! so an uploader rewriting a file in place cannot alter a release.
 //!
 //! How it stays fast and small on 200,000-file trees:
