@@ -1482,3 +1482,85 @@ fn identical_reupload_of_a_failed_release_is_no_success() {
         show(&out)
     );
 }
+
+/// A release staged by a marker with `activate = false`, uploaded again identically with
+/// a marker asking for activation (the default): the upload was taken for a no-op, the
+/// release stayed staged and `finalize` exited 0, so the uploader's request to make it
+/// live was dropped without a word. It is activated now exactly as `activate ID` does it:
+/// every hook (with the release it leaves as previous), the health check, the events, and
+/// on failure the automatic rollback and exit 1.
+#[test]
+fn identical_reupload_of_a_staged_release_asking_for_activation_activates_it() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &["--no-activate"], 0);
+    assert!(hook_calls(&log, "v2").is_empty(), "v2 is only staged");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+
+    let out = finalize_as(&site, &cfg, "v2", &[], 0);
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "the staged release is activated; {}",
+        show(&out)
+    );
+    let calls: Vec<(String, String)> = ["before", "after", "health"]
+        .iter()
+        .map(|p| (p.to_string(), "v1".to_string()))
+        .collect();
+    assert_eq!(hook_calls(&log, "v2"), calls, "{}", show(&out));
+    let events = stderr_events(&out);
+    assert!(
+        events.iter().any(|v| v["event"] == "release.activated"
+            && v["release"] == "v2"
+            && v["previous"] == "v1"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("now activated"),
+        "{}",
+        show(&out)
+    );
+    let l = list(&cfg);
+    assert_eq!(release_obj(&l, "v2")["state"], "current", "{l}");
+    assert_eq!(l["previous"], "v1", "{l}");
+
+    // Once activated, the same upload again is the plain no-op: no hook runs again.
+    let out = finalize_as(&site, &cfg, "v2", &[], 0);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("release v2 unchanged (identical upload)"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(hook_calls(&log, "v2").len(), 3, "{}", show(&out));
+
+    // Unhealthy: the usual verdict, rolled back to v2, exit 1.
+    finalize_as(&site, &cfg, "v3", &["--no-activate"], 0);
+    fs::write(site.tmp_path("fail-v3"), b"").unwrap();
+    let out = finalize_as(&site, &cfg, "v3", &[], 1);
+    assert_eq!(site.current_id().as_deref(), Some("v2"), "{}", show(&out));
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.rolled_back"
+                && v["release"] == "v3"
+                && v["previous"] == "v2"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(release_obj(&list(&cfg), "v3")["state"], "failed");
+    // A failed release uploaded again stays no success, as before.
+    let out = finalize_as(&site, &cfg, "v3", &[], 1);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("and failed"),
+        "{}",
+        show(&out)
+    );
+    // A staged release uploaded again to stay staged stays a no-op.
+    finalize_as(&site, &cfg, "v4", &["--no-activate"], 0);
+    let out = finalize_as(&site, &cfg, "v4", &["--no-activate"], 0);
+    assert!(hook_calls(&log, "v4").is_empty(), "{}", show(&out));
+    assert_eq!(release_obj(&list(&cfg), "v4")["state"], "staged");
+}
