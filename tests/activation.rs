@@ -1564,3 +1564,83 @@ fn identical_reupload_of_a_staged_release_asking_for_activation_activates_it() {
     assert!(hook_calls(&log, "v4").is_empty(), "{}", show(&out));
     assert_eq!(release_obj(&list(&cfg), "v4")["state"], "staged");
 }
+
+/// `current` deleted by hand, then `activate ID`: the link names no release, so the hooks
+/// got an empty `PREVIOUS_RELEASE_ID` and `release.activated` no `previous`, as for a
+/// site's first release, while healing would have pointed `current` at the last activated
+/// good release and an automatic rollback goes back there. That release is the previous
+/// one now, for the hooks, the event and the journal; activating that very release names
+/// the good one before it.
+#[test]
+fn activate_after_current_was_deleted_names_the_release_healing_would_restore_as_previous() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &[], 0);
+    finalize_as(&site, &cfg, "v3", &["--no-activate"], 0);
+    fs::remove_file(site.current_path()).unwrap();
+
+    let out = cli(&cfg, &["activate", SITE, "v3", "--log-format", "json"]);
+    assert_ok(&out, "activate with current deleted");
+    assert_eq!(site.current_id().as_deref(), Some("v3"));
+    let calls: Vec<(String, String)> = ["before", "after", "health"]
+        .iter()
+        .map(|p| (p.to_string(), "v2".to_string()))
+        .collect();
+    assert_eq!(
+        hook_calls(&log, "v3"),
+        calls,
+        "PREVIOUS_RELEASE_ID is the release healing would restore; {}",
+        show(&out)
+    );
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.activated"
+                && v["release"] == "v3"
+                && v["previous"] == "v2"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        site.journal_records()
+            .iter()
+            .any(|r| r["op"] == "activated" && r["release"] == "v3" && r["previous"] == "v2"),
+        "the activation is journaled with its previous release"
+    );
+
+    // Activating the very release healing would restore: the good one before it.
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["activate", SITE, "v3", "--log-format", "json"]);
+    assert_ok(
+        &out,
+        "activate of the last activated release with current deleted",
+    );
+    assert_eq!(hook_calls(&log, "v3")[3..], calls, "{}", show(&out));
+
+    // Unhealthy, with `current` dangling: rolled back to where healing would go.
+    finalize_as(&site, &cfg, "v4", &["--no-activate"], 0);
+    fs::write(site.tmp_path("fail-v4"), b"").unwrap();
+    sh(&site.root, "ln -sfn releases/gone current");
+    let out = cli(&cfg, &["activate", SITE, "v4", "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(
+        hook_calls(&log, "v4"),
+        ["before", "after", "health"]
+            .iter()
+            .map(|p| (p.to_string(), "v3".to_string()))
+            .collect::<Vec<_>>(),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v3"), "{}", show(&out));
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.rolled_back"
+                && v["release"] == "v4"
+                && v["previous"] == "v3"),
+        "{}",
+        show(&out)
+    );
+}
