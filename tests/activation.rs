@@ -1644,3 +1644,29 @@ fn activate_after_current_was_deleted_names_the_release_healing_would_restore_as
         show(&out)
     );
 }
+
+/// The same through the service and markers: a release staged by `activate = false`,
+/// the same upload marked again without it, is activated (`release.activated`).
+#[test]
+fn identical_reupload_of_a_staged_release_by_marker_activates_it_in_the_service() {
+    let site = Site::new();
+    let cfg = health_config(&site, "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_in_turn(&site, &svc, &["v1"]);
+    let b = build("v2");
+    let files: Vec<(&str, &[u8])> = b.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
+    site.deploy(&files, "id = \"v2\"\nactivate = false\n");
+    svc.wait_release_event("release.finalized", "v2");
+    site.wait_marker_consumed(WAIT);
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "v2 is only staged"
+    );
+
+    site.drop_marker("id = \"v2\"\n");
+    let ev = svc.wait_release_event("release.activated", "v2");
+    assert_eq!(ev["previous"], "v1", "{ev}");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}
