@@ -331,6 +331,13 @@ impl Worker {
                     .watcher
                     .watch(&dir, name, site.name(), Arc::clone(wake))
                 {
+                    // Removed between the look above and the watch (an uploader's
+                    // `rm -rf deploy-cache && mkdir deploy-cache` in a loop): the same case
+                    // as above, not an error.
+                    if !dir.is_dir() && dir == site.deploy_cache() {
+                        tracing::debug!(site = site.name(), reason = %e, "deploy-cache/ went while it was being watched");
+                        continue;
+                    }
                     tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "cannot watch");
                 }
             }
