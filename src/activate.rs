@@ -186,9 +186,18 @@ fn activate_once(site: &Site, journal: &mut Journal, id: &str, opts: Options) ->
             )));
         }
     }
-    let Switch::From(previous) = switch_to(site, state, site.current_id(), id) else {
+    let link = site.current_id();
+    let lost = link.is_none();
+    let Switch::From(previous) = switch_to(site, state, link, id) else {
         return Ok(false);
     };
+    // With `current` deleted or dangling, the link names no release; the one being left
+    // is where healing would have put it, which an automatic rollback also goes back to.
+    // Without it the hooks got an empty PREVIOUS_RELEASE_ID, as for a first release.
+    let previous = previous.or_else(|| {
+        lost.then(|| state.left_when_current_lost(id, |r| site.release(r).is_dir()))
+            .flatten()
+    });
     current_replaceable(site)?;
     let started = Instant::now();
     let env = hook_env(site, id, previous.as_deref());

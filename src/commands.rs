@@ -729,6 +729,10 @@ fn report_outcomes(site: &Site, outcomes: &[Outcome]) -> Result<Option<String>> 
                     ))?,
                 }
             }
+            Outcome::Activated(id) => out(&format!(
+                "{}: release {id} unchanged (identical upload); staged before, now activated",
+                site.name()
+            ))?,
             Outcome::Rejected(r) => {
                 problems.push("the upload was rejected".to_string());
                 out(&format!("{}: upload rejected: {r}", site.name()))?

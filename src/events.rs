@@ -61,6 +61,8 @@ pub const RELEASE_ALREADY_CURRENT: &str = "release.already_current";
 pub const HEAL_REPORTED: &str = "heal.reported";
 /// A site's root does not exist yet; the service waits for it.
 pub const SITE_WAITING: &str = "site.waiting";
+/// A site's root the service waited for is a directory again; the site is served.
+pub const SITE_RESUMED: &str = "site.resumed";
 /// A site's work or housekeeping failed; the service keeps running and retries.
 pub const SITE_ERROR: &str = "site.error";
 /// inotify lost events (queue overflow or read error); every site is rescanned.

@@ -40,6 +40,9 @@ pub enum Outcome {
     Released(String),
     /// Identical to an existing release with the same id: nothing to do.
     Unchanged(String),
+    /// Identical to an existing staged release, which this marker asked to activate:
+    /// activated (hooks and health check passed).
+    Activated(String),
     /// Rejected, with the reason.
     Rejected(String),
     /// Finalized but activation failed (hook or health check); the reason.
@@ -671,6 +674,14 @@ fn process_claim(
         let entries = built.entries()?;
         fsops::remove_tree(&site.partial(id))?;
         if store::same_content(&stored, &entries) {
+            // Staged by an earlier marker and never tried since: this marker's
+            // `activate = true` is the uploader asking for it live, which a no-op would
+            // silently ignore (exit 0, `current` unchanged). A release activated or failed
+            // before stays a no-op: its verdict stands.
+            let to_activate = claim.activate
+                && existing
+                    .as_ref()
+                    .is_some_and(|r| !r.activated && r.failed.is_none());
             tracing::info!(
                 event = events::RELEASE_FINALIZED,
                 site = site.name(),
@@ -678,8 +689,20 @@ fn process_claim(
                 unchanged = true,
                 files = built.files,
                 bytes = built.bytes,
-                "upload identical to the existing release; nothing to do"
+                "upload identical to the existing release; {}",
+                if to_activate {
+                    "activating the staged release"
+                } else {
+                    "nothing to do"
+                }
             );
+            if to_activate {
+                let outcome = activate_and_prune(site, journal, claim)?;
+                return Ok(Step::Done(match outcome {
+                    Outcome::Released(id) => Outcome::Activated(id),
+                    other => other,
+                }));
+            }
             return Ok(Step::Done(Outcome::Unchanged(id.to_string())));
         }
         return Err(Error::Rejected(format!(

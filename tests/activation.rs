@@ -1482,3 +1482,191 @@ fn identical_reupload_of_a_failed_release_is_no_success() {
         show(&out)
     );
 }
+
+/// A release staged by a marker with `activate = false`, uploaded again identically with
+/// a marker asking for activation (the default): the upload was taken for a no-op, the
+/// release stayed staged and `finalize` exited 0, so the uploader's request to make it
+/// live was dropped without a word. It is activated now exactly as `activate ID` does it:
+/// every hook (with the release it leaves as previous), the health check, the events, and
+/// on failure the automatic rollback and exit 1.
+#[test]
+fn identical_reupload_of_a_staged_release_asking_for_activation_activates_it() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &["--no-activate"], 0);
+    assert!(hook_calls(&log, "v2").is_empty(), "v2 is only staged");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+
+    let out = finalize_as(&site, &cfg, "v2", &[], 0);
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "the staged release is activated; {}",
+        show(&out)
+    );
+    let calls: Vec<(String, String)> = ["before", "after", "health"]
+        .iter()
+        .map(|p| (p.to_string(), "v1".to_string()))
+        .collect();
+    assert_eq!(hook_calls(&log, "v2"), calls, "{}", show(&out));
+    let events = stderr_events(&out);
+    assert!(
+        events.iter().any(|v| v["event"] == "release.activated"
+            && v["release"] == "v2"
+            && v["previous"] == "v1"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("now activated"),
+        "{}",
+        show(&out)
+    );
+    let l = list(&cfg);
+    assert_eq!(release_obj(&l, "v2")["state"], "current", "{l}");
+    assert_eq!(l["previous"], "v1", "{l}");
+
+    // Once activated, the same upload again is the plain no-op: no hook runs again.
+    let out = finalize_as(&site, &cfg, "v2", &[], 0);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("release v2 unchanged (identical upload)"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(hook_calls(&log, "v2").len(), 3, "{}", show(&out));
+
+    // Unhealthy: the usual verdict, rolled back to v2, exit 1.
+    finalize_as(&site, &cfg, "v3", &["--no-activate"], 0);
+    fs::write(site.tmp_path("fail-v3"), b"").unwrap();
+    let out = finalize_as(&site, &cfg, "v3", &[], 1);
+    assert_eq!(site.current_id().as_deref(), Some("v2"), "{}", show(&out));
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.rolled_back"
+                && v["release"] == "v3"
+                && v["previous"] == "v2"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(release_obj(&list(&cfg), "v3")["state"], "failed");
+    // A failed release uploaded again stays no success, as before.
+    let out = finalize_as(&site, &cfg, "v3", &[], 1);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("and failed"),
+        "{}",
+        show(&out)
+    );
+    // A staged release uploaded again to stay staged stays a no-op.
+    finalize_as(&site, &cfg, "v4", &["--no-activate"], 0);
+    let out = finalize_as(&site, &cfg, "v4", &["--no-activate"], 0);
+    assert!(hook_calls(&log, "v4").is_empty(), "{}", show(&out));
+    assert_eq!(release_obj(&list(&cfg), "v4")["state"], "staged");
+}
+
+/// `current` deleted by hand, then `activate ID`: the link names no release, so the hooks
+/// got an empty `PREVIOUS_RELEASE_ID` and `release.activated` no `previous`, as for a
+/// site's first release, while healing would have pointed `current` at the last activated
+/// good release and an automatic rollback goes back there. That release is the previous
+/// one now, for the hooks, the event and the journal; activating that very release names
+/// the good one before it.
+#[test]
+fn activate_after_current_was_deleted_names_the_release_healing_would_restore_as_previous() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    finalize_as(&site, &cfg, "v1", &[], 0);
+    finalize_as(&site, &cfg, "v2", &[], 0);
+    finalize_as(&site, &cfg, "v3", &["--no-activate"], 0);
+    fs::remove_file(site.current_path()).unwrap();
+
+    let out = cli(&cfg, &["activate", SITE, "v3", "--log-format", "json"]);
+    assert_ok(&out, "activate with current deleted");
+    assert_eq!(site.current_id().as_deref(), Some("v3"));
+    let calls: Vec<(String, String)> = ["before", "after", "health"]
+        .iter()
+        .map(|p| (p.to_string(), "v2".to_string()))
+        .collect();
+    assert_eq!(
+        hook_calls(&log, "v3"),
+        calls,
+        "PREVIOUS_RELEASE_ID is the release healing would restore; {}",
+        show(&out)
+    );
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.activated"
+                && v["release"] == "v3"
+                && v["previous"] == "v2"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        site.journal_records()
+            .iter()
+            .any(|r| r["op"] == "activated" && r["release"] == "v3" && r["previous"] == "v2"),
+        "the activation is journaled with its previous release"
+    );
+
+    // Activating the very release healing would restore: the good one before it.
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["activate", SITE, "v3", "--log-format", "json"]);
+    assert_ok(
+        &out,
+        "activate of the last activated release with current deleted",
+    );
+    assert_eq!(hook_calls(&log, "v3")[3..], calls, "{}", show(&out));
+
+    // Unhealthy, with `current` dangling: rolled back to where healing would go.
+    finalize_as(&site, &cfg, "v4", &["--no-activate"], 0);
+    fs::write(site.tmp_path("fail-v4"), b"").unwrap();
+    sh(&site.root, "ln -sfn releases/gone current");
+    let out = cli(&cfg, &["activate", SITE, "v4", "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(
+        hook_calls(&log, "v4"),
+        ["before", "after", "health"]
+            .iter()
+            .map(|p| (p.to_string(), "v3".to_string()))
+            .collect::<Vec<_>>(),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v3"), "{}", show(&out));
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "release.rolled_back"
+                && v["release"] == "v4"
+                && v["previous"] == "v3"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// The same through the service and markers: a release staged by `activate = false`,
+/// the same upload marked again without it, is activated (`release.activated`).
+#[test]
+fn identical_reupload_of_a_staged_release_by_marker_activates_it_in_the_service() {
+    let site = Site::new();
+    let cfg = health_config(&site, "");
+    let mut svc = Service::start_config(&cfg);
+    deploy_in_turn(&site, &svc, &["v1"]);
+    let b = build("v2");
+    let files: Vec<(&str, &[u8])> = b.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
+    site.deploy(&files, "id = \"v2\"\nactivate = false\n");
+    svc.wait_release_event("release.finalized", "v2");
+    site.wait_marker_consumed(WAIT);
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "v2 is only staged"
+    );
+
+    site.drop_marker("id = \"v2\"\n");
+    let ev = svc.wait_release_event("release.activated", "v2");
+    assert_eq!(ev["previous"], "v1", "{ev}");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}

@@ -976,6 +976,92 @@ fn root_that_appears_after_start_is_served() {
     svc.stop();
 }
 
+/// True for the `site.error` that says the root at `root` is not a directory.
+fn says_root_is_not_a_directory(v: &Value, root: &Path) -> bool {
+    v["root"] == root.to_str().unwrap() && reason_of(v).contains("is not a directory")
+}
+
+/// The messages of the service's log lines from index `from` on that say a root "does
+/// not exist".
+fn says_missing_since(svc: &Service, from: usize) -> Vec<String> {
+    svc.json_lines()[from..]
+        .iter()
+        .map(Value::to_string)
+        .filter(|l| l.contains("does not exist"))
+        .collect()
+}
+
+/// A site's root replaced by a file while the service runs: every pass failed on
+/// `.release-keeper/lock: Not a directory` and a root that is a file was said to "not
+/// exist yet". It is said once, as what it is; the service keeps waiting, and serves the
+/// site again (deploys included) once a directory is back.
+#[test]
+fn a_root_replaced_by_a_file_while_running_is_reported_as_such_and_recovered_from() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1s\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let from = svc.json_lines().len();
+    let aside = site.tmp_path("root-aside");
+    fs::rename(&site.root, &aside).unwrap();
+    fs::write(&site.root, b"not a directory\n").unwrap();
+    svc.wait_event(
+        "site.error",
+        |v| says_root_is_not_a_directory(v, &site.root),
+        WAIT,
+    );
+    // Still waiting a few passes later, having said it once. (Between the rename and the
+    // write the root was missing for a moment, which a pass may have seen and said.)
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(svc.is_running(), "log:\n{}", svc.log_text());
+    let lines = svc.json_lines();
+    let said: Vec<usize> = (from..lines.len())
+        .filter(|&i| {
+            lines[i]["event"] == "site.error" && says_root_is_not_a_directory(&lines[i], &site.root)
+        })
+        .collect();
+    assert_eq!(said.len(), 1, "said once; log:\n{}", svc.log_text());
+    assert!(
+        says_missing_since(&svc, said[0]).is_empty(),
+        "a file in the root's place is not a root that does not exist: {:?}",
+        says_missing_since(&svc, said[0])
+    );
+
+    fs::remove_file(&site.root).unwrap();
+    fs::rename(&aside, &site.root).unwrap();
+    svc.wait_event("site.resumed", |v| v["site"] == SITE, WAIT);
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+}
+
+/// At start, a root not made yet is waited for; a file that then appears in its place is
+/// said to be no directory (it was left as "does not exist yet"), and a directory after
+/// it is served.
+#[test]
+fn a_file_appearing_where_a_missing_root_was_awaited_is_reported_as_such() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "heal_interval = \"1s\"", "");
+    fs::remove_dir_all(&site.root).unwrap();
+    let mut svc = Service::start_config(&cfg);
+    svc.wait_event("site.waiting", |v| v["site"] == SITE, WAIT);
+    let from = svc.json_lines().len();
+    fs::write(&site.root, b"not a directory\n").unwrap();
+    svc.wait_event(
+        "site.error",
+        |v| says_root_is_not_a_directory(v, &site.root),
+        WAIT,
+    );
+    assert!(
+        says_missing_since(&svc, from).is_empty(),
+        "log:\n{}",
+        svc.log_text()
+    );
+    fs::remove_file(&site.root).unwrap();
+    fs::create_dir_all(site.deploy_cache()).unwrap();
+    svc.wait_event("site.resumed", |v| v["site"] == SITE, WAIT);
+    deploy_and_activate(&site, &svc, "v1");
+    svc.stop();
+}
+
 #[test]
 fn inotify_queue_overflow_triggers_a_full_rescan() {
     let site = Site::new();

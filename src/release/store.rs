@@ -341,6 +341,20 @@ impl State {
             .cloned()
     }
 
+    /// The release an activation of `id` leaves while the `current` link names none
+    /// (deleted, dangling or pointing outside `releases/` by hand): the one healing would
+    /// point it at ([`State::last_good_activated`]), or, when that is `id` itself, the
+    /// previous good release from `id`, as an automatic rollback from `id` would choose.
+    pub fn left_when_current_lost(
+        &self,
+        id: &str,
+        exists: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        self.last_good_activated(&exists)
+            .filter(|h| h != id)
+            .or_else(|| self.previous_good(Some(id), &exists))
+    }
+
     /// True when the keeper ever switched `current` to `id` (an activation, or a
     /// rollback's target): false for a release only staged, or one whose activation was
     /// interrupted before the swap, which never had its `before_activate`.
@@ -981,6 +995,26 @@ mod tests {
         assert_eq!(st.previous_good(Some("a"), |_| true), Some("b".into()));
         assert_eq!(st.previous_good(Some("a"), |id| id != "b"), None);
         assert_eq!(st.last_good_activated(|_| true), Some("a".into()));
+    }
+
+    #[test]
+    fn the_release_left_with_current_lost_is_where_healing_would_go() {
+        let recs = vec![
+            rec(1, fin("a")),
+            rec(2, act("a", None)),
+            rec(3, fin("b")),
+            rec(4, act("b", Some("a"))),
+            rec(5, fin("c")),
+        ];
+        let st = State::from_records(&recs);
+        assert_eq!(st.left_when_current_lost("c", |_| true), Some("b".into()));
+        // `b` itself is activated again: the good release before it.
+        assert_eq!(st.left_when_current_lost("b", |_| true), Some("a".into()));
+        assert_eq!(
+            st.left_when_current_lost("c", |id| id != "b"),
+            Some("a".into())
+        );
+        assert_eq!(st.left_when_current_lost("c", |_| false), None);
     }
 
     #[test]

@@ -267,28 +267,8 @@ impl Worker {
     ) {
         let site = &self.site;
         let heal_interval = site.cfg.heal_interval;
-        // A root that does not exist yet is waited for; its parent is watched so it is
-        // picked up as soon as it appears, with the heal timer as a backstop.
-        if !site.root_exists() {
-            tracing::warn!(event = crate::events::SITE_WAITING, site = site.name(), root = %site.root().display(),
-                "site root does not exist yet; waiting for it");
-            crate::service::set_status(site, "waiting for its root");
-            report(Ok(()));
-            if let Some(parent) = site.root().parent() {
-                if let Err(e) = self
-                    .watcher
-                    .watch(parent, None, site.name(), Arc::clone(heal_wake))
-                {
-                    tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
-                        "cannot watch the root's parent");
-                }
-            }
-            while !site.root_exists() {
-                let mail = self.mailbox.wait(after(heal_interval));
-                if mail.stop || self.cancel.load(Ordering::Relaxed) {
-                    return;
-                }
-            }
+        if !site.root_exists() && !self.wait_for_root(report, heal_wake) {
+            return;
         }
 
         // A second service for the site is refused (SPEC); a layout it cannot set up (a
@@ -351,6 +331,13 @@ impl Worker {
                     .watcher
                     .watch(&dir, name, site.name(), Arc::clone(wake))
                 {
+                    // Removed between the look above and the watch (an uploader's
+                    // `rm -rf deploy-cache && mkdir deploy-cache` in a loop): the same case
+                    // as above, not an error.
+                    if !dir.is_dir() && dir == site.deploy_cache() {
+                        tracing::debug!(site = site.name(), reason = %e, "deploy-cache/ went while it was being watched");
+                        continue;
+                    }
                     tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "cannot watch");
                 }
             }
@@ -371,9 +358,21 @@ impl Worker {
         let mut next_verify = after(site.cfg.verify_interval);
         loop {
             let deadline = rescan_at.map_or(next_heal, |r| r.min(next_heal));
-            let mail = self.mailbox.wait(deadline.min(next_verify));
+            let mut mail = self.mailbox.wait(deadline.min(next_verify));
             if mail.stop || self.cancel.load(Ordering::Relaxed) {
                 break;
+            }
+            if !site.root_exists() {
+                // Every job would fail at the first path inside it (`.release-keeper/lock:
+                // Not a directory`, at each pass), which says nothing of the cause.
+                if !self.wait_for_root(report, heal_wake) {
+                    break;
+                }
+                // Possibly another directory now: nothing kept from the old one holds,
+                // and a healing pass sets it up (the lifetime lock taken again, watches
+                // renewed) before anything else runs.
+                kept = Kept::default();
+                mail.heal = true;
             }
             let now = Instant::now();
             let mut jobs = Vec::with_capacity(4);
@@ -421,6 +420,65 @@ impl Worker {
             }
         }
         drop(lifetime);
+    }
+
+    /// Waits while the site's root is not a directory: at start, a root not made yet (a
+    /// mount to come); while the service runs, one deleted, or replaced by a file. Each
+    /// cause is said when it appears, so that a file in the root's place is not reported
+    /// as a root that "does not exist yet". The root's parent is watched so a directory
+    /// there is picked up at once, with the heal timer as a backstop. False when the
+    /// worker is asked to stop meanwhile.
+    fn wait_for_root(
+        &self,
+        report: &mut impl FnMut(Result<()>),
+        heal_wake: &Arc<dyn Wake>,
+    ) -> bool {
+        let site = &self.site;
+        let root = site.root();
+        let mut said = None;
+        let mut watched = false;
+        loop {
+            if site.root_exists() {
+                if said.is_some() {
+                    tracing::info!(event = crate::events::SITE_RESUMED, site = site.name(), root = %root.display(),
+                        "site root is a directory; serving it");
+                }
+                return true;
+            }
+            let why = crate::config::root_not_a_directory(root);
+            if said != Some(why) {
+                match why {
+                    None => {
+                        tracing::warn!(event = crate::events::SITE_WAITING, site = site.name(), root = %root.display(),
+                        "site root does not exist yet; waiting for it")
+                    }
+                    Some(why) => {
+                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), root = %root.display(),
+                        reason = %format!("the root {} {why}; a site's root must be a directory", root.display()),
+                        "site root is not a directory; waiting for a directory in its place")
+                    }
+                }
+                crate::service::set_status(site, "waiting for its root");
+                said = Some(why);
+            }
+            report(Ok(()));
+            if !watched {
+                watched = true;
+                if let Some(parent) = root.parent() {
+                    if let Err(e) =
+                        self.watcher
+                            .watch(parent, None, site.name(), Arc::clone(heal_wake))
+                    {
+                        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
+                            "cannot watch the root's parent");
+                    }
+                }
+            }
+            let mail = self.mailbox.wait(after(site.cfg.heal_interval));
+            if mail.stop || self.cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+        }
     }
 
     fn work_logged(&self, job: Job, kept: &mut Kept) {
