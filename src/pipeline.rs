@@ -687,6 +687,7 @@ fn process_claim(
                 site = site.name(),
                 release = id,
                 unchanged = true,
+                activating = to_activate,
                 files = built.files,
                 bytes = built.bytes,
                 "upload identical to the existing release; {}",
