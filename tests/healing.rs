@@ -1075,11 +1075,11 @@ fn inotify_queue_overflow_triggers_a_full_rescan() {
     site.drop_marker("id = \"v2\"\n");
     drop(cont); // SIGCONT
     svc.wait_release_event("release.activated", "v2");
-    assert!(
-        svc.log_text().contains("overflow"),
-        "the inotify queue should have overflowed (test precondition); log:\n{}",
-        svc.log_text()
-    );
+    // The overflow is the last event of a full queue, and the watcher logs it when it gets
+    // there: a pass already due before the stop (the healing v1's swap started) may find
+    // the marker first, so the line can come after the activation. Reading the log at
+    // once failed about one run in fifty.
+    svc.wait_event("watch.overflow", |v| v["site"] == SITE, WAIT);
     svc.stop();
 }
 
