@@ -1104,6 +1104,36 @@ fn operator_provided_shared_file_is_not_recreated_as_a_directory() {
     );
 }
 
+/// The same for a shared file kept elsewhere and linked in by the operator
+/// (`shared/.env -> /etc/shop/env`): a link to a file is a file entry; once the link is
+/// deleted, healing must not make `.env` a directory.
+#[test]
+fn operator_linked_shared_file_is_not_recreated_as_a_directory() {
+    let site = Site::new();
+    let cfg = site.write_config("app", "", "shared = [\".env\"]");
+    assert_ok(&cli(&cfg, &["init", "app"]), "init");
+    let kept = site.tmp_path("shop.env");
+    fs::write(&kept, "APP_KEY=1\n").unwrap();
+    let shared = site.root.join("shared");
+    symlink(&kept, shared.join(".env")).unwrap();
+    clear_dir(&site.deploy_cache());
+    write_tree(&site.deploy_cache(), &[("index.html", b"v1\n")]);
+    write_sha256sums(&site.deploy_cache());
+    assert_ok(&cli(&cfg, &["finalize", "app", "--id", "v1"]), "finalize");
+
+    fs::remove_file(shared.join(".env")).unwrap();
+    let out = cli(&cfg, &["heal", "app"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        fs::symlink_metadata(shared.join(".env")).is_err(),
+        "a linked-in shared file must not come back as a directory: {text}"
+    );
+    assert!(
+        text.contains(".env") && text.contains("restore"),
+        "reported: {text}"
+    );
+}
+
 /// The `heal.repaired` events of repairs that concern a release name it in `release`:
 /// above all the release `current` is pointed at again, which a monitor needs to know
 /// what is being served.

@@ -1263,7 +1263,8 @@ fn link_shared(
         let in_shared = site.shared().join(entry);
         let uploaded = fs::symlink_metadata(&in_release).ok();
         let existing = fs::symlink_metadata(&in_shared).ok();
-        if existing.as_ref().is_some_and(fs::Metadata::is_file) {
+        // Followed: a link to a file kept elsewhere (`.env -> /etc/shop/env`) is a file too.
+        if existing.is_some() && fs::metadata(&in_shared).is_ok_and(|m| m.is_file()) {
             // A file the operator put there (the usual `.env`) is remembered like a seeded
             // one, so healing never recreates it as a directory once it goes missing.
             site.record_shared_file(entry)?;
