@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::activate;
 use crate::clock;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::events;
 use crate::fsops;
 use crate::release::finalize::{self, Expected, LinkSource};
@@ -884,25 +884,16 @@ fn still_in_flight(
     Ok(busy)
 }
 
-/// True when the manifest is absent from `deploy-cache/` while a temporary name it may be
-/// arriving under is there (see [`inflight::may_be_manifest`]).
+/// True when the manifest is absent from `deploy-cache/` while something there still looks
+/// in flight (it may be the manifest itself, under a temporary name).
 fn manifest_in_flight(site: &Site) -> Result<bool> {
-    let dc = site.deploy_cache();
-    let path = dc.join(&site.cfg.manifest);
+    let path = site.deploy_cache().join(&site.cfg.manifest);
     match std::fs::symlink_metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        _ => return Ok(false),
-    }
-    let manifest = std::ffi::OsStr::new(&site.cfg.manifest);
-    // The manifest sits at the top of the upload: one listing, not a walk of the tree.
-    for entry in std::fs::read_dir(&dc).at(&dc)? {
-        let entry = entry.at(&dc)?;
-        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        if inflight::may_be_manifest(&entry.file_name(), is_dir, manifest) {
-            return Ok(true);
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(!in_flight(site, None)?.is_empty())
         }
+        _ => Ok(false),
     }
-    Ok(false)
 }
 
 /// Up to 10 names in `deploy-cache/` that look like temporary upload files and are not

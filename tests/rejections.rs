@@ -108,37 +108,6 @@ fn missing_manifest_is_rejected_when_required() {
     svc.stop();
 }
 
-/// A build's own file named like a temporary one (`.env.sample`: `.` + name + `.` + six
-/// letters) is no sign that the manifest is on its way: a missing manifest is rejected at
-/// once and named, not waited for until `upload_timeout` and then blamed on that file.
-#[test]
-fn missing_manifest_beside_a_file_named_like_a_temporary_one_is_rejected_at_once() {
-    let site = Site::new();
-    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"60s\"");
-    let mut files = small_build("v2");
-    files.push((".env.sample".into(), b"APP_ENV=production\n".to_vec()));
-    site.stage_upload(&as_refs(&files));
-    fs::remove_file(site.deploy_cache().join(MANIFEST)).unwrap();
-    let dropped = std::time::Instant::now();
-    site.drop_marker("id = \"v2\"\n");
-    let reason = expect_rejected(&site, &svc, "v2");
-    assert!(
-        reason.contains("SHA256SUMS is missing") && !reason.contains("in flight"),
-        "the reason names the missing manifest, not .env.sample: {reason:?}"
-    );
-    assert!(
-        dropped.elapsed() < Duration::from_secs(15),
-        "rejected only after {:?}: a missing manifest must not wait for upload_timeout",
-        dropped.elapsed()
-    );
-    assert!(
-        svc.events_for("upload.waiting", "v2").is_empty(),
-        "nothing was in flight: {:?}",
-        svc.events_for("upload.waiting", "v2")
-    );
-    svc.stop();
-}
-
 #[test]
 fn missing_manifest_is_accepted_with_warning_when_not_required() {
     let site = Site::new();

@@ -32,26 +32,6 @@ pub fn looks_in_flight(name: &OsStr, is_dir: bool) -> bool {
     false
 }
 
-/// True when `name`, at the top of an upload, may be the manifest `manifest` itself still
-/// arriving: rsync's `.<manifest>.XXXXXX`, `<manifest>.part` or `.filepart`, or rsync
-/// `--delay-updates`'s holding directory, where it waits for its rename. Other names that
-/// look in flight (a build's own `.env.sample`) say nothing about the manifest: waiting on
-/// them for a manifest that is simply missing would hold the upload to `upload_timeout`
-/// and then blame the wrong file.
-pub fn may_be_manifest(name: &OsStr, is_dir: bool, manifest: &OsStr) -> bool {
-    let (b, m) = (name.as_bytes(), manifest.as_bytes());
-    if is_dir {
-        return b == RSYNC_DELAY_DIR;
-    }
-    if let Some(rest) = b.strip_prefix(m) {
-        return rest == b".part" || rest == b".filepart";
-    }
-    b.strip_prefix(b".")
-        .and_then(|r| r.strip_prefix(m))
-        .and_then(|r| r.strip_prefix(b"."))
-        .is_some_and(|r| r.len() == 6 && r.iter().all(u8::is_ascii_alphanumeric))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,30 +69,5 @@ mod tests {
             assert!(!looks_in_flight(OsStr::new(no), true), "{no}");
             assert!(looks_in_flight(OsStr::new(no), false), "{no}");
         }
-    }
-
-    #[test]
-    fn only_the_manifests_own_temporary_names_may_be_the_manifest() {
-        let m = OsStr::new("SHA256SUMS");
-        for yes in [
-            ".SHA256SUMS.Xy12Ab",
-            "SHA256SUMS.part",
-            "SHA256SUMS.filepart",
-        ] {
-            assert!(may_be_manifest(OsStr::new(yes), false, m), "{yes}");
-        }
-        assert!(may_be_manifest(OsStr::new(".~tmp~"), true, m));
-        for no in [
-            ".env.sample",
-            ".index.html.Ab3xY9",
-            "x.part",
-            ".SHA256SUMS.Xy12A",
-            ".SHA256SUMS.Xy12Ab7",
-            ".SHA256SUMS.Xy-2Ab",
-            "SHA256SUMS",
-        ] {
-            assert!(!may_be_manifest(OsStr::new(no), false, m), "{no}");
-        }
-        assert!(!may_be_manifest(OsStr::new("SHA256SUMS.part"), true, m));
     }
 }
