@@ -942,6 +942,31 @@ fn deploy_cache_removed_while_running_is_left_to_the_uploader() {
     svc.stop();
 }
 
+/// An uploader that replaces `deploy-cache/` again and again (a CI loop of `rm -rf
+/// deploy-cache && mkdir deploy-cache`, or `mv build deploy-cache`) races the keeper's
+/// watch of it: a directory gone between the keeper's look and its watch is the same
+/// removal, not an error (no `site.error`), and deploys work afterwards.
+#[test]
+fn deploy_cache_replaced_in_a_tight_loop_logs_no_error() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    for round in 0..300 {
+        make_writable(&site.deploy_cache());
+        fs::remove_dir_all(site.deploy_cache()).unwrap();
+        std::thread::sleep(Duration::from_micros(round % 7 * 500));
+        fs::create_dir(site.deploy_cache()).unwrap();
+        std::thread::sleep(Duration::from_micros(round % 5 * 500));
+    }
+    deploy_and_activate(&site, &svc, "v2");
+    assert!(
+        svc.events("site.error").is_empty(),
+        "no error for a deploy-cache/ the uploader is replacing; log:\n{}",
+        svc.log_text()
+    );
+    svc.stop();
+}
+
 #[test]
 fn root_that_appears_after_start_is_served() {
     let site = Site::new();
