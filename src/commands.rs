@@ -806,19 +806,13 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
         Err(_) => {}
     }
     let defaults = SiteConfig::with_defaults("manifest", PathBuf::from("/"));
-    let mut names = vec![
-        std::ffi::OsStr::new(&defaults.manifest),
-        std::ffi::OsStr::new(&defaults.marker),
-    ];
-    // `-o DIR/OTHER-NAME` (a site with another `manifest`): a re-run must not list the
-    // previous output, whose hash is stale by the time it is rewritten.
-    let own = output.filter(|p| *p != Path::new("-")).and_then(|p| {
-        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
-        let parent = parent.unwrap_or(Path::new("."));
-        let same_dir = fs_same(parent, dir);
-        p.file_name().filter(|_| same_dir)
-    });
-    names.extend(own);
+    let mut names = vec![Path::new(&defaults.manifest), Path::new(&defaults.marker)];
+    // `-o DIR/OTHER-NAME` (a site with another `manifest`) or `-o DIR/meta/sums`: a re-run
+    // must not list the previous output, whose hash is stale by the time it is rewritten.
+    let own = output
+        .filter(|p| *p != Path::new("-"))
+        .and_then(|p| inside(dir, p));
+    names.extend(own.as_deref());
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut buf = Vec::new();
     let written = manifest::write_for_dir(dir, &names, &mut buf, threads)
@@ -852,13 +846,15 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// True when `a` and `b` name the same directory (same device and inode).
-fn fs_same(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
+/// Where `file` lies inside directory `dir`, as a path relative to it (symlinks resolved,
+/// as the kernel would to write it); `None` when outside, or when its directory does not
+/// exist (then it is nowhere in the tree yet).
+fn inside(dir: &Path, file: &Path) -> Option<PathBuf> {
+    let parent = file.parent().filter(|d| !d.as_os_str().is_empty());
+    let parent = std::fs::canonicalize(parent.unwrap_or(Path::new("."))).ok()?;
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let rel = parent.strip_prefix(&dir).ok()?;
+    Some(rel.join(file.file_name()?))
 }
 
 /// `init SITE`.

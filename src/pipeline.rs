@@ -604,8 +604,18 @@ fn process_claim(
         // The manifest is a file of the upload: still arriving under a temporary name
         // (rsync's `.SHA256SUMS.XXXXXX`, parallel sftp/WinSCP transfers), it is waited for
         // like any other file, not taken for a missing one.
-        if let Some(w) = wait.wait(site, id, Listed::default(), since)? {
-            return Ok(Step::Wait(Box::new(w)));
+        match wait.wait(site, id, Listed::default(), since) {
+            Ok(Some(w)) => return Ok(Step::Wait(Box::new(w))),
+            Ok(None) => {}
+            // Still absent at `upload_timeout`: that is the news, whatever else looked in
+            // flight (a build's own `.env.sample` looks like rsync's temporary name forever).
+            Err(Error::Rejected(r)) if manifest_missing(site) => {
+                return Err(Error::Rejected(format!(
+                    "{} is missing from the upload (require_manifest = true); {r}",
+                    site.cfg.manifest
+                )));
+            }
+            Err(e) => return Err(e),
         }
     }
     let mut manifest = read_manifest(site, id, first_look)?;
@@ -906,6 +916,12 @@ fn still_in_flight(
         );
     }
     Ok(busy)
+}
+
+/// True when `deploy-cache/` holds nothing under the manifest's name.
+fn manifest_missing(site: &Site) -> bool {
+    let path = site.deploy_cache().join(&site.cfg.manifest);
+    std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// True when the manifest is absent from `deploy-cache/` while something there still looks

@@ -803,6 +803,37 @@ fn manifest_output_inside_the_build_dir_does_not_list_itself() {
     sh(&build, "sha256sum -c --strict --quiet MANIFEST.sha256");
 }
 
+/// The same for an output in a subdirectory of the build (`-o build/meta/SHA256SUMS`):
+/// a re-run must not list the previous output, whose hash is stale once it is rewritten.
+#[test]
+fn manifest_output_in_a_subdirectory_of_the_build_does_not_list_itself() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(
+        &build,
+        &[("index.html", b"x\n" as &[u8]), ("meta/info", b"i\n")],
+    );
+    let out_file = build.join("meta/SHA256SUMS");
+    for run in 1..=2 {
+        let out = cli_raw(&[
+            "manifest",
+            build.to_str().unwrap(),
+            "-o",
+            out_file.to_str().unwrap(),
+        ]);
+        assert_ok(
+            &out,
+            &format!("manifest DIR -o DIR/meta/SHA256SUMS (run {run})"),
+        );
+        let text = fs::read_to_string(&out_file).unwrap();
+        assert!(
+            !text.contains("meta/SHA256SUMS"),
+            "run {run}: the output lists itself:\n{text}"
+        );
+    }
+    sh(&build, "sha256sum -c --strict meta/SHA256SUMS");
+}
+
 /// `-o` into a directory that does not exist fails naming the path the user gave, not the
 /// temporary name the file is written under first.
 #[test]

@@ -942,6 +942,31 @@ fn deploy_cache_removed_while_running_is_left_to_the_uploader() {
     svc.stop();
 }
 
+/// An uploader that replaces `deploy-cache/` again and again (a CI loop of `rm -rf
+/// deploy-cache && mkdir deploy-cache`, or `mv build deploy-cache`) races the keeper's
+/// watch of it: a directory gone between the keeper's look and its watch is the same
+/// removal, not an error (no `site.error`), and deploys work afterwards.
+#[test]
+fn deploy_cache_replaced_in_a_tight_loop_logs_no_error() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    for round in 0..300 {
+        make_writable(&site.deploy_cache());
+        fs::remove_dir_all(site.deploy_cache()).unwrap();
+        std::thread::sleep(Duration::from_micros(round % 7 * 500));
+        fs::create_dir(site.deploy_cache()).unwrap();
+        std::thread::sleep(Duration::from_micros(round % 5 * 500));
+    }
+    deploy_and_activate(&site, &svc, "v2");
+    assert!(
+        svc.events("site.error").is_empty(),
+        "no error for a deploy-cache/ the uploader is replacing; log:\n{}",
+        svc.log_text()
+    );
+    svc.stop();
+}
+
 #[test]
 fn root_that_appears_after_start_is_served() {
     let site = Site::new();
@@ -1183,6 +1208,36 @@ fn operator_provided_shared_file_is_not_recreated_as_a_directory() {
     assert!(
         fs::symlink_metadata(shared.join(".env")).is_err(),
         "an operator's shared file must not come back as a directory: {text}"
+    );
+    assert!(
+        text.contains(".env") && text.contains("restore"),
+        "reported: {text}"
+    );
+}
+
+/// The same for a shared file kept elsewhere and linked in by the operator
+/// (`shared/.env -> /etc/shop/env`): a link to a file is a file entry; once the link is
+/// deleted, healing must not make `.env` a directory.
+#[test]
+fn operator_linked_shared_file_is_not_recreated_as_a_directory() {
+    let site = Site::new();
+    let cfg = site.write_config("app", "", "shared = [\".env\"]");
+    assert_ok(&cli(&cfg, &["init", "app"]), "init");
+    let kept = site.tmp_path("shop.env");
+    fs::write(&kept, "APP_KEY=1\n").unwrap();
+    let shared = site.root.join("shared");
+    symlink(&kept, shared.join(".env")).unwrap();
+    clear_dir(&site.deploy_cache());
+    write_tree(&site.deploy_cache(), &[("index.html", b"v1\n")]);
+    write_sha256sums(&site.deploy_cache());
+    assert_ok(&cli(&cfg, &["finalize", "app", "--id", "v1"]), "finalize");
+
+    fs::remove_file(shared.join(".env")).unwrap();
+    let out = cli(&cfg, &["heal", "app"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        fs::symlink_metadata(shared.join(".env")).is_err(),
+        "a linked-in shared file must not come back as a directory: {text}"
     );
     assert!(
         text.contains(".env") && text.contains("restore"),

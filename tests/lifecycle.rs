@@ -876,6 +876,47 @@ fn shared_file_seeded_from_the_upload_is_not_made_world_readable() {
     );
 }
 
+#[test]
+fn deploy_never_recreates_a_missing_shared_file_as_a_directory() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "shared = [\".env\"]");
+    assert_ok(&cli(&cfg, &["init", SITE]), "init");
+    clear_dir(&site.deploy_cache());
+    write_tree(
+        &site.deploy_cache(),
+        &[("index.html", b"v1\n"), (".env", b"DB_PASSWORD=hunter2\n")],
+    );
+    write_sha256sums(&site.deploy_cache());
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    let env = site.root.join("shared/.env");
+    fs::remove_file(&env).unwrap();
+    // The next build has no `.env` of its own (the usual case: secrets live in shared/).
+    clear_dir(&site.deploy_cache());
+    write_tree(&site.deploy_cache(), &[("index.html", b"v2\n")]);
+    write_sha256sums(&site.deploy_cache());
+    let out = cli(
+        &cfg,
+        &["--log-format", "json", "finalize", SITE, "--id", "v2"],
+    );
+    assert_ok(&out, "finalize v2");
+    assert!(
+        fs::symlink_metadata(&env).is_err(),
+        "shared/.env, a file that went missing, must be left for the operator to restore, \
+         not made a directory: {:?}",
+        fs::symlink_metadata(&env).map(|m| m.file_type())
+    );
+    let warned = stderr_events(&out).into_iter().any(|e| {
+        e["event"] == "site.error" && e["path"] == ".env" && reason_of(&e).contains("restore")
+    });
+    assert!(warned, "the missing shared file is logged; {}", show(&out));
+    // Once restored, the release's link works without another deploy.
+    fs::write(&env, b"DB_PASSWORD=hunter2\n").unwrap();
+    assert_eq!(
+        fs::read(site.release("v2").join(".env")).unwrap(),
+        b"DB_PASSWORD=hunter2\n"
+    );
+}
+
 /// Overwrites a file of a read-only release in place, keeping its mode.
 fn tamper(path: &Path, bytes: &[u8]) {
     use std::os::unix::fs::PermissionsExt;

@@ -108,6 +108,27 @@ fn missing_manifest_is_rejected_when_required() {
     svc.stop();
 }
 
+/// A missing manifest beside a build file named like a temporary one (`.env.sample`: `.` +
+/// name + `.` + six letters) is waited for up to `upload_timeout`, as SPEC waits while any
+/// file looks in flight; the rejection then says the manifest is missing, not only that
+/// `.env.sample` is "still in flight".
+#[test]
+fn missing_manifest_beside_a_file_named_like_a_temporary_one_is_named_at_the_timeout() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"1s\"");
+    let mut files = small_build("v2");
+    files.push((".env.sample".into(), b"APP_ENV=production\n".to_vec()));
+    site.stage_upload(&as_refs(&files));
+    fs::remove_file(site.deploy_cache().join(MANIFEST)).unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("SHA256SUMS is missing") && reason.contains(".env.sample"),
+        "the reason names the missing manifest first, and what looked in flight: {reason:?}"
+    );
+    svc.stop();
+}
+
 #[test]
 fn missing_manifest_is_accepted_with_warning_when_not_required() {
     let site = Site::new();

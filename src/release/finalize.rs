@@ -1264,12 +1264,22 @@ fn link_shared(
         let in_shared = site.shared().join(entry);
         let uploaded = fs::symlink_metadata(&in_release).ok();
         let existing = fs::symlink_metadata(&in_shared).ok();
-        if existing.as_ref().is_some_and(fs::Metadata::is_file) {
+        // Followed: a link to a file kept elsewhere (`.env -> /etc/shop/env`) is a file too.
+        if existing.is_some() && fs::metadata(&in_shared).is_ok_and(|m| m.is_file()) {
             // A file the operator put there (the usual `.env`) is remembered like a seeded
             // one, so healing never recreates it as a directory once it goes missing.
             site.record_shared_file(entry)?;
         }
-        if existing.is_none() {
+        let seeds = uploaded.as_ref().is_some_and(fs::Metadata::is_file);
+        if existing.is_none() && !seeds && site.is_shared_file(entry) {
+            // A shared file that went missing (a deleted `.env`) made again as an empty
+            // directory would start the app with no settings and block its restore
+            // (`cp` would land inside it). Healing leaves it to a person; so does a deploy:
+            // the release's link dangles until the file is back.
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = input.id, path = %entry.display(),
+                reason = %format!("shared file {} is missing and the upload holds no file to seed it; not recreated, restore it", in_shared.display()),
+                "shared file missing");
+        } else if existing.is_none() {
             if let Some(parent) = in_shared.parent() {
                 fsops::ensure_dir(parent, 0o755)?;
             }

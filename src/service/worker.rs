@@ -331,11 +331,11 @@ impl Worker {
                     .watcher
                     .watch(&dir, name, site.name(), Arc::clone(wake))
                 {
-                    // Removed between the look above and the watch (an uploader's
-                    // `rm -rf deploy-cache && mkdir deploy-cache` in a loop): the same case
-                    // as above, not an error.
-                    if !dir.is_dir() && dir == site.deploy_cache() {
-                        tracing::debug!(site = site.name(), reason = %e, "deploy-cache/ went while it was being watched");
+                    // Removed between the check above and the watch (`rm -rf deploy-cache &&
+                    // mkdir deploy-cache` while the pass ran): the same case, only raced; the
+                    // root's watch still sees it come back.
+                    if dir == site.deploy_cache() && !dir.is_dir() {
+                        tracing::debug!(site = site.name(), reason = %e, "deploy-cache/ went away before it was watched");
                         continue;
                     }
                     tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "cannot watch");

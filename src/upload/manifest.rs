@@ -615,17 +615,18 @@ pub fn hash_reader(r: &mut impl Read) -> io::Result<(Digest, u64)> {
 }
 
 /// Writes a manifest of every regular file under `dir` (recursively, not following symlinks), sorted by path bytes,
-/// excluding the top-level names in `exclude_top` (the caller passes the manifest name and the marker name).
+/// excluding the paths (relative to `dir`) in `exclude`: the caller passes the manifest name and the marker
+/// name, and the output file's own path when it lies inside `dir` (its stale hash would be listed otherwise).
 /// Hashes with `threads` worker threads (std::thread::scope; bounded work queue; deterministic output order).
 /// Symlinks and directories are skipped (not listed); fifos/sockets/devices are an error naming the path.
 /// Returns the number of files listed and the symlinks skipped.
 pub fn write_for_dir(
     dir: &Path,
-    exclude_top: &[&OsStr],
+    exclude: &[&Path],
     out: &mut dyn Write,
     threads: usize,
 ) -> Result<Written, ManifestError> {
-    let (files, links) = collect_files(dir, exclude_top)?;
+    let (files, links) = collect_files(dir, exclude)?;
     let digests = hash_all(dir, &files, threads)?;
     let mut w = io::BufWriter::new(out);
     for (path, digest) in files.iter().zip(&digests) {
@@ -653,7 +654,7 @@ pub struct Written {
 /// each sorted by bytes.
 type Collected = (Vec<PathBuf>, Vec<(PathBuf, PathBuf)>);
 
-fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Collected, ManifestError> {
+fn collect_files(dir: &Path, exclude: &[&Path]) -> Result<Collected, ManifestError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ManifestError::Io { path, source }
@@ -670,7 +671,9 @@ fn collect_files(dir: &Path, exclude_top: &[&OsStr]) -> Result<Collected, Manife
         for entry in fs::read_dir(&abs).map_err(io_err(&abs))? {
             let entry = entry.map_err(io_err(&abs))?;
             let name = entry.file_name();
-            if rel.as_os_str().is_empty() && exclude_top.contains(&name.as_os_str()) {
+            if exclude.iter().any(|x| {
+                x.parent() == Some(rel.as_path()) && x.file_name() == Some(name.as_os_str())
+            }) {
                 continue;
             }
             let kind = entry.file_type().map_err(io_err(&entry.path()))?;
@@ -1264,7 +1267,7 @@ SHA256 (c d) = 1111111111111111111111111111111111111111111111111111111111111111\
 
     fn write_to_vec(dir: &Path, threads: usize) -> Result<(usize, Vec<u8>), ManifestError> {
         let mut out = Vec::new();
-        let excludes = [OsStr::new("SHA256SUMS"), OsStr::new(".release-ready")];
+        let excludes = [Path::new("SHA256SUMS"), Path::new(".release-ready")];
         let n = write_for_dir(dir, &excludes, &mut out, threads)?.files;
         Ok((n, out))
     }
