@@ -43,8 +43,8 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
     let mut want: HashMap<PathBuf, store::Entry> =
         expected.into_iter().map(|e| (e.path.clone(), e)).collect();
     let mut drift = Vec::new();
-    // The release's own directory is not a manifest line (its mode follows
-    // `deploy-cache/`'s, read-only); a write or special bit on it is drift all the same:
+    // The release's own directory is not a manifest line (it is made 0555, whatever
+    // `deploy-cache/`'s mode); a write or special bit on it is drift all the same:
     // it lets anyone with that bit add files to the release.
     let root_meta = fs::symlink_metadata(&root).at(&root)?;
     let root_mode = root_meta.permissions().mode() & 0o7777;

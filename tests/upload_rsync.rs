@@ -105,3 +105,30 @@ fn release_dir_is_never_visible_half_done() {
     svc.wait_release_event("release.activated", "big");
     svc.stop();
 }
+
+/// A build made in a `mktemp -d` directory (0700) and mirrored with `rsync -a build/`
+/// gives `deploy-cache/` itself mode 0700. The release's own directory must still be
+/// readable by the web server (another user): 0555, not 0500.
+#[test]
+fn a_private_build_directory_does_not_make_the_release_unreadable() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    let build = site.tmp_path("build");
+    reference_build(&build);
+    fs::set_permissions(&build, fs::Permissions::from_mode(0o700)).unwrap();
+    rsync_upload(&build, &site.deploy_cache());
+    assert_eq!(
+        mode(&site.deploy_cache()),
+        0o700,
+        "rsync -a carried the mode over"
+    );
+    site.drop_marker("");
+
+    let ev = svc.wait_event("release.activated", |_| true, WAIT);
+    let id = release_of(&ev).unwrap().to_string();
+    assert_eq!(mode(&site.release(&id)), 0o555);
+    // Entries inside keep their uploaded bits, write bits removed.
+    assert_eq!(mode(&site.release(&id).join("bin/console")), 0o555);
+    svc.stop();
+}

@@ -258,6 +258,9 @@ pub struct Expected {
     pub manifest_digest: Digest,
 }
 
+/// The mode of a release's own directory, whatever the mode of `deploy-cache/`.
+pub const RELEASE_ROOT_MODE: u32 = 0o555;
+
 /// The permission bits a release keeps: read and execute only.
 pub fn release_mode(st_mode: u32) -> u32 {
     st_mode & 0o555
@@ -800,11 +803,12 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         let p = partial.join(rel);
         fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).at(&p)?;
     }
-    let root_mode = fs::symlink_metadata(&source)
-        .map(|m| release_mode(m.permissions().mode()))
-        .unwrap_or(0o555)
-        | 0o500;
-    fs::set_permissions(partial, fs::Permissions::from_mode(root_mode)).at(partial)?;
+    // The release's own directory is the keeper's, not an entry of the upload: the mode of
+    // `deploy-cache/` is whatever the uploading tool left (`rsync -a build/` from a
+    // `mktemp -d` build gives 0700), and following it made the live site's root 0500, so a
+    // web server running as another user answered 403 to everything. Inside it, every
+    // entry keeps its uploaded read and execute bits.
+    fs::set_permissions(partial, fs::Permissions::from_mode(RELEASE_ROOT_MODE)).at(partial)?;
     let built_ms = started.elapsed().as_millis() as u64;
     match input.durability {
         Durability::Syncfs => fsops::syncfs(partial)?,
