@@ -330,6 +330,9 @@ fi
 
 # --- 3. marker-to-swap latency -------------------------------------------------------------------
 if want lat; then
+    # The recipes' last trees (hundreds of MB, never synced by them) would otherwise be
+    # written back during the first uploads and show as outliers of a few hundred ms.
+    sync
     log "latency: $LAT_ITER uploads of $LAT_FILES files to the running service (load $(loadavg))"
     python3 "$HERE/latency.py" "$RK" "$W/lat" --iterations "$LAT_ITER" --files "$LAT_FILES" \
         --out "$W/lat.txt"
