@@ -769,69 +769,50 @@ fn manifest_command_with_output_file_and_odd_names() {
     );
 }
 
-/// A site with `manifest = "MANIFEST.sha256"` writes it with `-o build/MANIFEST.sha256`;
-/// running that again (a CI job re-run) must not list the previous output in the new one,
-/// or `sha256sum -c` fails on its stale hash.
-#[test]
-fn manifest_output_inside_the_build_dir_does_not_list_itself() {
+/// Runs `manifest build -o build/<out>` twice (a CI job re-run) and checks the output
+/// never lists itself, which would make `sha256sum -c` fail on its stale hash.
+fn manifest_twice_into_the_build(out: &str, files: &[(&str, &[u8])]) {
     let site = Site::new();
     let build = site.tmp_path("build");
-    write_tree(&build, &[("index.html", b"x\n" as &[u8])]);
-    let out_file = build.join("MANIFEST.sha256");
+    write_tree(&build, files);
+    let out_file = build.join(out);
     for run in 1..=2 {
-        let out = cli_raw(&[
+        let result = cli_raw(&[
             "manifest",
             build.to_str().unwrap(),
             "-o",
             out_file.to_str().unwrap(),
         ]);
-        assert_ok(
-            &out,
-            &format!("manifest DIR -o DIR/MANIFEST.sha256 (run {run})"),
-        );
+        assert_ok(&result, &format!("manifest DIR -o DIR/{out} (run {run})"));
+        let counted = format!("({} file", files.len());
         assert!(
-            String::from_utf8_lossy(&out.stdout).contains("(1 file)"),
-            "one file is counted as \"1 file\": {}",
-            show(&out)
+            String::from_utf8_lossy(&result.stdout).contains(&counted),
+            "{} files counted: {}",
+            files.len(),
+            show(&result)
         );
         let text = fs::read_to_string(&out_file).unwrap();
         assert!(
-            !text.contains("MANIFEST.sha256"),
+            !text.contains(out),
             "run {run}: the output lists itself:\n{text}"
         );
     }
-    sh(&build, "sha256sum -c --strict --quiet MANIFEST.sha256");
+    sh(&build, &format!("sha256sum -c --strict --quiet {out}"));
 }
 
-/// The same for an output in a subdirectory of the build (`-o build/meta/SHA256SUMS`):
-/// a re-run must not list the previous output, whose hash is stale once it is rewritten.
+/// A site with `manifest = "MANIFEST.sha256"` writes it with `-o build/MANIFEST.sha256`.
+#[test]
+fn manifest_output_inside_the_build_dir_does_not_list_itself() {
+    manifest_twice_into_the_build("MANIFEST.sha256", &[("index.html", b"x\n")]);
+}
+
+/// The same for an output in a subdirectory of the build (`-o build/meta/SHA256SUMS`).
 #[test]
 fn manifest_output_in_a_subdirectory_of_the_build_does_not_list_itself() {
-    let site = Site::new();
-    let build = site.tmp_path("build");
-    write_tree(
-        &build,
-        &[("index.html", b"x\n" as &[u8]), ("meta/info", b"i\n")],
+    manifest_twice_into_the_build(
+        "meta/SHA256SUMS",
+        &[("index.html", b"x\n"), ("meta/info", b"i\n")],
     );
-    let out_file = build.join("meta/SHA256SUMS");
-    for run in 1..=2 {
-        let out = cli_raw(&[
-            "manifest",
-            build.to_str().unwrap(),
-            "-o",
-            out_file.to_str().unwrap(),
-        ]);
-        assert_ok(
-            &out,
-            &format!("manifest DIR -o DIR/meta/SHA256SUMS (run {run})"),
-        );
-        let text = fs::read_to_string(&out_file).unwrap();
-        assert!(
-            !text.contains("meta/SHA256SUMS"),
-            "run {run}: the output lists itself:\n{text}"
-        );
-    }
-    sh(&build, "sha256sum -c --strict meta/SHA256SUMS");
 }
 
 /// `-o` into a directory that does not exist fails naming the path the user gave, not the
