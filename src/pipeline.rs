@@ -927,13 +927,7 @@ fn manifest_missing(site: &Site) -> bool {
 /// True when the manifest is absent from `deploy-cache/` while something there still looks
 /// in flight (it may be the manifest itself, under a temporary name).
 fn manifest_in_flight(site: &Site) -> Result<bool> {
-    let path = site.deploy_cache().join(&site.cfg.manifest);
-    match std::fs::symlink_metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok(!in_flight(site, None)?.is_empty())
-        }
-        _ => Ok(false),
-    }
+    Ok(manifest_missing(site) && !in_flight(site, None)?.is_empty())
 }
 
 /// Up to 10 names in `deploy-cache/` that look like temporary upload files and are not
