@@ -881,19 +881,8 @@ fn finalize_as(
     extra: &[&str],
     code: i32,
 ) -> std::process::Output {
-    let b = build(id);
-    let files: Vec<(&str, &[u8])> = b.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
-    site.stage_upload(&files);
-    let mut args = vec!["finalize", SITE, "--id", id, "--log-format", "json"];
-    args.extend_from_slice(extra);
-    let out = cli(cfg, &args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "finalize {id}: {}",
-        show(&out)
-    );
-    out
+    site.stage_upload(&as_refs(&build(id)));
+    finalize_expecting(cfg, SITE, id, extra, code)
 }
 
 /// A health check that fails while `<tmp>/fail-<RELEASE_ID>` exists, so a release can

@@ -882,8 +882,7 @@ fn deploy_cache_deleted_and_recreated_keeps_working() {
     deploy_and_activate(&site, &svc, "v1");
 
     // Deleted and recreated at once.
-    make_writable(&site.deploy_cache());
-    fs::remove_dir_all(site.deploy_cache()).unwrap();
+    remove_deploy_cache(&site);
     fs::create_dir_all(site.deploy_cache()).unwrap();
     deploy_and_activate(&site, &svc, "v2");
 
@@ -893,6 +892,21 @@ fn deploy_cache_deleted_and_recreated_keeps_working() {
     let _ = fs::create_dir(site.deploy_cache());
     deploy_and_activate(&site, &svc, "v3");
     svc.stop();
+}
+
+/// What an uploader does to empty `deploy-cache/`: `rm -rf` (its read-only leftovers made
+/// writable first).
+fn remove_deploy_cache(site: &Site) {
+    make_writable(&site.deploy_cache());
+    fs::remove_dir_all(site.deploy_cache()).unwrap();
+}
+
+fn assert_no_site_error(svc: &Service) {
+    assert!(
+        svc.events("site.error").is_empty(),
+        "no error for a deploy-cache/ the uploader is replacing; log:\n{}",
+        svc.log_text()
+    );
 }
 
 /// The uploader's own ways of emptying `deploy-cache/` between deploys work while the
@@ -907,8 +921,7 @@ fn deploy_cache_removed_while_running_is_left_to_the_uploader() {
     deploy_and_activate(&site, &svc, "v1");
 
     for round in 0..3 {
-        make_writable(&site.deploy_cache());
-        fs::remove_dir_all(site.deploy_cache()).unwrap();
+        remove_deploy_cache(&site);
         // Long enough for the healing pass the removal starts.
         std::thread::sleep(Duration::from_millis(300));
         assert!(
@@ -924,8 +937,7 @@ fn deploy_cache_removed_while_running_is_left_to_the_uploader() {
     let build = site.tmp_path("build");
     write_tree(&build, &as_refs(&small_build("v3")));
     write_sha256sums(&build);
-    make_writable(&site.deploy_cache());
-    fs::remove_dir_all(site.deploy_cache()).unwrap();
+    remove_deploy_cache(&site);
     std::thread::sleep(Duration::from_millis(300));
     fs::rename(&build, site.deploy_cache()).unwrap();
     site.drop_marker("id = \"v3\"\n");
@@ -934,11 +946,7 @@ fn deploy_cache_removed_while_running_is_left_to_the_uploader() {
         fs::read(site.release("v3").join("index.html")).unwrap(),
         b"<h1>v3</h1>\n"
     );
-    assert!(
-        svc.events("site.error").is_empty(),
-        "no error for a deploy-cache/ the uploader is replacing; log:\n{}",
-        svc.log_text()
-    );
+    assert_no_site_error(&svc);
     svc.stop();
 }
 
@@ -952,18 +960,13 @@ fn deploy_cache_replaced_in_a_tight_loop_logs_no_error() {
     let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
     deploy_and_activate(&site, &svc, "v1");
     for round in 0..300 {
-        make_writable(&site.deploy_cache());
-        fs::remove_dir_all(site.deploy_cache()).unwrap();
+        remove_deploy_cache(&site);
         std::thread::sleep(Duration::from_micros(round % 7 * 500));
         fs::create_dir(site.deploy_cache()).unwrap();
         std::thread::sleep(Duration::from_micros(round % 5 * 500));
     }
     deploy_and_activate(&site, &svc, "v2");
-    assert!(
-        svc.events("site.error").is_empty(),
-        "no error for a deploy-cache/ the uploader is replacing; log:\n{}",
-        svc.log_text()
-    );
+    assert_no_site_error(&svc);
     svc.stop();
 }
 

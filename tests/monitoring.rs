@@ -42,14 +42,7 @@ fn flag_health_config(site: &Site, defaults: &str, site_extra: &str) -> PathBuf 
 fn finalize_as(site: &Site, cfg: &Path, id: &str, code: i32) -> std::process::Output {
     let b = small_build(id);
     site.stage_upload(&as_refs(&b));
-    let out = cli(cfg, &["finalize", SITE, "--id", id, "--log-format", "json"]);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "finalize {id}: {}",
-        show(&out)
-    );
-    out
+    finalize_expecting(cfg, SITE, id, &[], code)
 }
 
 fn events_named(out: &std::process::Output, name: &str) -> Vec<Value> {

@@ -823,6 +823,27 @@ pub fn cli(config: &Path, args: &[&str]) -> Output {
     cli_raw(&full)
 }
 
+/// Runs `finalize SITE --id ID --log-format json EXTRA...` on what is staged in
+/// `deploy-cache/` and asserts it exits with `code`.
+pub fn finalize_expecting(
+    config: &Path,
+    site: &str,
+    id: &str,
+    extra: &[&str],
+    code: i32,
+) -> Output {
+    let mut args = vec!["finalize", site, "--id", id, "--log-format", "json"];
+    args.extend_from_slice(extra);
+    let out = cli(config, &args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "finalize {id}: {}",
+        show(&out)
+    );
+    out
+}
+
 /// Runs `release-keeper args...` (bounded to 20s, killed after) and returns its output.
 pub fn cli_raw(args: &[&str]) -> Output {
     let mut child = Command::new(BIN)
