@@ -89,11 +89,41 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
     f.sync_all().at(dir)
 }
 
-/// Flushes every dirty page of the filesystem holding `path`: one call instead of an
-/// fsync per file of a release.
-pub fn syncfs(path: &Path) -> Result<()> {
-    let f = File::open(path).at(path)?;
-    nix::unistd::syncfs(&f).at(path)
+/// A handle on the filesystem holding a path, opened before the writes it is to make
+/// durable: `syncfs(2)` reports a writeback error only if it happened after the handle was
+/// opened, so one opened just before the flush would miss the failure of a page whose
+/// writeback the build started early (`sync_file_range`).
+#[derive(Debug)]
+pub struct FsFlush {
+    file: File,
+    path: PathBuf,
+}
+
+impl FsFlush {
+    /// Opens the handle on `path` (a directory or file of the filesystem).
+    pub fn open(path: &Path) -> Result<FsFlush> {
+        Ok(FsFlush {
+            file: File::open(path).at(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Writes back every dirty page and inode of the filesystem and waits for it; fails
+    /// if any writeback on it failed since the handle was opened (or since the last call).
+    pub fn flush(&self) -> Result<()> {
+        nix::unistd::syncfs(&self.file).at(&self.path)
+    }
+}
+
+/// Starts writing `f`'s dirty pages to disk without waiting (best effort: a failure shows
+/// at the next `syncfs` or fsync).
+pub fn start_writeback(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on a descriptor borrowed for the call; it only schedules
+    // writeback.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 /// Bytes the whole system has yet to write back (`Dirty` and `Writeback` in
@@ -196,6 +226,16 @@ impl AtomicWriter {
         match self.out.as_mut() {
             Some(w) => w.flush().at(&self.tmp),
             None => Ok(()),
+        }
+    }
+
+    /// Starts the writeback of what was written so far, so a later flush has less to wait
+    /// for.
+    pub fn start_writeback(&mut self) {
+        if let Some(w) = self.out.as_mut() {
+            if w.flush().is_ok() {
+                start_writeback(w.get_ref());
+            }
         }
     }
 

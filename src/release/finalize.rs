@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -203,6 +203,10 @@ const SYNCFS_BACKLOG_MAX: u64 = 16 * 1024 * 1024;
 /// written, so `syncfs` never waits for more than this much.
 const WRITEBACK_AT_SYNCFS: u64 = 8 * 1024 * 1024;
 
+/// How much of the release manifest and hash cache is written between two starts of their
+/// writeback.
+const WRITER_WRITEBACK_EVERY: u64 = 1024 * 1024;
+
 impl Durability {
     /// Whether a file just copied, which brings the build's copied bytes to `copied`,
     /// should have its writeback started now.
@@ -237,6 +241,8 @@ pub struct Output {
     pub hashed: u64,
     /// The new hash cache of `deploy-cache/`, written as files were hashed.
     pub cache: Option<AtomicWriter>,
+    /// How many times the writeback of the manifest and cache was started as they grew.
+    pub writeback_starts: u64,
 }
 
 impl Output {
@@ -441,6 +447,13 @@ struct Ordered {
     rejected: Vec<String>,
     /// The walk is waiting on `Sink::progress` (only then do writers signal it).
     walk_waiting: bool,
+    /// Whether the manifest's and cache's writeback is started as they grow (they are
+    /// several MiB on big trees, which the final `syncfs` would otherwise write alone).
+    early_writeback: bool,
+    /// Bytes written to them since their writeback was last started.
+    unstarted: u64,
+    /// How many times it was started.
+    writeback_starts: u64,
 }
 
 impl Ordered {
@@ -453,6 +466,15 @@ impl Ordered {
                 if c.write(&o.cache).is_err() {
                     // Advisory: a cache that cannot be written is just not kept.
                     self.cache = None;
+                }
+            }
+            self.unstarted += (o.manifest.len() + o.cache.len()) as u64;
+            if self.early_writeback && self.unstarted >= WRITER_WRITEBACK_EVERY {
+                self.unstarted = 0;
+                self.writeback_starts += 1;
+                self.manifest.start_writeback();
+                if let Some(c) = self.cache.as_mut() {
+                    c.start_writeback();
                 }
             }
             self.files += o.files;
@@ -544,6 +566,12 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         to_copy: AtomicU64::new(0),
     };
 
+    // Opened before anything is written, so the flush reports every writeback failure of
+    // the build (see `FsFlush`).
+    let flush = match input.durability {
+        Durability::Syncfs => Some(fsops::FsFlush::open(partial)?),
+        Durability::PerFile => None,
+    };
     let manifest_digest = manifest.as_ref().map(|m| m.manifest_digest);
     let mut manifest = manifest.map(|m| m.entries);
     let mut cache = HashCache::open(&site.hash_cache());
@@ -560,6 +588,9 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             hashed: 0,
             rejected: Vec::new(),
             walk_waiting: false,
+            early_writeback: input.durability == Durability::Syncfs,
+            unstarted: 0,
+            writeback_starts: 0,
         }),
         progress: Condvar::new(),
         written: AtomicU64::new(0),
@@ -781,6 +812,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         linked: ordered.linked,
         hashed: ordered.hashed,
         cache: ordered.cache,
+        writeback_starts: ordered.writeback_starts,
     };
     let mut dirs = w.dirs;
 
@@ -810,9 +842,9 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     // entry keeps its uploaded read and execute bits.
     fs::set_permissions(partial, fs::Permissions::from_mode(RELEASE_ROOT_MODE)).at(partial)?;
     let built_ms = started.elapsed().as_millis() as u64;
-    match input.durability {
-        Durability::Syncfs => fsops::syncfs(partial)?,
-        Durability::PerFile => {
+    match &flush {
+        Some(f) => f.flush()?,
+        None => {
             for (rel, _) in &dirs {
                 fsops::fsync_dir(&partial.join(rel))?;
             }
@@ -824,6 +856,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         release = input.id,
         files = out.files,
         linked = out.linked,
+        writeback_starts = out.writeback_starts,
         duration_ms = started.elapsed().as_millis() as u64,
         // Before the flush: what the flush took is the rest of `duration_ms`.
         built_ms,
@@ -1095,7 +1128,7 @@ fn process_file(
         copied += n as u64;
     }
     if input.durability.starts_writeback(needed) {
-        start_writeback(&out);
+        fsops::start_writeback(&out);
     }
     let after = fstat(&file).at(&input.site.deploy_cache().join(rel))?;
     if copied != size || StatKey::of(&after) != key {
@@ -1205,16 +1238,6 @@ fn link_into(
         return None;
     }
     Some(mtime)
-}
-
-/// Starts writing `f`'s dirty pages to disk without waiting, so the final `syncfs` finds
-/// most of the release already written (best effort: errors surface at `syncfs`).
-fn start_writeback(f: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range on a descriptor we own; it only schedules writeback.
-    unsafe {
-        libc::sync_file_range(f.as_fd().as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
 }
 
 fn system_time(secs: i64, nsec: i64) -> std::time::SystemTime {
@@ -1457,6 +1480,49 @@ mod tests {
             .iter()
             .all(|(p, mode, _)| p == link || mode & 0o222 == 0));
         assert_eq!(trees[0].len(), 45);
+    }
+
+    #[test]
+    fn a_big_manifest_and_cache_start_their_writeback_as_they_grow() {
+        let t = tempfile::tempdir().unwrap();
+        let site = Site::new(crate::config::SiteConfig::with_defaults(
+            "t",
+            t.path().to_path_buf(),
+        ));
+        site.ensure_layout().unwrap();
+        let up = site.deploy_cache();
+        // Long names, so that a few thousand files make MiBs of manifest and cache lines.
+        let mut sums = String::new();
+        let digest = to_hex(&Sha256::digest(b"x").into());
+        for i in 0..3_000 {
+            let dir = format!("d{}", i % 30);
+            let rel = format!("{dir}/{i:0>200}.txt");
+            fs::create_dir_all(up.join(&dir)).unwrap();
+            fs::write(up.join(&rel), b"x").unwrap();
+            sums.push_str(&format!("{digest}  {rel}\n"));
+        }
+        fs::write(up.join("SHA256SUMS"), &sums).unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut starts = Vec::new();
+        for (id, durability) in [("a", Durability::Syncfs), ("b", Durability::PerFile)] {
+            let input = Input {
+                site: &site,
+                id,
+                link_from: None,
+                cancel: &cancel,
+                durability,
+            };
+            let expected = Expected {
+                entries: crate::upload::manifest::parse(sums.as_bytes()).unwrap(),
+                manifest_digest: Sha256::digest(sums.as_bytes()).into(),
+            };
+            let out = build(&input, Some(expected)).unwrap();
+            assert_eq!(out.files, 3_001);
+            starts.push(out.writeback_starts);
+        }
+        // Almost 2 MiB of lines: one start past the first MiB, none when every file is
+        // fsynced on its own anyway.
+        assert_eq!(starts, [1, 0]);
     }
 
     #[test]
