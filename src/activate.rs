@@ -546,12 +546,20 @@ fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result
     // Only `--to` can name current. Like `activate` of the current release, the wanted
     // state holds already: a script making sure a release is live must not see a failure
     // for it.
+    let lost = link.is_none();
     let Switch::From(current) = switch_to(site, state, link, &target) else {
         return Ok(Rollback {
             to: target,
             switched: false,
         });
     };
+    // As in `activate`: with `current` deleted or dangling, the release left is the one
+    // healing would have restored. The hooks get it as PREVIOUS_RELEASE_ID, the journal
+    // and `release.rolled_back` name it, and a target failing its checks goes back to it.
+    let current = current.or_else(|| {
+        lost.then(|| state.left_when_current_lost(&target, |r| site.release(r).is_dir()))
+            .flatten()
+    });
     current_replaceable(site)?;
     let started = Instant::now();
     swap_current(site, &target)?;
@@ -588,7 +596,7 @@ fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result
     tracing::info!(
         event = events::RELEASE_ROLLED_BACK,
         site = site.name(),
-        // Absent when `current` was missing: there is no release it moved away from.
+        // Absent when `current` was missing and healing had no release to restore.
         release = current.as_deref(),
         previous = %target,
         reason = "rollback requested",

@@ -580,10 +580,11 @@ fn after_two_rollbacks_list_still_shows_the_previous_that_rollback_goes_to() {
     svc.stop();
 }
 
-/// `rollback --to ID` while `current` is missing has no release it moves away from: its
-/// `release.rolled_back` leaves `release` out instead of logging `release: ""`.
+/// `rollback --to ID` while `current` is missing moves away from the release healing
+/// would have restored: its `release.rolled_back` names it as `release` (it used to leave
+/// the field out, having no link to read it from).
 #[test]
-fn rollback_with_current_missing_logs_no_empty_release_field() {
+fn rollback_with_current_missing_names_the_release_it_leaves() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
     let mut svc = Service::start_config(&cfg);
@@ -600,10 +601,55 @@ fn rollback_with_current_missing_logs_no_empty_release_field() {
         .into_iter()
         .find(|v| v["event"] == "release.rolled_back")
         .unwrap_or_else(|| panic!("no release.rolled_back: {}", show(&out)));
-    assert_eq!(ev["previous"], "v1", "{ev}");
+    assert_eq!(
+        (&ev["release"], &ev["previous"]),
+        (&"v2".into(), &"v1".into()),
+        "{ev}"
+    );
+}
+
+/// `rollback` with `current` deleted gives its hooks, the journal and the event the
+/// release healing would restore as the one left, as `activate` does; a target failing
+/// its health check goes back to it.
+#[test]
+fn rollback_after_current_was_deleted_names_the_release_healing_would_restore_as_previous() {
+    let site = Site::new();
+    let (cfg, log) = logging_hooks_config(&site);
+    for id in ["v1", "v2", "v3"] {
+        finalize_as(&site, &cfg, id, &[], 0);
+    }
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["rollback", SITE, "--log-format", "json"]);
+    assert_ok(&out, "rollback with current deleted");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    // v2's activation hooks, then the rollback's after_activate and health check.
+    assert_eq!(
+        hook_calls(&log, "v2")[3..],
+        [
+            ("after".to_string(), "v3".to_string()),
+            ("health".into(), "v3".into())
+        ],
+        "{}",
+        show(&out)
+    );
     assert!(
-        ev.get("release").is_none(),
-        "no release was current, so no `release` field: {ev}"
+        site.journal_records()
+            .iter()
+            .any(|r| r["op"] == "rolled_back" && r["release"] == "v3" && r["to"] == "v2"),
+        "the rollback is journaled from v3: {:?}",
+        site.journal_records()
+    );
+
+    // Unhealthy target, `current` dangling: back to where healing would have gone.
+    fs::write(site.tmp_path("fail-v1"), b"").unwrap();
+    sh(&site.root, "ln -sfn releases/gone current");
+    let out = cli(&cfg, &["rollback", SITE, "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "back to the release left: {}",
+        show(&out)
     );
 }
 
