@@ -287,7 +287,12 @@ impl Watcher {
                      fs.inotify.max_user_watches (sysctl) or fs.inotify.max_user_instances",
                     dir.display()
                 )),
-                _ => Error::Failed(format!("cannot watch {}: {e}", dir.display())),
+                // Typed, so a caller can tell a directory that vanished (ENOENT,
+                // ENOTDIR) from a real failure.
+                _ => Error::Io {
+                    path: dir.to_path_buf(),
+                    source: std::io::Error::from(e),
+                },
             })?;
         // Without an identity (the stat failed, yet the watch was added) the next call
         // adds it again.

@@ -312,13 +312,15 @@ impl Worker {
             }
         };
         let watch = || {
+            // The root first: once it is watched, a deploy-cache/ made again at any later
+            // moment announces itself, and the next pass watches it.
             for (dir, name, wake) in [
+                (site.root().to_path_buf(), None, heal_wake),
                 (
                     site.deploy_cache(),
                     Some(site.cfg.marker.as_str()),
                     marker_wake,
                 ),
-                (site.root().to_path_buf(), None, heal_wake),
                 (site.releases(), None, heal_wake),
             ] {
                 // A deploy-cache/ removed while the service runs is left to the uploader
@@ -332,9 +334,9 @@ impl Worker {
                     .watch(&dir, name, site.name(), Arc::clone(wake))
                 {
                     // Removed between the check above and the watch (`rm -rf deploy-cache &&
-                    // mkdir deploy-cache` while the pass ran): the same case, only raced; the
-                    // root's watch still sees it come back.
-                    if dir == site.deploy_cache() && !dir.is_dir() {
+                    // mkdir deploy-cache` while the pass ran): the same case, only raced.
+                    // Told by the watch's own error, since by now it may be back.
+                    if dir == site.deploy_cache() && (vanished(&e) || !dir.is_dir()) {
                         tracing::debug!(site = site.name(), reason = %e, "deploy-cache/ went away before it was watched");
                         continue;
                     }
@@ -525,6 +527,12 @@ impl Worker {
         self.busy.store(false, Ordering::SeqCst);
         result
     }
+}
+
+/// Whether a failed watch failed because its directory was gone (or is no directory).
+fn vanished(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)))
 }
 
 /// When to take a second look at a marker a scan left because it was still young: once
@@ -751,4 +759,42 @@ fn run_job(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nobody;
+    impl Wake for Nobody {
+        fn wake(&self) {}
+    }
+
+    /// The deploy-cache/ watch race is told from the watch's own error: a directory that
+    /// is gone (or is a file now) reads as vanished, any other failure does not.
+    #[test]
+    fn a_watch_on_a_vanished_directory_says_so_by_its_error() {
+        let t = tempfile::tempdir().unwrap();
+        let watcher = Watcher::new().unwrap();
+        let wake: Arc<dyn Wake> = Arc::new(Nobody);
+        let missing = t.path().join("deploy-cache");
+        let e = watcher
+            .watch(&missing, None, "s", Arc::clone(&wake))
+            .unwrap_err();
+        assert!(vanished(&e), "{e:?}");
+        fs::write(&missing, b"").unwrap();
+        let e = watcher
+            .watch(&missing.join("sub"), None, "s", Arc::clone(&wake))
+            .unwrap_err();
+        assert!(vanished(&e), "{e:?}");
+        fs::remove_file(&missing).unwrap();
+        fs::create_dir(&missing).unwrap();
+        watcher.watch(&missing, None, "s", wake).unwrap();
+        let denied = Error::Io {
+            path: missing,
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert!(!vanished(&denied));
+        assert!(!vanished(&Error::Failed("cannot watch".into())));
+    }
 }
