@@ -1432,14 +1432,38 @@ mod tests {
         out
     }
 
+    /// A site with the default config under `root`, its layout made.
+    fn test_site(root: &Path) -> Site {
+        let site = Site::new(crate::config::SiteConfig::with_defaults(
+            "t",
+            root.to_path_buf(),
+        ));
+        site.ensure_layout().unwrap();
+        site
+    }
+
+    /// Builds release `id` (no link source) from the site's `deploy-cache/`, whose
+    /// manifest is `sums`.
+    fn build_from(site: &Site, id: &str, durability: Durability, sums: &str) -> Output {
+        let cancel = AtomicBool::new(false);
+        let input = Input {
+            site,
+            id,
+            link_from: None,
+            cancel: &cancel,
+            durability,
+        };
+        let expected = Expected {
+            entries: crate::upload::manifest::parse(sums.as_bytes()).unwrap(),
+            manifest_digest: Sha256::digest(sums.as_bytes()).into(),
+        };
+        build(&input, Some(expected)).unwrap()
+    }
+
     #[test]
     fn both_ways_of_flushing_build_the_same_verified_release() {
         let t = tempfile::tempdir().unwrap();
-        let site = Site::new(crate::config::SiteConfig::with_defaults(
-            "t",
-            t.path().to_path_buf(),
-        ));
-        site.ensure_layout().unwrap();
+        let site = test_site(t.path());
         let up = site.deploy_cache();
         let mut sums = String::new();
         for i in 0..40 {
@@ -1454,22 +1478,9 @@ mod tests {
         }
         std::os::unix::fs::symlink("d0/f0.txt", up.join("link")).unwrap();
         fs::write(up.join("SHA256SUMS"), &sums).unwrap();
-        let cancel = AtomicBool::new(false);
         let mut trees = Vec::new();
         for (id, durability) in [("a", Durability::PerFile), ("b", Durability::Syncfs)] {
-            let manifest = crate::upload::manifest::parse(sums.as_bytes()).unwrap();
-            let input = Input {
-                site: &site,
-                id,
-                link_from: None,
-                cancel: &cancel,
-                durability,
-            };
-            let expected = Expected {
-                entries: manifest,
-                manifest_digest: Sha256::digest(sums.as_bytes()).into(),
-            };
-            let out = build(&input, Some(expected)).unwrap();
+            let out = build_from(&site, id, durability, &sums);
             assert_eq!((out.files, out.hashed), (41, 41), "{durability:?}");
             trees.push(snapshot(&site.partial(id)));
         }
@@ -1485,11 +1496,7 @@ mod tests {
     #[test]
     fn a_big_manifest_and_cache_start_their_writeback_as_they_grow() {
         let t = tempfile::tempdir().unwrap();
-        let site = Site::new(crate::config::SiteConfig::with_defaults(
-            "t",
-            t.path().to_path_buf(),
-        ));
-        site.ensure_layout().unwrap();
+        let site = test_site(t.path());
         let up = site.deploy_cache();
         // Long names, so that a few thousand files make MiBs of manifest and cache lines.
         let mut sums = String::new();
@@ -1502,21 +1509,9 @@ mod tests {
             sums.push_str(&format!("{digest}  {rel}\n"));
         }
         fs::write(up.join("SHA256SUMS"), &sums).unwrap();
-        let cancel = AtomicBool::new(false);
         let mut starts = Vec::new();
         for (id, durability) in [("a", Durability::Syncfs), ("b", Durability::PerFile)] {
-            let input = Input {
-                site: &site,
-                id,
-                link_from: None,
-                cancel: &cancel,
-                durability,
-            };
-            let expected = Expected {
-                entries: crate::upload::manifest::parse(sums.as_bytes()).unwrap(),
-                manifest_digest: Sha256::digest(sums.as_bytes()).into(),
-            };
-            let out = build(&input, Some(expected)).unwrap();
+            let out = build_from(&site, id, durability, &sums);
             assert_eq!(out.files, 3_001);
             starts.push(out.writeback_starts);
         }
