@@ -786,8 +786,8 @@ pub fn finalize(
     }
 }
 
-/// `manifest DIR [-o FILE]`.
-pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
+/// `manifest DIR [-o FILE]`; `json_logs` is `--log-format json`.
+pub fn manifest(dir: &Path, output: Option<&Path>, json_logs: bool) -> Result<()> {
     // A DIR that is no directory is a wrong argument (exit 2), as `run --root FILE` is.
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
@@ -822,10 +822,16 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
     // would reject is better found now, in CI, than as a rejected deploy.
     for (rel, target) in &written.links {
         if let Err(why) = crate::release::symlinks::check_inside(dir, rel, target, &[]) {
-            eprintln!(
-                "warning: {}: the keeper rejects an upload holding it",
-                crate::events::printable(&why)
-            );
+            let why = crate::events::printable(&why);
+            if json_logs {
+                // With `--log-format json` stderr is one JSON object per line (SPEC): a
+                // plain warning line broke `2>&1 | jq` in the CI job it was meant for.
+                tracing::warn!(event = crate::events::MANIFEST_BAD_SYMLINK, site = "",
+                    path = %rel.display(), reason = %why,
+                    "the keeper rejects an upload holding this symlink");
+            } else {
+                eprintln!("warning: {why}: the keeper rejects an upload holding it");
+            }
         }
     }
     match output {
