@@ -253,8 +253,16 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
     if rows.is_empty() {
         return out(&format!("{}: no releases", site.name()));
     }
+    // Ids run to 128 characters (SPEC): the ID column is as wide as the longest, or the
+    // rows after a long one no longer line up under the header.
+    let w = rows
+        .iter()
+        .map(|r| r["id"].as_str().map_or(0, |s| s.chars().count()))
+        .max()
+        .unwrap_or(0)
+        .max(28);
     out(&format!(
-        "{:<28} {:<9} {:<20} {:>8} {:>12}  NOTE",
+        "{:<w$} {:<9} {:<20} {:>8} {:>12}  NOTE",
         "ID", "STATE", "CREATED", "FILES", "BYTES"
     ))?;
     for r in rows {
@@ -268,7 +276,7 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
             note.push_str(&reason.split_whitespace().collect::<Vec<_>>().join(" "));
         }
         out(&format!(
-            "{:<28} {:<9} {:<20} {:>8} {:>12}  {}",
+            "{:<w$} {:<9} {:<20} {:>8} {:>12}  {}",
             r["id"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or(""),
             r["created"].as_str().unwrap_or(""),
