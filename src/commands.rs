@@ -160,9 +160,16 @@ fn act_as_site_owner(site: &Site) -> Result<()> {
     Ok(())
 }
 
+/// Prints a line of human or JSON output. A reader that closed the pipe early
+/// (`status | head -1`, `list SITE | grep -q v2`) is not a failure of the command: the
+/// operation is done (an `activate` has switched `current`), so it must not exit 1 with
+/// "Broken pipe" and make a `pipefail` script believe it failed.
 fn out(text: &str) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{text}").at(Path::new("<stdout>"))
+    match writeln!(stdout, "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.at(Path::new("<stdout>")),
+    }
 }
 
 fn print_json(v: &Value) -> Result<()> {
