@@ -160,9 +160,16 @@ fn act_as_site_owner(site: &Site) -> Result<()> {
     Ok(())
 }
 
+/// Prints a line of human or JSON output. A reader that closed the pipe early
+/// (`status | head -1`, `list SITE | grep -q v2`) is not a failure of the command: the
+/// operation is done (an `activate` has switched `current`), so it must not exit 1 with
+/// "Broken pipe" and make a `pipefail` script believe it failed.
 fn out(text: &str) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{text}").at(Path::new("<stdout>"))
+    match writeln!(stdout, "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.at(Path::new("<stdout>")),
+    }
 }
 
 fn print_json(v: &Value) -> Result<()> {
@@ -253,8 +260,16 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
     if rows.is_empty() {
         return out(&format!("{}: no releases", site.name()));
     }
+    // Ids run to 128 characters (SPEC): the ID column is as wide as the longest, or the
+    // rows after a long one no longer line up under the header.
+    let w = rows
+        .iter()
+        .map(|r| r["id"].as_str().map_or(0, |s| s.chars().count()))
+        .max()
+        .unwrap_or(0)
+        .max(28);
     out(&format!(
-        "{:<28} {:<9} {:<20} {:>8} {:>12}  NOTE",
+        "{:<w$} {:<9} {:<20} {:>8} {:>12}  NOTE",
         "ID", "STATE", "CREATED", "FILES", "BYTES"
     ))?;
     for r in rows {
@@ -268,7 +283,7 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
             note.push_str(&reason.split_whitespace().collect::<Vec<_>>().join(" "));
         }
         out(&format!(
-            "{:<28} {:<9} {:<20} {:>8} {:>12}  {}",
+            "{:<w$} {:<9} {:<20} {:>8} {:>12}  {}",
             r["id"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or(""),
             r["created"].as_str().unwrap_or(""),
@@ -786,8 +801,8 @@ pub fn finalize(
     }
 }
 
-/// `manifest DIR [-o FILE]`.
-pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
+/// `manifest DIR [-o FILE]`; `json_logs` is `--log-format json`.
+pub fn manifest(dir: &Path, output: Option<&Path>, json_logs: bool) -> Result<()> {
     // A DIR that is no directory is a wrong argument (exit 2), as `run --root FILE` is.
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
@@ -822,10 +837,16 @@ pub fn manifest(dir: &Path, output: Option<&Path>) -> Result<()> {
     // would reject is better found now, in CI, than as a rejected deploy.
     for (rel, target) in &written.links {
         if let Err(why) = crate::release::symlinks::check_inside(dir, rel, target, &[]) {
-            eprintln!(
-                "warning: {}: the keeper rejects an upload holding it",
-                crate::events::printable(&why)
-            );
+            let why = crate::events::printable(&why);
+            if json_logs {
+                // With `--log-format json` stderr is one JSON object per line (SPEC): a
+                // plain warning line broke `2>&1 | jq` in the CI job it was meant for.
+                tracing::warn!(event = crate::events::MANIFEST_BAD_SYMLINK, site = "",
+                    path = %rel.display(), reason = %why,
+                    "the keeper rejects an upload holding this symlink");
+            } else {
+                eprintln!("warning: {why}: the keeper rejects an upload holding it");
+            }
         }
     }
     match output {

@@ -67,6 +67,9 @@ pub const SITE_RESUMED: &str = "site.resumed";
 pub const SITE_ERROR: &str = "site.error";
 /// inotify lost events (queue overflow or read error); every site is rescanned.
 pub const WATCH_OVERFLOW: &str = "watch.overflow";
+/// `manifest DIR` found a symlink the keeper would reject in an upload (absolute, or
+/// pointing outside the build); the manifest is still written.
+pub const MANIFEST_BAD_SYMLINK: &str = "manifest.bad_symlink";
 /// A command (or the service) ended with an error; with `--log-format json` the error is
 /// logged as this event instead of a plain line, so stderr stays one object per line.
 pub const COMMAND_FAILED: &str = "command.failed";

@@ -11,7 +11,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config.as_deref();
     let result = match &cli.command {
         Command::Run { root } => service::run(config, root.as_deref()),
-        Command::Manifest { dir, output } => commands::manifest(dir, output.as_deref()),
+        Command::Manifest { dir, output } => commands::manifest(
+            dir,
+            output.as_deref(),
+            cli.log_format == Some(events::LogFormat::Json),
+        ),
         Command::CheckConfig => commands::check_config(config),
         Command::Completions { shell } => return Ok(cli::print_completions(*shell)?),
         Command::Man { dir } => return Ok(cli::write_man(dir.as_deref())?),
@@ -91,8 +95,62 @@ fn site_of(command: &Command) -> Option<&str> {
     }
 }
 
+/// True when the raw arguments ask for `--log-format json` (for a command line clap
+/// rejected, so there is no parsed `Cli` to ask).
+fn json_requested(args: &[std::ffi::OsString]) -> bool {
+    let mut words = args
+        .iter()
+        .skip(1)
+        .take_while(|a| a.as_os_str() != "--")
+        .map(|a| a.to_string_lossy());
+    while let Some(w) = words.next() {
+        if w == "--log-format=json"
+            || (w == "--log-format" && words.next().as_deref() == Some("json"))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Reports a command line clap rejected. With `--log-format json` it is a `command.failed`
+/// event like any other failure: clap's plain multi-line message broke the one JSON
+/// object per line of stderr (SPEC) for the very mistake a script most needs to see.
+fn usage_error(e: clap::Error, args: &[std::ffi::OsString]) -> ExitCode {
+    // --help and --version are clap "errors" printed to stdout: they stay as they are.
+    if !e.use_stderr() || !json_requested(args) {
+        e.exit()
+    }
+    events::init(Some(events::LogFormat::Json));
+    let code = e.exit_code();
+    let text = e.render().to_string();
+    let text = text.trim_end();
+    let text = text.strip_prefix("error: ").unwrap_or(text);
+    // The message is the first paragraph on one line ("... not provided: <SITE>"); the
+    // usage and tips that follow stay in `reason`.
+    let first = text
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::error!(
+        event = events::COMMAND_FAILED,
+        site = "",
+        reason = %text,
+        exit_code = code,
+        "{first}"
+    );
+    ExitCode::from(u8::try_from(code).unwrap_or(2))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e, &args),
+    };
     events::init(cli.log_format);
     let json = cli.log_format == Some(events::LogFormat::Json);
     let site = site_of(&cli.command).unwrap_or("").to_string();

@@ -403,6 +403,52 @@ fn status_of_a_site_whose_root_is_missing_keeps_its_shape_and_says_so() {
     );
 }
 
+/// A reader that closed its end of the pipe early (`status | head -1`, `list | grep -q`)
+/// made the command print "<stdout>: Broken pipe" and exit 1, even for a `pin` that was
+/// done: a `pipefail` script took a success for a failure. The output is dropped now;
+/// the exit code is the operation's.
+#[test]
+fn a_closed_stdout_pipe_does_not_fail_a_command_that_succeeded() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    assert_ok(&cli(&cfg, &["init", "web"]), "init");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", "web", "--id", "v1"]), "finalize");
+    let closed_pipe = || {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        drop(read);
+        std::process::Stdio::from(write)
+    };
+    for args in [
+        &["status", "web", "--json"][..],
+        &["list", "web"][..],
+        &["pin", "web", "v1"][..],
+    ] {
+        let out = std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .env_remove("JOURNAL_STREAM")
+            .stdout(closed_pipe())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run release-keeper");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?} with its reader gone: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("Broken pipe"),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v = stdout_json(&cli(&cfg, &["list", "web", "--json"]));
+    assert_eq!(v["releases"][0]["pinned"], true, "the pin was done: {v}");
+}
+
 #[test]
 fn unknown_site_is_an_error() {
     let site = Site::new();

@@ -1336,6 +1336,35 @@ fn human_list_keeps_files_and_bytes_in_their_columns() {
     }
 }
 
+/// Release ids run to 128 characters (SPEC). The ID column was 28 wide, so a row with a
+/// longer id pushed its state, created time, files and bytes to the right of the header
+/// and of every other row. The column is as wide as the longest id now.
+#[test]
+fn human_list_columns_line_up_with_a_128_character_id() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    assert_ok(&cli(&cfg, &["init", SITE]), "init");
+    let long = format!("v{}", "1.2_3-".repeat(30))[..128].to_string();
+    for id in ["v1", long.as_str()] {
+        site.stage_upload(&as_refs(&small_build(id)));
+        assert_ok(&cli(&cfg, &["finalize", SITE, "--id", id]), "finalize");
+    }
+    let out = cli(&cfg, &["list", SITE]);
+    assert_ok(&out, "list");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two rows:\n{text}");
+    let state_at = lines[0].find("STATE").expect("a STATE column");
+    for (line, state) in [(lines[1], "current"), (lines[2], "previous")] {
+        assert_eq!(
+            line.get(state_at..state_at + state.len()),
+            Some(state),
+            "the state stands under STATE (column {state_at}):\n{text}"
+        );
+    }
+    assert!(lines[1].starts_with(&format!("{long} ")), "{text}");
+}
+
 /// SPEC prunes "after each activation (and on prune)": staging a release (activate =
 /// false) switches nothing, so it must not delete a good release that a rollback could
 /// still go to; the next activation applies the policy.

@@ -393,6 +393,100 @@ fn with_json_logs_a_failing_command_ends_with_a_json_line() {
     );
 }
 
+/// Asserts every line of the command's stderr is one JSON object (SPEC "Logs", json).
+fn assert_stderr_all_json(out: &std::process::Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !stderr.trim().is_empty(),
+        "nothing on stderr; {}",
+        show(out)
+    );
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok_and(|v| v.is_object()),
+            "not a JSON object: {line:?}; {}",
+            show(out)
+        );
+    }
+}
+
+/// A command line clap rejected (a missing SITE, a bad `--wait` DURATION) printed clap's
+/// plain multi-line message even with `--log-format json`, so stderr was not one JSON
+/// object per line for the mistake a script most needs to read. It is `command.failed`
+/// (exit 2) now, wherever `--log-format json` stands; help, and the text format, unchanged.
+#[test]
+fn with_json_logs_a_command_line_error_is_a_json_line() {
+    for args in [
+        &["--log-format", "json", "list"][..],
+        &["list", "--log-format=json"][..],
+        &["pin", "web", "v1", "--wait", "5x", "--log-format", "json"][..],
+    ] {
+        let out = cli_raw(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+        assert_stderr_all_json(&out);
+        let ev = stderr_events(&out)
+            .into_iter()
+            .find(|v| v["event"] == "command.failed")
+            .unwrap_or_else(|| panic!("{args:?}: no command.failed: {}", show(&out)));
+        assert_eq!(ev["exit_code"], 2, "{ev}");
+        assert_eq!(ev["site"], "", "{ev}");
+        assert!(!reason_of(&ev).is_empty(), "{ev}");
+    }
+    let ev = stderr_events(&cli_raw(&[
+        "--log-format",
+        "json",
+        "pin",
+        "web",
+        "v1",
+        "--wait",
+        "5x",
+    ]))
+    .into_iter()
+    .find(|v| v["event"] == "command.failed")
+    .unwrap_or_default();
+    assert!(
+        reason_of(&ev).contains("5x"),
+        "the reason names the bad value: {ev}"
+    );
+
+    let out = cli_raw(&["list"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("error: "),
+        "text keeps clap's message: {}",
+        show(&out)
+    );
+    let out = cli_raw(&["--log-format", "json", "--help"]);
+    assert_ok(&out, "--help with json logs");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// `manifest DIR` warns about a symlink the keeper would reject; with `--log-format json`
+/// that warning was a plain `warning: ...` line among JSON ones. It is a JSON event now,
+/// naming the path; the text format keeps the plain line.
+#[test]
+fn with_json_logs_the_manifest_symlink_warning_is_a_json_line() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(&build, &[("index.html", b"hi\n" as &[u8])]);
+    write_symlink(&build, "etc", "/etc/passwd");
+    let dir = build.to_str().unwrap();
+    let out = cli_raw(&["manifest", dir, "--log-format", "json"]);
+    assert_ok(&out, "manifest DIR --log-format json");
+    assert_stderr_all_json(&out);
+    let ev = stderr_events(&out)
+        .into_iter()
+        .find(|v| v["event"] == "manifest.bad_symlink")
+        .unwrap_or_else(|| panic!("no manifest.bad_symlink: {}", show(&out)));
+    assert_eq!(ev["path"], "etc", "{ev}");
+    assert!(reason_of(&ev).contains("is absolute"), "{ev}");
+    assert!(ev.get("site").is_some(), "every event carries site: {ev}");
+}
+
 /// A site whose `root` names a file: `check-config`, `status`, `list` and the command
 /// errors said it "does not exist yet", sending the operator to look for a missing
 /// directory (or run `init`, which cannot help) instead of at the file in its place. It is
