@@ -317,16 +317,33 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         None => cfg.sites.keys().cloned().collect(),
     };
     let mut docs = Vec::new();
+    // Of all sites, one whose state cannot be read must not hide the others: it gets a
+    // document with its `error`, the rest are shown, and the command still fails.
+    let mut failed = None;
     for name in &names {
         let site = site(cfg, name)?;
+        // The same keys as any other site, so monitoring need not special-case it.
+        let blank = || {
+            json!({"site": name, "current": null, "previous": null, "releases": [],
+                "pinned": [], "failed": [], "drift": null, "last_event": null})
+        };
         if !site.root_exists() {
-            // The same keys as any other site, so monitoring need not special-case it.
-            docs.push(json!({"site": name, "root_missing": true, "current": null,
-                "previous": null, "releases": [], "pinned": [], "failed": [],
-                "drift": null, "last_event": null}));
+            let mut doc = blank();
+            doc["root_missing"] = json!(true);
+            docs.push(doc);
             continue;
         }
-        let journal = Journal::load(&site)?;
+        let journal = match Journal::load(&site) {
+            Ok(j) => j,
+            Err(e) if only.is_none() => {
+                let mut doc = blank();
+                doc["error"] = json!(e.to_string());
+                docs.push(doc);
+                failed.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let mut doc = list_doc(&site, &journal);
         let state = journal.state();
         // The same releases as `releases`: one deleted by hand is in neither list.
@@ -353,9 +370,18 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         };
         docs.push(doc);
     }
-    if as_json {
-        return print_json(&status_doc(only.is_some(), docs));
+    let shown = match as_json {
+        true => print_json(&status_doc(only.is_some(), docs)),
+        false => print_status(cfg, docs),
+    };
+    match failed {
+        Some(e) => Err(e),
+        None => shown,
     }
+}
+
+/// `status` for people: one block per site document.
+fn print_status(cfg: &Config, docs: Vec<Value>) -> Result<()> {
     if docs.is_empty() {
         return out(&format!(
             "no sites configured in {} (add [sites.NAME] there, or a file in sites.d/)",
@@ -404,6 +430,13 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
                 v["release"].as_str().unwrap_or("")
             ),
         };
+        if let Some(e) = d["error"].as_str() {
+            out(&format!(
+                "site {}\n  error:    {e}",
+                d["site"].as_str().unwrap_or("")
+            ))?;
+            continue;
+        }
         if d["root_missing"] == json!(true) {
             let root = cfg
                 .sites

@@ -403,6 +403,62 @@ fn status_of_a_site_whose_root_is_missing_keeps_its_shape_and_says_so() {
     );
 }
 
+/// `status` of all sites with one site's journal unreadable printed nothing at all: the
+/// healthy sites are shown, the broken one says its error (a document of the same shape
+/// with `error` in JSON), and the command exits 1. `status` of that site alone fails.
+#[test]
+fn status_of_all_sites_shows_the_others_when_one_journal_cannot_be_read() {
+    let site = Site::new();
+    let broken = site.tmp_path("broken");
+    let cfg = config_file(
+        &site,
+        &format!(
+            "[sites.web]\nroot = \"{}\"\n[sites.zz]\nroot = \"{}\"\n",
+            site.root.display(),
+            broken.display()
+        ),
+    );
+    assert_ok(&cli(&cfg, &["init", "web"]), "init web");
+    assert_ok(&cli(&cfg, &["init", "zz"]), "init zz");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", "web", "--id", "v1"]), "finalize");
+    // A directory where the journal should be: reading it fails.
+    let journal = broken.join(".release-keeper/journal");
+    let _ = fs::remove_file(&journal);
+    fs::create_dir_all(&journal).unwrap();
+
+    let out = cli(&cfg, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let doc = stdout_json(&out);
+    let sites = doc["sites"].as_array().expect("sites");
+    let by = |n: &str| sites.iter().find(|s| s["site"] == n).cloned();
+    let web = by("web").unwrap_or_else(|| panic!("web is shown: {doc}"));
+    assert_eq!(web["current"], "v1", "{doc}");
+    let zz = by("zz").unwrap_or_else(|| panic!("zz is shown: {doc}"));
+    assert!(
+        zz["error"].as_str().is_some_and(|e| e.contains("journal")),
+        "{doc}"
+    );
+    assert_eq!(zz["releases"], serde_json::json!([]), "same shape: {doc}");
+
+    let out = cli(&cfg, &["status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("site web") && text.contains("v1") && text.contains("site zz"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("journal"),
+        "the failure is said on stderr: {}",
+        show(&out)
+    );
+
+    let out = cli(&cfg, &["status", "zz", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+}
+
 /// A reader that closed its end of the pipe early (`status | head -1`, `list | grep -q`)
 /// made the command print "<stdout>: Broken pipe" and exit 1, even for a `pin` that was
 /// done: a `pipefail` script took a success for a failure. The output is dropped now;
