@@ -214,6 +214,7 @@ fn activate_once(site: &Site, journal: &mut Journal, id: &str, opts: Options) ->
     journal.append(Op::Trial {
         release: id.to_string(),
         previous: previous.clone(),
+        rollback: false,
     })?;
     if let Err(e) = swap_current(site, id) {
         // Nothing switched: close the trial now, or the next healing pass would take it
@@ -563,32 +564,74 @@ fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result
     current_replaceable(site)?;
     let started = Instant::now();
     swap_current(site, &target)?;
+    // Recorded as an open trial, not yet as a rollback: a crash during the target's checks
+    // must have them run again at the next start (as for an activation), not leave a
+    // target that may fail them current with its switch taken for settled.
+    journal.append(Op::Trial {
+        release: target.clone(),
+        previous: current.clone(),
+        rollback: true,
+    })?;
+    if let Some(e) = rollback_verdict(site, journal, current.as_deref(), &target, started)? {
+        return Err(e);
+    }
+    Ok(Rollback {
+        to: target,
+        switched: true,
+    })
+}
+
+/// The verdict on a rollback from `from` to `target` once `current` names `target` (the
+/// rollback's trial is open): its checks run; passing, the rollback is recorded. Failing,
+/// the same verdict as an activation's: `target` is marked failed (so no later rollback
+/// picks it again) and `current` goes back to `from`, never further: the command either
+/// switched to a healthy release or changed nothing but that mark. Returns the error the
+/// command reports.
+fn rollback_verdict(
+    site: &Site,
+    journal: &mut Journal,
+    from: Option<&str>,
+    target: &str,
+    started: Instant,
+) -> Result<Option<Error>> {
+    let env = hook_env(site, target, from);
+    let Some(f) = check(site, &env) else {
+        record_rollback(site, journal, from, target, started)?;
+        return Ok(None);
+    };
+    let state = journal.state();
+    let back_to = from
+        .filter(|c| site.cfg.auto_rollback && state.is_good(c) && site.release(c).is_dir())
+        .map(str::to_string);
+    if back_to.is_none() {
+        // `current` stays on the target: its switch is recorded as done, so that the
+        // failure leaves no unfinished rollback that healing would take further back.
+        journal.append(Op::RolledBack {
+            release: from.unwrap_or_default().to_string(),
+            to: target.to_string(),
+            reason: "rollback requested".into(),
+        })?;
+    }
+    let e = fail_and_restore(site, journal, target, from, back_to, &f, started)?;
+    Ok(Some(Error::Failed(format!(
+        "rollback to {target} failed: {e}"
+    ))))
+}
+
+/// Records a rollback from `from` to `to` whose target passed its checks (closing its
+/// trial) and logs it.
+fn record_rollback(
+    site: &Site,
+    journal: &mut Journal,
+    from: Option<&str>,
+    to: &str,
+    started: Instant,
+) -> Result<()> {
     journal.append(Op::RolledBack {
-        release: current.clone().unwrap_or_default(),
-        to: target.clone(),
+        release: from.unwrap_or_default().to_string(),
+        to: to.to_string(),
         reason: "rollback requested".into(),
     })?;
-    let env = hook_env(site, &target, current.as_deref());
-    if let Some(f) = check(site, &env) {
-        // The same verdict as an activation's: a release that fails its checks is marked
-        // failed (so no later rollback picks it again) and `current` goes back to where
-        // it was, never further: the command either switched to a healthy release or
-        // changed nothing but that mark.
-        let state = journal.state();
-        let back_to = current
-            .clone()
-            .filter(|c| site.cfg.auto_rollback && state.is_good(c) && site.release(c).is_dir());
-        let e = fail_and_restore(
-            site,
-            journal,
-            &target,
-            current.as_deref(),
-            back_to,
-            &f,
-            started,
-        )?;
-        return Err(Error::Failed(format!("rollback to {target} failed: {e}")));
-    }
     // Logged once the target passed its checks, as `release.activated` is: a rollback
     // whose target fails them is not one a monitor should count (`health.failed` or
     // `hook.failed` and the return to `current`'s release are logged instead), and
@@ -597,16 +640,13 @@ fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result
         event = events::RELEASE_ROLLED_BACK,
         site = site.name(),
         // Absent when `current` was missing and healing had no release to restore.
-        release = current.as_deref(),
-        previous = %target,
+        release = from,
+        previous = %to,
         reason = "rollback requested",
         duration_ms = started.elapsed().as_millis() as u64,
         "rolled back"
     );
-    Ok(Rollback {
-        to: target,
-        switched: true,
-    })
+    Ok(())
 }
 
 /// Resolves a trial interrupted by a crash: resumed (checks re-run) when `current` points
@@ -619,7 +659,11 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
             what = %format!("resumed the interrupted activation of {id}"),
             reason = "interrupted activation trial: checks re-run", "resuming trial");
-        let _ = trial(site, journal, &id, previous.as_deref(), Instant::now());
+        if journal.state().open_trial_is_rollback {
+            let _ = rollback_verdict(site, journal, previous.as_deref(), &id, Instant::now())?;
+        } else {
+            let _ = trial(site, journal, &id, previous.as_deref(), Instant::now());
+        }
     } else {
         journal.append(Op::RolledBack {
             release: id.clone(),

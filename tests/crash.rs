@@ -529,6 +529,92 @@ fn crash_between_failed_verdict_and_switch_back_finishes_the_rollback() {
     svc.stop();
 }
 
+/// A `rollback` killed while its target's checks run used to leave the target current
+/// with the switch journaled as done (`rolled_back` was written before the checks), so
+/// nothing ran them again: a target failing them stayed live and was never marked failed.
+/// The switch is now an open trial until the verdict, and the next start resumes it: the
+/// target fails its health check, is marked failed, and `current` goes back.
+#[test]
+fn rollback_killed_during_the_targets_checks_resumes_them_at_the_next_start() {
+    let site = Site::new();
+    let (hold, started, go, bad) = (
+        site.tmp_path("hold"),
+        site.tmp_path("started"),
+        site.tmp_path("go"),
+        site.tmp_path("bad"),
+    );
+    // While `hold` exists, after_activate says it started, then waits for `go`.
+    let hooks = format!(
+        "after_activate = [\"/bin/sh\", \"-c\", \"if [ -e {h} ]; then touch {s}; while [ ! -e {g} ]; do sleep 0.05; done; fi\"]\n\
+         health_check = [\"/bin/sh\", \"-c\", \"test ! -e {b}\"]",
+        h = hold.display(),
+        s = started.display(),
+        g = go.display(),
+        b = bad.display()
+    );
+    let cfg = site.write_config(SITE, "health_retries = 1", &hooks);
+    for id in ["v1", "v2"] {
+        site.stage_upload(&as_refs(&small_build(id)));
+        finalize_expecting(&cfg, SITE, id, &[], 0);
+    }
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+
+    // v1 has gone bad since; the rollback to it is killed while its checks run.
+    fs::write(&hold, "").unwrap();
+    fs::write(&bad, "").unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "rollback", SITE])
+        .env_remove("RELEASE_KEEPER_CONFIG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn rollback");
+    wait_until(
+        WAIT,
+        || started.exists(),
+        || "the rollback's after_activate to start".into(),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    // The hook's own process group outlives the command; let it end.
+    fs::remove_file(&hold).unwrap();
+    fs::write(&go, "").unwrap();
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "killed after the switch"
+    );
+
+    let mut svc = start(&cfg);
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "the resumed checks of v1 fail and current goes back to v2; log:\n{}",
+        svc.log_text()
+    );
+    let list = stdout_json(&cli(&cfg, &["list", SITE, "--json"]));
+    let v1 = list["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "v1")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(v1["state"], "failed", "v1 is marked failed: {list}");
+    let records = journal(&site.root);
+    assert!(
+        records
+            .last()
+            .is_some_and(|r| r["op"] == "rolled_back" && r["to"] == "v2"),
+        "the journal ends with the switch back to v2: {:?}",
+        records.last()
+    );
+    svc.stop();
+}
+
 /// Undoes `chattr +i` on a path when the test ends, whatever happens.
 struct Immutable(PathBuf);
 

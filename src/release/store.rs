@@ -34,12 +34,17 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
     },
-    /// `current` is about to be switched to `release`; the verdict is pending.
+    /// `current` is about to be switched to `release` (or, for a rollback, has just been);
+    /// the verdict is pending.
     Trial {
         /// Release id.
         release: String,
         /// What `current` pointed at before.
         previous: Option<String>,
+        /// A `rollback` to `release` (from `previous`), not an activation: a resumed trial
+        /// then records the rollback, so that `previous` stays stepped past.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rollback: bool,
     },
     /// `release` is current and passed its checks.
     Activated {
@@ -142,6 +147,8 @@ pub struct State {
     pub history: Vec<String>,
     /// A trial (swap done, verdict pending) that never got a verdict.
     pub open_trial: Option<(String, Option<String>)>,
+    /// Whether the last trial was a rollback's (meaningful while `open_trial` is set).
+    pub open_trial_is_rollback: bool,
     /// A trial that failed and whose rollback was not recorded: the release and what was
     /// current before it. A crash between the `failed` record and the switch back leaves
     /// `current` on the failed release; healing finishes the rollback.
@@ -201,8 +208,13 @@ impl State {
                     ..ReleaseInfo::default()
                 });
             }
-            Op::Trial { release, previous } => {
+            Op::Trial {
+                release,
+                previous,
+                rollback,
+            } => {
                 st.open_trial = Some((release.clone(), previous.clone()));
+                st.open_trial_is_rollback = *rollback;
                 st.unfinished_rollback = None;
             }
             Op::Activated { release, .. } => {
@@ -1135,6 +1147,7 @@ mod tests {
         let trial = Op::Trial {
             release: "b".into(),
             previous: Some("a".into()),
+            rollback: false,
         };
         let st = State::from_records(&[rec(1, fin("b")), rec(2, trial.clone())]);
         assert_eq!(st.open_trial, Some(("b".into(), Some("a".into()))));
