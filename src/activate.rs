@@ -655,11 +655,16 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
     let Some((id, previous)) = journal.state().open_trial.clone() else {
         return Ok(None);
     };
+    let rollback = journal.state().open_trial_is_rollback;
+    let what = match rollback {
+        true => "rollback to",
+        false => "activation of",
+    };
     if site.current_id().as_deref() == Some(id.as_str()) {
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
-            what = %format!("resumed the interrupted activation of {id}"),
-            reason = "interrupted activation trial: checks re-run", "resuming trial");
-        if journal.state().open_trial_is_rollback {
+            what = %format!("resumed the interrupted {what} {id}"),
+            reason = "interrupted trial: checks re-run", "resuming trial");
+        if rollback {
             let _ = rollback_verdict(site, journal, previous.as_deref(), &id, Instant::now())?;
         } else {
             let _ = trial(site, journal, &id, previous.as_deref(), Instant::now());
@@ -671,7 +676,7 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
             reason: "interrupted before the switch".into(),
         })?;
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
-            what = %format!("closed the interrupted activation of {id}"),
+            what = %format!("closed the interrupted {what} {id}"),
             reason = "interrupted before the switch; not activated", "trial closed");
     }
     Ok(Some(id))

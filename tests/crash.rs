@@ -604,6 +604,12 @@ fn rollback_killed_during_the_targets_checks_resumes_them_at_the_next_start() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(v1["state"], "failed", "v1 is marked failed: {list}");
+    assert!(
+        svc.log_text()
+            .contains("resumed the interrupted rollback to v1"),
+        "heal.repaired says it was a rollback that was resumed:\n{}",
+        svc.log_text()
+    );
     let records = journal(&site.root);
     assert!(
         records
