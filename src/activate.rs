@@ -186,18 +186,9 @@ fn activate_once(site: &Site, journal: &mut Journal, id: &str, opts: Options) ->
             )));
         }
     }
-    let link = site.current_id();
-    let lost = link.is_none();
-    let Switch::From(previous) = switch_to(site, state, link, id) else {
+    let Switch::From(previous) = switch_to(site, state, site.current_id(), id) else {
         return Ok(false);
     };
-    // With `current` deleted or dangling, the link names no release; the one being left
-    // is where healing would have put it, which an automatic rollback also goes back to.
-    // Without it the hooks got an empty PREVIOUS_RELEASE_ID, as for a first release.
-    let previous = previous.or_else(|| {
-        lost.then(|| state.left_when_current_lost(id, |r| site.release(r).is_dir()))
-            .flatten()
-    });
     current_replaceable(site)?;
     let started = Instant::now();
     let env = hook_env(site, id, previous.as_deref());
@@ -243,8 +234,16 @@ enum Switch {
 /// release made live with `ln -sfn`), the switch still runs its hooks and checks and is
 /// recorded, leaving the release the keeper last made current; only the swap is a no-op.
 fn switch_to(site: &Site, state: &State, link: Option<String>, id: &str) -> Switch {
-    if link.as_deref() != Some(id) {
-        return Switch::From(link);
+    let exists = |r: &str| site.release(r).is_dir();
+    let Some(link) = link else {
+        // `current` deleted or dangling names no release: the one being left is where
+        // healing would have put it, which an automatic rollback also goes back to. The
+        // hooks get it as PREVIOUS_RELEASE_ID (not an empty value, as for a first
+        // release), and the journal and the events name it.
+        return Switch::From(state.left_when_current_lost(id, exists));
+    };
+    if link != id {
+        return Switch::From(Some(link));
     }
     if state.is_settled_current(id) {
         ensure_links(site);
@@ -256,7 +255,7 @@ fn switch_to(site: &Site, state: &State, link: Option<String>, id: &str) -> Swit
         );
         return Switch::AlreadyCurrent;
     }
-    Switch::From(state.switched_from(id, |r| site.release(r).is_dir()))
+    Switch::From(state.switched_from(id, exists))
 }
 
 /// Refuses a switch while `current` is a real file or directory rather than a symlink:
@@ -547,20 +546,12 @@ fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result
     // Only `--to` can name current. Like `activate` of the current release, the wanted
     // state holds already: a script making sure a release is live must not see a failure
     // for it.
-    let lost = link.is_none();
     let Switch::From(current) = switch_to(site, state, link, &target) else {
         return Ok(Rollback {
             to: target,
             switched: false,
         });
     };
-    // As in `activate`: with `current` deleted or dangling, the release left is the one
-    // healing would have restored. The hooks get it as PREVIOUS_RELEASE_ID, the journal
-    // and `release.rolled_back` name it, and a target failing its checks goes back to it.
-    let current = current.or_else(|| {
-        lost.then(|| state.left_when_current_lost(&target, |r| site.release(r).is_dir()))
-            .flatten()
-    });
     current_replaceable(site)?;
     let started = Instant::now();
     swap_current(site, &target)?;
@@ -606,16 +597,21 @@ fn rollback_verdict(
     if back_to.is_none() {
         // `current` stays on the target: its switch is recorded as done, so that the
         // failure leaves no unfinished rollback that healing would take further back.
-        journal.append(Op::RolledBack {
-            release: from.unwrap_or_default().to_string(),
-            to: target.to_string(),
-            reason: "rollback requested".into(),
-        })?;
+        journal_rollback(journal, from, target)?;
     }
     let e = fail_and_restore(site, journal, target, from, back_to, &f, started)?;
     Ok(Some(Error::Failed(format!(
         "rollback to {target} failed: {e}"
     ))))
+}
+
+/// Journals the switch of a requested rollback from `from` to `to` (closing its trial).
+fn journal_rollback(journal: &mut Journal, from: Option<&str>, to: &str) -> Result<()> {
+    journal.append(Op::RolledBack {
+        release: from.unwrap_or_default().to_string(),
+        to: to.to_string(),
+        reason: "rollback requested".into(),
+    })
 }
 
 /// Records a rollback from `from` to `to` whose target passed its checks (closing its
@@ -627,11 +623,7 @@ fn record_rollback(
     to: &str,
     started: Instant,
 ) -> Result<()> {
-    journal.append(Op::RolledBack {
-        release: from.unwrap_or_default().to_string(),
-        to: to.to_string(),
-        reason: "rollback requested".into(),
-    })?;
+    journal_rollback(journal, from, to)?;
     // Logged once the target passed its checks, as `release.activated` is: a rollback
     // whose target fails them is not one a monitor should count (`health.failed` or
     // `hook.failed` and the return to `current`'s release are logged instead), and
