@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::events;
 use crate::fsops;
 use crate::hooks::{self, HookEnv, HookFailure};
-use crate::release::store::{Journal, Op, State};
+use crate::release::store::{Journal, Op, OpenTrial, State};
 use crate::site::Site;
 
 /// Options of an activation.
@@ -644,10 +644,14 @@ fn record_rollback(
 /// Resolves a trial interrupted by a crash: resumed (checks re-run) when `current` points
 /// at the release under trial; closed as not activated when the swap never happened.
 pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>> {
-    let Some((id, previous)) = journal.state().open_trial.clone() else {
+    let Some(OpenTrial {
+        release: id,
+        previous,
+        rollback,
+    }) = journal.state().open_trial.clone()
+    else {
         return Ok(None);
     };
-    let rollback = journal.state().open_trial_is_rollback;
     let what = match rollback {
         true => "rollback to",
         false => "activation of",

@@ -440,9 +440,9 @@ fn heal_pass(
                 &mut out,
             );
         }
-    } else if let Some((id, _)) = &journal.state().open_trial {
+    } else if let Some(t) = &journal.state().open_trial {
         out.repairs.push(Repair {
-            what: format!("resolve the interrupted activation of {id}"),
+            what: format!("resolve the interrupted activation of {}", t.release),
             why: "crash between the switch and the health verdict".into(),
         });
     } else if let Some((id, _)) = &journal.state().unfinished_rollback {

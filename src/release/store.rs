@@ -138,6 +138,17 @@ pub struct ReleaseInfo {
     pub rolled_back: bool,
 }
 
+/// A switch of `current` whose verdict is pending: the journal's last `trial` record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenTrial {
+    /// The release under trial.
+    pub release: String,
+    /// What `current` pointed at before.
+    pub previous: Option<String>,
+    /// A `rollback`'s trial rather than an activation's.
+    pub rollback: bool,
+}
+
 /// The state derived from the journal.
 #[derive(Debug, Clone, Default)]
 pub struct State {
@@ -146,9 +157,7 @@ pub struct State {
     /// Every switch of `current` in order (activations and rollbacks' targets).
     pub history: Vec<String>,
     /// A trial (swap done, verdict pending) that never got a verdict.
-    pub open_trial: Option<(String, Option<String>)>,
-    /// Whether the last trial was a rollback's (meaningful while `open_trial` is set).
-    pub open_trial_is_rollback: bool,
+    pub open_trial: Option<OpenTrial>,
     /// A trial that failed and whose rollback was not recorded: the release and what was
     /// current before it. A crash between the `failed` record and the switch back leaves
     /// `current` on the failed release; healing finishes the rollback.
@@ -213,8 +222,11 @@ impl State {
                 previous,
                 rollback,
             } => {
-                st.open_trial = Some((release.clone(), previous.clone()));
-                st.open_trial_is_rollback = *rollback;
+                st.open_trial = Some(OpenTrial {
+                    release: release.clone(),
+                    previous: previous.clone(),
+                    rollback: *rollback,
+                });
                 st.unfinished_rollback = None;
             }
             Op::Activated { release, .. } => {
@@ -233,8 +245,12 @@ impl State {
                     st.releases[i].failed = Some((reason.clone(), rec.at.clone()));
                     st.releases[i].failed_seq = rec.seq;
                 }
-                if st.open_trial.as_ref().is_some_and(|(t, _)| t == release) {
-                    st.unfinished_rollback = st.open_trial.take();
+                if st
+                    .open_trial
+                    .as_ref()
+                    .is_some_and(|t| t.release == *release)
+                {
+                    st.unfinished_rollback = st.open_trial.take().map(|t| (t.release, t.previous));
                 }
             }
             Op::RolledBack { release, to, .. } => {
@@ -1150,7 +1166,14 @@ mod tests {
             rollback: false,
         };
         let st = State::from_records(&[rec(1, fin("b")), rec(2, trial.clone())]);
-        assert_eq!(st.open_trial, Some(("b".into(), Some("a".into()))));
+        assert_eq!(
+            st.open_trial,
+            Some(OpenTrial {
+                release: "b".into(),
+                previous: Some("a".into()),
+                rollback: false
+            })
+        );
         let st = State::from_records(&[rec(1, fin("b")), rec(2, trial), rec(3, act("b", None))]);
         assert_eq!(st.open_trial, None);
     }
