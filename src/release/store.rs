@@ -978,6 +978,18 @@ mod tests {
         }
     }
 
+    /// Records 1-4: `a` made and activated, then `b`; then `more`.
+    fn a_then_b_live(more: impl IntoIterator<Item = Record>) -> Vec<Record> {
+        let mut recs = vec![
+            rec(1, fin("a")),
+            rec(2, act("a", None)),
+            rec(3, fin("b")),
+            rec(4, act("b", Some("a"))),
+        ];
+        recs.extend(more);
+        recs
+    }
+
     #[test]
     fn an_id_finalized_again_replaces_its_older_record() {
         let recs = vec![
@@ -1005,11 +1017,7 @@ mod tests {
 
     #[test]
     fn previous_skips_failed_and_rolled_back_releases() {
-        let recs = vec![
-            rec(1, fin("a")),
-            rec(2, act("a", None)),
-            rec(3, fin("b")),
-            rec(4, act("b", Some("a"))),
+        let recs = a_then_b_live([
             rec(5, fin("c")),
             rec(
                 6,
@@ -1018,7 +1026,7 @@ mod tests {
                     reason: "health".into(),
                 },
             ),
-        ];
+        ]);
         let st = State::from_records(&recs);
         assert_eq!(st.previous_good(Some("b"), |_| true), Some("a".into()));
         let mut recs2 = recs.clone();
@@ -1040,13 +1048,7 @@ mod tests {
 
     #[test]
     fn the_release_left_with_current_lost_is_where_healing_would_go() {
-        let recs = vec![
-            rec(1, fin("a")),
-            rec(2, act("a", None)),
-            rec(3, fin("b")),
-            rec(4, act("b", Some("a"))),
-            rec(5, fin("c")),
-        ];
+        let recs = a_then_b_live([rec(5, fin("c"))]);
         let st = State::from_records(&recs);
         assert_eq!(st.left_when_current_lost("c", |_| true), Some("b".into()));
         // `b` itself is activated again: the good release before it.
@@ -1060,12 +1062,7 @@ mod tests {
 
     #[test]
     fn a_missing_link_is_taken_for_the_last_switch_when_finding_previous() {
-        let recs = vec![
-            rec(1, fin("a")),
-            rec(2, act("a", None)),
-            rec(3, fin("b")),
-            rec(4, act("b", Some("a"))),
-        ];
+        let recs = a_then_b_live([]);
         let st = State::from_records(&recs);
         let link = st.current_and_previous(Some("b".into()), |_| true);
         assert_eq!(link, (Some("b".into()), Some("a".into())));
@@ -1080,14 +1077,7 @@ mod tests {
 
     #[test]
     fn repeated_rollbacks_step_back_then_keep_a_previous() {
-        let mut recs = vec![
-            rec(1, fin("a")),
-            rec(2, act("a", None)),
-            rec(3, fin("b")),
-            rec(4, act("b", Some("a"))),
-            rec(5, fin("c")),
-            rec(6, act("c", Some("b"))),
-        ];
+        let mut recs = a_then_b_live([rec(5, fin("c")), rec(6, act("c", Some("b")))]);
         let st = State::from_records(&recs);
         assert_eq!(st.previous_good(Some("c"), |_| true), Some("b".into()));
         recs.push(rolled(7, "c", "b"));
