@@ -12,7 +12,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nix::dir::Dir;
 use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 
@@ -195,21 +194,45 @@ impl<'a> ColdCheck<'a> {
 type Listed = (OsString, Option<nix::dir::Type>);
 
 /// Sorted names of the directory open at `fd`, without `.`, `..` and (at depth 0) `skip_top`.
+/// Read with `getdents64` straight from `fd`: a `DIR` stream would cost a `dup`, an
+/// `fstat`, two `fcntl`s, an `lseek` and a `close` on top, for each of the thousands of
+/// directories of a release. `fd` must be at the start of the directory (freshly opened);
+/// each directory is listed once.
 fn list(fd: &OwnedFd, here: &Path, depth: usize, skip_top: &[&OsStr]) -> Result<Vec<Listed>> {
-    let dup = fd.try_clone().at(here)?;
-    let mut dir = Dir::from_fd(dup).at(here)?;
+    let mut buf = Vec::with_capacity(LIST_BUF);
+    let mut dir = rustix::fs::RawDir::new(fd, buf.spare_capacity_mut());
     let mut names = Vec::new();
-    for entry in dir.iter() {
-        let entry = entry.at(here)?;
+    while let Some(entry) = dir.next() {
+        let entry = entry.map_err(std::io::Error::from).at(here)?;
         let name = OsStr::from_bytes(entry.file_name().to_bytes());
         if name == "." || name == ".." || (depth == 0 && skip_top.contains(&name)) {
             continue;
         }
-        names.push((name.to_os_string(), entry.file_type()));
+        names.push((name.to_os_string(), dirent_type(entry.file_type())));
     }
     // Sorted so that output, manifests and errors are deterministic.
     names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(names)
+}
+
+/// Bytes read per `getdents64`: room for hundreds of entries, and for any one name.
+const LIST_BUF: usize = 32 * 1024;
+
+/// The type `getdents64` reported; `None` when the filesystem does not say (`DT_UNKNOWN`),
+/// and the caller must `stat`.
+fn dirent_type(t: rustix::fs::FileType) -> Option<nix::dir::Type> {
+    use nix::dir::Type;
+    use rustix::fs::FileType as F;
+    Some(match t {
+        F::RegularFile => Type::File,
+        F::Directory => Type::Directory,
+        F::Symlink => Type::Symlink,
+        F::Fifo => Type::Fifo,
+        F::Socket => Type::Socket,
+        F::CharacterDevice => Type::CharacterDevice,
+        F::BlockDevice => Type::BlockDevice,
+        F::Unknown => return None,
+    })
 }
 
 /// One walk: its root, the helpers listing directories ahead of it, and the visitor.
@@ -511,6 +534,43 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(walked(t.path(), |_| true), want);
         }
+    }
+
+    #[test]
+    fn a_directory_bigger_than_one_read_is_listed_whole_with_each_entrys_kind() {
+        // Long names: 3,000 entries are several `getdents64` reads of `LIST_BUF` bytes.
+        let t = tempfile::tempdir().unwrap();
+        let long = "n".repeat(60);
+        for i in 0..3000 {
+            fs::write(t.path().join(format!("{long}{i:05}")), "").unwrap();
+        }
+        fs::create_dir(t.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink("sub", t.path().join("to-sub")).unwrap();
+        nix::unistd::mkfifo(&t.path().join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        let fd = open_root(t.path()).unwrap();
+        let listed = list(&fd, t.path(), 0, &[]).unwrap();
+        assert!(3000 * (long.len() + 24) > 2 * LIST_BUF);
+        assert_eq!(listed.len(), 3003);
+        assert!(listed.windows(2).all(|w| w[0].0 < w[1].0), "sorted");
+        let kind = |n: &str| {
+            listed
+                .iter()
+                .find(|(name, _)| name == n)
+                .and_then(|(_, k)| *k)
+        };
+        use nix::dir::Type;
+        // Whatever the filesystem does not type (`DT_UNKNOWN`) is `None`, and stat'ed.
+        for (name, want) in [
+            ("sub", Type::Directory),
+            ("to-sub", Type::Symlink),
+            ("fifo", Type::Fifo),
+            (&*format!("{long}02999"), Type::File),
+        ] {
+            assert!(kind(name).is_none() || kind(name) == Some(want), "{name}");
+        }
+        // The walk sees each entry once, whatever the listing's reads.
+        let seen = walked(t.path(), |_| false);
+        assert_eq!(seen.len(), 3003);
     }
 
     #[test]
