@@ -641,6 +641,14 @@ fn record_rollback(
     Ok(())
 }
 
+/// What a trial is of, for messages: "activation of" a release, or "rollback to" it.
+pub fn trial_kind(rollback: bool) -> &'static str {
+    match rollback {
+        true => "rollback to",
+        false => "activation of",
+    }
+}
+
 /// Resolves a trial interrupted by a crash: resumed (checks re-run) when `current` points
 /// at the release under trial; closed as not activated when the swap never happened.
 pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>> {
@@ -652,10 +660,7 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
     else {
         return Ok(None);
     };
-    let what = match rollback {
-        true => "rollback to",
-        false => "activation of",
-    };
+    let what = trial_kind(rollback);
     if site.current_id().as_deref() == Some(id.as_str()) {
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
             what = %format!("resumed the interrupted {what} {id}"),

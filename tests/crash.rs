@@ -587,6 +587,13 @@ fn rollback_killed_during_the_targets_checks_resumes_them_at_the_next_start() {
         Some("v1"),
         "killed after the switch"
     );
+    let dry = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&dry, "heal --dry-run");
+    let said = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        said.contains("resolve the interrupted rollback to v1"),
+        "heal --dry-run says it is a rollback that would be resolved:\n{said}"
+    );
 
     let mut svc = start(&cfg);
     assert_eq!(
