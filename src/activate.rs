@@ -554,15 +554,23 @@ fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result
     };
     current_replaceable(site)?;
     let started = Instant::now();
-    swap_current(site, &target)?;
-    // Recorded as an open trial, not yet as a rollback: a crash during the target's checks
-    // must have them run again at the next start (as for an activation), not leave a
-    // target that may fail them current with its switch taken for settled.
+    // Recorded as an open trial before the switch, and as a rollback only after the
+    // verdict: a crash at any point after the switch must have the target's checks run
+    // again at the next start (as for an activation), not leave a target that may fail
+    // them current with its switch taken for settled. A crash before the switch closes
+    // the trial with nothing changed.
     journal.append(Op::Trial {
         release: target.clone(),
         previous: current.clone(),
         rollback: true,
     })?;
+    if let Err(e) = swap_current(site, &target) {
+        journal.append(Op::TrialClosed {
+            release: target.clone(),
+            reason: format!("the switch of current failed: {e}"),
+        })?;
+        return Err(e);
+    }
     if let Some(e) = rollback_verdict(site, journal, current.as_deref(), &target, started)? {
         return Err(e);
     }
@@ -670,6 +678,15 @@ pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>
         } else {
             let _ = trial(site, journal, &id, previous.as_deref(), Instant::now());
         }
+    } else if rollback {
+        // The release rolled back to stays what it was: good, a rollback target.
+        journal.append(Op::TrialClosed {
+            release: id.clone(),
+            reason: "interrupted before the switch".into(),
+        })?;
+        tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
+            what = %format!("closed the interrupted {what} {id}"),
+            reason = "interrupted before the switch; current not switched", "trial closed");
     } else {
         journal.append(Op::RolledBack {
             release: id.clone(),

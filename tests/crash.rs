@@ -628,6 +628,92 @@ fn rollback_killed_during_the_targets_checks_resumes_them_at_the_next_start() {
     svc.stop();
 }
 
+/// A `rollback` records its trial before it switches `current`. Killed after the record
+/// but before the switch (forged here: the window is a few system calls), the next start
+/// closes the trial with nothing switched: `current` stays, and the target is still a
+/// good release that a rollback goes back to (not stepped past, as an activation
+/// interrupted there is).
+#[test]
+fn rollback_interrupted_before_its_switch_is_closed_with_the_target_still_a_rollback_target() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    for id in ["v1", "v2"] {
+        site.stage_upload(&as_refs(&small_build(id)));
+        finalize_expecting(&cfg, SITE, id, &[], 0);
+    }
+    let records = journal(&site.root);
+    let seq = records.last().and_then(|r| r["seq"].as_u64()).unwrap();
+    let trial = serde_json::json!({"seq": seq + 1, "at": "2026-01-01T00:00:00Z", "op": "trial",
+        "release": "v1", "previous": "v2", "rollback": true});
+    let mut text = fs::read_to_string(site.root.join(".release-keeper/journal")).unwrap();
+    text.push_str(&format!("{trial}\n"));
+    fs::write(site.root.join(".release-keeper/journal"), text).unwrap();
+
+    let mut svc = start(&cfg);
+    assert_eq!(site.current_id().as_deref(), Some("v2"), "nothing switched");
+    assert!(
+        svc.log_text()
+            .contains("closed the interrupted rollback to v1"),
+        "heal.repaired says a rollback was closed:\n{}",
+        svc.log_text()
+    );
+    let last = journal(&site.root).last().cloned().unwrap_or_default();
+    assert_eq!(last["op"], "trial_closed", "{last}");
+    assert_eq!(last["release"], "v1", "{last}");
+    let status = stdout_json(&cli(&cfg, &["status", SITE, "--json"]));
+    assert_eq!(
+        status["previous"], "v1",
+        "v1 is still the rollback target: {status}"
+    );
+    svc.stop();
+    let out = cli(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "rollback after the closed trial");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+}
+
+/// A `rollback` whose switch of `current` fails (here an immutable site root: the new
+/// link cannot be made beside `current`) fails, with its trial closed at once, so no
+/// healing pass later takes it for a crash, and nothing else changed.
+#[test]
+fn rollback_whose_switch_fails_closes_its_trial_and_changes_nothing() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    for id in ["v1", "v2"] {
+        site.stage_upload(&as_refs(&small_build(id)));
+        finalize_expecting(&cfg, SITE, id, &[], 0);
+    }
+    let Some(immutable) = Immutable::set(&site.root) else {
+        eprintln!("skipped: chattr +i needs root and a filesystem that supports it");
+        return;
+    };
+    let out = cli(&cfg, &["rollback", SITE]);
+    drop(immutable);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    let records = journal(&site.root);
+    let ops: Vec<_> = records
+        .iter()
+        .rev()
+        .take(2)
+        .map(|r| r["op"].clone())
+        .collect();
+    assert_eq!(ops, ["trial_closed", "trial"], "{records:?}");
+    let status = stdout_json(&cli(&cfg, &["status", SITE, "--json"]));
+    assert_eq!(status["previous"], "v1", "{status}");
+    let heal = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&heal, "heal --dry-run");
+    assert!(
+        !String::from_utf8_lossy(&heal.stdout).contains("interrupted"),
+        "no trial left for healing: {}",
+        String::from_utf8_lossy(&heal.stdout)
+    );
+    assert_ok(
+        &cli(&cfg, &["rollback", SITE]),
+        "rollback once the root is writable",
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+}
+
 /// Undoes `chattr +i` on a path when the test ends, whatever happens.
 struct Immutable(PathBuf);
 

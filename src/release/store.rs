@@ -34,8 +34,7 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
     },
-    /// `current` is about to be switched to `release` (or, for a rollback, has just been);
-    /// the verdict is pending.
+    /// `current` is about to be switched to `release`; the verdict is pending.
     Trial {
         /// Release id.
         release: String,
@@ -66,6 +65,15 @@ pub enum Op {
         release: String,
         /// The release now current.
         to: String,
+        /// Why.
+        reason: String,
+    },
+    /// An open trial ended with nothing switched: `current` never named `release` (a
+    /// rollback interrupted, or whose swap failed, before the switch). The state is as it
+    /// was before the trial; `release` is not stepped past.
+    TrialClosed {
+        /// The release of the trial.
+        release: String,
         /// Why.
         reason: String,
     },
@@ -266,6 +274,15 @@ impl State {
                 st.history.push(to.clone());
                 st.open_trial = None;
                 st.unfinished_rollback = None;
+            }
+            Op::TrialClosed { release, .. } => {
+                if st
+                    .open_trial
+                    .as_ref()
+                    .is_some_and(|t| t.release == *release)
+                {
+                    st.open_trial = None;
+                }
             }
             Op::Pinned { release } | Op::Unpinned { release } => {
                 if let Some(&i) = st.index.get(release) {
@@ -1166,6 +1183,51 @@ mod tests {
         );
         let st = State::from_records(&[rec(1, fin("b")), rec(2, trial), rec(3, act("b", None))]);
         assert_eq!(st.open_trial, None);
+    }
+
+    #[test]
+    fn a_rollback_trial_closed_before_its_switch_leaves_the_state_as_it_was() {
+        let before = State::from_records(&a_then_b_live([]));
+        let recs = a_then_b_live([
+            rec(
+                5,
+                Op::Trial {
+                    release: "a".into(),
+                    previous: Some("b".into()),
+                    rollback: true,
+                },
+            ),
+            rec(
+                6,
+                Op::TrialClosed {
+                    release: "a".into(),
+                    reason: "interrupted before the switch".into(),
+                },
+            ),
+        ]);
+        let st = State::from_records(&recs);
+        assert_eq!(st.open_trial, None);
+        assert_eq!(st.history, before.history, "no switch recorded");
+        let a = st.get("a").unwrap();
+        assert!(
+            !a.rolled_back && a.failed.is_none(),
+            "a is untouched: {a:?}"
+        );
+        assert_eq!(
+            st.previous_good(Some("b"), |_| true),
+            Some("a".into()),
+            "a is still what a rollback goes back to"
+        );
+        // A close naming another release leaves the open trial alone.
+        let mut other = recs[..5].to_vec();
+        other.push(rec(
+            6,
+            Op::TrialClosed {
+                release: "c".into(),
+                reason: "x".into(),
+            },
+        ));
+        assert!(State::from_records(&other).open_trial.is_some());
     }
 
     #[test]
