@@ -13,6 +13,10 @@ pub struct Cli {
     /// Config file (default: $RELEASE_KEEPER_CONFIG, else /etc/release-keeper/config.toml).
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// One site at DIR, named `default`, with built-in defaults and no config file: for
+    /// `run`, and for the commands on a site (`status`, `list default`, `rollback default`...).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
     /// Log format on stderr (default: journal under systemd, else text).
     #[arg(long, global = true, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -50,12 +54,8 @@ fn wait_duration(s: &str) -> Result<String, String> {
 /// The commands of SPEC.md.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the service in the foreground for every configured site.
-    Run {
-        /// Serve one site at DIR with built-in defaults and no config file.
-        #[arg(long, value_name = "DIR")]
-        root: Option<PathBuf>,
-    },
+    /// Run the service in the foreground for every configured site (or the one --root names).
+    Run,
     /// Show current, previous, releases, pins, failures, drift and the last event per site.
     Status {
         /// Only this site.

@@ -22,8 +22,27 @@ use crate::upload::marker::{self, MarkerSpec};
 use crate::verify;
 
 /// Loads the config named by `--config`, the environment or the default path.
-pub fn load_config(flag: Option<&Path>) -> Result<Config> {
-    Ok(config::load(&config::resolve_path(flag))?)
+pub fn load_config(flag: Option<&Path>, root: Option<&Path>) -> Result<Config> {
+    let Some(root) = root else {
+        return Ok(config::load(&config::resolve_path(flag))?);
+    };
+    // As for `run --root`: an explicit config would be silently ignored, hooks and all.
+    if flag.is_some() {
+        return Err(Error::Usage(
+            "--root DIR is one site with built-in defaults and no config file; it cannot \
+             be combined with --config (drop --root to use the config)"
+                .into(),
+        ));
+    }
+    let root = std::path::absolute(root).at(root)?;
+    let site = crate::service::DEFAULT_SITE;
+    Ok(Config {
+        path: root.clone(),
+        sites: std::collections::BTreeMap::from([(
+            site.to_string(),
+            config::SiteConfig::with_defaults(site, root),
+        )]),
+    })
 }
 
 /// The configured site `name`.
@@ -1016,7 +1035,7 @@ fn program_problem(argv: &[String]) -> Option<String> {
 
 /// `check-config`.
 pub fn check_config(flag: Option<&Path>) -> Result<()> {
-    let cfg = load_config(flag)?;
+    let cfg = load_config(flag, None)?;
     for s in cfg.sites.values() {
         if !s.root.is_dir() {
             tracing::warn!(event = crate::events::SITE_WAITING, site = %s.name, root = %s.root.display(),

@@ -1,6 +1,7 @@
 //! Entry point: parse the command line, set up logging, dispatch, map errors to the exit
 //! codes of SPEC.md (0 ok, 1 failed, 2 usage/config, 75 busy).
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -9,8 +10,16 @@ use release_keeper::{commands, events, service, Error};
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config.as_deref();
+    let root = cli.root.as_deref();
+    if root.is_some() && site_of(&cli.command, root).is_none() {
+        return Err(Error::Usage(
+            "--root DIR names a site for `run` and the commands on a site; this command takes none"
+                .into(),
+        )
+        .into());
+    }
     let result = match &cli.command {
-        Command::Run { root } => service::run(config, root.as_deref()),
+        Command::Run => service::run(config, root),
         Command::Manifest { dir, output } => commands::manifest(
             dir,
             output.as_deref(),
@@ -21,7 +30,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Man { dir } => return Ok(cli::write_man(dir.as_deref())?),
         other => {
             release_keeper::hooks::forward_interrupts();
-            let cfg = commands::load_config(config)?;
+            let cfg = commands::load_config(config, root)?;
             match other {
                 Command::Status { site, json } => commands::status(&cfg, site.as_deref(), *json),
                 Command::List { site, json } => commands::list(&cfg, site, *json),
@@ -61,7 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     wait,
                 } => commands::finalize(&cfg, site, id.as_deref(), *no_activate, &wait.wait),
                 Command::Init { site, owner } => commands::init(&cfg, site, owner.as_deref()),
-                Command::Run { .. }
+                Command::Run
                 | Command::Manifest { .. }
                 | Command::CheckConfig
                 | Command::Completions { .. }
@@ -72,10 +81,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(result?)
 }
 
-/// The site a command is about, if it names one.
-fn site_of(command: &Command) -> Option<&str> {
+/// The site a command is about, if it names one (`root`: `--root` was given).
+fn site_of<'a>(command: &'a Command, root: Option<&Path>) -> Option<&'a str> {
     match command {
-        Command::Status { site, .. } => site.as_deref(),
+        Command::Status { site, .. } => site.as_deref().or(root.map(|_| service::DEFAULT_SITE)),
         Command::List { site, .. }
         | Command::Activate { site, .. }
         | Command::Rollback { site, .. }
@@ -86,9 +95,8 @@ fn site_of(command: &Command) -> Option<&str> {
         | Command::Unpin { site, .. }
         | Command::Finalize { site, .. }
         | Command::Init { site, .. } => Some(site),
-        Command::Run { root: Some(_) } => Some(service::DEFAULT_SITE),
-        Command::Run { root: None }
-        | Command::Manifest { .. }
+        Command::Run => root.map(|_| service::DEFAULT_SITE),
+        Command::Manifest { .. }
         | Command::CheckConfig
         | Command::Completions { .. }
         | Command::Man { .. } => None,
@@ -153,7 +161,9 @@ fn main() -> ExitCode {
     };
     events::init(cli.log_format);
     let json = cli.log_format == Some(events::LogFormat::Json);
-    let site = site_of(&cli.command).unwrap_or("").to_string();
+    let site = site_of(&cli.command, cli.root.as_deref())
+        .unwrap_or("")
+        .to_string();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

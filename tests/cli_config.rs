@@ -557,6 +557,61 @@ fn run_root_without_config_file() {
     );
 }
 
+/// The site `run --root DIR` serves is managed with the same `--root DIR` (no config file
+/// needed for the demo of the quick start either): `status`, `list default`,
+/// `rollback default` work on it, while the service runs. `--root` with `--config`, with a
+/// site other than `default`, or with a command on no site is a usage error (exit 2).
+#[test]
+fn commands_on_the_site_of_run_root_take_the_same_root() {
+    let site = Site::new();
+    let root = site.root.to_str().unwrap().to_string();
+    let mut svc = Service::start_root(&site.root);
+    for id in ["v1", "v2"] {
+        site.deploy(&as_refs(&small_build(id)), &format!("id = \"{id}\"\n"));
+        svc.wait_release_event("release.activated", id);
+    }
+    // Whatever the environment names, --root uses no config file.
+    let env = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_release-keeper"))
+            .args(args)
+            .env("RELEASE_KEEPER_CONFIG", "/nonexistent/config.toml")
+            .output()
+            .unwrap()
+    };
+    let status = stdout_json(&env(&["--root", &root, "status", "--json"]));
+    let doc = status["sites"]
+        .as_array()
+        .and_then(|s| s.first())
+        .cloned()
+        .unwrap_or(status.clone());
+    assert_eq!(doc["current"], "v2", "{status}");
+    assert_eq!(doc["previous"], "v1", "{status}");
+    let list = stdout_json(&env(&["list", "default", "--root", &root, "--json"]));
+    assert_eq!(list["current"], "v2", "{list}");
+    let out = env(&["rollback", "default", "--root", &root]);
+    assert_ok(&out, "rollback default --root DIR");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+
+    let cfg = site.write_config("web", "", "");
+    for (args, says) in [
+        (vec!["list", "shop", "--root", &root], "unknown site"),
+        (
+            vec!["--config", cfg.to_str().unwrap(), "--root", &root, "status"],
+            "--config",
+        ),
+        (vec!["--root", &root, "check-config"], "--root"),
+    ] {
+        let out = env(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{args:?}: {}",
+            show(&out)
+        );
+    }
+    svc.stop();
+}
+
 #[test]
 fn global_options_before_or_after_the_command() {
     let site = Site::new();
