@@ -732,7 +732,7 @@ fn metrics_previous_agrees_with_list_when_current_was_deleted_by_hand() {
     let out = cli(&cfg, &["list", "web", "--json"]);
     assert_ok(&out, "list --json");
     let list = stdout_json(&out);
-    let config = release_keeper::commands::load_config(Some(&cfg)).expect("load the config");
+    let config = release_keeper::commands::load_config(Some(&cfg), None).expect("load the config");
     let rsite = release_keeper::commands::site(&config, "web").expect("the site");
     let journal = Journal::load(&rsite).expect("load the journal");
     let text = release_keeper::metrics::render(&rsite, &journal).expect("render the metrics");
