@@ -553,10 +553,7 @@ fn rollback_killed_during_the_targets_checks_resumes_them_at_the_next_start() {
         b = bad.display()
     );
     let cfg = site.write_config(SITE, "health_retries = 1", &hooks);
-    for id in ["v1", "v2"] {
-        site.stage_upload(&as_refs(&small_build(id)));
-        finalize_expecting(&cfg, SITE, id, &[], 0);
-    }
+    finalize_v1_then_v2(&site, &cfg);
     assert_eq!(site.current_id().as_deref(), Some("v2"));
 
     // v1 has gone bad since; the rollback to it is killed while its checks run.
@@ -637,10 +634,7 @@ fn rollback_killed_during_the_targets_checks_resumes_them_at_the_next_start() {
 fn rollback_interrupted_before_its_switch_is_closed_with_the_target_still_a_rollback_target() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
-    for id in ["v1", "v2"] {
-        site.stage_upload(&as_refs(&small_build(id)));
-        finalize_expecting(&cfg, SITE, id, &[], 0);
-    }
+    finalize_v1_then_v2(&site, &cfg);
     let records = journal(&site.root);
     let seq = records.last().and_then(|r| r["seq"].as_u64()).unwrap();
     let trial = serde_json::json!({"seq": seq + 1, "at": "2026-01-01T00:00:00Z", "op": "trial",
@@ -671,6 +665,14 @@ fn rollback_interrupted_before_its_switch_is_closed_with_the_target_still_a_roll
     assert_eq!(site.current_id().as_deref(), Some("v1"));
 }
 
+/// Makes and activates `v1`, then `v2`, with the CLI.
+fn finalize_v1_then_v2(site: &Site, cfg: &Path) {
+    for id in ["v1", "v2"] {
+        site.stage_upload(&as_refs(&small_build(id)));
+        finalize_expecting(cfg, SITE, id, &[], 0);
+    }
+}
+
 /// A `rollback` whose switch of `current` fails (here an immutable site root: the new
 /// link cannot be made beside `current`) fails, with its trial closed at once, so no
 /// healing pass later takes it for a crash, and nothing else changed.
@@ -678,10 +680,7 @@ fn rollback_interrupted_before_its_switch_is_closed_with_the_target_still_a_roll
 fn rollback_whose_switch_fails_closes_its_trial_and_changes_nothing() {
     let site = Site::new();
     let cfg = site.write_config(SITE, "", "");
-    for id in ["v1", "v2"] {
-        site.stage_upload(&as_refs(&small_build(id)));
-        finalize_expecting(&cfg, SITE, id, &[], 0);
-    }
+    finalize_v1_then_v2(&site, &cfg);
     let Some(immutable) = Immutable::set(&site.root) else {
         eprintln!("skipped: chattr +i needs root and a filesystem that supports it");
         return;
