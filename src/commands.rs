@@ -936,6 +936,7 @@ pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
     let owner = init_owner(owner)?;
     fsops::ensure_dir(site.root(), 0o755)?;
     site.ensure_layout()?;
+    tighten_keeper_dirs(&site)?;
     let Some(user) = owner else {
         return out(&format!(
             "{}: layout ready at {} (uploaders write to {})",
@@ -971,6 +972,35 @@ pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
             .flatten()
             .map_or_else(|| user.gid.to_string(), |g| g.name)
     ))
+}
+
+/// Takes away what no one but the keeper may have on directories made before `init` (by
+/// hand, under another umask): write for group and others on `releases/` (whoever may
+/// write there can rename one release over another and change what `current` serves),
+/// and on `.release-keeper/` and its directories anything beyond 0750 (its journal and
+/// manifests are what healing and drift checks trust). Each change is said.
+fn tighten_keeper_dirs(site: &Site) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = [
+        (site.releases(), 0o022),
+        (site.state(), 0o027),
+        (site.manifests(), 0o027),
+        (site.claims(), 0o027),
+    ];
+    for (dir, taken) in dirs {
+        let meta = std::fs::symlink_metadata(&dir).at(&dir)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.is_dir() && mode & taken != 0 {
+            fsops::set_mode(&dir, mode & !taken)?;
+            out(&format!(
+                "{}: {} was mode {mode:04o}, now {:04o}",
+                site.name(),
+                dir.display(),
+                mode & !taken
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 /// The user service runs as, by default, under the packaged unit (`User=`).

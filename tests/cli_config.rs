@@ -722,6 +722,61 @@ fn init_creates_layout() {
     }
 }
 
+/// A layout made by hand before `init` (here everything 0777) gets from `init` the modes
+/// nobody but the keeper may exceed: `releases/` not writable by group or others (they
+/// could rename one release over another), `.release-keeper/` and its directories at most
+/// 0750. `init` says what it changed, and a second `init` changes nothing.
+#[test]
+fn init_tightens_the_keepers_directories_made_before_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let state = site.root.join(".release-keeper");
+    for d in [
+        site.releases_dir(),
+        state.clone(),
+        state.join("manifests"),
+        state.join("claims"),
+        site.root.join("shared"),
+    ] {
+        fs::create_dir_all(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    fs::set_permissions(site.deploy_cache(), fs::Permissions::from_mode(0o2770)).unwrap();
+    let out = cli(&cfg, &["init", "web"]);
+    assert_ok(&out, "init web");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    for (d, want) in [
+        (site.releases_dir(), 0o755),
+        (state.clone(), 0o750),
+        (state.join("manifests"), 0o750),
+        (state.join("claims"), 0o750),
+    ] {
+        assert_eq!(mode(&d) & 0o7777, want, "{}", d.display());
+        assert!(
+            said.contains(&format!("{} was mode 0777, now {want:04o}", d.display())),
+            "init says what it changed: {said}"
+        );
+    }
+    // What uploaders and the application share is left as the operator set it.
+    assert_eq!(mode(&site.root.join("shared")) & 0o7777, 0o777);
+    if !nix::unistd::geteuid().is_root()
+        || nix::unistd::User::from_name("release-keeper")
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        assert_eq!(mode(&site.deploy_cache()) & 0o7777, 0o2770);
+    }
+    let again = cli(&cfg, &["init", "web"]);
+    assert_ok(&again, "init web again");
+    assert!(
+        !String::from_utf8_lossy(&again.stdout).contains("was mode"),
+        "nothing left to change: {}",
+        show(&again)
+    );
+}
+
 /// `sudo release-keeper init shop`, as the install steps run it: the layout must be
 /// usable by the service's own user (`User=release-keeper`), not owned by root, and
 /// `deploy-cache/` group-writable for the uploaders' group whatever the caller's umask.
