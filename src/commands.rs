@@ -42,6 +42,7 @@ pub fn load_config(flag: Option<&Path>, root: Option<&Path>) -> Result<Config> {
             site.to_string(),
             config::SiteConfig::with_defaults(site, root),
         )]),
+        from_root: true,
     })
 }
 
@@ -265,10 +266,10 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
                 "current": null, "previous": null, "releases": []}));
         }
         return out(&format!(
-            "{}: no releases (root {} does not exist yet; `release-keeper init {}` creates it)",
+            "{}: no releases (root {} does not exist yet; `{}` creates it)",
             site.name(),
             site.root().display(),
-            site.name()
+            cfg.init_command(site.name())
         ));
     }
     let doc = list_doc(&site, &Journal::load(&site)?);
@@ -463,9 +464,9 @@ fn print_status(cfg: &Config, docs: Vec<Value>) -> Result<()> {
                 .map(|c| c.root.display().to_string())
                 .unwrap_or_default();
             out(&format!(
-                "site {}\n  root:     {root} does not exist yet (the service waits for it; `release-keeper init {}` creates it)",
+                "site {}\n  root:     {root} does not exist yet (the service waits for it; `{}` creates it)",
                 d["site"].as_str().unwrap_or(""),
-                d["site"].as_str().unwrap_or(""),
+                cfg.init_command(d["site"].as_str().unwrap_or("")),
             ))?;
             continue;
         }

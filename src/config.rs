@@ -163,6 +163,18 @@ pub struct Config {
     pub path: PathBuf,
     /// All sites from the main file and `sites.d/`, by name.
     pub sites: BTreeMap<String, SiteConfig>,
+    /// Made by `--root DIR` (one site, built-in defaults), not read from `path`.
+    pub from_root: bool,
+}
+
+impl Config {
+    /// The command line that runs `init` for `site` under this configuration.
+    pub fn init_command(&self, site: &str) -> String {
+        match self.sites.get(site).filter(|_| self.from_root) {
+            Some(c) => format!("release-keeper --root {} init {site}", c.root.display()),
+            None => format!("release-keeper init {site}"),
+        }
+    }
 }
 
 /// Why a configuration could not be loaded.
@@ -254,6 +266,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     Ok(Config {
         path: path.to_path_buf(),
         sites: into_configs(sites),
+        from_root: false,
     })
 }
 

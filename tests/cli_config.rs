@@ -592,6 +592,19 @@ fn commands_on_the_site_of_run_root_take_the_same_root() {
     assert_ok(&out, "rollback default --root DIR");
     assert_eq!(site.current_id().as_deref(), Some("v1"));
 
+    // A root not made yet: the hint names the command that makes it, --root and all.
+    let later = site.tmp_path("later");
+    let later = later.to_str().unwrap();
+    let out = env(&["--root", later, "status"]);
+    assert_ok(&out, "status --root of a root not made yet");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!(
+            "`release-keeper --root {later} init default` creates it"
+        )),
+        "{}",
+        show(&out)
+    );
+
     let cfg = site.write_config("web", "", "");
     for (args, says) in [
         (vec!["list", "shop", "--root", &root], "unknown site"),
