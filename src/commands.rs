@@ -874,13 +874,19 @@ pub fn manifest(dir: &Path, output: Option<&Path>, json_logs: bool) -> Result<()
         Err(_) => {}
     }
     let defaults = SiteConfig::with_defaults("manifest", PathBuf::from("/"));
-    let mut names = vec![Path::new(&defaults.manifest), Path::new(&defaults.marker)];
     // `-o DIR/OTHER-NAME` (a site with another `manifest`) or `-o DIR/meta/sums`: a re-run
     // must not list the previous output, whose hash is stale by the time it is rewritten.
-    let own = output
-        .filter(|p| *p != Path::new("-"))
-        .and_then(|p| inside(dir, p));
-    names.extend(own.as_deref());
+    let own = match output {
+        None => Some(PathBuf::from(&defaults.manifest)),
+        Some(p) if p == Path::new("-") => None,
+        Some(p) => inside(dir, p),
+    };
+    // The output is the build's manifest; written elsewhere (stdout, another directory),
+    // a `SHA256SUMS` in the build is taken for the stale one of an earlier run. With the
+    // output in the build under another name, a `SHA256SUMS` there is a file of the build
+    // like any other, which a site whose `manifest` is that other name wants listed.
+    let mut names = vec![Path::new(&defaults.marker)];
+    names.push(own.as_deref().unwrap_or(Path::new(&defaults.manifest)));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut buf = Vec::new();
     let written = manifest::write_for_dir(dir, &names, &mut buf, threads)

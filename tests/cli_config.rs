@@ -1040,6 +1040,56 @@ fn manifest_output_in_a_subdirectory_of_the_build_does_not_list_itself() {
     );
 }
 
+/// A site with `manifest = "CHECKSUMS"` whose build holds a file named `SHA256SUMS` (a
+/// vendored list, say): `manifest build -o build/CHECKSUMS` lists that file like any other,
+/// and the upload is accepted. It used to be left out as if it were a stale manifest, and
+/// the keeper then rejected the upload for a file its manifest did not list.
+#[test]
+fn manifest_into_the_build_under_another_name_lists_a_sha256sums_of_the_build() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(
+        &build,
+        &[
+            ("index.html", b"x\n" as &[u8]),
+            ("SHA256SUMS", b"vendored\n"),
+        ],
+    );
+    let out_file = build.join("CHECKSUMS");
+    let out = cli_raw(&[
+        "manifest",
+        build.to_str().unwrap(),
+        "-o",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_ok(&out, "manifest DIR -o DIR/CHECKSUMS");
+    let text = fs::read_to_string(&out_file).unwrap();
+    assert!(text.contains("  SHA256SUMS\n"), "{text}");
+    assert!(
+        !text.contains("  CHECKSUMS\n"),
+        "the output never lists itself: {text}"
+    );
+    let cfg = site.write_config("web", "manifest = \"CHECKSUMS\"", "");
+    let built: Vec<(String, Vec<u8>)> = ["index.html", "SHA256SUMS", "CHECKSUMS"]
+        .iter()
+        .map(|n| (n.to_string(), fs::read(build.join(n)).unwrap()))
+        .collect();
+    let files: Vec<(&str, &[u8])> = built
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    write_tree(&site.deploy_cache(), &files);
+    finalize_expecting(&cfg, "web", "v1", &[], 0);
+    // Written to stdout, a SHA256SUMS in the build is still taken for a stale manifest.
+    let out = cli_raw(&["manifest", build.to_str().unwrap(), "-o", "-"]);
+    assert_ok(&out, "manifest DIR -o -");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("  SHA256SUMS"),
+        "{}",
+        show(&out)
+    );
+}
+
 /// `-o` into a directory that does not exist fails naming the path the user gave, not the
 /// temporary name the file is written under first.
 #[test]
