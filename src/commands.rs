@@ -34,7 +34,14 @@ pub fn load_config(flag: Option<&Path>, root: Option<&Path>) -> Result<Config> {
                 .into(),
         ));
     }
-    let root = std::path::absolute(root).at(root)?;
+    let abs = std::path::absolute(root).at(root)?;
+    if let Some(why) = config::root_not_a_directory(&abs) {
+        return Err(Error::Usage(format!(
+            "--root {}: {why}; give a site's root directory",
+            root.display()
+        )));
+    }
+    let root = abs;
     let site = crate::service::DEFAULT_SITE;
     Ok(Config {
         path: root.clone(),

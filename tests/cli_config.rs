@@ -613,6 +613,10 @@ fn commands_on_the_site_of_run_root_take_the_same_root() {
             "--config",
         ),
         (vec!["--root", &root, "check-config"], "--root"),
+        (
+            vec!["--root", cfg.to_str().unwrap(), "status"],
+            "is not a directory",
+        ),
     ] {
         let out = env(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
