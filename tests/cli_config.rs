@@ -980,12 +980,7 @@ fn manifest_command_with_output_file_and_odd_names() {
         ],
     );
     let out_file = site.tmp_path("sums.txt");
-    let out = cli_raw(&[
-        "manifest",
-        build.to_str().unwrap(),
-        "-o",
-        out_file.to_str().unwrap(),
-    ]);
+    let out = manifest_into(&build, &out_file);
     assert_ok(&out, "manifest DIR -o FILE");
     assert!(out_file.is_file(), "-o FILE is written");
     assert!(
@@ -998,6 +993,16 @@ fn manifest_command_with_output_file_and_odd_names() {
     );
 }
 
+/// `release-keeper manifest BUILD -o OUT`.
+fn manifest_into(build: &Path, out: &Path) -> std::process::Output {
+    cli_raw(&[
+        "manifest",
+        build.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ])
+}
+
 /// Runs `manifest build -o build/<out>` twice (a CI job re-run) and checks the output
 /// never lists itself, which would make `sha256sum -c` fail on its stale hash.
 fn manifest_twice_into_the_build(out: &str, files: &[(&str, &[u8])]) {
@@ -1006,12 +1011,7 @@ fn manifest_twice_into_the_build(out: &str, files: &[(&str, &[u8])]) {
     write_tree(&build, files);
     let out_file = build.join(out);
     for run in 1..=2 {
-        let result = cli_raw(&[
-            "manifest",
-            build.to_str().unwrap(),
-            "-o",
-            out_file.to_str().unwrap(),
-        ]);
+        let result = manifest_into(&build, &out_file);
         assert_ok(&result, &format!("manifest DIR -o DIR/{out} (run {run})"));
         let counted = format!("({} file", files.len());
         assert!(
@@ -1060,12 +1060,7 @@ fn manifest_into_the_build_under_another_name_lists_a_sha256sums_of_the_build() 
         ],
     );
     let out_file = build.join("CHECKSUMS");
-    let out = cli_raw(&[
-        "manifest",
-        build.to_str().unwrap(),
-        "-o",
-        out_file.to_str().unwrap(),
-    ]);
+    let out = manifest_into(&build, &out_file);
     assert_ok(&out, "manifest DIR -o DIR/CHECKSUMS");
     let text = fs::read_to_string(&out_file).unwrap();
     assert!(text.contains("  SHA256SUMS\n"), "{text}");
@@ -1102,12 +1097,7 @@ fn manifest_output_error_names_the_given_path() {
     let build = site.tmp_path("build");
     write_tree(&build, &[("index.html", b"x\n" as &[u8])]);
     let target = site.tmp_path("no/such/dir/SHA256SUMS");
-    let out = cli_raw(&[
-        "manifest",
-        build.to_str().unwrap(),
-        "-o",
-        target.to_str().unwrap(),
-    ]);
+    let out = manifest_into(&build, &target);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
