@@ -21,36 +21,13 @@ use crate::upload::manifest;
 use crate::upload::marker::{self, MarkerSpec};
 use crate::verify;
 
-/// Loads the config named by `--config`, the environment or the default path.
+/// Loads the config named by `--config`, the environment or the default path; with
+/// `--root DIR` (`root`), the one site it stands for.
 pub fn load_config(flag: Option<&Path>, root: Option<&Path>) -> Result<Config> {
-    let Some(root) = root else {
-        return Ok(config::load(&config::resolve_path(flag))?);
-    };
-    // As for `run --root`: an explicit config would be silently ignored, hooks and all.
-    if flag.is_some() {
-        return Err(Error::Usage(
-            "--root DIR is one site with built-in defaults and no config file; it cannot \
-             be combined with --config (drop --root to use the config)"
-                .into(),
-        ));
+    match root {
+        Some(root) => crate::service::root_config(root, flag),
+        None => Ok(config::load(&config::resolve_path(flag))?),
     }
-    let abs = std::path::absolute(root).at(root)?;
-    if let Some(why) = config::root_not_a_directory(&abs) {
-        return Err(Error::Usage(format!(
-            "--root {}: {why}; give a site's root directory",
-            root.display()
-        )));
-    }
-    let root = abs;
-    let site = crate::service::DEFAULT_SITE;
-    Ok(Config {
-        path: root.clone(),
-        sites: std::collections::BTreeMap::from([(
-            site.to_string(),
-            config::SiteConfig::with_defaults(site, root),
-        )]),
-        from_root: true,
-    })
 }
 
 /// The configured site `name`.

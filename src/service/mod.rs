@@ -27,27 +27,53 @@ pub const DEFAULT_SITE: &str = "default";
 enum Source {
     /// A config file (reloadable).
     Config(PathBuf),
-    /// `run --root DIR`: one site, built-in defaults.
-    Root(PathBuf),
+    /// `run --root DIR`: one site, built-in defaults ([`root_config`]).
+    Root(config::Config),
 }
 
 impl Source {
     fn load(&self) -> Result<BTreeMap<String, Site>> {
-        match self {
-            Source::Config(path) => {
-                let cfg = config::load(path)?;
-                Ok(cfg
-                    .sites
-                    .into_iter()
-                    .map(|(n, c)| (n, Site::new(c)))
-                    .collect())
-            }
-            Source::Root(root) => {
-                let cfg = SiteConfig::with_defaults(DEFAULT_SITE, root.clone());
-                Ok(BTreeMap::from([(DEFAULT_SITE.to_string(), Site::new(cfg))]))
-            }
-        }
+        let cfg = match self {
+            Source::Config(path) => config::load(path)?,
+            Source::Root(cfg) => cfg.clone(),
+        };
+        Ok(cfg
+            .sites
+            .into_iter()
+            .map(|(n, c)| (n, Site::new(c)))
+            .collect())
     }
+}
+
+/// The one site `--root DIR` stands for, for `run` and for the commands on a site: named
+/// [`DEFAULT_SITE`], built-in defaults, no config file. An explicit `--config`
+/// (`config_flag`) beside it is refused: silently ignoring it would run deploys without
+/// the hooks and health check the operator configured there. (RELEASE_KEEPER_CONFIG is
+/// ambient, e.g. set for the unit, and stays ignored.) A DIR that is a file is a wrong
+/// argument (exit 2), as a config `root` that is not a directory is.
+pub fn root_config(root: &Path, config_flag: Option<&Path>) -> Result<config::Config> {
+    if config_flag.is_some() {
+        return Err(Error::Usage(
+            "--root DIR serves one site with built-in defaults and no config file; it \
+             cannot be combined with --config (drop --root to use the config)"
+                .into(),
+        ));
+    }
+    let abs = std::path::absolute(root).at(root)?;
+    if let Some(why) = config::root_not_a_directory(&abs) {
+        return Err(Error::Usage(format!(
+            "--root {}: {why}; give a site's root directory, or a path to create",
+            root.display()
+        )));
+    }
+    Ok(config::Config {
+        path: abs.clone(),
+        sites: BTreeMap::from([(
+            DEFAULT_SITE.to_string(),
+            SiteConfig::with_defaults(DEFAULT_SITE, abs),
+        )]),
+        from_root: true,
+    })
 }
 
 static STATUS: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
@@ -81,29 +107,10 @@ fn forget_status(name: &str) {
 /// Runs the service until SIGTERM/SIGINT.
 pub fn run(config_flag: Option<&Path>, root: Option<&Path>) -> Result<()> {
     let source = match root {
-        // Silently ignoring an explicit config would run deploys without the hooks and
-        // health check the operator configured. (RELEASE_KEEPER_CONFIG is ambient, e.g.
-        // set for the unit, and stays ignored by --root.)
-        Some(_) if config_flag.is_some() => {
-            return Err(Error::Usage(
-                "run --root serves one site with built-in defaults and no config file; \
-                 it cannot be combined with --config (drop --root to use the config)"
-                    .into(),
-            ))
-        }
         Some(r) => {
-            let abs = std::path::absolute(r).at(r)?;
-            // A bad argument, like a config `root` that is not a directory (exit 2), not
-            // an operation that failed.
-            if config::root_not_a_directory(&abs).is_some() {
-                return Err(Error::Usage(format!(
-                    "run --root {}: a file is in the way, not a directory; give a site's \
-                     root directory, or a path to create",
-                    r.display()
-                )));
-            }
-            fsops::ensure_dir(&abs, 0o755)?;
-            Source::Root(abs)
+            let cfg = root_config(r, config_flag)?;
+            fsops::ensure_dir(&cfg.path, 0o755)?;
+            Source::Root(cfg)
         }
         None => Source::Config(config::resolve_path(config_flag)),
     };
