@@ -649,55 +649,44 @@ fn record_rollback(
     Ok(())
 }
 
-/// What a trial is of, for messages: "activation of" a release, or "rollback to" it.
-pub fn trial_kind(rollback: bool) -> &'static str {
-    match rollback {
-        true => "rollback to",
-        false => "activation of",
-    }
-}
-
 /// Resolves a trial interrupted by a crash: resumed (checks re-run) when `current` points
 /// at the release under trial; closed as not activated when the swap never happened.
-pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<String>> {
-    let Some(OpenTrial {
-        release: id,
-        previous,
-        rollback,
-    }) = journal.state().open_trial.clone()
-    else {
+/// Returns the trial it resolved.
+pub fn resume_trial(site: &Site, journal: &mut Journal) -> Result<Option<OpenTrial>> {
+    let Some(open) = journal.state().open_trial.clone() else {
         return Ok(None);
     };
-    let what = trial_kind(rollback);
-    if site.current_id().as_deref() == Some(id.as_str()) {
+    let (id, previous) = (open.release.as_str(), open.previous.as_deref());
+    let what = open.what();
+    if site.current_id().as_deref() == Some(id) {
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
-            what = %format!("resumed the interrupted {what} {id}"),
+            what = %format!("resumed the {what}"),
             reason = "interrupted trial: checks re-run", "resuming trial");
-        if rollback {
-            let _ = rollback_verdict(site, journal, previous.as_deref(), &id, Instant::now())?;
+        if open.rollback {
+            let _ = rollback_verdict(site, journal, previous, id, Instant::now())?;
         } else {
-            let _ = trial(site, journal, &id, previous.as_deref(), Instant::now());
+            let _ = trial(site, journal, id, previous, Instant::now());
         }
-    } else if rollback {
+    } else if open.rollback {
         // The release rolled back to stays what it was: good, a rollback target.
         journal.append(Op::TrialClosed {
-            release: id.clone(),
+            release: id.to_string(),
             reason: "interrupted before the switch".into(),
         })?;
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
-            what = %format!("closed the interrupted {what} {id}"),
+            what = %format!("closed the {what}"),
             reason = "interrupted before the switch; current not switched", "trial closed");
     } else {
         journal.append(Op::RolledBack {
-            release: id.clone(),
+            release: id.to_string(),
             to: site.current_id().unwrap_or_default(),
             reason: "interrupted before the switch".into(),
         })?;
         tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), release = %id,
-            what = %format!("closed the interrupted {what} {id}"),
+            what = %format!("closed the {what}"),
             reason = "interrupted before the switch; not activated", "trial closed");
     }
-    Ok(Some(id))
+    Ok(Some(open))
 }
 
 #[cfg(test)]

@@ -426,16 +426,9 @@ fn heal_pass(
     heal_trash(site, journal, dry_run, listings, &mut out, &mut repair)?;
 
     if !dry_run {
-        let kind = activate::trial_kind(
-            journal
-                .state()
-                .open_trial
-                .as_ref()
-                .is_some_and(|t| t.rollback),
-        );
-        if let Some(id) = activate::resume_trial(site, journal)? {
+        if let Some(t) = activate::resume_trial(site, journal)? {
             out.repairs.push(Repair {
-                what: format!("resolved the interrupted {kind} {id}"),
+                what: format!("resolved the {}", t.what()),
                 why: "crash between the switch and the health verdict".into(),
             });
         }
@@ -449,11 +442,7 @@ fn heal_pass(
         }
     } else if let Some(t) = &journal.state().open_trial {
         out.repairs.push(Repair {
-            what: format!(
-                "resolve the interrupted {} {}",
-                activate::trial_kind(t.rollback),
-                t.release
-            ),
+            what: format!("resolve the {}", t.what()),
             why: "crash between the switch and the health verdict".into(),
         });
     } else if let Some((id, _)) = &journal.state().unfinished_rollback {

@@ -157,6 +157,18 @@ pub struct OpenTrial {
     pub rollback: bool,
 }
 
+impl OpenTrial {
+    /// What it is, for messages: "interrupted activation of ID" or "interrupted rollback
+    /// to ID".
+    pub fn what(&self) -> String {
+        let kind = match self.rollback {
+            true => "rollback to",
+            false => "activation of",
+        };
+        format!("interrupted {kind} {}", self.release)
+    }
+}
+
 /// The state derived from the journal.
 #[derive(Debug, Clone, Default)]
 pub struct State {
@@ -193,6 +205,13 @@ impl State {
     pub fn push(&mut self, rec: &Record) {
         self.apply(rec);
         self.last = Some(rec.clone());
+    }
+
+    /// Whether the open trial, if any, is `release`'s.
+    fn trial_of(&self, release: &str) -> bool {
+        self.open_trial
+            .as_ref()
+            .is_some_and(|t| t.release == release)
     }
 
     /// Replays one record, except for `last`.
@@ -253,11 +272,7 @@ impl State {
                     st.releases[i].failed = Some((reason.clone(), rec.at.clone()));
                     st.releases[i].failed_seq = rec.seq;
                 }
-                if st
-                    .open_trial
-                    .as_ref()
-                    .is_some_and(|t| t.release == *release)
-                {
+                if st.trial_of(release) {
                     st.unfinished_rollback = st.open_trial.take().map(|t| (t.release, t.previous));
                 }
             }
@@ -276,11 +291,7 @@ impl State {
                 st.unfinished_rollback = None;
             }
             Op::TrialClosed { release, .. } => {
-                if st
-                    .open_trial
-                    .as_ref()
-                    .is_some_and(|t| t.release == *release)
-                {
+                if st.trial_of(release) {
                     st.open_trial = None;
                 }
             }
