@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
+use rustix::fs::FileType;
 
 use crate::error::{Error, IoContext, Result};
 use crate::upload::lookahead::{self, ListError, Lookahead, Slot};
@@ -190,8 +191,9 @@ impl<'a> ColdCheck<'a> {
     }
 }
 
-/// A directory entry's name and, when `getdents` tells it, its type.
-type Listed = (OsString, Option<nix::dir::Type>);
+/// A directory entry's name and the type `getdents` told (`Unknown` where the filesystem
+/// does not say: the caller must `stat`).
+type Listed = (OsString, FileType);
 
 /// Sorted names of the directory open at `fd`, without `.`, `..` and (at depth 0) `skip_top`.
 /// Read with `getdents64` straight from `fd`: a `DIR` stream would cost a `dup`, an
@@ -208,7 +210,7 @@ fn list(fd: &OwnedFd, here: &Path, depth: usize, skip_top: &[&OsStr]) -> Result<
         if name == "." || name == ".." || (depth == 0 && skip_top.contains(&name)) {
             continue;
         }
-        names.push((name.to_os_string(), dirent_type(entry.file_type())));
+        names.push((name.to_os_string(), entry.file_type()));
     }
     // Sorted so that output, manifests and errors are deterministic.
     names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -217,23 +219,6 @@ fn list(fd: &OwnedFd, here: &Path, depth: usize, skip_top: &[&OsStr]) -> Result<
 
 /// Bytes read per `getdents64`: room for hundreds of entries, and for any one name.
 const LIST_BUF: usize = 32 * 1024;
-
-/// The type `getdents64` reported; `None` when the filesystem does not say (`DT_UNKNOWN`),
-/// and the caller must `stat`.
-fn dirent_type(t: rustix::fs::FileType) -> Option<nix::dir::Type> {
-    use nix::dir::Type;
-    use rustix::fs::FileType as F;
-    Some(match t {
-        F::RegularFile => Type::File,
-        F::Directory => Type::Directory,
-        F::Symlink => Type::Symlink,
-        F::Fifo => Type::Fifo,
-        F::Socket => Type::Socket,
-        F::CharacterDevice => Type::CharacterDevice,
-        F::BlockDevice => Type::BlockDevice,
-        F::Unknown => return None,
-    })
-}
 
 /// One walk: its root, the helpers listing directories ahead of it, and the visitor.
 struct Walk<'a, 'v> {
@@ -258,7 +243,7 @@ impl Walk<'_, '_> {
         let mut dirs = names
             .iter()
             .enumerate()
-            .filter(|(_, (_, kind))| *kind == Some(nix::dir::Type::Directory))
+            .filter(|(_, (_, kind))| *kind == FileType::Directory)
             .map(|(i, _)| i)
             .peekable();
         let mut window: VecDeque<(usize, Arc<Slot<Vec<Listed>>>)> = VecDeque::new();
@@ -304,11 +289,11 @@ impl Walk<'_, '_> {
         rel: &Path,
         depth: usize,
         name: &OsStr,
-        kind: Option<nix::dir::Type>,
+        kind: FileType,
         slot: Option<&Slot<Vec<Listed>>>,
     ) -> Result<()> {
         let child_rel = rel.join(name);
-        if kind == Some(nix::dir::Type::File) {
+        if kind == FileType::RegularFile {
             return (self.visit)(Found {
                 rel: child_rel,
                 depth,
@@ -432,9 +417,9 @@ fn names_dir(
     for (name, kind) in list(fd, &root.join(&rel), depth, skip_top)? {
         let child_rel = rel.join(&name);
         let is_a_dir = match kind {
-            Some(t) => t == nix::dir::Type::Directory,
-            None => fstatat(fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            FileType::Unknown => fstatat(fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
                 .is_ok_and(|s| is_dir(s.st_mode)),
+            t => t == FileType::Directory,
         };
         visit(&child_rel, is_a_dir)?;
         if is_a_dir && depth < MAX_DEPTH {
@@ -552,21 +537,19 @@ mod tests {
         assert!(3000 * (long.len() + 24) > 2 * LIST_BUF);
         assert_eq!(listed.len(), 3003);
         assert!(listed.windows(2).all(|w| w[0].0 < w[1].0), "sorted");
-        let kind = |n: &str| {
-            listed
-                .iter()
-                .find(|(name, _)| name == n)
-                .and_then(|(_, k)| *k)
-        };
-        use nix::dir::Type;
-        // Whatever the filesystem does not type (`DT_UNKNOWN`) is `None`, and stat'ed.
+        let kind = |n: &str| listed.iter().find(|(name, _)| name == n).map(|(_, k)| *k);
+        // Whatever the filesystem does not type (`DT_UNKNOWN`) is `Unknown`, and stat'ed.
         for (name, want) in [
-            ("sub", Type::Directory),
-            ("to-sub", Type::Symlink),
-            ("fifo", Type::Fifo),
-            (&*format!("{long}02999"), Type::File),
+            ("sub", FileType::Directory),
+            ("to-sub", FileType::Symlink),
+            ("fifo", FileType::Fifo),
+            (&*format!("{long}02999"), FileType::RegularFile),
         ] {
-            assert!(kind(name).is_none() || kind(name) == Some(want), "{name}");
+            let got = kind(name);
+            assert!(
+                got == Some(FileType::Unknown) || got == Some(want),
+                "{name}: {got:?}"
+            );
         }
         // The walk sees each entry once, whatever the listing's reads.
         let seen = walked(t.path(), |_| false);
