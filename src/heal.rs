@@ -571,11 +571,13 @@ fn heal_pass(
             marker::Pending::Resolved(_, claim) => {
                 redone.insert(claim.id.clone());
                 (
-                    format!(
-                        "{} the upload of release {}",
-                        verb("redoing", "redo"),
-                        claim.id
-                    ),
+                    finalized_claim_work(journal, claim, &verb).unwrap_or_else(|| {
+                        format!(
+                            "{} the upload of release {}",
+                            verb("redoing", "redo"),
+                            claim.id
+                        )
+                    }),
                     Some(claim.id.as_str()),
                 )
             }
@@ -672,6 +674,31 @@ fn heal_pass(
         }
     }
     Ok(out)
+}
+
+/// What the pipeline does with a claim whose release was finalized and journaled before
+/// the interruption: it is not rebuilt, only activated if it still awaits its activation,
+/// else the claim is closed. `None` for a claim whose upload is redone from scratch.
+fn finalized_claim_work(
+    journal: &Journal,
+    claim: &marker::Claim,
+    verb: &dyn Fn(&str, &str) -> String,
+) -> Option<String> {
+    let release = journal.state().get(&claim.id).filter(|_| claim.finalized)?;
+    let undecided = release.failed.is_none() && !release.activated;
+    Some(if claim.activate && undecided {
+        format!(
+            "{} release {}, finalized before the interruption (not rebuilt)",
+            verb("activating", "activate"),
+            claim.id
+        )
+    } else {
+        format!(
+            "{} the claim of release {}, finalized before the interruption (not rebuilt)",
+            verb("closing", "close"),
+            claim.id
+        )
+    })
 }
 
 /// Recreates missing shared directories (a missing shared *file* is only reported). Only

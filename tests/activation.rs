@@ -399,6 +399,15 @@ fn crash_during_trial(passes_after_restart: bool) {
         "heal.repaired without what or reason:\n{}",
         svc.log_text()
     );
+    // The claim's release was finalized before the crash: healing closes the claim and
+    // says so; it never claims to redo an upload nothing rebuilds.
+    assert!(
+        repaired.iter().any(|e| e["what"]
+            == "closing the claim of release v2, finalized before the interruption (not rebuilt)")
+            && !svc.log_text().contains("redoing the upload"),
+        "heal.repaired for v2's claim:\n{}",
+        svc.log_text()
+    );
     // The claim of v2 is done: a later restart changes nothing.
     svc.stop();
     let mut svc = Service::start_config(&cfg);

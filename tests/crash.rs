@@ -457,8 +457,21 @@ fn crash_in_before_activate_of_the_first_release_redoes_the_activation() {
         "no current before the restart"
     );
 
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert!(
+        output_text(&out)
+            .contains("activate release v1, finalized before the interruption (not rebuilt)"),
+        "{}",
+        show(&out)
+    );
     let mut svc = start(&cfg);
     svc.wait_release_event("release.activated", "v1");
+    assert!(
+        svc.events("heal.repaired").iter().any(|e| e["what"]
+            == "activating release v1, finalized before the interruption (not rebuilt)"),
+        "{}",
+        svc.log_text()
+    );
     assert!(
         svc.events_for("release.already_current", "v1").is_empty(),
         "the redo must activate v1, not find it made current by healing"
