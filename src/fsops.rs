@@ -11,6 +11,10 @@
 //!   `current`), then the parent directory is fsynced so the rename survives a power loss.
 //! - `.release-keeper/trash/<id>.<n>`: a release being deleted. It leaves `releases/` by
 //!   one rename first, so a half-deleted tree never looks like a release.
+//! - `.release-keeper/changes`: the time spans in which the keeper linked or unlinked
+//!   release files (`release::changes`), appended without a sync: a span lost in a crash
+//!   only makes files look edited by hand, so the next build copies them instead of
+//!   sharing them.
 //!
 //! Order of durability for anything the next step depends on: file data (fsync, or one
 //! `syncfs` for a whole tree), then the rename, then an fsync of the parent directory.

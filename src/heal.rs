@@ -34,6 +34,7 @@ use crate::activate;
 use crate::error::{IoContext, Result};
 use crate::events;
 use crate::fsops::{self, Listing, Listings};
+use crate::release::changes;
 use crate::release::store::{self, Journal, Op};
 use crate::site::{self, Site};
 use crate::upload::marker;
@@ -387,7 +388,7 @@ fn heal_pass(
             continue;
         }
         if !dry_run {
-            fsops::trash_and_remove(&p, &site.trash())?;
+            changes::recorded(site, || fsops::trash_and_remove(&p, &site.trash()))?;
         }
         repair(
             format!("{} {}", verb("removed", "remove"), p.display()),
@@ -826,7 +827,7 @@ fn heal_trash(
             }
         }
         if !dry_run {
-            if let Err(e) = fsops::remove_tree(&path) {
+            if let Err(e) = changes::recorded(site, || fsops::remove_tree(&path)) {
                 // One stubborn tree (an immutable file, one owned by someone else) must not
                 // stop the pass before `current` is looked at; it stays out of
                 // `releases/` and the next pass tries again.

@@ -24,6 +24,7 @@ use crate::clock;
 use crate::error::{Error, Result};
 use crate::events;
 use crate::fsops;
+use crate::release::changes::{self, Changes};
 use crate::release::finalize::{self, Expected, LinkSource};
 use crate::release::retention;
 use crate::release::store::{self, Journal, Op};
@@ -359,6 +360,12 @@ fn reject_then_drop(
     Ok(outcome)
 }
 
+/// Removes the partial tree of release `id`: its files may be links to earlier releases'
+/// files, whose ctime the removal moves, so it is one of the keeper's recorded changes.
+fn remove_partial(site: &Site, id: &str) -> Result<()> {
+    changes::recorded(site, || fsops::remove_tree(&site.partial(id)))
+}
+
 /// A fresh timestamp id, suffixed `-2`, `-3` when taken.
 fn generated_id(site: &Site, journal: &Journal) -> String {
     let base = clock::Utc::now().release_id();
@@ -438,7 +445,7 @@ fn process(
     let outcome = match outcome {
         Err(Error::Interrupted) => {
             // The claim stays: the upload is redone at the next start.
-            let _ = fsops::remove_tree(&site.partial(&claim.id));
+            let _ = remove_partial(site, &claim.id);
             Err(Error::Interrupted)
         }
         Err(Error::Rejected(reason)) => {
@@ -448,7 +455,7 @@ fn process(
             reject_then_drop(site, &mut journal, &path, Some(&claim.id), &e.to_string())
         }
         Err(e) if e.is_no_space() || keeper_denied(site, &e) => {
-            let _ = fsops::remove_tree(&site.partial(&claim.id));
+            let _ = remove_partial(site, &claim.id);
             // The message names the cause: an operator told "not enough space" about a
             // read-only mount or a wrong owner looks at the wrong thing.
             let (reason, message) = if e.is_no_space() {
@@ -479,7 +486,7 @@ fn process(
             // Not the upload's fault (I/O, disk full): reported as a rejection so the
             // uploader sees it; the claim is dropped (once the rejection is recorded) so a
             // broken disk does not loop.
-            let _ = fsops::remove_tree(&site.partial(&claim.id));
+            let _ = remove_partial(site, &claim.id);
             reject_then_drop(site, &mut journal, &path, Some(&claim.id), &e.to_string())
         }
         Ok(o) => {
@@ -626,13 +633,17 @@ fn process_claim(
     if on_disk && existing.is_none() {
         if store::has_manifest(site, id) {
             // Renamed into place but not journaled before a crash: ours, redo it.
-            fsops::trash_and_remove(&site.release(id), &site.trash())?;
+            changes::recorded(site, || {
+                fsops::trash_and_remove(&site.release(id), &site.trash())
+            })?;
         } else {
             return Err(Error::Rejected(format!(
                 "releases/{id} already exists and was not made by release-keeper"
             )));
         }
     }
+
+    let known_changes = Changes::load(site);
 
     // The build stops at the first file that still looks in flight; then the upload is
     // waited for (by cheap listings, up to upload_timeout) and the build starts over.
@@ -642,14 +653,20 @@ fn process_claim(
         // does not list are the reason then, not an "empty" upload.
         lists_none = manifest.as_ref().is_some_and(|m| m.entries.is_empty());
         let files = manifest.as_ref().map(|m| m.entries.len());
+        // Each attempt is its own span: the waits between them change no release.
+        let window = changes::Window::open(site);
+        let own_changes = known_changes.clone().with_open(window.start());
         let input = finalize::Input {
             site,
             id,
             link_from: link_from.as_ref(),
+            changes: &own_changes,
             cancel,
             durability: finalize::Durability::for_upload(files, fsops::unwritten_bytes()),
         };
-        match finalize::build(&input, manifest) {
+        let attempt = finalize::build(&input, manifest);
+        drop(window);
+        match attempt {
             Err(Error::InFlight(name)) => {
                 if Instant::now() >= deadline {
                     return Err(Error::Rejected(format!(
@@ -671,7 +688,7 @@ fn process_claim(
     // An emptied deploy-cache/ with a marker (a build step that produced nothing) must
     // not replace the live site by an empty release (or one of its manifest alone).
     if built.files == 0 || lists_none {
-        fsops::remove_tree(&site.partial(id))?;
+        remove_partial(site, id)?;
         return Err(Error::Rejected(if lists_none {
             format!("the upload is empty: {} lists no files", site.cfg.manifest)
         } else {
@@ -682,7 +699,7 @@ fn process_claim(
     if existing.is_some() && on_disk {
         let stored = store::read_release_manifest(site, id)?;
         let entries = built.entries()?;
-        fsops::remove_tree(&site.partial(id))?;
+        remove_partial(site, id)?;
         if store::same_content(&stored, &entries) {
             // Staged by an earlier marker and never tried since: this marker's
             // `activate = true` is the uploader asking for it live, which a no-op would

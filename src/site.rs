@@ -114,6 +114,11 @@ impl Site {
         self.state().join("hashcache")
     }
 
+    /// The spans of the keeper's own changes to release inodes (`release::changes`).
+    pub fn changes_log(&self) -> PathBuf {
+        self.state().join("changes")
+    }
+
     /// The last verify result, shown by `status`.
     pub fn drift_file(&self) -> PathBuf {
         self.state().join("drift.json")

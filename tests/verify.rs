@@ -356,6 +356,25 @@ fn an_edit_keeping_size_and_mode_is_not_linked_even_before_a_drift_check() {
     edit_v1_then_finalize_v2(true, |_, edited| flip_byte(edited));
 }
 
+/// An edit in place that keeps the size and the mode and sets the mtime back (`touch -r`,
+/// `cp -p`), before any drift check: only the ctime, which nothing can set back, tells it
+/// from an intact file. The keeper records when it changed release inodes itself, so a
+/// ctime outside those spans keeps the file from being shared.
+#[test]
+fn an_edit_that_sets_the_mtime_back_is_not_linked_even_before_a_drift_check() {
+    edit_v1_then_finalize_v2(true, |_, edited| {
+        let mtime = fs::metadata(edited).unwrap().modified().unwrap();
+        // Clear of the keeper's spans (and their slack of a clock tick) on both sides, as
+        // a hand edit between two deploys is.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        flip_byte(edited);
+        let f = fs::File::options().write(true).open(edited).unwrap();
+        f.set_modified(mtime).unwrap();
+        assert_eq!(fs::metadata(edited).unwrap().modified().unwrap(), mtime);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    });
+}
+
 /// A release made by an older version has no mtimes in its stored manifest: its files are
 /// still shared (checked by type, mode and size as before), and the new release's manifest
 /// records them.

@@ -38,6 +38,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsops::{self, AtomicWriter};
+use crate::release::changes::Changes;
 use crate::release::hashcache::{self, HashCache, StatKey};
 use crate::release::ordered::Merge;
 use crate::release::store::{self, Entry, Kind, Mtime};
@@ -168,6 +169,9 @@ pub struct Input<'a> {
     pub id: &'a str,
     /// An earlier release to hard-link unchanged files from.
     pub link_from: Option<&'a LinkSource>,
+    /// The keeper's own changes to release inodes: a file of `link_from` changed since
+    /// by anyone else is not shared.
+    pub changes: &'a Changes,
     /// Set on shutdown: stop and undo.
     pub cancel: &'a AtomicBool,
     /// How the finished tree is made durable.
@@ -1209,9 +1213,9 @@ fn link_into(
     let no_follow = AtFlags::empty();
     // The earlier release's manifest says what its file was when it was made; what is on
     // disk now may have been edited since (drift). Only a file that still has the recorded
-    // type, mode, size and mtime is shared: an edited file must not spread into a new
-    // release (an edit in place keeps the size as often as not, never the mtime, unless
-    // whoever made it also set the mtime back). Nor is the upload's own inode.
+    // type, mode, size and mtime, and was last changed by the keeper itself (its ctime,
+    // which an edit that sets the mtime back still moves), is shared: an edited file must
+    // not spread into a new release. Nor is the upload's own inode.
     let intact = |st: nix::Result<FileStat>, recorded: Option<Mtime>| {
         let st = st.ok()?;
         let mtime = Mtime::of(&st);
@@ -1219,8 +1223,9 @@ fn link_into(
             && st.st_mode & 0o7777 == want.mode
             && st.st_size as u64 == want.size
             && recorded.is_none_or(|r| r == mtime)
-            && (st.st_dev, st.st_ino) != (upload.st_dev, upload.st_ino))
-            .then_some(mtime)
+            && (st.st_dev, st.st_ino) != (upload.st_dev, upload.st_ino)
+            && input.changes.explains(&st))
+        .then_some(mtime)
     };
     let linked = match (same_path, ctx.prev()) {
         (Some(p), Some(prev)) if p.what == *want => {
@@ -1450,6 +1455,7 @@ mod tests {
             site,
             id,
             link_from: None,
+            changes: &Changes::default(),
             cancel: &cancel,
             durability,
         };

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use crate::error::Result;
 use crate::events;
 use crate::fsops;
+use crate::release::changes;
 use crate::release::store::{self, Journal, Op, State};
 use crate::site::Site;
 
@@ -106,7 +107,9 @@ pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
             release: d.id.clone(),
         })?;
         let _ = std::fs::remove_file(site.manifest_of(&d.id));
-        if let Err(e) = fsops::at_idle_io(|| fsops::remove_tree(&trashed)) {
+        let removed =
+            changes::recorded(site, || fsops::at_idle_io(|| fsops::remove_tree(&trashed)));
+        if let Err(e) = removed {
             tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %d.id, reason = %e,
                 "pruned release left the releases/ directory but could not be removed fully; healing retries");
         }
