@@ -441,9 +441,12 @@ fn parse_line(raw: &[u8], line: usize, zero: bool) -> Result<Option<Line<'_>>, M
         (hex, name_sep.strip_suffix(BSD_SEP).ok_or_else(malformed)?)
     } else {
         let (hex, rest) = s.split_at_checked(64).ok_or_else(malformed)?;
+        // A second space or a `*` is the mode; anything else after one space starts the
+        // name, as `sha256sum -c` reads such a line.
         let name = rest
             .strip_prefix(b"  ")
-            .or_else(|| rest.strip_prefix(b" *"));
+            .or_else(|| rest.strip_prefix(b" *"))
+            .or_else(|| rest.strip_prefix(b" "));
         (hex, name.ok_or_else(malformed)?)
     };
     let digest = from_hex(hex).ok_or_else(malformed)?;
@@ -1000,9 +1003,20 @@ SHA256 (c d) = 1111111111111111111111111111111111111111111111111111111111111111\
     }
 
     #[test]
+    fn a_line_with_one_space_is_read_as_sha256sum_reads_it() {
+        let text = format!("{A} one\n{E}   spaced\n{A} *bin\n");
+        let m = parse(text.as_bytes()).unwrap();
+        assert_eq!(m.get(b"one"), Some(d(A)));
+        // The second space is the mode, the third starts the name (` spaced`).
+        assert_eq!(m.get(b" spaced"), Some(d(E)));
+        assert_eq!(m.get(b"bin"), Some(d(A)));
+        assert_eq!(m.len(), 3);
+        assert!(err(&format!("{A} \n")).starts_with("line 1:"));
+    }
+
+    #[test]
     fn malformed_lines_name_their_line() {
         for bad in [
-            format!("{A} a"),                    // one space
             format!("{A}\ta"),                   // tab
             format!("{}  a", &A[..63]),          // short hex
             format!("{A}{A}  a"),                // sha512 length
