@@ -669,9 +669,17 @@ fn process_claim(
         match attempt {
             Err(Error::InFlight(name)) => {
                 if Instant::now() >= deadline {
+                    // Every such file, as `upload.waiting` named them: the build stopped
+                    // at the first.
+                    let listed = read_manifest(site, id, false)?.map(|m| m.entries);
+                    let mut busy = in_flight(site, listed.as_ref())?;
+                    if busy.is_empty() {
+                        busy.push(name);
+                    }
                     return Err(Error::Rejected(format!(
-                        "files still in flight after upload_timeout = {}: {name}",
-                        clock::format_duration(site.cfg.upload_timeout)
+                        "files still in flight after upload_timeout = {}: {}",
+                        clock::format_duration(site.cfg.upload_timeout),
+                        busy.join(", ")
                     )));
                 }
                 // Stamped before it is read: a change in between is read again.

@@ -524,17 +524,19 @@ fn in_flight_upload_is_rejected_after_upload_timeout() {
     let site = Site::new();
     let (_cfg, mut svc) = start_with_v1(&site, "upload_timeout = \"1s\"");
     site.stage_upload(&as_refs(&small_build("v2")));
-    write_tree(
-        &site.deploy_cache(),
-        &[("assets/video.mp4.filepart", b"half")],
-    );
+    let busy = ["assets/video.mp4.filepart", ".a.Xy12Zq", "d/big.part"];
+    write_tree(&site.deploy_cache(), &busy.map(|p| (p, b"half" as &[u8])));
     site.drop_marker("id = \"v2\"\n");
     let ev = svc.wait_event(
         "release.rejected",
         |v| release_of(v).is_none_or(|r| r == "v2"),
         Duration::from_secs(15),
     );
-    assert!(!reason_of(&ev).is_empty(), "{ev}");
+    let reason = reason_of(&ev);
+    assert!(
+        reason.contains("after upload_timeout") && busy.iter().all(|p| reason.contains(p)),
+        "the rejection names every file still in flight, as upload.waiting did: {ev}"
+    );
     assert_eq!(site.current_id().as_deref(), Some("v1"));
     assert_eq!(site.release_ids(), ["v1"]);
     svc.stop();
