@@ -21,7 +21,7 @@ use crate::site::Site;
 /// Options of an activation.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
-    /// Allow activating a release that failed before.
+    /// Allow activating a release that failed before, or whose last verify found drift.
     pub force: bool,
 }
 
@@ -189,6 +189,7 @@ fn activate_once(site: &Site, journal: &mut Journal, id: &str, opts: Options) ->
     let Switch::From(previous) = switch_to(site, state, site.current_id(), id) else {
         return Ok(false);
     };
+    refuse_drifted(site, id, opts.force)?;
     current_replaceable(site)?;
     let started = Instant::now();
     let env = hook_env(site, id, previous.as_deref());
@@ -256,6 +257,30 @@ fn switch_to(site: &Site, state: &State, link: Option<String>, id: &str) -> Swit
         return Switch::AlreadyCurrent;
     }
     Switch::From(state.switched_from(id, exists))
+}
+
+/// Refuses a switch to release `id` while its last verify found drift, unless `force`:
+/// drift detection exists so that a release no longer matching what was uploaded (a hand
+/// edit, an added file) does not go live unnoticed, and a switch is the moment it would.
+/// Checked before any hook runs; only the last check of `id` itself counts, so a clean
+/// `verify SITE ID` lifts the refusal.
+fn refuse_drifted(site: &Site, id: &str, force: bool) -> Result<()> {
+    let Some(report) = crate::verify::drifted(site, id) else {
+        return Ok(());
+    };
+    if !force {
+        return Err(crate::verify::refusal(site, &report));
+    }
+    tracing::warn!(
+        event = events::DRIFT_OVERRIDDEN,
+        site = site.name(),
+        release = id,
+        checked = %report.checked,
+        count = report.drift.len(),
+        paths = %report.drift.join("; "),
+        "switching to a release whose last verify found drift (--force)"
+    );
+    Ok(())
 }
 
 /// Refuses a switch while `current` is a real file or directory rather than a symlink:
@@ -496,30 +521,64 @@ pub struct Rollback {
     /// was switched, no hook ran). True, with hooks and checks run, when `current` had been
     /// pointed at `to` by hand.
     pub switched: bool,
+    /// The previous good release a plain rollback passed over because its last verify
+    /// found drift.
+    pub skipped: Option<String>,
 }
 
-/// Rolls `current` back to the previous good release (or `to`). Runs `after_activate` and
-/// the health check on the target; a target that fails them is marked failed and, with
-/// `auto_rollback`, `current` returns to the release it was rolled back from. Drift is
-/// then seen to as after [`activate`].
-pub fn rollback(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
-    let result = rollback_once(site, journal, to);
+/// Rolls `current` back to the previous good release (or `to`). A release whose last
+/// verify found drift is refused as a target unless `force`; without `to`, the previous
+/// good release that has not drifted is chosen. Runs `after_activate` and the health check
+/// on the target; a target that fails them is marked failed and, with `auto_rollback`,
+/// `current` returns to the release it was rolled back from. Drift is then seen to as
+/// after [`activate`].
+pub fn rollback(
+    site: &Site,
+    journal: &mut Journal,
+    to: Option<&str>,
+    force: bool,
+) -> Result<Rollback> {
+    let result = rollback_once(site, journal, to, force);
     crate::verify::recheck_after_switch(site);
     result
 }
 
-fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result<Rollback> {
+fn rollback_once(
+    site: &Site,
+    journal: &mut Journal,
+    to: Option<&str>,
+    force: bool,
+) -> Result<Rollback> {
     let state = journal.state();
     let link = site.current_id();
-    let (_, previous) = state.current_and_previous(link.clone(), |r| site.release(r).is_dir());
+    let exists = |r: &str| site.release(r).is_dir();
+    let (current, previous) = state.current_and_previous(link.clone(), exists);
+    let mut skipped = None;
     let target = match to {
         Some(t) => t.to_string(),
-        None => previous.ok_or_else(|| {
-            Error::Failed(format!(
-                "site {}: no previous good release to roll back to",
-                site.name()
-            ))
-        })?,
+        None => {
+            let previous = previous.ok_or_else(|| {
+                Error::Failed(format!(
+                    "site {}: no previous good release to roll back to",
+                    site.name()
+                ))
+            })?;
+            // A plain rollback means "back to the last good state": a release known to
+            // have drifted is not that, so an older clean one is chosen by the same rules.
+            // When every candidate has drifted, `previous` is kept and refused below.
+            let clean = |r: &str| exists(r) && crate::verify::drifted(site, r).is_none();
+            match state.previous_good(current.as_deref(), clean) {
+                Some(c) if !force && c != previous => {
+                    tracing::warn!(event = events::DRIFT_SKIPPED, site = site.name(),
+                        release = %previous, to = %c,
+                        reason = "its last verify found drift",
+                        "rollback passes over a drifted release");
+                    skipped = Some(previous);
+                    c
+                }
+                _ => previous,
+            }
+        }
     };
     let info = state.get(&target).ok_or_else(|| site.no_release(&target))?;
     if let Some((reason, _)) = &info.failed {
@@ -550,8 +609,10 @@ fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result
         return Ok(Rollback {
             to: target,
             switched: false,
+            skipped,
         });
     };
+    refuse_drifted(site, &target, force)?;
     current_replaceable(site)?;
     let started = Instant::now();
     // Recorded as an open trial before the switch, and as a rollback only after the
@@ -577,6 +638,7 @@ fn rollback_once(site: &Site, journal: &mut Journal, to: Option<&str>) -> Result
     Ok(Rollback {
         to: target,
         switched: true,
+        skipped,
     })
 }
 

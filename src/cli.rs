@@ -78,7 +78,7 @@ pub enum Command {
         site: String,
         /// Release id.
         id: String,
-        /// Allow a release that failed before.
+        /// Allow a release that failed before, or whose last verify found drift.
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -91,6 +91,10 @@ pub enum Command {
         /// Target release.
         #[arg(long, value_name = "ID")]
         to: Option<String>,
+        /// Allow a target whose last verify found drift (a plain rollback then no longer
+        /// passes over a drifted previous release).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         wait: Wait,
     },

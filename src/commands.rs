@@ -507,15 +507,28 @@ fn is_failed(journal: &Journal, id: &str) -> bool {
     journal.state().get(id).is_some_and(|r| r.failed.is_some())
 }
 
-/// `rollback SITE [--to ID]`.
-pub fn rollback(cfg: &Config, name: &str, to: Option<&str>, wait: &Option<String>) -> Result<()> {
+/// `rollback SITE [--to ID] [--force]`.
+pub fn rollback(
+    cfg: &Config,
+    name: &str,
+    to: Option<&str>,
+    force: bool,
+    wait: &Option<String>,
+) -> Result<()> {
     if let Some(t) = to {
         usage_id(t)?;
     }
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
-    let done = activate::rollback(&site, &mut journal, to)?;
+    let done = activate::rollback(&site, &mut journal, to, force)?;
+    if let Some(s) = &done.skipped {
+        out(&format!(
+            "{}: skipped release {s}: its last verify found drift (`rollback --to {s} --force` \
+             goes there anyway)",
+            site.name()
+        ))?;
+    }
     if done.switched {
         out(&format!(
             "{}: rolled back, current -> {}",
@@ -574,10 +587,12 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
             }
             Err(e) => return Err(e),
         };
+        // Every release's result is kept (activations refuse a drifted one, and a clean
+        // re-check lifts that); only the current release's is what `status` shows.
         if current.as_deref() == Some(i.as_str()) {
             verify::record(&site, &report)?;
         } else {
-            verify::log_drift(&site, &report);
+            verify::record_release(&site, &report)?;
         }
         reports.push(report);
     }

@@ -49,6 +49,22 @@ pub enum Error {
     /// An operation failed or found a problem (hook, health check, drift, refusal).
     #[error("{0}")]
     Failed(String),
+    /// A switch to a release refused because its last verify found drift.
+    #[error("release {release} has drifted from its stored manifest: `verify` at {checked} found {count} changed {} ({paths}); \
+        restore it and run `release-keeper verify {site} {release}` again (a clean check lifts this refusal), \
+        or pass --force to switch to it as it is", if *count == 1 { "path" } else { "paths" })]
+    Drifted {
+        /// Site name.
+        site: String,
+        /// The drifted release.
+        release: String,
+        /// RFC 3339 time of the check that found the drift.
+        checked: String,
+        /// How many paths drifted.
+        count: usize,
+        /// The first drifted paths, then "and N more".
+        paths: String,
+    },
     /// Not enough free space for a release; the upload is retried later.
     #[error("not enough free space: {0}")]
     NoSpace(String),

@@ -57,6 +57,11 @@ pub const HOOK_SUCCEEDED: &str = "hook.succeeded";
 pub const RELEASE_STAYS_CURRENT: &str = "release.stays_current";
 /// An activation asked for the release that is already current.
 pub const RELEASE_ALREADY_CURRENT: &str = "release.already_current";
+/// A switch to a release whose last verify found drift went ahead: `--force` was given.
+pub const DRIFT_OVERRIDDEN: &str = "drift.overridden";
+/// A plain rollback or healing passed over a release whose last verify found drift for
+/// an older clean one.
+pub const DRIFT_SKIPPED: &str = "drift.skipped";
 /// Healing found something it must not repair itself; an operator should look.
 pub const HEAL_REPORTED: &str = "heal.reported";
 /// A site's root does not exist yet; the service waits for it.

@@ -814,6 +814,7 @@ fn heal_trash(
                         release: id.to_string(),
                     })?;
                     let _ = fs::remove_file(site.manifest_of(id));
+                    crate::verify::forget(site, id);
                 }
                 repair(
                     format!(

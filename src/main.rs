@@ -40,9 +40,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     force,
                     wait,
                 } => commands::activate(&cfg, site, id, *force, &wait.wait),
-                Command::Rollback { site, to, wait } => {
-                    commands::rollback(&cfg, site, to.as_deref(), &wait.wait)
-                }
+                Command::Rollback {
+                    site,
+                    to,
+                    force,
+                    wait,
+                } => commands::rollback(&cfg, site, to.as_deref(), *force, &wait.wait),
                 Command::Verify {
                     site,
                     id,

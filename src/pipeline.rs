@@ -46,7 +46,8 @@ pub enum Outcome {
     Activated(String),
     /// Rejected, with the reason.
     Rejected(String),
-    /// Finalized but activation failed (hook or health check); the reason.
+    /// Finalized but activation failed (hook or health check) or was refused (drift); the
+    /// reason.
     ActivationFailed(String, String),
     /// Not enough space: the claim stays and is retried on the next heal pass or marker.
     Deferred(String),
@@ -800,6 +801,11 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
                 Err(Error::Failed(reason)) => {
                     outcome = Outcome::ActivationFailed(id.to_string(), reason);
                 }
+                // A staged release re-uploaded to activate it whose files on disk were
+                // found drifted since: the upload matches, what would go live does not.
+                Err(e @ Error::Drifted { .. }) => {
+                    outcome = Outcome::ActivationFailed(id.to_string(), e.to_string());
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -822,14 +828,11 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
 fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
     let state = journal.state();
     let current = site.current_id();
-    let drifted = crate::verify::last(site)
-        .filter(|r| !r.drift.is_empty())
-        .map(|r| r.release);
     let candidates = current
         .into_iter()
         .chain(state.live_newest_first().map(|r| r.id.clone()));
     for id in candidates {
-        if drifted.as_deref() == Some(id.as_str()) {
+        if crate::verify::drifted(site, &id).is_some() {
             tracing::debug!(site = site.name(), release = %id, "not a source of hard links: it has drifted");
             continue;
         }

@@ -124,6 +124,16 @@ impl Site {
         self.state().join("drift.json")
     }
 
+    /// Directory of the last verify result of each release.
+    pub fn drift_dir(&self) -> PathBuf {
+        self.state().join("drift")
+    }
+
+    /// The last verify result of release `id`.
+    pub fn drift_of(&self, id: &str) -> PathBuf {
+        self.drift_dir().join(format!("{id}.json"))
+    }
+
     /// The list of `shared` entries that are files (so healing never turns a missing
     /// `.env` into a directory).
     pub fn shared_files_list(&self) -> PathBuf {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -167,28 +167,53 @@ pub fn log_drift(site: &Site, report: &Report) {
     }
 }
 
-/// Stores the latest result for `status`, then logs `drift.detected` for a report with
-/// drift: in that order, so whoever reacts to the event (an alert, an operator running
-/// `status`) finds the drift already shown.
+/// Stores the result of a check of the current release: for `status` and as that
+/// release's own record (see [`record_release`]), then logs `drift.detected` for a report
+/// with drift: in that order, so whoever reacts to the event (an alert, an operator
+/// running `status`) finds the drift already shown.
 pub fn record(site: &Site, report: &Report) -> Result<()> {
-    let bytes = serde_json::to_vec(report)
-        .map_err(|e| Error::Failed(format!("cannot encode drift report: {e}")))?;
+    let bytes = encode(report)?;
+    // The release's own record first: it is what activations and healing trust, so a
+    // failure after it leaves `status` behind, never a refusal based on an older check.
+    store_release(site, report, &bytes)?;
     fsops::write_atomic(&site.drift_file(), &bytes)?;
     log_drift(site, report);
     Ok(())
 }
 
-/// After `current` may have switched: when the last check found drift in a release that is
-/// no longer current, re-hashes the one that is and records that, so `status` stops
-/// reporting drift that is no longer live (a deploy or a rollback is how an operator
-/// answers drift) instead of showing it for up to `verify_interval`. Costs nothing
-/// otherwise. Failures are logged: the periodic check retries.
+/// Stores the result of a check of any release as that release's last check (what
+/// [`drifted`] answers from), without touching what `status` shows, then logs
+/// `drift.detected` for a report with drift.
+pub fn record_release(site: &Site, report: &Report) -> Result<()> {
+    store_release(site, report, &encode(report)?)?;
+    log_drift(site, report);
+    Ok(())
+}
+
+fn encode(report: &Report) -> Result<Vec<u8>> {
+    serde_json::to_vec(report)
+        .map_err(|e| Error::Failed(format!("cannot encode drift report: {e}")))
+}
+
+fn store_release(site: &Site, report: &Report, bytes: &[u8]) -> Result<()> {
+    fsops::ensure_dir(&site.drift_dir(), 0o750)?;
+    fsops::write_atomic(&site.drift_of(&report.release), bytes)
+}
+
+/// After `current` may have switched: when the last check shown by `status` is of another
+/// release and either found drift (a deploy or a rollback is how an operator answers
+/// drift: `status` must stop reporting drift that is no longer live) or the new current
+/// release is known to have drifted (a forced switch to it: `status` must show that drift
+/// now, not after up to `verify_interval`), re-hashes the current release and records
+/// that. Costs nothing otherwise. Failures are logged: the periodic check retries.
 pub fn recheck_after_switch(site: &Site) {
     let Some(current) = site.current_id() else {
         return;
     };
     match last(site) {
         Some(r) if r.release != current && !r.drift.is_empty() => {}
+        Some(r) if r.release != current && drifted(site, &current).is_some() => {}
+        None if drifted(site, &current).is_some() => {}
         _ => return,
     }
     let result = verify_release(site, &current).and_then(|r| record(site, &r));
@@ -198,8 +223,99 @@ pub fn recheck_after_switch(site: &Site) {
     }
 }
 
-/// The last stored verify result, if any.
+/// The last stored verify result of the current release, as `status` shows it.
 pub fn last(site: &Site) -> Option<Report> {
-    let bytes = fs::read(site.drift_file()).ok()?;
+    read_report(&site.drift_file())
+}
+
+/// The last stored verify result of release `id`, if it is about the release on disk now.
+/// Checks made before per-release records existed are found in `status`'s record when
+/// it names `id`.
+pub fn last_of(site: &Site, id: &str) -> Option<Report> {
+    let own = site.drift_of(id);
+    let (path, report) = match read_report(&own) {
+        Some(r) if r.release == id => (own, r),
+        Some(_) => return None,
+        None => {
+            let shared = site.drift_file();
+            let r = read_report(&shared).filter(|r| r.release == id)?;
+            (shared, r)
+        }
+    };
+    // An id can come back after its release was pruned (an explicit id in a marker): a
+    // record written before the stored manifest of the release now on disk is about the
+    // old one.
+    let written = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (written(&path), written(&site.manifest_of(id))) {
+        (Some(checked), Some(made)) if checked < made => None,
+        _ => Some(report),
+    }
+}
+
+/// The last stored verify result of release `id` when it found drift: a release known to
+/// differ from its manifest, which activations refuse and healing avoids. A later clean
+/// check of `id` clears it.
+pub fn drifted(site: &Site, id: &str) -> Option<Report> {
+    last_of(site, id).filter(|r| !r.drift.is_empty())
+}
+
+/// Forgets the record of release `id` (pruned: a later release may take its id).
+pub fn forget(site: &Site, id: &str) {
+    let _ = fs::remove_file(site.drift_of(id));
+}
+
+fn read_report(path: &Path) -> Option<Report> {
+    let bytes = fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// How many drifted paths [`refusal`] names before "and N more".
+const SHOWN_PATHS: usize = 3;
+
+/// The paths of a drift report as a refusal shows them: the first few, then how many more.
+pub fn summarize(paths: &[String]) -> String {
+    let mut s = paths
+        .iter()
+        .take(SHOWN_PATHS)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if paths.len() > SHOWN_PATHS {
+        s.push_str(&format!(" and {} more", paths.len() - SHOWN_PATHS));
+    }
+    s
+}
+
+/// The error for a switch to release `report.release` refused because of its drift.
+pub fn refusal(site: &Site, report: &Report) -> Error {
+    Error::Drifted {
+        site: site.name().to_string(),
+        release: report.release.clone(),
+        checked: report.checked.clone(),
+        count: report.drift.len(),
+        paths: summarize(&report.drift),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_a_few_paths_then_counts_the_rest() {
+        let paths = |n: usize| {
+            (1..=n)
+                .map(|i| format!("f{i}: missing"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(summarize(&paths(1)), "f1: missing");
+        assert_eq!(
+            summarize(&paths(3)),
+            "f1: missing; f2: missing; f3: missing"
+        );
+        assert_eq!(
+            summarize(&paths(5)),
+            "f1: missing; f2: missing; f3: missing and 2 more"
+        );
+    }
 }

@@ -462,6 +462,10 @@ fn a_deployed_release_clears_the_drift_of_the_one_it_replaced() {
     svc.stop();
 
     // The same after a rollback, the other answer to drift: v2 tampered with, back to v1.
+    // v1 is restored and checked first: a release whose last check found drift is no
+    // rollback target.
+    flip_byte(&site.release("v1").join("docs/readme.txt"));
+    assert_clean(&cfg, &["v1"]);
     flip_byte(&site.release("v2").join("docs/readme.txt"));
     let out = cli(&cfg, &["verify", SITE]);
     assert_eq!(out.status.code(), Some(1), "drift in v2; {}", show(&out));
@@ -518,4 +522,212 @@ fn a_release_directory_swapped_for_a_symlink_is_drift() {
     fs::remove_dir_all(&r).unwrap();
     std::os::unix::fs::symlink(&copy, &r).unwrap();
     assert_drift(&cfg, &["v2"], ".", "symlink");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Switching to a release known to have drifted
+// ---------------------------------------------------------------------------------------------
+
+/// Releases `ids` made live in turn by `finalize` (no service): the last one is current.
+/// Only `index.html` and `assets/app.js` differ between them (the rest is hard-linked), so
+/// a test editing one of those edits that release alone.
+fn live_releases(ids: &[&str]) -> (Site, PathBuf) {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    for id in ids {
+        site.stage_upload(&as_refs(&build(id)));
+        assert_ok(&cli(&cfg, &["finalize", SITE, "--id", id]), id);
+    }
+    (site, cfg)
+}
+
+/// Asserts `out` is a refusal (exit 1) of release `id` for drift that names the release,
+/// the drifted `path`, when the drift was found and both ways forward.
+fn assert_refused_for_drift(out: &std::process::Output, id: &str, path: &str) {
+    let text = output_text(out);
+    assert_eq!(out.status.code(), Some(1), "refused; {}", show(out));
+    for want in [
+        format!("release {id} has drifted"),
+        path.to_string(),
+        "`verify` at 20".to_string(),
+        format!("release-keeper verify {SITE} {id}"),
+        "--force".to_string(),
+    ] {
+        assert!(
+            text.contains(&want),
+            "the refusal says {want:?}; {}",
+            show(out)
+        );
+    }
+}
+
+/// The bug: `verify` found drift in an old release, yet `rollback --to` put it live and
+/// exited 0. A switch to a release whose last check found drift is refused (exit 1,
+/// `current` untouched) unless `--force` is given.
+#[test]
+fn rollback_to_a_release_verify_found_drifted_is_refused_unless_forced() {
+    let (site, cfg) = live_releases(&["v1", "v2", "v3"]);
+    flip_byte(&site.release("v1").join("index.html"));
+    assert_drift(&cfg, &["v1"], "index.html", "content");
+
+    let out = cli(&cfg, &["rollback", SITE, "--to", "v1"]);
+    assert_refused_for_drift(&out, "v1", "index.html: content changed");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v3"),
+        "current unchanged"
+    );
+
+    let out = cli(
+        &cfg,
+        &[
+            "--log-format",
+            "json",
+            "rollback",
+            SITE,
+            "--to",
+            "v1",
+            "--force",
+        ],
+    );
+    assert_ok(&out, "rollback --to v1 --force");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|e| e["event"] == "drift.overridden" && e["release"] == "v1"),
+        "the forced switch is logged; {}",
+        show(&out)
+    );
+    // `status` shows the drift now live at once, not after `verify_interval`.
+    let v = stdout_json(&cli(&cfg, &["status", SITE, "--json"]));
+    let s = find_site_obj(&v, SITE, "drift").unwrap_or_else(|| panic!("no drift: {v}"));
+    assert_eq!(s["drift"]["release"], "v1", "{v}");
+    assert_eq!(s["drift"]["paths"].as_array().map(Vec::len), Some(1), "{v}");
+}
+
+/// Only the last check of the release itself counts: a clean check of another release
+/// (the current one) leaves the refusal, and so does restoring the file without a new
+/// check; a clean `verify SITE ID` of the restored release lifts it.
+#[test]
+fn a_clean_verify_of_the_restored_release_lifts_the_refusal() {
+    let (site, cfg) = live_releases(&["v1", "v2", "v3"]);
+    let edited = site.release("v1").join("index.html");
+    flip_byte(&edited);
+    assert_drift(&cfg, &["v1"], "index.html", "content");
+    assert_clean(&cfg, &[]);
+    assert_clean(&cfg, &["v2"]);
+    let out = cli(&cfg, &["rollback", SITE, "--to", "v1"]);
+    assert_refused_for_drift(&out, "v1", "index.html");
+
+    flip_byte(&edited);
+    let out = cli(&cfg, &["rollback", SITE, "--to", "v1"]);
+    assert_refused_for_drift(&out, "v1", "index.html");
+    assert_eq!(site.current_id().as_deref(), Some("v3"));
+
+    assert_clean(&cfg, &["v1"]);
+    assert_ok(
+        &cli(&cfg, &["rollback", SITE, "--to", "v1"]),
+        "rollback --to v1",
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+}
+
+/// `activate` refuses a drifted release as `rollback --to` does (a staged one here, never
+/// live), listing a few paths and counting the rest; `--force` overrides, and a clean
+/// re-check lifts the refusal.
+#[test]
+fn activate_refuses_a_drifted_release_unless_forced() {
+    let (site, cfg) = live_releases(&["v1"]);
+    for id in ["v2", "v3"] {
+        site.stage_upload(&as_refs(&build(id)));
+        assert_ok(
+            &cli(&cfg, &["finalize", SITE, "--id", id, "--no-activate"]),
+            id,
+        );
+    }
+    let r = site.release("v2");
+    flip_byte(&r.join("index.html"));
+    let app = r.join("assets/app.js");
+    fs::set_permissions(&app, fs::Permissions::from_mode(0o644)).unwrap();
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        let added = r.join(name);
+        in_writable_dir(&added, || fs::write(&added, b"added").unwrap());
+    }
+    let (code, _, shown) = verify(&cfg, &["v2"]);
+    assert_eq!(code, Some(1), "5 drifted paths; {shown}");
+
+    let out = cli(&cfg, &["activate", SITE, "v2"]);
+    assert_refused_for_drift(&out, "v2", "a.txt: not in the release's manifest");
+    let text = output_text(&out);
+    assert!(
+        text.contains("5 changed paths") && text.contains("and 2 more"),
+        "a few paths, then how many more; {}",
+        show(&out)
+    );
+    assert!(!text.contains("index.html"), "only the first few: {text}");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "current unchanged"
+    );
+
+    // Another release's drift does not stand in the way of v3.
+    assert_ok(&cli(&cfg, &["activate", SITE, "v3"]), "activate v3");
+    assert_ok(
+        &cli(&cfg, &["activate", SITE, "v2", "--force"]),
+        "activate v2 --force",
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+
+    // Repaired and checked clean: allowed again without --force.
+    assert_ok(&cli(&cfg, &["activate", SITE, "v1"]), "activate v1");
+    flip_byte(&r.join("index.html"));
+    fs::set_permissions(&app, fs::Permissions::from_mode(0o444)).unwrap();
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        let added = r.join(name);
+        in_writable_dir(&added, || fs::remove_file(&added).unwrap());
+    }
+    assert_clean(&cfg, &["v2"]);
+    assert_ok(&cli(&cfg, &["activate", SITE, "v2"]), "activate v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+}
+
+/// A plain `rollback` goes back to the last good state: it passes over a previous release
+/// known to have drifted for the clean one before it, and says so. With no clean release
+/// to go to, it refuses rather than put the drifted one live, unless `--force`.
+#[test]
+fn plain_rollback_passes_over_a_drifted_previous_release() {
+    let (site, cfg) = live_releases(&["v1", "v2", "v3"]);
+    flip_byte(&site.release("v2").join("index.html"));
+    assert_drift(&cfg, &["v2"], "index.html", "content");
+    let out = cli(&cfg, &["rollback", SITE]);
+    assert_ok(&out, "rollback");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "v2 drifted: back to v1; {}",
+        show(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("skipped release v2"),
+        "says which release it passed over; {}",
+        show(&out)
+    );
+
+    let (site, cfg) = live_releases(&["v1", "v2"]);
+    flip_byte(&site.release("v1").join("index.html"));
+    assert_drift(&cfg, &["v1"], "index.html", "content");
+    let out = cli(&cfg, &["rollback", SITE]);
+    assert_refused_for_drift(&out, "v1", "index.html");
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v2"),
+        "current unchanged"
+    );
+    assert_ok(
+        &cli(&cfg, &["rollback", SITE, "--force"]),
+        "rollback --force",
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
 }

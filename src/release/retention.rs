@@ -107,6 +107,7 @@ pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
             release: d.id.clone(),
         })?;
         let _ = std::fs::remove_file(site.manifest_of(&d.id));
+        crate::verify::forget(site, &d.id);
         let removed =
             changes::recorded(site, || fsops::at_idle_io(|| fsops::remove_tree(&trashed)));
         if let Err(e) = removed {
