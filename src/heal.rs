@@ -931,7 +931,45 @@ fn heal_current(
     // Only a release that was activated: one that never was (staged, or a crash while its
     // `before_activate` ran) has not had its hooks and health check, so healing making it
     // current would put it live unchecked; its redone upload activates it properly.
-    let target = keep.or_else(|| state.last_good_activated(exists));
+    // A release known to have drifted is passed over for a clean one; with none left, it
+    // still beats no `current` at all (the site would be down), and is reported.
+    let mut drift_note = None;
+    let target =
+        keep.or_else(|| {
+            let any = state.last_good_activated(exists)?;
+            let clean = |id: &str| exists(id) && crate::verify::drifted(site, id).is_none();
+            match state.last_good_activated(clean) {
+                Some(c) if c != any => {
+                    if !dry_run {
+                        tracing::warn!(event = events::DRIFT_SKIPPED, site = site.name(),
+                        release = %any, to = %c, reason = "its last verify found drift",
+                        "healing passes over a drifted release");
+                    }
+                    drift_note = Some(format!(
+                        " (passed over release {any}: its last verify found drift)"
+                    ));
+                    Some(c)
+                }
+                Some(c) => Some(c),
+                None => {
+                    if let Some(r) = crate::verify::drifted(site, &any) {
+                        out.report(
+                            format!(
+                            "{why}: current {} at release {any}, the only good release that was \
+                             activated, though its last verify ({}) found drift: {}; restore it \
+                             and run `release-keeper verify {} {any}`, or deploy a fixed release",
+                            if dry_run { "would be pointed" } else { "was pointed" },
+                            r.checked,
+                            crate::verify::summarize(&r.drift),
+                            site.name()
+                        ),
+                            Some(&any),
+                        );
+                    }
+                    Some(any)
+                }
+            }
+        });
     let Some(target) = target else {
         if meta.is_some() || !state.history.is_empty() {
             out.report(
@@ -987,10 +1025,11 @@ fn heal_current(
         fsops::swap_symlink(&current, &Site::current_target_for(&target))?;
     }
     let verb = if dry_run { "point" } else { "pointed" };
-    let what = match &switched {
+    let mut what = match &switched {
         Some(from) => format!("{verb} current at releases/{target} (it was at {from})"),
         None => format!("{verb} current at releases/{target}"),
     };
+    what.push_str(drift_note.as_deref().unwrap_or_default());
     repair(what, why, Some(&target), out);
     if let (Some(from), false) = (&switched, dry_run) {
         activate::after_heal_switch(site, &target, from);

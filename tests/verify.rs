@@ -731,3 +731,39 @@ fn plain_rollback_passes_over_a_drifted_previous_release() {
     );
     assert_eq!(site.current_id().as_deref(), Some("v1"));
 }
+
+/// Healing a deleted `current` prefers the last activated release that has not drifted;
+/// when the only one has, it is still made current (a site without `current` is down) and
+/// the drift is reported.
+#[test]
+fn healing_prefers_a_clean_release_but_never_leaves_the_site_without_current() {
+    let (site, cfg) = live_releases(&["v1", "v2"]);
+    flip_byte(&site.release("v2").join("index.html"));
+    assert_drift(&cfg, &[], "index.html", "content");
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{}", show(&out));
+    assert!(
+        output_text(&out).contains("passed over release v2"),
+        "says why not v2; {}",
+        show(&out)
+    );
+
+    let (site, cfg) = live_releases(&["v1"]);
+    flip_byte(&site.release("v1").join("index.html"));
+    assert_drift(&cfg, &[], "index.html", "content");
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["--log-format", "json", "heal", SITE]);
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(1), "a report; {}", show(&out));
+    assert!(
+        stderr_events(&out)
+            .iter()
+            .any(|e| e["event"] == "heal.reported"
+                && e["release"] == "v1"
+                && e["reason"].as_str().is_some_and(|r| r.contains("drift"))),
+        "the drift is reported; {}",
+        show(&out)
+    );
+}
