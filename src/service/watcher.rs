@@ -1,6 +1,9 @@
 //! The only place that knows about inotify. Watches are non-recursive: the marker appears
 //! at the top of `deploy-cache/`, and `current`/links live at the top of the root, so a
-//! 100k-file tree costs two watches, not 100k.
+//! 100k-file tree costs two watches, not 100k. The few directories below the root whose
+//! entries healing recreates (`shared/`, the way to a nested shared entry or link) are
+//! watched for those names leaving only ([`Interest::Gone`]): an app writing its uploads
+//! and caches there never wakes the reader thread.
 //!
 //! Events are hints, never the source of truth: each one only wakes a site's worker (which
 //! sets a flag: many wake-ups before the worker looks are one), and the worker rescans. A
@@ -37,14 +40,53 @@ fn same(a: &Arc<dyn Wake>, b: &Arc<dyn Wake>) -> bool {
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
+/// Which events in a watched directory wake a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interest {
+    /// Only this name (the marker), once it has arrived complete.
+    Marker(OsString),
+    /// Any name created, deleted or renamed, but the keeper's own transient names.
+    Any,
+    /// Only these names leaving (deleted or renamed away, or their directory itself going):
+    /// the entries healing recreates, in a directory others write into.
+    Gone(BTreeSet<OsString>),
+}
+
+impl Interest {
+    /// The marker `name`.
+    pub fn marker(name: &str) -> Interest {
+        Interest::Marker(name.into())
+    }
+
+    /// The inotify events this interest needs delivered.
+    fn mask(&self) -> AddWatchFlags {
+        match self {
+            Interest::Marker(_) | Interest::Any => wake_mask(),
+            // No creations or writes: `shared/` is where the app writes (uploads, caches,
+            // sessions), and those must not wake the reader thread at all.
+            Interest::Gone(_) => gone_mask(),
+        }
+    }
+}
+
 /// Who to wake for events in one watched directory.
 #[derive(Clone)]
 struct Route {
-    /// Only names equal to this wake (the marker); `None`: any name.
-    name: Option<OsString>,
+    /// The events and names that wake.
+    interest: Interest,
     /// The site woken, named in what the watcher logs about it.
     site: Arc<str>,
     wake: Arc<dyn Wake>,
+}
+
+/// The live watch of one directory.
+#[derive(Clone, Copy)]
+struct Live {
+    wd: WatchDescriptor,
+    /// The (device, inode) the path named just before the watch was added.
+    id: (u64, u64),
+    /// The events asked for so far (masks are only ever added to, see [`Watcher::watch`]).
+    mask: AddWatchFlags,
 }
 
 /// Watched directories and their routes, shared with the reader thread.
@@ -54,9 +96,8 @@ struct Table {
     routes: HashMap<PathBuf, Vec<Route>>,
     /// The directory each live watch was added for.
     dirs: HashMap<WatchDescriptor, PathBuf>,
-    /// The live watch of each directory, and the (device, inode) the path named just
-    /// before the watch was added.
-    wds: HashMap<PathBuf, (WatchDescriptor, (u64, u64))>,
+    /// The live watch of each directory.
+    wds: HashMap<PathBuf, Live>,
 }
 
 impl Table {
@@ -77,21 +118,29 @@ impl Table {
             return;
         };
         for rt in list {
-            match &rt.name {
+            match &rt.interest {
                 // Marker: only a finished write or a rename into place announces one. A bare
                 // create may have no content yet, and the marker leaving (claimed by the
                 // keeper, or deleted) is no work: waking for the keeper's own claim
                 // retried a deferred upload at once, racing its cleanup.
-                Some(n) if n == name && kind == Change::Arrived => rt.wake.wake(),
-                Some(n) if n == name && kind == Change::Created && whole_at_birth(dir, name) => {
+                Interest::Marker(n) if n == name && kind == Change::Arrived => rt.wake.wake(),
+                Interest::Marker(n)
+                    if n == name && kind == Change::Created && whole_at_birth(dir, name) =>
+                {
                     rt.wake.wake()
                 }
-                Some(_) => {}
+                Interest::Marker(_) => {}
                 // The keeper's own transient names (a release being built, a link being
                 // swapped) need no healing: waking for them made every build trigger a
                 // heal, and a build deferred for space retry itself in a loop.
-                None if is_own_transient(name) => {}
-                None => rt.wake.wake(),
+                Interest::Any if is_own_transient(name) => {}
+                Interest::Any => rt.wake.wake(),
+                // Other names leaving (an app's temporary files renamed into place, old
+                // cache files deleted) are no healing's business.
+                Interest::Gone(names) if kind == Change::Left && names.contains(name) => {
+                    rt.wake.wake()
+                }
+                Interest::Gone(_) => {}
             }
         }
     }
@@ -111,7 +160,7 @@ impl Table {
         if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
             // The watch is gone (its directory was deleted, or it was removed).
             if let Some(dir) = self.dirs.remove(&ev.wd) {
-                if self.wds.get(&dir).is_some_and(|(wd, _)| *wd == ev.wd) {
+                if self.wds.get(&dir).is_some_and(|live| live.wd == ev.wd) {
                     self.wds.remove(&dir);
                 }
             }
@@ -127,7 +176,8 @@ impl Table {
         match &ev.name {
             Some(name) => self.wake(dir, name, kind),
             // The watched directory itself was deleted or moved: an event on its name in
-            // its parent, for whoever watches that (the root, for `deploy-cache/`).
+            // its parent, for whoever watches that (the root, for `deploy-cache/`; the
+            // directory above, for one on the way to a nested shared entry or link).
             None => {
                 if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
                     self.wake(parent, name, kind);
@@ -188,6 +238,20 @@ fn wake_mask() -> AddWatchFlags {
         | AddWatchFlags::IN_MOVE_SELF
 }
 
+/// `IN_MASK_ADD`, which nix does not name: the events given are added to those the
+/// directory's watch already asks for, instead of replacing them.
+fn mask_add() -> AddWatchFlags {
+    AddWatchFlags::from_bits_retain(libc::IN_MASK_ADD)
+}
+
+/// The events of [`Interest::Gone`]: names leaving, and the directory itself going.
+fn gone_mask() -> AddWatchFlags {
+    AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF
+}
+
 /// A shared inotify watcher routing events to per-site wake-ups.
 pub struct Watcher {
     inotify: Arc<Inotify>,
@@ -244,43 +308,53 @@ impl Watcher {
     }
 
     /// Watches `dir` (non-recursively) and wakes `wake`, the worker of site `site`, for
-    /// events on `name` in it (or any name when `None`). Re-watching a directory that was deleted, replaced or
-    /// mounted over is how callers recover its watch; re-watching one whose watch is
-    /// alive and whose path still names the same directory costs one `stat`.
+    /// the events of `interest` in it. Re-watching a directory that was deleted, replaced
+    /// or mounted over is how callers recover its watch; re-watching one whose watch is
+    /// alive and whose path still names the same directory costs one `stat`. True when a
+    /// new watch was added (the path was not watched, or named another directory): what
+    /// happened in the directory before then was not seen.
     pub fn watch(
         &self,
         dir: &Path,
-        name: Option<&str>,
+        interest: Interest,
         site: &str,
         wake: Arc<dyn Wake>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut table = self
             .table
             .lock()
             .map_err(|_| Error::Failed("watcher table poisoned".into()))?;
-        let list = table.routes.entry(dir.to_path_buf()).or_default();
-        if !list.iter().any(|r| same(&r.wake, &wake)) {
-            list.push(Route {
-                name: name.map(Into::into),
-                site: site.into(),
-                wake,
-            });
-        }
+        let mask = {
+            let list = table.routes.entry(dir.to_path_buf()).or_default();
+            match list.iter_mut().find(|r| same(&r.wake, &wake)) {
+                Some(r) => r.interest = interest,
+                None => list.push(Route {
+                    interest,
+                    site: site.into(),
+                    wake,
+                }),
+            }
+            list.iter()
+                .fold(AddWatchFlags::empty(), |m, r| m | r.interest.mask())
+        };
         // The identity is taken before the watch is added: if the path changes in between,
         // the next call sees another identity and adds the watch again.
         let id = fs::metadata(dir).map(|m| (m.dev(), m.ino())).ok();
-        if let (Some(id), Some((_, watched))) = (id, table.wds.get(dir)) {
-            // Alive (its IN_IGNORED not seen) and on the directory the path names.
-            if *watched == id {
-                return Ok(());
+        if let (Some(id), Some(live)) = (id, table.wds.get(dir)) {
+            // Alive (its IN_IGNORED not seen), on the directory the path names, and asking
+            // for every event its routes need.
+            if live.id == id && live.mask.contains(mask) {
+                return Ok(false);
             }
         }
         // No unwatch first: adding again re-resolves the path (a recreated directory gets
         // a new watch) without a window in which events are lost. The table stays locked
-        // so the reader cannot see the new watch's events before it is known.
+        // so the reader cannot see the new watch's events before it is known. The mask is
+        // added to, never replaced: a path that reaches a directory watched under another
+        // name (a link's directory symlinked to the root) must not narrow that one's events.
         let wd = self
             .inotify
-            .add_watch(dir, wake_mask())
+            .add_watch(dir, mask | mask_add())
             .map_err(|e| match e {
                 Errno::ENOSPC => Error::Failed(format!(
                     "cannot watch {}: the inotify watch limit is reached; raise \
@@ -297,16 +371,33 @@ impl Watcher {
         // Without an identity (the stat failed, yet the watch was added) the next call
         // adds it again.
         let id = id.unwrap_or((u64::MAX, u64::MAX));
-        if let Some((old, _)) = table.wds.insert(dir.to_path_buf(), (wd, id)) {
-            if old != wd {
+        let old = table.wds.get(dir).copied();
+        let mask = match old {
+            Some(old) if old.wd == wd => mask | old.mask,
+            _ => mask,
+        };
+        table.wds.insert(dir.to_path_buf(), Live { wd, id, mask });
+        let fresh = match old {
+            Some(old) if old.wd == wd => false,
+            Some(old) => {
                 // The path now names another directory; the old one (moved away, or
                 // deleted and not yet reported) must not be taken for it any more.
-                table.dirs.remove(&old);
-                let _ = self.inotify.rm_watch(old);
+                table.dirs.remove(&old.wd);
+                let _ = self.inotify.rm_watch(old.wd);
+                true
             }
+            None => true,
+        };
+        // Another path already reaching the same directory keeps its events: they are
+        // routed by watch, so one of the two names must win, and the first one has them.
+        let aliased = table
+            .dirs
+            .get(&wd)
+            .is_some_and(|d| d != dir && table.wds.get(d).is_some_and(|l| l.wd == wd));
+        if !aliased {
+            table.dirs.insert(wd, dir.to_path_buf());
         }
-        table.dirs.insert(wd, dir.to_path_buf());
-        Ok(())
+        Ok(fresh)
     }
 
     /// Stops routing events of every directory to `wake` (a site going away).
@@ -323,9 +414,9 @@ impl Watcher {
         }
         for dir in empty {
             table.routes.remove(&dir);
-            if let Some((wd, _)) = table.wds.remove(&dir) {
-                table.dirs.remove(&wd);
-                let _ = self.inotify.rm_watch(wd);
+            if let Some(live) = table.wds.remove(&dir) {
+                table.dirs.remove(&live.wd);
+                let _ = self.inotify.rm_watch(live.wd);
             }
         }
     }
@@ -353,12 +444,12 @@ mod tests {
             dir.to_path_buf(),
             vec![
                 Route {
-                    name: Some(".release-ready".into()),
+                    interest: Interest::marker(".release-ready"),
                     site: "shop".into(),
                     wake: marker_wake,
                 },
                 Route {
-                    name: None,
+                    interest: Interest::Any,
                     site: "shop".into(),
                     wake: any_wake,
                 },
@@ -414,6 +505,44 @@ mod tests {
     }
 
     #[test]
+    fn gone_route_wakes_only_for_its_names_leaving() {
+        let dir = Path::new("/site/shared");
+        let count = Arc::new(Count::default());
+        let wake: Arc<dyn Wake> = count.clone();
+        let mut t = Table::default();
+        t.routes.insert(
+            dir.to_path_buf(),
+            vec![Route {
+                interest: Interest::Gone(["storage".into(), ".env".into()].into()),
+                site: "shop".into(),
+                wake,
+            }],
+        );
+        for mask in [
+            AddWatchFlags::IN_CREATE,
+            AddWatchFlags::IN_CLOSE_WRITE,
+            AddWatchFlags::IN_MOVED_TO,
+        ] {
+            t.wake(dir, OsStr::new("storage"), Change::of(mask));
+        }
+        t.wake(dir, OsStr::new("upload.tmp"), Change::Left);
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            0,
+            "only a configured entry leaving wakes a heal"
+        );
+        t.wake(dir, OsStr::new("storage"), Change::Left);
+        t.wake(dir, OsStr::new(".env"), Change::Left);
+        assert_eq!(count.0.load(Ordering::Relaxed), 2);
+        assert!(
+            !Interest::Gone(BTreeSet::new())
+                .mask()
+                .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_CLOSE_WRITE),
+            "creations and writes are not even asked for"
+        );
+    }
+
+    #[test]
     fn overflow_concerns_each_site_once_however_many_directories_it_watches() {
         let (marker, any) = (Arc::new(Count::default()), Arc::new(Count::default()));
         let mut t = table(Path::new("/shop/deploy-cache"), &marker, &any);
@@ -424,7 +553,7 @@ mod tests {
             ("/blog/releases", "blog"),
         ] {
             t.routes.entry(dir.into()).or_default().push(Route {
-                name: None,
+                interest: Interest::Any,
                 site: site.into(),
                 wake: Arc::clone(&any_wake),
             });

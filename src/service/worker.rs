@@ -23,7 +23,7 @@ use crate::fsops::{self, Listings, Lock};
 use crate::heal::{self, Uploads};
 use crate::pipeline;
 use crate::release::store::Journal;
-use crate::service::watcher::{Wake, Watcher};
+use crate::service::watcher::{Interest, Wake, Watcher};
 use crate::site::Site;
 use crate::upload::marker;
 use crate::verify;
@@ -298,10 +298,12 @@ impl Worker {
                         failing = Some(text);
                     }
                     report(Ok(()));
-                    if let Err(e) =
-                        self.watcher
-                            .watch(site.root(), None, site.name(), Arc::clone(heal_wake))
-                    {
+                    if let Err(e) = self.watcher.watch(
+                        site.root(),
+                        Interest::Any,
+                        site.name(),
+                        Arc::clone(heal_wake),
+                    ) {
                         tracing::debug!(site = site.name(), reason = %e, "cannot watch the root");
                     }
                     let mail = self.mailbox.wait(after(heal_interval));
@@ -314,14 +316,14 @@ impl Worker {
         let watch = || {
             // The root first: once it is watched, a deploy-cache/ made again at any later
             // moment announces itself, and the next pass watches it.
-            for (dir, name, wake) in [
-                (site.root().to_path_buf(), None, heal_wake),
+            for (dir, interest, wake) in [
+                (site.root().to_path_buf(), Interest::Any, heal_wake),
                 (
                     site.deploy_cache(),
-                    Some(site.cfg.marker.as_str()),
+                    Interest::marker(&site.cfg.marker),
                     marker_wake,
                 ),
-                (site.releases(), None, heal_wake),
+                (site.releases(), Interest::Any, heal_wake),
             ] {
                 // A deploy-cache/ removed while the service runs is left to the uploader
                 // to make again (`heal::Uploads::Leave`): the root's watch sees it come
@@ -331,7 +333,7 @@ impl Worker {
                 }
                 if let Err(e) = self
                     .watcher
-                    .watch(&dir, name, site.name(), Arc::clone(wake))
+                    .watch(&dir, interest, site.name(), Arc::clone(wake))
                 {
                     // Removed between the check above and the watch (`rm -rf deploy-cache &&
                     // mkdir deploy-cache` while the pass ran): the same case, only raced.
@@ -467,10 +469,12 @@ impl Worker {
             if !watched {
                 watched = true;
                 if let Some(parent) = root.parent() {
-                    if let Err(e) =
-                        self.watcher
-                            .watch(parent, None, site.name(), Arc::clone(heal_wake))
-                    {
+                    if let Err(e) = self.watcher.watch(
+                        parent,
+                        Interest::Any,
+                        site.name(),
+                        Arc::clone(heal_wake),
+                    ) {
                         tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
                             "cannot watch the root's parent");
                     }
@@ -779,17 +783,17 @@ mod tests {
         let wake: Arc<dyn Wake> = Arc::new(Nobody);
         let missing = t.path().join("deploy-cache");
         let e = watcher
-            .watch(&missing, None, "s", Arc::clone(&wake))
+            .watch(&missing, Interest::Any, "s", Arc::clone(&wake))
             .unwrap_err();
         assert!(vanished(&e), "{e:?}");
         fs::write(&missing, b"").unwrap();
         let e = watcher
-            .watch(&missing.join("sub"), None, "s", Arc::clone(&wake))
+            .watch(&missing.join("sub"), Interest::Any, "s", Arc::clone(&wake))
             .unwrap_err();
         assert!(vanished(&e), "{e:?}");
         fs::remove_file(&missing).unwrap();
         fs::create_dir(&missing).unwrap();
-        watcher.watch(&missing, None, "s", wake).unwrap();
+        watcher.watch(&missing, Interest::Any, "s", wake).unwrap();
         let denied = Error::Io {
             path: missing,
             source: std::io::Error::from_raw_os_error(libc::EACCES),
