@@ -1,6 +1,8 @@
 //! A site's paths and layout. Every path the keeper touches in a site is derived here, so
 //! the whole tool can be pointed at a temporary root in tests.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::config::SiteConfig;
@@ -160,6 +162,31 @@ impl Site {
             .is_ok_and(|t| t.lines().any(|l| l == line))
     }
 
+    /// The directories below the root whose entries healing recreates, each with the names
+    /// in it that matter: `shared/` and every directory on the way to a nested shared entry
+    /// or a nested link. Every one on the way, not only the entry's own: the directory
+    /// above one moved away is the only one that hears of it. The root itself, watched
+    /// for any change, is not among them.
+    pub fn heal_watches(&self) -> BTreeMap<PathBuf, BTreeSet<OsString>> {
+        let mut out: BTreeMap<PathBuf, BTreeSet<OsString>> = BTreeMap::new();
+        let mut add = |mut dir: PathBuf, entry: &Path| {
+            for part in entry.components() {
+                out.entry(dir.clone())
+                    .or_default()
+                    .insert(part.as_os_str().to_os_string());
+                dir.push(part);
+            }
+        };
+        for entry in &self.cfg.shared {
+            add(self.shared(), entry);
+        }
+        for link in self.cfg.links.keys() {
+            add(self.root().to_path_buf(), link);
+        }
+        out.remove(self.root());
+        out
+    }
+
     /// The marker's path in `deploy-cache/`.
     pub fn marker(&self) -> PathBuf {
         self.deploy_cache().join(&self.cfg.marker)
@@ -256,4 +283,41 @@ fn resolved_release_id(target: &Path, root: &Path) -> Option<String> {
     }
     let id = resolved.file_name()?.to_str()?;
     crate::upload::marker::valid_id(id).then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heal_watches_cover_every_directory_on_the_way_to_a_nested_entry() {
+        let mut cfg = SiteConfig::with_defaults("shop", PathBuf::from("/srv/shop"));
+        cfg.shared = ["storage", ".env", "cache/views", "a/b/c"]
+            .map(PathBuf::from)
+            .to_vec();
+        cfg.links = BTreeMap::from([
+            (PathBuf::from("htdocs"), PathBuf::from("current/public")),
+            (PathBuf::from("web/docs"), PathBuf::from("../current/docs")),
+        ]);
+        let got: Vec<(String, Vec<String>)> = Site::new(cfg)
+            .heal_watches()
+            .into_iter()
+            .map(|(dir, names)| {
+                let names = names.iter().map(|n| n.to_string_lossy().into()).collect();
+                (dir.display().to_string(), names)
+            })
+            .collect();
+        let want = [
+            ("/srv/shop/shared", vec![".env", "a", "cache", "storage"]),
+            ("/srv/shop/shared/a", vec!["b"]),
+            ("/srv/shop/shared/a/b", vec!["c"]),
+            ("/srv/shop/shared/cache", vec!["views"]),
+            ("/srv/shop/web", vec!["docs"]),
+        ]
+        .map(|(d, n)| (d.to_string(), n.into_iter().map(String::from).collect()));
+        assert_eq!(
+            got, want,
+            "the root is watched whole; top-level links need nothing more"
+        );
+    }
 }

@@ -442,7 +442,9 @@ fn missing_links_and_shared_entries_are_recreated() {
         || format!("htdocs corrected, is {:?}", fs::read_link(&htdocs)),
     );
 
-    // A deleted shared entry (shared/ is not watched): SIGHUP heals it.
+    // A deleted shared entry: `shared/` is watched for it (see
+    // shared_dir_entry_deleted_while_running_is_recreated_at_once); a SIGHUP on top of
+    // that changes nothing.
     let storage = site.root.join("shared/storage");
     assert!(storage.is_dir());
     fs::remove_dir_all(&storage).unwrap();
@@ -471,6 +473,7 @@ fn heal_interval_heals_what_inotify_does_not_see() {
         "shared = [\"cache\"]",
     );
     deploy_and_activate(&site, &svc, "v1");
+    settle_after_deploy();
     let cache = site.root.join("shared/cache");
     fs::remove_dir_all(&cache).unwrap();
     wait_until(
@@ -1723,4 +1726,352 @@ fn shared_entry_is_recreated_by_one_pass_after_the_journal_is_lost() {
         site.release("v1").join("storage").is_dir(),
         "the release's shared link resolves again"
     );
+}
+
+/// How soon an entry deleted under `shared/` or a link's directory is back: an inotify
+/// event's pass, not `heal_interval` (an hour in these tests).
+const HEALED_SOON: Duration = Duration::from_secs(5);
+
+/// Lets the pass that a deploy's own changes in the root start end, so that what a test
+/// deletes next is seen by the watches under test, not by that pass by chance.
+fn settle_after_deploy() {
+    std::thread::sleep(Duration::from_secs(1));
+}
+
+/// Deletes the directory `dir` (`rm -r`), or with `aside` moves it there first (a tree
+/// whose entries healing recreates as `rm -r` goes would make it fail with "Directory not
+/// empty"), and waits until healing has made it again.
+fn remove_dir_and_wait_healed(dir: &Path, aside: Option<&Path>, what: &str) {
+    match aside {
+        Some(to) => {
+            fs::rename(dir, to).unwrap();
+            fs::remove_dir_all(to).unwrap();
+        }
+        None => fs::remove_dir_all(dir).unwrap(),
+    }
+    let t0 = Instant::now();
+    wait_until(
+        HEALED_SOON,
+        || dir.is_dir(),
+        || {
+            format!(
+                "{what}: {} recreated by the inotify-driven pass",
+                dir.display()
+            )
+        },
+    );
+    eprintln!("{what}: recreated after {:?}", t0.elapsed());
+}
+
+/// The audit's case: `rm -r shared/storage` while the service ran left every live
+/// release's `storage` link dangling until `heal_interval`, since only the root was
+/// watched. `shared/` is watched for its entries leaving.
+#[test]
+fn shared_dir_entry_deleted_while_running_is_recreated_at_once() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(
+        &site,
+        SITE,
+        "heal_interval = \"1h\"",
+        "shared = [\"storage\"]",
+    );
+    deploy_and_activate(&site, &svc, "v1");
+    settle_after_deploy();
+    let storage = site.root.join("shared/storage");
+    assert!(storage.is_dir(), "made with the first release");
+    for round in 0..2 {
+        remove_dir_and_wait_healed(&storage, None, &format!("round {round}"));
+        assert!(
+            site.release("v1").join("storage").is_dir(),
+            "round {round}: the release's shared link resolves again"
+        );
+    }
+    wait_repaired(&svc, &["storage", "shared entry missing"]);
+    svc.stop();
+}
+
+/// A nested shared entry (`cache/views`) is watched through every directory on its way:
+/// deleted itself, deleted with its parent (which the pass makes again and watches again),
+/// then deleted once more from that new parent.
+#[test]
+fn nested_shared_dir_entry_deleted_while_running_is_recreated_at_once() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(
+        &site,
+        SITE,
+        "heal_interval = \"1h\"",
+        "shared = [\"storage\", \"cache/views\"]",
+    );
+    deploy_and_activate(&site, &svc, "v1");
+    settle_after_deploy();
+    let cache = site.root.join("shared/cache");
+    let views = cache.join("views");
+    assert!(views.is_dir(), "made with the first release");
+    remove_dir_and_wait_healed(&views, None, "the entry");
+    let aside = site.tmp_path("cache-aside");
+    remove_dir_and_wait_healed(&cache, Some(&aside), "its parent");
+    assert!(views.is_dir(), "the entry is back with its parent");
+    remove_dir_and_wait_healed(&views, None, "the entry in the recreated parent");
+    assert!(
+        site.release("v1").join("cache/views").is_dir(),
+        "the release's shared link resolves again"
+    );
+    svc.stop();
+}
+
+/// A nested link (`web/docs`) is watched in its directory: deleted itself, deleted with
+/// its directory (the root's watch), then deleted from the directory the pass made again.
+#[test]
+fn nested_link_deleted_while_running_is_recreated_at_once() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(
+        &site,
+        SITE,
+        "heal_interval = \"1h\"",
+        "links = { \"web/docs\" = \"../current/docs\" }",
+    );
+    site.deploy(
+        &[
+            ("index.html", b"<h1>v1</h1>\n" as &[u8]),
+            ("docs/index.html", b"docs\n"),
+        ],
+        "id = \"v1\"\n",
+    );
+    svc.wait_release_event("release.activated", "v1");
+    settle_after_deploy();
+    let web = site.root.join("web");
+    let docs = web.join("docs");
+    let resolves = || docs.join("index.html").is_file();
+    assert!(resolves(), "made with the first release");
+    let healed = |what: &str| {
+        wait_until(HEALED_SOON, resolves, || {
+            format!("{what} deleted: web/docs recreated by the inotify-driven pass")
+        })
+    };
+    fs::remove_file(&docs).unwrap();
+    healed("the link");
+    let aside = site.tmp_path("web-aside");
+    fs::rename(&web, &aside).unwrap();
+    fs::remove_dir_all(&aside).unwrap();
+    healed("its directory");
+    fs::remove_file(&docs).unwrap();
+    healed("the link in the recreated directory");
+    wait_repaired(&svc, &["web/docs", "missing or wrong"]);
+    svc.stop();
+}
+
+/// Context switches of the threads of `pid` named `comm`: one that woke, even for
+/// nothing, adds at least one.
+fn thread_switches(pid: i32, comm: &str) -> u64 {
+    let mut n = 0;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let name = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if name.trim() != comm {
+            continue;
+        }
+        let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        n += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    n
+}
+
+/// The app's own writes under the watched `shared/` (uploads, caches, temporary files
+/// renamed into place, old ones deleted) start no healing pass: the watches there ask for
+/// names leaving only, and wake the site only for the configured entries.
+#[test]
+fn app_writes_into_shared_start_no_healing_pass() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(
+        &site,
+        SITE,
+        "heal_interval = \"1h\"",
+        "shared = [\"storage\", \"cache/views\"]",
+    );
+    deploy_and_activate(&site, &svc, "v1");
+    settle_after_deploy();
+    let worker = format!("rk:{SITE}");
+    let pid = svc.pid();
+    let (worker_before, reader_before) = (
+        thread_switches(pid, &worker),
+        thread_switches(pid, "inotify"),
+    );
+    assert!(worker_before > 0, "the worker thread {worker} is found");
+    let shared = site.root.join("shared");
+    let dirs = [shared.clone(), shared.join("storage"), shared.join("cache")];
+    for dir in &dirs {
+        for i in 0..200 {
+            fs::write(dir.join(format!("upload-{i}")), b"data").unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        (
+            thread_switches(pid, &worker),
+            thread_switches(pid, "inotify")
+        ),
+        (worker_before, reader_before),
+        "writing 600 files under shared/ woke the worker or the inotify reader \
+         (context switches: worker, reader)"
+    );
+    // Names leaving that are no configured entry: the reader sees them, the site does not.
+    for dir in &dirs {
+        for i in 0..200 {
+            let from = dir.join(format!("upload-{i}"));
+            if i % 2 == 0 {
+                fs::rename(&from, dir.join(format!("kept-{i}"))).unwrap();
+            } else {
+                fs::remove_file(&from).unwrap();
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        thread_switches(pid, &worker),
+        worker_before,
+        "renaming and deleting the app's own files under shared/ woke the worker"
+    );
+    assert!(
+        svc.events("heal.repaired").is_empty(),
+        "nothing was repaired: {:?}",
+        svc.events("heal.repaired")
+    );
+    // Still watched: a configured entry leaving is healed.
+    remove_dir_and_wait_healed(&shared.join("cache/views"), None, "after the writes");
+    svc.stop();
+}
+
+/// The inotify watches `pid` holds, counted from its inotify descriptors' fdinfo.
+fn inotify_watches(pid: i32) -> usize {
+    let mut n = 0;
+    for fd in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let is_inotify =
+            fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().contains("inotify"));
+        if !is_inotify {
+            continue;
+        }
+        let info = fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        n += info
+            .lines()
+            .filter(|l| l.starts_with("inotify wd:"))
+            .count();
+    }
+    n
+}
+
+/// The watches under `shared/` and a link's directory are the site's: reloads leave one
+/// each (a reload that keeps the site keeps them, one that changes it replaces them), and
+/// a site that no longer has the entries no longer has their watches.
+#[test]
+fn watches_of_healed_directories_do_not_leak_across_reloads() {
+    let site = Site::new();
+    let nested = "shared = [\"storage\", \"cache/views\"]\n\
+                  links = { \"web/docs\" = \"../current/docs\" }";
+    let (cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", nested);
+    site.deploy(
+        &[
+            ("index.html", b"<h1>v1</h1>\n" as &[u8]),
+            ("docs/index.html", b"docs\n"),
+        ],
+        "id = \"v1\"\n",
+    );
+    svc.wait_release_event("release.activated", "v1");
+    let pid = svc.pid();
+    // The root, deploy-cache/, releases/, shared/, shared/cache/, web/.
+    wait_until(
+        WAIT,
+        || inotify_watches(pid) == 6,
+        || {
+            format!(
+                "6 watches after the first release, are {}",
+                inotify_watches(pid)
+            )
+        },
+    );
+    let mut reloads = 0;
+    let mut reload = |svc: &Service| {
+        signal(svc, Signal::SIGHUP);
+        reloads += 1;
+        svc.wait_count("config.reloaded", reloads, WAIT);
+    };
+    for _ in 0..3 {
+        reload(&svc);
+    }
+    let _ = cfg;
+    wait_until(
+        WAIT,
+        || inotify_watches(pid) == 6,
+        || {
+            format!(
+                "unchanged reloads keep 6 watches, are {}",
+                inotify_watches(pid)
+            )
+        },
+    );
+    site.write_config(SITE, "heal_interval = \"1h\"\nkeep = 3", nested);
+    reload(&svc);
+    wait_until(
+        WAIT,
+        || inotify_watches(pid) == 6,
+        || {
+            format!(
+                "a restarted site has 6 watches again, are {}",
+                inotify_watches(pid)
+            )
+        },
+    );
+    // Still healed through the restarted site's watches.
+    remove_dir_and_wait_healed(&site.root.join("shared/cache/views"), None, "after reloads");
+    site.write_config(SITE, "heal_interval = \"1h\"", "");
+    reload(&svc);
+    wait_until(
+        WAIT,
+        || inotify_watches(pid) == 3,
+        || {
+            format!(
+                "without shared entries or links, 3 watches, are {}",
+                inotify_watches(pid)
+            )
+        },
+    );
+    svc.stop();
+}
+
+/// A shared *file* deleted while the service runs is heard of through the same watch, and
+/// reported at once; it is still never recreated (an empty `.env` would start the app with
+/// the wrong settings).
+#[test]
+fn shared_file_deleted_while_running_is_reported_at_once_not_recreated() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(
+        &site,
+        SITE,
+        "heal_interval = \"1h\"",
+        "shared = [\".env\", \"storage\"]",
+    );
+    let files: Vec<(&str, &[u8])> = vec![("index.html", b"hi"), (".env", b"APP_KEY=1\n")];
+    site.deploy(&files, "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    settle_after_deploy();
+    let env = site.root.join("shared/.env");
+    assert!(env.is_file(), "seeded from the upload");
+    fs::remove_file(&env).unwrap();
+    let ev = svc.wait_event(
+        "heal.reported",
+        |v| v.to_string().contains(".env"),
+        HEALED_SOON,
+    );
+    assert!(reason_of(&ev).contains("restore"), "{ev}");
+    assert!(
+        fs::symlink_metadata(&env).is_err(),
+        "a shared file is not recreated"
+    );
+    svc.stop();
 }

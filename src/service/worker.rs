@@ -313,6 +313,43 @@ impl Worker {
                 }
             }
         };
+        let healed = site.heal_watches();
+        // Watches the directories whose entries healing recreates (`shared/`, the way to a
+        // nested shared entry or link), for those entries leaving. One missing yet (no
+        // release made it, or it went with its directory) is watched once a job has made
+        // it: this runs after every job. True when a directory got a new watch while an
+        // entry it is watched for is missing: gone before the watch, so unseen. Failures
+        // are logged at `debug` when `quiet` (the same ones are logged before each pass).
+        let watch_healed = |quiet: bool| {
+            let mut unseen = false;
+            for (dir, names) in &healed {
+                if !dir.is_dir() {
+                    continue;
+                }
+                let interest = Interest::Gone(names.clone());
+                match self
+                    .watcher
+                    .watch(dir, interest, site.name(), Arc::clone(heal_wake))
+                {
+                    Ok(fresh) => {
+                        unseen |= fresh
+                            && names
+                                .iter()
+                                .any(|n| fs::symlink_metadata(dir.join(n)).is_err());
+                    }
+                    // Removed since the check above: its directory's watch reports it.
+                    Err(e) if quiet || vanished(&e) || !dir.is_dir() => {
+                        tracing::debug!(site = site.name(), dir = %dir.display(), reason = %e,
+                            "not watched");
+                    }
+                    Err(e) => {
+                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(),
+                            dir = %dir.display(), reason = %e, "cannot watch");
+                    }
+                }
+            }
+            unseen
+        };
         let watch = || {
             // The root first: once it is watched, a deploy-cache/ made again at any later
             // moment announces itself, and the next pass watches it.
@@ -345,6 +382,8 @@ impl Worker {
                     tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e, "cannot watch");
                 }
             }
+            // The pass that follows looks at every entry: nothing gone unseen meanwhile.
+            watch_healed(false);
         };
         // First pass: heal, then whatever markers arrived while the service was stopped.
         // The first pass only heals, so READY=1 is not held back by redoing a big
@@ -410,6 +449,12 @@ impl Worker {
                     watch();
                 }
                 self.work_logged(job, &mut kept);
+                // What the job made (a first release's shared directories, a link's
+                // directory, what the pass recreated) is watched now, not from the next
+                // pass on; an entry gone before that is healed at once.
+                if watch_healed(true) {
+                    self.mailbox.post(|f| f.heal = true);
+                }
                 if job == Job::Heal {
                     // The timer is the backstop for what inotify does not see: it is
                     // due one interval after the last pass, whatever woke that.
