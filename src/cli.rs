@@ -225,7 +225,8 @@ The operation failed or found a problem (drift, rejected upload, health check fa
 Usage or config error.
 .TP
 \fB75\fR
-The site is busy (locked) and \fB\-\-wait\fR was not given.
+The site is busy (locked) and \fB\-\-wait\fR was not given; for \fBrun\fR, another
+service already serves one of its sites.
 .SH SIGNALS
 The service (\fBrun\fR) reloads the config and runs a healing pass on \fBSIGHUP\fR
 (a bad config is rejected with \fBconfig.rejected\fR and the running one stays), and on

@@ -35,6 +35,16 @@ pub enum Error {
         /// How long `--wait` waited, if it was given.
         waited: Option<String>,
     },
+    /// Another service holds the site's lifetime lock: a second service for it is refused.
+    /// Busy like a held operation lock (exit 75, EX_TEMPFAIL): it is the site being in use
+    /// that stops it, not a fault, and it may start once the other one has stopped.
+    #[error("another release-keeper service is already running for site {site} ({} is locked)", lock.display())]
+    AlreadyServed {
+        /// Site name.
+        site: String,
+        /// The lifetime lock file.
+        lock: PathBuf,
+    },
     /// An upload was rejected; the reason is logged and shown.
     #[error("upload rejected: {0}")]
     Rejected(String),
@@ -78,7 +88,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Usage(_) => 2,
-            Error::Busy { .. } => 75,
+            Error::Busy { .. } | Error::AlreadyServed { .. } => 75,
             _ => 1,
         }
     }

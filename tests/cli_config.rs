@@ -661,9 +661,10 @@ fn second_service_for_same_site_refuses_to_start() {
     let mut first = Service::start_config(&cfg);
     let second = Service::spawn_config(&cfg);
     let st = second.wait_exit(Duration::from_secs(10));
-    assert!(
-        !st.success(),
-        "a second service for the same site must refuse to start; exit {st:?}; log:\n{}",
+    assert_eq!(
+        st.code(),
+        Some(75),
+        "a second service for the same site must refuse to start, busy (75); log:\n{}",
         second.log_text()
     );
     assert!(first.is_running(), "the first service keeps running");
@@ -685,9 +686,10 @@ fn second_service_with_root_flag_refuses_to_start() {
         "json",
     ]);
     let st = second.wait_exit(Duration::from_secs(10));
-    assert!(
-        !st.success(),
-        "second `run --root` on the same root must refuse; {st:?}"
+    assert_eq!(
+        st.code(),
+        Some(75),
+        "second `run --root` on the same root must refuse, busy (75); {st:?}"
     );
     first.stop();
 }

@@ -225,7 +225,7 @@ fn a_refused_second_service_logs_its_reason_as_reason() {
     let cfg = site.write_config(SITE, "", "");
     let mut svc = Service::start_config(&cfg);
     let out = cli(&cfg, &["run", "--log-format", "json"]);
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(75), "busy: {}", show(&out));
     let ev = stderr_events(&out)
         .into_iter()
         .find(|v| v["event"] == "site.error")

@@ -616,11 +616,10 @@ fn try_lifetime_lock(site: &Site) -> Result<Option<Lock>> {
 
 /// The error of a site whose lifetime lock another service holds.
 fn already_running(site: &Site) -> Error {
-    Error::Failed(format!(
-        "another release-keeper service is already running for site {} ({} is locked)",
-        site.name(),
-        site.service_lock().display()
-    ))
+    Error::AlreadyServed {
+        site: site.name().to_string(),
+        lock: site.service_lock(),
+    }
 }
 
 /// The outcome of taking the lifetime lock again after its file went away.
