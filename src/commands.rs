@@ -758,6 +758,12 @@ pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<Strin
     } else {
         Op::Unpinned { release }
     })?;
+    // The journal has it; the copy only matters if the journal is lost, so failing to
+    // write it is said, not made the command's failure.
+    if let Err(e) = crate::release::store::save_pins(&site, journal.state()) {
+        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
+            "cannot save the copy of the pins beside the journal");
+    }
     out(&format!(
         "{}: {id} {}",
         site.name(),

@@ -611,9 +611,17 @@ fn heal_pass(
     // A recovered release links to the shared entries as much as a journaled one does.
     let recovering = !ours.is_empty();
     if recovering {
-        for id in recover_releases(site, journal, ours, dry_run)? {
+        for (id, pinned) in recover_releases(site, journal, ours, dry_run)? {
+            let pin = if pinned {
+                ", pinned as .release-keeper/pins says"
+            } else {
+                ""
+            };
             repair(
-                format!("{} release {id} in the journal", verb("recorded", "record")),
+                format!(
+                    "{} release {id} in the journal{pin}",
+                    verb("recorded", "record")
+                ),
                 "the journal lost its record; its stored manifest shows it is the keeper's",
                 Some(&id),
                 &mut out,
@@ -749,13 +757,14 @@ fn heal_shared(
 /// count as foreign, never pruned nor chosen by healing. They are recorded in the order
 /// their manifests were written (the keeper's own files, not the upload's mtimes) as
 /// finalized and not activated, since whether one failed is lost with the journal; the
-/// release `current` points at is recorded as activated. Returns the ids, in that order.
+/// release `current` points at is recorded as activated, and one `.release-keeper/pins` lists
+/// as pinned. Returns the ids, in that order, each with whether it was pinned again.
 fn recover_releases(
     site: &Site,
     journal: &mut Journal,
     ids: Vec<&String>,
     dry_run: bool,
-) -> Result<Vec<String>> {
+) -> Result<Vec<(String, bool)>> {
     let mut dated = Vec::with_capacity(ids.len());
     for id in ids {
         let path = site.manifest_of(id);
@@ -764,6 +773,7 @@ fn recover_releases(
     }
     dated.sort();
     let current = site.current_id();
+    let pins = store::saved_pins(site);
     let mut out = Vec::with_capacity(dated.len());
     for (_, id) in dated {
         if !dry_run {
@@ -782,8 +792,14 @@ fn recover_releases(
                     previous: None,
                 })?;
             }
+            if pins.contains(&id) {
+                journal.append(Op::Pinned {
+                    release: id.clone(),
+                })?;
+            }
         }
-        out.push(id);
+        let pinned = pins.contains(&id);
+        out.push((id, pinned));
     }
     Ok(out)
 }

@@ -116,6 +116,11 @@ impl Site {
         self.state().join("hashcache")
     }
 
+    /// The ids of the pinned releases, kept beside the journal (`store::save_pins`).
+    pub fn pins_file(&self) -> PathBuf {
+        self.state().join("pins")
+    }
+
     /// The spans of the keeper's own changes to release inodes (`release::changes`).
     pub fn changes_log(&self) -> PathBuf {
         self.state().join("changes")

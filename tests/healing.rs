@@ -810,6 +810,53 @@ fn releases_are_recovered_when_the_journal_is_lost() {
     }
 }
 
+/// A pin is the operator's "never delete this": with the journal lost, the recovered
+/// release must come back pinned (from `.release-keeper/pins`), not become prunable.
+#[test]
+fn pins_survive_the_loss_of_the_journal() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "keep = 1", "");
+    // keep = 1 with v3 current and v2 previous: only its pin keeps v1.
+    for id in ["v1", "v2", "v3"] {
+        deploy_and_activate(&site, &svc, id);
+        if id == "v1" {
+            assert_ok(&cli(&cfg, &["pin", SITE, "v1"]), "pin v1");
+        }
+    }
+    svc.stop();
+    assert_ok(&cli(&cfg, &["pin", SITE, "v2"]), "pin v2");
+    assert_ok(&cli(&cfg, &["unpin", SITE, "v2"]), "unpin v2");
+    fs::remove_file(site.root.join(".release-keeper/journal")).unwrap();
+
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    assert!(
+        stdout_of(&out).contains("release v1 in the journal, pinned"),
+        "{}",
+        show(&out)
+    );
+    let out = cli(&cfg, &["list", SITE, "--json"]);
+    let list = stdout_json(&out);
+    let pinned = |id: &str| {
+        list["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .map(|r| r["pinned"].clone())
+    };
+    assert_eq!(pinned("v1"), Some(serde_json::json!(true)), "{list}");
+    assert_eq!(pinned("v2"), Some(serde_json::json!(false)), "{list}");
+    let out = cli(&cfg, &["prune", SITE, "--dry-run"]);
+    assert_ok(&out, "prune --dry-run");
+    assert!(
+        !stdout_of(&out).contains("v1"),
+        "the pinned v1 is not pruned: {}",
+        show(&out)
+    );
+    assert!(site.release("v1").is_dir());
+}
+
 #[test]
 fn heal_dry_run_lists_everything_and_changes_nothing() {
     let site = Site::new();

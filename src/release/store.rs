@@ -960,6 +960,26 @@ pub fn same_content(a: &[Entry], b: &[Entry]) -> bool {
     a.iter().zip(&b).all(|(x, y)| x.same_content(y))
 }
 
+/// Writes the ids of the pinned releases of `state` to `.release-keeper/pins`, one per
+/// line: a copy outside the journal, so a pin survives the journal's loss (pins are the
+/// operator's "never delete this"; a journal rebuilt from the stored manifests would
+/// otherwise make those releases prunable).
+pub fn save_pins(site: &Site, state: &State) -> Result<()> {
+    let mut text = String::new();
+    for r in state.releases.iter().filter(|r| r.pinned) {
+        text.push_str(&r.id);
+        text.push('\n');
+    }
+    fsops::write_atomic(&site.pins_file(), text.as_bytes())
+}
+
+/// The ids `.release-keeper/pins` lists (none when it is missing or unreadable).
+pub fn saved_pins(site: &Site) -> BTreeSet<String> {
+    fs::read_to_string(site.pins_file())
+        .map(|t| t.lines().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// The manifest path helper for callers that only need to know whether it exists.
 pub fn has_manifest(site: &Site, id: &str) -> bool {
     site.manifest_of(id).is_file()
