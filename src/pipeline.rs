@@ -709,7 +709,16 @@ fn process_claim(
         let stored = store::read_release_manifest(site, id)?;
         let entries = built.entries()?;
         remove_partial(site, id)?;
-        if store::same_content(&stored, &entries) {
+        // The manifest differs whenever anything else does: it is named only when nothing
+        // else differs.
+        let manifest = Path::new(&site.cfg.manifest);
+        let (stored_sums, stored): (Vec<_>, Vec<_>) =
+            stored.into_iter().partition(|e| e.path == manifest);
+        let (uploaded_sums, uploaded): (Vec<_>, Vec<_>) =
+            entries.iter().cloned().partition(|e| e.path == manifest);
+        let difference = store::first_difference(&stored, &uploaded)
+            .or_else(|| store::first_difference(&stored_sums, &uploaded_sums));
+        if difference.is_none() {
             // Staged by an earlier marker and never tried since: this marker's
             // `activate = true` is the uploader asking for it live, which a no-op would
             // silently ignore (exit 0, `current` unchanged). A release activated or failed
@@ -743,7 +752,8 @@ fn process_claim(
             return Ok(Step::Done(Outcome::Unchanged(id.to_string())));
         }
         return Err(Error::Rejected(format!(
-            "release id {id} already exists with different content"
+            "release id {id} already exists with different content (first difference: {})",
+            difference.unwrap_or_default()
         )));
     }
 

@@ -151,7 +151,10 @@ fn existing_id_rejected_unless_identical() {
     // Same id, different content: rejected; v1 untouched.
     site.deploy(&as_refs(&small_build("something else")), "id = \"v1\"\n");
     let rej = svc.wait_release_event("release.rejected", "v1");
-    assert!(!reason_of(&rej).is_empty(), "rejection has a reason: {rej}");
+    assert!(
+        reason_of(&rej).contains("first difference: assets/app.js: different content"),
+        "the rejection says what differs: {rej}"
+    );
     assert_eq!(site.current_id().as_deref(), Some("v1"));
     assert_eq!(tree(&site.release("v1"), &[]), v1_before, "v1 altered");
     assert!(!site.marker_path().exists(), "rejected marker is consumed");

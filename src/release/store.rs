@@ -948,16 +948,47 @@ pub fn release_ids<'a>(
         .collect()
 }
 
-/// True when `a` and `b` describe the same content (order-insensitive).
-pub fn same_content(a: &[Entry], b: &[Entry]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut a: Vec<&Entry> = a.iter().collect();
-    let mut b: Vec<&Entry> = b.iter().collect();
+/// The first difference in content between a release's entries (`stored`) and an
+/// upload's (`uploaded`), by path, in words; `None` when they describe the same content
+/// (order-insensitive, mtimes aside). Said to whoever re-uploads an existing id: "different
+/// content" alone left them diffing trees by hand.
+pub fn first_difference(stored: &[Entry], uploaded: &[Entry]) -> Option<String> {
+    let mut a: Vec<&Entry> = stored.iter().collect();
+    let mut b: Vec<&Entry> = uploaded.iter().collect();
     a.sort_by(|x, y| x.path.cmp(&y.path));
     b.sort_by(|x, y| x.path.cmp(&y.path));
-    a.iter().zip(&b).all(|(x, y)| x.same_content(y))
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let (x, y) = match (a.peek(), b.peek()) {
+            (None, None) => return None,
+            (Some(x), None) => return Some(format!("{}: not in the upload", x.path.display())),
+            (None, Some(y)) => return Some(format!("{}: not in the release", y.path.display())),
+            (Some(x), Some(y)) => (*x, *y),
+        };
+        match x.path.cmp(&y.path) {
+            std::cmp::Ordering::Less => {
+                return Some(format!("{}: not in the upload", x.path.display()))
+            }
+            std::cmp::Ordering::Greater => {
+                return Some(format!("{}: not in the release", y.path.display()))
+            }
+            std::cmp::Ordering::Equal => {}
+        }
+        if !x.same_content(y) {
+            let what = if x.kind != y.kind {
+                "a different type"
+            } else if x.target != y.target {
+                "a different symlink target"
+            } else if x.mode != y.mode {
+                "a different mode"
+            } else {
+                "different content"
+            };
+            return Some(format!("{}: {what}", x.path.display()));
+        }
+        a.next();
+        b.next();
+    }
 }
 
 /// Writes the ids of the pinned releases of `state` to `.release-keeper/pins`, one per
@@ -1310,7 +1341,31 @@ mod tests {
             Some(None)
         );
         // Its content is all that counts for an identical re-upload.
-        assert!(same_content(std::slice::from_ref(&f), &[e]));
+        assert_eq!(
+            first_difference(std::slice::from_ref(&f), std::slice::from_ref(&e)),
+            None
+        );
+        let other = Entry {
+            path: PathBuf::from("y"),
+            ..e.clone()
+        };
+        let bigger = Entry {
+            size: 4,
+            hash: Some([8; 32]),
+            ..e.clone()
+        };
+        let wider = Entry {
+            mode: 0o555,
+            ..e.clone()
+        };
+        let diff = |a: &[Entry], b: &[Entry]| first_difference(a, b).unwrap_or_default();
+        assert_eq!(diff(&[e.clone()], &[]), "x: not in the upload");
+        assert_eq!(
+            diff(&[e.clone()], &[e.clone(), other]),
+            "y: not in the release"
+        );
+        assert_eq!(diff(&[e.clone()], &[bigger]), "x: different content");
+        assert_eq!(diff(&[e.clone()], &[wider]), "x: a different mode");
         // A trailer that is not a well-formed mtime makes the line unreadable.
         for bad in [
             "\tmtime=1.5",
