@@ -1359,13 +1359,19 @@ mod tests {
             ..e.clone()
         };
         let diff = |a: &[Entry], b: &[Entry]| first_difference(a, b).unwrap_or_default();
-        assert_eq!(diff(&[e.clone()], &[]), "x: not in the upload");
+        assert_eq!(diff(std::slice::from_ref(&e), &[]), "x: not in the upload");
         assert_eq!(
-            diff(&[e.clone()], &[e.clone(), other]),
+            diff(std::slice::from_ref(&e), &[e.clone(), other]),
             "y: not in the release"
         );
-        assert_eq!(diff(&[e.clone()], &[bigger]), "x: different content");
-        assert_eq!(diff(&[e.clone()], &[wider]), "x: a different mode");
+        assert_eq!(
+            diff(std::slice::from_ref(&e), &[bigger]),
+            "x: different content"
+        );
+        assert_eq!(
+            diff(std::slice::from_ref(&e), &[wider]),
+            "x: a different mode"
+        );
         // A trailer that is not a well-formed mtime makes the line unreadable.
         for bad in [
             "\tmtime=1.5",
