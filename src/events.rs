@@ -45,6 +45,9 @@ pub const DRIFT_DETECTED: &str = "drift.detected";
 
 /// Upload accepted without a manifest (`require_manifest = false`): hashes as uploaded.
 pub const UPLOAD_UNVERIFIED: &str = "upload.unverified";
+/// An upload the service was waiting on (files in flight) was processed by a command
+/// meanwhile (`finalize`): the service's `upload.detected` gets its conclusion.
+pub const UPLOAD_TAKEN_OVER: &str = "upload.taken_over";
 /// A `shared` entry was created, or an uploaded path was replaced by its shared link.
 pub const SHARED_LINKED: &str = "shared.linked";
 /// One health check attempt failed; more attempts follow or `health.failed` does.

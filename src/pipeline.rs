@@ -221,10 +221,13 @@ fn claim_gone(site: &Site, waiting: Waiting) -> Result<Option<Outcome>> {
     // An identical upload of an existing release leaves no record when a command
     // processes it ("unchanged"): the release being there is all that shows.
     if recorded || journal.state().get(&waiting.id).is_some() {
-        tracing::debug!(
+        // Whoever watches the service's log saw `upload.detected` and `upload.waiting` for
+        // this id; the outcome was logged by the command, elsewhere (its own stderr).
+        tracing::info!(
+            event = events::UPLOAD_TAKEN_OVER,
             site = site.name(),
             release = %waiting.id,
-            "the claim waited for was processed by a command meanwhile"
+            "the upload waited for was processed by a command meanwhile (see its output)"
         );
         return Ok(None);
     }

@@ -235,6 +235,13 @@ fn a_claim_finalized_by_a_command_during_the_wait_is_not_processed_again() {
         );
     }
     assert_eq!(site.release_ids(), ["v1", "v2", "v3"]);
+    // Its log, which said v2 was detected and waited for, also says how that ended.
+    assert_eq!(
+        svc.events_for("upload.taken_over", "v2").len(),
+        1,
+        "{}",
+        svc.log_text()
+    );
     svc.stop();
 }
 
