@@ -505,7 +505,12 @@ fn check_path(name: &[u8]) -> Result<&[u8], &'static str> {
         return Err("NUL byte");
     }
     if p.starts_with(b"/") {
-        return Err("absolute path");
+        // `.//a` is relative: only its `./` made it look absolute.
+        return Err(if name.starts_with(b"/") {
+            "absolute path"
+        } else {
+            "empty component"
+        });
     }
     if p.ends_with(b"/") {
         return Err("trailing slash");
@@ -1042,6 +1047,7 @@ SHA256 (c d) = 1111111111111111111111111111111111111111111111111111111111111111\
             ("a/../../b", "'..' component"),
             ("/etc/passwd", "absolute path"),
             ("a//b", "empty component"),
+            (".//a", "empty component"),
             ("./", "empty path"),
             ("a/./b", "'.' component"),
             ("././a", "'.' component"),
