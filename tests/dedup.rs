@@ -307,3 +307,56 @@ fn an_upload_hard_linked_to_a_release_does_not_share_its_inode_with_the_new_rele
         );
     }
 }
+
+/// The keeper's own unlinks (pruning an older release, removing the partial tree of a
+/// rejected upload) move the ctime of files the live release shares with them. They are
+/// recorded (`.release-keeper/changes`), so the next release still links those files
+/// instead of taking them for edited by hand and copying them.
+#[test]
+fn pruning_and_rejected_builds_do_not_cost_the_next_release_its_links() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "keep = 1", "");
+    let mut svc = Service::start_config(&cfg);
+    let files: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("lib/f{i}.js"), format!("file {i}").into_bytes()))
+        .collect();
+    site.deploy(&as_refs(&files), "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    let dc = site.deploy_cache();
+    for (n, id) in ["v2", "v3"].into_iter().enumerate() {
+        fs::write(dc.join("changing.txt"), format!("{n}")).unwrap();
+        write_sha256sums(&dc);
+        site.drop_marker(&format!("id = \"{id}\"\n"));
+        svc.wait_release_event("release.activated", id);
+    }
+    svc.wait_release_event("release.pruned", "v1");
+    // Deploys are seconds apart, not milliseconds: clear of the slack a span starts with.
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(60));
+    let all_linked = |svc: &Service, id: &str| {
+        let done = svc.wait_release_event("release.finalized", id);
+        svc.wait_release_event("release.activated", id);
+        assert_eq!(
+            done["linked"],
+            done["files"],
+            "every file of {id} is the previous release's: all linked\n{}",
+            svc.log_text()
+        );
+    };
+    pause();
+    site.drop_marker("id = \"v4\"\n");
+    all_linked(&svc, "v4");
+    // Rewritten in place so the manifest no longer matches: the build links what it can
+    // into its partial tree, meets the mismatch, and removes the tree.
+    fs::write(dc.join("lib/f0.js"), b"not what the manifest says").unwrap();
+    site.drop_marker("id = \"bad\"\n");
+    svc.wait_release_event("release.rejected", "bad");
+    fs::write(dc.join("lib/f0.js"), b"file 0").unwrap();
+    pause();
+    site.drop_marker("id = \"v5\"\n");
+    all_linked(&svc, "v5");
+    assert_eq!(
+        ino(&site.release("v4").join("lib/f7.js")),
+        ino(&site.release("v5").join("lib/f7.js"))
+    );
+    svc.stop();
+}
