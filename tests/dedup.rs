@@ -360,3 +360,23 @@ fn pruning_and_rejected_builds_do_not_cost_the_next_release_its_links() {
     );
     svc.stop();
 }
+
+/// A change log the keeper cannot write would make every later release a full copy of
+/// the files its operations touched: said (`site.error`, naming the file), not swallowed.
+#[test]
+fn a_change_log_that_cannot_be_written_is_reported() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    let log = site.root.join(".release-keeper/changes");
+    fs::create_dir_all(&log).unwrap();
+    site.deploy(&[("a.txt", b"alpha" as &[u8])], "id = \"v1\"\n");
+    svc.wait_release_event("release.activated", "v1");
+    let ev = svc.wait_event("site.error", |v| v["path"].as_str() == log.to_str(), WAIT);
+    assert!(
+        ev["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("copies the files")),
+        "{ev}"
+    );
+    svc.stop();
+}

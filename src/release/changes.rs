@@ -113,6 +113,7 @@ impl Changes {
 /// An operation that may change the inodes of releases: its span is recorded when it
 /// ends (dropped), however it ends.
 pub struct Window {
+    site: String,
     log: PathBuf,
     start: SystemTime,
 }
@@ -121,6 +122,7 @@ impl Window {
     /// Starts the span of an operation on `site`.
     pub fn open(site: &Site) -> Window {
         Window {
+            site: site.name().to_string(),
             log: site.changes_log(),
             start: SystemTime::now(),
         }
@@ -140,8 +142,11 @@ impl Drop for Window {
             nanos(SystemTime::now()) + END_SLACK.as_nanos() as i128
         );
         if let Err(e) = append(&self.log, line.as_bytes()) {
-            // Files it touched look changed to the next build, which copies them.
-            tracing::debug!(path = %self.log.display(), reason = %e, "cannot record the keeper's change span");
+            // Files it touched look edited to the next build, which copies them: said, as
+            // a log that stays unwritable would make every release a full copy.
+            tracing::warn!(event = crate::events::SITE_ERROR, site = %self.site,
+                path = %self.log.display(), reason = %e,
+                "cannot record the keeper's own changes; the next release copies the files they touched");
         }
     }
 }
