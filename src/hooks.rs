@@ -204,6 +204,25 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // A keeper killed outright (-9, the OOM killer) outside systemd, whose cgroup would
+    // otherwise take the hook with it, must not leave the hook running beside the one its
+    // restart runs again (two migrations at once). The kernel kills the hook when the
+    // thread that started it dies, and that thread waits here until the hook has ended.
+    let keeper = std::process::id();
+    // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+    // (prctl, getppid) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Died before the prctl: nobody waits for this hook any more.
+            if libc::getppid() as u32 != keeper {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
     if let Some(name) = &env.user {
         let user = match nix::unistd::User::from_name(name) {
             Ok(Some(u)) => u,

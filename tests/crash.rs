@@ -486,6 +486,48 @@ fn crash_in_before_activate_of_the_first_release_redoes_the_activation() {
     svc.stop();
 }
 
+/// Whether process `pid` still runs (a zombie waiting to be reaped does not).
+fn running(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
+/// Outside systemd, whose cgroup would take it along, nothing killed a hook whose keeper
+/// was killed outright (-9, the OOM killer): it ran on beside the one the restarted keeper
+/// starts (two migrations at once). The hook now dies with its keeper.
+#[test]
+fn a_hook_dies_with_the_keeper_killed_outright() {
+    let site = Site::new();
+    let pidfile = site.tmp_path("hook.pid");
+    let hook = format!(
+        "health_check = [\"/bin/sh\", \"-c\", \"echo $$ > {}.tmp && mv {0}.tmp {0}; exec sleep 60\"]",
+        pidfile.display()
+    );
+    let cfg = site.write_config(SITE, "health_retries = 1", &hook);
+    let svc = start(&cfg);
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    wait_until(
+        WAIT,
+        || pidfile.exists(),
+        || "the health check to start".into(),
+    );
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(running(pid), "the health check runs");
+    sigkill(&svc);
+    wait_until(
+        Duration::from_secs(5),
+        || !running(pid),
+        || format!("the health check (pid {pid}) to end with its killed keeper"),
+    );
+}
+
 /// A crash after a failed health check was journaled but before `current` was switched
 /// back leaves `current` on the failed release (the state is made here by hand: the
 /// journal without its `rolled_back` record, `current` on the failed release). Healing
