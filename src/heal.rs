@@ -710,6 +710,57 @@ fn finalized_claim_work(
     })
 }
 
+/// The release healing points a lost `current` at, with what to add to the repair's
+/// words. Only a release that was activated: one that never was (staged, or a crash while
+/// its `before_activate` ran) has not had its hooks and health check, so healing making it
+/// current would put it live unchecked; its redone upload activates it properly. A
+/// release known to have drifted is passed over for a clean one; with none left, it still
+/// beats no `current` at all (the site would be down), and is reported.
+fn release_for_current(
+    site: &Site,
+    state: &store::State,
+    dry_run: bool,
+    why: &str,
+    out: &mut Outcome,
+) -> Option<(String, Option<String>)> {
+    let exists = |id: &str| site.release(id).is_dir();
+    let any = state.last_good_activated(exists)?;
+    let clean = |id: &str| exists(id) && crate::verify::drifted(site, id).is_none();
+    match state.last_good_activated(clean) {
+        Some(c) if c == any => Some((c, None)),
+        Some(c) => {
+            if !dry_run {
+                tracing::warn!(event = events::DRIFT_SKIPPED, site = site.name(),
+                    release = %any, to = %c, reason = "its last verify found drift",
+                    "healing passes over a drifted release");
+            }
+            let note = format!(" (passed over release {any}: its last verify found drift)");
+            Some((c, Some(note)))
+        }
+        None => {
+            if let Some(r) = crate::verify::drifted(site, &any) {
+                out.report(
+                    format!(
+                        "{why}: current {} at release {any}, the only good release that was \
+                         activated, though its last verify ({}) found drift: {}; restore it \
+                         and run `release-keeper verify {} {any}`, or deploy a fixed release",
+                        if dry_run {
+                            "would be pointed"
+                        } else {
+                            "was pointed"
+                        },
+                        r.checked,
+                        crate::verify::summarize(&r.drift),
+                        site.name()
+                    ),
+                    Some(&any),
+                );
+            }
+            Some((any, None))
+        }
+    }
+}
+
 /// Recreates missing shared directories (a missing shared *file* is only reported). Only
 /// once some release exists (`linked`): before the first one nothing links to shared
 /// entries yet, and the first upload decides whether each is a file (seeded from it) or a
@@ -776,6 +827,7 @@ fn recover_releases(
     let pins = store::saved_pins(site);
     let mut out = Vec::with_capacity(dated.len());
     for (_, id) in dated {
+        let pinned = pins.contains(&id);
         if !dry_run {
             let entries = store::read_release_manifest(site, &id)?;
             let files = entries.iter().filter(|e| e.kind == store::Kind::File);
@@ -792,13 +844,12 @@ fn recover_releases(
                     previous: None,
                 })?;
             }
-            if pins.contains(&id) {
+            if pinned {
                 journal.append(Op::Pinned {
                     release: id.clone(),
                 })?;
             }
         }
-        let pinned = pins.contains(&id);
         out.push((id, pinned));
     }
     Ok(out)
@@ -943,49 +994,13 @@ fn heal_current(
         Err(e) => return Err(e).at(&current),
     };
     let state = journal.state();
-    let exists = |id: &str| site.release(id).is_dir();
-    // Only a release that was activated: one that never was (staged, or a crash while its
-    // `before_activate` ran) has not had its hooks and health check, so healing making it
-    // current would put it live unchecked; its redone upload activates it properly.
-    // A release known to have drifted is passed over for a clean one; with none left, it
-    // still beats no `current` at all (the site would be down), and is reported.
-    let mut drift_note = None;
-    let target =
-        keep.or_else(|| {
-            let any = state.last_good_activated(exists)?;
-            let clean = |id: &str| exists(id) && crate::verify::drifted(site, id).is_none();
-            match state.last_good_activated(clean) {
-                Some(c) if c != any => {
-                    if !dry_run {
-                        tracing::warn!(event = events::DRIFT_SKIPPED, site = site.name(),
-                        release = %any, to = %c, reason = "its last verify found drift",
-                        "healing passes over a drifted release");
-                    }
-                    drift_note = Some(format!(
-                        " (passed over release {any}: its last verify found drift)"
-                    ));
-                    Some(c)
-                }
-                Some(c) => Some(c),
-                None => {
-                    if let Some(r) = crate::verify::drifted(site, &any) {
-                        out.report(
-                            format!(
-                            "{why}: current {} at release {any}, the only good release that was \
-                             activated, though its last verify ({}) found drift: {}; restore it \
-                             and run `release-keeper verify {} {any}`, or deploy a fixed release",
-                            if dry_run { "would be pointed" } else { "was pointed" },
-                            r.checked,
-                            crate::verify::summarize(&r.drift),
-                            site.name()
-                        ),
-                            Some(&any),
-                        );
-                    }
-                    Some(any)
-                }
-            }
-        });
+    let (target, drift_note) = match keep {
+        Some(k) => (Some(k), None),
+        None => match release_for_current(site, state, dry_run, why, out) {
+            Some((target, note)) => (Some(target), note),
+            None => (None, None),
+        },
+    };
     let Some(target) = target else {
         if meta.is_some() || !state.history.is_empty() {
             out.report(
