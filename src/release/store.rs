@@ -959,21 +959,26 @@ pub fn first_difference(stored: &[Entry], uploaded: &[Entry]) -> Option<String> 
     b.sort_by(|x, y| x.path.cmp(&y.path));
     let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
     loop {
-        let (x, y) = match (a.peek(), b.peek()) {
+        // A side that has run out is behind every path of the other.
+        let order = match (a.peek(), b.peek()) {
             (None, None) => return None,
-            (Some(x), None) => return Some(format!("{}: not in the upload", x.path.display())),
-            (None, Some(y)) => return Some(format!("{}: not in the release", y.path.display())),
-            (Some(x), Some(y)) => (*x, *y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => x.path.cmp(&y.path),
         };
-        match x.path.cmp(&y.path) {
+        let (x, y) = match order {
             std::cmp::Ordering::Less => {
-                return Some(format!("{}: not in the upload", x.path.display()))
+                return a
+                    .next()
+                    .map(|x| format!("{}: not in the upload", x.path.display()))
             }
             std::cmp::Ordering::Greater => {
-                return Some(format!("{}: not in the release", y.path.display()))
+                return b
+                    .next()
+                    .map(|y| format!("{}: not in the release", y.path.display()))
             }
-            std::cmp::Ordering::Equal => {}
-        }
+            std::cmp::Ordering::Equal => (a.next()?, b.next()?),
+        };
         if !x.same_content(y) {
             let what = if x.kind != y.kind {
                 "a different type"
@@ -986,8 +991,6 @@ pub fn first_difference(stored: &[Entry], uploaded: &[Entry]) -> Option<String> 
             };
             return Some(format!("{}: {what}", x.path.display()));
         }
-        a.next();
-        b.next();
     }
 }
 
