@@ -1785,6 +1785,15 @@ fn settle_after_deploy() {
     std::thread::sleep(Duration::from_secs(1));
 }
 
+/// A service on `site` (with `site_cfg`) serving v1, the deploy's own healing pass over,
+/// and no timed pass for an hour: only what inotify reports is healed.
+fn serving_v1_healed_by_events_only(site: &Site, site_cfg: &str) -> Service {
+    let (_cfg, svc) = start_site(site, SITE, "heal_interval = \"1h\"", site_cfg);
+    deploy_and_activate(site, &svc, "v1");
+    settle_after_deploy();
+    svc
+}
+
 /// Deletes the directory `dir` (`rm -r`), or with `aside` moves it there first (a tree
 /// whose entries healing recreates as `rm -r` goes would make it fail with "Directory not
 /// empty"), and waits until healing has made it again.
@@ -1816,14 +1825,7 @@ fn remove_dir_and_wait_healed(dir: &Path, aside: Option<&Path>, what: &str) {
 #[test]
 fn shared_dir_entry_deleted_while_running_is_recreated_at_once() {
     let site = Site::new();
-    let (_cfg, mut svc) = start_site(
-        &site,
-        SITE,
-        "heal_interval = \"1h\"",
-        "shared = [\"storage\"]",
-    );
-    deploy_and_activate(&site, &svc, "v1");
-    settle_after_deploy();
+    let mut svc = serving_v1_healed_by_events_only(&site, "shared = [\"storage\"]");
     let storage = site.root.join("shared/storage");
     assert!(storage.is_dir(), "made with the first release");
     for round in 0..2 {
@@ -1843,14 +1845,8 @@ fn shared_dir_entry_deleted_while_running_is_recreated_at_once() {
 #[test]
 fn nested_shared_dir_entry_deleted_while_running_is_recreated_at_once() {
     let site = Site::new();
-    let (_cfg, mut svc) = start_site(
-        &site,
-        SITE,
-        "heal_interval = \"1h\"",
-        "shared = [\"storage\", \"cache/views\"]",
-    );
-    deploy_and_activate(&site, &svc, "v1");
-    settle_after_deploy();
+    let mut svc =
+        serving_v1_healed_by_events_only(&site, "shared = [\"storage\", \"cache/views\"]");
     let cache = site.root.join("shared/cache");
     let views = cache.join("views");
     assert!(views.is_dir(), "made with the first release");
@@ -1932,14 +1928,8 @@ fn thread_switches(pid: i32, comm: &str) -> u64 {
 #[test]
 fn app_writes_into_shared_start_no_healing_pass() {
     let site = Site::new();
-    let (_cfg, mut svc) = start_site(
-        &site,
-        SITE,
-        "heal_interval = \"1h\"",
-        "shared = [\"storage\", \"cache/views\"]",
-    );
-    deploy_and_activate(&site, &svc, "v1");
-    settle_after_deploy();
+    let mut svc =
+        serving_v1_healed_by_events_only(&site, "shared = [\"storage\", \"cache/views\"]");
     let worker = format!("rk:{SITE}");
     let pid = svc.pid();
     let (worker_before, reader_before) = (
