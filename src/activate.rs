@@ -65,6 +65,7 @@ fn hook_env(site: &Site, id: &str, previous: Option<&str>) -> HookEnv {
         site_name: site.name().to_string(),
         site_root: hooks::absolute(site.root()),
         user: site.cfg.hook_user.clone(),
+        record: Some(site.hook_record()),
     }
 }
 

@@ -15,6 +15,10 @@
 //!   release files (`release::changes`), appended without a sync: a span lost in a crash
 //!   only makes files look edited by hand, so the next build copies them instead of
 //!   sharing them.
+//! - `.release-keeper/hook`: the process group of the hook running now, written when it
+//!   starts and removed when it ends (`write_atomic_unsynced`: it describes processes,
+//!   which a power loss ends anyway). Found by the next holder of the site's lock, it is
+//!   what a keeper killed during a hook left running (`hooks::reap_leftovers`).
 //!
 //! Order of durability for anything the next step depends on: file data (fsync, or one
 //! `syncfs` for a whole tree), then the rename, then an fsync of the parent directory.
@@ -150,6 +154,26 @@ fn parse_unwritten(meminfo: &str) -> Option<u64> {
 /// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Replaces `path` with `bytes` atomically (temporary file, rename) but without syncing:
+/// for notes that only matter while the machine stays up.
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_sibling(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .at(path)?;
+        f.write_all(bytes).at(path)?;
+        fs::rename(&tmp, path).at(path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Like `write_atomic`, streaming: `fill` writes the content through a buffer, so large

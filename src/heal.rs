@@ -378,6 +378,16 @@ fn heal_pass(
         }
     }
 
+    // Before anything here or after this pass (a redone activation) runs a hook again.
+    if let Some(what) = crate::hooks::reap_leftovers(&site.hook_record(), dry_run) {
+        repair(
+            format!("{} what was left of {what}", verb("killed", "kill")),
+            crate::hooks::LEFTOVER_REASON,
+            None,
+            &mut out,
+        );
+    }
+
     let releases_listing = listings.names(&releases);
     for p in leftovers(
         &releases,

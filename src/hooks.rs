@@ -2,6 +2,13 @@
 //! environment plus the documented variables, bounded by `hook_timeout`. The hook runs in
 //! its own process group so that at the limit the whole group is killed, not just the
 //! first process (a `sh -c` wrapper would otherwise leave its children running).
+//!
+//! A keeper killed outright takes the hook's first process with it (`PR_SET_PDEATHSIG`),
+//! not what that process started. So while a hook runs, its process group is noted in the
+//! site's state (`HookEnv::record`), and whoever next holds the site's lock (the healing
+//! pass at the restart, or the next hook) kills what is left of that group before anything
+//! runs the hook again: a redone activation must not run a migration beside the one it
+//! redoes.
 
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -34,6 +41,8 @@ pub struct HookEnv {
     pub site_root: PathBuf,
     /// Run as this user (config `hook_user`; needs the service to run as root).
     pub user: Option<String>,
+    /// Where the running hook's process group is noted (`Site::hook_record`).
+    pub record: Option<PathBuf>,
 }
 
 /// How a hook ended when it did not succeed.
@@ -253,12 +262,19 @@ pub fn run(
             .env("USER", name)
             .env("LOGNAME", name);
     }
+    if let Some(record) = &env.record {
+        reap_and_log(record, &env.site_name);
+    }
     let mut child: Child = cmd
         .spawn()
         .map_err(|e| fail(format!("cannot start {program:?}: {e}"), String::new()))?;
     let mut out = Tail::new(child.stdout.take().map(std::os::fd::OwnedFd::from));
     let mut err = Tail::new(child.stderr.take().map(std::os::fd::OwnedFd::from));
     let pgid = Pid::from_raw(child.id() as i32);
+    let noted = env
+        .record
+        .as_deref()
+        .filter(|record| note_group(record, name, pgid, &env.site_name));
     RUNNING_GROUP.store(pgid.as_raw(), Ordering::SeqCst);
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -282,6 +298,10 @@ pub fn run(
     // Whatever the leader did, stray members of its group must not outlive the hook.
     let _ = killpg(pgid, Signal::SIGKILL);
     RUNNING_GROUP.store(0, Ordering::SeqCst);
+    if let Some(record) = noted {
+        // Left behind only if this fails: the group is gone, so reaping finds nothing.
+        let _ = std::fs::remove_file(record);
+    }
     // The hook has ended: what it wrote is in the pipes now. A detached descendant may
     // still hold them open; its later output is not the hook's and is not waited for.
     let stdout = out.finish();
@@ -302,6 +322,112 @@ pub fn run(
     }
 }
 
+/// A hook's process group as noted while it runs: `<boot id> <group> <start> <hook>`, the
+/// start time being its first process's (`/proc/<pid>/stat`, ticks since boot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GroupNote {
+    boot: String,
+    group: i32,
+    started: u64,
+    hook: String,
+}
+
+impl GroupNote {
+    fn line(&self) -> String {
+        format!(
+            "{} {} {} {}\n",
+            self.boot, self.group, self.started, self.hook
+        )
+    }
+
+    fn parse(text: &str) -> Option<GroupNote> {
+        let mut f = text.split_whitespace();
+        let note = GroupNote {
+            boot: f.next()?.to_string(),
+            group: f.next()?.parse().ok().filter(|g| *g > 1)?,
+            started: f.next()?.parse().ok()?,
+            hook: f.next()?.to_string(),
+        };
+        f.next().is_none().then_some(note)
+    }
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
+}
+
+/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields are counted after the command name, which may hold spaces and ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Notes the group of the hook just started; false (logged) when it cannot, and the hook
+/// runs anyway: the note only matters if this keeper is killed while the hook runs.
+fn note_group(record: &Path, hook: &str, group: Pid, site: &str) -> bool {
+    let note = boot_id()
+        .zip(start_time(group.as_raw()))
+        .map(|(boot, started)| GroupNote {
+            boot,
+            group: group.as_raw(),
+            started,
+            hook: hook.to_string(),
+        });
+    let written = match note {
+        Some(n) => crate::fsops::write_atomic_unsynced(record, n.line().as_bytes()),
+        None => Err(crate::error::Error::Failed(
+            "cannot read the boot id or the hook's start time from /proc".into(),
+        )),
+    };
+    if let Err(e) = &written {
+        tracing::warn!(event = crate::events::SITE_ERROR, site, hook, path = %record.display(), reason = %e,
+            "cannot note the hook's process group; if this keeper is killed, what the hook started is not cleaned up");
+    }
+    written.is_ok()
+}
+
+/// Kills what is left of a hook noted in `record` by a keeper that was killed while it ran
+/// (in a dry run, only says so), and forgets the note. Returns what it killed, as
+/// `<hook> (process group <n>)`. The caller holds the site's operation lock, under which
+/// every hook of the site runs: a note found then is never of a hook running now.
+///
+/// The group is killed only when it is the noted one: its first process is gone (the
+/// kernel never gives its number to a new process while the group still has members) or
+/// is still the one noted (same start time, this boot: a setuid program such as `sudo`
+/// clears `PR_SET_PDEATHSIG`, so it may outlive its keeper).
+pub fn reap_leftovers(record: &Path, dry_run: bool) -> Option<String> {
+    let text = std::fs::read_to_string(record).ok()?;
+    let found = GroupNote::parse(&text).filter(|n| {
+        Some(&n.boot) == boot_id().as_ref()
+            && start_time(n.group).is_none_or(|started| started == n.started)
+            // Signal 0 only asks whether any process is still in the group.
+            && killpg(Pid::from_raw(n.group), None).is_ok()
+    });
+    if dry_run {
+        return found.map(|n| format!("{} (process group {})", n.hook, n.group));
+    }
+    let killed = found.filter(|n| killpg(Pid::from_raw(n.group), Signal::SIGKILL).is_ok());
+    let _ = std::fs::remove_file(record);
+    killed.map(|n| format!("{} (process group {})", n.hook, n.group))
+}
+
+/// `reap_leftovers` before a hook starts, logged as healing.
+fn reap_and_log(record: &Path, site: &str) {
+    if let Some(what) = reap_leftovers(record, false) {
+        tracing::info!(event = crate::events::HEAL_REPAIRED, site, what = %format!("killed what was left of {what}"),
+            reason = LEFTOVER_REASON, "repaired");
+    }
+}
+
+/// Why `reap_leftovers` kills: logged by both its callers.
+pub const LEFTOVER_REASON: &str =
+    "processes a hook started were still running after their keeper was killed";
+
 /// Absolute form of a release path for `RELEASE_PATH`.
 pub fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -319,6 +445,7 @@ mod tests {
             site_name: "s".into(),
             site_root: dir.to_path_buf(),
             user: None,
+            record: None,
         }
     }
 
@@ -437,5 +564,72 @@ mod tests {
         assert!(f.status.starts_with("timed out"), "{}", f.status);
         assert_eq!(f.stderr_tail.trim(), "before-hang");
         assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+
+    /// A process group like a hook's, left running: `sleep` as its first process.
+    fn group() -> Child {
+        Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    fn alive(c: &mut Child) -> bool {
+        c.try_wait().unwrap().is_none()
+    }
+
+    #[test]
+    fn the_noted_group_is_killed_and_forgotten() {
+        let d = tempfile::tempdir().unwrap();
+        let record = d.path().join("hook");
+        let mut c = group();
+        let pgid = Pid::from_raw(c.id() as i32);
+        assert!(note_group(&record, "before_activate", pgid, "s"));
+        let noted = format!("before_activate (process group {pgid})");
+        assert_eq!(reap_leftovers(&record, true).as_deref(), Some(&*noted));
+        assert!(alive(&mut c), "a dry run kills nothing");
+        assert!(record.exists(), "nor forgets");
+        assert_eq!(reap_leftovers(&record, false).as_deref(), Some(&*noted));
+        let st = c.wait().unwrap();
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        assert!(!record.exists());
+        assert_eq!(reap_leftovers(&record, false), None);
+    }
+
+    #[test]
+    fn a_group_the_note_does_not_describe_is_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let record = d.path().join("hook");
+        let mut c = group();
+        let pgid = c.id() as i32;
+        let started = start_time(pgid).unwrap();
+        let boot = boot_id().unwrap();
+        // Its first process started at another time (the number was given to a new
+        // process), or the note is from before a reboot, or unreadable.
+        for text in [
+            format!("{boot} {pgid} {} before_activate\n", started + 1),
+            format!("00000000-0000-0000-0000-000000000000 {pgid} {started} before_activate\n"),
+            format!("{boot} {pgid}\n"),
+            format!("{boot} 1 {started} before_activate\n"),
+        ] {
+            std::fs::write(&record, &text).unwrap();
+            assert_eq!(reap_leftovers(&record, false), None, "{text}");
+            assert!(alive(&mut c), "{text}");
+            assert!(!record.exists(), "{text}: the note is dropped");
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    #[test]
+    fn a_finished_hook_leaves_no_note() {
+        let d = tempfile::tempdir().unwrap();
+        let record = d.path().join("hook");
+        let mut e = env(d.path());
+        e.record = Some(record.clone());
+        let script = format!("test -s {}", record.display());
+        run("t", &sh(&script), &e, Duration::from_secs(5)).expect("noted while it runs");
+        assert!(!record.exists());
     }
 }

@@ -121,6 +121,11 @@ impl Site {
         self.state().join("pins")
     }
 
+    /// The process group of the hook running now (`hooks::reap_leftovers`).
+    pub fn hook_record(&self) -> PathBuf {
+        self.state().join("hook")
+    }
+
     /// The spans of the keeper's own changes to release inodes (`release::changes`).
     pub fn changes_log(&self) -> PathBuf {
         self.state().join("changes")

@@ -528,6 +528,61 @@ fn a_hook_dies_with_the_keeper_killed_outright() {
     );
 }
 
+/// What a hook started stays in its process group when the keeper is killed outright
+/// (only the hook's first process dies with it). The restarted keeper kills it before the
+/// redone activation runs the migration again, and says so.
+#[test]
+fn what_a_hook_started_is_killed_before_the_hook_runs_again() {
+    let site = Site::new();
+    let (leader, child, once) = (
+        site.tmp_path("hook.pid"),
+        site.tmp_path("child.pid"),
+        site.tmp_path("ran-once"),
+    );
+    let script = format!(
+        "[ -e {once} ] && exit 0; touch {once}; sleep 60 & echo $! > {child}.tmp; \
+         echo $$ > {leader}.tmp; mv {child}.tmp {child}; mv {leader}.tmp {leader}; wait",
+        once = once.display(),
+        child = child.display(),
+        leader = leader.display(),
+    );
+    let hook = format!("before_activate = [\"/bin/sh\", \"-c\", {script:?}]");
+    let cfg = site.write_config(SITE, "", &hook);
+    let svc = start(&cfg);
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    wait_until(WAIT, || leader.exists(), || "the migration to start".into());
+    let pid_in = |p: &Path| -> i32 { fs::read_to_string(p).unwrap().trim().parse().unwrap() };
+    let (leader_pid, child_pid) = (pid_in(&leader), pid_in(&child));
+    sigkill(&svc);
+    wait_until(
+        Duration::from_secs(5),
+        || !running(leader_pid),
+        || "the hook's first process to die with its keeper".into(),
+    );
+    assert!(
+        running(child_pid),
+        "the test needs what the hook started to outlive the keeper"
+    );
+
+    let svc = start(&cfg);
+    svc.wait_release_event("release.activated", "v1");
+    assert!(
+        !running(child_pid),
+        "pid {child_pid}, started by the killed keeper's before_activate, still runs"
+    );
+    let repaired = svc.events("heal.repaired");
+    assert!(
+        repaired.iter().any(|e| e["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("killed what was left of before_activate (process group"))),
+        "{repaired:?}"
+    );
+    assert!(
+        !site.root.join(".release-keeper/hook").exists(),
+        "the note of the group is gone once no hook runs"
+    );
+}
+
 /// A crash after a failed health check was journaled but before `current` was switched
 /// back leaves `current` on the failed release (the state is made here by hand: the
 /// journal without its `rolled_back` record, `current` on the failed release). Healing
