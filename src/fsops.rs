@@ -218,7 +218,8 @@ pub struct AtomicWriter {
 }
 
 impl AtomicWriter {
-    /// Starts a new file that will replace `path`.
+    /// Starts a new file that will replace `path`. Errors name `path`, as
+    /// `write_atomic_with`'s do.
     pub fn create(path: &Path, durable: bool) -> Result<AtomicWriter> {
         let tmp = tmp_sibling(path);
         let f = OpenOptions::new()
@@ -227,7 +228,7 @@ impl AtomicWriter {
             .mode(0o644)
             .custom_flags(libc::O_CLOEXEC)
             .open(&tmp)
-            .at(&tmp)?;
+            .at(path)?;
         Ok(AtomicWriter {
             path: path.to_path_buf(),
             tmp,
@@ -239,7 +240,7 @@ impl AtomicWriter {
     /// Appends bytes.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         match self.out.as_mut() {
-            Some(w) => w.write_all(bytes).at(&self.tmp),
+            Some(w) => w.write_all(bytes).at(&self.path),
             None => Ok(()),
         }
     }
@@ -252,7 +253,7 @@ impl AtomicWriter {
     /// Writes out what is buffered (the temporary file is then complete so far).
     pub fn flush(&mut self) -> Result<()> {
         match self.out.as_mut() {
-            Some(w) => w.flush().at(&self.tmp),
+            Some(w) => w.flush().at(&self.path),
             None => Ok(()),
         }
     }
@@ -273,9 +274,9 @@ impl AtomicWriter {
             return Ok(());
         };
         let result = (|| {
-            let f = w.into_inner().map_err(|e| e.into_error()).at(&self.tmp)?;
+            let f = w.into_inner().map_err(|e| e.into_error()).at(&self.path)?;
             if self.durable {
-                f.sync_all().at(&self.tmp)?;
+                f.sync_all().at(&self.path)?;
             }
             fs::rename(&self.tmp, &self.path).at(&self.path)?;
             if self.durable {
@@ -303,7 +304,7 @@ impl Drop for AtomicWriter {
 pub fn swap_symlink(link: &Path, target: &Path) -> Result<()> {
     let tmp = tmp_sibling(link);
     let result = (|| {
-        std::os::unix::fs::symlink(target, &tmp).at(&tmp)?;
+        std::os::unix::fs::symlink(target, &tmp).at(link)?;
         fs::rename(&tmp, link).at(link)?;
         fsync_dir(parent_of(link))
     })();

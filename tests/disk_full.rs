@@ -160,3 +160,123 @@ fn releases_dir_refusing_writes_defers_the_upload_until_fixed() {
     assert_eq!(site.current_id().as_deref(), Some("v2"));
     svc.stop();
 }
+
+/// Runs `cmd`, true when it succeeded.
+fn ran(cmd: &mut Command) -> bool {
+    cmd.status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// A write the disk fails after the kernel accepted it (a full thin volume, a failing
+/// disk) shows only when the release is flushed: `syncfs` reports the lost writeback. The
+/// release must not be renamed into place or activated, and the upload must be kept and
+/// finalized once the disk works again. The disk here is an ext4 image on a loop device
+/// whose backing file lives on a tmpfs too small for it: ext4 sees plenty of free space
+/// and accepts every write, and the writeback of those past the tmpfs's size fails (as
+/// ENOSPC, what a thin volume gives too).
+#[test]
+fn a_write_lost_on_its_way_to_disk_fails_the_flush_and_defers_the_upload_until_fixed() {
+    let site = Site::new();
+    let backing = site.tmp_path("backing");
+    fs::create_dir_all(&backing).unwrap();
+    let Some(tmpfs) = mount_tmpfs(&backing, "40m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let image = backing.join("disk.img");
+    fs::File::create(&image)
+        .unwrap()
+        .set_len(256 * 1024 * 1024)
+        .unwrap();
+    if !ran(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal"])
+        .arg(&image))
+    {
+        eprintln!("skipped: mkfs.ext4 is missing");
+        return;
+    }
+    fs::create_dir_all(&site.root).unwrap();
+    if !ran(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&site.root))
+    {
+        eprintln!("skipped: cannot mount a loop device here");
+        return;
+    }
+    // Dropped before the tmpfs under it.
+    let disk = Mount(site.root.clone());
+    fs::create_dir_all(site.deploy_cache()).unwrap();
+    let mut svc = Service::start_root(&site.root);
+    deploy_and_activate(&site, &svc, "v1");
+
+    // 24 MiB that do not compress, written through to the image: the tmpfs holds them
+    // and the little else the disk has, but not a second copy of them (the release).
+    let blobs: Vec<(String, Vec<u8>)> = (0..24u32)
+        .map(|i| {
+            let mut b = vec![0u8; 1024 * 1024];
+            let mut x = 0x9e37_79b9_u32.wrapping_mul(i + 1);
+            for c in b.chunks_mut(4) {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            (format!("assets/blob{i}.bin"), b)
+        })
+        .collect();
+    let files: Vec<(&str, &[u8])> = blobs
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    site.stage_upload(&files);
+    assert!(
+        ran(Command::new("sync").arg("-f").arg(&site.root)),
+        "sync of the upload"
+    );
+    site.drop_marker("id = \"v2\"\n");
+
+    let ev = svc.wait_event(
+        "release.rejected",
+        |v| release_of(v) == Some("v2") && v["retrying"] == true,
+        WAIT,
+    );
+    let reason = reason_of(&ev);
+    // The whole tree's `syncfs`, or one file's fsync when the release is flushed file by
+    // file (`finalize::Durability`), whichever met the lost write.
+    assert!(
+        reason.contains(".partial.v2") && reason.contains("No space left on device"),
+        "the reason names the flush that failed: {ev}"
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "current must stay on the release that is on disk"
+    );
+    assert!(
+        !site.release("v2").exists() && site.hidden_release_entries().is_empty(),
+        "no release or partial left behind: {:?}",
+        site.releases_entries()
+    );
+    assert_eq!(
+        site.claim_count(),
+        1,
+        "the upload must be kept for a retry, not dropped"
+    );
+
+    // The disk works again: the next trigger finalizes the upload.
+    assert!(
+        ran(Command::new("mount")
+            .args(["-o", "remount,size=400m"])
+            .arg(&tmpfs.0)),
+        "remount failed"
+    );
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(
+        fs::read(site.release("v2").join("assets/blob7.bin")).unwrap(),
+        blobs[7].1
+    );
+    svc.stop();
+    drop(disk);
+    drop(tmpfs);
+}
