@@ -729,3 +729,63 @@ fn hard_linked_marker_is_taken_at_once() {
     );
     svc.stop();
 }
+
+/// A marker the keeper's user cannot read (an uploader's umask of 077, common with sftp)
+/// is rejected naming why, and consumed: it stalled every later upload of the site, each
+/// claimed and never processed, until someone removed the claim by hand. Needs root (to
+/// run the keeper as `nobody` and write a marker it cannot read); skipped otherwise.
+#[test]
+fn a_marker_the_keeper_cannot_read_is_rejected_and_later_uploads_go_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("skipped: no user `nobody`");
+        return;
+    };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let site = Site::new();
+    let tmp = site.root.parent().unwrap();
+    fs::set_permissions(tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = site.write_config(SITE, "", "");
+    assert_ok(&cli(&cfg, &["init", SITE, "--owner", "nobody"]), "init");
+    let (uid, gid) = (nobody.uid.to_string(), nobody.gid.to_string());
+    let mut svc = Service::spawn_via(
+        &[
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+        ],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "run",
+        ],
+    );
+    svc.wait_started();
+
+    site.stage_upload(&as_refs(&small_build("private")));
+    let marker = site.marker_path();
+    fs::write(&marker, "id = \"private\"\n").unwrap();
+    fs::set_permissions(&marker, fs::Permissions::from_mode(0o600)).unwrap();
+    let ev = svc.wait_event(
+        "release.rejected",
+        |v| reason_of(v).contains(".release-ready"),
+        WAIT,
+    );
+    let reason = reason_of(&ev);
+    assert!(
+        reason.contains("cannot be read") && reason.contains("Permission denied"),
+        "the reason says the marker cannot be read, and why: {ev}"
+    );
+    assert_eq!(site.claim_count(), 0, "the unreadable claim is consumed");
+
+    site.deploy(&as_refs(&small_build("public")), "id = \"public\"\n");
+    svc.wait_release_event("release.activated", "public");
+    assert_eq!(site.release_ids(), ["public"]);
+    svc.stop();
+}

@@ -437,6 +437,16 @@ pub fn is_bogus_claim(name: &std::ffi::OsStr, kind: Option<fs::FileType>) -> boo
 pub fn read_raw(path: &Path, shown: &str) -> Result<MarkerSpec> {
     let bytes = fsops::read_small_nofollow(path, MAX_MARKER_BYTES).map_err(|e| match e {
         Error::Rejected(r) => Error::Rejected(format!("the marker {shown} {r}")),
+        // The uploader's mode for it (a umask of 077), not a fault of the keeper: kept as
+        // an error, the claim would stay first in line and hold up every later upload.
+        Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+        {
+            Error::Rejected(format!(
+                "the marker {shown} cannot be read by the keeper ({source}); make it \
+                 readable by the keeper's user and drop it again"
+            ))
+        }
         other => other,
     })?;
     if let Some(reason) = bytes.strip_prefix(&[REJECTED_TAG]) {

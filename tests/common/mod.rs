@@ -493,7 +493,19 @@ pub struct Service {
 impl Service {
     /// Spawns the binary with `args` (e.g. `["run", "--root", DIR, "--log-format", "json"]`).
     pub fn spawn(args: &[&str]) -> Service {
-        let mut cmd = Command::new(BIN);
+        Service::spawn_via(&[], args)
+    }
+
+    /// Like `spawn`, the binary run through `wrapper` (e.g. `setpriv` and its options).
+    pub fn spawn_via(wrapper: &[&str], args: &[&str]) -> Service {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(args)
             .env_remove("RELEASE_KEEPER_CONFIG")
             .env_remove("JOURNAL_STREAM")
