@@ -256,7 +256,17 @@ pub fn list(cfg: &Config, name: &str, as_json: bool) -> Result<()> {
             cfg.init_command(site.name())
         ));
     }
-    let doc = list_doc(&site, &Journal::load(&site)?);
+    let journal = match Journal::load(&site) {
+        Ok(j) => j,
+        // Still one JSON document on stdout, in the shape `status` gives such a site.
+        Err(e) if as_json => {
+            print_json(&json!({"site": site.name(), "error": e.to_string(),
+                "current": null, "previous": null, "releases": []}))?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let doc = list_doc(&site, &journal);
     if as_json {
         return print_json(&doc);
     }
@@ -321,8 +331,10 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         None => cfg.sites.keys().cloned().collect(),
     };
     let mut docs = Vec::new();
-    // Of all sites, one whose state cannot be read must not hide the others: it gets a
-    // document with its `error`, the rest are shown, and the command still fails.
+    // A site whose state cannot be read must not hide the others: it gets a document with
+    // its `error`, the rest are shown, and the command still fails. Named alone, it still
+    // gets its document: a monitor piping `status shop --json` to `jq` reads the error
+    // there instead of an empty stdout.
     let mut failed = None;
     for name in &names {
         let site = site(cfg, name)?;
@@ -339,14 +351,13 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         }
         let journal = match Journal::load(&site) {
             Ok(j) => j,
-            Err(e) if only.is_none() => {
+            Err(e) => {
                 let mut doc = blank();
                 doc["error"] = json!(e.to_string());
                 docs.push(doc);
                 failed.get_or_insert(e);
                 continue;
             }
-            Err(e) => return Err(e),
         };
         let mut doc = list_doc(&site, &journal);
         let state = journal.state();
@@ -668,9 +679,18 @@ pub fn prune(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> 
 /// `heal SITE [--dry-run]`.
 pub fn heal(cfg: &Config, name: &str, dry_run: bool, wait: &Option<String>) -> Result<()> {
     let site = site(cfg, name)?;
+    // Taking the lock makes a missing layout again (a dry run's does not, and its pass
+    // says what it would make): looked at first, so that is said too.
+    let missing = match dry_run {
+        false => heal::missing_layout(&site, heal::Uploads::Recreate),
+        true => Vec::new(),
+    };
     let _lock = lock_for(&site, dry_run, wait)?;
     let mut journal = Journal::load(&site)?;
     let mut outcome = heal::heal(&site, &mut journal, dry_run)?;
+    outcome
+        .repairs
+        .splice(0..0, heal::layout_repairs(&site, &missing, dry_run));
     if dry_run {
         // Done before the lock by every other command; here only said.
         let locks = heal::repair_locks(&site, true)?;

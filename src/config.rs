@@ -1341,27 +1341,56 @@ fn check_unique_metrics_files(sites: &BTreeMap<String, Parsed>) -> Result<(), Co
     Ok(())
 }
 
+/// Each site needs a root of its own, compared where the roots lead: two paths to one
+/// directory through a symlink (`/var/www -> /srv/www`) would otherwise pass here and the
+/// service would refuse to start, taking one site's lock for another service's.
 fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigError> {
     let mut in_order: Vec<_> = sites.iter().collect();
     in_order.sort_by_key(|(_, parsed)| parsed.order);
-    let mut seen: BTreeMap<&Path, (&str, &Loc)> = BTreeMap::new();
+    let mut seen: BTreeMap<PathBuf, (&str, &Loc, &Path)> = BTreeMap::new();
     for (name, parsed) in in_order {
-        if let Some((other, other_at)) = seen.get(parsed.config.root.as_path()) {
+        let literal = parsed.config.root.as_path();
+        // A root that does not exist yet is compared as written.
+        let root = fs::canonicalize(literal).unwrap_or_else(|_| literal.to_path_buf());
+        if let Some((other, other_at, other_literal)) = seen.get(&root) {
             let at = &parsed.root_at;
+            let same = if *other_literal == literal {
+                format!("the same root {:?}", literal.display().to_string())
+            } else {
+                format!(
+                    "roots {:?} and {:?}, which are the same directory {:?}",
+                    other_literal.display().to_string(),
+                    literal.display().to_string(),
+                    root.display().to_string()
+                )
+            };
             return Err(at.error(format!(
-                "sites {other:?} and {name:?} have the same root {:?} (see {other_at}); each site needs its own root",
-                parsed.config.root.display().to_string()
+                "sites {other:?} and {name:?} have {same} (see {other_at}); each site needs its own root"
             )));
         }
         // A root inside another site's keeper-owned directories would be uploaded,
         // released or pruned as that site's data.
-        let root = parsed.config.root.as_path();
-        for (&other, &(other_name, other_at)) in &seen {
-            let nested = managed_dir_holding(root, other)
-                .map(|dir| (root, name.as_str(), other, other_name, dir))
+        for (other, &(other_name, other_at, _)) in &seen {
+            let nested = managed_dir_holding(&root, other)
+                .map(|dir| {
+                    (
+                        root.as_path(),
+                        name.as_str(),
+                        other.as_path(),
+                        other_name,
+                        dir,
+                    )
+                })
                 .or_else(|| {
-                    managed_dir_holding(other, root)
-                        .map(|dir| (other, other_name, root, name.as_str(), dir))
+                    managed_dir_holding(other, &root).map(|dir| {
+                        (
+                            other.as_path(),
+                            other_name,
+                            root.as_path(),
+                            name.as_str(),
+                            dir,
+                        )
+                    })
                 });
             if let Some((inner, inner_name, outer, outer_name, dir)) = nested {
                 return Err(parsed.root_at.error(format!(
@@ -1371,7 +1400,7 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
                 )));
             }
         }
-        seen.insert(&parsed.config.root, (name, &parsed.root_at));
+        seen.insert(root, (name, &parsed.root_at, literal));
     }
     Ok(())
 }
@@ -2101,6 +2130,38 @@ marker = "DONE"
             8,
             "sites \"a\" and \"b\" have the same root \"/srv/x\" (see config.toml:2:8)",
         );
+    }
+
+    #[test]
+    fn roots_that_are_one_directory_through_a_symlink_are_the_same_root() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("srv/www");
+        fs::create_dir_all(&real).unwrap();
+        let link = d.path().join("www");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let text = format!(
+            "[sites.a]\nroot = \"{}\"\n[sites.b]\nroot = \"{}\"\n",
+            link.display(),
+            real.display()
+        );
+        let err = parse(&text).expect_err("one directory").to_string();
+        assert!(
+            err.contains(&format!(
+                "sites \"a\" and \"b\" have roots \"{}\" and \"{}\", which are the same directory",
+                link.display(),
+                real.display()
+            )),
+            "{err}"
+        );
+        // Nested through the link, too.
+        let text = format!(
+            "[sites.a]\nroot = \"{}\"\n[sites.b]\nroot = \"{}/releases/b\"\n",
+            real.display(),
+            link.display()
+        );
+        fs::create_dir_all(real.join("releases/b")).unwrap();
+        let err = parse(&text).expect_err("nested").to_string();
+        assert!(err.contains("which the keeper manages"), "{err}");
     }
 
     #[test]

@@ -348,6 +348,36 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     .at(to)
 }
 
+/// Opens the directory `dir` without following a symlink at its last component. For
+/// `deploy-cache/` above all: an uploader may replace it with a link to anywhere (another
+/// site's `deploy-cache/`), and nothing may then be read, claimed or removed through it.
+/// A symlink there is an error that says so.
+pub fn open_dir_nofollow(dir: &Path) -> Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::OFlag;
+    nix::fcntl::openat(
+        nix::fcntl::AT_FDCWD,
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| {
+        let link = matches!(e, nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP)
+            && fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+        if link {
+            Error::Failed(format!(
+                "{} is a symlink, not a directory: nothing is read through it (make it a \
+                 directory again)",
+                dir.display()
+            ))
+        } else {
+            Error::Io {
+                path: dir.to_path_buf(),
+                source: e.into(),
+            }
+        }
+    })
+}
+
 /// Creates `dir` (and parents) if missing, with `mode` for the ones created.
 pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
     match fs::symlink_metadata(dir) {
@@ -829,7 +859,31 @@ fn open_nofollow(path: &Path) -> std::io::Result<File> {
 /// but a regular file (a fifo would block: O_NONBLOCK) and files over `limit` bytes. The
 /// rejection reasons do not name the path: callers name the file as users know it.
 pub fn open_small_nofollow(path: &Path, limit: u64) -> Result<File> {
-    let f = open_nofollow(path).map_err(|e| match e.raw_os_error() {
+    checked_small(path, open_nofollow(path), limit)
+}
+
+/// `open_small_nofollow` of the file `name` in the open directory `dir` (whose path is
+/// `path`'s parent): neither the directory nor the file is reached through a symlink.
+pub fn open_small_nofollow_at(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    path: &Path,
+    limit: u64,
+) -> Result<File> {
+    use nix::fcntl::OFlag;
+    let opened = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map(File::from)
+    .map_err(std::io::Error::from);
+    checked_small(path, opened, limit)
+}
+
+fn checked_small(path: &Path, opened: std::io::Result<File>, limit: u64) -> Result<File> {
+    let f = opened.map_err(|e| match e.raw_os_error() {
         Some(libc::ELOOP) => Error::Rejected("is a symlink".into()),
         _ => Error::Io {
             path: path.to_path_buf(),

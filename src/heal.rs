@@ -267,6 +267,52 @@ pub fn repair_locks_with(site: &Site, listings: &mut Listings) -> Result<Vec<Rep
     repair_locks(site, false)
 }
 
+/// The directories of the site's layout that are missing (`deploy-cache/` only with
+/// `Uploads::Recreate`). None for a site without its state directory: making a new site's
+/// layout is setting it up, not a repair.
+pub fn missing_layout(site: &Site, uploads: Uploads) -> Vec<PathBuf> {
+    let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    if !is_dir(&site.state()) {
+        return Vec::new();
+    }
+    let mut wanted = vec![
+        site.releases(),
+        site.shared(),
+        site.manifests(),
+        site.claims(),
+    ];
+    if uploads == Uploads::Recreate {
+        wanted.insert(0, site.deploy_cache());
+    }
+    wanted.retain(|d| !is_dir(d));
+    wanted
+}
+
+/// The repairs of making the `missing` directories again, logged like every other repair:
+/// `heal` answering "nothing to heal" after making `releases/` again hid that someone had
+/// removed it.
+pub fn layout_repairs(site: &Site, missing: &[PathBuf], dry_run: bool) -> Vec<Repair> {
+    let why = "missing directory of the site's layout";
+    missing
+        .iter()
+        .map(|dir| {
+            let what = format!(
+                "{} {}/",
+                if dry_run { "create" } else { "created" },
+                dir.display()
+            );
+            if !dry_run {
+                tracing::info!(event = events::HEAL_REPAIRED, site = site.name(), what = %what,
+                    reason = why, "repaired");
+            }
+            Repair {
+                what,
+                why: why.to_string(),
+            }
+        })
+        .collect()
+}
+
 /// Runs one healing pass over `site`. The caller holds the site's operation lock, and
 /// processes the pending claims (`pipeline::run_pending`) right after a real pass.
 pub fn heal(site: &Site, journal: &mut Journal, dry_run: bool) -> Result<Outcome> {
@@ -371,11 +417,15 @@ fn heal_pass(
     let layout_ok = has_dirs(&root_listing, &keeper_dirs)
         && has_dirs(&state_listing, &[name_of(&manifests), name_of(&claims)])
         && (uploads == Uploads::Leave || has_dirs(&root_listing, &[name_of(&deploy_cache)]));
-    if !dry_run && !layout_ok {
-        match uploads {
-            Uploads::Recreate => site.ensure_layout()?,
-            Uploads::Leave => site.ensure_keeper_dirs()?,
+    if !layout_ok {
+        let missing = missing_layout(site, uploads);
+        if !dry_run {
+            match uploads {
+                Uploads::Recreate => site.ensure_layout()?,
+                Uploads::Leave => site.ensure_keeper_dirs()?,
+            }
         }
+        out.repairs.extend(layout_repairs(site, &missing, dry_run));
     }
 
     // Before anything here or after this pass (a redone activation) runs a hook again.
@@ -501,11 +551,18 @@ fn heal_pass(
 
     // A marker hidden by a claim across filesystems that a crash cut short: made its claim
     // now, or the upload would be lost and the hidden file break the next release.
-    let hidden = leftovers(
-        &site.deploy_cache(),
-        &listings.names(&site.deploy_cache()),
-        &[fsops::TMP_PREFIX],
-    );
+    // Never through a `deploy-cache/` an uploader replaced with a symlink: what it points
+    // at is not the site's.
+    let real_dir = fs::symlink_metadata(&deploy_cache).is_ok_and(|m| m.is_dir());
+    let hidden = if real_dir {
+        leftovers(
+            &deploy_cache,
+            &listings.names(&deploy_cache),
+            &[fsops::TMP_PREFIX],
+        )
+    } else {
+        Vec::new()
+    };
     let finished = marker::finish_hidden_claims(site, &hidden, dry_run)?;
     for p in &finished {
         repair(

@@ -148,16 +148,21 @@ static RUNNING_GROUP: AtomicI32 = AtomicI32::new(0);
 /// own, which Ctrl-C at the terminal does not reach: an interrupted `activate` left its
 /// `before_activate` (a migration) running on, orphaned, with nothing to record how it
 /// ended. What the interruption leaves in the journal is resolved like a crash.
-pub fn forward_interrupts() {
+///
+/// `note` gives, for each of those signals, the line written to stderr as the command
+/// ends (an interrupted `activate` otherwise ended without a word, `current` possibly
+/// switched and unchecked); it is made now, since the handler cannot format anything.
+pub fn forward_interrupts(note: impl Fn(Signal) -> Vec<u8>) {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let _ = INTERRUPT_NOTES.set(INTERRUPTS.map(note));
     let action = SigAction::new(
         SigHandler::Handler(on_interrupt),
         SaFlags::empty(),
         SigSet::empty(),
     );
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only makes async-signal-safe calls (an atomic load, kill,
-        // signal, raise).
+    for sig in INTERRUPTS {
+        // SAFETY: the handler only makes async-signal-safe calls (atomic loads, kill,
+        // write, signal, raise).
         let old = unsafe { sigaction(sig, &action) };
         // An ignored signal stays ignored (`nohup`, a background job of a script): it
         // would not have ended the command, so it must not end the hook either.
@@ -171,12 +176,28 @@ pub fn forward_interrupts() {
     }
 }
 
+/// The signals `forward_interrupts` handles.
+const INTERRUPTS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+
+/// The lines `on_interrupt` writes, in the order of `INTERRUPTS`.
+static INTERRUPT_NOTES: std::sync::OnceLock<[Vec<u8>; 3]> = std::sync::OnceLock::new();
+
 extern "C" fn on_interrupt(sig: libc::c_int) {
     let group = RUNNING_GROUP.load(Ordering::SeqCst);
-    // SAFETY: kill, signal and raise are async-signal-safe.
+    let note = INTERRUPT_NOTES.get().and_then(|notes| {
+        INTERRUPTS
+            .iter()
+            .position(|s| *s as libc::c_int == sig)
+            .map(|i| &notes[i])
+    });
+    // SAFETY: kill, write, signal and raise are async-signal-safe; the note is a buffer
+    // made before the handler was installed, only read here.
     unsafe {
         if group > 0 {
             libc::kill(-group, sig);
+        }
+        if let Some(n) = note {
+            libc::write(2, n.as_ptr().cast(), n.len());
         }
         libc::signal(sig, libc::SIG_DFL);
         libc::raise(sig);

@@ -29,7 +29,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Completions { shell } => return Ok(cli::print_completions(*shell)?),
         Command::Man { dir } => return Ok(cli::write_man(dir.as_deref())?),
         other => {
-            release_keeper::hooks::forward_interrupts();
+            let json = cli.log_format == Some(events::LogFormat::Json);
+            let site = site_of(&cli.command, cli.root.as_deref()).unwrap_or("");
+            release_keeper::hooks::forward_interrupts(|sig| interrupted_note(json, site, sig));
             let cfg = commands::load_config(config, root)?;
             match other {
                 Command::Status { site, json } => commands::status(&cfg, site.as_deref(), *json),
@@ -122,6 +124,32 @@ fn json_requested(args: &[std::ffi::OsString]) -> bool {
         }
     }
     false
+}
+
+/// What a command interrupted by `sig` says as it ends: in JSON, a `command.failed` line
+/// like any other failure's (without a timestamp: it is written by the signal handler).
+fn interrupted_note(json: bool, site: &str, sig: nix::sys::signal::Signal) -> Vec<u8> {
+    let reason = format!(
+        "interrupted by {}; what it was doing is finished or undone by the next healing pass \
+         (the service's, or `release-keeper heal {}`)",
+        sig.as_str(),
+        if site.is_empty() { "SITE" } else { site }
+    );
+    let mut line = if json {
+        serde_json::json!({
+            "level": "ERROR",
+            "event": events::COMMAND_FAILED,
+            "site": site,
+            "reason": reason,
+            "exit_code": 128 + sig as i32,
+            "message": "interrupted",
+        })
+        .to_string()
+    } else {
+        format!("release-keeper: {reason}")
+    };
+    line.push('\n');
+    line.into_bytes()
 }
 
 /// Reports a command line clap rejected. With `--log-format json` it is a `command.failed`

@@ -863,7 +863,16 @@ fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
 fn read_manifest(site: &Site, id: &str, warn: bool) -> Result<Option<Expected>> {
     let path = site.deploy_cache().join(&site.cfg.manifest);
     let name = &site.cfg.manifest;
-    let file = match fsops::open_small_nofollow(&path, manifest::MAX_MANIFEST_BYTES) {
+    // Through the directory opened without following a link: an uploader may have made
+    // `deploy-cache/` one since the marker was claimed.
+    let dir = fsops::open_dir_nofollow(&site.deploy_cache())?;
+    let opened = fsops::open_small_nofollow_at(
+        &dir,
+        std::ffi::OsStr::new(name),
+        &path,
+        manifest::MAX_MANIFEST_BYTES,
+    );
+    let file = match opened {
         Ok(f) => f,
         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             if site.cfg.require_manifest {
@@ -961,8 +970,14 @@ fn still_in_flight(
 
 /// True when `deploy-cache/` holds nothing under the manifest's name.
 fn manifest_missing(site: &Site) -> bool {
-    let path = site.deploy_cache().join(&site.cfg.manifest);
-    std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    // A `deploy-cache/` that cannot be opened is not waited on: the build says why.
+    fsops::open_dir_nofollow(&site.deploy_cache()).is_ok_and(|dir| {
+        nix::sys::stat::fstatat(
+            &dir,
+            site.cfg.manifest.as_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) == Err(nix::errno::Errno::ENOENT)
+    })
 }
 
 /// True when the manifest is absent from `deploy-cache/` while something there still looks

@@ -1134,10 +1134,14 @@ fn interrupting_activate_stops_its_running_hook() {
     finalize_as(&site, &cfg, "slow", &["--no-activate"], 0);
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         let _ = fs::remove_file(&pid_file);
+        // Text for one signal, JSON for the other: each says it was interrupted.
+        let json = sig == Signal::SIGTERM;
+        let format = if json { "json" } else { "text" };
         let mut child = std::process::Command::new(BIN)
-            .args(["--config", cfg.to_str().unwrap(), "activate", SITE, "slow"])
+            .args(["--config", cfg.to_str().unwrap(), "--log-format", format])
+            .args(["activate", SITE, "slow"])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn release-keeper");
         wait_until(
@@ -1159,8 +1163,21 @@ fn interrupting_activate_stops_its_running_hook() {
         }
         let _reap = Reap(hook);
         kill(Pid::from_raw(child.id() as i32), sig).unwrap();
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "{sig}: {status:?}");
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{sig}: {:?}", out.status);
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        let last = said.lines().last().unwrap_or_default().to_string();
+        if json {
+            let v: Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {said}"));
+            assert_eq!(v["event"], "command.failed", "{said}");
+            assert_eq!(v["site"], SITE, "{said}");
+            assert!(reason_of(&v).contains("interrupted by SIGTERM"), "{said}");
+        } else {
+            assert!(
+                last.contains("interrupted by SIGINT") && last.contains(&format!("heal {SITE}")),
+                "{said}"
+            );
+        }
         wait_until(
             Duration::from_secs(5),
             || {

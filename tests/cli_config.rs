@@ -405,7 +405,8 @@ fn status_of_a_site_whose_root_is_missing_keeps_its_shape_and_says_so() {
 
 /// `status` of all sites with one site's journal unreadable printed nothing at all: the
 /// healthy sites are shown, the broken one says its error (a document of the same shape
-/// with `error` in JSON), and the command exits 1. `status` of that site alone fails.
+/// with `error` in JSON), and the command exits 1. `status` or `list` of that site alone
+/// fails, its JSON document saying why.
 #[test]
 fn status_of_all_sites_shows_the_others_when_one_journal_cannot_be_read() {
     let site = Site::new();
@@ -455,8 +456,21 @@ fn status_of_all_sites_shows_the_others_when_one_journal_cannot_be_read() {
         show(&out)
     );
 
-    let out = cli(&cfg, &["status", "zz", "--json"]);
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    // Named alone, each still prints its one JSON document, with the error in it.
+    for args in [
+        &["status", "zz", "--json"][..],
+        &["list", "zz", "--json"][..],
+    ] {
+        let out = cli(&cfg, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", show(&out));
+        let doc = stdout_json(&out);
+        assert_eq!(doc["site"], "zz", "{args:?}: {doc}");
+        assert!(
+            doc["error"].as_str().is_some_and(|e| e.contains("journal")),
+            "{args:?}: {doc}"
+        );
+        assert_eq!(doc["releases"], serde_json::json!([]), "{args:?}: {doc}");
+    }
 }
 
 /// A reader that closed its end of the pipe early (`status | head -1`, `list | grep -q`)

@@ -2112,3 +2112,51 @@ fn shared_file_deleted_while_running_is_reported_at_once_not_recreated() {
     );
     svc.stop();
 }
+
+/// The keeper's own directories removed by hand are made again, and `heal` says so: it
+/// answered "nothing to heal" after making them, hiding that someone had removed them. A
+/// new site's layout made at its first start is setting it up, not a repair.
+#[test]
+fn heal_says_it_made_the_layout_again() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    let out = cli(&cfg, &["init", SITE]);
+    assert_ok(&out, "init");
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal of a new site");
+    assert!(
+        stdout_of(&out).contains("nothing to heal"),
+        "{}",
+        show(&out)
+    );
+
+    fs::remove_dir(site.releases_dir()).unwrap();
+    fs::remove_dir(site.deploy_cache()).unwrap();
+    let releases = format!("{}/", site.releases_dir().display());
+    let uploads = format!("{}/", site.deploy_cache().display());
+    let out = cli(&cfg, &["heal", SITE, "--dry-run"]);
+    assert_ok(&out, "heal --dry-run");
+    let said = stdout_of(&out);
+    assert!(
+        said.contains(&format!("create {releases}")) && said.contains(&format!("create {uploads}")),
+        "{}",
+        show(&out)
+    );
+    assert!(!site.releases_dir().exists(), "a dry run makes nothing");
+
+    let out = cli(&cfg, &["--log-format", "json", "heal", SITE]);
+    assert_ok(&out, "heal");
+    let said = stdout_of(&out);
+    assert!(
+        said.contains(&format!("created {releases}"))
+            && said.contains(&format!("created {uploads}")),
+        "{}",
+        show(&out)
+    );
+    assert!(site.releases_dir().is_dir() && site.deploy_cache().is_dir());
+    let logged = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        logged.contains("heal.repaired") && logged.contains("missing directory"),
+        "{logged}"
+    );
+}

@@ -2242,3 +2242,69 @@ fn names_with_control_characters_cannot_forge_log_or_output_lines() {
     );
     assert!(site.release_ids().is_empty());
 }
+
+/// An uploader with write access to the root replaces `deploy-cache/` with a symlink to
+/// another site's `deploy-cache/` (or anywhere): the keeper must neither take the markers
+/// it finds through the link (another site's uploads, silently gone) nor read or remove
+/// anything there, and must say what is wrong.
+#[test]
+fn deploy_cache_replaced_by_a_symlink_is_not_read_through() {
+    let (a, b) = (Site::new(), Site::new());
+    let cfg = a.tmp_path("two.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[sites.a]\nroot = \"{}\"\n[sites.b]\nroot = \"{}\"\n",
+            a.root.display(),
+            b.root.display()
+        ),
+    )
+    .unwrap();
+    let svc = Service::start_config(&cfg);
+    a.deploy(&as_refs(&small_build("a1")), "id = \"a1\"\n");
+    svc.wait_release_event("release.activated", "a1");
+
+    // A marker waiting somewhere outside every root, then a's deploy-cache/ swapped for
+    // a link to there.
+    let elsewhere = a.tmp_path("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let outside_marker = elsewhere.join(".release-ready");
+    fs::write(&outside_marker, SECRET).unwrap();
+    fs::rename(a.deploy_cache(), a.tmp_path("dc.bak")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, a.deploy_cache()).unwrap();
+    // Every path to a claim: the events in a's root, and a full pass.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(svc.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let ev = svc.wait_event(
+        "site.error",
+        |v| v["site"] == "a" && reason_of(v).contains("is a symlink"),
+        OUTCOME_WAIT,
+    );
+    assert!(
+        reason_of(&ev).contains(&a.deploy_cache().display().to_string()),
+        "the error names the link: {ev}"
+    );
+    assert_eq!(
+        fs::read(&outside_marker).ok().as_deref(),
+        Some(SECRET),
+        "site a took or altered a marker outside its root"
+    );
+
+    // Pointed at b's deploy-cache/ instead: b's upload is b's alone.
+    fs::remove_file(a.deploy_cache()).unwrap();
+    std::os::unix::fs::symlink(b.deploy_cache(), a.deploy_cache()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    b.deploy(&as_refs(&small_build("b1")), "id = \"b1\"\n");
+    let done = svc.wait_release_event("release.activated", "b1");
+    assert_eq!(done["site"], "b", "{done}");
+    let stolen: Vec<Value> = svc
+        .json_lines()
+        .into_iter()
+        .filter(|v| v["site"] == "a" && release_of(v).is_some_and(|r| r == "b1" || r == "stolen"))
+        .collect();
+    assert!(stolen.is_empty(), "site a saw b's uploads: {stolen:?}");
+    assert_eq!(a.current_id().as_deref(), Some("a1"));
+}

@@ -831,6 +831,17 @@ fn shared_entries_and_links_are_created() {
         b"<p>pub</p>\n",
         "htdocs -> current/public"
     );
+    // `.env` had nothing to seed it: made a directory, which the log says is a guess.
+    let made: Vec<String> = svc
+        .events("shared.linked")
+        .iter()
+        .filter(|v| v["path"] == ".env")
+        .filter_map(|v| v["created"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        made.len() == 1 && made[0].starts_with("empty directory") && made[0].contains("file"),
+        "{made:?}"
+    );
     // A deleted link is recreated by healing.
     fs::remove_file(site.root.join("htdocs")).unwrap();
     wait_until(

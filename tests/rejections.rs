@@ -770,8 +770,19 @@ fn a_marker_the_keeper_cannot_read_is_rejected_and_later_uploads_go_on() {
 
     site.stage_upload(&as_refs(&small_build("private")));
     let marker = site.marker_path();
-    fs::write(&marker, "id = \"private\"\n").unwrap();
-    fs::set_permissions(&marker, fs::Permissions::from_mode(0o600)).unwrap();
+    {
+        // Private from the start, as the uploader's umask makes it: the keeper may claim
+        // it the moment it is closed.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&marker)
+            .unwrap();
+        f.write_all(b"id = \"private\"\n").unwrap();
+    }
     let ev = svc.wait_event(
         "release.rejected",
         |v| reason_of(v).contains(".release-ready"),

@@ -1315,7 +1315,7 @@ fn link_shared(
             if let Some(parent) = in_shared.parent() {
                 fsops::ensure_dir(parent, 0o755)?;
             }
-            match &uploaded {
+            let kind = match &uploaded {
                 Some(m) if m.is_file() => {
                     fs::copy(&in_release, &in_shared).at(&in_shared)?;
                     site.record_shared_file(entry)?;
@@ -1324,14 +1324,20 @@ fn link_shared(
                         fs::Permissions::from_mode(shared_file_mode(m.permissions().mode())),
                     )
                     .at(&in_shared)?;
+                    "file, seeded from the upload"
                 }
-                _ => fs::DirBuilder::new()
-                    .mode(0o755)
-                    .create(&in_shared)
-                    .at(&in_shared)?,
-            }
+                _ => {
+                    fs::DirBuilder::new()
+                        .mode(0o755)
+                        .create(&in_shared)
+                        .at(&in_shared)?;
+                    // Said, since it is a guess: nothing told a file (`.env`) from a
+                    // directory (`storage`). A file put in its place is kept as one.
+                    "empty directory (the upload had no file to seed it; if it should be a file, replace it with one)"
+                }
+            };
             tracing::info!(event = crate::events::SHARED_LINKED, site = site.name(), release = input.id, path = %entry.display(),
-                "created missing shared entry");
+                created = kind, "created missing shared entry");
         }
         if uploaded.is_some() {
             // Its files and directories were built (a file may have seeded the shared

@@ -337,9 +337,24 @@ impl Watcher {
             list.iter()
                 .fold(AddWatchFlags::empty(), |m, r| m | r.interest.mask())
         };
+        // An uploader's directory (`deploy-cache/`) is watched only as itself: replaced by
+        // a symlink, it must not bring this site the events of wherever the link points
+        // (another site's uploads). Adding the watch then fails (ENOTDIR).
+        let own_only = table
+            .routes
+            .get(dir)
+            .is_some_and(|l| l.iter().any(|r| matches!(r.interest, Interest::Marker(_))));
+        let (meta, flags) = if own_only {
+            (
+                fs::symlink_metadata(dir),
+                AddWatchFlags::IN_DONT_FOLLOW | AddWatchFlags::IN_ONLYDIR,
+            )
+        } else {
+            (fs::metadata(dir), AddWatchFlags::empty())
+        };
         // The identity is taken before the watch is added: if the path changes in between,
         // the next call sees another identity and adds the watch again.
-        let id = fs::metadata(dir).map(|m| (m.dev(), m.ino())).ok();
+        let id = meta.map(|m| (m.dev(), m.ino())).ok();
         if let (Some(id), Some(live)) = (id, table.wds.get(dir)) {
             // Alive (its IN_IGNORED not seen), on the directory the path names, and asking
             // for every event its routes need.
@@ -354,7 +369,7 @@ impl Watcher {
         // name (a link's directory symlinked to the root) must not narrow that one's events.
         let wd = self
             .inotify
-            .add_watch(dir, mask | mask_add())
+            .add_watch(dir, mask | mask_add() | flags)
             .map_err(|e| match e {
                 Errno::ENOSPC => Error::Failed(format!(
                     "cannot watch {}: the inotify watch limit is reached; raise \

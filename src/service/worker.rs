@@ -365,7 +365,10 @@ impl Worker {
                 // A deploy-cache/ removed while the service runs is left to the uploader
                 // to make again (`heal::Uploads::Leave`): the root's watch sees it come
                 // back, and the next pass watches it then.
-                if !dir.is_dir() && dir == site.deploy_cache() {
+                // Nor is one replaced by a symlink watched through it: claiming the marker
+                // says what is wrong (`marker::claim_marker`).
+                let real_dir = || std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
+                if dir == site.deploy_cache() && !real_dir() {
                     continue;
                 }
                 if let Err(e) = self
@@ -375,7 +378,7 @@ impl Worker {
                     // Removed between the check above and the watch (`rm -rf deploy-cache &&
                     // mkdir deploy-cache` while the pass ran): the same case, only raced.
                     // Told by the watch's own error, since by now it may be back.
-                    if dir == site.deploy_cache() && (vanished(&e) || !dir.is_dir()) {
+                    if dir == site.deploy_cache() && (vanished(&e) || !real_dir()) {
                         tracing::debug!(site = site.name(), reason = %e, "deploy-cache/ went away before it was watched");
                         continue;
                     }

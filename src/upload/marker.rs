@@ -167,16 +167,30 @@ pub const MARKER_SETTLE: std::time::Duration = std::time::Duration::from_secs(1)
 
 /// True when the marker exists but changed less than `min_age` ago.
 pub fn marker_is_young(site: &Site, min_age: std::time::Duration) -> bool {
+    fsops::open_dir_nofollow(&site.deploy_cache())
+        .is_ok_and(|dir| marker_is_young_in(&dir, site, min_age))
+}
+
+/// `marker_is_young`, for the marker in `deploy-cache/` open as `dir`.
+fn marker_is_young_in(
+    dir: &std::os::fd::OwnedFd,
+    site: &Site,
+    min_age: std::time::Duration,
+) -> bool {
     if min_age.is_zero() {
         return false;
     }
-    let Ok(meta) = fs::symlink_metadata(site.marker()) else {
+    let Ok(st) = nix::sys::stat::fstatat(
+        dir,
+        site.cfg.marker.as_str(),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) else {
         return false;
     };
     let changed = std::time::UNIX_EPOCH
         + std::time::Duration::new(
-            std::os::unix::fs::MetadataExt::ctime(&meta).max(0) as u64,
-            std::os::unix::fs::MetadataExt::ctime_nsec(&meta).clamp(0, 999_999_999) as u32,
+            st.st_ctime.max(0) as u64,
+            st.st_ctime_nsec.clamp(0, 999_999_999) as u32,
         );
     std::time::SystemTime::now()
         .duration_since(changed)
@@ -188,12 +202,28 @@ pub fn marker_is_young(site: &Site, min_age: std::time::Duration) -> bool {
 /// file, not the owner and no CAP_LEASE, a filesystem without leases); `Err` when `path`
 /// cannot be opened (`NotFound`: there is no marker).
 pub fn open_for_writing(path: &Path) -> std::io::Result<Option<bool>> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
+    held_for_writing(f)
+}
+
+/// `open_for_writing` of the file `name` in the open directory `dir`.
+fn open_for_writing_in(dir: &std::os::fd::OwnedFd, name: &str) -> std::io::Result<Option<bool>> {
+    use nix::fcntl::OFlag;
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    held_for_writing(fs::File::from(fd))
+}
+
+fn held_for_writing(f: fs::File) -> std::io::Result<Option<bool>> {
+    use std::os::fd::AsRawFd;
     if !f.metadata().is_ok_and(|m| m.is_file()) {
         return Ok(None);
     }
@@ -214,19 +244,35 @@ pub fn open_for_writing(path: &Path) -> std::io::Result<Option<bool>> {
 /// still has it open for writing (its close-write event will come), or, where that
 /// cannot be told, it changed less than `min_age` ago. Returns the raw claim it made, or
 /// `None` when nothing was claimed.
+///
+/// `deploy-cache/` is opened once, without following a symlink, and the marker is looked
+/// at and moved relative to that: an uploader who replaced `deploy-cache/` with a link
+/// (to another site's, say) gets an error naming it, and nothing outside the root is read
+/// or moved, even if the swap comes in the middle.
 pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<Option<PathBuf>> {
-    match open_for_writing(&site.marker()) {
+    let dir = match fsops::open_dir_nofollow(&site.deploy_cache()) {
+        Ok(d) => d,
+        // Removed by the uploader (`rm -rf deploy-cache && mkdir deploy-cache`).
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let name = site.cfg.marker.as_str();
+    match open_for_writing_in(&dir, name) {
         // No marker (every idle pass): one failed open, nothing more. One dropped right
         // after this wakes the worker by its own event.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Ok(Some(true)) => return Ok(None),
         Ok(Some(false)) => {}
-        _ if marker_is_young(site, min_age) => return Ok(None),
+        _ if marker_is_young_in(&dir, site, min_age) => return Ok(None),
         _ => {}
     }
     let marker = site.marker();
     let mut dest = site.claims().join(format!("{}.{RAW_EXT}", claim_stem()));
-    match fs::rename(&marker, &dest) {
+    let moved =
+        nix::fcntl::renameat(&dir, name, nix::fcntl::AT_FDCWD, &dest).map_err(std::io::Error::from);
+    match moved {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
@@ -239,13 +285,20 @@ pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<Option<
             let hidden = site
                 .deploy_cache()
                 .join(format!("{}{stem}", fsops::TMP_PREFIX));
-            fs::rename(&marker, &hidden).at(&marker)?;
-            fsops::fsync_dir(&site.deploy_cache())?;
+            let hidden_name = format!("{}{stem}", fsops::TMP_PREFIX);
+            nix::fcntl::renameat(&dir, name, &dir, hidden_name.as_str())
+                .map_err(std::io::Error::from)
+                .at(&marker)?;
+            nix::unistd::fsync(&dir)
+                .map_err(std::io::Error::from)
+                .at(&site.deploy_cache())?;
             dest = claim_hidden(site, &hidden, &stem)?;
         }
         Err(e) => return Err(e).at(&marker),
     }
-    fsops::fsync_dir(&site.deploy_cache())?;
+    nix::unistd::fsync(&dir)
+        .map_err(std::io::Error::from)
+        .at(&site.deploy_cache())?;
     fsops::fsync_dir(&site.claims())?;
     Ok(Some(dest))
 }

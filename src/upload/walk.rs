@@ -94,13 +94,7 @@ pub fn is_symlink(mode: u32) -> bool {
 
 /// Opens `root` itself as a directory without following a symlink at its last component.
 pub fn open_root(root: &Path) -> Result<OwnedFd> {
-    openat(
-        nix::fcntl::AT_FDCWD,
-        root,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .at(root)
+    crate::fsops::open_dir_nofollow(root)
 }
 
 /// Walks `root` depth-first, parents before children, names sorted byte-wise in each
