@@ -1137,7 +1137,7 @@ fn interrupting_activate_stops_its_running_hook() {
         // Text for one signal, JSON for the other: each says it was interrupted.
         let json = sig == Signal::SIGTERM;
         let format = if json { "json" } else { "text" };
-        let mut child = std::process::Command::new(BIN)
+        let child = std::process::Command::new(BIN)
             .args(["--config", cfg.to_str().unwrap(), "--log-format", format])
             .args(["activate", SITE, "slow"])
             .stdout(std::process::Stdio::null())
