@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// `release-keeper ARGS` with a notify socket of our own, the watchdog asked for every
 /// 200ms, stderr (JSON logs) in a file.
@@ -321,6 +321,12 @@ fn sighup_adds_and_removes_sites_and_rejects_a_bad_config() {
     assert!(ready < ready2);
     let ev = k.wait_events("config.reloaded", 1, |_| true);
     assert_eq!(ev[0]["site"], "a,b", "{:?}", ev[0]);
+    assert_eq!(
+        (&ev[0]["added"], &ev[0]["removed"]),
+        (&json!("b"), &json!("")),
+        "{:?}",
+        ev[0]
+    );
     deploy(&b, "b1");
     k.wait_events("release.activated", 1, |v| v["release"] == "b1");
     assert_eq!(b.current_id().as_deref(), Some("b1"));
@@ -335,7 +341,11 @@ fn sighup_adds_and_removes_sites_and_rejects_a_bad_config() {
     let before = k.lines().len() - 1;
     k.signal(Signal::SIGHUP);
     k.wait_line(Some(before), |l| is(l, "RELOADING=1"), "RELOADING=1");
-    k.wait_events("config.reloaded", 2, |_| true);
+    // Said under the removed site's own name too, where a query for its events looks.
+    let gone = k.wait_events("config.reloaded", 1, |v| v["removed"] == true);
+    assert_eq!(gone[0]["site"], "a", "{:?}", gone[0]);
+    let ev = k.wait_events("config.reloaded", 1, |v| v["removed"] == "a");
+    assert_eq!(ev[0]["site"], "b", "{:?}", ev[0]);
     k.wait_line(
         Some(before),
         |l| l.starts_with("STATUS=") && !l.contains("a: ") && l.contains("b: "),

@@ -223,12 +223,23 @@ async fn reload(
     // A changed or removed site stops at once, its work in progress undone (a claimed
     // upload is redone by the restarted site, under the new config): waiting for it could
     // hold the reload, READY=1 and SIGTERM for up to upload_timeout or a slow hook.
+    let before: Vec<String> = workers.keys().cloned().collect();
     for name in &stale {
         if let Some(h) = workers.remove(name) {
             h.abort().await;
         }
         forget_status(name);
     }
+    let added: Vec<String> = new
+        .keys()
+        .filter(|n| !before.contains(n))
+        .cloned()
+        .collect();
+    let removed: Vec<String> = before
+        .iter()
+        .filter(|n| !new.contains_key(*n))
+        .cloned()
+        .collect();
     for (name, site) in new {
         if let std::collections::btree_map::Entry::Vacant(slot) = workers.entry(name) {
             slot.insert(worker::spawn(site, Arc::clone(watcher), ready.clone()));
@@ -237,10 +248,18 @@ async fn reload(
     for h in workers.values() {
         h.heal();
     }
+    // Under its own name too: a query for the removed site's events must find where they
+    // stop, and why.
+    for name in &removed {
+        tracing::info!(event = events::CONFIG_RELOADED, site = %name, removed = true,
+            "site no longer configured; not served any more");
+    }
     tracing::info!(
         event = events::CONFIG_RELOADED,
         site = %site_names(workers),
         sites = workers.len(),
+        added = %added.join(","),
+        removed = %removed.join(","),
         "config reloaded"
     );
     warn_if_no_sites(source, workers);
