@@ -2160,3 +2160,32 @@ fn heal_says_it_made_the_layout_again() {
         "{logged}"
     );
 }
+
+/// A root whose parent does not exist either (`/srv/new/site`, made later with `mkdir -p`)
+/// is served as soon as it is made, not at the next `heal_interval`: the nearest
+/// directory on the way to it is watched, and each one made moves the watch down. Nor is
+/// the missing parent logged as a `site.error`: waiting for a root is normal.
+#[test]
+fn a_root_made_with_its_missing_parents_is_served_at_once() {
+    let site = Site::new();
+    let root = site.tmp_path("new/deep/site");
+    let cfg = site.tmp_path("deep.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[defaults]\nheal_interval = \"1h\"\n[sites.{SITE}]\nroot = \"{}\"\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let mut svc = Service::start_config(&cfg);
+    svc.wait_event("site.waiting", |v| v["site"] == SITE, WAIT);
+    fs::create_dir_all(root.join("deploy-cache")).unwrap();
+    svc.wait_event("site.resumed", |v| v["site"] == SITE, WAIT);
+    assert!(
+        svc.events("site.error").is_empty(),
+        "log:\n{}",
+        svc.log_text()
+    );
+    svc.stop();
+}

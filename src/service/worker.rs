@@ -477,8 +477,9 @@ impl Worker {
     /// Waits while the site's root is not a directory: at start, a root not made yet (a
     /// mount to come); while the service runs, one deleted, or replaced by a file. Each
     /// cause is said when it appears, so that a file in the root's place is not reported
-    /// as a root that "does not exist yet". The root's parent is watched so a directory
-    /// there is picked up at once, with the heal timer as a backstop. False when the
+    /// as a root that "does not exist yet". The nearest existing directory on the way to
+    /// the root is watched so a directory there is picked up at once, with the heal timer
+    /// as a backstop. False when the
     /// worker is asked to stop meanwhile.
     fn wait_for_root(
         &self,
@@ -488,7 +489,7 @@ impl Worker {
         let site = &self.site;
         let root = site.root();
         let mut said = None;
-        let mut watched = false;
+        let mut watched: Option<std::path::PathBuf> = None;
         loop {
             if site.root_exists() {
                 if said.is_some() {
@@ -514,18 +515,27 @@ impl Worker {
                 said = Some(why);
             }
             report(Ok(()));
-            if !watched {
-                watched = true;
-                if let Some(parent) = root.parent() {
-                    if let Err(e) = self.watcher.watch(
-                        parent,
-                        Interest::Any,
-                        site.name(),
-                        Arc::clone(heal_wake),
-                    ) {
-                        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
-                            "cannot watch the root's parent");
-                    }
+            // The nearest directory on the way to the root that exists: its parent may be
+            // missing too (`mkdir -p /srv/new/site` to come), and each directory made on
+            // the way moves the watch one step down.
+            let nearest = root
+                .ancestors()
+                .skip(1)
+                .find(|d| d.is_dir())
+                .map(std::path::Path::to_path_buf);
+            if let Some(dir) = nearest.filter(|d| watched.as_ref() != Some(d)) {
+                let added =
+                    self.watcher
+                        .watch(&dir, Interest::Any, site.name(), Arc::clone(heal_wake));
+                if let Err(e) = &added {
+                    tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), dir = %dir.display(), reason = %e,
+                        "cannot watch the way to the site's root");
+                }
+                watched = Some(dir);
+                // Looked at again before waiting: what was made before the watch was
+                // added sent it no event.
+                if added.is_ok() {
+                    continue;
                 }
             }
             let mail = self.mailbox.wait(after(site.cfg.heal_interval));
