@@ -999,7 +999,7 @@ fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
             let name = rel.file_name().unwrap_or_default();
             if busy.len() < 10
                 && inflight::looks_in_flight(name, is_dir)
-                && !manifest.is_some_and(|m| m.contains(rel.as_os_str().as_bytes()))
+                && !manifest.is_some_and(|m| m.vouches_for(rel.as_os_str().as_bytes(), is_dir))
             {
                 busy.push(events::printable(&rel.display().to_string()).into_owned());
             }

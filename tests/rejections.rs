@@ -491,6 +491,8 @@ fn rsync_delay_updates_directory_is_waited_for() {
 /// Uploaders write files under temporary names, never directories: a build directory
 /// named like one (`assets.part/`, `.cache.abcdef/`; directories are never listed in a
 /// manifest) is part of the upload, not a transfer to wait for until `upload_timeout`.
+/// rsync's own holding directory `.~tmp~/` is, unless the manifest lists files in it:
+/// then the build has one (`release-keeper manifest` lists it), and it was held up.
 #[test]
 fn directories_named_like_temporary_files_are_not_in_flight() {
     let site = Site::new();
@@ -500,6 +502,7 @@ fn directories_named_like_temporary_files_are_not_in_flight() {
         ("assets.part/app.js", b"app\n"),
         (".cache.abcdef/x", b"x\n"),
         ("sub/chunk.filepart/y", b"y\n"),
+        ("lib/.~tmp~/kept", b"k\n"),
     ]);
     site.drop_marker("id = \"v2\"\n");
     let ev = svc.wait_event(
@@ -515,6 +518,10 @@ fn directories_named_like_temporary_files_are_not_in_flight() {
     assert_eq!(
         fs::read(site.release("v2").join("assets.part/app.js")).unwrap(),
         b"app\n"
+    );
+    assert_eq!(
+        fs::read(site.release("v2").join("lib/.~tmp~/kept")).unwrap(),
+        b"k\n"
     );
     svc.stop();
 }

@@ -640,8 +640,11 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
             w.seen_entries += 1;
             check_limits(cfg.max_files, None, w.seen_entries, 0)?;
             let rel_bytes = found.rel.as_os_str().as_bytes();
-            if inflight::looks_in_flight(found.name(), matches!(found.node, Node::Dir))
-                && !manifest.as_ref().is_some_and(|m| m.contains(rel_bytes))
+            let is_dir = matches!(found.node, Node::Dir);
+            if inflight::looks_in_flight(found.name(), is_dir)
+                && !manifest
+                    .as_ref()
+                    .is_some_and(|m| m.vouches_for(rel_bytes, is_dir))
             {
                 return Err(Error::InFlight(found.rel.display().to_string()));
             }

@@ -188,6 +188,18 @@ impl Entries {
         self.find(path).is_some()
     }
 
+    /// Whether the manifest vouches for the entry `path` of the upload: lists it (a file),
+    /// or, for a directory (`is_dir`), lists a live path under it. How a name that looks
+    /// like an upload's temporary one (rsync's `.~tmp~/`) is told to be part of the build.
+    /// A directory costs a scan of the entries; only such names are asked about.
+    pub fn vouches_for(&self, path: &[u8], is_dir: bool) -> bool {
+        self.contains(path)
+            || (is_dir
+                && self.iter().any(|(p, _)| {
+                    p.len() > path.len() && p.starts_with(path) && p[path.len()] == b'/'
+                }))
+    }
+
     /// Marks `path` as taken and returns its digest; its bytes stay allocated until drop.
     pub fn take(&mut self, path: &[u8]) -> Option<Digest> {
         let hash = self.state.hash_one(path);
