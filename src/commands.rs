@@ -420,19 +420,22 @@ fn print_status(cfg: &Config, docs: Vec<Value>) -> Result<()> {
             Value::Null => "not checked yet".to_string(),
             v => {
                 let n = v["paths"].as_array().map_or(0, Vec::len);
-                // The check may predate the current release: say which release it was.
-                if n == 0 {
+                let checked = v["release"].as_str().unwrap_or("");
+                let found = if n == 0 {
                     format!(
-                        "none in {} (checked {})",
-                        v["release"].as_str().unwrap_or(""),
+                        "none in {checked} (checked {})",
                         v["checked"].as_str().unwrap_or("")
                     )
                 } else {
-                    format!(
-                        "{n} {} in {}",
-                        if n == 1 { "path" } else { "paths" },
-                        v["release"].as_str().unwrap_or("")
-                    )
+                    format!("{n} {} in {checked}", if n == 1 { "path" } else { "paths" })
+                };
+                // The check may predate the current release: "none in a1" beside a
+                // current a3 read as a clean bill for a3.
+                match d["current"].as_str() {
+                    Some(current) if current != checked => {
+                        format!("{current} not checked yet (last check: {found})")
+                    }
+                    _ => found,
                 }
             }
         };

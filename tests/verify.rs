@@ -767,3 +767,24 @@ fn healing_prefers_a_clean_release_but_never_leaves_the_site_without_current() {
         show(&out)
     );
 }
+
+/// `status` for people: the last check may be of an earlier release. "drift: none in v1"
+/// beside a current v2 nobody checked read as a clean bill for v2.
+#[test]
+fn status_says_when_the_current_release_is_not_the_one_last_checked() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    assert_ok(&cli(&cfg, &["verify", SITE]), "verify v1");
+    let text = String::from_utf8_lossy(&cli(&cfg, &["status", SITE]).stdout).to_string();
+    assert!(text.contains("drift:    none in v1 (checked "), "{text}");
+
+    site.stage_upload(&as_refs(&build("v2")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v2"]), "finalize v2");
+    let text = String::from_utf8_lossy(&cli(&cfg, &["status", SITE]).stdout).to_string();
+    assert!(
+        text.contains("drift:    v2 not checked yet (last check: none in v1 (checked "),
+        "{text}"
+    );
+}
