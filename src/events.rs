@@ -112,6 +112,27 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A path an uploader chose, as a reason names it: bytes that are not UTF-8 as `\xNN`
+/// (not all as one U+FFFD, which could be any of them), and in quotes when it starts or
+/// ends with whitespace (`"a/one.txt "` is not `a/one.txt`). Control characters are
+/// escaped where the reason is written (`printable`).
+pub fn shown(path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in path.as_os_str().as_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    let odd_ends = out.starts_with(char::is_whitespace) || out.ends_with(char::is_whitespace);
+    if odd_ends {
+        format!("\"{out}\"")
+    } else {
+        out
+    }
+}
+
 /// True when stderr is the journal stream systemd gave us: `JOURNAL_STREAM` is
 /// `<dev>:<inode>` of that stream. A hook that runs the CLI inherits the variable but has
 /// its stderr on a pipe, and must log there, not to the journal.
@@ -272,6 +293,17 @@ fn text_value(v: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    #[test]
+    fn shown_paths_tell_odd_names_apart() {
+        use std::os::unix::ffi::OsStrExt;
+        let p = |b: &[u8]| super::shown(Path::new(std::ffi::OsStr::from_bytes(b)));
+        assert_eq!(p(b"a/one.txt"), "a/one.txt");
+        assert_eq!(p(b"a/one.txt "), "\"a/one.txt \"");
+        assert_eq!(p(b" x"), "\" x\"");
+        assert_eq!(p(b"a/\xff\xfe.txt"), "a/\\xff\\xfe.txt");
+        assert_eq!(p("caf\u{e9}".as_bytes()), "caf\u{e9}");
+    }
 
     #[test]
     fn text_values_are_quoted_exactly_when_they_are_not_a_plain_word() {

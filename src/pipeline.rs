@@ -1001,7 +1001,7 @@ fn in_flight(site: &Site, manifest: Option<&Entries>) -> Result<Vec<String>> {
                 && inflight::looks_in_flight(name, is_dir)
                 && !manifest.is_some_and(|m| m.vouches_for(rel.as_os_str().as_bytes(), is_dir))
             {
-                busy.push(events::printable(&rel.display().to_string()).into_owned());
+                busy.push(events::printable(&events::shown(rel)).into_owned());
             }
             Ok(())
         },

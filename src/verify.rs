@@ -62,7 +62,10 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
         let mut names: Vec<_> = match fs::read_dir(&dir) {
             Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect(),
             Err(e) if !rel.as_os_str().is_empty() => {
-                drift.push(format!("{}: cannot be read ({e})", rel.display()));
+                drift.push(format!(
+                    "{}: cannot be read ({e})",
+                    crate::events::shown(&rel)
+                ));
                 want.retain(|p, _| !p.starts_with(&rel) || p == &rel);
                 continue;
             }
@@ -76,7 +79,7 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
             let Some(w) = want.remove(&rel) else {
                 drift.push(format!(
                     "{}: not in the release's manifest (added)",
-                    rel.display()
+                    crate::events::shown(&rel)
                 ));
                 continue;
             };
@@ -88,13 +91,16 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
             } else if ft.is_file() {
                 Kind::File
             } else {
-                drift.push(format!("{}: became a special file", rel.display()));
+                drift.push(format!(
+                    "{}: became a special file",
+                    crate::events::shown(&rel)
+                ));
                 continue;
             };
             if kind != w.kind {
                 drift.push(format!(
                     "{}: type changed ({:?} -> {:?})",
-                    rel.display(),
+                    crate::events::shown(&rel),
                     w.kind,
                     kind
                 ));
@@ -113,7 +119,7 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
                     if Some(&t) != w.target.as_ref() {
                         drift.push(format!(
                             "{}: symlink target changed to {}",
-                            rel.display(),
+                            crate::events::shown(&rel),
                             t.display()
                         ));
                     }
@@ -136,7 +142,11 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
                 changes.push(format!("mode changed ({:04o} -> {:04o})", w.mode, mode));
             }
             if !changes.is_empty() {
-                drift.push(format!("{}: {}", rel.display(), changes.join(", ")));
+                drift.push(format!(
+                    "{}: {}",
+                    crate::events::shown(&rel),
+                    changes.join(", ")
+                ));
             }
         }
     }

@@ -184,6 +184,28 @@ fn file_listed_but_missing_is_rejected_naming_it() {
     svc.stop();
 }
 
+/// Names an uploader chose are told apart in the reason: a trailing space in quotes (it
+/// read as `a/one.txt  is not listed`), bytes that are not UTF-8 as `\xNN` (each was one
+/// U+FFFD, which could be any of them).
+#[test]
+fn odd_names_in_a_rejection_are_shown_exactly() {
+    use std::os::unix::ffi::OsStrExt;
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    site.stage_upload(&as_refs(&small_build("v2")));
+    fs::write(site.deploy_cache().join("one.txt "), b"x\n").unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
+    fs::write(site.deploy_cache().join(odd), b"y\n").unwrap();
+    site.drop_marker("id = \"v2\"\n");
+    let reason = expect_rejected(&site, &svc, "v2");
+    assert!(
+        reason.contains("\"one.txt \" is not listed")
+            && reason.contains("caf\\xe9.txt is not listed"),
+        "{reason:?}"
+    );
+    svc.stop();
+}
+
 #[test]
 fn extra_file_not_in_manifest_is_rejected_naming_it() {
     let site = Site::new();

@@ -646,7 +646,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                     .as_ref()
                     .is_some_and(|m| m.vouches_for(rel_bytes, is_dir))
             {
-                return Err(Error::InFlight(found.rel.display().to_string()));
+                return Err(Error::InFlight(crate::events::shown(&found.rel)));
             }
             stack.truncate(found.depth + 1);
             let Some(ctx) = stack.last().cloned() else {
@@ -692,7 +692,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                             None => {
                                 w.problems.push(format!(
                                     "{} is not listed in {}",
-                                    found.rel.display(),
+                                    crate::events::shown(&found.rel),
                                     cfg.manifest
                                 ));
                                 return Ok(false);
@@ -728,7 +728,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
                 }
                 Node::Special(kind) => Err(Error::Rejected(format!(
                     "{} is a {kind}; only files, directories and in-tree symlinks are allowed",
-                    found.rel.display()
+                    crate::events::shown(&found.rel)
                 ))),
             }
         });
@@ -789,7 +789,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         } else if let Some((link, target)) = through {
             format!(
                 "{} is a symlink in the upload (-> {}): list regular files only, not paths through symlinks",
-                link.display(),
+                crate::events::shown(link),
                 target.display()
             )
         } else if dirs.contains(path) {
@@ -799,7 +799,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         };
         problems.push(format!(
             "{} is listed in {} but {is}",
-            path.display(),
+            crate::events::shown(path),
             cfg.manifest
         ));
     }
@@ -1035,7 +1035,7 @@ fn file_stat(src: &OwnedFd, rel: &Path, known: Option<FileStat>) -> Result<FileS
     if !walk::is_file(stat.st_mode) {
         return Err(Error::Changed(format!(
             "{} changed type while the upload was being read",
-            rel.display()
+            crate::events::shown(rel)
         )));
     }
     Ok(stat)
@@ -1047,7 +1047,7 @@ fn in_flight_or(e: Error, rel: &Path) -> Error {
         Error::Changed(_)
             if inflight::looks_in_flight(rel.file_name().unwrap_or_default(), false) =>
         {
-            Error::InFlight(rel.display().to_string())
+            Error::InFlight(crate::events::shown(rel))
         }
         e => e,
     }
@@ -1141,7 +1141,7 @@ fn process_file(
     if copied != size || StatKey::of(&after) != key {
         return Err(Error::Rejected(format!(
             "{} changed while it was being copied",
-            rel.display()
+            crate::events::shown(rel)
         )));
     }
     let digest: Digest = hasher.finalize().into();
@@ -1149,13 +1149,13 @@ fn process_file(
         if expected != digest && job.is_manifest {
             return Err(Error::Rejected(format!(
                 "{} was replaced while the upload was being processed",
-                rel.display()
+                crate::events::shown(rel)
             )));
         }
         if expected != digest {
             return Err(Error::Rejected(format!(
                 "checksum mismatch for {}: {} says {}, upload has {}",
-                rel.display(),
+                crate::events::shown(rel),
                 input.site.cfg.manifest,
                 to_hex(&expected),
                 to_hex(&digest)

@@ -23,20 +23,20 @@ pub fn check_inside(
     if target.is_absolute() {
         return Err(format!(
             "symlink {} -> {} is absolute",
-            link_rel.display(),
+            crate::events::shown(link_rel),
             target.display()
         ));
     }
     if target.as_os_str().is_empty() {
         return Err(format!(
             "symlink {} has an empty target",
-            link_rel.display()
+            crate::events::shown(link_rel)
         ));
     }
     let escape = || {
         format!(
             "symlink {} -> {} points outside the release",
-            link_rel.display(),
+            crate::events::shown(link_rel),
             target.display()
         )
     };
@@ -76,7 +76,7 @@ pub fn check_inside(
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
                 if hops > MAX_HOPS {
-                    return Err(format!("symlink {} loops", link_rel.display()));
+                    return Err(format!("symlink {} loops", crate::events::shown(link_rel)));
                 }
                 let next = fs::read_link(release.join(&here)).map_err(|e| e.to_string())?;
                 if next.is_absolute() {

@@ -348,7 +348,7 @@ pub fn stat_at(dir: &OwnedFd, rel: &Path) -> Result<FileStat> {
         // Vanished between readdir and stat: the uploader is still working.
         Err(nix::errno::Errno::ENOENT) => Err(Error::Changed(format!(
             "{} disappeared while the upload was being read",
-            rel.display()
+            crate::events::shown(rel)
         ))),
         Err(e) => Err(e).at(rel),
     }
@@ -380,7 +380,7 @@ pub fn open_file(dir: &OwnedFd, rel: &Path, stat: &FileStat) -> Result<File> {
     if !is_file(now.st_mode) || now.st_ino != stat.st_ino || now.st_dev != stat.st_dev {
         return Err(Error::Changed(format!(
             "{} changed type while the upload was being read",
-            rel.display()
+            crate::events::shown(rel)
         )));
     }
     Ok(File::from(f))
@@ -432,7 +432,7 @@ fn swapped(e: nix::errno::Errno, rel: &Path) -> Error {
         nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR | nix::errno::Errno::ENOENT => {
             Error::Changed(format!(
                 "{} changed while the upload was being read",
-                rel.display()
+                crate::events::shown(rel)
             ))
         }
         other => Error::Io {
