@@ -1008,8 +1008,16 @@ fn heal_current(
     let (why, meta) = match fs::read_link(&current) {
         Ok(target) => {
             named = site::release_id_of_target(&target, site.root());
+            // `releases/<id>` itself a symlink (`ln -s /etc releases/evil`) leads outside
+            // as surely as a target outside: what it names is no release.
+            let through_link = |id: &str| {
+                fs::symlink_metadata(site.release(id)).is_ok_and(|m| m.file_type().is_symlink())
+            };
             let problem = match named.clone() {
                 None => Some("current points outside releases/"),
+                Some(id) if through_link(&id) => {
+                    Some("current points outside releases/ (through a symlink there)")
+                }
                 Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
                 Some(id) if target != Site::current_target_for(&id) => {
                     let problem = if target.is_absolute() {
@@ -1026,8 +1034,26 @@ fn heal_current(
                 // Made current by hand (`ln -sfn`): a person's
                 // choice, kept, but said, since healing and rollbacks never choose it.
                 let failed = named
-                    .and_then(|id| journal.state().get(&id).cloned())
+                    .as_deref()
+                    .and_then(|id| journal.state().get(id).cloned())
                     .and_then(|r| r.failed.map(|(reason, _)| (r.id, reason)));
+                // A directory put in `releases/` by hand: no release of the keeper's, so
+                // nothing verified it. Said; the person who pointed `current` there decides.
+                if let Some(id) = named
+                    .as_deref()
+                    .filter(|id| journal.state().get(id).is_none())
+                {
+                    out.report(
+                        format!(
+                            "current points at releases/{id}, which release-keeper did not make \
+                             (nothing verified it); healing leaves it: `release-keeper rollback {}` \
+                             or `activate` puts a release of the keeper's back",
+                            site.name()
+                        ),
+                        Some(id),
+                    );
+                    return Ok(());
+                }
                 if let Some((id, reason)) = failed {
                     // What the operator can do: roll back while a good release exists; the
                     // first release failing its checks has none (nothing was live before).
@@ -1069,7 +1095,15 @@ fn heal_current(
         },
     };
     let Some(target) = target else {
-        if meta.is_some() || !state.history.is_empty() {
+        // Said once the site has had a live release, or one that failed getting there (a
+        // first release that failed its checks stays current, with nothing to go back
+        // to): without `current` that site is down. A site with only staged releases has
+        // simply not been switched on yet.
+        let failed_one = state
+            .releases
+            .iter()
+            .any(|r| r.failed.is_some() && site.release(&r.id).is_dir());
+        if meta.is_some() || !state.history.is_empty() || failed_one {
             out.report(
                 format!(
                     "{why}, and no good release that was activated is left to point it at; \

@@ -2189,3 +2189,75 @@ fn a_root_made_with_its_missing_parents_is_served_at_once() {
     );
     svc.stop();
 }
+
+/// `current` pointing at a symlink in `releases/` (`releases/evil -> /etc`) points outside
+/// releases/ as surely as a target outside: it served what the link led to, and healing
+/// left it. A directory put in `releases/` by hand is a person's choice, left, but said.
+#[test]
+fn current_through_a_symlink_in_releases_is_healed_and_a_hand_made_target_reported() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "v1"]), "finalize v1");
+    let outside = site.tmp_path("outside");
+    write_tree(&outside, &[("secret", b"not the site's\n" as &[u8])]);
+    std::os::unix::fs::symlink(&outside, site.releases_dir().join("evil")).unwrap();
+    let point = |to: &str| {
+        fs::remove_file(site.current_path()).unwrap();
+        std::os::unix::fs::symlink(to, site.current_path()).unwrap();
+    };
+    point("releases/evil");
+    let out = cli(&cfg, &["heal", SITE]);
+    // Exit 1 all the same: `releases/evil` itself is left for a person, and said.
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{}", show(&out));
+    assert!(
+        stdout_of(&out).contains("through a symlink"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        fs::symlink_metadata(site.releases_dir().join("evil")).is_ok(),
+        "what the keeper did not make is never deleted"
+    );
+
+    write_tree(
+        &site.releases_dir().join("handmade"),
+        &[("index.html", b"by hand\n" as &[u8])],
+    );
+    point("releases/handmade");
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_eq!(out.status.code(), Some(1), "a problem left: {}", show(&out));
+    assert!(
+        stdout_of(&out)
+            .contains("current points at releases/handmade, which release-keeper did not make"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("handmade"));
+}
+
+/// A first release that failed its checks stays current (there is nothing to go back to).
+/// With `current` then deleted the site is down: `heal` said "nothing to heal" and exited
+/// 0. It says there is no good release to point `current` at, and exits 1.
+#[test]
+fn a_site_left_without_current_and_without_a_good_release_is_reported() {
+    let site = Site::new();
+    let cfg = site.write_config(
+        SITE,
+        "",
+        "after_activate = [\"/bin/sh\", \"-c\", \"exit 3\"]",
+    );
+    site.stage_upload(&as_refs(&small_build("b1")));
+    let out = cli(&cfg, &["finalize", SITE, "--id", "b1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(site.current_id().as_deref(), Some("b1"), "{}", show(&out));
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        stdout_of(&out).contains("current is missing, and no good release"),
+        "{}",
+        show(&out)
+    );
+}
