@@ -418,12 +418,20 @@ impl State {
         self.history.iter().any(|h| h == id)
     }
 
-    /// The last release `current` was switched to that is still good and exists.
+    /// The last release `current` was switched to that is still good and exists, passing
+    /// over one a rollback left (as `previous_good` does) while another is there: after
+    /// `rollback` from C to B, with B then deleted, healing brought C back, the release
+    /// the operator had just rolled away from, unchecked.
     pub fn last_good_activated(&self, exists: impl Fn(&str) -> bool) -> Option<String> {
-        self.history
-            .iter()
-            .rev()
-            .find(|id| self.is_good(id) && exists(id))
+        let candidates = || {
+            self.history
+                .iter()
+                .rev()
+                .filter(|id| self.is_good(id) && exists(id))
+        };
+        candidates()
+            .find(|id| self.get(id).is_some_and(|r| !r.rolled_back))
+            .or_else(|| candidates().next())
             .cloned()
     }
 }
@@ -1126,6 +1134,27 @@ mod tests {
         assert_eq!(st.previous_good(Some("a"), |_| true), Some("b".into()));
         assert_eq!(st.previous_good(Some("a"), |id| id != "b"), None);
         assert_eq!(st.last_good_activated(|_| true), Some("a".into()));
+    }
+
+    #[test]
+    fn healing_passes_over_the_release_a_rollback_left() {
+        // a, b, c live in turn; `rollback` from c to b; b then deleted by hand.
+        let recs = a_then_b_live([
+            rec(5, fin("c")),
+            rec(6, act("c", Some("b"))),
+            rolled(7, "c", "b"),
+        ]);
+        let st = State::from_records(&recs);
+        let without_b = |id: &str| id != "b";
+        assert_eq!(st.last_good_activated(without_b), Some("a".into()));
+        assert_eq!(st.left_when_current_lost("d", without_b), Some("a".into()));
+        // Only c left: better than nothing.
+        assert_eq!(st.last_good_activated(|id| id == "c"), Some("c".into()));
+        // Activated again by hand, c is no longer the release a rollback left.
+        let mut again = recs.clone();
+        again.push(rec(8, act("c", Some("b"))));
+        let st = State::from_records(&again);
+        assert_eq!(st.last_good_activated(without_b), Some("c".into()));
     }
 
     #[test]
