@@ -28,20 +28,22 @@ pub struct Options {
 /// The longest an activation for a site configured by `cfg` can take once it has started,
 /// by the bounds its config sets: `before_activate`, `after_activate`, every health check
 /// attempt and the intervals between them, and `after_activate` again for the release an
-/// automatic rollback restores (each hook bounded by `hook_timeout`). A stop waits for an
+/// automatic rollback restores (each hook bounded by `hook_timeout` and the grace after
+/// SIGTERM, `hooks::bound`). A stop waits for an
 /// activation rather than leave it undecided: this is what it may have to wait.
 pub fn longest(cfg: &SiteConfig) -> Duration {
+    // A run at its timeout gets SIGTERM, then a grace before SIGKILL.
+    let one = crate::hooks::bound(cfg.hook_timeout);
     let hook = |argv: &Option<Vec<String>>| {
         if argv.is_some() {
-            cfg.hook_timeout
+            one
         } else {
             Duration::ZERO
         }
     };
     let attempts = cfg.health_retries.max(1);
     let health = if cfg.health_check.is_some() {
-        cfg.hook_timeout
-            .saturating_mul(attempts)
+        one.saturating_mul(attempts)
             .saturating_add(cfg.health_interval.saturating_mul(attempts - 1))
     } else {
         Duration::ZERO
@@ -771,17 +773,22 @@ mod tests {
         cfg.before_activate = argv();
         cfg.after_activate = argv();
         cfg.health_check = argv();
-        // before + after + 3 attempts 2 s apart + after again for the restored release.
+        // before + after + 3 attempts 2 s apart + after again for the restored release,
+        // each run 60 s and the 5 s after SIGTERM.
+        let run = 65;
         assert_eq!(
             longest(&cfg),
-            Duration::from_secs(60 + 60 + 3 * 60 + 2 * 2 + 60)
+            Duration::from_secs(run + run + 3 * run + 2 * 2 + run)
         );
         cfg.auto_rollback = false;
-        assert_eq!(longest(&cfg), Duration::from_secs(60 + 60 + 3 * 60 + 2 * 2));
+        assert_eq!(
+            longest(&cfg),
+            Duration::from_secs(run + run + 3 * run + 2 * 2)
+        );
         cfg.health_retries = 0;
         assert_eq!(
             longest(&cfg),
-            Duration::from_secs(60 + 60 + 60),
+            Duration::from_secs(run + run + run),
             "zero retries still makes one attempt"
         );
     }

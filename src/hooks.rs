@@ -20,6 +20,17 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
+/// How long a hook that reached `hook_timeout` has, after SIGTERM, to finish before
+/// SIGKILL (as systemd gives a service): a migration may want to roll its transaction back.
+/// Never more than the timeout itself.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// The longest one run of a hook bounded by `timeout` can take: the timeout, then the
+/// grace after SIGTERM.
+pub fn bound(timeout: Duration) -> Duration {
+    timeout.saturating_add(TERM_GRACE.min(timeout))
+}
+
 /// Bytes of stderr/stdout kept for the log.
 const TAIL_BYTES: usize = 2048;
 
@@ -297,20 +308,31 @@ pub fn run(
         .as_deref()
         .filter(|record| note_group(record, name, pgid, &env.site_name));
     RUNNING_GROUP.store(pgid.as_raw(), Ordering::SeqCst);
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
+    // Set once SIGTERM was sent at the deadline; SIGKILL follows at this instant.
+    let mut kill_at: Option<Instant> = None;
+    let timed_out = || format!("timed out after {}", crate::clock::format_duration(timeout));
     let status = loop {
         // Drained while the hook runs so a chatty hook never blocks on a full pipe.
         out.drain();
         err.drain();
+        let now = Instant::now();
         match child.try_wait() {
+            Ok(Some(_)) if kill_at.is_some() => break Err(timed_out()),
             Ok(Some(st)) => break Ok(st),
-            Ok(None) if Instant::now() >= deadline => {
+            Ok(None) if kill_at.is_some_and(|at| now >= at) => {
                 let _ = killpg(pgid, Signal::SIGKILL);
                 let _ = child.wait();
                 break Err(format!(
-                    "timed out after {}",
-                    crate::clock::format_duration(timeout)
+                    "{}; killed (SIGKILL) {} after SIGTERM",
+                    timed_out(),
+                    crate::clock::format_duration(TERM_GRACE.min(timeout))
                 ));
+            }
+            Ok(None) if kill_at.is_none() && now >= deadline => {
+                let _ = killpg(pgid, Signal::SIGTERM);
+                kill_at = Some(now + TERM_GRACE.min(timeout));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => break Err(format!("cannot wait: {e}")),
@@ -545,6 +567,47 @@ mod tests {
     }
 
     #[test]
+    fn at_the_timeout_a_hook_gets_sigterm_then_sigkill() {
+        let d = tempfile::tempdir().unwrap();
+        let said = d.path().join("term");
+        // Cleans up when told: the trap runs, and the run still counts as timed out.
+        let script = format!(
+            "trap 'echo cleaned > {}; exit 0' TERM; sleep 30 & wait",
+            said.display()
+        );
+        let f = run(
+            "t",
+            &sh(&script),
+            &env(d.path()),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert_eq!(f.status, "timed out after 300ms", "{}", f.status);
+        assert_eq!(
+            std::fs::read_to_string(&said).unwrap_or_default(),
+            "cleaned\n"
+        );
+
+        // Ignores it: killed once the grace (here the timeout itself, under 5 s) is over.
+        let t0 = Instant::now();
+        let f = run(
+            "t",
+            &sh("trap '' TERM; sleep 30 & wait; wait"),
+            &env(d.path()),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        let took = t0.elapsed();
+        assert!(f.status.contains("SIGKILL"), "{}", f.status);
+        assert!(
+            took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(bound(Duration::from_secs(60)), Duration::from_secs(65));
+        assert_eq!(bound(Duration::from_secs(2)), Duration::from_secs(4));
+    }
+
+    #[test]
     fn a_detached_descendant_holding_the_pipes_is_not_waited_for() {
         let d = tempfile::tempdir().unwrap();
         let pid = d.path().join("pid");
@@ -649,7 +712,11 @@ mod tests {
         let record = d.path().join("hook");
         let mut e = env(d.path());
         e.record = Some(record.clone());
-        let script = format!("test -s {}", record.display());
+        // The note is written just after the hook starts: looked for a while.
+        let script = format!(
+            "for i in $(seq 100); do test -s {} && exit 0; sleep 0.02; done; exit 1",
+            record.display()
+        );
         run("t", &sh(&script), &e, Duration::from_secs(5)).expect("noted while it runs");
         assert!(!record.exists());
     }
