@@ -1116,12 +1116,15 @@ fn heal_current(
         return Ok(());
     };
     // The release `current` leaves: the one its link named, else the one the keeper last
-    // switched it to. A switch to another release is journaled like a rollback, so that
+    // put live. A switch to another release is journaled like a rollback, so that
     // `previous`, `last_event` and the next rollback reason from where `current` really
     // is; the same record keeps the left release from being gone back to first. It is
     // written before the swap: a crash in between leaves a link the next pass repairs
     // (and records) again, never a switch the journal does not know.
-    let left = named.or_else(|| journal.state().history.last().cloned());
+    // A failed release that stayed current (`auto_rollback = false`) counts: moving off it
+    // is a switch like any other, recorded, with `after_activate` for the new one.
+    let state = journal.state();
+    let left = named.or_else(|| state.live.clone().or_else(|| state.history.last().cloned()));
     let switched = left.filter(|l| !l.is_empty() && *l != target);
     if let (Some(from), false) = (&switched, dry_run) {
         journal.append(Op::RolledBack {

@@ -2261,3 +2261,54 @@ fn a_site_left_without_current_and_without_a_good_release_is_reported() {
         show(&out)
     );
 }
+
+/// A release that failed its checks and stayed current (`auto_rollback = false`) is live:
+/// healing a deleted `current` to the last good release moves production off it, and that
+/// is a switch like any other, journaled like a rollback, with `after_activate` run for
+/// the release now live. It was done silently, the journal still saying the failed
+/// release was the last event.
+#[test]
+fn healing_off_a_failed_release_that_stayed_current_is_a_recorded_switch() {
+    let site = Site::new();
+    let ran = site.tmp_path("after.log");
+    let cfg = site.write_config(
+        SITE,
+        "auto_rollback = false\nhealth_retries = 1",
+        &format!(
+            "after_activate = [\"/bin/sh\", \"-c\", \"echo $RELEASE_ID >> {}\"]\n\
+             health_check = [\"/bin/sh\", \"-c\", \"test ! -e bad\"]",
+            ran.display()
+        ),
+    );
+    site.stage_upload(&as_refs(&small_build("c1")));
+    assert_ok(&cli(&cfg, &["finalize", SITE, "--id", "c1"]), "finalize c1");
+    site.stage_upload(&[("index.html", b"c3\n" as &[u8]), ("bad", b"1\n")]);
+    let out = cli(&cfg, &["finalize", SITE, "--id", "c3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(site.current_id().as_deref(), Some("c3"), "stays current");
+
+    fs::remove_file(site.current_path()).unwrap();
+    let out = cli(&cfg, &["heal", SITE]);
+    assert_ok(&out, "heal");
+    assert_eq!(site.current_id().as_deref(), Some("c1"));
+    assert!(
+        stdout_of(&out).contains("(it was at c3)"),
+        "the switch is said: {}",
+        show(&out)
+    );
+    assert_eq!(
+        fs::read_to_string(&ran).unwrap(),
+        "c1\nc3\nc1\n",
+        "after_activate runs for the release healing put live"
+    );
+    let last = site.journal_records().pop().unwrap();
+    assert_eq!(
+        (&last["op"], &last["release"], &last["to"]),
+        (
+            &serde_json::json!("rolled_back"),
+            &serde_json::json!("c3"),
+            &serde_json::json!("c1")
+        ),
+        "{last}"
+    );
+}

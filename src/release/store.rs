@@ -176,6 +176,10 @@ pub struct State {
     pub releases: Vec<ReleaseInfo>,
     /// Every switch of `current` in order (activations and rollbacks' targets).
     pub history: Vec<String>,
+    /// The release the keeper last pointed `current` at: an activation, a rollback's
+    /// target, or a trial's release, which a failed check with `auto_rollback` off leaves
+    /// live although it is in no `history`.
+    pub live: Option<String>,
     /// A trial (swap done, verdict pending) that never got a verdict.
     pub open_trial: Option<OpenTrial>,
     /// A trial that failed and whose rollback was not recorded: the release and what was
@@ -254,6 +258,7 @@ impl State {
                     previous: previous.clone(),
                     rollback: *rollback,
                 });
+                st.live = Some(release.clone());
                 st.unfinished_rollback = None;
             }
             Op::Activated { release, .. } => {
@@ -264,6 +269,7 @@ impl State {
                     r.failed = None;
                 }
                 st.history.push(release.clone());
+                st.live = Some(release.clone());
                 st.open_trial = None;
                 st.unfinished_rollback = None;
             }
@@ -287,12 +293,15 @@ impl State {
                     st.releases[i].rolled_back = false;
                 }
                 st.history.push(to.clone());
+                st.live = Some(to.clone());
                 st.open_trial = None;
                 st.unfinished_rollback = None;
             }
             Op::TrialClosed { release, .. } => {
                 if st.trial_of(release) {
                     st.open_trial = None;
+                    // Closed without a switch: `current` stayed where it was.
+                    st.live = st.history.last().cloned();
                 }
             }
             Op::Pinned { release } | Op::Unpinned { release } => {
