@@ -969,7 +969,11 @@ fn inside(dir: &Path, file: &Path) -> Option<PathBuf> {
 pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
     let site = site(cfg, name)?;
     let owner = init_owner(owner)?;
-    fsops::ensure_dir(site.root(), 0o755)?;
+    // The root is the operator's path: a symlink to a directory (`/var/www/shop ->
+    // /srv/shop`) is that directory, as it is for every other command.
+    if !site.root().is_dir() {
+        fsops::ensure_dir(site.root(), 0o755)?;
+    }
     site.ensure_layout()?;
     tighten_keeper_dirs(&site)?;
     let Some(user) = owner else {
@@ -985,7 +989,8 @@ pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
     // root and the keeper's directories are its own; the state inside `.release-keeper/`
     // too (a lock or journal made by an earlier command run as root).
     let dirs = [
-        site.root().to_path_buf(),
+        // The directory a symlinked root leads to, not the link.
+        std::fs::canonicalize(site.root()).unwrap_or_else(|_| site.root().to_path_buf()),
         site.deploy_cache(),
         site.releases(),
         site.shared(),

@@ -755,6 +755,36 @@ fn init_creates_layout() {
     }
 }
 
+/// A root that is a symlink to a directory (`/var/www/shop -> /srv/shop`) is that
+/// directory for `init` as for every other command: `init` said it "exists but is not a
+/// directory", while `finalize` worked through it.
+#[test]
+fn init_follows_a_root_that_is_a_symlink_to_a_directory() {
+    let site = Site::new();
+    let link = site.tmp_path("www-shop");
+    std::os::unix::fs::symlink(&site.root, &link).unwrap();
+    let cfg = config_file(
+        &site,
+        &format!("[sites.web]\nroot = \"{}/\"\n", link.display()),
+    );
+    let out = cli(&cfg, &["init", "web"]);
+    assert_ok(&out, "init through the link");
+    assert!(site.root.join("releases").is_dir() && site.root.join(".release-keeper").is_dir());
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    if nix::unistd::geteuid().is_root() {
+        assert_ok(
+            &cli(&cfg, &["init", "web", "--owner", "nobody"]),
+            "init --owner",
+        );
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(&site.root).unwrap().uid(), nobody.uid.as_raw());
+    }
+}
+
 /// A layout made by hand before `init` (here everything 0777) gets from `init` the modes
 /// nobody but the keeper may exceed: `releases/` not writable by group or others (they
 /// could rename one release over another), `.release-keeper/` and its directories at most
