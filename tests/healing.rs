@@ -1853,7 +1853,12 @@ fn nested_shared_dir_entry_deleted_while_running_is_recreated_at_once() {
     remove_dir_and_wait_healed(&views, None, "the entry");
     let aside = site.tmp_path("cache-aside");
     remove_dir_and_wait_healed(&cache, Some(&aside), "its parent");
-    assert!(views.is_dir(), "the entry is back with its parent");
+    // The parent may be seen back a moment before the entry in it (`create_dir_all`).
+    wait_until(
+        HEALED_SOON,
+        || views.is_dir(),
+        || "the entry to be back with its parent".into(),
+    );
     remove_dir_and_wait_healed(&views, None, "the entry in the recreated parent");
     assert!(
         site.release("v1").join("cache/views").is_dir(),
