@@ -1371,26 +1371,12 @@ fn check_unique_roots(sites: &BTreeMap<String, Parsed>) -> Result<(), ConfigErro
         // A root inside another site's keeper-owned directories would be uploaded,
         // released or pruned as that site's data.
         for (other, &(other_name, other_at, _)) in &seen {
-            let nested = managed_dir_holding(&root, other)
-                .map(|dir| {
-                    (
-                        root.as_path(),
-                        name.as_str(),
-                        other.as_path(),
-                        other_name,
-                        dir,
-                    )
-                })
+            let (here, other) = (root.as_path(), other.as_path());
+            let nested = managed_dir_holding(here, other)
+                .map(|dir| (here, name.as_str(), other, other_name, dir))
                 .or_else(|| {
-                    managed_dir_holding(other, &root).map(|dir| {
-                        (
-                            other.as_path(),
-                            other_name,
-                            root.as_path(),
-                            name.as_str(),
-                            dir,
-                        )
-                    })
+                    managed_dir_holding(other, here)
+                        .map(|dir| (other, other_name, here, name.as_str(), dir))
                 });
             if let Some((inner, inner_name, outer, outer_name, dir)) = nested {
                 return Err(parsed.root_at.error(format!(

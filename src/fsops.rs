@@ -159,21 +159,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Replaces `path` with `bytes` atomically (temporary file, rename) but without syncing:
 /// for notes that only matter while the machine stays up.
 pub fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_sibling(path);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)
-            .at(path)?;
-        f.write_all(bytes).at(path)?;
-        fs::rename(&tmp, path).at(path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let mut w = AtomicWriter::create(path, false)?;
+    w.write(bytes)?;
+    w.commit()
 }
 
 /// Like `write_atomic`, streaming: `fill` writes the content through a buffer, so large
@@ -376,6 +364,11 @@ pub fn open_dir_nofollow(dir: &Path) -> Result<std::os::fd::OwnedFd> {
             }
         }
     })
+}
+
+/// True when `path` is a directory itself, not a symlink to one.
+pub fn is_real_dir(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
 /// Creates `dir` (and parents) if missing, with `mode` for the ones created.
@@ -870,16 +863,23 @@ pub fn open_small_nofollow_at(
     path: &Path,
     limit: u64,
 ) -> Result<File> {
+    checked_small(path, open_nofollow_at(dir, name), limit)
+}
+
+/// `open_nofollow` of the file `name` in the open directory `dir`.
+pub fn open_nofollow_at(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+) -> std::io::Result<File> {
     use nix::fcntl::OFlag;
-    let opened = nix::fcntl::openat(
+    nix::fcntl::openat(
         dir,
         name,
         OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
     .map(File::from)
-    .map_err(std::io::Error::from);
-    checked_small(path, opened, limit)
+    .map_err(std::io::Error::from)
 }
 
 fn checked_small(path: &Path, opened: std::io::Result<File>, limit: u64) -> Result<File> {

@@ -271,21 +271,15 @@ pub fn repair_locks_with(site: &Site, listings: &mut Listings) -> Result<Vec<Rep
 /// `Uploads::Recreate`). None for a site without its state directory: making a new site's
 /// layout is setting it up, not a repair.
 pub fn missing_layout(site: &Site, uploads: Uploads) -> Vec<PathBuf> {
-    let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
-    if !is_dir(&site.state()) {
+    if !fsops::is_real_dir(&site.state()) {
         return Vec::new();
     }
-    let mut wanted = vec![
-        site.releases(),
-        site.shared(),
-        site.manifests(),
-        site.claims(),
-    ];
-    if uploads == Uploads::Recreate {
-        wanted.insert(0, site.deploy_cache());
-    }
-    wanted.retain(|d| !is_dir(d));
-    wanted
+    let uploads_dir = (uploads == Uploads::Recreate).then(|| site.deploy_cache());
+    uploads_dir
+        .into_iter()
+        .chain(site.keeper_dirs().into_iter().map(|(dir, _)| dir))
+        .filter(|d| !fsops::is_real_dir(d))
+        .collect()
 }
 
 /// The repairs of making the `missing` directories again, logged like every other repair:
@@ -429,7 +423,17 @@ fn heal_pass(
     }
 
     // Before anything here or after this pass (a redone activation) runs a hook again.
-    if let Some(what) = crate::hooks::reap_leftovers(&site.hook_record(), dry_run) {
+    // Looked up in the listing first: a pass runs on every event in the root.
+    let record = site.hook_record();
+    let noted = state_listing.as_ref().map_or(true, |names| {
+        names
+            .iter()
+            .any(|(n, _)| n.as_os_str() == name_of(&record).as_os_str())
+    });
+    let reaped = noted
+        .then(|| crate::hooks::reap_leftovers(&record, dry_run))
+        .flatten();
+    if let Some(what) = reaped {
         repair(
             format!("{} what was left of {what}", verb("killed", "kill")),
             crate::hooks::LEFTOVER_REASON,
@@ -553,8 +557,7 @@ fn heal_pass(
     // now, or the upload would be lost and the hidden file break the next release.
     // Never through a `deploy-cache/` an uploader replaced with a symlink: what it points
     // at is not the site's.
-    let real_dir = fs::symlink_metadata(&deploy_cache).is_ok_and(|m| m.is_dir());
-    let hidden = if real_dir {
+    let hidden = if fsops::is_real_dir(&deploy_cache) {
         leftovers(
             &deploy_cache,
             &listings.names(&deploy_cache),
@@ -1123,7 +1126,6 @@ fn heal_current(
     // (and records) again, never a switch the journal does not know.
     // A failed release that stayed current (`auto_rollback = false`) counts: moving off it
     // is a switch like any other, recorded, with `after_activate` for the new one.
-    let state = journal.state();
     let left = named.or_else(|| state.live.clone().or_else(|| state.history.last().cloned()));
     let switched = left.filter(|l| !l.is_empty() && *l != target);
     if let (Some(from), false) = (&switched, dry_run) {

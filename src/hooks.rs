@@ -22,13 +22,18 @@ use nix::unistd::Pid;
 
 /// How long a hook that reached `hook_timeout` has, after SIGTERM, to finish before
 /// SIGKILL (as systemd gives a service): a migration may want to roll its transaction back.
-/// Never more than the timeout itself.
+/// Never more than the timeout itself (`grace`).
 const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// The grace after SIGTERM of a hook bounded by `timeout`.
+fn grace(timeout: Duration) -> Duration {
+    TERM_GRACE.min(timeout)
+}
 
 /// The longest one run of a hook bounded by `timeout` can take: the timeout, then the
 /// grace after SIGTERM.
 pub fn bound(timeout: Duration) -> Duration {
-    timeout.saturating_add(TERM_GRACE.min(timeout))
+    timeout.saturating_add(grace(timeout))
 }
 
 /// Bytes of stderr/stdout kept for the log.
@@ -308,8 +313,7 @@ pub fn run(
         .as_deref()
         .filter(|record| note_group(record, name, pgid, &env.site_name));
     RUNNING_GROUP.store(pgid.as_raw(), Ordering::SeqCst);
-    let started = Instant::now();
-    let deadline = started + timeout;
+    let deadline = Instant::now() + timeout;
     // Set once SIGTERM was sent at the deadline; SIGKILL follows at this instant.
     let mut kill_at: Option<Instant> = None;
     let timed_out = || format!("timed out after {}", crate::clock::format_duration(timeout));
@@ -327,12 +331,12 @@ pub fn run(
                 break Err(format!(
                     "{}; killed (SIGKILL) {} after SIGTERM",
                     timed_out(),
-                    crate::clock::format_duration(TERM_GRACE.min(timeout))
+                    crate::clock::format_duration(grace(timeout))
                 ));
             }
             Ok(None) if kill_at.is_none() && now >= deadline => {
                 let _ = killpg(pgid, Signal::SIGTERM);
-                kill_at = Some(now + TERM_GRACE.min(timeout));
+                kill_at = Some(now + grace(timeout));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => break Err(format!("cannot wait: {e}")),
@@ -381,6 +385,11 @@ impl GroupNote {
             "{} {} {} {}\n",
             self.boot, self.group, self.started, self.hook
         )
+    }
+
+    /// The group as reaping names it: `<hook> (process group <n>)`.
+    fn named(&self) -> String {
+        format!("{} (process group {})", self.hook, self.group)
     }
 
     fn parse(text: &str) -> Option<GroupNote> {
@@ -452,11 +461,11 @@ pub fn reap_leftovers(record: &Path, dry_run: bool) -> Option<String> {
             && killpg(Pid::from_raw(n.group), None).is_ok()
     });
     if dry_run {
-        return found.map(|n| format!("{} (process group {})", n.hook, n.group));
+        return found.as_ref().map(GroupNote::named);
     }
     let killed = found.filter(|n| killpg(Pid::from_raw(n.group), Signal::SIGKILL).is_ok());
     let _ = std::fs::remove_file(record);
-    killed.map(|n| format!("{} (process group {})", n.hook, n.group))
+    killed.as_ref().map(GroupNote::named)
 }
 
 /// `reap_leftovers` before a hook starts, logged as healing.

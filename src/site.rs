@@ -226,12 +226,22 @@ impl Site {
     /// Creates the missing directories of the layout but `deploy-cache/`, which while the
     /// service runs is the uploader's to replace (see `heal::Uploads`).
     pub fn ensure_keeper_dirs(&self) -> Result<()> {
-        fsops::ensure_dir(&self.releases(), 0o755)?;
-        fsops::ensure_dir(&self.shared(), 0o755)?;
-        fsops::ensure_dir(&self.state(), 0o750)?;
-        fsops::ensure_dir(&self.manifests(), 0o750)?;
-        fsops::ensure_dir(&self.claims(), 0o750)?;
+        for (dir, mode) in self.keeper_dirs() {
+            fsops::ensure_dir(&dir, mode)?;
+        }
         Ok(())
+    }
+
+    /// The layout's directories but `deploy-cache/`, parents first, with the modes they
+    /// are made with.
+    pub fn keeper_dirs(&self) -> [(PathBuf, u32); 5] {
+        [
+            (self.releases(), 0o755),
+            (self.shared(), 0o755),
+            (self.state(), 0o750),
+            (self.manifests(), 0o750),
+            (self.claims(), 0o750),
+        ]
     }
 
     /// The relative target `current` should have for release `id`.

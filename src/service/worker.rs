@@ -367,7 +367,7 @@ impl Worker {
                 // back, and the next pass watches it then.
                 // Nor is one replaced by a symlink watched through it: claiming the marker
                 // says what is wrong (`marker::claim_marker`).
-                let real_dir = || std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
+                let real_dir = || crate::fsops::is_real_dir(&dir);
                 if dir == site.deploy_cache() && !real_dir() {
                     continue;
                 }

@@ -165,18 +165,9 @@ fn claim_stem() -> String {
 /// create the file before writing it, and an empty marker would mean "no id".
 pub const MARKER_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// True when the marker exists but changed less than `min_age` ago.
-pub fn marker_is_young(site: &Site, min_age: std::time::Duration) -> bool {
-    fsops::open_dir_nofollow(&site.deploy_cache())
-        .is_ok_and(|dir| marker_is_young_in(&dir, site, min_age))
-}
-
-/// `marker_is_young`, for the marker in `deploy-cache/` open as `dir`.
-fn marker_is_young_in(
-    dir: &std::os::fd::OwnedFd,
-    site: &Site,
-    min_age: std::time::Duration,
-) -> bool {
+/// True when the marker in `deploy-cache/` (open as `dir`) exists but changed less than
+/// `min_age` ago.
+fn marker_is_young(dir: &std::os::fd::OwnedFd, site: &Site, min_age: std::time::Duration) -> bool {
     if min_age.is_zero() {
         return false;
     }
@@ -197,33 +188,14 @@ fn marker_is_young_in(
         .map_or(true, |age| age < min_age)
 }
 
-/// Whether some process holds `path` open for writing: a read lease (`F_SETLEASE`) is
-/// refused with EAGAIN exactly then. `Ok(None)` when it cannot be told (not a regular
-/// file, not the owner and no CAP_LEASE, a filesystem without leases); `Err` when `path`
-/// cannot be opened (`NotFound`: there is no marker).
-pub fn open_for_writing(path: &Path) -> std::io::Result<Option<bool>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    held_for_writing(f)
-}
-
-/// `open_for_writing` of the file `name` in the open directory `dir`.
-fn open_for_writing_in(dir: &std::os::fd::OwnedFd, name: &str) -> std::io::Result<Option<bool>> {
-    use nix::fcntl::OFlag;
-    let fd = nix::fcntl::openat(
-        dir,
-        name,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    held_for_writing(fs::File::from(fd))
-}
-
-fn held_for_writing(f: fs::File) -> std::io::Result<Option<bool>> {
+/// Whether some process holds the file `name` of the open directory `dir` open for
+/// writing: a read lease (`F_SETLEASE`) is refused with EAGAIN exactly then. `Ok(None)`
+/// when it cannot be told (not a regular file, not the owner and no CAP_LEASE, a
+/// filesystem without leases); `Err` when the file cannot be opened (`NotFound`: there is
+/// no marker).
+fn open_for_writing(dir: &std::os::fd::OwnedFd, name: &str) -> std::io::Result<Option<bool>> {
     use std::os::fd::AsRawFd;
+    let f = fsops::open_nofollow_at(dir, std::ffi::OsStr::new(name))?;
     if !f.metadata().is_ok_and(|m| m.is_file()) {
         return Ok(None);
     }
@@ -259,13 +231,13 @@ pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<Option<
         Err(e) => return Err(e),
     };
     let name = site.cfg.marker.as_str();
-    match open_for_writing_in(&dir, name) {
+    match open_for_writing(&dir, name) {
         // No marker (every idle pass): one failed open, nothing more. One dropped right
         // after this wakes the worker by its own event.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Ok(Some(true)) => return Ok(None),
         Ok(Some(false)) => {}
-        _ if marker_is_young_in(&dir, site, min_age) => return Ok(None),
+        _ if marker_is_young(&dir, site, min_age) => return Ok(None),
         _ => {}
     }
     let marker = site.marker();
