@@ -932,7 +932,9 @@ pub fn manifest(dir: &Path, output: Option<&Path>, json_logs: bool) -> Result<()
                     path = %rel.display(), reason = %why,
                     "the keeper rejects an upload holding this symlink");
             } else {
-                eprintln!("warning: {why}: the keeper rejects an upload holding it");
+                crate::events::print_stderr(&format!(
+                    "warning: {why}: the keeper rejects an upload holding it"
+                ));
             }
         }
     }

@@ -176,6 +176,10 @@ pub fn init(format: Option<LogFormat>) {
             return;
         }
     }
+    // `log_internal_errors(false)`: when stderr is a closed pipe (`run 2>&1 | head -1`)
+    // the subscriber's own report of the failed write went through `eprintln!`, which
+    // panics on EPIPE; the keeper died with exit 101 mid-activation. A log line that
+    // cannot be written is lost; the work it describes must go on.
     match format.unwrap_or(LogFormat::Text) {
         LogFormat::Json => {
             let _ = tracing_subscriber::fmt()
@@ -185,6 +189,7 @@ pub fn init(format: Option<LogFormat>) {
                 .with_span_list(false)
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
+                .log_internal_errors(false)
                 .try_init();
         }
         LogFormat::Text => {
@@ -196,9 +201,17 @@ pub fn init(format: Option<LogFormat>) {
                 .with_target(false)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
+                .log_internal_errors(false)
                 .try_init();
         }
     }
+}
+
+/// Writes one line to stderr, dropping it if stderr is gone: `eprintln!` panics on a
+/// closed pipe, and a message nobody can read is no reason to stop the work it reports.
+pub fn print_stderr(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// The text format's fields: the message bare, every other field `name=value`, with one

@@ -213,7 +213,7 @@ fn main() -> ExitCode {
             } else {
                 // `{e}`, not `{e:#}`: the library's errors already end with their cause,
                 // and the alternate form would print the OS error a second time.
-                eprintln!("release-keeper: {e}");
+                events::print_stderr(&format!("release-keeper: {e}"));
             }
             ExitCode::from(code as u8)
         }

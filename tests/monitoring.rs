@@ -521,3 +521,105 @@ fn a_root_that_is_a_file_is_not_reported_as_missing() {
         );
     }
 }
+
+/// A pipe whose reading end is already closed: every write to it fails with EPIPE, as
+/// stderr does under `release-keeper run 2>&1 | head -1` once `head` has its line.
+fn closed_pipe() -> std::os::fd::OwnedFd {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    write
+}
+
+#[test]
+fn a_closed_stderr_does_not_stop_a_command() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    for format in ["json", "text"] {
+        let id = format!("v1-{format}");
+        let out = std::process::Command::new(BIN)
+            .args([
+                "--config",
+                cfg.to_str().unwrap(),
+                "finalize",
+                SITE,
+                "--id",
+                &id,
+            ])
+            .args(["--log-format", format])
+            .env_remove("RELEASE_KEEPER_CONFIG")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(std::process::Stdio::null())
+            .stderr(closed_pipe())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "finalize with {format} logs to a closed pipe"
+        );
+        assert_eq!(site.current_id().as_deref(), Some(id.as_str()));
+        assert_eq!(site.claim_count(), 0, "the claim is done with");
+    }
+    // A failure's last line goes to the closed pipe too; the exit code still says why.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "activate",
+            SITE,
+            "nosuch",
+        ])
+        .env_remove("RELEASE_KEEPER_CONFIG")
+        .env_remove("JOURNAL_STREAM")
+        .stderr(closed_pipe())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(101), "a panic is not an exit code");
+    assert_ne!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_closed_stderr_does_not_stop_the_service() {
+    let site = Site::new();
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "run",
+            "--root",
+            site.root.to_str().unwrap(),
+            "--log-format",
+            "text",
+        ])
+        .env_remove("RELEASE_KEEPER_CONFIG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(closed_pipe())
+        .spawn()
+        .unwrap();
+    for n in 1..=2 {
+        site.deploy(&as_refs(&small_build(&format!("v{n}"))), &format!("v{n}"));
+        let want = format!("v{n}");
+        wait_until(
+            WAIT,
+            || site.current_id().as_deref() == Some(want.as_str()) && site.claim_count() == 0,
+            || format!("current -> {want} with the service's stderr closed"),
+        );
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the service is still running"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a clean stop after logging into a closed pipe"
+    );
+}
