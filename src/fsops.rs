@@ -9,6 +9,10 @@
 //! - `.rk-tmp.<name>.<pid>.<n>`: a temporary file or symlink beside its final name; it
 //!   replaces the final name by `rename(2)` (atomic: there is never a moment without
 //!   `current`), then the parent directory is fsynced so the rename survives a power loss.
+//! - `shared/.rk-tmp.<name>.<pid>.<n>`: a shared file seeded from an upload (`HeldFile`),
+//!   held there until the upload is accepted and then renamed to its entry without
+//!   replacing anything; a rejected upload's copy is removed, so `shared/` only ever
+//!   gets what a release that went on links to. Healing removes leftovers.
 //! - `.release-keeper/trash/<id>.<n>`: a release being deleted. It leaves `releases/` by
 //!   one rename first, so a half-deleted tree never looks like a release.
 //! - `.release-keeper/changes`: the time spans in which the keeper linked or unlinked
@@ -53,7 +57,7 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -282,6 +286,83 @@ impl AtomicWriter {
 impl Drop for AtomicWriter {
     fn drop(&mut self) {
         if self.out.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A copy of a file held under a temporary name in a directory until `place` gives it
+/// its final name; dropped unplaced, it removes itself.
+#[derive(Debug)]
+pub struct HeldFile {
+    tmp: PathBuf,
+    placed: bool,
+}
+
+impl HeldFile {
+    /// Copies `src` to a temporary name in `dir` (named after `like`) with mode `mode`.
+    pub fn copy(src: &Path, dir: &Path, like: &Path, mode: u32) -> Result<HeldFile> {
+        let tmp = tmp_sibling(&dir.join(like.file_name().unwrap_or_default()));
+        let held = HeldFile { tmp, placed: false };
+        let mut from = File::open(src).at(src)?;
+        let mut to = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&held.tmp)
+            .at(&held.tmp)?;
+        std::io::copy(&mut from, &mut to).at(&held.tmp)?;
+        // Set on the open file, after the copy: the mode may be read-only, and a file
+        // only ever visible with its final bits is never briefly wider than them.
+        to.set_permissions(fs::Permissions::from_mode(mode))
+            .at(&held.tmp)?;
+        Ok(held)
+    }
+
+    /// Gives the file the name `to`, never replacing what is there: `Ok(false)` when `to`
+    /// exists (the copy is dropped). Across filesystems (a mount inside `shared/`) it is
+    /// copied there instead.
+    pub fn place(mut self, to: &Path) -> Result<bool> {
+        let renamed = nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &self.tmp,
+            nix::fcntl::AT_FDCWD,
+            to,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        );
+        match renamed {
+            Ok(()) => {
+                self.placed = true;
+                Ok(true)
+            }
+            Err(nix::errno::Errno::EEXIST) => Ok(false),
+            Err(nix::errno::Errno::EXDEV) => {
+                let mut from = File::open(&self.tmp).at(&self.tmp)?;
+                let mode = from.metadata().at(&self.tmp)?.permissions().mode();
+                let mut out = match OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(to)
+                {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+                    other => other.at(to)?,
+                };
+                std::io::copy(&mut from, &mut out).at(to)?;
+                out.set_permissions(fs::Permissions::from_mode(mode))
+                    .at(to)?;
+                Ok(true)
+            }
+            Err(e) => Err(e).at(to),
+        }
+    }
+}
+
+impl Drop for HeldFile {
+    fn drop(&mut self) {
+        if !self.placed {
             let _ = fs::remove_file(&self.tmp);
         }
     }

@@ -95,7 +95,13 @@ pub struct Reported(BTreeSet<Report>);
 /// True when a temporary name `.rk-tmp.<name>.<pid>.<n>` belongs to a live process other
 /// than this one (it may be in use right now).
 fn tmp_in_use(p: &Path) -> bool {
-    let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+    // Only the temporary form carries a pid: `.partial.v1.2.0` read as one took "2"
+    // (kthreadd, always alive) for its builder and was never cleaned up.
+    let Some(name) = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.starts_with(fsops::TMP_PREFIX))
+    else {
         return false;
     };
     let mut parts = name.rsplitn(3, '.');
@@ -463,11 +469,16 @@ fn heal_pass(
     }
     let claims_listing = listings.names(&claims);
     let manifests_listing = listings.names(&manifests);
+    // `shared/` holds the keeper's temporary names too: a seed copy (`HeldFile`) a crash
+    // left before its upload was accepted.
+    let shared_dir = site.shared();
+    let shared_listing = listings.names(&shared_dir);
     for (dir, listing) in [
         (site.root(), &root_listing),
         (state.as_path(), &state_listing),
         (manifests.as_path(), &manifests_listing),
         (claims.as_path(), &claims_listing),
+        (shared_dir.as_path(), &shared_listing),
     ] {
         for p in leftovers(dir, listing, &[fsops::TMP_PREFIX]) {
             if tmp_in_use(&p) {

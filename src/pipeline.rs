@@ -722,6 +722,7 @@ fn process_claim(
         let difference = store::first_difference(&stored, &uploaded)
             .or_else(|| store::first_difference(&stored_sums, &uploaded_sums));
         if difference.is_none() {
+            finalize::make_shared(site, id, std::mem::take(&mut built.shared))?;
             // Staged by an earlier marker and never tried since: this marker's
             // `activate = true` is the uploader asking for it live, which a no-op would
             // silently ignore (exit 0, `current` unchanged). A release activated or failed
@@ -760,6 +761,9 @@ fn process_claim(
         )));
     }
 
+    // Accepted: only now may the upload seed `shared/`, before any `current` can link
+    // through the release to what it seeds.
+    finalize::make_shared(site, id, std::mem::take(&mut built.shared))?;
     built.manifest.commit()?;
     fsops::rename_noreplace(&site.partial(id), &site.release(id))?;
     fsops::fsync_dir(&site.releases())?;

@@ -333,8 +333,17 @@ fn leftover_partials_and_temporary_links_are_removed_at_start() {
         )
         .unwrap();
     }
+    // A dotted id ends like a temporary name's `.<pid>.<n>` (here pid 2, always alive):
+    // a partial is removed all the same.
+    write_tree(
+        &site.releases_dir().join(".partial.v1.2.0"),
+        &[("index.html", b"half" as &[u8])],
+    );
     let dead = |name: &str| format!(".rk-tmp.{name}.{DEAD_PID}.0");
     symlink("releases/v1", site.root.join(dead("current"))).unwrap();
+    // A shared file's seed copy, held for an upload the crash cut short.
+    fs::create_dir_all(site.root.join("shared")).unwrap();
+    fs::write(site.root.join("shared").join(dead(".env")), b"DB=x\n").unwrap();
     fs::write(
         site.root.join(".release-keeper").join(dead("journal")),
         b"x",
@@ -360,6 +369,7 @@ fn leftover_partials_and_temporary_links_are_removed_at_start() {
             site.root.clone(),
             site.root.join(".release-keeper"),
             site.root.join(".release-keeper/claims"),
+            site.root.join("shared"),
         ] {
             for e in fs::read_dir(&dir).unwrap() {
                 let n = e.unwrap().file_name().to_string_lossy().to_string();
@@ -377,7 +387,9 @@ fn leftover_partials_and_temporary_links_are_removed_at_start() {
     );
     assert!(live.exists(), "a live process's temporary file was removed");
     wait_repaired(&svc, &[".partial.v2", "interrupted build"]);
+    wait_repaired(&svc, &[".partial.v1.2.0", "interrupted build"]);
     wait_repaired(&svc, &[".rk-tmp.current"]);
+    wait_repaired(&svc, &[".rk-tmp..env"]);
     assert_eq!(site.release_ids(), ["v1"]);
     assert_eq!(site.current_id().as_deref(), Some("v1"));
     svc.stop();

@@ -829,3 +829,62 @@ fn a_marker_the_keeper_cannot_read_is_rejected_and_later_uploads_go_on() {
     assert_eq!(site.release_ids(), ["public"]);
     svc.stop();
 }
+
+/// Names in `ROOT/shared/`, sorted (empty if it does not exist).
+fn shared_names(site: &Site) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(site.root.join("shared"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_rejected_upload_seeds_no_shared_entry() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "shared = [\".env\", \"storage\"]");
+    // Rejected once the tree is built (a symlink out of the site): its `.env` must not
+    // become the site's, nor `storage/` be made for it.
+    site.stage_upload(&[
+        ("index.html", b"<p>bad</p>\n" as &[u8]),
+        (".env", b"DB=staging\n"),
+    ]);
+    write_symlink(&site.deploy_cache(), "leak", "/etc/passwd");
+    finalize_expecting(&cfg, SITE, "bad", &[], 1);
+    assert_eq!(
+        shared_names(&site),
+        Vec::<String>::new(),
+        "shared/ after a rejection"
+    );
+
+    site.stage_upload(&[
+        ("index.html", b"<p>v1</p>\n" as &[u8]),
+        (".env", b"DB=production\n"),
+    ]);
+    finalize_expecting(&cfg, SITE, "v1", &[], 0);
+    assert_eq!(
+        fs::read(site.root.join("shared/.env")).unwrap(),
+        b"DB=production\n",
+        "the accepted upload seeds .env"
+    );
+    assert_eq!(shared_names(&site), [".env", "storage"]);
+
+    // Rejected after the build (the id exists with other content), with a new shared
+    // entry configured meanwhile: nothing is made for it either.
+    let cfg = site.write_config(SITE, "", "shared = [\".env\", \"storage\", \"config.php\"]");
+    site.stage_upload(&[
+        ("index.html", b"<p>v1 again, other</p>\n" as &[u8]),
+        ("config.php", b"<?php // staging\n"),
+    ]);
+    let out = finalize_expecting(&cfg, SITE, "v1", &[], 1);
+    assert!(show(&out).contains("already exists"), "{}", show(&out));
+    assert_eq!(
+        shared_names(&site),
+        [".env", "storage"],
+        "shared/ after the second rejection"
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+}

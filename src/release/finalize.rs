@@ -247,6 +247,8 @@ pub struct Output {
     pub cache: Option<AtomicWriter>,
     /// How many times the writeback of the manifest and cache was started as they grew.
     pub writeback_starts: u64,
+    /// The shared entries it links to, for [`make_shared`] once it is accepted.
+    pub shared: Vec<SharedEntry>,
 }
 
 impl Output {
@@ -820,6 +822,7 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
         hashed: ordered.hashed,
         cache: ordered.cache,
         writeback_starts: ordered.writeback_starts,
+        shared: Vec::new(),
     };
     let mut dirs = w.dirs;
 
@@ -1265,9 +1268,19 @@ fn shared_file_mode(uploaded: u32) -> u32 {
     (uploaded & 0o755) | 0o200
 }
 
+/// A configured `shared` entry of a release being built, made in `ROOT/shared/` only by
+/// [`make_shared`], once the upload is accepted: a rejected upload must leave `shared/`
+/// as it was (its `.env` seeding it, or a directory made where a later upload has a file,
+/// would outlive the rejection and be what every later release links to).
+#[derive(Debug)]
+pub struct SharedEntry {
+    entry: PathBuf,
+    /// The upload's file of that name, copied aside to seed a missing entry.
+    seed: Option<fsops::HeldFile>,
+}
+
 /// Replaces each configured `shared` entry in the release by a symlink to
-/// `ROOT/shared/<entry>`, creating the shared entry when missing (seeded from the upload's
-/// file of that name, if any, else an empty directory).
+/// `ROOT/shared/<entry>`; an uploaded file of that name is held aside to seed the entry.
 fn link_shared(
     input: &Input<'_>,
     partial: &Path,
@@ -1296,55 +1309,29 @@ fn link_shared(
             }
         }
         let in_release = partial.join(entry);
-        let in_shared = site.shared().join(entry);
         let uploaded = fs::symlink_metadata(&in_release).ok();
-        let existing = fs::symlink_metadata(&in_shared).ok();
-        // Followed: a link to a file kept elsewhere (`.env -> /etc/shop/env`) is a file too.
-        if existing.is_some() && fs::metadata(&in_shared).is_ok_and(|m| m.is_file()) {
-            // A file the operator put there (the usual `.env`) is remembered like a seeded
-            // one, so healing never recreates it as a directory once it goes missing.
-            site.record_shared_file(entry)?;
+        // Only when the entry is missing is a copy of any use; the check is repeated
+        // when it is made, as someone may make it meanwhile.
+        let missing = fs::symlink_metadata(site.shared().join(entry)).is_err();
+        if missing && uploaded.as_ref().is_some_and(fs::Metadata::is_file) {
+            fsops::ensure_dir(&site.shared(), 0o755)?;
         }
-        let seeds = uploaded.as_ref().is_some_and(fs::Metadata::is_file);
-        if existing.is_none() && !seeds && site.is_shared_file(entry) {
-            // A shared file that went missing (a deleted `.env`) made again as an empty
-            // directory would start the app with no settings and block its restore
-            // (`cp` would land inside it). Healing leaves it to a person; so does a deploy:
-            // the release's link dangles until the file is back.
-            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = input.id, path = %entry.display(),
-                reason = %format!("shared file {} is missing and the upload holds no file to seed it; not recreated, restore it", in_shared.display()),
-                "shared file missing");
-        } else if existing.is_none() {
-            if let Some(parent) = in_shared.parent() {
-                fsops::ensure_dir(parent, 0o755)?;
-            }
-            let kind = match &uploaded {
-                Some(m) if m.is_file() => {
-                    fs::copy(&in_release, &in_shared).at(&in_shared)?;
-                    site.record_shared_file(entry)?;
-                    fs::set_permissions(
-                        &in_shared,
-                        fs::Permissions::from_mode(shared_file_mode(m.permissions().mode())),
-                    )
-                    .at(&in_shared)?;
-                    "file, seeded from the upload"
-                }
-                _ => {
-                    fs::DirBuilder::new()
-                        .mode(0o755)
-                        .create(&in_shared)
-                        .at(&in_shared)?;
-                    // Said, since it is a guess: nothing told a file (`.env`) from a
-                    // directory (`storage`). A file put in its place is kept as one.
-                    "empty directory (the upload had no file to seed it; if it should be a file, replace it with one)"
-                }
-            };
-            tracing::info!(event = crate::events::SHARED_LINKED, site = site.name(), release = input.id, path = %entry.display(),
-                created = kind, "created missing shared entry");
-        }
+        let seed = match &uploaded {
+            Some(m) if m.is_file() && missing => Some(fsops::HeldFile::copy(
+                &in_release,
+                &site.shared(),
+                entry,
+                shared_file_mode(m.permissions().mode()),
+            )?),
+            _ => None,
+        };
+        out.shared.push(SharedEntry {
+            entry: entry.clone(),
+            seed,
+        });
         if uploaded.is_some() {
-            // Its files and directories were built (a file may have seeded the shared
-            // entry just above) but never entered the manifest or the counts.
+            // Its files and directories were built but never entered the manifest or
+            // the counts.
             fsops::remove_tree(&in_release)?;
             dirs.retain(|(d, _)| !d.starts_with(entry));
             tracing::info!(event = crate::events::SHARED_LINKED, site = site.name(), release = input.id, path = %entry.display(),
@@ -1372,6 +1359,58 @@ fn link_shared(
         std::os::unix::fs::symlink(&target, &in_release).at(&in_release)?;
         out.manifest
             .write(&line(Kind::Symlink, 0o777, 0, None, entry, Some(&target)))?;
+    }
+    Ok(())
+}
+
+/// Makes the shared entries an accepted release links to that `ROOT/shared/` lacks:
+/// seeded from the upload's file of that name, if any, else an empty directory.
+pub fn make_shared(site: &Site, id: &str, entries: Vec<SharedEntry>) -> Result<()> {
+    for SharedEntry { entry, seed } in entries {
+        let in_shared = site.shared().join(&entry);
+        let existing = fs::symlink_metadata(&in_shared).ok();
+        // Followed: a link to a file kept elsewhere (`.env -> /etc/shop/env`) is a file too.
+        if existing.is_some() && fs::metadata(&in_shared).is_ok_and(|m| m.is_file()) {
+            // A file the operator put there (the usual `.env`) is remembered like a seeded
+            // one, so healing never recreates it as a directory once it goes missing.
+            site.record_shared_file(&entry)?;
+        }
+        if existing.is_some() {
+            continue;
+        }
+        if seed.is_none() && site.is_shared_file(&entry) {
+            // A shared file that went missing (a deleted `.env`) made again as an empty
+            // directory would start the app with no settings and block its restore
+            // (`cp` would land inside it). Healing leaves it to a person; so does a deploy:
+            // the release's link dangles until the file is back.
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = id, path = %entry.display(),
+                reason = %format!("shared file {} is missing and the upload holds no file to seed it; not recreated, restore it", in_shared.display()),
+                "shared file missing");
+            continue;
+        }
+        if let Some(parent) = in_shared.parent() {
+            fsops::ensure_dir(parent, 0o755)?;
+        }
+        let kind = match seed {
+            Some(held) => {
+                if !held.place(&in_shared)? {
+                    continue;
+                }
+                site.record_shared_file(&entry)?;
+                "file, seeded from the upload"
+            }
+            None => {
+                match fs::DirBuilder::new().mode(0o755).create(&in_shared) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    other => other.at(&in_shared)?,
+                }
+                // Said, since it is a guess: nothing told a file (`.env`) from a
+                // directory (`storage`). A file put in its place is kept as one.
+                "empty directory (the upload had no file to seed it; if it should be a file, replace it with one)"
+            }
+        };
+        tracing::info!(event = crate::events::SHARED_LINKED, site = site.name(), release = id, path = %entry.display(),
+            created = kind, "created missing shared entry");
     }
     Ok(())
 }
