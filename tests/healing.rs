@@ -313,6 +313,30 @@ fn absolute_current_to_a_good_release_is_made_relative_not_switched() {
     svc.stop();
 }
 
+/// `.release-keeper/claims` turned into a regular file while the service runs: the claim
+/// of the next upload fails, and the error names `.release-keeper/claims`, what is wrong
+/// and must be fixed. It used to name the marker, which is fine.
+#[test]
+fn a_claim_that_fails_on_the_claims_directory_names_it() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    let claims = site.root.join(".release-keeper/claims");
+    fs::remove_dir(&claims).unwrap();
+    fs::write(&claims, b"").unwrap();
+    site.deploy(&as_refs(&small_build("v1")), "");
+    let failed = svc.wait_event(
+        "site.error",
+        |v| reason_of(v).contains("Not a directory"),
+        WAIT,
+    );
+    let reason = reason_of(&failed);
+    assert!(
+        reason.contains(".release-keeper/claims") && !reason.contains(".release-ready"),
+        "the error names .release-keeper/claims, not the marker: {reason}"
+    );
+    svc.stop();
+}
+
 /// A pid that cannot be a live process (above the kernel's pid_max).
 const DEAD_PID: u32 = 99_999_999;
 
