@@ -1022,7 +1022,9 @@ fn heal_current(
                     Some("current points outside releases/ (through a symlink there)")
                 }
                 Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
-                Some(id) if target != Site::current_target_for(&id) => {
+                // Byte for byte: `Path` equality ignores a trailing slash and doubled
+                // slashes, and `releases/v1/` would pass for canonical.
+                Some(id) if target.as_os_str() != Site::current_target_for(&id).as_os_str() => {
                     let problem = if target.is_absolute() {
                         "current has an absolute target"
                     } else {

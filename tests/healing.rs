@@ -337,6 +337,33 @@ fn a_claim_that_fails_on_the_claims_directory_names_it() {
     svc.stop();
 }
 
+/// `current -> releases/v1/` (a trailing slash, made by hand: `ln -sfn releases/v1/
+/// current`) is rewritten to the canonical `releases/v1`, as `./releases/v1` is, keeping
+/// the release. `Path` comparison ignores a trailing slash, so it used to be taken for
+/// canonical and left as it was.
+#[test]
+fn current_with_a_trailing_slash_is_made_canonical_not_switched() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    for (target, id) in [("releases/v1/", "v1"), ("releases//v2//", "v2")] {
+        force_symlink(&site.current_path(), target);
+        wait_until(
+            WAIT,
+            || site.current_target().as_deref().map(Path::as_os_str) != Some(target.as_ref()),
+            || format!("current -> {target} to be rewritten"),
+        );
+        assert_eq!(
+            site.current_target().map(|t| t.as_os_str().to_os_string()),
+            Some(format!("releases/{id}").into()),
+            "current -> {target} made canonical, keeping {id}"
+        );
+        wait_repaired(&svc, &["non-canonical target", &format!("releases/{id}")]);
+    }
+    svc.stop();
+}
+
 /// A pid that cannot be a live process (above the kernel's pid_max).
 const DEAD_PID: u32 = 99_999_999;
 
