@@ -978,8 +978,10 @@ pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
     let owner = init_owner(owner)?;
     // The root is the operator's path: a symlink to a directory (`/var/www/shop ->
     // /srv/shop`) is that directory, as it is for every other command.
+    // Parents it makes are 0755 whatever the umask (`sudo` under `umask 077`): the
+    // `--owner` user, and the web server, must be able to reach the root through them.
     if !site.root().is_dir() {
-        fsops::ensure_dir(site.root(), 0o755)?;
+        fsops::ensure_dir_and_parents(site.root(), 0o755, 0o755)?;
     }
     site.ensure_layout()?;
     tighten_keeper_dirs(&site)?;

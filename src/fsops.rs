@@ -417,6 +417,16 @@ pub fn is_real_dir(path: &Path) -> bool {
 
 /// Creates `dir` (and parents) if missing, with `mode` for the ones created.
 pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
+    make_dir(dir, mode, None)
+}
+
+/// `ensure_dir`, giving the parents it creates `parents_mode` whatever the umask; parents
+/// that already exist are left as they are.
+pub fn ensure_dir_and_parents(dir: &Path, mode: u32, parents_mode: u32) -> Result<()> {
+    make_dir(dir, mode, Some(parents_mode))
+}
+
+fn make_dir(dir: &Path, mode: u32, parents_mode: Option<u32>) -> Result<()> {
     match fs::symlink_metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(Error::Failed(format!(
@@ -424,6 +434,9 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
             dir.display()
         ))),
         Err(_) => {
+            if let Some(parents_mode) = parents_mode {
+                make_parents(dir, parents_mode)?;
+            }
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(mode)
@@ -435,6 +448,33 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
             fsync_dir(parent_of(dir))
         }
     }
+}
+
+/// Creates the missing ancestors of `dir`, top down, each with `mode` (not masked by the
+/// umask: under `umask 077` a root-owned parent would keep `init --owner`'s user from
+/// even reaching the root).
+fn make_parents(dir: &Path, mode: u32) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut next = dir.parent();
+    while let Some(p) = next.filter(|p| !p.as_os_str().is_empty()) {
+        if fs::symlink_metadata(p).is_ok() {
+            break;
+        }
+        missing.push(p);
+        next = p.parent();
+    }
+    for p in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(mode).create(p) {
+            Ok(()) => {
+                set_mode(p, mode)?;
+                fsync_dir(parent_of(p))?;
+            }
+            // Made meanwhile by someone else: theirs, left as it is.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).at(p),
+        }
+    }
+    Ok(())
 }
 
 /// Sets the permission bits of `path` (followed if a symlink: only used on directories the

@@ -785,6 +785,49 @@ fn init_follows_a_root_that_is_a_symlink_to_a_directory() {
     }
 }
 
+/// `sudo release-keeper init web --owner USER` under `umask 077`, with two parents of
+/// the root missing: the parents `init` makes are 0755, so the owner (and the web server)
+/// can reach the root through them; they came out 0700, root's, as the umask made them.
+/// A parent that already existed keeps its mode.
+#[test]
+fn init_makes_the_missing_parents_of_the_root_traversable_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new();
+    let existing = site.tmp_path("srv");
+    fs::create_dir(&existing).unwrap();
+    fs::set_permissions(&existing, fs::Permissions::from_mode(0o710)).unwrap();
+    let root = existing.join("www/sites/shop");
+    let cfg = config_file(
+        &site,
+        &format!("[sites.web]\nroot = \"{}\"\n", root.display()),
+    );
+    let mut args = vec!["--config", cfg.to_str().unwrap(), "init", "web"];
+    if nix::unistd::geteuid().is_root() {
+        args.extend(["--owner", "nobody"]);
+    }
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 077; exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args(&args)
+        .env_remove("RELEASE_KEEPER_CONFIG")
+        .output()
+        .unwrap();
+    assert_ok(&out, "init under umask 077");
+    for d in [
+        existing.join("www"),
+        existing.join("www/sites"),
+        root.clone(),
+    ] {
+        assert_eq!(mode(&d) & 0o7777, 0o755, "{} is 0755", d.display());
+    }
+    assert_eq!(
+        mode(&existing) & 0o7777,
+        0o710,
+        "a parent that existed is left as it was"
+    );
+}
+
 /// A layout made by hand before `init` (here everything 0777) gets from `init` the modes
 /// nobody but the keeper may exceed: `releases/` not writable by group or others (they
 /// could rename one release over another), `.release-keeper/` and its directories at most
