@@ -877,7 +877,8 @@ fn heal_shared(
 /// old backup) whose stored manifest shows they are the keeper's: left unknown they would
 /// count as foreign, never pruned nor chosen by healing. They are recorded in the order
 /// their manifests were written (the keeper's own files, not the upload's mtimes) as
-/// finalized and not activated, since whether one failed is lost with the journal; the
+/// finalized, created when their manifest was written, and not activated, since whether
+/// one failed is lost with the journal; the
 /// release `current` points at is recorded as activated, and one `.release-keeper/pins` lists
 /// as pinned. Returns the ids, in that order, each with whether it was pinned again.
 fn recover_releases(
@@ -896,7 +897,7 @@ fn recover_releases(
     let current = site.current_id();
     let pins = store::saved_pins(site);
     let mut out = Vec::with_capacity(dated.len());
-    for (_, id) in dated {
+    for (written, id) in dated {
         let pinned = pins.contains(&id);
         if !dry_run {
             let entries = store::read_release_manifest(site, &id)?;
@@ -907,6 +908,9 @@ fn recover_releases(
                 bytes: files.map(|e| e.size).sum(),
                 activate: false,
                 message: Some("recovered: the journal had lost this release".into()),
+                // The record is written now; the release was made when its manifest was
+                // stored, which is what `list` must say it was created.
+                created: Some(crate::clock::rfc3339_of(written)),
             })?;
             if current.as_deref() == Some(id.as_str()) {
                 journal.append(Op::Activated {

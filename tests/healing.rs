@@ -861,6 +861,46 @@ fn releases_are_recovered_when_the_journal_is_lost() {
     }
 }
 
+/// With the journal lost, a release recorded again by healing is dated by when its
+/// stored manifest was written (the keeper wrote it as the release was made), not by the
+/// recovery: `list` showed every recovered release as created at the moment of the heal.
+#[test]
+fn a_recovered_release_is_dated_by_its_stored_manifest_not_the_recovery() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+    let dated = [
+        ("v1", "@1709618828", "2024-03-05T06:07:08Z"),
+        ("v2", "@1709705228", "2024-03-06T06:07:08Z"),
+    ];
+    for (id, stamp, _) in dated {
+        let manifest = site.root.join(".release-keeper/manifests").join(id);
+        sh(
+            &site.root,
+            &format!("touch -h -d {stamp} '{}'", manifest.display()),
+        );
+    }
+    fs::remove_file(site.root.join(".release-keeper/journal")).unwrap();
+    assert_ok(&cli(&cfg, &["heal", SITE]), "heal");
+    let out = cli(&cfg, &["list", SITE, "--json"]);
+    assert_ok(&out, "list --json");
+    let list = stdout_json(&out);
+    let created: Vec<(&str, &str)> = list["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap(), r["created"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        created,
+        [("v2", dated[1].2), ("v1", dated[0].2)],
+        "created is the stored manifest's mtime: {}",
+        show(&out)
+    );
+}
+
 /// A pin is the operator's "never delete this": with the journal lost, the recovered
 /// release must come back pinned (from `.release-keeper/pins`), not become prunable.
 #[test]
