@@ -74,6 +74,14 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// A file time as RFC 3339 (whole seconds; the epoch for a time before it).
+pub fn rfc3339_of(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Utc::from_unix(secs).rfc3339()
+}
+
 /// The current time as RFC 3339.
 pub fn now_rfc3339() -> String {
     Utc::now().rfc3339()

@@ -907,7 +907,12 @@ pub fn manifest(dir: &Path, output: Option<&Path>, json_logs: bool) -> Result<()
     let own = match output {
         None => Some(PathBuf::from(&defaults.manifest)),
         Some(p) if p == Path::new("-") => None,
-        Some(p) => inside(dir, p),
+        // A link (`-o build/SHA256SUMS -> out/sums`) is written through: what it names is
+        // the output that must not list itself.
+        Some(p) => inside(
+            dir,
+            &fsops::follow_links(p).unwrap_or_else(|_| p.to_path_buf()),
+        ),
     };
     // The output is the build's manifest; written elsewhere (stdout, another directory),
     // a `SHA256SUMS` in the build is taken for the stale one of an earlier run. With the
@@ -946,7 +951,7 @@ pub fn manifest(dir: &Path, output: Option<&Path>, json_logs: bool) -> Result<()
         }
         other => {
             let path = other.map_or_else(|| dir.join(&defaults.manifest), Path::to_path_buf);
-            fsops::write_atomic(&path, &buf)?;
+            fsops::write_output(&path, &buf)?;
             let noun = if n == 1 { "file" } else { "files" };
             // Human output goes to stdout (SPEC); only with `-o -`, where stdout is the
             // manifest itself, is there nothing to say.
@@ -973,8 +978,10 @@ pub fn init(cfg: &Config, name: &str, owner: Option<&str>) -> Result<()> {
     let owner = init_owner(owner)?;
     // The root is the operator's path: a symlink to a directory (`/var/www/shop ->
     // /srv/shop`) is that directory, as it is for every other command.
+    // Parents it makes are 0755 whatever the umask (`sudo` under `umask 077`): the
+    // `--owner` user, and the web server, must be able to reach the root through them.
     if !site.root().is_dir() {
-        fsops::ensure_dir(site.root(), 0o755)?;
+        fsops::ensure_dir_and_parents(site.root(), 0o755, 0o755)?;
     }
     site.ensure_layout()?;
     tighten_keeper_dirs(&site)?;

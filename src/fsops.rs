@@ -197,6 +197,50 @@ pub fn write_atomic_with(
     result
 }
 
+/// The name a write to `path` lands on, reached as the shell's `>` reaches it: symlinks
+/// followed (a relative target from the link's directory) down to a name that is no
+/// symlink. A dangling link leads to the name the write would create.
+pub fn follow_links(path: &Path) -> Result<PathBuf> {
+    let mut name = path.to_path_buf();
+    // The kernel's own limit on links followed in one lookup (MAXSYMLINKS).
+    for _ in 0..40 {
+        match fs::symlink_metadata(&name) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&name).at(&name)?;
+                // `join` with an absolute target is that target.
+                name = parent_of(&name).join(target);
+            }
+            _ => return Ok(name),
+        }
+    }
+    Err(Error::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(libc::ELOOP),
+    })
+}
+
+/// Writes `bytes` to a file a user named for output (`manifest -o FILE`). A regular file,
+/// or a name not taken yet, is replaced atomically (`write_atomic`); a device, fifo or
+/// socket is written through and stays what it is; a symlink is followed to what it names,
+/// which is then written the same way, and stays a link.
+pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
+    let real = follow_links(path)?;
+    match fs::metadata(&real) {
+        // Renamed over, `/dev/null` (as root) or a fifo a CI step reads from would be
+        // replaced by a regular file: the shell's `>` writes into them instead.
+        Ok(m) if !m.is_file() && !m.is_dir() => {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+                .open(&real)
+                .at(path)?;
+            f.write_all(bytes).at(path)?;
+            f.flush().at(path)
+        }
+        _ => write_atomic(&real, bytes),
+    }
+}
+
 /// A file written under a temporary name beside `path` and put in place by `commit`
 /// (rename, after an fsync when `durable`); dropped without `commit`, it removes itself.
 /// For big files produced piecewise (a 200,000-line release manifest written while the
@@ -454,6 +498,16 @@ pub fn is_real_dir(path: &Path) -> bool {
 
 /// Creates `dir` (and parents) if missing, with `mode` for the ones created.
 pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
+    make_dir(dir, mode, None)
+}
+
+/// `ensure_dir`, giving the parents it creates `parents_mode` whatever the umask; parents
+/// that already exist are left as they are.
+pub fn ensure_dir_and_parents(dir: &Path, mode: u32, parents_mode: u32) -> Result<()> {
+    make_dir(dir, mode, Some(parents_mode))
+}
+
+fn make_dir(dir: &Path, mode: u32, parents_mode: Option<u32>) -> Result<()> {
     match fs::symlink_metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(Error::Failed(format!(
@@ -461,6 +515,9 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
             dir.display()
         ))),
         Err(_) => {
+            if let Some(parents_mode) = parents_mode {
+                make_parents(dir, parents_mode)?;
+            }
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(mode)
@@ -472,6 +529,33 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
             fsync_dir(parent_of(dir))
         }
     }
+}
+
+/// Creates the missing ancestors of `dir`, top down, each with `mode` (not masked by the
+/// umask: under `umask 077` a root-owned parent would keep `init --owner`'s user from
+/// even reaching the root).
+fn make_parents(dir: &Path, mode: u32) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut next = dir.parent();
+    while let Some(p) = next.filter(|p| !p.as_os_str().is_empty()) {
+        if fs::symlink_metadata(p).is_ok() {
+            break;
+        }
+        missing.push(p);
+        next = p.parent();
+    }
+    for p in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(mode).create(p) {
+            Ok(()) => {
+                set_mode(p, mode)?;
+                fsync_dir(parent_of(p))?;
+            }
+            // Made meanwhile by someone else: theirs, left as it is.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).at(p),
+        }
+    }
+    Ok(())
 }
 
 /// Sets the permission bits of `path` (followed if a symlink: only used on directories the

@@ -888,7 +888,8 @@ fn heal_shared(
 /// old backup) whose stored manifest shows they are the keeper's: left unknown they would
 /// count as foreign, never pruned nor chosen by healing. They are recorded in the order
 /// their manifests were written (the keeper's own files, not the upload's mtimes) as
-/// finalized and not activated, since whether one failed is lost with the journal; the
+/// finalized, created when their manifest was written, and not activated, since whether
+/// one failed is lost with the journal; the
 /// release `current` points at is recorded as activated, and one `.release-keeper/pins` lists
 /// as pinned. Returns the ids, in that order, each with whether it was pinned again.
 fn recover_releases(
@@ -907,7 +908,7 @@ fn recover_releases(
     let current = site.current_id();
     let pins = store::saved_pins(site);
     let mut out = Vec::with_capacity(dated.len());
-    for (_, id) in dated {
+    for (written, id) in dated {
         let pinned = pins.contains(&id);
         if !dry_run {
             let entries = store::read_release_manifest(site, &id)?;
@@ -918,6 +919,9 @@ fn recover_releases(
                 bytes: files.map(|e| e.size).sum(),
                 activate: false,
                 message: Some("recovered: the journal had lost this release".into()),
+                // The record is written now; the release was made when its manifest was
+                // stored, which is what `list` must say it was created.
+                created: Some(crate::clock::rfc3339_of(written)),
             })?;
             if current.as_deref() == Some(id.as_str()) {
                 journal.append(Op::Activated {
@@ -1033,7 +1037,9 @@ fn heal_current(
                     Some("current points outside releases/ (through a symlink there)")
                 }
                 Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
-                Some(id) if target != Site::current_target_for(&id) => {
+                // Byte for byte: `Path` equality ignores a trailing slash and doubled
+                // slashes, and `releases/v1/` would pass for canonical.
+                Some(id) if target.as_os_str() != Site::current_target_for(&id).as_os_str() => {
                     let problem = if target.is_absolute() {
                         "current has an absolute target"
                     } else {

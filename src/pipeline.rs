@@ -781,6 +781,7 @@ fn process_claim(
         bytes: built.bytes,
         activate: claim.activate,
         message: claim.message.clone(),
+        created: None,
     })?;
     tracing::info!(
         event = events::RELEASE_FINALIZED,

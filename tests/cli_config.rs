@@ -785,6 +785,49 @@ fn init_follows_a_root_that_is_a_symlink_to_a_directory() {
     }
 }
 
+/// `sudo release-keeper init web --owner USER` under `umask 077`, with two parents of
+/// the root missing: the parents `init` makes are 0755, so the owner (and the web server)
+/// can reach the root through them; they came out 0700, root's, as the umask made them.
+/// A parent that already existed keeps its mode.
+#[test]
+fn init_makes_the_missing_parents_of_the_root_traversable_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new();
+    let existing = site.tmp_path("srv");
+    fs::create_dir(&existing).unwrap();
+    fs::set_permissions(&existing, fs::Permissions::from_mode(0o710)).unwrap();
+    let root = existing.join("www/sites/shop");
+    let cfg = config_file(
+        &site,
+        &format!("[sites.web]\nroot = \"{}\"\n", root.display()),
+    );
+    let mut args = vec!["--config", cfg.to_str().unwrap(), "init", "web"];
+    if nix::unistd::geteuid().is_root() {
+        args.extend(["--owner", "nobody"]);
+    }
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 077; exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args(&args)
+        .env_remove("RELEASE_KEEPER_CONFIG")
+        .output()
+        .unwrap();
+    assert_ok(&out, "init under umask 077");
+    for d in [
+        existing.join("www"),
+        existing.join("www/sites"),
+        root.clone(),
+    ] {
+        assert_eq!(mode(&d) & 0o7777, 0o755, "{} is 0755", d.display());
+    }
+    assert_eq!(
+        mode(&existing) & 0o7777,
+        0o710,
+        "a parent that existed is left as it was"
+    );
+}
+
 /// A layout made by hand before `init` (here everything 0777) gets from `init` the modes
 /// nobody but the keeper may exceed: `releases/` not writable by group or others (they
 /// could rename one release over another), `.release-keeper/` and its directories at most
@@ -1133,6 +1176,80 @@ fn manifest_into_the_build_under_another_name_lists_a_sha256sums_of_the_build() 
         "{}",
         show(&out)
     );
+}
+
+/// `-o` naming a fifo (or a device: `-o /dev/null` as root) writes through it, as the
+/// shell's `>` does. The output used to be renamed over it, replacing the node with a
+/// regular file; as root, `-o /dev/null` destroyed /dev/null.
+#[test]
+fn manifest_output_to_a_fifo_is_written_through_it() {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(&build, &[("index.html", b"x\n" as &[u8])]);
+    let fifo = site.tmp_path("sums.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // The reading end, opened without waiting for a writer, so the keeper's open does not
+    // block; and if the keeper never writes to it, reading ends at once instead of hanging.
+    let mut reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let out = manifest_into(&build, &fifo);
+    assert_ok(&out, "manifest DIR -o FIFO");
+    assert!(
+        fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(),
+        "the fifo is still a fifo, not replaced by a file"
+    );
+    let mut got = String::new();
+    reader.read_to_string(&mut got).unwrap();
+    let want = format!("{}  index.html\n", sha256_hex(b"x\n"));
+    assert_eq!(
+        got,
+        want,
+        "the manifest went through the fifo: {}",
+        show(&out)
+    );
+    assert!(
+        !fs::read_dir(site.tmp.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".rk-tmp")),
+        "no temporary file left beside it"
+    );
+}
+
+/// `-o LINK` writes where the link points, as the shell's `>` does: the target file gets
+/// the manifest (replaced atomically, as any regular output file), the link stays a link.
+/// A dangling link gets its target created. The link itself used to be replaced by a file.
+#[test]
+fn manifest_output_to_a_symlink_writes_its_target() {
+    let site = Site::new();
+    let build = site.tmp_path("build");
+    write_tree(&build, &[("index.html", b"x\n" as &[u8])]);
+    let want = format!("{}  index.html\n", sha256_hex(b"x\n"));
+    fs::create_dir(site.tmp_path("out")).unwrap();
+    fs::write(site.tmp_path("out/sums.txt"), b"stale\n").unwrap();
+    for (link, target) in [("sums-link", "out/sums.txt"), ("new-link", "out/new.txt")] {
+        let link = site.tmp_path(link);
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        let out = manifest_into(&build, &link);
+        assert_ok(&out, "manifest DIR -o LINK");
+        assert_eq!(
+            fs::read_link(&link).ok().as_deref(),
+            Some(Path::new(target)),
+            "{} stays a link to {target}",
+            link.display()
+        );
+        assert_eq!(
+            fs::read_to_string(site.tmp_path(target)).unwrap(),
+            want,
+            "{target}, the link's target, holds the manifest"
+        );
+    }
 }
 
 /// `-o` into a directory that does not exist fails naming the path the user gave, not the

@@ -313,6 +313,57 @@ fn absolute_current_to_a_good_release_is_made_relative_not_switched() {
     svc.stop();
 }
 
+/// `.release-keeper/claims` turned into a regular file while the service runs: the claim
+/// of the next upload fails, and the error names `.release-keeper/claims`, what is wrong
+/// and must be fixed. It used to name the marker, which is fine.
+#[test]
+fn a_claim_that_fails_on_the_claims_directory_names_it() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    let claims = site.root.join(".release-keeper/claims");
+    fs::remove_dir(&claims).unwrap();
+    fs::write(&claims, b"").unwrap();
+    site.deploy(&as_refs(&small_build("v1")), "");
+    let failed = svc.wait_event(
+        "site.error",
+        |v| reason_of(v).contains("Not a directory"),
+        WAIT,
+    );
+    let reason = reason_of(&failed);
+    assert!(
+        reason.contains(".release-keeper/claims") && !reason.contains(".release-ready"),
+        "the error names .release-keeper/claims, not the marker: {reason}"
+    );
+    svc.stop();
+}
+
+/// `current -> releases/v1/` (a trailing slash, made by hand: `ln -sfn releases/v1/
+/// current`) is rewritten to the canonical `releases/v1`, as `./releases/v1` is, keeping
+/// the release. `Path` comparison ignores a trailing slash, so it used to be taken for
+/// canonical and left as it was.
+#[test]
+fn current_with_a_trailing_slash_is_made_canonical_not_switched() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    for (target, id) in [("releases/v1/", "v1"), ("releases//v2//", "v2")] {
+        force_symlink(&site.current_path(), target);
+        wait_until(
+            WAIT,
+            || site.current_target().as_deref().map(Path::as_os_str) != Some(target.as_ref()),
+            || format!("current -> {target} to be rewritten"),
+        );
+        assert_eq!(
+            site.current_target().map(|t| t.as_os_str().to_os_string()),
+            Some(format!("releases/{id}").into()),
+            "current -> {target} made canonical, keeping {id}"
+        );
+        wait_repaired(&svc, &["non-canonical target", &format!("releases/{id}")]);
+    }
+    svc.stop();
+}
+
 /// A pid that cannot be a live process (above the kernel's pid_max).
 const DEAD_PID: u32 = 99_999_999;
 
@@ -820,6 +871,46 @@ fn releases_are_recovered_when_the_journal_is_lost() {
         svc.wait_release_event("release.pruned", "v1");
         svc.stop();
     }
+}
+
+/// With the journal lost, a release recorded again by healing is dated by when its
+/// stored manifest was written (the keeper wrote it as the release was made), not by the
+/// recovery: `list` showed every recovered release as created at the moment of the heal.
+#[test]
+fn a_recovered_release_is_dated_by_its_stored_manifest_not_the_recovery() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    svc.stop();
+    let dated = [
+        ("v1", "@1709618828", "2024-03-05T06:07:08Z"),
+        ("v2", "@1709705228", "2024-03-06T06:07:08Z"),
+    ];
+    for (id, stamp, _) in dated {
+        let manifest = site.root.join(".release-keeper/manifests").join(id);
+        sh(
+            &site.root,
+            &format!("touch -h -d {stamp} '{}'", manifest.display()),
+        );
+    }
+    fs::remove_file(site.root.join(".release-keeper/journal")).unwrap();
+    assert_ok(&cli(&cfg, &["heal", SITE]), "heal");
+    let out = cli(&cfg, &["list", SITE, "--json"]);
+    assert_ok(&out, "list --json");
+    let list = stdout_json(&out);
+    let created: Vec<(&str, &str)> = list["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap(), r["created"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        created,
+        [("v2", dated[1].2), ("v1", dated[0].2)],
+        "created is the stored manifest's mtime: {}",
+        show(&out)
+    );
 }
 
 /// A pin is the operator's "never delete this": with the journal lost, the recovered

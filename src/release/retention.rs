@@ -146,6 +146,7 @@ mod tests {
                     bytes: 0,
                     activate: true,
                     message: None,
+                    created: None,
                 },
             });
             if *failed {

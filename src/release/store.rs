@@ -33,6 +33,10 @@ pub enum Op {
         /// The marker's message.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
+        /// RFC 3339 time the release was made, when that is not the record's own: a
+        /// release the journal lost is recorded again by healing long after it was made.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        created: Option<String>,
     },
     /// `current` is about to be switched to `release`; the verdict is pending.
     Trial {
@@ -227,6 +231,7 @@ impl State {
                 files,
                 bytes,
                 message,
+                created,
                 ..
             } => {
                 // An id finalized again replaces its older record: the keeper only
@@ -241,7 +246,7 @@ impl State {
                 st.releases.push(ReleaseInfo {
                     id: release.clone(),
                     seq: rec.seq,
-                    created: rec.at.clone(),
+                    created: created.clone().unwrap_or_else(|| rec.at.clone()),
                     files: *files,
                     bytes: *bytes,
                     message: message.clone(),
@@ -1055,6 +1060,7 @@ mod tests {
             bytes: 1,
             activate: true,
             message: None,
+            created: None,
         }
     }
 

@@ -266,7 +266,18 @@ pub fn claim_marker(site: &Site, min_age: std::time::Duration) -> Result<Option<
                 .at(&site.deploy_cache())?;
             dest = claim_hidden(site, &hidden, &stem)?;
         }
-        Err(e) => return Err(e).at(&marker),
+        Err(e) => {
+            // The marker is a plain name in the open `deploy-cache/`, so a path that is no
+            // directory can only be on the claims side (`.release-keeper/claims` made a
+            // file): named there, the error points at what to fix, not at a good marker.
+            let claims = site.claims();
+            let at = if e.raw_os_error() == Some(libc::ENOTDIR) || !fsops::is_real_dir(&claims) {
+                claims
+            } else {
+                marker
+            };
+            return Err(e).at(&at);
+        }
     }
     nix::unistd::fsync(&dir)
         .map_err(std::io::Error::from)
