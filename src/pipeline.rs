@@ -161,9 +161,17 @@ fn run(
                 waiting: None,
             });
         }
-        for p in pending {
+        let newest = pending.len() - 1;
+        for (i, p) in pending.into_iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted);
+            }
+            if i < newest {
+                if let Some(o) = supersede(site, &p)? {
+                    resume = None;
+                    outcomes.push(o);
+                    continue;
+                }
             }
             // Only the first claim can be the one waited for: claims go in arrival order,
             // and a command that ran meanwhile may have processed it.
@@ -188,6 +196,27 @@ fn run(
             }
         }
     }
+}
+
+/// Rejects an upload still to be built from `deploy-cache/` when a newer claim follows it:
+/// `deploy-cache/` holds the newer upload by then. An upload kept for a retry (disk full),
+/// cut short by a crash, or still waited for, was otherwise built from whatever was
+/// uploaded next, under its own id and `activate`: a staged build went live as the
+/// release the earlier marker named. Finalized claims are built already and go on.
+fn supersede(site: &Site, pending: &Pending) -> Result<Option<Outcome>> {
+    let (path, id) = match pending {
+        Pending::Raw(path) => (path, None),
+        Pending::Resolved(_, claim) if claim.finalized => return Ok(None),
+        Pending::Resolved(path, claim) => (path, Some(claim.id.as_str())),
+    };
+    let mut journal = Journal::load(site)?;
+    wait_starts().remove(path);
+    if let Some(id) = id {
+        remove_partial(site, id)?;
+    }
+    let reason = "superseded: a newer upload was marked ready before this one was released, \
+        and deploy-cache/ now holds the newer one; that one is released instead";
+    reject_then_drop(site, &mut journal, path, id, reason).map(Some)
 }
 
 /// Waits, without any lock, until the files of `waiting` no longer look in flight, its

@@ -280,3 +280,73 @@ fn a_write_lost_on_its_way_to_disk_fails_the_flush_and_defers_the_upload_until_f
     drop(disk);
     drop(tmpfs);
 }
+
+/// An upload kept for a retry is gone from `deploy-cache/` once the next one is uploaded
+/// and marked: the retry must not build the newer upload under the kept one's id and
+/// `activate` (a staged build went live as the release the earlier marker named). The
+/// kept one is rejected as superseded, and the newer one goes its own way.
+#[test]
+fn an_upload_kept_for_a_retry_is_superseded_by_the_next_marker() {
+    let site = Site::new();
+    let mut svc = Service::start_root(&site.root);
+    deploy_and_activate(&site, &svc, "v1");
+    let releases = site.releases_dir();
+    let bind = Command::new("mount")
+        .arg("--bind")
+        .arg(&releases)
+        .arg(&releases)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !bind {
+        eprintln!("skipped: cannot bind-mount here (needs root)");
+        svc.stop();
+        return;
+    }
+    let mount = Mount(releases.clone());
+    let ro = Command::new("mount")
+        .args(["-o", "remount,ro,bind"])
+        .arg(&releases)
+        .status()
+        .unwrap();
+    assert!(ro.success(), "remount read-only failed");
+
+    site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
+    svc.wait_event(
+        "release.rejected",
+        |v| release_of(v) == Some("v2") && v["retrying"] == true,
+        WAIT,
+    );
+    // The next upload, to be staged only, replaces v2's in deploy-cache/.
+    site.deploy(
+        &as_refs(&small_build("staged")),
+        "id = \"v3\"\nactivate = false\n",
+    );
+    let ev = svc.wait_event(
+        "release.rejected",
+        |v| release_of(v) == Some("v2") && v["retrying"] != true,
+        WAIT,
+    );
+    assert!(reason_of(&ev).contains("superseded"), "{ev}");
+
+    drop(mount);
+    kill(Pid::from_raw(svc.pid()), Signal::SIGHUP).unwrap();
+    svc.wait_release_event("release.finalized", "v3");
+    wait_until(
+        WAIT,
+        || site.claim_count() == 0,
+        || "the claims to be done with".into(),
+    );
+    assert_eq!(
+        site.release_ids(),
+        ["v1", "v3"],
+        "no v2 built from v3's upload"
+    );
+    assert_eq!(
+        site.current_id().as_deref(),
+        Some("v1"),
+        "v3 is only staged"
+    );
+    assert!(svc.events_for("release.activated", "v2").is_empty());
+    svc.stop();
+}

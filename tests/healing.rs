@@ -472,6 +472,34 @@ fn consumed_marker_of_an_interrupted_upload_is_redone() {
     svc.stop();
 }
 
+/// An upload cut short by a crash, then replaced in `deploy-cache/` by the next one while
+/// the keeper was down: its claim must not be redone from the newer files under its id.
+#[test]
+fn interrupted_upload_replaced_while_down_is_superseded_not_redone_from_the_new_files() {
+    let site = Site::new();
+    let (cfg, svc) = start_site(&site, SITE, "settle_time = \"1h\"", "");
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    svc.wait_release_event("upload.detected", "v1");
+    site.wait_marker_consumed(WAIT);
+    signal(&svc, Signal::SIGKILL);
+    svc.wait_exit(WAIT);
+    drop(svc);
+
+    site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
+    site.write_config(SITE, "", "");
+    let mut svc = Service::start_config(&cfg);
+    let ev = svc.wait_release_event("release.rejected", "v1");
+    assert!(reason_of(&ev).contains("superseded"), "{ev}");
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(site.release_ids(), ["v2"], "no v1 built from v2's files");
+    assert_eq!(
+        fs::read(site.release("v2").join("index.html")).unwrap(),
+        small_build("v2")[0].1
+    );
+    assert_eq!(site.claim_count(), 0);
+    svc.stop();
+}
+
 #[test]
 fn missing_links_and_shared_entries_are_recreated() {
     let site = Site::new();
