@@ -5,7 +5,7 @@ pub mod systemd;
 pub mod watcher;
 pub mod worker;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -131,6 +131,9 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
 
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let mut workers: BTreeMap<String, worker::Handle> = BTreeMap::new();
+    // The sites whose worker is still the one started with the service: their refusal
+    // ends the service even once it has started (see below).
+    let mut from_start: BTreeSet<String> = sites.keys().cloned().collect();
     for (name, site) in sites {
         workers.insert(
             name,
@@ -170,23 +173,38 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
             _ = int.recv() => break,
             _ = hup.recv() => {
                 systemd::reloading();
-                reload(&source, &mut workers, &watcher, &ready_tx).await;
+                let stopped = reload(&source, &mut workers, &watcher, &ready_tx).await;
+                // A changed site's worker is the reload's now.
+                from_start.retain(|n| !stopped.contains(n));
                 systemd::ready();
             }
-            // A site a reload added that cannot start (another service holds its lifetime
-            // lock): its worker reports it and ends. Said here, or the site would be
-            // silently unserved while `config.reloaded` lists it; other failures after
-            // start are logged by their workers.
+            // A site that cannot start (another service holds its lifetime lock) after
+            // the service did: one whose root appeared only now, or one a reload added.
+            // Its worker reports it and ends. Said here, or the site would be silently
+            // unserved while `daemon.started` or `config.reloaded` lists it; other
+            // failures after start are logged by their workers.
             msg = ready_rx.recv() => {
                 if let Some((name, Err(e))) = msg {
-                    tracing::error!(event = events::SITE_ERROR, site = %name, reason = %e,
-                        "site not served");
-                    // Only the worker that failed is dropped, not one a later reload
-                    // started under the same name (that one keeps running).
+                    // Only the worker that failed counts, not one a later reload started
+                    // under the same name (that one keeps running).
                     let ended = match workers.get_mut(&name) {
                         Some(h) => h.exits_within(Duration::from_secs(1)).await,
                         None => false,
                     };
+                    // A site of the service's own start is refused as it is when its root
+                    // exists at start (exit 75): two services configured for one site is
+                    // the operator's to fix, and a service quietly serving less than it
+                    // was started with would hide it. A reload, meant to be safe, only
+                    // drops the site it added.
+                    if ended && from_start.contains(&name) {
+                        tracing::error!(event = events::SITE_ERROR, site = %name, reason = %e,
+                            "site refused; stopping the service");
+                        workers.remove(&name);
+                        shutdown(&mut workers).await?;
+                        return Err(e);
+                    }
+                    tracing::error!(event = events::SITE_ERROR, site = %name, reason = %e,
+                        "site not served");
                     if ended {
                         workers.remove(&name);
                         forget_status(&name);
@@ -198,12 +216,13 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
     shutdown(&mut workers).await
 }
 
+/// Applies the config as it is now; returns the sites whose worker it stopped.
 async fn reload(
     source: &Source,
     workers: &mut BTreeMap<String, worker::Handle>,
     watcher: &Arc<Watcher>,
     ready: &worker::Ready,
-) {
+) -> Vec<String> {
     let new = match source.load() {
         Ok(s) => s,
         Err(e) => {
@@ -212,7 +231,7 @@ async fn reload(
             for h in workers.values() {
                 h.heal();
             }
-            return;
+            return Vec::new();
         }
     };
     let stale: Vec<String> = workers
@@ -263,6 +282,7 @@ async fn reload(
         "config reloaded"
     );
     warn_if_no_sites(source, workers);
+    stale
 }
 
 /// A service with no sites runs (a site may come with the next reload) but does nothing:

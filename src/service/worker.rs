@@ -28,7 +28,8 @@ use crate::site::Site;
 use crate::upload::marker;
 use crate::verify;
 
-/// How a worker reports its first pass to the supervisor.
+/// How a worker reports to the supervisor that it started (or waits for its root), and
+/// that another service holds its site, also after it started.
 pub type Ready = mpsc::UnboundedSender<(String, Result<()>)>;
 
 /// The wake-ups waiting for a worker: each is a flag, so any number of them before the
@@ -248,10 +249,14 @@ impl Worker {
             mailbox: Arc::clone(&self.mailbox),
             marker: false,
         });
-        let mut ready = Some(ready);
+        let mut started = false;
         let mut report = |r: Result<()>| {
-            if let Some(tx) = ready.take() {
-                let _ = tx.send((site.name().to_string(), r));
+            // Started is said once; a refusal is said even after it: a site that started
+            // waiting for its root (or retrying its layout) is refused only once it can
+            // take the lifetime lock, and the supervisor must learn of it then.
+            if r.is_err() || !started {
+                started = true;
+                let _ = ready.send((site.name().to_string(), r));
             }
         };
         self.serve(&mut report, &marker_wake, &heal_wake);
@@ -280,13 +285,8 @@ impl Worker {
             match try_lifetime_lock(site) {
                 Ok(Some(l)) => break l,
                 Ok(None) => {
-                    let e = already_running(site);
-                    if failing.is_some() {
-                        // Started already (reported as such): say why the site is not served.
-                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
-                            "site not served");
-                    }
-                    report(Err(e));
+                    // Logged by the supervisor, which decides what the refusal ends.
+                    report(Err(already_running(site)));
                     return;
                 }
                 Err(e) => {
