@@ -171,6 +171,10 @@ impl Handle {
 /// What a wake-up asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Job {
+    /// The healing pass at start, only if it can run at once: the operation lock is free
+    /// and no interrupted activation is to be finished. Otherwise it sets `Kept::deferred`
+    /// and does nothing.
+    FirstHealNow,
     /// The healing pass at start, without processing uploads.
     FirstHeal,
     /// A marker was just closed or renamed into place.
@@ -391,12 +395,23 @@ impl Worker {
         // First pass: heal, then whatever markers arrived while the service was stopped.
         // The first pass only heals, so READY=1 is not held back by redoing a big
         // interrupted upload (systemd would time the start out); pending claims follow.
+        // Nor by what the pass would have to wait for: a command holding the operation
+        // lock, or an activation a crash interrupted, whose hooks and health check run
+        // again. The site is watched and READY=1 sent first, and the pass runs after.
         let mut kept = Kept::default();
         // A first pass that fails (a journal that cannot be read) is logged like any
         // failed pass and retried by the next one; the service still starts.
-        self.work_logged(Job::FirstHeal, &mut kept);
+        self.work_logged(Job::FirstHealNow, &mut kept);
         watch();
         report(Ok(()));
+        if std::mem::take(&mut kept.deferred) {
+            tracing::debug!(
+                site = site.name(),
+                "first healing pass deferred until after start"
+            );
+            self.work_logged(Job::FirstHeal, &mut kept);
+            watch();
+        }
         self.work_logged(Job::Rescan, &mut kept);
 
         let mut rescan_at = young_marker(site);
@@ -690,6 +705,9 @@ struct Kept {
     /// The upload the last round stopped at, its files still in flight, for the next
     /// round (which always follows at once) to resume.
     waiting: Option<pipeline::Waiting>,
+    /// Set by [`Job::FirstHealNow`] when the first pass would have had to wait: it runs
+    /// as [`Job::FirstHeal`] once the service is ready.
+    deferred: bool,
 }
 
 /// The site's journal from `kept`, current (loaded if there is none yet).
@@ -751,20 +769,31 @@ fn locked(
     kept: &mut Kept,
     lock_file: &fsops::LockFile,
 ) -> Result<Option<pipeline::Waiting>> {
-    // Wait for a CLI command holding the lock, but stay responsive to shutdown.
-    let _lock = loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Interrupted);
+    let _lock = if job == Job::FirstHealNow {
+        match lock_file.acquire(Duration::ZERO)? {
+            Some(l) => l,
+            None => {
+                crate::service::set_status(site, "waiting for a command to finish");
+                kept.deferred = true;
+                return Ok(None);
+            }
         }
-        if let Some(l) = lock_file.acquire(Duration::from_millis(200))? {
-            break l;
+    } else {
+        // Wait for a CLI command holding the lock, but stay responsive to shutdown.
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
+            }
+            if let Some(l) = lock_file.acquire(Duration::from_millis(200))? {
+                break l;
+            }
         }
     };
     // A periodic pass is over in well under a millisecond and usually changes nothing:
     // announcing it would send systemd two status lines a minute for nothing. The line is
     // brought up to date after it, like after every job.
     let doing = match job {
-        Job::FirstHeal => Some("healing"),
+        Job::FirstHealNow | Job::FirstHeal => Some("healing"),
         Job::Heal => None,
         Job::Uploads | Job::Rescan => Some("processing uploads"),
         Job::Verify => Some("verifying"),
@@ -793,6 +822,17 @@ fn run_job(
     let uploads =
         |fresh| pipeline::run_pending_yielding(site, cancel, fresh, resume).map(|run| run.waiting);
     match job {
+        Job::FirstHealNow => {
+            let journal = current_journal(&mut kept.journal, site)?;
+            let state = journal.state();
+            let interrupted = state.open_trial.is_some() || state.unfinished_rollback.is_some();
+            if interrupted {
+                kept.deferred = true;
+                return Ok(None);
+            }
+            let (listings, reported) = (&mut kept.listings, &mut kept.reported);
+            heal::heal_with(site, journal, false, listings, reported, Uploads::Recreate)?;
+        }
         Job::FirstHeal => {
             let journal = current_journal(&mut kept.journal, site)?;
             let (listings, reported) = (&mut kept.listings, &mut kept.reported);
