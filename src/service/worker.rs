@@ -11,6 +11,7 @@
 //! CPU than the pass.
 
 use std::fs;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -134,8 +135,9 @@ impl Handle {
         self.mailbox.post(|f| f.heal = true);
     }
 
-    /// Sets the worker's cancel flag and asks it to exit, without waiting (see
-    /// [`Handle::abort`]).
+    /// Sets the worker's cancel flag and asks it to exit, without waiting: its work in
+    /// progress is undone (an interrupted upload keeps its claim and is redone by the next
+    /// worker of the site), an activation under way finished.
     pub fn cancel(&self) {
         // SeqCst, like `busy`: see `Worker::work`.
         self.cancel.store(true, Ordering::SeqCst);
@@ -158,13 +160,10 @@ impl Handle {
         tokio::time::timeout(limit, &mut self.done).await.is_ok()
     }
 
-    /// Undoes the worker's work in progress (as SIGTERM does: an interrupted upload keeps
-    /// its claim and is redone by the next worker of the site), then waits until it exits.
-    /// Used on SIGTERM and for a site a reload changes or removes, so neither waits for an
-    /// upload that may take up to `upload_timeout`, or for a slow hook.
-    pub async fn abort(self) {
-        self.cancel();
-        self.exited().await;
+    /// Polls for the end of the worker's thread (for a supervisor watching several). Not
+    /// to be polled again once ready.
+    pub fn poll_exited(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.done).poll(cx).map(|_| ())
     }
 }
 
