@@ -1826,3 +1826,61 @@ fn an_id_reused_after_its_release_was_deleted_by_hand_is_one_release_and_kept() 
         ]
     );
 }
+
+/// README: a changed or removed site does not hold a reload. One in the middle of an
+/// activation (its health check takes 5 s) did: the reload waited for the activation to
+/// end before it applied anything, so a site the same reload added was not served
+/// meanwhile. The busy site's worker now finishes the activation and is replaced after.
+#[test]
+fn a_reload_does_not_wait_for_the_activation_of_a_changed_site() {
+    let a = Site::new();
+    let b = Site::new();
+    let (slow, started) = (a.tmp_path("slow"), a.tmp_path("check-started"));
+    let cfg = a.tmp_path("config.toml");
+    let write = |keep: u32, with_b: bool| {
+        let mut text = format!(
+            "[sites.a]\nroot = \"{}\"\nkeep = {keep}\nhealth_retries = 1\n\
+             health_check = [\"/bin/sh\", \"-c\", \"if [ -e '{}' ]; then touch '{}'; sleep 5; fi\"]\n",
+            a.root.display(),
+            slow.display(),
+            started.display()
+        );
+        if with_b {
+            text.push_str(&format!("\n[sites.b]\nroot = \"{}\"\n", b.root.display()));
+        }
+        fs::write(&cfg, text).unwrap();
+    };
+    write(5, false);
+    let mut svc = Service::start_config(&cfg);
+    fs::write(&slow, b"").unwrap();
+    a.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    wait_until(
+        WAIT,
+        || started.exists(),
+        || format!("a's health check to start; log:\n{}", svc.log_text()),
+    );
+    fs::remove_file(&slow).unwrap();
+
+    // a changed (keep), b added, while a's check runs.
+    write(4, true);
+    let t0 = std::time::Instant::now();
+    let pid = nix::unistd::Pid::from_raw(svc.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    svc.wait_event("config.reloaded", |v| v["added"] == "b", WAIT);
+    b.deploy(&as_refs(&small_build("b1")), "id = \"b1\"\n");
+    svc.wait_release_event("release.activated", "b1");
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(3) && svc.events_for("release.activated", "v1").is_empty(),
+        "b served {took:?} after the reload, before a's activation ended; log:\n{}",
+        svc.log_text()
+    );
+
+    // a's activation ends as it would have; then a is served under its new config.
+    svc.wait_release_event("release.activated", "v1");
+    assert_eq!(a.current_id().as_deref(), Some("v1"));
+    a.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
+    svc.wait_release_event("release.activated", "v2");
+    assert_eq!(a.current_id().as_deref(), Some("v2"));
+    svc.stop();
+}

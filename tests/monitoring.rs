@@ -5,6 +5,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -237,6 +238,50 @@ fn a_refused_second_service_logs_its_reason_as_reason() {
     );
     assert!(ev.get("error").is_none(), "{ev}");
     svc.stop();
+}
+
+/// Two services for a site whose root does not exist yet: both start and wait for it.
+/// Once it appears, the one that does not get the site's lifetime lock is refused as at
+/// start (`site.error` with the cause in `reason`, exit 75). Its refusal went to a
+/// readiness channel already used while it waited, so it was dropped: that service went
+/// on running, serving nothing, and said nothing.
+#[test]
+fn a_second_service_waiting_for_the_root_is_refused_once_it_appears() {
+    let site = Site::new();
+    fs::remove_dir_all(&site.root).unwrap();
+    let cfg = site.write_config(SITE, "", "");
+    let a = Service::start_config(&cfg);
+    a.wait_event("site.waiting", |_| true, WAIT);
+    let b = Service::start_config(&cfg);
+    b.wait_event("site.waiting", |_| true, WAIT);
+    fs::create_dir_all(site.deploy_cache()).unwrap();
+    // Both watch for the root: either may take the site.
+    wait_until(
+        WAIT,
+        || !a.is_running() || !b.is_running(),
+        || {
+            format!(
+                "one service to be refused; a:\n{}\nb:\n{}",
+                a.log_text(),
+                b.log_text()
+            )
+        },
+    );
+    let (mut served, refused) = if a.is_running() { (a, b) } else { (b, a) };
+    let st = refused.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(75), "busy: {}", refused.log_text());
+    let ev = refused
+        .events("site.error")
+        .into_iter()
+        .find(|v| reason_of(v).contains("already running"))
+        .unwrap_or_else(|| panic!("no site.error with the cause: {}", refused.log_text()));
+    assert_eq!(ev["site"], SITE, "{ev}");
+    // The other one serves the site.
+    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
+    served.wait_release_event("release.activated", "v1");
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert!(served.is_running());
+    served.stop();
 }
 
 /// `--wait` takes the next word as its optional DURATION, so `pin --wait SITE ID` took

@@ -517,6 +517,106 @@ fn sigterm_during_a_slow_health_check_extends_the_stop_timeout_and_finishes_it()
     assert_eq!(site.current_id().as_deref(), Some("v1"));
 }
 
+/// Waits up to `limit` for READY=1; true when it came.
+fn ready_within(k: &Keeper, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if k.lines().iter().any(|l| l == "READY=1") {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A command holding the site's operation lock while the service starts: READY=1 came only
+/// once it let go, since the first healing pass waited for the lock, and systemd's
+/// TimeoutStartSec could kill the start meanwhile. READY=1 now comes at once, with the
+/// site watched; the pass runs once the lock is free.
+#[test]
+fn ready_is_not_held_back_by_a_command_holding_the_operation_lock() {
+    let site = Site::new();
+    let cfg = site.write_config("shop", "", "");
+    let mut k = Keeper::start(site.tmp.path(), &["--config", cfg.to_str().unwrap(), "run"]);
+    k.wait_line(None, |l| is(l, "READY=1"), "READY=1");
+    deploy(&site, "v1");
+    k.wait_events("release.activated", 1, |v| v["release"] == "v1");
+    k.stop();
+
+    // Something for the first pass to heal, and the lock held as a command holds it.
+    fs::remove_file(site.current_path()).unwrap();
+    let held = fs::OpenOptions::new()
+        .write(true)
+        .open(site.root.join(".release-keeper/lock"))
+        .unwrap();
+    held.lock().unwrap();
+    let mut k = Keeper::start(site.tmp.path(), &["--config", cfg.to_str().unwrap(), "run"]);
+    assert!(
+        ready_within(&k, Duration::from_secs(3)),
+        "READY=1 while a command holds the lock; got:\n{}\nlog:\n{}",
+        k.lines().join("\n"),
+        k.log_text()
+    );
+    k.wait_events("daemon.started", 1, |_| true);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(site.current_id(), None, "nothing done under the held lock");
+
+    // Let go: the first pass runs, then uploads are served.
+    drop(held);
+    k.wait_events("heal.repaired", 1, |v| {
+        v["what"].as_str().is_some_and(|w| w.contains("current"))
+    });
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    deploy(&site, "v2");
+    k.wait_events("release.activated", 1, |v| v["release"] == "v2");
+    k.stop();
+}
+
+/// An activation that a crash (kill -9) interrupted during its health check is resumed at
+/// the next start: the checks run again. That took place before READY=1, so a slow check
+/// (up to `health_retries` × `hook_timeout`) could outlast systemd's TimeoutStartSec.
+/// READY=1 now comes first; the trial is resumed and decided right after.
+#[test]
+fn ready_is_not_held_back_by_resuming_an_interrupted_trial() {
+    let site = Site::new();
+    let (started, hold) = (site.tmp_path("check-started"), site.tmp_path("hold"));
+    let check = format!(
+        r#"health_check = ["/bin/sh", "-c", "[ \"$RELEASE_ID\" = v1 ] && exit 0; touch '{s}'; while [ -e '{h}' ]; do sleep 0.05; done"]"#,
+        s = started.display(),
+        h = hold.display()
+    );
+    let cfg = site.write_config("shop", "health_retries = 1\nhook_timeout = \"60s\"", &check);
+    let mut k = Keeper::start(site.tmp.path(), &["--config", cfg.to_str().unwrap(), "run"]);
+    k.wait_line(None, |l| is(l, "READY=1"), "READY=1");
+    deploy(&site, "v1");
+    k.wait_events("release.activated", 1, |v| v["release"] == "v1");
+    fs::write(&hold, b"").unwrap();
+    deploy(&site, "v2");
+    wait_until(
+        WAIT,
+        || started.exists(),
+        || format!("the health check of v2 to start; log:\n{}", k.log_text()),
+    );
+    k.signal(Signal::SIGKILL);
+    k.wait_exit(Duration::from_secs(10));
+    drop(k);
+    fs::remove_file(&started).unwrap();
+
+    // The check of the resumed trial blocks while `hold` exists.
+    let mut k = Keeper::start(site.tmp.path(), &["--config", cfg.to_str().unwrap(), "run"]);
+    let ready = ready_within(&k, Duration::from_secs(3));
+    fs::remove_file(&hold).unwrap();
+    assert!(
+        ready,
+        "READY=1 while the resumed trial's health check runs; got:\n{}\nlog:\n{}",
+        k.lines().join("\n"),
+        k.log_text()
+    );
+    k.wait_events("release.activated", 1, |v| v["release"] == "v2");
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    k.stop();
+}
+
 /// Parses a node_exporter textfile into (series, value), checking every line's syntax.
 fn parse_prom(text: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();

@@ -5,7 +5,7 @@ pub mod systemd;
 pub mod watcher;
 pub mod worker;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -131,6 +131,10 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
 
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let mut workers: BTreeMap<String, worker::Handle> = BTreeMap::new();
+    // The sites whose worker is still the one started with the service: their refusal
+    // ends the service even once it has started (see below).
+    let mut from_start: BTreeSet<String> = sites.keys().cloned().collect();
+    let mut retiring: BTreeMap<String, Retiring> = BTreeMap::new();
     for (name, site) in sites {
         workers.insert(
             name,
@@ -151,8 +155,8 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
                     return Err(e);
                 }
             }
-            _ = term.recv() => return shutdown(&mut workers).await,
-            _ = int.recv() => return shutdown(&mut workers).await,
+            _ = term.recv() => return shutdown(&mut workers, &mut retiring).await,
+            _ = int.recv() => return shutdown(&mut workers, &mut retiring).await,
         }
     }
     tracing::info!(
@@ -161,7 +165,7 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
         sites = workers.len(),
         "release-keeper started"
     );
-    warn_if_no_sites(&source, &workers);
+    warn_if_no_sites(&source, workers.len());
     systemd::ready();
 
     loop {
@@ -170,23 +174,52 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
             _ = int.recv() => break,
             _ = hup.recv() => {
                 systemd::reloading();
-                reload(&source, &mut workers, &watcher, &ready_tx).await;
+                let stopped =
+                    reload(&source, &mut workers, &mut retiring, &watcher, &ready_tx).await;
+                // A changed site's worker is the reload's now.
+                from_start.retain(|n| !stopped.contains(n));
                 systemd::ready();
             }
-            // A site a reload added that cannot start (another service holds its lifetime
-            // lock): its worker reports it and ends. Said here, or the site would be
-            // silently unserved while `config.reloaded` lists it; other failures after
-            // start are logged by their workers.
+            // A worker a reload stopped has finished what it was doing: its site, if
+            // still configured, is served again under the config it has now.
+            name = next_retired(&mut retiring), if !retiring.is_empty() => {
+                let next = retiring.remove(&name).and_then(|r| r.next);
+                match next {
+                    Some(site) => {
+                        let h = worker::spawn(site, Arc::clone(&watcher), ready_tx.clone());
+                        workers.insert(name, h);
+                    }
+                    // What it said while it finished is not the status of a served site.
+                    None => forget_status(&name),
+                }
+            }
+            // A site that cannot start (another service holds its lifetime lock) after
+            // the service did: one whose root appeared only now, or one a reload added.
+            // Its worker reports it and ends. Said here, or the site would be silently
+            // unserved while `daemon.started` or `config.reloaded` lists it; other
+            // failures after start are logged by their workers.
             msg = ready_rx.recv() => {
                 if let Some((name, Err(e))) = msg {
-                    tracing::error!(event = events::SITE_ERROR, site = %name, reason = %e,
-                        "site not served");
-                    // Only the worker that failed is dropped, not one a later reload
-                    // started under the same name (that one keeps running).
+                    // Only the worker that failed counts, not one a later reload started
+                    // under the same name (that one keeps running).
                     let ended = match workers.get_mut(&name) {
                         Some(h) => h.exits_within(Duration::from_secs(1)).await,
                         None => false,
                     };
+                    // A site of the service's own start is refused as it is when its root
+                    // exists at start (exit 75): two services configured for one site is
+                    // the operator's to fix, and a service quietly serving less than it
+                    // was started with would hide it. A reload, meant to be safe, only
+                    // drops the site it added.
+                    if ended && from_start.contains(&name) {
+                        tracing::error!(event = events::SITE_ERROR, site = %name, reason = %e,
+                            "site refused; stopping the service");
+                        workers.remove(&name);
+                        shutdown(&mut workers, &mut retiring).await?;
+                        return Err(e);
+                    }
+                    tracing::error!(event = events::SITE_ERROR, site = %name, reason = %e,
+                        "site not served");
                     if ended {
                         workers.remove(&name);
                         forget_status(&name);
@@ -195,15 +228,39 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
             }
         }
     }
-    shutdown(&mut workers).await
+    shutdown(&mut workers, &mut retiring).await
 }
 
+/// A worker a reload stopped that is still finishing an activation (activations are
+/// finished, never cut short), and what is to follow it.
+struct Retiring {
+    handle: worker::Handle,
+    /// The site under its new config, served once this worker has exited: the worker
+    /// holds the site's lifetime lock until then. `None` for a site no longer configured.
+    next: Option<Site>,
+}
+
+/// The name of a retiring worker that has exited (pending while none has).
+async fn next_retired(retiring: &mut BTreeMap<String, Retiring>) -> String {
+    std::future::poll_fn(|cx| {
+        for (name, r) in retiring.iter_mut() {
+            if r.handle.poll_exited(cx).is_ready() {
+                return std::task::Poll::Ready(name.clone());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Applies the config as it is now; returns the sites whose worker it stopped.
 async fn reload(
     source: &Source,
     workers: &mut BTreeMap<String, worker::Handle>,
+    retiring: &mut BTreeMap<String, Retiring>,
     watcher: &Arc<Watcher>,
     ready: &worker::Ready,
-) {
+) -> Vec<String> {
     let new = match source.load() {
         Ok(s) => s,
         Err(e) => {
@@ -212,7 +269,7 @@ async fn reload(
             for h in workers.values() {
                 h.heal();
             }
-            return;
+            return Vec::new();
         }
     };
     let stale: Vec<String> = workers
@@ -220,13 +277,23 @@ async fn reload(
         .filter(|(n, h)| new.get(*n).is_none_or(|s| s.cfg != h.site.cfg))
         .map(|(n, _)| n.clone())
         .collect();
+    let before = served(workers, retiring);
     // A changed or removed site stops at once, its work in progress undone (a claimed
     // upload is redone by the restarted site, under the new config): waiting for it could
-    // hold the reload, READY=1 and SIGTERM for up to upload_timeout or a slow hook.
-    let before: Vec<String> = workers.keys().cloned().collect();
+    // hold the reload, READY=1 and SIGTERM for up to upload_timeout or a slow hook. An
+    // activation under way is finished instead, as on SIGTERM, but not waited for here:
+    // the other sites reload at once, and the changed one restarts once it is done
+    // (`next_retired`), as the worker holds the site's lifetime lock until it exits.
     for name in &stale {
         if let Some(h) = workers.remove(name) {
-            h.abort().await;
+            h.cancel();
+            retiring.insert(
+                name.clone(),
+                Retiring {
+                    handle: h,
+                    next: None,
+                },
+            );
         }
         forget_status(name);
     }
@@ -240,9 +307,19 @@ async fn reload(
         .filter(|n| !new.contains_key(*n))
         .cloned()
         .collect();
+    for r in retiring.values_mut() {
+        r.next = None;
+    }
     for (name, site) in new {
-        if let std::collections::btree_map::Entry::Vacant(slot) = workers.entry(name) {
-            slot.insert(worker::spawn(site, Arc::clone(watcher), ready.clone()));
+        if workers.contains_key(&name) {
+            continue;
+        }
+        match retiring.get_mut(&name) {
+            Some(r) => r.next = Some(site),
+            None => {
+                let h = worker::spawn(site, Arc::clone(watcher), ready.clone());
+                workers.insert(name, h);
+            }
         }
     }
     for h in workers.values() {
@@ -254,21 +331,42 @@ async fn reload(
         tracing::info!(event = events::CONFIG_RELOADED, site = %name, removed = true,
             "site no longer configured; not served any more");
     }
+    let now = served(workers, retiring);
     tracing::info!(
         event = events::CONFIG_RELOADED,
-        site = %site_names(workers),
-        sites = workers.len(),
+        site = %now.join(","),
+        sites = now.len(),
         added = %added.join(","),
         removed = %removed.join(","),
         "config reloaded"
     );
-    warn_if_no_sites(source, workers);
+    warn_if_no_sites(source, now.len());
+    stale
+}
+
+/// The sites configured now: those with a worker, and those whose worker is to start once
+/// the one a reload stopped has finished.
+fn served(
+    workers: &BTreeMap<String, worker::Handle>,
+    retiring: &BTreeMap<String, Retiring>,
+) -> Vec<String> {
+    let pending = retiring
+        .iter()
+        .filter(|(_, r)| r.next.is_some())
+        .map(|(n, _)| n);
+    workers
+        .keys()
+        .chain(pending)
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// A service with no sites runs (a site may come with the next reload) but does nothing:
 /// say so, or an operator reading `daemon.started` would think deploys are watched.
-fn warn_if_no_sites(source: &Source, workers: &BTreeMap<String, worker::Handle>) {
-    if let (true, Source::Config(path)) = (workers.is_empty(), source) {
+fn warn_if_no_sites(source: &Source, sites: usize) {
+    if let (0, Source::Config(path)) = (sites, source) {
         tracing::warn!(
             event = events::SITE_ERROR,
             site = "",
@@ -302,16 +400,29 @@ async fn stop_all(workers: &mut BTreeMap<String, worker::Handle>) {
 /// journal, pruning, and undoing the rest (an interrupted build is removed).
 const STOP_MARGIN: Duration = Duration::from_secs(30);
 
-async fn shutdown(workers: &mut BTreeMap<String, worker::Handle>) -> Result<()> {
+async fn shutdown(
+    workers: &mut BTreeMap<String, worker::Handle>,
+    retiring: &mut BTreeMap<String, Retiring>,
+) -> Result<()> {
+    // A worker a reload stopped may still be finishing an activation: waited for too.
+    let handles: Vec<worker::Handle> = std::mem::take(workers)
+        .into_values()
+        .chain(std::mem::take(retiring).into_values().map(|r| r.handle))
+        .collect();
+    let names = handles
+        .iter()
+        .map(|h| h.site.name().to_string())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join(",");
     tracing::info!(
         event = events::DAEMON_STOPPING,
-        site = %site_names(workers),
+        site = %names,
         "stopping: finishing or undoing in-flight work"
     );
     systemd::stopping();
-    let names = site_names(workers);
-    let handles = std::mem::take(workers);
-    for h in handles.values() {
+    for h in &handles {
         h.cancel();
     }
     // A stop finishes an activation it finds running (hooks, health check, rollback)
@@ -319,12 +430,12 @@ async fn shutdown(workers: &mut BTreeMap<String, worker::Handle>) -> Result<()> 
     // after which systemd would SIGKILL it halfway. The sites still at work are asked
     // now, after the cancel: the others start nothing more.
     let longest = handles
-        .values()
+        .iter()
         .filter(|h| h.busy())
         .map(|h| crate::activate::longest(&h.site.cfg))
         .max();
     let exited = async {
-        for (_, h) in handles {
+        for h in handles {
             h.exited().await;
         }
     };

@@ -11,6 +11,7 @@
 //! CPU than the pass.
 
 use std::fs;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -28,7 +29,8 @@ use crate::site::Site;
 use crate::upload::marker;
 use crate::verify;
 
-/// How a worker reports its first pass to the supervisor.
+/// How a worker reports to the supervisor that it started (or waits for its root), and
+/// that another service holds its site, also after it started.
 pub type Ready = mpsc::UnboundedSender<(String, Result<()>)>;
 
 /// The wake-ups waiting for a worker: each is a flag, so any number of them before the
@@ -133,8 +135,9 @@ impl Handle {
         self.mailbox.post(|f| f.heal = true);
     }
 
-    /// Sets the worker's cancel flag and asks it to exit, without waiting (see
-    /// [`Handle::abort`]).
+    /// Sets the worker's cancel flag and asks it to exit, without waiting: its work in
+    /// progress is undone (an interrupted upload keeps its claim and is redone by the next
+    /// worker of the site), an activation under way finished.
     pub fn cancel(&self) {
         // SeqCst, like `busy`: see `Worker::work`.
         self.cancel.store(true, Ordering::SeqCst);
@@ -157,19 +160,20 @@ impl Handle {
         tokio::time::timeout(limit, &mut self.done).await.is_ok()
     }
 
-    /// Undoes the worker's work in progress (as SIGTERM does: an interrupted upload keeps
-    /// its claim and is redone by the next worker of the site), then waits until it exits.
-    /// Used on SIGTERM and for a site a reload changes or removes, so neither waits for an
-    /// upload that may take up to `upload_timeout`, or for a slow hook.
-    pub async fn abort(self) {
-        self.cancel();
-        self.exited().await;
+    /// Polls for the end of the worker's thread (for a supervisor watching several). Not
+    /// to be polled again once ready.
+    pub fn poll_exited(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.done).poll(cx).map(|_| ())
     }
 }
 
 /// What a wake-up asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Job {
+    /// The healing pass at start, only if it can run at once: the operation lock is free
+    /// and no interrupted activation is to be finished. Otherwise it sets `Kept::deferred`
+    /// and does nothing.
+    FirstHealNow,
     /// The healing pass at start, without processing uploads.
     FirstHeal,
     /// A marker was just closed or renamed into place.
@@ -248,10 +252,14 @@ impl Worker {
             mailbox: Arc::clone(&self.mailbox),
             marker: false,
         });
-        let mut ready = Some(ready);
+        let mut started = false;
         let mut report = |r: Result<()>| {
-            if let Some(tx) = ready.take() {
-                let _ = tx.send((site.name().to_string(), r));
+            // Started is said once; a refusal is said even after it: a site that started
+            // waiting for its root (or retrying its layout) is refused only once it can
+            // take the lifetime lock, and the supervisor must learn of it then.
+            if r.is_err() || !started {
+                started = true;
+                let _ = ready.send((site.name().to_string(), r));
             }
         };
         self.serve(&mut report, &marker_wake, &heal_wake);
@@ -280,13 +288,8 @@ impl Worker {
             match try_lifetime_lock(site) {
                 Ok(Some(l)) => break l,
                 Ok(None) => {
-                    let e = already_running(site);
-                    if failing.is_some() {
-                        // Started already (reported as such): say why the site is not served.
-                        tracing::error!(event = crate::events::SITE_ERROR, site = site.name(), reason = %e,
-                            "site not served");
-                    }
-                    report(Err(e));
+                    // Logged by the supervisor, which decides what the refusal ends.
+                    report(Err(already_running(site)));
                     return;
                 }
                 Err(e) => {
@@ -391,12 +394,23 @@ impl Worker {
         // First pass: heal, then whatever markers arrived while the service was stopped.
         // The first pass only heals, so READY=1 is not held back by redoing a big
         // interrupted upload (systemd would time the start out); pending claims follow.
+        // Nor by what the pass would have to wait for: a command holding the operation
+        // lock, or an activation a crash interrupted, whose hooks and health check run
+        // again. The site is watched and READY=1 sent first, and the pass runs after.
         let mut kept = Kept::default();
         // A first pass that fails (a journal that cannot be read) is logged like any
         // failed pass and retried by the next one; the service still starts.
-        self.work_logged(Job::FirstHeal, &mut kept);
+        self.work_logged(Job::FirstHealNow, &mut kept);
         watch();
         report(Ok(()));
+        if std::mem::take(&mut kept.deferred) {
+            tracing::debug!(
+                site = site.name(),
+                "first healing pass deferred until after start"
+            );
+            self.work_logged(Job::FirstHeal, &mut kept);
+            watch();
+        }
         self.work_logged(Job::Rescan, &mut kept);
 
         let mut rescan_at = young_marker(site);
@@ -690,6 +704,9 @@ struct Kept {
     /// The upload the last round stopped at, its files still in flight, for the next
     /// round (which always follows at once) to resume.
     waiting: Option<pipeline::Waiting>,
+    /// Set by [`Job::FirstHealNow`] when the first pass would have had to wait: it runs
+    /// as [`Job::FirstHeal`] once the service is ready.
+    deferred: bool,
 }
 
 /// The site's journal from `kept`, current (loaded if there is none yet).
@@ -751,20 +768,31 @@ fn locked(
     kept: &mut Kept,
     lock_file: &fsops::LockFile,
 ) -> Result<Option<pipeline::Waiting>> {
-    // Wait for a CLI command holding the lock, but stay responsive to shutdown.
-    let _lock = loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Interrupted);
+    let _lock = if job == Job::FirstHealNow {
+        match lock_file.acquire(Duration::ZERO)? {
+            Some(l) => l,
+            None => {
+                crate::service::set_status(site, "waiting for a command to finish");
+                kept.deferred = true;
+                return Ok(None);
+            }
         }
-        if let Some(l) = lock_file.acquire(Duration::from_millis(200))? {
-            break l;
+    } else {
+        // Wait for a CLI command holding the lock, but stay responsive to shutdown.
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
+            }
+            if let Some(l) = lock_file.acquire(Duration::from_millis(200))? {
+                break l;
+            }
         }
     };
     // A periodic pass is over in well under a millisecond and usually changes nothing:
     // announcing it would send systemd two status lines a minute for nothing. The line is
     // brought up to date after it, like after every job.
     let doing = match job {
-        Job::FirstHeal => Some("healing"),
+        Job::FirstHealNow | Job::FirstHeal => Some("healing"),
         Job::Heal => None,
         Job::Uploads | Job::Rescan => Some("processing uploads"),
         Job::Verify => Some("verifying"),
@@ -793,6 +821,17 @@ fn run_job(
     let uploads =
         |fresh| pipeline::run_pending_yielding(site, cancel, fresh, resume).map(|run| run.waiting);
     match job {
+        Job::FirstHealNow => {
+            let journal = current_journal(&mut kept.journal, site)?;
+            let state = journal.state();
+            let interrupted = state.open_trial.is_some() || state.unfinished_rollback.is_some();
+            if interrupted {
+                kept.deferred = true;
+                return Ok(None);
+            }
+            let (listings, reported) = (&mut kept.listings, &mut kept.reported);
+            heal::heal_with(site, journal, false, listings, reported, Uploads::Recreate)?;
+        }
         Job::FirstHeal => {
             let journal = current_journal(&mut kept.journal, site)?;
             let (listings, reported) = (&mut kept.listings, &mut kept.reported);
