@@ -1884,3 +1884,50 @@ fn a_reload_does_not_wait_for_the_activation_of_a_changed_site() {
     assert_eq!(a.current_id().as_deref(), Some("v2"));
     svc.stop();
 }
+
+/// A sparse file of the upload (a preallocated database) keeps its holes in the release:
+/// written out whole, 64 MiB of zeros took 64 MiB of disk for a file the upload held in
+/// a few KiB.
+#[test]
+fn a_sparse_file_stays_sparse_in_the_release() {
+    use std::os::unix::fs::MetadataExt;
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    clear_dir(&site.deploy_cache());
+    write_tree(
+        &site.deploy_cache(),
+        &[("index.html", b"<p>db</p>\n" as &[u8])],
+    );
+    let db = site.deploy_cache().join("data.db");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::File::create(&db).unwrap();
+        f.write_all(b"header").unwrap();
+        f.seek(SeekFrom::Start(32 * 1024 * 1024)).unwrap();
+        f.write_all(b"middle").unwrap();
+        // Ends in a hole.
+        f.set_len(64 * 1024 * 1024).unwrap();
+    }
+    let uploaded = fs::metadata(&db).unwrap();
+    if uploaded.blocks() * 512 >= uploaded.len() {
+        eprintln!("skipped: this filesystem does not keep holes");
+        return;
+    }
+    write_sha256sums(&site.deploy_cache());
+    finalize_expecting(&cfg, SITE, "v1", &[], 0);
+    let released = fs::metadata(site.release("v1").join("data.db")).unwrap();
+    assert_eq!(released.len(), 64 * 1024 * 1024, "same length");
+    assert!(
+        released.blocks() * 512 <= uploaded.blocks() * 512 + 64 * 1024,
+        "release takes {} bytes on disk, the upload {}",
+        released.blocks() * 512,
+        uploaded.blocks() * 512
+    );
+    assert_eq!(
+        sha256_hex(&fs::read(site.release("v1").join("data.db")).unwrap()),
+        sha256_hex(&fs::read(&db).unwrap()),
+        "same content"
+    );
+    let out = cli(&cfg, &["verify", SITE, "v1"]);
+    assert_ok(&out, "verify of the sparse release");
+}

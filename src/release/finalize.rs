@@ -875,6 +875,32 @@ fn build_into(input: &Input<'_>, manifest: Option<Expected>, partial: &Path) -> 
     Ok(out)
 }
 
+/// Writes `data` at the file's offset, leaving each all-zero 4 KiB block a hole.
+fn write_sparse(out: &mut File, data: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    const BLOCK: usize = 4096;
+    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    let mut start = 0;
+    while start < data.len() {
+        let mut end = (start + BLOCK).min(data.len());
+        let skip = zero(&data[start..end]);
+        while end < data.len() {
+            let next = (end + BLOCK).min(data.len());
+            if zero(&data[end..next]) != skip {
+                break;
+            }
+            end = next;
+        }
+        if skip {
+            out.seek(SeekFrom::Current((end - start) as i64))?;
+        } else {
+            out.write_all(&data[start..end])?;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
 /// One manifest line.
 fn line(
     kind: Kind,
@@ -1111,8 +1137,14 @@ fn process_file(
             }
         }
     }
+    // A sparse upload (a preallocated database, a disk image) keeps its holes, as
+    // `cp --sparse=auto` would: written out whole, the release took many times the
+    // upload's space, and the space check refused it for space it never needed.
+    let allocated = (stat.st_blocks as u64).saturating_mul(512);
+    let sparse = allocated < size;
+    let takes = if sparse { allocated } else { size };
     // Checked before a byte is written: the live site must not find its disk full.
-    let needed = budget.to_copy.fetch_add(size, Ordering::Relaxed) + size;
+    let needed = budget.to_copy.fetch_add(takes, Ordering::Relaxed) + takes;
     check_space(input.site, needed, budget.free)?;
     let mut file = walk::open_file(src, rel, stat)?;
     let out = openat(
@@ -1134,8 +1166,16 @@ fn process_file(
             Err(e) => return Err(e).at(&input.site.deploy_cache().join(rel)),
         };
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).at(&dest())?;
+        if sparse {
+            write_sparse(&mut out, &buf[..n]).at(&dest())?;
+        } else {
+            out.write_all(&buf[..n]).at(&dest())?;
+        }
         copied += n as u64;
+    }
+    if sparse {
+        // A hole at the end is a length, not a write.
+        out.set_len(copied).at(&dest())?;
     }
     if input.durability.starts_writeback(needed) {
         fsops::start_writeback(&out);
@@ -1419,6 +1459,25 @@ pub fn make_shared(site: &Site, id: &str, entries: Vec<SharedEntry>) -> Result<(
 mod tests {
     use super::*;
     use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn sparse_writes_read_back_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut data = vec![0u8; 3 * 4096 + 100];
+        data[5000] = 1; // inside the second block
+        data[3 * 4096 + 99] = 2; // the last, short block
+        let mut expected = Vec::new();
+        let mut out = File::create(&path).unwrap();
+        // Two chunks, the second starting in a zero block and ending in a hole.
+        for chunk in [&data[..], &data[..4096 + 10], &vec![0u8; 9000][..]] {
+            write_sparse(&mut out, chunk).unwrap();
+            expected.extend_from_slice(chunk);
+        }
+        out.set_len(expected.len() as u64).unwrap();
+        drop(out);
+        assert_eq!(fs::read(&path).unwrap(), expected);
+    }
 
     #[test]
     fn only_copies_past_the_first_mebibytes_start_their_own_writeback() {
