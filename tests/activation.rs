@@ -1731,3 +1731,35 @@ fn identical_reupload_of_a_staged_release_by_marker_activates_it_in_the_service(
     assert_eq!(site.current_id().as_deref(), Some("v2"));
     svc.stop();
 }
+
+/// A chatty hook (a migration printing every statement, a build log) is drained as fast as
+/// it writes: its output must not slow it down towards `hook_timeout`. Before the fix the
+/// pipes were read only between 10 ms sleeps, a pipe's worth (64 KiB) at a time, so 20 MB
+/// of output took seconds and this hook timed out. What is logged is still only the tail.
+#[test]
+fn a_chatty_hook_is_not_throttled_by_its_output() {
+    let site = Site::new();
+    let hook = script(
+        &site.tmp_path(""),
+        "chatty.sh",
+        "head -c 20000000 /dev/zero | tr '\\0' x; echo; echo done-stdout; \
+         head -c 20000000 /dev/zero | tr '\\0' y >&2; echo >&2; echo done-stderr >&2",
+    );
+    let cfg = site.write_config(
+        SITE,
+        "hook_timeout = \"3s\"\n",
+        &format!("before_activate = [\"{}\"]", hook.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    let t0 = std::time::Instant::now();
+    deploy(&site, "v1");
+    let ev = svc.wait_release_event("release.activated", "v1");
+    let took = t0.elapsed();
+    let failed = svc.events_for("hook.failed", "v1");
+    svc.stop();
+    assert!(failed.is_empty(), "the chatty hook failed: {failed:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "40 MB of hook output took {took:?} to drain: {ev}"
+    );
+}
