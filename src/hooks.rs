@@ -1,7 +1,9 @@
 //! Running the site's hooks: argv arrays (no shell), cwd = the release, a clean
 //! environment plus the documented variables, bounded by `hook_timeout`. The hook runs in
 //! its own process group so that at the limit the whole group is killed, not just the
-//! first process (a `sh -c` wrapper would otherwise leave its children running).
+//! first process (a `sh -c` wrapper would otherwise leave its children running). When the
+//! first process ends by itself, what it left in the group gets SIGTERM, then SIGKILL
+//! after the grace: only a daemon that detached (`setsid`) outlives its hook.
 //!
 //! A keeper killed outright takes the hook's first process with it (`PR_SET_PDEATHSIG`),
 //! not what that process started. So while a hook runs, its process group is noted in the
@@ -407,8 +409,17 @@ pub fn run(
             Err(e) => break Err(format!("cannot wait: {e}")),
         }
     };
-    // Whatever the leader did, stray members of its group must not outlive the hook.
-    let _ = killpg(pgid, Signal::SIGKILL);
+    // Stray members of the group must not outlive the hook (a daemon must detach with
+    // `setsid` to survive it). A hook that ended by itself left them no warning yet: they
+    // get SIGTERM and the grace, as at the timeout, so a background job can finish its
+    // write; one killed at the timeout already had both.
+    let leftovers = match &status {
+        Ok(_) => stop_leftovers(pgid, grace(timeout), &mut [&mut out, &mut err], &mut buf),
+        Err(_) => {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            Leftovers::None
+        }
+    };
     RUNNING_GROUP.store(0, Ordering::SeqCst);
     if let Some(record) = noted {
         // Left behind only if this fails: the group is gone, so reaping finds nothing.
@@ -426,11 +437,73 @@ pub fn run(
     match status {
         Ok(st) if st.success() => {
             tracing::debug!(event = crate::events::HOOK_SUCCEEDED, site = %env.site_name, hook = name, release = %env.release_id, stdout = %stdout.trim_end(),
-                stderr = %stderr.trim_end(), "hook succeeded");
+                stderr = %stderr.trim_end(), leftovers = leftovers.as_str(), "hook succeeded");
             Ok(())
         }
         Ok(st) => Err(fail(status_text(st), tail)),
         Err(s) => Err(fail(s, tail)),
+    }
+}
+
+/// What was still running in a hook's process group after its first process exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leftovers {
+    /// Nothing.
+    None,
+    /// Processes that ended on SIGTERM within the grace.
+    Terminated,
+    /// Processes still running at the end of the grace, then killed.
+    Killed,
+}
+
+impl Leftovers {
+    fn as_str(self) -> &'static str {
+        match self {
+            Leftovers::None => "none",
+            Leftovers::Terminated => "stopped by SIGTERM",
+            Leftovers::Killed => "killed (SIGKILL) after SIGTERM",
+        }
+    }
+}
+
+/// Stops what is left in group `pgid` once its first process has exited: SIGTERM, up to
+/// `grace` for it to end, then SIGKILL. The pipes are read meanwhile, so a leftover
+/// blocked on a full one can still reach its handler and exit.
+fn stop_leftovers(
+    pgid: Pid,
+    grace: Duration,
+    tails: &mut [&mut Tail],
+    buf: &mut [u8],
+) -> Leftovers {
+    // ESRCH: no process is in the group, the usual case, which costs this one call.
+    if killpg(pgid, Signal::SIGTERM).is_err() {
+        return Leftovers::None;
+    }
+    let until = Instant::now() + grace;
+    loop {
+        reap_group(pgid);
+        // Signal 0 only asks whether any process is still in the group.
+        if killpg(pgid, None).is_err() {
+            return Leftovers::Terminated;
+        }
+        if Instant::now() >= until {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            reap_group(pgid);
+            return Leftovers::Killed;
+        }
+        wait_for_output(tails, buf, Duration::from_millis(10));
+    }
+}
+
+/// Reaps the group's processes that ended and were this process's children: the keeper
+/// running as PID 1 (a container without an init) inherits the hook's orphans, whose
+/// zombies would otherwise keep the group looking alive for the whole grace.
+fn reap_group(pgid: Pid) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    while let Ok(st) = waitpid(Pid::from_raw(-pgid.as_raw()), Some(WaitPidFlag::WNOHANG)) {
+        if st == WaitStatus::StillAlive {
+            break;
+        }
     }
 }
 
@@ -756,6 +829,69 @@ mod tests {
         }
         r.unwrap();
         assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[test]
+    fn leftovers_of_a_finished_hook_get_sigterm_then_sigkill() {
+        let d = tempfile::tempdir().unwrap();
+        let said = d.path().join("term");
+        let pid = d.path().join("pid");
+        let pid_of = || {
+            std::fs::read_to_string(&pid)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+        };
+        let gone = |p: i32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true)
+        };
+        // Ends on SIGTERM: its handler runs, and the hook returns without the grace.
+        let script = format!(
+            "sh -c 'trap \"echo term > {}; exit 0\" TERM; echo $$ > {}; while :; do sleep 0.1; done' &\n\
+             while [ ! -s {} ]; do sleep 0.01; done",
+            said.display(),
+            pid.display(),
+            pid.display()
+        );
+        let t0 = Instant::now();
+        run("t", &sh(&script), &env(d.path()), Duration::from_secs(10)).unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+        let p = pid_of().unwrap();
+        assert!(gone(p), "{p} still runs");
+        assert_eq!(std::fs::read_to_string(&said).unwrap(), "term\n");
+
+        // Ignores it: killed at the end of the grace (here the timeout, 300 ms).
+        std::fs::remove_file(&pid).unwrap();
+        let script = format!(
+            "sh -c 'trap \"\" TERM; echo $$ > {}; while :; do sleep 0.1; done' &\n\
+             while [ ! -s {} ]; do sleep 0.01; done",
+            pid.display(),
+            pid.display()
+        );
+        let t0 = Instant::now();
+        let r = run(
+            "t",
+            &sh(&script),
+            &env(d.path()),
+            Duration::from_millis(300),
+        );
+        let took = t0.elapsed();
+        let p = pid_of().unwrap();
+        let stayed = !gone(p);
+        let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+        r.unwrap();
+        assert!(!stayed, "{p} survived the hook");
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
     }
 
     /// A process group like a hook's, left running: `sleep` as its first process.

@@ -1763,3 +1763,69 @@ fn a_chatty_hook_is_not_throttled_by_its_output() {
         "40 MB of hook output took {took:?} to drain: {ev}"
     );
 }
+
+/// What a hook leaves running in its process group is stopped when the hook ends, gently:
+/// SIGTERM first (a background job can finish its write), SIGKILL only for what is still
+/// running after the grace. Before the fix the group was SIGKILLed at once, so the
+/// leftover's TERM handler never ran.
+#[test]
+fn a_background_job_left_by_a_hook_gets_sigterm_before_sigkill() {
+    let site = Site::new();
+    let said = site.tmp_path("term.log");
+    let pidfile = site.tmp_path("bg.pid");
+    let hook = script(
+        &site.tmp_path(""),
+        "leaves.sh",
+        &format!(
+            "sh -c 'trap \"echo term >> {said}; exit 0\" TERM; echo $$ > {pid}; while :; do sleep 0.1; done' &\n\
+             while [ ! -s {pid} ]; do sleep 0.01; done\nexit 0",
+            said = said.display(),
+            pid = pidfile.display()
+        ),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "hook_timeout = \"5s\"\n",
+        &format!("before_activate = [\"{}\"]", hook.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    // Whatever the outcome, the background job must not outlive the test.
+    struct Reap(PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Some(pid) = fs::read_to_string(&self.0)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+    let _reap = Reap(pidfile.clone());
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    svc.stop();
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // A zombie not reaped yet by its new parent counts as gone.
+    let gone = || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    assert!(gone(), "the hook's background job {pid} still runs");
+    assert_eq!(
+        fs::read_to_string(&said).unwrap_or_default(),
+        "term\n",
+        "the background job was killed without SIGTERM first"
+    );
+}
