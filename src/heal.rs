@@ -8,7 +8,9 @@
 //!   A temporary name whose pid is a live process other than this one is left alone (a
 //!   read-only command such as `verify` may be writing it right now).
 //! - `.release-keeper/trash/<id>.<pid>.<n>`: a deletion that was interrupted. When the
-//!   journal still has `<id>` live and `releases/<id>` is gone, the pruning is recorded.
+//!   journal still has `<id>` live and `releases/<id>` is gone, the pruning is recorded
+//!   and logged (`release.pruned`, `resumed`): the interrupted run logs it only with the
+//!   journal record it never made.
 //! - `.release-keeper/claims/*`: a consumed marker whose release never completed (crash or
 //!   SIGTERM). Healing runs under the operation lock, when no upload is in progress, so every
 //!   claim it sees is interrupted work, unless the service holds one (`fsops::hold`) while
@@ -940,9 +942,15 @@ fn recover_releases(
     Ok(out)
 }
 
+/// The `reason` of a `release.pruned` logged by healing: the policy's own reason was not
+/// kept past the crash.
+const RESUMED_PRUNE_REASON: &str =
+    "pruning interrupted before it was journaled (release already out of releases/); finished by healing";
+
 /// Finishes interrupted deletions: a trash entry of a release the journal still has live
 /// (crash between the rename out of `releases/` and the `pruned` record) is recorded as
-/// pruned, then the trash is emptied.
+/// pruned and logged as `release.pruned` (`resumed = true`), then the trash is emptied. A
+/// release the journal has as pruned already had its event with the record.
 fn heal_trash(
     site: &Site,
     journal: &mut Journal,
@@ -959,12 +967,26 @@ fn heal_trash(
     for name in names {
         let path = site.trash().join(name);
         if let Some(id) = trashed_id(name) {
-            let live = journal.state().get(id).is_some();
-            if live && fs::symlink_metadata(site.release(id)).is_err() {
+            let live = journal.state().get(id).map(|r| (r.files, r.bytes));
+            if let Some((files, bytes)) =
+                live.filter(|_| fs::symlink_metadata(site.release(id)).is_err())
+            {
                 if !dry_run {
                     journal.append(Op::Pruned {
                         release: id.to_string(),
                     })?;
+                    // Monitoring counts prunings by this event; the interrupted run never
+                    // logged it (it goes with the journal record, made only now).
+                    tracing::info!(
+                        event = events::RELEASE_PRUNED,
+                        site = site.name(),
+                        release = id,
+                        reason = RESUMED_PRUNE_REASON,
+                        files,
+                        bytes,
+                        resumed = true,
+                        "release pruned"
+                    );
                     let _ = fs::remove_file(site.manifest_of(id));
                     crate::verify::forget(site, id);
                 }

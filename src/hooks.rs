@@ -1,7 +1,9 @@
 //! Running the site's hooks: argv arrays (no shell), cwd = the release, a clean
 //! environment plus the documented variables, bounded by `hook_timeout`. The hook runs in
 //! its own process group so that at the limit the whole group is killed, not just the
-//! first process (a `sh -c` wrapper would otherwise leave its children running).
+//! first process (a `sh -c` wrapper would otherwise leave its children running). When the
+//! first process ends by itself, what it left in the group gets SIGTERM, then SIGKILL
+//! after the grace: only a daemon that detached (`setsid`) outlives its hook.
 //!
 //! A keeper killed outright takes the hook's first process with it (`PR_SET_PDEATHSIG`),
 //! not what that process started. So while a hook runs, its process group is noted in the
@@ -82,15 +84,24 @@ impl std::fmt::Display for HookFailure {
     }
 }
 
-/// The end of one of the hook's output pipes. The pipe is non-blocking and drained from
-/// the waiting loop, not by a thread reading to EOF: a descendant that left the process
-/// group (`setsid`, a daemon launcher) keeps its copy of the pipe open after the hook
-/// exits or is killed, and waiting for EOF would hold the keeper (and the site's lock)
-/// for as long as that process lives, far past `hook_timeout`.
+/// The end of one of the hook's output pipes. The pipe is non-blocking and read from the
+/// waiting loop as `poll(2)` says it holds data, not by a thread reading to EOF: a
+/// descendant that left the process group (`setsid`, a daemon launcher) keeps its copy of
+/// the pipe open after the hook exits or is killed, and waiting for EOF would hold the
+/// keeper (and the site's lock) for as long as that process lives, far past
+/// `hook_timeout`. Only the last `TAIL_BYTES` are kept, however much the hook writes.
 struct Tail {
     pipe: Option<std::fs::File>,
     bytes: Vec<u8>,
 }
+
+/// Bytes asked for by one read: a whole default pipe buffer, so a chatty hook's pipe is
+/// emptied by one call.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads `Tail::finish` makes at most: enough for what a pipe can hold (1 MiB by
+/// default), and a bound against a detached writer that never stops.
+const FINAL_READS: usize = 32;
 
 impl Tail {
     fn new(pipe: Option<std::os::fd::OwnedFd>) -> Tail {
@@ -108,42 +119,94 @@ impl Tail {
         }
     }
 
-    /// Reads what the pipe holds now, keeping the last `TAIL_BYTES`.
-    fn drain(&mut self) {
+    /// Reads once from the pipe, keeping the last `TAIL_BYTES`; true when it got bytes
+    /// (false: empty now, or closed and dropped). One read, not "until empty", so a hook
+    /// that writes without end cannot keep the loop from its deadline.
+    fn read_once(&mut self, buf: &mut [u8]) -> bool {
         let Some(pipe) = self.pipe.as_mut() else {
-            return;
+            return false;
         };
-        let mut buf = [0u8; 4096];
         loop {
-            match pipe.read(&mut buf) {
+            match pipe.read(buf) {
                 Ok(0) => {
                     self.pipe = None;
-                    break;
+                    return false;
                 }
                 Ok(n) => {
-                    self.bytes.extend_from_slice(&buf[..n]);
-                    if self.bytes.len() > TAIL_BYTES * 2 {
-                        self.bytes.drain(..self.bytes.len() - TAIL_BYTES);
-                    }
+                    self.keep(&buf[..n]);
+                    return true;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
                 Err(_) => {
                     self.pipe = None;
-                    break;
+                    return false;
                 }
             }
         }
     }
 
-    /// What was read, as text; closes the pipe (a detached writer gets EPIPE from now on).
-    fn finish(mut self) -> String {
-        self.drain();
+    /// Appends the end of `chunk`; trims in batches so the kept bytes are not moved at
+    /// every read.
+    fn keep(&mut self, chunk: &[u8]) {
+        let chunk = &chunk[chunk.len().saturating_sub(TAIL_BYTES)..];
+        self.bytes.extend_from_slice(chunk);
+        if self.bytes.len() > TAIL_BYTES * 2 {
+            self.bytes.drain(..self.bytes.len() - TAIL_BYTES);
+        }
+    }
+
+    /// What was read, as text, after reading what the pipe still holds (bounded); closes
+    /// the pipe (a detached writer gets EPIPE from now on).
+    fn finish(mut self, buf: &mut [u8]) -> String {
+        for _ in 0..FINAL_READS {
+            if !self.read_once(buf) {
+                break;
+            }
+        }
         self.pipe = None;
         if self.bytes.len() > TAIL_BYTES {
             self.bytes.drain(..self.bytes.len() - TAIL_BYTES);
         }
         String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+}
+
+/// Waits up to `wait` for output on the pipes still open, and reads once from each that
+/// has some (or was closed). Returns at once when there is output: the hook is never left
+/// blocked on a full pipe while the keeper sleeps. With no pipe open, just sleeps.
+fn wait_for_output(tails: &mut [&mut Tail], buf: &mut [u8], wait: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let ready: Vec<bool> = {
+        let mut fds: Vec<PollFd<'_>> = tails
+            .iter()
+            .filter_map(|t| t.pipe.as_ref())
+            .map(|p| PollFd::new(p.as_fd(), PollFlags::POLLIN))
+            .collect();
+        if fds.is_empty() {
+            std::thread::sleep(wait);
+            return;
+        }
+        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(n) if n > 0 => fds
+                .iter()
+                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                .collect(),
+            // Timed out, or interrupted by a signal: the caller looks at the hook again.
+            _ => return,
+        }
+    };
+    // `ready` is in the order of the open pipes, which is the order of `tails` skipping
+    // the closed ones.
+    let mut ready = ready.into_iter();
+    for tail in tails.iter_mut().filter(|t| t.pipe.is_some()) {
+        if ready.next().unwrap_or(false) {
+            // POLLHUP/POLLERR/POLLNVAL too: the read then finds EOF or an error and drops
+            // the pipe, so it is not polled again.
+            tail.read_once(buf);
+        }
     }
 }
 
@@ -317,10 +380,8 @@ pub fn run(
     // Set once SIGTERM was sent at the deadline; SIGKILL follows at this instant.
     let mut kill_at: Option<Instant> = None;
     let timed_out = || format!("timed out after {}", crate::clock::format_duration(timeout));
+    let mut buf = vec![0u8; READ_CHUNK];
     let status = loop {
-        // Drained while the hook runs so a chatty hook never blocks on a full pipe.
-        out.drain();
-        err.drain();
         let now = Instant::now();
         match child.try_wait() {
             Ok(Some(_)) if kill_at.is_some() => break Err(timed_out()),
@@ -338,12 +399,27 @@ pub fn run(
                 let _ = killpg(pgid, Signal::SIGTERM);
                 kill_at = Some(now + grace(timeout));
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            // The exit is looked for at least every 10 ms; output wakes the loop sooner,
+            // so a chatty hook is read as fast as it writes.
+            Ok(None) => wait_for_output(
+                &mut [&mut out, &mut err],
+                &mut buf,
+                Duration::from_millis(10),
+            ),
             Err(e) => break Err(format!("cannot wait: {e}")),
         }
     };
-    // Whatever the leader did, stray members of its group must not outlive the hook.
-    let _ = killpg(pgid, Signal::SIGKILL);
+    // Stray members of the group must not outlive the hook (a daemon must detach with
+    // `setsid` to survive it). A hook that ended by itself left them no warning yet: they
+    // get SIGTERM and the grace, as at the timeout, so a background job can finish its
+    // write; one killed at the timeout already had both.
+    let leftovers = match &status {
+        Ok(_) => stop_leftovers(pgid, grace(timeout), &mut [&mut out, &mut err], &mut buf),
+        Err(_) => {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            Leftovers::None
+        }
+    };
     RUNNING_GROUP.store(0, Ordering::SeqCst);
     if let Some(record) = noted {
         // Left behind only if this fails: the group is gone, so reaping finds nothing.
@@ -351,8 +427,8 @@ pub fn run(
     }
     // The hook has ended: what it wrote is in the pipes now. A detached descendant may
     // still hold them open; its later output is not the hook's and is not waited for.
-    let stdout = out.finish();
-    let stderr = err.finish();
+    let stdout = out.finish(&mut buf);
+    let stderr = err.finish(&mut buf);
     let tail = if stderr.trim().is_empty() {
         stdout.clone()
     } else {
@@ -361,11 +437,73 @@ pub fn run(
     match status {
         Ok(st) if st.success() => {
             tracing::debug!(event = crate::events::HOOK_SUCCEEDED, site = %env.site_name, hook = name, release = %env.release_id, stdout = %stdout.trim_end(),
-                stderr = %stderr.trim_end(), "hook succeeded");
+                stderr = %stderr.trim_end(), leftovers = leftovers.as_str(), "hook succeeded");
             Ok(())
         }
         Ok(st) => Err(fail(status_text(st), tail)),
         Err(s) => Err(fail(s, tail)),
+    }
+}
+
+/// What was still running in a hook's process group after its first process exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leftovers {
+    /// Nothing.
+    None,
+    /// Processes that ended on SIGTERM within the grace.
+    Terminated,
+    /// Processes still running at the end of the grace, then killed.
+    Killed,
+}
+
+impl Leftovers {
+    fn as_str(self) -> &'static str {
+        match self {
+            Leftovers::None => "none",
+            Leftovers::Terminated => "stopped by SIGTERM",
+            Leftovers::Killed => "killed (SIGKILL) after SIGTERM",
+        }
+    }
+}
+
+/// Stops what is left in group `pgid` once its first process has exited: SIGTERM, up to
+/// `grace` for it to end, then SIGKILL. The pipes are read meanwhile, so a leftover
+/// blocked on a full one can still reach its handler and exit.
+fn stop_leftovers(
+    pgid: Pid,
+    grace: Duration,
+    tails: &mut [&mut Tail],
+    buf: &mut [u8],
+) -> Leftovers {
+    // ESRCH: no process is in the group, the usual case, which costs this one call.
+    if killpg(pgid, Signal::SIGTERM).is_err() {
+        return Leftovers::None;
+    }
+    let until = Instant::now() + grace;
+    loop {
+        reap_group(pgid);
+        // Signal 0 only asks whether any process is still in the group.
+        if killpg(pgid, None).is_err() {
+            return Leftovers::Terminated;
+        }
+        if Instant::now() >= until {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            reap_group(pgid);
+            return Leftovers::Killed;
+        }
+        wait_for_output(tails, buf, Duration::from_millis(10));
+    }
+}
+
+/// Reaps the group's processes that ended and were this process's children: the keeper
+/// running as PID 1 (a container without an init) inherits the hook's orphans, whose
+/// zombies would otherwise keep the group looking alive for the whole grace.
+fn reap_group(pgid: Pid) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    while let Ok(st) = waitpid(Pid::from_raw(-pgid.as_raw()), Some(WaitPidFlag::WNOHANG)) {
+        if st == WaitStatus::StillAlive {
+            break;
+        }
     }
 }
 
@@ -657,6 +795,103 @@ mod tests {
         assert!(f.status.starts_with("timed out"), "{}", f.status);
         assert_eq!(f.stderr_tail.trim(), "before-hang");
         assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+
+    #[test]
+    fn output_without_end_neither_outlasts_the_timeout_nor_holds_the_keeper() {
+        let d = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let f = run(
+            "t",
+            &sh("exec yes"),
+            &env(d.path()),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(f.status.starts_with("timed out"), "{}", f.status);
+        assert!(f.stderr_tail.len() <= TAIL_BYTES, "{}", f.stderr_tail.len());
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+
+        // A detached writer that never stops: what is left in the pipe is read, boundedly.
+        let pid = d.path().join("pid");
+        let script = format!(
+            "setsid sh -c 'echo $$ > {}; exec yes' & sleep 0.2",
+            pid.display()
+        );
+        let t0 = Instant::now();
+        let r = run("t", &sh(&script), &env(d.path()), Duration::from_secs(10));
+        let took = t0.elapsed();
+        if let Some(p) = std::fs::read_to_string(&pid)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        r.unwrap();
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[test]
+    fn leftovers_of_a_finished_hook_get_sigterm_then_sigkill() {
+        let d = tempfile::tempdir().unwrap();
+        let said = d.path().join("term");
+        let pid = d.path().join("pid");
+        let pid_of = || {
+            std::fs::read_to_string(&pid)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+        };
+        let gone = |p: i32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true)
+        };
+        // Ends on SIGTERM: its handler runs, and the hook returns without the grace.
+        let script = format!(
+            "sh -c 'trap \"echo term > {}; exit 0\" TERM; echo $$ > {}; while :; do sleep 0.1; done' &\n\
+             while [ ! -s {} ]; do sleep 0.01; done",
+            said.display(),
+            pid.display(),
+            pid.display()
+        );
+        let t0 = Instant::now();
+        run("t", &sh(&script), &env(d.path()), Duration::from_secs(10)).unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+        let p = pid_of().unwrap();
+        assert!(gone(p), "{p} still runs");
+        assert_eq!(std::fs::read_to_string(&said).unwrap(), "term\n");
+
+        // Ignores it: killed at the end of the grace (here the timeout, 300 ms).
+        std::fs::remove_file(&pid).unwrap();
+        let script = format!(
+            "sh -c 'trap \"\" TERM; echo $$ > {}; while :; do sleep 0.1; done' &\n\
+             while [ ! -s {} ]; do sleep 0.01; done",
+            pid.display(),
+            pid.display()
+        );
+        let t0 = Instant::now();
+        let r = run(
+            "t",
+            &sh(&script),
+            &env(d.path()),
+            Duration::from_millis(300),
+        );
+        let took = t0.elapsed();
+        let p = pid_of().unwrap();
+        let stayed = !gone(p);
+        let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+        r.unwrap();
+        assert!(!stayed, "{p} survived the hook");
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
     }
 
     /// A process group like a hook's, left running: `sleep` as its first process.

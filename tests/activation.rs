@@ -1731,3 +1731,101 @@ fn identical_reupload_of_a_staged_release_by_marker_activates_it_in_the_service(
     assert_eq!(site.current_id().as_deref(), Some("v2"));
     svc.stop();
 }
+
+/// A chatty hook (a migration printing every statement, a build log) is drained as fast as
+/// it writes: its output must not slow it down towards `hook_timeout`. Before the fix the
+/// pipes were read only between 10 ms sleeps, a pipe's worth (64 KiB) at a time, so 20 MB
+/// of output took seconds and this hook timed out. What is logged is still only the tail.
+#[test]
+fn a_chatty_hook_is_not_throttled_by_its_output() {
+    let site = Site::new();
+    let hook = script(
+        &site.tmp_path(""),
+        "chatty.sh",
+        "head -c 20000000 /dev/zero | tr '\\0' x; echo; echo done-stdout; \
+         head -c 20000000 /dev/zero | tr '\\0' y >&2; echo >&2; echo done-stderr >&2",
+    );
+    let cfg = site.write_config(
+        SITE,
+        "hook_timeout = \"3s\"\n",
+        &format!("before_activate = [\"{}\"]", hook.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    let t0 = std::time::Instant::now();
+    deploy(&site, "v1");
+    let ev = svc.wait_release_event("release.activated", "v1");
+    let took = t0.elapsed();
+    let failed = svc.events_for("hook.failed", "v1");
+    svc.stop();
+    assert!(failed.is_empty(), "the chatty hook failed: {failed:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "40 MB of hook output took {took:?} to drain: {ev}"
+    );
+}
+
+/// What a hook leaves running in its process group is stopped when the hook ends, gently:
+/// SIGTERM first (a background job can finish its write), SIGKILL only for what is still
+/// running after the grace. Before the fix the group was SIGKILLed at once, so the
+/// leftover's TERM handler never ran.
+#[test]
+fn a_background_job_left_by_a_hook_gets_sigterm_before_sigkill() {
+    let site = Site::new();
+    let said = site.tmp_path("term.log");
+    let pidfile = site.tmp_path("bg.pid");
+    let hook = script(
+        &site.tmp_path(""),
+        "leaves.sh",
+        &format!(
+            "sh -c 'trap \"echo term >> {said}; exit 0\" TERM; echo $$ > {pid}; while :; do sleep 0.1; done' &\n\
+             while [ ! -s {pid} ]; do sleep 0.01; done\nexit 0",
+            said = said.display(),
+            pid = pidfile.display()
+        ),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "hook_timeout = \"5s\"\n",
+        &format!("before_activate = [\"{}\"]", hook.display()),
+    );
+    let mut svc = Service::start_config(&cfg);
+    // Whatever the outcome, the background job must not outlive the test.
+    struct Reap(PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Some(pid) = fs::read_to_string(&self.0)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+    let _reap = Reap(pidfile.clone());
+    deploy(&site, "v1");
+    svc.wait_release_event("release.activated", "v1");
+    svc.stop();
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // A zombie not reaped yet by its new parent counts as gone.
+    let gone = || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    assert!(gone(), "the hook's background job {pid} still runs");
+    assert_eq!(
+        fs::read_to_string(&said).unwrap_or_default(),
+        "term\n",
+        "the background job was killed without SIGTERM first"
+    );
+}

@@ -2448,3 +2448,133 @@ fn healing_off_a_failed_release_that_stayed_current_is_a_recorded_switch() {
         "{last}"
     );
 }
+
+/// A keeper killed mid-prune, after the release left `releases/` (renamed into the trash)
+/// but before the `pruned` record: the next healing pass records and finishes the pruning,
+/// and logs `release.pruned` for it (with `resumed = true` and the size the journal
+/// recorded), exactly once, so monitoring counting prunings misses none. Before the fix
+/// only `heal.repaired` was logged.
+#[test]
+fn a_pruning_interrupted_before_its_record_is_logged_once_when_healing_finishes_it() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "keep = 5\nheal_interval = \"1h\"", "");
+    for id in ["v1", "v2", "v3"] {
+        deploy_and_activate(&site, &svc, id);
+    }
+    let made = svc.wait_release_event("release.finalized", "v1");
+    svc.stop();
+    // What `retention::prune` leaves when killed between its rename and the journal: v1
+    // under `.release-keeper/trash/<id>.<pid>.<n>`, still live in the journal.
+    let trash = site.root.join(".release-keeper/trash");
+    fs::create_dir_all(&trash).unwrap();
+    fs::rename(site.release("v1"), trash.join("v1.4242.0")).unwrap();
+
+    let mut svc = Service::start_config(&cfg);
+    let ev = svc.wait_release_event("release.pruned", "v1");
+    assert_eq!(ev["resumed"], true, "{ev}");
+    assert_eq!(ev["files"], made["files"], "{ev}");
+    assert_eq!(ev["bytes"], made["bytes"], "{ev}");
+    assert!(ev["reason"].as_str().is_some_and(|r| !r.is_empty()), "{ev}");
+    wait_until(
+        WAIT,
+        || fs::read_dir(&trash).is_ok_and(|mut d| d.next().is_none()),
+        || "the trash to be emptied".into(),
+    );
+    // Later passes (here `heal` beside the service) find nothing more to log.
+    let out = cli_when_idle(&cfg, &["heal", SITE, "--log-format", "json"]);
+    assert_ok(&out, "heal");
+    let again: Vec<_> = stderr_events(&out)
+        .into_iter()
+        .filter(|v| v["event"] == "release.pruned")
+        .collect();
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(svc.events("release.pruned").len(), 1, "{}", svc.log_text());
+    let pruned = site
+        .journal_records()
+        .iter()
+        .filter(|r| r["op"] == "pruned" && r["release"] == "v1")
+        .count();
+    assert_eq!(pruned, 1, "{:?}", site.journal_records());
+    svc.stop();
+}
+
+/// A pruning whose removal fails (a file that cannot be deleted) is journaled and logged
+/// once, before the removal (what a keeper killed during the removal leaves: logged,
+/// journaled, in the trash); the healing pass that later finishes the removal does not log
+/// it again.
+#[test]
+fn a_pruning_finished_by_healing_after_a_failed_removal_is_logged_once() {
+    let site = Site::new();
+    let (cfg, mut svc) = start_site(&site, SITE, "keep = 1\nheal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    let file = site.release("v1").join("stuck");
+    // The release is read-only: its directory is opened up for the test's file only.
+    make_writable(&site.release("v1"));
+    fs::write(&file, b"x").unwrap();
+    let immutable = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&file)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !immutable {
+        eprintln!("skipped: chattr +i is not possible here (needs root and a filesystem that supports it)");
+        svc.stop();
+        return;
+    }
+    // Undone whatever happens (wherever the file is by then), so the temp dir can go.
+    struct Mutable(PathBuf);
+    impl Mutable {
+        fn undo(&self) {
+            let _ = std::process::Command::new("chattr")
+                .args(["-R", "-i"])
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            self.undo();
+        }
+    }
+    let undo = Mutable(site.root.clone());
+    let trash = site.root.join(".release-keeper/trash");
+    deploy_and_activate(&site, &svc, "v2");
+    deploy_and_activate(&site, &svc, "v3");
+    svc.wait_release_event("release.pruned", "v1");
+    let stuck = fs::read_dir(&trash)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("v1."))
+        })
+        .expect("v1 left in the trash");
+    assert!(stuck.join("stuck").exists(), "the removal failed");
+    // The event goes with the journal record, before the removal: a keeper killed while
+    // removing (the slow part) has logged it already. The failed removal's warning comes
+    // after it.
+    let lines = svc.json_lines();
+    let at = |event: &str| {
+        lines
+            .iter()
+            .position(|v| v["event"] == event && v["release"] == "v1")
+            .unwrap_or_else(|| panic!("no {event} for v1: {}", svc.log_text()))
+    };
+    assert!(
+        at("release.pruned") < at("site.error"),
+        "release.pruned logged only after the removal: {}",
+        svc.log_text()
+    );
+    undo.undo();
+    let out = cli_when_idle(&cfg, &["heal", SITE, "--log-format", "json"]);
+    assert_ok(&out, "heal");
+    assert!(!stuck.exists(), "heal finished the removal: {}", show(&out));
+    let by_heal: Vec<_> = stderr_events(&out)
+        .into_iter()
+        .filter(|v| v["event"] == "release.pruned")
+        .collect();
+    assert!(by_heal.is_empty(), "{by_heal:?}");
+    assert_eq!(svc.events_for("release.pruned", "v1").len(), 1);
+    svc.stop();
+}

@@ -106,14 +106,10 @@ pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
         journal.append(Op::Pruned {
             release: d.id.clone(),
         })?;
-        let _ = std::fs::remove_file(site.manifest_of(&d.id));
-        crate::verify::forget(site, &d.id);
-        let removed =
-            changes::recorded(site, || fsops::at_idle_io(|| fsops::remove_tree(&trashed)));
-        if let Err(e) = removed {
-            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %d.id, reason = %e,
-                "pruned release left the releases/ directory but could not be removed fully; healing retries");
-        }
+        // Logged with the journal record, not after the removal: the event then goes with
+        // the record exactly once. A keeper killed during the (slow, idle-priority)
+        // removal has logged it already, and healing, which finishes the removal, logs it
+        // only for a pruning it journals itself (`heal`, `resumed = true`).
         tracing::info!(
             event = events::RELEASE_PRUNED,
             site = site.name(),
@@ -123,6 +119,14 @@ pub fn prune(site: &Site, journal: &mut Journal) -> Result<Vec<Doomed>> {
             bytes = d.bytes,
             "release pruned"
         );
+        let _ = std::fs::remove_file(site.manifest_of(&d.id));
+        crate::verify::forget(site, &d.id);
+        let removed =
+            changes::recorded(site, || fsops::at_idle_io(|| fsops::remove_tree(&trashed)));
+        if let Err(e) = removed {
+            tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(), release = %d.id, reason = %e,
+                "pruned release left the releases/ directory but could not be removed fully; healing retries");
+        }
     }
     Ok(doomed)
 }
