@@ -573,11 +573,12 @@ fn ready_is_not_held_back_by_a_command_holding_the_operation_lock() {
 }
 
 /// An activation that a crash (kill -9) interrupted during its health check is resumed at
-/// the next start: the checks run again. That took place before READY=1, so a slow check
-/// (up to `health_retries` × `hook_timeout`) could outlast systemd's TimeoutStartSec.
-/// READY=1 now comes first; the trial is resumed and decided right after.
+/// the next start: the checks run again before READY=1 (SPEC: ready once healed, so
+/// `current` is never left on an unchecked release), and a slow check (up to
+/// `health_retries` x `hook_timeout`) could outlast systemd's TimeoutStartSec. The keeper
+/// asks for the time it may take (EXTEND_TIMEOUT_USEC) soon after the start begins.
 #[test]
-fn ready_is_not_held_back_by_resuming_an_interrupted_trial() {
+fn a_start_resuming_an_interrupted_trial_asks_systemd_for_the_time_it_takes() {
     let site = Site::new();
     let (started, hold) = (site.tmp_path("check-started"), site.tmp_path("hold"));
     let check = format!(
@@ -604,15 +605,35 @@ fn ready_is_not_held_back_by_resuming_an_interrupted_trial() {
 
     // The check of the resumed trial blocks while `hold` exists.
     let mut k = Keeper::start(site.tmp.path(), &["--config", cfg.to_str().unwrap(), "run"]);
-    let ready = ready_within(&k, Duration::from_secs(3));
-    fs::remove_file(&hold).unwrap();
+    let extend = k.wait_line(
+        None,
+        |l| l.starts_with("EXTEND_TIMEOUT_USEC="),
+        "EXTEND_TIMEOUT_USEC= while the resumed health check runs",
+    );
+    let usec: u64 = k.lines()[extend]["EXTEND_TIMEOUT_USEC=".len()..]
+        .parse()
+        .unwrap();
     assert!(
-        ready,
-        "READY=1 while the resumed trial's health check runs; got:\n{}\nlog:\n{}",
-        k.lines().join("\n"),
+        usec >= 60_000_000,
+        "EXTEND_TIMEOUT_USEC={usec} does not cover the check"
+    );
+    assert!(
+        !k.lines().iter().any(|l| l == "READY=1"),
+        "READY=1 before the resumed trial was decided; got:\n{}",
+        k.lines().join("\n")
+    );
+    fs::remove_file(&hold).unwrap();
+    k.wait_line(None, |l| is(l, "READY=1"), "READY=1");
+    // Decided by then: the checks passed, v2 is live.
+    assert_eq!(
+        k.events("release.activated")
+            .iter()
+            .filter(|v| v["release"] == "v2")
+            .count(),
+        1,
+        "log:\n{}",
         k.log_text()
     );
-    k.wait_events("release.activated", 1, |v| v["release"] == "v2");
     assert_eq!(site.current_id().as_deref(), Some("v2"));
     k.stop();
 }

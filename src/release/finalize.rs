@@ -1139,12 +1139,12 @@ fn process_file(
     }
     // A sparse upload (a preallocated database, a disk image) keeps its holes, as
     // `cp --sparse=auto` would: written out whole, the release took many times the
-    // upload's space, and the space check refused it for space it never needed.
-    let allocated = (stat.st_blocks as u64).saturating_mul(512);
-    let sparse = allocated < size;
-    let takes = if sparse { allocated } else { size };
+    // upload's space. The space check still counts the apparent size: every byte is
+    // read and hashed whatever it holds, and a hole costs an uploader nothing, so a
+    // terabyte of it is refused at once rather than read for hours.
+    let sparse = (stat.st_blocks as u64).saturating_mul(512) < size;
     // Checked before a byte is written: the live site must not find its disk full.
-    let needed = budget.to_copy.fetch_add(takes, Ordering::Relaxed) + takes;
+    let needed = budget.to_copy.fetch_add(size, Ordering::Relaxed) + size;
     check_space(input.site, needed, budget.free)?;
     let mut file = walk::open_file(src, rel, stat)?;
     let out = openat(

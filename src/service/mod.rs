@@ -144,8 +144,23 @@ async fn supervise(source: Source, sites: BTreeMap<String, Site>) -> Result<()> 
     // systemd's watchdog runs from the start: fed during the first pass and shutdown too.
     let _watchdog = systemd::Watchdog::start();
     let mut waiting = workers.len();
+    // A first pass that resumes an activation a crash interrupted runs its hooks and
+    // health check again before READY=1: past a moment, systemd is told the start may
+    // take as long as the longest activation, or TimeoutStartSec would kill it halfway.
+    let slow_start = tokio::time::sleep(SLOW_START);
+    tokio::pin!(slow_start);
+    let mut extended = false;
     while waiting > 0 {
         tokio::select! {
+            _ = &mut slow_start, if !extended => {
+                extended = true;
+                let longest = workers
+                    .values()
+                    .map(|h| crate::activate::longest(&h.site.cfg))
+                    .max()
+                    .unwrap_or_default();
+                systemd::extend_timeout(longest.saturating_add(STOP_MARGIN));
+            }
             msg = ready_rx.recv() => {
                 let Some((name, res)) = msg else { break };
                 waiting -= 1;
@@ -395,6 +410,9 @@ async fn stop_all(workers: &mut BTreeMap<String, worker::Handle>) {
         h.exited().await;
     }
 }
+
+/// How long a start may take before systemd is asked for more time.
+const SLOW_START: Duration = Duration::from_secs(1);
 
 /// What a stop may still have to do once a site's activation is over: its verdict in the
 /// journal, pruning, and undoing the rest (an interrupted build is removed).

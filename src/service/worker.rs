@@ -170,9 +170,8 @@ impl Handle {
 /// What a wake-up asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Job {
-    /// The healing pass at start, only if it can run at once: the operation lock is free
-    /// and no interrupted activation is to be finished. Otherwise it sets `Kept::deferred`
-    /// and does nothing.
+    /// The healing pass at start, only if the operation lock is free at once; otherwise
+    /// it sets `Kept::deferred` and does nothing.
     FirstHealNow,
     /// The healing pass at start, without processing uploads.
     FirstHeal,
@@ -394,9 +393,8 @@ impl Worker {
         // First pass: heal, then whatever markers arrived while the service was stopped.
         // The first pass only heals, so READY=1 is not held back by redoing a big
         // interrupted upload (systemd would time the start out); pending claims follow.
-        // Nor by what the pass would have to wait for: a command holding the operation
-        // lock, or an activation a crash interrupted, whose hooks and health check run
-        // again. The site is watched and READY=1 sent first, and the pass runs after.
+        // Nor by a command holding the operation lock, for as long as it likes: the site
+        // is watched and READY=1 sent first, and the pass runs once the lock is free.
         let mut kept = Kept::default();
         // A first pass that fails (a journal that cannot be read) is logged like any
         // failed pass and retried by the next one; the service still starts.
@@ -704,8 +702,8 @@ struct Kept {
     /// The upload the last round stopped at, its files still in flight, for the next
     /// round (which always follows at once) to resume.
     waiting: Option<pipeline::Waiting>,
-    /// Set by [`Job::FirstHealNow`] when the first pass would have had to wait: it runs
-    /// as [`Job::FirstHeal`] once the service is ready.
+    /// Set by [`Job::FirstHealNow`] when the first pass would have had to wait for the
+    /// lock: it runs as [`Job::FirstHeal`] once the service is ready.
     deferred: bool,
 }
 
@@ -822,13 +820,10 @@ fn run_job(
         |fresh| pipeline::run_pending_yielding(site, cancel, fresh, resume).map(|run| run.waiting);
     match job {
         Job::FirstHealNow => {
+            // An activation a crash interrupted is decided here, before READY=1 (SPEC:
+            // ready once healed, so `current` is never left on a release whose checks
+            // have not passed); the supervisor asks systemd for the time it may take.
             let journal = current_journal(&mut kept.journal, site)?;
-            let state = journal.state();
-            let interrupted = state.open_trial.is_some() || state.unfinished_rollback.is_some();
-            if interrupted {
-                kept.deferred = true;
-                return Ok(None);
-            }
             let (listings, reported) = (&mut kept.listings, &mut kept.reported);
             heal::heal_with(site, journal, false, listings, reported, Uploads::Recreate)?;
         }
