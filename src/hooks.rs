@@ -864,6 +864,10 @@ mod tests {
         run("t", &sh(&script), &env(d.path()), Duration::from_secs(10)).unwrap();
         assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
         let p = pid_of().unwrap();
+        let ended_by = Instant::now() + Duration::from_secs(2);
+        while !gone(p) && Instant::now() < ended_by {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(gone(p), "{p} still runs");
         assert_eq!(std::fs::read_to_string(&said).unwrap(), "term\n");
 
@@ -884,6 +888,12 @@ mod tests {
         );
         let took = t0.elapsed();
         let p = pid_of().unwrap();
+        // SIGKILL is delivered asynchronously: the process may still show as running for
+        // a moment after `kill` returned.
+        let killed_by = Instant::now() + Duration::from_secs(2);
+        while !gone(p) && Instant::now() < killed_by {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let stayed = !gone(p);
         let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
         r.unwrap();

@@ -1822,7 +1822,9 @@ fn a_background_job_left_by_a_hook_gets_sigterm_before_sigkill() {
             })
             .unwrap_or(true)
     };
-    assert!(gone(), "the hook's background job {pid} still runs");
+    wait_until(Duration::from_secs(3), gone, || {
+        format!("the hook's background job {pid} to end")
+    });
     assert_eq!(
         fs::read_to_string(&said).unwrap_or_default(),
         "term\n",

@@ -22,6 +22,29 @@ impl Drop for Mount {
     }
 }
 
+/// Makes `releases/` a read-only bind mount of itself, undone when the guard drops; None
+/// where bind mounts are not possible (not root).
+fn read_only_releases(site: &Site) -> Option<Mount> {
+    let releases = site.releases_dir();
+    let bind = Command::new("mount")
+        .arg("--bind")
+        .arg(&releases)
+        .arg(&releases)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !bind {
+        return None;
+    }
+    let mount = Mount(releases.clone());
+    let ro = Command::new("mount")
+        .args(["-o", "remount,ro,bind"])
+        .arg(&releases)
+        .status()
+        .unwrap();
+    assert!(ro.success(), "remount read-only failed");
+    Some(mount)
+}
+
 fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<Mount> {
     let ok = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -113,26 +136,11 @@ fn releases_dir_refusing_writes_defers_the_upload_until_fixed() {
     let site = Site::new();
     let mut svc = Service::start_root(&site.root);
     deploy_and_activate(&site, &svc, "v1");
-    let releases = site.releases_dir();
-    let bind = Command::new("mount")
-        .arg("--bind")
-        .arg(&releases)
-        .arg(&releases)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !bind {
+    let Some(mount) = read_only_releases(&site) else {
         eprintln!("skipped: cannot bind-mount here (needs root)");
         svc.stop();
         return;
-    }
-    let mount = Mount(releases.clone());
-    let ro = Command::new("mount")
-        .args(["-o", "remount,ro,bind"])
-        .arg(&releases)
-        .status()
-        .unwrap();
-    assert!(ro.success(), "remount read-only failed");
+    };
 
     site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
     let ev = svc.wait_event("release.rejected", |v| v["retrying"] == true, WAIT);
@@ -290,26 +298,11 @@ fn an_upload_kept_for_a_retry_is_superseded_by_the_next_marker() {
     let site = Site::new();
     let mut svc = Service::start_root(&site.root);
     deploy_and_activate(&site, &svc, "v1");
-    let releases = site.releases_dir();
-    let bind = Command::new("mount")
-        .arg("--bind")
-        .arg(&releases)
-        .arg(&releases)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !bind {
+    let Some(mount) = read_only_releases(&site) else {
         eprintln!("skipped: cannot bind-mount here (needs root)");
         svc.stop();
         return;
-    }
-    let mount = Mount(releases.clone());
-    let ro = Command::new("mount")
-        .args(["-o", "remount,ro,bind"])
-        .arg(&releases)
-        .status()
-        .unwrap();
-    assert!(ro.success(), "remount read-only failed");
+    };
 
     site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
     svc.wait_event(

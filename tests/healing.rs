@@ -1516,6 +1516,36 @@ fn inotify_overflow_is_logged_once_per_site_with_its_name() {
 
 /// A trashed tree that cannot be deleted (here an immutable file) is reported and left for
 /// the next pass; it must not stop the pass before `current` is repaired.
+/// A file made immutable (`chattr +i`) for a test, made mutable again (everything under
+/// `under`) when dropped, whatever happens, so the temp dir can be removed.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    /// None where `chattr +i` is not possible (not root, or a filesystem without it).
+    fn set(file: &Path, under: &Path) -> Option<Immutable> {
+        std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(file)
+            .status()
+            .is_ok_and(|s| s.success())
+            .then(|| Immutable(under.to_path_buf()))
+    }
+
+    fn undo(&self) {
+        let _ = std::process::Command::new("chattr")
+            .args(["-R", "-i"])
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        self.undo();
+    }
+}
+
 #[test]
 fn undeletable_trash_entry_does_not_block_repairing_current() {
     let site = Site::new();
@@ -1525,27 +1555,11 @@ fn undeletable_trash_entry_does_not_block_repairing_current() {
     fs::create_dir_all(&stuck).unwrap();
     let file = stuck.join("pinned");
     fs::write(&file, b"x").unwrap();
-    let immutable = std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&file)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !immutable {
+    let Some(_undo) = Immutable::set(&file, &file) else {
         eprintln!("skipped: chattr +i is not possible here (needs root and a filesystem that supports it)");
         svc.stop();
         return;
-    }
-    // Undone whatever happens, so the temp dir can be removed.
-    struct Mutable(PathBuf);
-    impl Drop for Mutable {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("chattr")
-                .arg("-i")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _undo = Mutable(file.clone());
+    };
 
     fs::remove_file(site.current_path()).unwrap();
     wait_current(
@@ -2511,33 +2525,12 @@ fn a_pruning_finished_by_healing_after_a_failed_removal_is_logged_once() {
     // The release is read-only: its directory is opened up for the test's file only.
     make_writable(&site.release("v1"));
     fs::write(&file, b"x").unwrap();
-    let immutable = std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&file)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !immutable {
+    // Undone under the whole root: the file moves into the trash with its release.
+    let Some(undo) = Immutable::set(&file, &site.root) else {
         eprintln!("skipped: chattr +i is not possible here (needs root and a filesystem that supports it)");
         svc.stop();
         return;
-    }
-    // Undone whatever happens (wherever the file is by then), so the temp dir can go.
-    struct Mutable(PathBuf);
-    impl Mutable {
-        fn undo(&self) {
-            let _ = std::process::Command::new("chattr")
-                .args(["-R", "-i"])
-                .arg(&self.0)
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-    impl Drop for Mutable {
-        fn drop(&mut self) {
-            self.undo();
-        }
-    }
-    let undo = Mutable(site.root.clone());
+    };
     let trash = site.root.join(".release-keeper/trash");
     deploy_and_activate(&site, &svc, "v2");
     deploy_and_activate(&site, &svc, "v3");
