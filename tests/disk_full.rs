@@ -45,6 +45,20 @@ fn read_only_releases(site: &Site) -> Option<Mount> {
     Some(mount)
 }
 
+/// Serves the site, activates v1, makes `releases/` read-only and drops v2, which cannot
+/// be built; None (skipped) where bind mounts are not possible (not root).
+fn v2_deferred_by_read_only_releases(site: &Site) -> Option<(Service, Mount)> {
+    let mut svc = Service::start_root(&site.root);
+    deploy_and_activate(site, &svc, "v1");
+    let Some(mount) = read_only_releases(site) else {
+        eprintln!("skipped: cannot bind-mount here (needs root)");
+        svc.stop();
+        return None;
+    };
+    site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
+    Some((svc, mount))
+}
+
 fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<Mount> {
     let ok = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -134,15 +148,9 @@ fn upload_larger_than_free_space_is_deferred_then_finalized_when_space_returns()
 #[test]
 fn releases_dir_refusing_writes_defers_the_upload_until_fixed() {
     let site = Site::new();
-    let mut svc = Service::start_root(&site.root);
-    deploy_and_activate(&site, &svc, "v1");
-    let Some(mount) = read_only_releases(&site) else {
-        eprintln!("skipped: cannot bind-mount here (needs root)");
-        svc.stop();
+    let Some((mut svc, mount)) = v2_deferred_by_read_only_releases(&site) else {
         return;
     };
-
-    site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
     let ev = svc.wait_event("release.rejected", |v| v["retrying"] == true, WAIT);
     assert!(
         reason_of(&ev).contains("releases"),
@@ -296,15 +304,9 @@ fn a_write_lost_on_its_way_to_disk_fails_the_flush_and_defers_the_upload_until_f
 #[test]
 fn an_upload_kept_for_a_retry_is_superseded_by_the_next_marker() {
     let site = Site::new();
-    let mut svc = Service::start_root(&site.root);
-    deploy_and_activate(&site, &svc, "v1");
-    let Some(mount) = read_only_releases(&site) else {
-        eprintln!("skipped: cannot bind-mount here (needs root)");
-        svc.stop();
+    let Some((mut svc, mount)) = v2_deferred_by_read_only_releases(&site) else {
         return;
     };
-
-    site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
     svc.wait_event(
         "release.rejected",
         |v| release_of(v) == Some("v2") && v["retrying"] == true,

@@ -446,17 +446,22 @@ fn leftover_partials_and_temporary_links_are_removed_at_start() {
     svc.stop();
 }
 
-#[test]
-fn consumed_marker_of_an_interrupted_upload_is_redone() {
-    let site = Site::new();
-    // A long settle_time holds the upload after its marker was consumed and resolved.
-    let (cfg, svc) = start_site(&site, SITE, "settle_time = \"1h\"", "");
+/// Starts the service, deploys v1 and kills it (SIGKILL) once v1's marker is consumed and
+/// resolved but nothing is built (a long settle_time holds it); returns the config.
+fn killed_with_v1_claimed(site: &Site) -> PathBuf {
+    let (cfg, svc) = start_site(site, SITE, "settle_time = \"1h\"", "");
     site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
     svc.wait_release_event("upload.detected", "v1");
     site.wait_marker_consumed(WAIT);
     signal(&svc, Signal::SIGKILL);
     svc.wait_exit(WAIT);
-    drop(svc);
+    cfg
+}
+
+#[test]
+fn consumed_marker_of_an_interrupted_upload_is_redone() {
+    let site = Site::new();
+    let cfg = killed_with_v1_claimed(&site);
     assert!(site.current_target().is_none());
 
     site.write_config(SITE, "", "");
@@ -477,13 +482,7 @@ fn consumed_marker_of_an_interrupted_upload_is_redone() {
 #[test]
 fn interrupted_upload_replaced_while_down_is_superseded_not_redone_from_the_new_files() {
     let site = Site::new();
-    let (cfg, svc) = start_site(&site, SITE, "settle_time = \"1h\"", "");
-    site.deploy(&as_refs(&small_build("v1")), "id = \"v1\"\n");
-    svc.wait_release_event("upload.detected", "v1");
-    site.wait_marker_consumed(WAIT);
-    signal(&svc, Signal::SIGKILL);
-    svc.wait_exit(WAIT);
-    drop(svc);
+    let cfg = killed_with_v1_claimed(&site);
 
     site.deploy(&as_refs(&small_build("v2")), "id = \"v2\"\n");
     site.write_config(SITE, "", "");
