@@ -459,13 +459,27 @@ fn heal_pass(
         if tmp_in_use(&p) {
             continue;
         }
+        // A release moved aside for its pruning where `releases/` is a filesystem of its
+        // own (no rename reaches the trash): `.rk-tmp.<id>.<pid>.<n>`.
+        let pruned = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(fsops::TMP_PREFIX))
+            .and_then(trashed_id);
+        if let Some(id) = pruned {
+            record_cut_short_prune(site, journal, id, dry_run, &mut out, &mut repair)?;
+        }
         if !dry_run {
             changes::recorded(site, || fsops::trash_and_remove(&p, &site.trash()))?;
         }
         repair(
             format!("{} {}", verb("removed", "remove"), p.display()),
-            "leftover of an interrupted build",
-            partial_id(&p),
+            if pruned.is_some() {
+                "leftover of an interrupted pruning"
+            } else {
+                "leftover of an interrupted build"
+            },
+            partial_id(&p).or(pruned),
             &mut out,
         );
     }
@@ -947,6 +961,52 @@ fn recover_releases(
 const RESUMED_PRUNE_REASON: &str =
     "pruning interrupted before it was journaled (release already out of releases/); finished by healing";
 
+/// Journals and logs the pruning of `id` that a crash cut short between taking the
+/// release out of `releases/` and its journal record, when it is one: the journal still
+/// has it live, and `releases/<id>` is gone. Monitoring counts prunings by
+/// `release.pruned`, which the interrupted run never logged (it goes with the record).
+fn record_cut_short_prune(
+    site: &Site,
+    journal: &mut Journal,
+    id: &str,
+    dry_run: bool,
+    out: &mut Outcome,
+    repair: &mut impl FnMut(String, &str, Option<&str>, &mut Outcome),
+) -> Result<()> {
+    let live = journal.state().get(id).map(|r| (r.files, r.bytes));
+    let Some((files, bytes)) = live.filter(|_| fs::symlink_metadata(site.release(id)).is_err())
+    else {
+        return Ok(());
+    };
+    if !dry_run {
+        journal.append(Op::Pruned {
+            release: id.to_string(),
+        })?;
+        tracing::info!(
+            event = events::RELEASE_PRUNED,
+            site = site.name(),
+            release = id,
+            reason = RESUMED_PRUNE_REASON,
+            files,
+            bytes,
+            resumed = true,
+            "release pruned"
+        );
+        let _ = fs::remove_file(site.manifest_of(id));
+        crate::verify::forget(site, id);
+    }
+    repair(
+        format!(
+            "{} the pruning of release {id}",
+            if dry_run { "record" } else { "recorded" }
+        ),
+        "deletion interrupted before it was journaled",
+        Some(id),
+        out,
+    );
+    Ok(())
+}
+
 /// Finishes interrupted deletions: a trash entry of a release the journal still has live
 /// (crash between the rename out of `releases/` and the `pruned` record) is recorded as
 /// pruned and logged as `release.pruned` (`resumed = true`), then the trash is emptied. A
@@ -967,39 +1027,7 @@ fn heal_trash(
     for name in names {
         let path = site.trash().join(name);
         if let Some(id) = trashed_id(name) {
-            let live = journal.state().get(id).map(|r| (r.files, r.bytes));
-            if let Some((files, bytes)) =
-                live.filter(|_| fs::symlink_metadata(site.release(id)).is_err())
-            {
-                if !dry_run {
-                    journal.append(Op::Pruned {
-                        release: id.to_string(),
-                    })?;
-                    // Monitoring counts prunings by this event; the interrupted run never
-                    // logged it (it goes with the journal record, made only now).
-                    tracing::info!(
-                        event = events::RELEASE_PRUNED,
-                        site = site.name(),
-                        release = id,
-                        reason = RESUMED_PRUNE_REASON,
-                        files,
-                        bytes,
-                        resumed = true,
-                        "release pruned"
-                    );
-                    let _ = fs::remove_file(site.manifest_of(id));
-                    crate::verify::forget(site, id);
-                }
-                repair(
-                    format!(
-                        "{} the pruning of release {id}",
-                        if dry_run { "record" } else { "recorded" }
-                    ),
-                    "deletion interrupted before it was journaled",
-                    Some(id),
-                    out,
-                );
-            }
+            record_cut_short_prune(site, journal, id, dry_run, out, repair)?;
         }
         if !dry_run {
             if let Err(e) = changes::recorded(site, || fsops::remove_tree(&path)) {

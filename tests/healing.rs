@@ -2469,6 +2469,32 @@ fn healing_off_a_failed_release_that_stayed_current_is_a_recorded_switch() {
 /// only `heal.repaired` was logged.
 #[test]
 fn a_pruning_interrupted_before_its_record_is_logged_once_when_healing_finishes_it() {
+    // What `retention::prune` leaves when killed between its rename and the journal: v1
+    // under `.release-keeper/trash/<id>.<pid>.<n>`, still live in the journal.
+    pruning_cut_short_is_logged_once(|site| {
+        let trash = site.root.join(".release-keeper/trash");
+        fs::create_dir_all(&trash).unwrap();
+        fs::rename(site.release("v1"), trash.join("v1.4242.0")).unwrap();
+        trash
+    });
+}
+
+/// Where `releases/` is a filesystem of its own, a pruned release is moved aside beside
+/// the others (`releases/.rk-tmp.<id>.<pid>.<n>`), not into the trash: cut short there,
+/// it was removed as an interrupted build, never journaled nor logged as pruned.
+#[test]
+fn a_pruning_cut_short_beside_the_releases_is_logged_once_when_healing_finishes_it() {
+    pruning_cut_short_is_logged_once(|site| {
+        let aside = site.releases_dir().join(".rk-tmp.v1.99999999.0");
+        fs::rename(site.release("v1"), &aside).unwrap();
+        aside
+    });
+}
+
+/// Deploys v1 to v3, stops, lets `cut_short` move v1 where a killed pruning leaves it (it
+/// returns what must be gone once healed), restarts, and checks one `release.pruned` for
+/// v1 (`resumed`), one journal record, and nothing more from a later `heal`.
+fn pruning_cut_short_is_logged_once(cut_short: impl Fn(&Site) -> PathBuf) {
     let site = Site::new();
     let (cfg, mut svc) = start_site(&site, SITE, "keep = 5\nheal_interval = \"1h\"", "");
     for id in ["v1", "v2", "v3"] {
@@ -2476,11 +2502,7 @@ fn a_pruning_interrupted_before_its_record_is_logged_once_when_healing_finishes_
     }
     let made = svc.wait_release_event("release.finalized", "v1");
     svc.stop();
-    // What `retention::prune` leaves when killed between its rename and the journal: v1
-    // under `.release-keeper/trash/<id>.<pid>.<n>`, still live in the journal.
-    let trash = site.root.join(".release-keeper/trash");
-    fs::create_dir_all(&trash).unwrap();
-    fs::rename(site.release("v1"), trash.join("v1.4242.0")).unwrap();
+    let left = cut_short(&site);
 
     let mut svc = Service::start_config(&cfg);
     let ev = svc.wait_release_event("release.pruned", "v1");
@@ -2488,10 +2510,14 @@ fn a_pruning_interrupted_before_its_record_is_logged_once_when_healing_finishes_
     assert_eq!(ev["files"], made["files"], "{ev}");
     assert_eq!(ev["bytes"], made["bytes"], "{ev}");
     assert!(ev["reason"].as_str().is_some_and(|r| !r.is_empty()), "{ev}");
+    let gone = |p: &Path| match fs::read_dir(p) {
+        Ok(mut d) => p.ends_with("trash") && d.next().is_none(),
+        Err(_) => true,
+    };
     wait_until(
         WAIT,
-        || fs::read_dir(&trash).is_ok_and(|mut d| d.next().is_none()),
-        || "the trash to be emptied".into(),
+        || gone(&left),
+        || format!("{} to be removed or emptied", left.display()),
     );
     // Later passes (here `heal` beside the service) find nothing more to log.
     let out = cli_when_idle(&cfg, &["heal", SITE, "--log-format", "json"]);
@@ -2508,6 +2534,7 @@ fn a_pruning_interrupted_before_its_record_is_logged_once_when_healing_finishes_
         .filter(|r| r["op"] == "pruned" && r["release"] == "v1")
         .count();
     assert_eq!(pruned, 1, "{:?}", site.journal_records());
+    assert_eq!(site.release_ids(), ["v2", "v3"]);
     svc.stop();
 }
 
