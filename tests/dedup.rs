@@ -380,3 +380,45 @@ fn a_change_log_that_cannot_be_written_is_reported() {
     );
     svc.stop();
 }
+
+/// A file of the previous release edited by hand (same size, mtime set back) right before
+/// the next build starts: its ctime lies in the slack the build's own span allows before
+/// it, which counted as the build's own change, so the edited file was shared into the new
+/// release unread and went live not matching its manifest. Only inodes the build itself
+/// linked are its own changes.
+#[test]
+fn a_file_edited_just_before_a_build_is_not_shared_into_it() {
+    let site = Site::new();
+    let cfg = site.write_config("web", "", "");
+    let files: Vec<(&str, &[u8])> = vec![
+        ("d/f.txt", b"good content\n"),
+        ("index.html", b"<p>1</p>\n"),
+    ];
+    site.stage_upload(&files);
+    finalize_expecting(&cfg, "web", "v1", &[], 0);
+    // Out of the slack of v1's own span, so only the edit can move the ctime.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for round in 2..=6 {
+        let prev = site.release(&format!("v{}", round - 1)).join("d/f.txt");
+        let mtime = fs::metadata(&prev).unwrap().modified().unwrap();
+        let perm = fs::metadata(&prev).unwrap().permissions();
+        make_writable(&prev);
+        let mut w = fs::metadata(&prev).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut w, 0o644);
+        fs::set_permissions(&prev, w).unwrap();
+        fs::write(&prev, b"EVIL content\n").unwrap();
+        let f = fs::File::options().write(true).open(&prev).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        fs::set_permissions(&prev, perm).unwrap();
+        // At once: the build's span starts within milliseconds of the edit.
+        let id = format!("v{round}");
+        finalize_expecting(&cfg, "web", &id, &[], 0);
+        assert_eq!(
+            fs::read(site.release(&id).join("d/f.txt")).unwrap(),
+            b"good content\n",
+            "round {round}: the edited file of the previous release was shared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

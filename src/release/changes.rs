@@ -17,10 +17,12 @@
 //! at all (the first build after an upgrade, or the file deleted by hand) the ctime is not
 //! consulted for that build, as before the log existed, and the build starts it.
 
+use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::stat::FileStat;
@@ -44,8 +46,13 @@ const END_SLACK: Duration = Duration::from_millis(1);
 pub struct Changes {
     /// Sorted `(start, end)` nanoseconds since the epoch; `None` without a log.
     spans: Option<Vec<(i128, i128)>>,
-    /// The start of an operation still running (its changes are its own).
+    /// The start of an operation still running.
     open_since: Option<i128>,
+    /// The inodes (device, inode) the running operation has linked: in its span, only
+    /// their ctimes are its own. Any ctime since it started once counted as its own, so a
+    /// file edited by hand while a build ran (or in the slack just before it) was shared
+    /// into the new release unread, and went live unverified.
+    own: Arc<Mutex<HashSet<(u64, u64)>>>,
 }
 
 fn nanos(t: SystemTime) -> i128 {
@@ -86,14 +93,23 @@ impl Changes {
             .map(|bytes| parse_spans(&bytes));
         Changes {
             spans,
-            open_since: None,
+            ..Changes::default()
         }
     }
 
     /// The same, also explaining what an operation running since `since` changes.
     pub fn with_open(mut self, since: SystemTime) -> Changes {
         self.open_since = Some(nanos(since) - SLACK.as_nanos() as i128);
+        self.own = Arc::default();
         self
+    }
+
+    /// Records that the running operation linked a new name to the inode of `st` (which
+    /// moves its ctime into the operation's span).
+    pub fn linked(&self, st: &FileStat) {
+        if let Ok(mut own) = self.own.lock() {
+            own.insert((st.st_dev, st.st_ino));
+        }
     }
 
     /// Whether the keeper may have made the last change to the inode of `st`.
@@ -102,11 +118,15 @@ impl Changes {
             return true;
         };
         let ctime = st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128;
-        if self.open_since.is_some_and(|s| ctime >= s) {
+        let i = spans.partition_point(|&(start, _)| start <= ctime);
+        if i > 0 && spans.get(i - 1).is_some_and(|&(_, end)| ctime <= end) {
             return true;
         }
-        let i = spans.partition_point(|&(start, _)| start <= ctime);
-        i > 0 && spans.get(i - 1).is_some_and(|&(_, end)| ctime <= end)
+        self.open_since.is_some_and(|s| ctime >= s)
+            && self
+                .own
+                .lock()
+                .is_ok_and(|own| own.contains(&(st.st_dev, st.st_ino)))
     }
 }
 
@@ -195,7 +215,7 @@ mod tests {
     fn changes(spans: &[(i128, i128)]) -> Changes {
         Changes {
             spans: Some(spans.to_vec()),
-            open_since: None,
+            ..Changes::default()
         }
     }
 
@@ -215,8 +235,21 @@ mod tests {
     fn no_log_explains_everything_and_an_open_operation_its_own_changes() {
         assert!(Changes::default().explains(&stat_at(12_345)));
         let c = changes(&[(100, 200)]).with_open(UNIX_EPOCH + Duration::from_secs(10));
-        assert!(c.explains(&stat_at(10_000_000_000)));
+        let mut linked = stat_at(10_000_000_000);
+        linked.st_ino = 7;
+        // Since the operation started, only the inodes it linked are its own changes: an
+        // edit made meanwhile (or just before, in the slack) is someone else's.
+        assert!(!c.explains(&linked));
+        assert!(!c.explains(&stat_at(9_990_000_000)));
+        c.linked(&linked);
+        assert!(c.explains(&linked));
+        let mut other = linked;
+        other.st_ino = 8;
+        assert!(!c.explains(&other));
         assert!(!c.explains(&stat_at(5_000_000_000)));
+        // A later operation starts with none of its own.
+        let next = changes(&[(100, 200)]).with_open(UNIX_EPOCH + Duration::from_secs(10));
+        assert!(!next.explains(&linked));
     }
 
     #[test]

@@ -1271,7 +1271,7 @@ fn link_into(
             && recorded.is_none_or(|r| r == mtime)
             && (st.st_dev, st.st_ino) != (upload.st_dev, upload.st_ino)
             && input.changes.explains(&st))
-        .then_some(mtime)
+        .then_some((mtime, st))
     };
     let linked = match (same_path, ctx.prev()) {
         (Some(p), Some(prev)) if p.what == *want => {
@@ -1283,7 +1283,8 @@ fn link_into(
                 .filter(|_| linkat(nix::fcntl::AT_FDCWD, &from, dst, new_name, no_follow).is_ok())
         }),
     };
-    let mtime = linked?;
+    let (mtime, st) = linked?;
+    input.changes.linked(&st);
     if replace && renameat(dst, new_name, dst, name).is_err() {
         let _ = nix::unistd::unlinkat(dst, new_name, nix::unistd::UnlinkatFlags::NoRemoveDir);
         return None;
