@@ -176,7 +176,7 @@ pub fn activate(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> 
 fn activate_once(site: &Site, journal: &mut Journal, id: &str, opts: Options) -> Result<bool> {
     let state = journal.state();
     let info = state.get(id).ok_or_else(|| site.no_release(id))?;
-    if !site.release(id).is_dir() {
+    if !site.release_exists(id) {
         return Err(Error::Failed(format!(
             "release {id} is missing from {}",
             site.releases().display()
@@ -238,7 +238,7 @@ enum Switch {
 /// release made live with `ln -sfn`), the switch still runs its hooks and checks and is
 /// recorded, leaving the release the keeper last made current; only the swap is a no-op.
 fn switch_to(site: &Site, state: &State, link: Option<String>, id: &str) -> Switch {
-    let exists = |r: &str| site.release(r).is_dir();
+    let exists = |r: &str| site.release_exists(r);
     let Some(link) = link else {
         // `current` deleted or dangling names no release: the one being left is where
         // healing would have put it, which an automatic rollback also goes back to. The
@@ -397,9 +397,9 @@ fn rollback_target(
     }
     let state = journal.state();
     previous
-        .filter(|p| state.is_good(p) && site.release(p).is_dir())
+        .filter(|p| state.is_good(p) && site.release_exists(p))
         .map(str::to_string)
-        .or_else(|| state.previous_good(Some(id), |r| site.release(r).is_dir()))
+        .or_else(|| state.previous_good(Some(id), |r| site.release_exists(r)))
 }
 
 /// Switches `current` from the failed release `id` back to `to` and records it.
@@ -554,7 +554,7 @@ fn rollback_once(
 ) -> Result<Rollback> {
     let state = journal.state();
     let link = site.current_id();
-    let exists = |r: &str| site.release(r).is_dir();
+    let exists = |r: &str| site.release_exists(r);
     let (current, previous) = state.current_and_previous(link.clone(), exists);
     let mut skipped = None;
     let target = match to {
@@ -600,7 +600,7 @@ fn rollback_once(
             site.name()
         )));
     }
-    if !site.release(&target).is_dir() {
+    if !site.release_exists(&target) {
         return Err(Error::Failed(format!(
             "release {target} is missing on disk"
         )));
@@ -665,7 +665,7 @@ fn rollback_verdict(
     };
     let state = journal.state();
     let back_to = from
-        .filter(|c| site.cfg.auto_rollback && state.is_good(c) && site.release(c).is_dir())
+        .filter(|c| site.cfg.auto_rollback && state.is_good(c) && site.release_exists(c))
         .map(str::to_string);
     if back_to.is_none() {
         // `current` stays on the target: its switch is recorded as done, so that the

@@ -207,10 +207,10 @@ fn state_word(
 pub fn list_doc(site: &Site, journal: &Journal) -> Value {
     let state = journal.state();
     let current = site.current_id();
-    let (_, previous) = state.current_and_previous(current.clone(), |r| site.release(r).is_dir());
+    let (_, previous) = state.current_and_previous(current.clone(), |r| site.release_exists(r));
     let releases: Vec<Value> = state
         .live_newest_first()
-        .filter(|r| site.release(&r.id).is_dir())
+        .filter(|r| site.release_exists(&r.id))
         .map(|r| {
             let mut v = json!({
                 "id": r.id,
@@ -365,7 +365,7 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         let on_disk = || {
             state
                 .live_newest_first()
-                .filter(|r| site.release(&r.id).is_dir())
+                .filter(|r| site.release_exists(&r.id))
         };
         doc["pinned"] = json!(on_disk()
             .filter(|r| r.pinned)
@@ -573,7 +573,7 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
         journal
             .state()
             .live_newest_first()
-            .filter(|r| site.release(&r.id).is_dir())
+            .filter(|r| site.release_exists(&r.id))
             .map(|r| r.id.clone())
             .collect()
     } else {
@@ -755,11 +755,7 @@ pub fn pin(cfg: &Config, name: &str, id: &str, pinned: bool, wait: &Option<Strin
     let site = site(cfg, name)?;
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
-    let Some(info) = journal
-        .state()
-        .get(id)
-        .filter(|_| site.release(id).is_dir())
-    else {
+    let Some(info) = journal.state().get(id).filter(|_| site.release_exists(id)) else {
         return Err(site.no_release(id));
     };
     if info.pinned == pinned {

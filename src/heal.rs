@@ -820,7 +820,7 @@ fn release_for_current(
     why: &str,
     out: &mut Outcome,
 ) -> Option<(String, Option<String>)> {
-    let exists = |id: &str| site.release(id).is_dir();
+    let exists = |id: &str| site.release_exists(id);
     let any = state.last_good_activated(exists)?;
     let clean = |id: &str| exists(id) && crate::verify::drifted(site, id).is_none();
     match state.last_good_activated(clean) {
@@ -1086,7 +1086,7 @@ fn heal_current(
                 Some(id) if through_link(&id) => {
                     Some("current points outside releases/ (through a symlink there)")
                 }
-                Some(id) if !site.release(&id).is_dir() => Some("current is dangling"),
+                Some(id) if !site.release_exists(&id) => Some("current is dangling"),
                 // Byte for byte: `Path` equality ignores a trailing slash and doubled
                 // slashes, and `releases/v1/` would pass for canonical.
                 Some(id) if target.as_os_str() != Site::current_target_for(&id).as_os_str() => {
@@ -1127,7 +1127,7 @@ fn heal_current(
                 if let Some((id, reason)) = failed {
                     // What the operator can do: roll back while a good release exists; the
                     // first release failing its checks has none (nothing was live before).
-                    let exists = |r: &str| site.release(r).is_dir();
+                    let exists = |r: &str| site.release_exists(r);
                     let next = match journal.state().previous_good(Some(&id), exists) {
                         Some(good) => format!(
                             "`release-keeper rollback {}` goes back to the last good one ({good})",
@@ -1172,7 +1172,7 @@ fn heal_current(
         let failed_one = state
             .releases
             .iter()
-            .any(|r| r.failed.is_some() && site.release(&r.id).is_dir());
+            .any(|r| r.failed.is_some() && site.release_exists(&r.id));
         if meta.is_some() || !state.history.is_empty() || failed_one {
             out.report(
                 format!(

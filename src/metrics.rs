@@ -214,11 +214,11 @@ fn release_counts(site: &Site, state: &State, current: Option<&str>) -> [u64; 5]
     // Not `previous_good(current)`: with the link deleted by hand that counted the
     // release it had named as `previous`, where `list` and `rollback` skip it.
     let (_, previous) =
-        state.current_and_previous(current.map(str::to_string), |r| site.release(r).is_dir());
+        state.current_and_previous(current.map(str::to_string), |r| site.release_exists(r));
     let mut counts = [0u64; 5];
     for r in state
         .live_newest_first()
-        .filter(|r| site.release(&r.id).is_dir())
+        .filter(|r| site.release_exists(&r.id))
     {
         // The same precedence as `list --json`.
         let i = if Some(r.id.as_str()) == current {

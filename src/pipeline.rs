@@ -883,7 +883,7 @@ fn link_source(site: &Site, journal: &Journal) -> Option<LinkSource> {
             tracing::debug!(site = site.name(), release = %id, "not a source of hard links: it has drifted");
             continue;
         }
-        if store::has_manifest(site, &id) && site.release(&id).is_dir() {
+        if store::has_manifest(site, &id) && site.release_exists(&id) {
             return Some(LinkSource::new(site.release(&id), site.manifest_of(&id)));
         }
     }

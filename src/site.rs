@@ -244,6 +244,13 @@ impl Site {
         ]
     }
 
+    /// Whether `releases/<id>` is a release on disk: a real directory. A symlink there (`ln
+    /// -s /elsewhere releases/v1`) is none: switching `current` to it, or healing to it,
+    /// would serve what it points at, outside the site.
+    pub fn release_exists(&self, id: &str) -> bool {
+        fsops::is_real_dir(&self.release(id))
+    }
+
     /// The relative target `current` should have for release `id`.
     pub fn current_target_for(id: &str) -> PathBuf {
         Path::new("releases").join(id)
@@ -253,7 +260,7 @@ impl Site {
     pub fn current_id(&self) -> Option<String> {
         let target = std::fs::read_link(self.current()).ok()?;
         let id = release_id_of_target(&target, self.root())?;
-        self.release(&id).is_dir().then_some(id)
+        self.release_exists(&id).then_some(id)
     }
 }
 

@@ -2597,3 +2597,41 @@ fn a_pruning_finished_by_healing_after_a_failed_removal_is_logged_once() {
     assert_eq!(svc.events_for("release.pruned", "v1").len(), 1);
     svc.stop();
 }
+
+/// The live release replaced by a symlink to a directory outside the root: what it names
+/// is no release. Healing pointed `current` back at the same name, so the site went on
+/// serving the outside directory, and each swap's inotify event started the next pass: a
+/// busy loop of `heal.repaired`. `current` goes to the last good release that is a real
+/// directory, once.
+#[test]
+fn a_release_replaced_by_a_symlink_out_of_the_root_is_no_release_to_heal_to() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_site(&site, SITE, "heal_interval = \"1h\"", "");
+    deploy_and_activate(&site, &svc, "v1");
+    deploy_and_activate(&site, &svc, "v2");
+    let elsewhere = site.tmp_path("elsewhere");
+    write_tree(&elsewhere, &[("index.html", b"not the site's" as &[u8])]);
+    make_writable(&site.release("v2"));
+    fs::remove_dir_all(site.release("v2")).unwrap();
+    symlink(&elsewhere, site.release("v2")).unwrap();
+    wait_until(
+        WAIT,
+        || site.current_id().as_deref() == Some("v1"),
+        || format!("current to go to v1; log:\n{}", svc.log_text()),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let settled = svc.events("heal.repaired").len();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(
+        svc.events("heal.repaired").len(),
+        settled,
+        "healing keeps repairing:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"));
+    assert_eq!(
+        fs::canonicalize(site.current_path()).unwrap(),
+        fs::canonicalize(site.release("v1")).unwrap()
+    );
+    svc.stop();
+}

@@ -83,7 +83,7 @@ pub fn plan(
 pub fn plan_site(site: &Site, journal: &Journal) -> Result<Vec<Doomed>> {
     let state = journal.state();
     let (current, previous) =
-        state.current_and_previous(site.current_id(), |r| site.release(r).is_dir());
+        state.current_and_previous(site.current_id(), |r| site.release_exists(r));
     let on_disk = store::release_dirs_on_disk(site)?;
     Ok(plan(
         state,
