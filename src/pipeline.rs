@@ -389,7 +389,7 @@ fn reject_then_drop(
     reason: &str,
 ) -> Result<Outcome> {
     let outcome = reject(site, journal, id, reason)?;
-    marker::remove(claim)?;
+    marker::remove(site, claim)?;
     Ok(outcome)
 }
 
@@ -523,7 +523,7 @@ fn process(
             reject_then_drop(site, &mut journal, &path, Some(&claim.id), &e.to_string())
         }
         Ok(o) => {
-            marker::remove(&path)?;
+            marker::remove(site, &path)?;
             Ok(o)
         }
     };

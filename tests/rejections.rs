@@ -888,3 +888,39 @@ fn a_rejected_upload_seeds_no_shared_entry() {
     );
     assert_eq!(site.current_id().as_deref(), Some("v1"));
 }
+
+/// A directory moved in under the marker's name is no marker, and is rejected; what it
+/// holds is someone's, so it is moved aside into `.release-keeper/displaced/`, not deleted.
+#[test]
+fn a_directory_dropped_as_the_marker_is_rejected_and_kept_aside() {
+    let site = Site::new();
+    let (_cfg, mut svc) = start_with_v1(&site, "");
+    let dir = site.tmp_path("marker-dir");
+    write_tree(&dir, &[("keep", b"important\n" as &[u8])]);
+    fs::rename(&dir, site.marker_path()).unwrap();
+    let ev = svc.wait_event(
+        "release.rejected",
+        |v| reason_of(v).contains("directory"),
+        WAIT,
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v1"), "{ev}");
+    let displaced = site.root.join(".release-keeper/displaced");
+    wait_until(
+        WAIT,
+        || {
+            fs::read_dir(&displaced).is_ok_and(|d| {
+                d.filter_map(Result::ok)
+                    .any(|e| fs::read(e.path().join("keep")).is_ok_and(|b| b == b"important\n"))
+            })
+        },
+        || {
+            format!(
+                "the directory's file kept under {}; log:\n{}",
+                displaced.display(),
+                svc.log_text()
+            )
+        },
+    );
+    assert!(!site.marker_path().exists());
+    svc.stop();
+}

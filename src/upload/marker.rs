@@ -498,7 +498,7 @@ pub fn read_raw(path: &Path, shown: &str) -> Result<MarkerSpec> {
 pub fn resolve(raw: &Path, claim: &Claim) -> Result<PathBuf> {
     let path = raw.with_extension(CLAIM_EXT);
     save(&path, claim)?;
-    remove(raw)?;
+    delete(raw)?;
     Ok(path)
 }
 
@@ -510,8 +510,32 @@ pub fn save(path: &Path, claim: &Claim) -> Result<()> {
 }
 
 /// Removes a claim (or raw marker) once its upload is done with; a directory an uploader
-/// dropped as the marker is removed too.
-pub fn remove(path: &Path) -> Result<()> {
+/// dropped as the marker is moved aside.
+pub fn remove(site: &Site, path: &Path) -> Result<()> {
+    // A directory dropped under the marker's name (`mv build/.release-ready ...` of the
+    // wrong thing) is rejected as no marker, but what it holds is someone's: moved aside
+    // into `.release-keeper/displaced/`, never deleted with its contents.
+    if fsops::is_real_dir(path) {
+        fsops::ensure_dir(&site.displaced(), 0o750)?;
+        let mut name = std::ffi::OsString::from(&site.cfg.marker);
+        name.push(".");
+        name.push(path.file_stem().unwrap_or_default());
+        let aside = site.displaced().join(name);
+        fsops::rename_noreplace(path, &aside)?;
+        tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
+            path = %aside.display(), reason = "the marker was a directory; kept here",
+            "marker directory moved aside");
+        fsops::fsync_dir(&site.displaced())?;
+        if let Some(dir) = path.parent() {
+            fsops::fsync_dir(dir)?;
+        }
+        return Ok(());
+    }
+    delete(path)
+}
+
+/// Deletes a claim file, durably.
+fn delete(path: &Path) -> Result<()> {
     fsops::remove_tree(path)?;
     if let Some(dir) = path.parent() {
         fsops::fsync_dir(dir)?;
