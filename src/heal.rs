@@ -94,6 +94,19 @@ impl Outcome {
 #[derive(Debug, Default)]
 pub struct Reported(BTreeSet<Report>);
 
+/// True when `name` has the whole form of the keeper's temporary names,
+/// `.rk-tmp.<name>.<pid>.<n>`: anything else starting `.rk-tmp.` (a person's
+/// `.rk-tmp.notes`) is not the keeper's to remove.
+fn is_tmp_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(fsops::TMP_PREFIX) else {
+        return false;
+    };
+    let mut parts = rest.rsplitn(3, '.');
+    let n = parts.next().is_some_and(|n| n.parse::<u64>().is_ok());
+    let pid = parts.next().is_some_and(|p| p.parse::<u32>().is_ok());
+    n && pid && parts.next().is_some_and(|stem| !stem.is_empty())
+}
+
 /// True when a temporary name `.rk-tmp.<name>.<pid>.<n>` belongs to a live process other
 /// than this one (it may be in use right now).
 fn tmp_in_use(p: &Path) -> bool {
@@ -456,7 +469,9 @@ fn heal_pass(
         &releases_listing,
         &[fsops::PARTIAL_PREFIX, fsops::TMP_PREFIX],
     ) {
-        if tmp_in_use(&p) {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let foreign = name.starts_with(fsops::TMP_PREFIX) && !is_tmp_name(name);
+        if foreign || tmp_in_use(&p) {
             continue;
         }
         // A release moved aside for its pruning where `releases/` is a filesystem of its
@@ -497,7 +512,14 @@ fn heal_pass(
         (shared_dir.as_path(), &shared_listing),
     ] {
         for p in leftovers(dir, listing, &[fsops::TMP_PREFIX]) {
-            if tmp_in_use(&p) {
+            // Outside `releases/` the keeper's temporary names are files and symlinks: a
+            // directory there is someone's, whatever its name.
+            let ours = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(is_tmp_name)
+                && !fsops::is_real_dir(&p);
+            if !ours || tmp_in_use(&p) {
                 continue;
             }
             if !dry_run {

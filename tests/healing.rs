@@ -2635,3 +2635,46 @@ fn a_release_replaced_by_a_symlink_out_of_the_root_is_no_release_to_heal_to() {
     );
     svc.stop();
 }
+
+/// Only the whole form of the keeper's temporary names (`.rk-tmp.<name>.<pid>.<n>`, a
+/// file or symlink outside `releases/`) is a leftover of the keeper's: a person's
+/// `.rk-tmp.notes` or `.rk-tmp.dir/` in the root was removed as one, data and all.
+#[test]
+fn entries_merely_named_like_temporary_ones_are_left_alone() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    finalize_expecting(&cfg, SITE, "v1", &[], 0);
+    write_tree(
+        &site.root,
+        &[
+            (".rk-tmp.dir/data", b"keep\n" as &[u8]),
+            (".rk-tmp.notes", b"notes\n"),
+            (".rk-tmp.x.99999999.0/data", b"a directory\n"),
+        ],
+    );
+    write_tree(
+        &site.releases_dir(),
+        &[(".rk-tmp.mine", b"mine\n" as &[u8])],
+    );
+    symlink("releases/v1", site.root.join(".rk-tmp.current.99999999.0")).unwrap();
+    let out = cli(&cfg, &["heal", SITE, "--log-format", "json"]);
+    assert_ok(&out, "heal");
+    for kept in [
+        ".rk-tmp.dir/data",
+        ".rk-tmp.notes",
+        ".rk-tmp.x.99999999.0/data",
+        "releases/.rk-tmp.mine",
+    ] {
+        assert!(
+            site.root.join(kept).exists(),
+            "{kept} removed: {}",
+            show(&out)
+        );
+    }
+    assert!(
+        fs::symlink_metadata(site.root.join(".rk-tmp.current.99999999.0")).is_err(),
+        "the keeper's own leftover stays: {}",
+        show(&out)
+    );
+}
