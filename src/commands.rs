@@ -89,7 +89,7 @@ pub fn op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
 /// when it stays taken.
 fn take_op_lock(site: &Site, wait: &Option<String>) -> Result<Lock> {
     let limit = wait_limit(wait)?;
-    fsops::lock(&site.op_lock(), limit)?.ok_or_else(|| Error::Busy {
+    fsops::op_lock(&site.op_lock(), limit)?.ok_or_else(|| Error::Busy {
         site: site.name().to_string(),
         lock: site.op_lock(),
         waited: wait.clone(),

@@ -51,7 +51,9 @@
 //! 9. the claim is removed.
 //!
 //! Locks are `flock(2)` on files under `.release-keeper/` (via std's `File::lock`): the
-//! kernel drops them when the holder dies, so there are no stale lock files to clean.
+//! kernel drops them when the holder dies, so there are no stale lock files to clean. The
+//! operation lock is also taken on `.release-keeper/` itself, first (see [`op_lock`]): a
+//! lock file deleted by hand while held would let a second holder in on a new file.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -691,6 +693,9 @@ impl Listings {
 pub struct Lock {
     _file: File,
     path: PathBuf,
+    /// The lock file's directory, locked first, for the operation lock (see [`op_lock`]);
+    /// released after the file (fields drop in order).
+    _dir: Option<File>,
 }
 
 impl Lock {
@@ -743,7 +748,103 @@ pub fn lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {
     Ok(flock_within(&file, path, wait)?.then(|| Lock {
         _file: file,
         path: path.to_path_buf(),
+        _dir: None,
     }))
+}
+
+/// Takes a site's operation lock, the lock file at `path` (created if missing): an
+/// exclusive `flock` on its directory (`.release-keeper/`), then on the file. `None` waits
+/// forever, `Some(d)` waits up to `d` in all (zero: do not wait); `Ok(None)` when still busy.
+///
+/// The directory's lock is what keeps two operations apart: a lock file deleted while held
+/// (by hand, by a cleanup script) keeps its `flock` on an inode nobody else can open, and
+/// the next operation would lock a new file at the path and run alongside. A directory
+/// holding the journal is not deleted in passing. The file's lock is kept for whoever
+/// locks `.release-keeper/lock` from outside (a script holding the site still, an older
+/// release-keeper). Each is taken on what its path names once locked (see [`lock_named`]).
+pub fn op_lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {
+    let deadline = wait.map(|w| Instant::now() + w);
+    let dir = lock_dir_of(path);
+    let mut dir_lock = Lockable::open(dir, true)?;
+    if !lock_named(&mut dir_lock, dir, true, deadline)? {
+        return Ok(None);
+    }
+    let mut file_lock = Lockable::open(path, false)?;
+    if !lock_named(&mut file_lock, path, false, deadline)? {
+        // The directory's lock goes with its file, closed here.
+        return Ok(None);
+    }
+    Ok(Some(Lock {
+        _file: file_lock.file,
+        path: path.to_path_buf(),
+        _dir: Some(dir_lock.file),
+    }))
+}
+
+/// The directory of the lock file `path`, locked with it by [`op_lock`].
+fn lock_dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// A lock file, or a lock file's directory, open to be locked, with the device and inode
+/// it had when opened (an open file keeps them).
+#[derive(Debug)]
+struct Lockable {
+    file: File,
+    id: (u64, u64),
+}
+
+impl Lockable {
+    /// Opens the directory (`dir`) or the lock file (created if missing) at `path`.
+    fn open(path: &Path, dir: bool) -> Result<Lockable> {
+        use std::os::unix::fs::MetadataExt;
+        let file = if dir {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(path)
+                .at(path)?
+        } else {
+            open_lock_file(path)?
+        };
+        let meta = file.metadata().at(path)?;
+        Ok(Lockable {
+            file,
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// True when `path` names this file (a deleted or replaced one does not).
+    fn named_by(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+    }
+}
+
+/// Takes the exclusive `flock` on `held` until `deadline` (`None`: no limit), and keeps
+/// it only if `path` still names it once locked: otherwise (deleted or replaced meanwhile)
+/// `held` is reopened at `path` and locked in turn. A lock on a file the path no longer
+/// names locks nobody out. False when still busy at the deadline.
+fn lock_named(
+    held: &mut Lockable,
+    path: &Path,
+    dir: bool,
+    deadline: Option<Instant>,
+) -> Result<bool> {
+    loop {
+        let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if !flock_within(&held.file, path, wait)? {
+            return Ok(false);
+        }
+        if held.named_by(path) {
+            return Ok(true);
+        }
+        held.file.unlock().at(path)?;
+        *held = Lockable::open(path, dir)?;
+    }
 }
 
 fn open_lock_file(path: &Path) -> Result<File> {
@@ -780,13 +881,13 @@ fn flock_within(file: &File, path: &Path, wait: Option<Duration>) -> Result<bool
     }
 }
 
-/// A lock file kept open between uses, so that taking the lock is one `flock` instead of
-/// an open, a `flock` and a close (the service takes its operation lock for every job).
-/// The holder must make sure the path still names the file (`Listings` of its directory
-/// tell): a replaced lock file would lock nobody out.
+/// An operation lock (see [`op_lock`]) kept open between uses, so that taking the lock
+/// is two `flock`s and two `stat`s (that the paths still name what is locked) instead of
+/// opens, `flock`s and closes (the service takes its operation lock for every job).
 #[derive(Debug)]
 pub struct LockFile {
-    file: File,
+    dir: Lockable,
+    file: Lockable,
     path: PathBuf,
     /// The site whose lock this is: a failure to unlock is logged from `Drop`, where no
     /// caller can add it.
@@ -799,27 +900,54 @@ pub struct Held<'a>(&'a LockFile);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        // Closing would release it too; unlocking keeps the file open for the next use.
-        if let Err(e) = self.0.file.unlock() {
-            tracing::warn!(event = crate::events::SITE_ERROR, site = %self.0.site,
-                path = %self.0.path.display(), reason = %e, "cannot unlock");
-        }
+        // Closing would release them too; unlocking keeps them open for the next use. The
+        // file first: the directory's lock is the one that keeps operations apart.
+        self.0.unlock_file();
+        self.0.unlock_dir();
     }
 }
 
 impl LockFile {
-    /// Opens (creating) the lock file at `path` of site `site`, without locking it.
+    /// Opens (creating) the operation lock file at `path` of site `site`, and its
+    /// directory, without locking them.
     pub fn open(path: &Path, site: &str) -> Result<LockFile> {
         Ok(LockFile {
-            file: open_lock_file(path)?,
+            dir: Lockable::open(lock_dir_of(path), true)?,
+            file: Lockable::open(path, false)?,
             path: path.to_path_buf(),
             site: site.to_string(),
         })
     }
 
-    /// Takes the lock, waiting up to `wait`; `Ok(None)` when it is still busy.
-    pub fn acquire(&self, wait: Duration) -> Result<Option<Held<'_>>> {
-        Ok(flock_within(&self.file, &self.path, Some(wait))?.then_some(Held(self)))
+    /// Takes the lock, waiting up to `wait`; `Ok(None)` when it is still busy. A directory
+    /// or file the path no longer names is opened again first (see [`lock_named`]).
+    pub fn acquire(&mut self, wait: Duration) -> Result<Option<Held<'_>>> {
+        let deadline = Some(Instant::now() + wait);
+        if !lock_named(&mut self.dir, lock_dir_of(&self.path), true, deadline)? {
+            return Ok(None);
+        }
+        match lock_named(&mut self.file, &self.path, false, deadline) {
+            Ok(true) => Ok(Some(Held(self))),
+            other => {
+                self.unlock_dir();
+                other.map(|_| None)
+            }
+        }
+    }
+
+    fn unlock_file(&self) {
+        self.unlock(&self.file.file, &self.path);
+    }
+
+    fn unlock_dir(&self) {
+        self.unlock(&self.dir.file, lock_dir_of(&self.path));
+    }
+
+    fn unlock(&self, file: &File, path: &Path) {
+        if let Err(e) = file.unlock() {
+            tracing::warn!(event = crate::events::SITE_ERROR, site = %self.site,
+                path = %path.display(), reason = %e, "cannot unlock");
+        }
     }
 }
 
@@ -1221,16 +1349,47 @@ mod tests {
     fn kept_lock_file_locks_out_others_only_while_held() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("lock");
-        let file = LockFile::open(&p, "test").unwrap();
+        let mut file = LockFile::open(&p, "test").unwrap();
         let held = file.acquire(Duration::ZERO).unwrap();
         assert!(held.is_some());
-        assert!(lock(&p, Some(Duration::ZERO)).unwrap().is_none());
+        assert!(op_lock(&p, Some(Duration::ZERO)).unwrap().is_none());
         drop(held);
-        let other = lock(&p, Some(Duration::ZERO)).unwrap();
+        let other = op_lock(&p, Some(Duration::ZERO)).unwrap();
         assert!(other.is_some());
         assert!(file.acquire(Duration::ZERO).unwrap().is_none());
         drop(other);
         assert!(file.acquire(Duration::ZERO).unwrap().is_some());
+    }
+
+    /// A lock file deleted, or replaced, while held lets nobody else in: the directory's
+    /// lock is still held. Once free, the lock is taken on the file now at the path.
+    #[test]
+    fn op_lock_holds_when_its_file_is_deleted_or_replaced() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let held = op_lock(&p, Some(Duration::ZERO)).unwrap().unwrap();
+        fs::remove_file(&p).unwrap();
+        assert!(op_lock(&p, Some(Duration::ZERO)).unwrap().is_none());
+        let mut kept = LockFile::open(&p, "test").unwrap();
+        assert!(kept.acquire(Duration::ZERO).unwrap().is_none());
+        fs::write(dir.path().join("new"), b"").unwrap();
+        fs::rename(dir.path().join("new"), &p).unwrap();
+        assert!(op_lock(&p, Some(Duration::ZERO)).unwrap().is_none());
+        drop(held);
+        let again = op_lock(&p, Some(Duration::ZERO)).unwrap().unwrap();
+        assert!(again.path() == p);
+        drop(again);
+        // The kept lock opened a file since replaced: it moves to the one at the path,
+        // which an outside `flock` on the path then finds held.
+        let held = kept.acquire(Duration::ZERO).unwrap().unwrap();
+        let outside = File::open(&p).unwrap();
+        assert!(matches!(
+            outside.try_lock(),
+            Err(fs::TryLockError::WouldBlock)
+        ));
+        drop(held);
+        assert_eq!(kept.file.id.1, fs::metadata(&p).unwrap().ino());
     }
 
     fn sorted_names(l: &mut Listings, dir: &Path) -> Vec<String> {

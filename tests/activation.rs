@@ -1831,3 +1831,86 @@ fn a_background_job_left_by_a_hook_gets_sigterm_before_sigkill() {
         "the background job was killed without SIGTERM first"
     );
 }
+
+/// The operation lock's file deleted while an activation holds it (a cleanup script, an
+/// operator tidying `.release-keeper/`) lets no second command in: it used to open a new
+/// file at the path, lock it (another inode, free) and activate alongside the first, which
+/// swapped `current` back under it once its health check passed.
+#[test]
+fn an_activation_whose_lock_file_is_deleted_still_keeps_other_commands_out() {
+    let site = Site::new();
+    let started = site.tmp_path("b-checking");
+    let health = script(
+        &site.tmp_path(""),
+        "health.sh",
+        &format!(
+            "if [ \"$RELEASE_ID\" = b ]; then touch '{}'; sleep 3; fi; exit 0",
+            started.display()
+        ),
+    );
+    let cfg = site.write_config(
+        SITE,
+        "health_retries = 1\nhook_timeout = \"10s\"",
+        &format!("health_check = [\"{}\"]", health.display()),
+    );
+    for id in ["a", "b", "c"] {
+        site.stage_upload(&as_refs(&small_build(id)));
+        let out = cli(&cfg, &["finalize", SITE, "--id", id, "--no-activate"]);
+        assert_ok(&out, &format!("finalize {id}"));
+    }
+    assert_ok(&cli(&cfg, &["activate", SITE, "a"]), "activate a");
+
+    let b = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || cli(&cfg, &["activate", SITE, "b"]))
+    };
+    wait_until(
+        WAIT,
+        || started.exists(),
+        || "the health check of b to start".into(),
+    );
+    fs::remove_file(site.root.join(".release-keeper/lock")).unwrap();
+
+    let out = cli(&cfg, &["activate", SITE, "c"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "activate c while b's activation holds the lock (its file deleted) is busy; {}",
+        show(&out)
+    );
+    // Waiting, it runs once b is done: last, so `current` ends at c, as it said.
+    let out = cli(&cfg, &["activate", SITE, "c", "--wait=15s"]);
+    assert_ok(&out, "activate c --wait");
+    let b = b.join().unwrap();
+    assert_ok(&b, "activate b");
+    assert_eq!(site.current_id().as_deref(), Some("c"));
+    let records = site.journal_records();
+    let steps: Vec<String> = records
+        .iter()
+        .filter(|r| r["op"] == "trial" || r["op"] == "activated")
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["op"].as_str().unwrap(),
+                r["release"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "trial a",
+            "activated a",
+            "trial b",
+            "activated b",
+            "trial c",
+            "activated c"
+        ],
+        "activations one after the other"
+    );
+    let seqs: Vec<u64> = records.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert!(
+        seqs.len() == records.len() && seqs.windows(2).all(|w| w[0] < w[1]),
+        "journal sequence numbers unique and in order: {seqs:?}"
+    );
+}

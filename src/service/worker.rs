@@ -696,9 +696,8 @@ struct Kept {
     reported: heal::Reported,
     /// Whether the marker was there at the end of the last job, when the job knows.
     marker: Option<bool>,
-    /// The operation lock's file, kept open, with the stamp its directory had just before
-    /// it was opened: while the directory keeps that stamp, the path still names it.
-    op_lock: Option<(fsops::LockFile, fsops::Stamp)>,
+    /// The operation lock, kept open (taking it checks that its paths still name it).
+    op_lock: Option<fsops::LockFile>,
     /// The upload the last round stopped at, its files still in flight, for the next
     /// round (which always follows at once) to resume.
     waiting: Option<pipeline::Waiting>,
@@ -735,9 +734,9 @@ fn work_blocking(site: &Site, cancel: &AtomicBool, job: Job, kept: &mut Kept) ->
     }
 }
 
-/// One round of `job` under the operation lock, the lock file checked first (it may have
-/// been replaced while the lock was free). Returns the upload the round stopped at because
-/// its files are still in flight.
+/// One round of `job` under the operation lock, a foreign lock path moved aside first
+/// (taking the lock checks that its paths still name it). Returns the upload the round
+/// stopped at because its files are still in flight.
 fn locked_round(
     site: &Site,
     cancel: &AtomicBool,
@@ -746,15 +745,12 @@ fn locked_round(
 ) -> Result<Option<pipeline::Waiting>> {
     kept.marker = None;
     heal::repair_locks_with(site, &mut kept.listings)?;
-    // The state directory was just listed (or stat'ed), before the lock file is opened.
-    let stamp = kept.listings.stamp(&site.state());
-    let lock_file = match (kept.op_lock.take(), stamp) {
-        (Some((file, opened)), Some(now)) if opened == now => file,
-        _ => fsops::LockFile::open(&site.op_lock(), site.name())?,
+    let mut lock_file = match kept.op_lock.take() {
+        Some(file) => file,
+        None => fsops::LockFile::open(&site.op_lock(), site.name())?,
     };
-    let result = locked(site, cancel, job, kept, &lock_file);
-    // Kept only with a stamp to check it against next time.
-    kept.op_lock = stamp.map(|s| (lock_file, s));
+    let result = locked(site, cancel, job, kept, &mut lock_file);
+    kept.op_lock = Some(lock_file);
     result
 }
 
@@ -764,7 +760,7 @@ fn locked(
     cancel: &AtomicBool,
     job: Job,
     kept: &mut Kept,
-    lock_file: &fsops::LockFile,
+    lock_file: &mut fsops::LockFile,
 ) -> Result<Option<pipeline::Waiting>> {
     let _lock = if job == Job::FirstHealNow {
         match lock_file.acquire(Duration::ZERO)? {
