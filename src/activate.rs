@@ -23,6 +23,9 @@ use crate::site::Site;
 pub struct Options {
     /// Allow activating a release that failed before, or whose last verify found drift.
     pub force: bool,
+    /// The release was just built and verified from its upload: its tree is not walked
+    /// again before the switch.
+    pub just_built: bool,
 }
 
 /// The longest an activation for a site configured by `cfg` can take once it has started,
@@ -192,7 +195,7 @@ fn activate_once(site: &Site, journal: &mut Journal, id: &str, opts: Options) ->
     let Switch::From(previous) = switch_to(site, state, site.current_id(), id) else {
         return Ok(false);
     };
-    refuse_drifted(site, id, opts.force)?;
+    refuse_drifted(site, id, opts.force, !opts.just_built)?;
     current_replaceable(site)?;
     let started = Instant::now();
     let env = hook_env(site, id, previous.as_deref());
@@ -262,14 +265,34 @@ fn switch_to(site: &Site, state: &State, link: Option<String>, id: &str) -> Swit
     Switch::From(state.switched_from(id, exists))
 }
 
-/// Refuses a switch to release `id` while its last verify found drift, unless `force`:
+/// Refuses a switch to release `id` while its last verify found drift, or a check of its
+/// tree now finds some (a walk, re-hashing only files whose metadata moved), unless `force`:
 /// drift detection exists so that a release no longer matching what was uploaded (a hand
 /// edit, an added file) does not go live unnoticed, and a switch is the moment it would.
 /// Checked before any hook runs; only the last check of `id` itself counts, so a clean
 /// `verify SITE ID` lifts the refusal.
-fn refuse_drifted(site: &Site, id: &str, force: bool) -> Result<()> {
-    let Some(report) = crate::verify::drifted(site, id) else {
-        return Ok(());
+fn refuse_drifted(site: &Site, id: &str, force: bool, walk: bool) -> Result<()> {
+    let report = match crate::verify::drifted(site, id) {
+        Some(report) => report,
+        None if !walk => return Ok(()),
+        None => {
+            // No check on record found drift, but the release may have been edited since
+            // (a file added by hand to an old release, then `rollback`): its tree is
+            // walked, and a file whose metadata moved is re-hashed, before it goes live.
+            match crate::verify::verify_release_at(site, id, crate::verify::Depth::Changed) {
+                Ok(r) if r.drift.is_empty() => return Ok(()),
+                Ok(r) => {
+                    crate::verify::record_release(site, &r)?;
+                    r
+                }
+                // Not checkable (no stored manifest): the switch goes on as before.
+                Err(e) => {
+                    tracing::warn!(event = events::SITE_ERROR, site = site.name(), release = id,
+                        reason = %e, "cannot check the release before switching to it");
+                    return Ok(());
+                }
+            }
+        }
     };
     if !force {
         return Err(crate::verify::refusal(site, &report));
@@ -615,7 +638,7 @@ fn rollback_once(
             skipped,
         });
     };
-    refuse_drifted(site, &target, force)?;
+    refuse_drifted(site, &target, force, true)?;
     current_replaceable(site)?;
     let started = Instant::now();
     // Recorded as an open trial before the switch, and as a rollback only after the

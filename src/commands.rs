@@ -496,7 +496,15 @@ pub fn activate(
     let _lock = op_lock(&site, wait)?;
     let mut journal = Journal::load(&site)?;
     let failed_before = is_failed(&journal, id);
-    let result = activate::activate(&site, &mut journal, id, activate::Options { force });
+    let result = activate::activate(
+        &site,
+        &mut journal,
+        id,
+        activate::Options {
+            force,
+            just_built: false,
+        },
+    );
     // SPEC prunes after each activation; a staged release activated here is one, and so
     // is one that its hooks or health check failed (as after an upload, where the new
     // failure may push an older failed release past `keep_failed`). A refusal changed

@@ -843,7 +843,11 @@ fn activate_and_prune(site: &Site, journal: &mut Journal, claim: &Claim) -> Resu
             .get(id)
             .is_some_and(|r| r.activated || r.failed.is_some());
         if !decided {
-            match activate::activate(site, journal, id, activate::Options::default()) {
+            let opts = activate::Options {
+                just_built: true,
+                ..activate::Options::default()
+            };
+            match activate::activate(site, journal, id, opts) {
                 Ok(_) => {}
                 Err(Error::Failed(reason)) => {
                     outcome = Outcome::ActivationFailed(id.to_string(), reason);

@@ -26,8 +26,25 @@ pub struct Report {
     pub checked: String,
 }
 
+/// How closely a check looks at file contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Every file is hashed (`verify`).
+    Full,
+    /// A file is hashed only when its metadata says it may have changed: its mtime is not
+    /// the recorded one, or its ctime is no change of the keeper's own
+    /// (`release::changes`). What a switch checks: a tree walk, not a re-read.
+    Changed,
+}
+
 /// Verifies release `id` against its stored manifest.
 pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
+    verify_release_at(site, id, Depth::Full)
+}
+
+/// Verifies release `id` against its stored manifest, hashing files as `depth` says.
+pub fn verify_release_at(site: &Site, id: &str, depth: Depth) -> Result<Report> {
+    let changes_log = crate::release::changes::Changes::load(site);
     let root = site.release(id);
     if !root.is_dir() {
         return Err(site.no_release(id));
@@ -128,7 +145,7 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
                 Kind::File => {
                     if meta.len() != w.size {
                         changes.push(format!("size changed ({} -> {})", w.size, meta.len()));
-                    } else {
+                    } else if depth == Depth::Full || !unchanged(&path, &w, &changes_log) {
                         match File::open(&path).and_then(|mut f| hash_reader(&mut f)) {
                             Ok((d, _)) if Some(d) == w.hash => {}
                             Ok(_) => changes.push("content changed".to_string()),
@@ -161,6 +178,17 @@ pub fn verify_release(site: &Site, id: &str) -> Result<Report> {
         drift,
         checked: crate::clock::now_rfc3339(),
     })
+}
+
+/// True when a file's metadata shows no change since the keeper made it: the recorded
+/// mtime, and a ctime the keeper's own operations explain (an edit that set the mtime
+/// back still moved the ctime).
+fn unchanged(path: &Path, want: &store::Entry, changes: &crate::release::changes::Changes) -> bool {
+    let Some(recorded) = want.mtime else {
+        return false;
+    };
+    nix::sys::stat::lstat(path)
+        .is_ok_and(|st| store::Mtime::of(&st) == recorded && changes.explains(&st))
 }
 
 /// Logs `drift.detected` with every drifted path, when the report has any.

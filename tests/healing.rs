@@ -587,7 +587,7 @@ fn periodic_pass_after_an_idle_stretch_still_sees_every_change() {
     let settle = || std::thread::sleep(Duration::from_secs(5));
     settle();
     // The pid part does not parse, so the name belongs to no live process.
-    let tmp = state.join("manifests/.rk-tmp.x.y.1");
+    let tmp = state.join("manifests/.rk-tmp.x.99999999.1");
     fs::write(&tmp, b"").unwrap();
     let junk = state.join("trash/junk");
     fs::create_dir_all(&junk).unwrap();

@@ -788,3 +788,54 @@ fn status_says_when_the_current_release_is_not_the_one_last_checked() {
         "{text}"
     );
 }
+
+/// A release edited by hand after its last check (a file added to an old release, or one
+/// rewritten with its size and mtime kept) is checked before a rollback or an activation
+/// makes it live: the switch walked into it unchecked, and `shell.php` was served until
+/// the next periodic verify. The walk re-hashes only files whose metadata moved.
+#[test]
+fn a_switch_checks_the_target_for_hand_edits_first() {
+    let (site, cfg) = site_with_releases("");
+    let v1 = site.release("v1");
+    let shell = v1.join("shell.php");
+    in_writable_dir(&shell, || {
+        fs::write(&shell, b"<?php system($_GET[c]);").unwrap()
+    });
+    let out = cli(&cfg, &["rollback", SITE]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(show(&out).contains("shell.php"), "{}", show(&out));
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+
+    // A file rewritten with its size and mtime kept: found by its ctime, then its hash.
+    let (site, cfg) = site_with_releases("");
+    let file = site.release("v1").join("docs/readme.txt");
+    let mtime = fs::metadata(&file).unwrap().modified().unwrap();
+    in_writable_dir(&file, || {
+        let mode = fs::metadata(&file).unwrap().permissions();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&file, b"EVIL me\n").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        fs::set_permissions(&file, mode).unwrap();
+    });
+    let out = cli(&cfg, &["activate", SITE, "v1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        show(&out).contains("docs/readme.txt: content changed"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v2"));
+    // The refusal stands until a clean `verify` (here: none).
+    let out = cli(&cfg, &["--log-format", "json", "rollback", SITE]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "v1 is refused still: {}",
+        show(&out)
+    );
+}
