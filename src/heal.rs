@@ -1146,6 +1146,29 @@ fn heal_current(
                     );
                     return Ok(());
                 }
+                // A staged release (`activate = false`) put live by hand: its hooks and
+                // health check never ran, and nothing says whether it serves. Said, like a
+                // failed one; an open trial of it is the keeper's own switch, not this.
+                let staged = named.as_deref().filter(|id| {
+                    let state = journal.state();
+                    state
+                        .get(id)
+                        .is_some_and(|r| !r.activated && r.failed.is_none())
+                        && state.open_trial.as_ref().is_none_or(|t| t.release != *id)
+                });
+                if let Some(id) = staged {
+                    out.report(
+                        format!(
+                            "current points at release {id}, which was staged and never \
+                             activated (its hooks and health check never ran); healing \
+                             leaves it: `release-keeper activate {} {id}` runs them, \
+                             `rollback` goes back",
+                            site.name()
+                        ),
+                        Some(id),
+                    );
+                    return Ok(());
+                }
                 if let Some((id, reason)) = failed {
                     // What the operator can do: roll back while a good release exists; the
                     // first release failing its checks has none (nothing was live before).

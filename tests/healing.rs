@@ -2678,3 +2678,40 @@ fn entries_merely_named_like_temporary_ones_are_left_alone() {
         show(&out)
     );
 }
+
+/// `current` pointed by hand at a staged release (`activate = false`): its hooks and health
+/// check never ran. Left as the person chose, but reported like a failed one, not passed
+/// over in silence.
+#[test]
+fn current_pointed_by_hand_at_a_staged_release_is_reported() {
+    let site = Site::new();
+    let cfg = site.write_config(SITE, "", "");
+    site.stage_upload(&as_refs(&small_build("v1")));
+    finalize_expecting(&cfg, SITE, "v1", &[], 0);
+    site.stage_upload(&as_refs(&small_build("v2")));
+    finalize_expecting(&cfg, SITE, "v2", &["--no-activate"], 0);
+    let out = cli(&cfg, &["heal", SITE, "--log-format", "json"]);
+    assert_ok(&out, "heal");
+    assert!(
+        !stderr_events(&out)
+            .iter()
+            .any(|v| v["event"] == "heal.reported"),
+        "nothing to report yet: {}",
+        show(&out)
+    );
+    let tmp = site.root.join("current.new");
+    symlink("releases/v2", &tmp).unwrap();
+    fs::rename(&tmp, site.current_path()).unwrap();
+    let out = cli(&cfg, &["heal", SITE, "--log-format", "json"]);
+    let reported: Vec<_> = stderr_events(&out)
+        .into_iter()
+        .filter(|v| v["event"] == "heal.reported" && release_of(v) == Some("v2"))
+        .collect();
+    assert_eq!(reported.len(), 1, "{}", show(&out));
+    assert!(
+        reason_of(&reported[0]).contains("staged"),
+        "{:?}",
+        reported[0]
+    );
+    assert_eq!(site.current_id().as_deref(), Some("v2"), "left as chosen");
+}
