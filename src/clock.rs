@@ -68,18 +68,18 @@ impl Utc {
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    unix_secs(SystemTime::now())
+}
+
+/// Whole seconds of `t` since the Unix epoch (0 for a time before it).
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A file time as RFC 3339 (whole seconds; the epoch for a time before it).
 pub fn rfc3339_of(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    Utc::from_unix(secs).rfc3339()
+    Utc::from_unix(unix_secs(t)).rfc3339()
 }
 
 /// The current time as RFC 3339.

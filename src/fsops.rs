@@ -349,20 +349,9 @@ impl HeldFile {
     /// Copies `src` to a temporary name in `dir` (named after `like`) with mode `mode`.
     pub fn copy(src: &Path, dir: &Path, like: &Path, mode: u32) -> Result<HeldFile> {
         let tmp = tmp_sibling(&dir.join(like.file_name().unwrap_or_default()));
+        // Dropped on an error below, it removes what the copy made.
         let held = HeldFile { tmp, placed: false };
-        let mut from = File::open(src).at(src)?;
-        let mut to = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&held.tmp)
-            .at(&held.tmp)?;
-        std::io::copy(&mut from, &mut to).at(&held.tmp)?;
-        // Set on the open file, after the copy: the mode may be read-only, and a file
-        // only ever visible with its final bits is never briefly wider than them.
-        to.set_permissions(fs::Permissions::from_mode(mode))
-            .at(&held.tmp)?;
+        copy_new(src, &held.tmp, mode)?;
         Ok(held)
     }
 
@@ -384,26 +373,35 @@ impl HeldFile {
             }
             Err(nix::errno::Errno::EEXIST) => Ok(false),
             Err(nix::errno::Errno::EXDEV) => {
-                let mut from = File::open(&self.tmp).at(&self.tmp)?;
-                let mode = from.metadata().at(&self.tmp)?.permissions().mode();
-                let mut out = match OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(to)
-                {
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-                    other => other.at(to)?,
-                };
-                std::io::copy(&mut from, &mut out).at(to)?;
-                out.set_permissions(fs::Permissions::from_mode(mode))
-                    .at(to)?;
-                Ok(true)
+                let mode = fs::metadata(&self.tmp).at(&self.tmp)?.permissions().mode();
+                match copy_new(&self.tmp, to, mode) {
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                    {
+                        Ok(false)
+                    }
+                    other => other.map(|()| true),
+                }
             }
             Err(e) => Err(e).at(to),
         }
     }
+}
+
+/// Copies `src` to the new file `to` (never replacing one: `AlreadyExists`), giving it
+/// `mode` once written: set on the open file after the copy, as the mode may be read-only,
+/// and a file only ever visible with its final bits is never briefly wider than them.
+fn copy_new(src: &Path, to: &Path, mode: u32) -> Result<()> {
+    let mut from = File::open(src).at(src)?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(to)
+        .at(to)?;
+    std::io::copy(&mut from, &mut out).at(to)?;
+    out.set_permissions(fs::Permissions::from_mode(mode)).at(to)
 }
 
 impl Drop for HeldFile {
@@ -764,14 +762,9 @@ pub fn lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {
 /// release-keeper). Each is taken on what its path names once locked (see [`lock_named`]).
 pub fn op_lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {
     let deadline = wait.map(|w| Instant::now() + w);
-    let dir = lock_dir_of(path);
-    let mut dir_lock = Lockable::open(dir, true)?;
-    if !lock_named(&mut dir_lock, dir, true, deadline)? {
-        return Ok(None);
-    }
+    let mut dir_lock = Lockable::open(parent_of(path), true)?;
     let mut file_lock = Lockable::open(path, false)?;
-    if !lock_named(&mut file_lock, path, false, deadline)? {
-        // The directory's lock goes with its file, closed here.
+    if !lock_pair(&mut dir_lock, &mut file_lock, path, deadline)? {
         return Ok(None);
     }
     Ok(Some(Lock {
@@ -779,14 +772,6 @@ pub fn op_lock(path: &Path, wait: Option<Duration>) -> Result<Option<Lock>> {
         path: path.to_path_buf(),
         _dir: Some(dir_lock.file),
     }))
-}
-
-/// The directory of the lock file `path`, locked with it by [`op_lock`].
-fn lock_dir_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
 }
 
 /// A lock file, or a lock file's directory, open to be locked, with the device and inode
@@ -821,6 +806,30 @@ impl Lockable {
     fn named_by(&self, path: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
         fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+    }
+}
+
+/// The operation lock's two steps (see [`op_lock`]): the directory of the lock file
+/// `path`, then the file, each as [`lock_named`] takes it. False when still busy at the
+/// deadline, with neither held.
+fn lock_pair(
+    dir: &mut Lockable,
+    file: &mut Lockable,
+    path: &Path,
+    deadline: Option<Instant>,
+) -> Result<bool> {
+    if !lock_named(dir, parent_of(path), true, deadline)? {
+        return Ok(false);
+    }
+    match lock_named(file, path, false, deadline) {
+        Ok(true) => Ok(true),
+        other => {
+            // Unlocked, not closed: a kept `LockFile` locks it again at its next use. On
+            // an open descriptor `flock(LOCK_UN)` cannot fail, and a lock left would be
+            // this process's own, taken again by that next use.
+            let _ = dir.file.unlock();
+            other
+        }
     }
 }
 
@@ -912,7 +921,7 @@ impl LockFile {
     /// directory, without locking them.
     pub fn open(path: &Path, site: &str) -> Result<LockFile> {
         Ok(LockFile {
-            dir: Lockable::open(lock_dir_of(path), true)?,
+            dir: Lockable::open(parent_of(path), true)?,
             file: Lockable::open(path, false)?,
             path: path.to_path_buf(),
             site: site.to_string(),
@@ -923,16 +932,8 @@ impl LockFile {
     /// or file the path no longer names is opened again first (see [`lock_named`]).
     pub fn acquire(&mut self, wait: Duration) -> Result<Option<Held<'_>>> {
         let deadline = Some(Instant::now() + wait);
-        if !lock_named(&mut self.dir, lock_dir_of(&self.path), true, deadline)? {
-            return Ok(None);
-        }
-        match lock_named(&mut self.file, &self.path, false, deadline) {
-            Ok(true) => Ok(Some(Held(self))),
-            other => {
-                self.unlock_dir();
-                other.map(|_| None)
-            }
-        }
+        let locked = lock_pair(&mut self.dir, &mut self.file, &self.path, deadline)?;
+        Ok(locked.then_some(Held(self)))
     }
 
     fn unlock_file(&self) {
@@ -940,7 +941,7 @@ impl LockFile {
     }
 
     fn unlock_dir(&self) {
-        self.unlock(&self.dir.file, lock_dir_of(&self.path));
+        self.unlock(&self.dir.file, parent_of(&self.path));
     }
 
     fn unlock(&self, file: &File, path: &Path) {

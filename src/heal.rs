@@ -94,34 +94,28 @@ impl Outcome {
 #[derive(Debug, Default)]
 pub struct Reported(BTreeSet<Report>);
 
-/// True when `name` has the whole form of the keeper's temporary names,
-/// `.rk-tmp.<name>.<pid>.<n>`: anything else starting `.rk-tmp.` (a person's
-/// `.rk-tmp.notes`) is not the keeper's to remove.
-fn is_tmp_name(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix(fsops::TMP_PREFIX) else {
-        return false;
-    };
-    let mut parts = rest.rsplitn(3, '.');
-    let n = parts.next().is_some_and(|n| n.parse::<u64>().is_ok());
-    let pid = parts.next().is_some_and(|p| p.parse::<u32>().is_ok());
-    n && pid && parts.next().is_some_and(|stem| !stem.is_empty())
+/// The stem and pid of a name of the form `<stem>.<pid>.<n>`, which the keeper's
+/// temporary names (after `.rk-tmp.`) and trash entries (`<id>.<pid>.<n>`) have.
+fn stem_pid(name: &str) -> Option<(&str, u32)> {
+    let mut parts = name.rsplitn(3, '.');
+    parts.next()?.parse::<u64>().ok()?;
+    let pid = parts.next()?.parse::<u32>().ok()?;
+    let stem = parts.next().filter(|s| !s.is_empty())?;
+    Some((stem, pid))
+}
+
+/// The stem and pid of the keeper's temporary name `.rk-tmp.<stem>.<pid>.<n>`: anything
+/// else starting `.rk-tmp.` (a person's `.rk-tmp.notes`) is not the keeper's to remove.
+fn tmp_name(name: &str) -> Option<(&str, u32)> {
+    name.strip_prefix(fsops::TMP_PREFIX).and_then(stem_pid)
 }
 
 /// True when a temporary name `.rk-tmp.<name>.<pid>.<n>` belongs to a live process other
-/// than this one (it may be in use right now).
+/// than this one (it may be in use right now). Only the temporary form carries a pid:
+/// `.partial.v1.2.0` read as one took "2" (kthreadd, always alive) for its builder and was
+/// never cleaned up.
 fn tmp_in_use(p: &Path) -> bool {
-    // Only the temporary form carries a pid: `.partial.v1.2.0` read as one took "2"
-    // (kthreadd, always alive) for its builder and was never cleaned up.
-    let Some(name) = p
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| n.starts_with(fsops::TMP_PREFIX))
-    else {
-        return false;
-    };
-    let mut parts = name.rsplitn(3, '.');
-    let _n = parts.next();
-    let Some(Ok(pid)) = parts.next().map(str::parse::<u32>) else {
+    let Some((_, pid)) = p.file_name().and_then(|n| n.to_str()).and_then(tmp_name) else {
         return false;
     };
     pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
@@ -160,7 +154,7 @@ fn displace_by_link(site: &Site, path: &Path, label: &str, target: &Path) -> Res
 }
 
 /// Moves `path` aside into `.release-keeper/displaced/` (never deletes it), durably.
-fn displace(site: &Site, path: &Path, label: &str) -> Result<PathBuf> {
+pub(crate) fn displace(site: &Site, path: &Path, label: &str) -> Result<PathBuf> {
     fsops::ensure_dir(&site.displaced(), 0o750)?;
     let mut dest = free_name(
         &site.displaced(),
@@ -220,11 +214,9 @@ pub fn repair_locks(site: &Site, dry_run: bool) -> Result<Vec<Repair>> {
 
 /// Release id of a trash entry `<id>.<pid>.<n>`.
 fn trashed_id(name: &str) -> Option<&str> {
-    let mut parts = name.rsplitn(3, '.');
-    let n = parts.next()?;
-    let pid = parts.next()?;
-    let id = parts.next()?;
-    (n.parse::<u32>().is_ok() && pid.parse::<u32>().is_ok() && marker::valid_id(id)).then_some(id)
+    stem_pid(name)
+        .map(|(id, _)| id)
+        .filter(|id| marker::valid_id(id))
 }
 
 /// The entries of `dir` (listed as `listing`) whose names start with one of `prefixes`,
@@ -470,17 +462,14 @@ fn heal_pass(
         &[fsops::PARTIAL_PREFIX, fsops::TMP_PREFIX],
     ) {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let foreign = name.starts_with(fsops::TMP_PREFIX) && !is_tmp_name(name);
+        let tmp = tmp_name(name);
+        let foreign = name.starts_with(fsops::TMP_PREFIX) && tmp.is_none();
         if foreign || tmp_in_use(&p) {
             continue;
         }
         // A release moved aside for its pruning where `releases/` is a filesystem of its
         // own (no rename reaches the trash): `.rk-tmp.<id>.<pid>.<n>`.
-        let pruned = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix(fsops::TMP_PREFIX))
-            .and_then(trashed_id);
+        let pruned = tmp.map(|(id, _)| id).filter(|id| marker::valid_id(id));
         if let Some(id) = pruned {
             record_cut_short_prune(site, journal, id, dry_run, &mut out, &mut repair)?;
         }
@@ -517,7 +506,8 @@ fn heal_pass(
             let ours = p
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(is_tmp_name)
+                .and_then(tmp_name)
+                .is_some()
                 && !fsops::is_real_dir(&p);
             if !ours || tmp_in_use(&p) {
                 continue;

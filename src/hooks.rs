@@ -852,6 +852,15 @@ mod tests {
                 })
                 .unwrap_or(true)
         };
+        // Waited for: SIGKILL is delivered asynchronously, and the process may still show
+        // as running for a moment after `kill` returned.
+        let ends = |p: i32| {
+            let by = Instant::now() + Duration::from_secs(2);
+            while !gone(p) && Instant::now() < by {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            gone(p)
+        };
         // Ends on SIGTERM: its handler runs, and the hook returns without the grace.
         let script = format!(
             "sh -c 'trap \"echo term > {}; exit 0\" TERM; echo $$ > {}; while :; do sleep 0.1; done' &\n\
@@ -864,11 +873,7 @@ mod tests {
         run("t", &sh(&script), &env(d.path()), Duration::from_secs(10)).unwrap();
         assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
         let p = pid_of().unwrap();
-        let ended_by = Instant::now() + Duration::from_secs(2);
-        while !gone(p) && Instant::now() < ended_by {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(gone(p), "{p} still runs");
+        assert!(ends(p), "{p} still runs");
         assert_eq!(std::fs::read_to_string(&said).unwrap(), "term\n");
 
         // Ignores it: killed at the end of the grace (here the timeout, 300 ms).
@@ -888,13 +893,7 @@ mod tests {
         );
         let took = t0.elapsed();
         let p = pid_of().unwrap();
-        // SIGKILL is delivered asynchronously: the process may still show as running for
-        // a moment after `kill` returned.
-        let killed_by = Instant::now() + Duration::from_secs(2);
-        while !gone(p) && Instant::now() < killed_by {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let stayed = !gone(p);
+        let stayed = !ends(p);
         let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
         r.unwrap();
         assert!(!stayed, "{p} survived the hook");

@@ -1354,16 +1354,16 @@ fn link_shared(
         // Only when the entry is missing is a copy of any use; the check is repeated
         // when it is made, as someone may make it meanwhile.
         let missing = fs::symlink_metadata(site.shared().join(entry)).is_err();
-        if missing && uploaded.as_ref().is_some_and(fs::Metadata::is_file) {
-            fsops::ensure_dir(&site.shared(), 0o755)?;
-        }
         let seed = match &uploaded {
-            Some(m) if m.is_file() && missing => Some(fsops::HeldFile::copy(
-                &in_release,
-                &site.shared(),
-                entry,
-                shared_file_mode(m.permissions().mode()),
-            )?),
+            Some(m) if m.is_file() && missing => {
+                fsops::ensure_dir(&site.shared(), 0o755)?;
+                Some(fsops::HeldFile::copy(
+                    &in_release,
+                    &site.shared(),
+                    entry,
+                    shared_file_mode(m.permissions().mode()),
+                )?)
+            }
             _ => None,
         };
         out.shared.push(SharedEntry {

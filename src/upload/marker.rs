@@ -516,19 +516,10 @@ pub fn remove(site: &Site, path: &Path) -> Result<()> {
     // wrong thing) is rejected as no marker, but what it holds is someone's: moved aside
     // into `.release-keeper/displaced/`, never deleted with its contents.
     if fsops::is_real_dir(path) {
-        fsops::ensure_dir(&site.displaced(), 0o750)?;
-        let mut name = std::ffi::OsString::from(&site.cfg.marker);
-        name.push(".");
-        name.push(path.file_stem().unwrap_or_default());
-        let aside = site.displaced().join(name);
-        fsops::rename_noreplace(path, &aside)?;
+        let aside = crate::heal::displace(site, path, &site.cfg.marker)?;
         tracing::warn!(event = crate::events::SITE_ERROR, site = site.name(),
             path = %aside.display(), reason = "the marker was a directory; kept here",
             "marker directory moved aside");
-        fsops::fsync_dir(&site.displaced())?;
-        if let Some(dir) = path.parent() {
-            fsops::fsync_dir(dir)?;
-        }
         return Ok(());
     }
     delete(path)
