@@ -2561,6 +2561,8 @@ fn a_pruning_finished_by_healing_after_a_failed_removal_is_logged_once() {
     deploy_and_activate(&site, &svc, "v2");
     deploy_and_activate(&site, &svc, "v3");
     svc.wait_release_event("release.pruned", "v1");
+    // The failed removal's warning follows the event; the log is read only once it is there.
+    svc.wait_release_event("site.error", "v1");
     let stuck = fs::read_dir(&trash)
         .unwrap()
         .map(|e| e.unwrap().path())
