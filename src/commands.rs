@@ -385,14 +385,37 @@ pub fn status(cfg: &Config, only: Option<&str>, as_json: bool) -> Result<()> {
         };
         docs.push(doc);
     }
+    // SPEC's exit 1 covers a command that "found a problem (drift, ...)": a monitor running
+    // `status` sees drift in the exit code, not only in the output it may not parse.
+    let drifted = drift_shown(&docs);
     let shown = match as_json {
         true => print_json(&status_doc(only.is_some(), docs)),
         false => print_status(cfg, docs),
     };
-    match failed {
-        Some(e) => Err(e),
-        None => shown,
+    match (failed, drifted) {
+        (Some(e), _) => Err(e),
+        (None, Some(drift)) => shown.and(Err(Error::Failed(drift))),
+        (None, None) => shown,
     }
+}
+
+/// What the status documents say drifted (site, release, path count), if anything did.
+fn drift_shown(docs: &[Value]) -> Option<String> {
+    let found: Vec<String> = docs
+        .iter()
+        .filter_map(|d| {
+            let n = d["drift"]["paths"].as_array().map_or(0, Vec::len);
+            (n > 0).then(|| {
+                format!(
+                    "site {} release {} ({n} {})",
+                    d["site"].as_str().unwrap_or(""),
+                    d["drift"]["release"].as_str().unwrap_or(""),
+                    if n == 1 { "path" } else { "paths" }
+                )
+            })
+        })
+        .collect();
+    (!found.is_empty()).then(|| format!("drift found: {}", found.join("; ")))
 }
 
 /// `status` for people: one block per site document.

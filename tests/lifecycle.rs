@@ -987,7 +987,12 @@ fn verify_detects_drift() {
         "drift.detected carries the paths: {ev}"
     );
     let out = cli_when_idle(&cfg, &["status", SITE, "--json"]);
-    assert_ok(&out, "status --json");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "drift is a problem found: {}",
+        show(&out)
+    );
     let v = stdout_json(&out);
     let s = find_site_obj(&v, SITE, "drift").unwrap_or_else(|| panic!("no drift in {v}"));
     let drift = &s["drift"];

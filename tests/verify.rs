@@ -218,12 +218,21 @@ fn service_reverifies_current_and_status_shows_drift() {
     assert!(ev.to_string().contains("docs/readme.txt"), "{ev}");
     assert_eq!(ev["site"], SITE);
 
-    let status = |cfg: &Path| -> Value {
+    // SPEC: exit 1 when the command "found a problem (drift, ...)"; the document is
+    // printed whole either way.
+    let status = |cfg: &Path| -> (Option<i32>, Value) {
         let out = cli_when_idle(cfg, &["status", SITE, "--json"]);
-        assert_ok(&out, "status --json");
-        stdout_json(&out)
+        (out.status.code(), stdout_json(&out))
     };
-    let v = status(&cfg);
+    let (code, v) = status(&cfg);
+    assert_eq!(code, Some(1), "status exits 1 while it shows drift: {v}");
+    let out = cli_when_idle(&cfg, &["status", SITE]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("drift found: site web release v1 (1 path)"),
+        "stderr names the site, release and count: {}",
+        show(&out)
+    );
     let s = find_site_obj(&v, SITE, "drift").unwrap_or_else(|| panic!("no drift: {v}"));
     assert_eq!(s["drift"]["release"], "v1", "{v}");
     assert!(
@@ -238,12 +247,13 @@ fn service_reverifies_current_and_status_shows_drift() {
     wait_until(
         WAIT,
         || {
-            let v = status(&cfg);
-            find_site_obj(&v, SITE, "drift")
-                .and_then(|s| s["drift"]["paths"].as_array().map(Vec::is_empty))
-                .unwrap_or(false)
+            let (code, v) = status(&cfg);
+            code == Some(0)
+                && find_site_obj(&v, SITE, "drift")
+                    .and_then(|s| s["drift"]["paths"].as_array().map(Vec::is_empty))
+                    .unwrap_or(false)
         },
-        || "status to show no drift after the fix".into(),
+        || "status to show no drift (and exit 0) after the fix".into(),
     );
     svc.stop();
 }
