@@ -407,15 +407,20 @@ fn drift_shown(docs: &[Value]) -> Option<String> {
             let n = d["drift"]["paths"].as_array().map_or(0, Vec::len);
             (n > 0).then(|| {
                 format!(
-                    "site {} release {} ({n} {})",
+                    "site {} release {} ({})",
                     d["site"].as_str().unwrap_or(""),
                     d["drift"]["release"].as_str().unwrap_or(""),
-                    if n == 1 { "path" } else { "paths" }
+                    paths(n)
                 )
             })
         })
         .collect();
     (!found.is_empty()).then(|| format!("drift found: {}", found.join("; ")))
+}
+
+/// "1 path" or "N paths", as `status`, `verify` and their errors count drifted paths.
+fn paths(n: usize) -> String {
+    format!("{n} {}", if n == 1 { "path" } else { "paths" })
 }
 
 /// `status` for people: one block per site document.
@@ -450,7 +455,7 @@ fn print_status(cfg: &Config, docs: Vec<Value>) -> Result<()> {
                         v["checked"].as_str().unwrap_or("")
                     )
                 } else {
-                    format!("{n} {} in {checked}", if n == 1 { "path" } else { "paths" })
+                    format!("{} in {checked}", paths(n))
                 };
                 // The check may predate the current release: "none in a1" beside a
                 // current a3 read as a clean bill for a3.
@@ -664,10 +669,10 @@ pub fn verify(cfg: &Config, name: &str, id: Option<&str>, all: bool, as_json: bo
             } else {
                 let n = r.drift.len();
                 out(&format!(
-                    "{} {}: DRIFT ({n} {})",
+                    "{} {}: DRIFT ({})",
                     site.name(),
                     r.release,
-                    if n == 1 { "path" } else { "paths" }
+                    paths(n)
                 ))?;
                 for d in &r.drift {
                     out(&format!("  {d}"))?;
